@@ -1,0 +1,94 @@
+"""The client side of the Ray edge: join or start a cluster, find the master, submit, follow.
+
+Used by the CLI, the benchmarks and the tests; the HTTP API will speak to the same master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import MasterUnavailable, NotFound, SpecError
+from cicd_ray.master import master_actor
+from cicd_ray.source import snapshot
+from cicd_ray.spec import PipelineSpec
+from cicd_ray.states import RunState
+from cicd_ray.worker import MASTER_NAME, NAMESPACE
+
+MASTER_START_TIMEOUT_S = 120.0
+
+
+def connect(address: str | None = None, settings: Settings | None = None,
+            num_cpus: float | None = None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded one.
+
+    Returns True when an embedded cluster was started (the caller shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **quiet)
+        return False
+    settings = settings or Settings.from_env()
+    wanted = sum(p.workers * p.cpus for p in settings.pools.values())
+    cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+    ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    return True
+
+
+def ensure_master(settings: Settings | None = None):
+    """The master's handle, creating the detached actor if no one has yet."""
+    settings = settings or Settings.from_env()
+    master = master_actor(settings).remote(settings)
+    try:
+        ray.get(master.ping.remote(), timeout=MASTER_START_TIMEOUT_S)
+    except ray.exceptions.RayError as e:
+        raise MasterUnavailable(f"the master {MASTER_NAME!r} did not answer: {e}") from None
+    return master
+
+
+def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Path | None = None,
+           env: dict[str, str] | None = None, settings: Settings | None = None) -> str:
+    """Snapshot the source, submit, and return the run id once the run is durable."""
+    settings = settings or Settings.from_env()
+    folder = source_dir if source_dir is not None else (
+        pipeline_dir / spec.source if spec.source is not None else None)
+    source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
+    answer = ray.get(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
+    if "problems" in answer:
+        raise SpecError(answer["problems"], source=spec.name)
+    return answer["run_id"]
+
+
+def follow(master, run_id: str, on_update: Callable[[dict], None] | None = None,
+           poll_s: float = 0.25, timeout_s: float | None = None) -> dict:
+    """Poll the run until it ends; call `on_update` with each view. Returns the final view."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        view = ray.get(master.get_run.remote(run_id))
+        if view is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        if on_update is not None:
+            on_update(view)
+        if RunState(view["run"]["state"]).terminal:
+            return view
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {view['run']['state']} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def shutdown_embedded(master) -> None:
+    """Stop the workers and the embedded cluster the CLI started."""
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(master.stop_workers.remote(), timeout=10)
+    ray.shutdown()

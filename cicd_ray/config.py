@@ -1,0 +1,88 @@
+"""Settings read from the environment, and the worker pools the master keeps.
+
+Everything has a default that works on a laptop; a deployment sets the environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from cicd_ray.errors import SpecError
+from cicd_ray.spec import PIPELINE_NAME
+
+
+class PoolConfig(BaseModel):
+    """One pool of identical worker actors. Steps name the pool that runs them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)]
+    workers: int = Field(2, ge=0, le=1000)
+    cpus: float = Field(2.0, gt=0, le=1024)
+    memory_mb: int = Field(4096, ge=0)
+
+
+def default_pools() -> dict[str, PoolConfig]:
+    return {"default": PoolConfig(name="default")}
+
+
+def load_pools(path: str | Path) -> dict[str, PoolConfig]:
+    """Read a pools file: `pools: [{name: default, workers: 2, cpus: 2, memory_mb: 4096}, ...]`."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        items = doc.get("pools") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise SpecError(["pools: expected a list of pools"], source=str(path))
+        pools = [PoolConfig.model_validate(item) for item in items]
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise SpecError([f"pools: {e}"], source=str(path)) from None
+    return {p.name: p for p in pools}
+
+
+class Settings(BaseModel):
+    """Runtime settings shared by the master, the workers and the CLI."""
+
+    home: Path
+    pools: dict[str, PoolConfig] = Field(default_factory=default_pools)
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 15.0
+    log_cap_bytes: int = 5 * 1024 * 1024
+    log_flush_interval_s: float = 0.25
+    kill_grace_s: float = 3.0
+    keep_workspaces: bool = False
+    source_limit_bytes: int = 200 * 1024 * 1024
+
+    @property
+    def store_path(self) -> Path:
+        return self.home / "cicd.sqlite3"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("CICD_RAY_HOME") or Path.home() / ".cicd-ray").expanduser()
+        values: dict[str, object] = {"home": home}
+        if env.get("CICD_RAY_POOLS"):
+            values["pools"] = load_pools(env["CICD_RAY_POOLS"])
+        numbers = {
+            "CICD_RAY_HEARTBEAT_INTERVAL_S": "heartbeat_interval_s",
+            "CICD_RAY_HEARTBEAT_TIMEOUT_S": "heartbeat_timeout_s",
+            "CICD_RAY_LOG_CAP_BYTES": "log_cap_bytes",
+            "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
+        }
+        for var, field in numbers.items():
+            if env.get(var):
+                values[field] = env[var]
+        values["keep_workspaces"] = env.get("CICD_RAY_KEEP_WORKSPACES", "") in ("1", "true")
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise SpecError([str(e)], source="environment") from None

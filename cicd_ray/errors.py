@@ -1,0 +1,33 @@
+"""The project's exceptions: one root, so callers can catch everything cicd-ray raises."""
+
+from __future__ import annotations
+
+
+class CicdError(Exception):
+    """Root of every error cicd-ray raises on purpose."""
+
+
+class SpecError(CicdError):
+    """A pipeline file is malformed. `problems` lists each one as 'field.path: message'."""
+
+    def __init__(self, problems: list[str], source: str = "pipeline") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class NotFound(CicdError):
+    """A run, step, attempt or worker that does not exist."""
+
+
+class InvalidTransition(CicdError):
+    """A state change the state machine does not allow (for example out of a terminal state)."""
+
+
+class StoreError(CicdError):
+    """The durable store could not be read or written."""
+
+
+class MasterUnavailable(CicdError):
+    """The master actor cannot be reached."""

@@ -1,0 +1,237 @@
+"""The master: one detached named actor carrying out the Scheduler's decisions.
+
+It owns the run queue. Every batch of decisions is written to the store before any of it is
+acted on; if the store cannot be written the master exits, and Ray restarts it from the store
+(the store is the truth, this actor's memory a cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+
+import psutil
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
+from cicd_ray.scheduler import Scheduler, check_fits
+from cicd_ray.spec import check_env_overrides, parse_pipeline, plan
+from cicd_ray.states import StepState
+from cicd_ray.store import open_store
+from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
+
+log = logging.getLogger(__name__)
+
+TICK_INTERVAL_S = 0.5  # the longest the master sleeps when nothing happens
+
+
+class Master:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.store = open_store(settings.store_path)
+        self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+        self._wake = asyncio.Event()
+        self._recover()
+        self._commit()
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    # --- API for clients -----------------------------------------------------------------------
+
+    async def ping(self) -> dict:
+        return {"master": MASTER_NAME, "pid": os.getpid(), "started_at": self.started_at,
+                "pools": sorted(self.settings.pools)}
+
+    async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
+                     source: tuple[str, bytes] | None = None) -> dict:
+        """Validate, store, then answer: {"run_id": ...} or {"problems": [...]}.
+
+        The run is durable in the store before its id is returned.
+        """
+        try:
+            spec = parse_pipeline(pipeline)
+        except SpecError as e:
+            return {"problems": e.problems}
+        problems = check_env_overrides(env or {})
+        steps = plan(spec, env or {}) if not problems else []
+        problems += check_fits(steps, self.settings.pools)
+        if source is not None and len(source[1]) > self.settings.source_limit_bytes:
+            problems.append(f"source: {len(source[1])} bytes is more than the "
+                            f"{self.settings.source_limit_bytes} byte limit")
+        if problems:
+            return {"problems": problems}
+        now = time.time()
+        run = RunRecord(id=_new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
+                        created_at=now, source_digest=source[0] if source else None)
+        if source is not None:
+            self.store.put_source(*source)
+        self.sched.submit(run, steps, now)
+        self._commit()
+        return {"run_id": run.id}
+
+    async def cancel(self, run_id: str) -> str | None:
+        """Cancel a run; idempotent. Returns the run's state, or None for an unknown run."""
+        run = self.sched.cancel(run_id, time.time())
+        if run is None:
+            stored = self.store.get_run(run_id)
+            return stored.state.value if stored else None
+        self._commit()
+        return run.state.value
+
+    async def get_run(self, run_id: str) -> dict | None:
+        run = self.store.get_run(run_id)
+        if run is None:
+            return None
+        return {
+            "run": run.model_dump(mode="json"),
+            "steps": [s.model_dump(mode="json") for s in self.store.get_steps(run_id)],
+            "attempts": [a.model_dump(mode="json") for a in self.store.get_attempts(run_id)],
+        }
+
+    async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
+        return self.store.read_log(attempt_id, offset)
+
+    async def stats(self) -> dict:
+        return {
+            "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+            "queued": self.sched.queue_depth(),
+            "active_runs": len(self.sched.runs),
+            "workers": {w.id: w.state.value for w in self.sched.workers.values()},
+        }
+
+    async def stop_workers(self) -> int:
+        """Stop every worker actor (used when a cluster is shut down on purpose)."""
+        ids = list(self._handles)
+        for worker_id in ids:
+            self._kill_worker(worker_id)
+        return len(ids)
+
+    # --- API for workers -----------------------------------------------------------------------
+
+    async def register(self, record: WorkerRecord) -> None:
+        self.sched.register_worker(record, time.time())
+        if record.id not in self._handles:
+            self._adopt_handle(record.id)
+        self._wake.set()
+
+    async def heartbeat(self, worker_id: str, usage: dict[str, float]) -> bool:
+        return self.sched.heartbeat(worker_id, usage, time.time())
+
+    async def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
+        self.store.append_log(attempt_id, seq, data)
+
+    async def get_source(self, digest: str) -> bytes | None:
+        return self.store.get_source(digest)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=TICK_INTERVAL_S)
+            self._wake.clear()
+            self.sched.tick(time.time())
+            self._commit()
+
+    def _commit(self) -> None:
+        """Write the scheduler's decisions, then carry them out."""
+        decisions = self.sched.take()
+        if decisions.changes:
+            try:
+                self.store.save(decisions.changes)
+            except StoreError as e:
+                # Memory is now ahead of the truth: restart and rebuild from the store.
+                log.critical("store write failed, restarting the master: %s", e)
+                os._exit(1)
+        for record in decisions.start_workers:
+            self._handles[record.id] = start_worker(record, self.settings)
+            asyncio.get_running_loop().create_task(self._watch_start(record.id))
+        for worker_id in decisions.stop_workers:
+            self._kill_worker(worker_id)
+        for worker_id, task in decisions.dispatch:
+            self._dispatch(worker_id, task)
+        for kill in decisions.kill:
+            handle = self._handles.get(kill.worker_id)
+            if handle is not None:
+                handle.cancel.remote(kill.attempt_id)
+
+    def _dispatch(self, worker_id: str, task: StepTask) -> None:
+        handle = self._handles.get(worker_id)
+        if handle is None:
+            self.sched.worker_lost(worker_id, "no handle to the worker actor", time.time())
+            self._wake.set()
+            return
+        ref = handle.run_step.remote(task)
+        asyncio.get_running_loop().create_task(self._await_outcome(worker_id, task, ref))
+
+    async def _await_outcome(self, worker_id: str, task: StepTask, ref) -> None:
+        now = time.time
+        try:
+            outcome = await ref
+        except RayActorError as e:
+            self.sched.worker_lost(worker_id, f"actor died ({type(e).__name__})", now())
+        except RayError as e:
+            self.sched.on_outcome(StepOutcome(
+                attempt_id=task.attempt_id, run_id=task.run_id, step=task.step.name,
+                state=StepState.FAILED, reason=f"worker error: {e}"), now())
+        else:
+            self.sched.on_outcome(outcome, now())
+        self._wake.set()
+
+    async def _watch_start(self, worker_id: str) -> None:
+        handle = self._handles.get(worker_id)
+        try:
+            await handle.ready.remote()
+        except RayError as e:
+            self.sched.worker_lost(worker_id, f"failed to start ({type(e).__name__})",
+                                   time.time())
+            self._wake.set()
+
+    def _adopt_handle(self, worker_id: str) -> None:
+        try:
+            self._handles[worker_id] = ray.get_actor(worker_actor_name(worker_id),
+                                                     namespace=NAMESPACE)
+        except ValueError:
+            self.sched.worker_lost(worker_id, "its actor no longer exists", time.time())
+
+    def _kill_worker(self, worker_id: str) -> None:
+        handle = self._handles.pop(worker_id, None)
+        if handle is None:
+            try:
+                handle = ray.get_actor(worker_actor_name(worker_id), namespace=NAMESPACE)
+            except ValueError:
+                return
+        ray.kill(handle, no_restart=True)
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Rebuild the view from the store; find the live worker actors again by name."""
+        runs = self.store.active_runs()
+        steps = [s for r in runs for s in self.store.get_steps(r.id)]
+        workers = self.store.list_workers()
+        self.sched.restore(runs, steps, workers, time.time())
+        for worker_id in list(self.sched.workers):
+            self._adopt_handle(worker_id)
+        if runs:
+            log.warning("master recovered %d active run(s) from the store", len(runs))
+
+
+def _new_run_id(now: float) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+
+
+def master_actor(settings: Settings):
+    """The actor class with its options: detached, named, restarted forever, no CPU reserved."""
+    return ray.remote(Master).options(
+        name=MASTER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, num_cpus=0, max_concurrency=1000,
+    )

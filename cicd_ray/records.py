@@ -1,0 +1,133 @@
+"""What happened: the records the store keeps and the scheduler works on.
+
+A Spec is what the user asked for; a Record is what happened. Records are pydantic models so the
+store writes them as JSON and reads them back without hand-written mapping.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from cicd_ray.spec import PlannedStep
+from cicd_ray.states import RunState, StepState, WorkerState
+
+
+class RunRecord(BaseModel):
+    id: str
+    seq: int = 0
+    pipeline: str
+    state: RunState = RunState.QUEUED
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    reason: str = ""
+    source_digest: str | None = None
+    cancel_requested: bool = False
+
+
+class StepRecord(BaseModel):
+    run_id: str
+    spec: PlannedStep
+    state: StepState = StepState.QUEUED
+    attempts: int = 0
+    current_attempt: str | None = None
+    worker_id: str | None = None
+    queued_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class AttemptRecord(BaseModel):
+    id: str
+    run_id: str
+    step: str
+    number: int
+    worker_id: str
+    state: StepState = StepState.RUNNING
+    queued_at: float
+    started_at: float
+    finished_at: float | None = None
+    exit_code: int | None = None
+    duration_s: float | None = None
+    peak_memory_mb: float | None = None
+    cpu_time_s: float | None = None
+    reason: str = ""
+
+
+class WorkerRecord(BaseModel):
+    id: str
+    pool: str
+    node: str = ""
+    cpus: float
+    memory_mb: int
+    state: WorkerState = WorkerState.STARTING
+    started_at: float
+    last_heartbeat: float | None = None
+    cpu_percent: float | None = None
+    memory_used_mb: float | None = None
+    disk_used_percent: float | None = None
+    running: list[str] = Field(default_factory=list)
+
+
+class Changes(BaseModel):
+    """A batch of records to write together, in one transaction, before acting on any of them."""
+
+    runs: dict[str, RunRecord] = Field(default_factory=dict)
+    steps: dict[tuple[str, str], StepRecord] = Field(default_factory=dict)
+    attempts: dict[str, AttemptRecord] = Field(default_factory=dict)
+    workers: dict[str, WorkerRecord] = Field(default_factory=dict)
+    logs: list[tuple[str, int, bytes]] = Field(default_factory=list)  # (attempt id, seq, data)
+
+    def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
+        # Keyed, so a record changed twice in one batch is written once, in its last state.
+        if isinstance(record, RunRecord):
+            self.runs[record.id] = record
+        elif isinstance(record, StepRecord):
+            self.steps[(record.run_id, record.name)] = record
+        elif isinstance(record, AttemptRecord):
+            self.attempts[record.id] = record
+        else:
+            self.workers[record.id] = record
+
+    def merge(self, other: Changes) -> None:
+        self.runs.update(other.runs)
+        self.steps.update(other.steps)
+        self.attempts.update(other.attempts)
+        self.workers.update(other.workers)
+        self.logs.extend(other.logs)
+
+    def __bool__(self) -> bool:
+        return bool(self.runs or self.steps or self.attempts or self.workers or self.logs)
+
+
+class StepTask(BaseModel):
+    """What a worker is given to run one attempt of a step."""
+
+    run_id: str
+    attempt_id: str
+    attempt: int
+    step: PlannedStep
+    source_digest: str | None = None
+
+
+class StepOutcome(BaseModel):
+    """What a worker reports back: a failing step is data, not an exception."""
+
+    attempt_id: str
+    run_id: str
+    step: str
+    state: StepState
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    peak_memory_mb: float | None = None
+    cpu_time_s: float | None = None
+    reason: str = ""
+    # The end of the log not yet streamed, stored with the outcome in the same transaction.
+    log_seq: int = 0
+    log_tail: bytes = b""

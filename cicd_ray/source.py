@@ -1,0 +1,63 @@
+"""Source snapshots: a directory packed at submission, unpacked into every step's workspace.
+
+The archive is content-addressed (its SHA-256), so a worker unpacks each snapshot once and
+copies it per attempt, and resubmitting an unchanged tree stores nothing new.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+from cicd_ray.errors import SpecError
+
+# Never worth copying into a build: version control, virtual environments, caches.
+EXCLUDED_NAMES = frozenset({
+    ".git", ".hg", ".svn", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache",
+    ".mypy_cache", "node_modules", ".tox",
+})
+
+
+def snapshot(directory: str | Path, limit_bytes: int) -> tuple[str, bytes]:
+    """Pack `directory` into a gzip'd tar; return (sha256 hex, archive bytes)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise SpecError([f"source: {str(directory)!r} is not a directory"])
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(_walk(root)):
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(root)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if info.isfile():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+            if raw.tell() > limit_bytes:
+                raise SpecError([f"source: {root} is larger than the {limit_bytes} byte limit; "
+                                 "exclude build outputs or point source at a smaller folder"])
+    data = gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _walk(root: Path):
+    for path in root.iterdir():
+        if path.name in EXCLUDED_NAMES:
+            continue
+        yield path
+        if path.is_dir() and not path.is_symlink():
+            yield from _walk(path)
+
+
+def unpack(data: bytes, dest: Path) -> None:
+    """Unpack an archive made by `snapshot`, refusing members that would land outside `dest`."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(tmp, filter="data")
+    tmp.rename(dest)

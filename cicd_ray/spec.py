@@ -1,0 +1,321 @@
+"""The pipeline file: pydantic models, loading, matrix expansion and DAG checks.
+
+What the user wrote is a *Spec* (`PipelineSpec`, `StepSpec`); `plan()` turns it into the concrete
+steps the scheduler runs (`PlannedStep`), one per matrix variant, with defaults applied and needs
+resolved to full names. Every problem is reported at once, each naming its field path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from cicd_ray.errors import SpecError
+
+PIPELINE_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MATRIX_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,30}$"
+RESERVED_ENV_PREFIX = "CICD_"
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_MATRIX_VARIANTS = 256
+
+RetryOn = Literal["infra", "failure", "timeout"]
+EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME)]
+Env = dict[EnvName, Annotated[str, Field(strict=True)]]
+MatrixValue = Annotated[str, Field(strict=True)] | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrySpec(_Model):
+    max: int = Field(0, ge=0, le=20)
+    on: list[RetryOn] = Field(default_factory=lambda: ["infra", "failure"])
+
+
+class ResourcesSpec(_Model):
+    cpu: float = Field(1.0, gt=0, le=1024)
+    memory_mb: int = Field(256, ge=0, le=4 * 1024 * 1024)
+
+
+class DefaultsSpec(_Model):
+    timeout: float = Field(600, gt=0, le=MAX_TIMEOUT_S)
+    pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] = "default"
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+class StepSpec(_Model):
+    name: Annotated[str, StringConstraints(pattern=STEP_NAME)]
+    run: Annotated[str, StringConstraints(min_length=1)]
+    needs: list[str] = Field(default_factory=list)
+    matrix: dict[Annotated[str, StringConstraints(pattern=MATRIX_KEY)],
+                 Annotated[list[MatrixValue], Field(min_length=1)]] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
+    pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] | None = None
+    resources: ResourcesSpec | None = None
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+    retry: RetrySpec | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+
+
+class PipelineSpec(_Model):
+    name: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)]
+    source: str | None = None
+    env: Env = Field(default_factory=dict)
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    steps: Annotated[list[StepSpec], Field(min_length=1)]
+
+
+class PlannedStep(BaseModel):
+    """One concrete step of a run: a matrix variant with defaults applied and needs resolved."""
+
+    name: str
+    base: str
+    index: int
+    run: str
+    needs: list[str]
+    matrix: dict[str, str]
+    env: dict[str, str]
+    pool: str
+    cpu: float
+    memory_mb: int
+    timeout_s: float
+    retry_max: int
+    retry_on: list[RetryOn]
+    priority: int
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path) -> PipelineSpec:
+    """Read and validate a pipeline file; raise SpecError listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"cannot read {p}: {e.strerror}"], source=str(p)) from None
+    return parse_pipeline(text, source=str(p))
+
+
+def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline") -> PipelineSpec:
+    """Validate a pipeline given as YAML text or as an already-parsed mapping."""
+    if isinstance(doc, str):
+        try:
+            doc = yaml.safe_load(doc)
+        except yaml.YAMLError as e:
+            raise SpecError([f"not valid YAML: {e}"], source=source) from None
+    if not isinstance(doc, dict):
+        got = type(doc).__name__ if doc is not None else "an empty document"
+        raise SpecError(
+            [f"(top level): expected a mapping with 'name' and 'steps', got {got}"], source=source
+        )
+    try:
+        spec = PipelineSpec.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(_describe(e, doc), source=source) from None
+    problems = check_graph(spec)
+    if problems:
+        raise SpecError(problems, source=source)
+    return spec
+
+
+def _path(loc: tuple[Any, ...], doc: dict[str, Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    # Name the step too, when it has one: "steps[2] (test).timeout" reads better than an index.
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        steps = doc.get("steps")
+        if isinstance(steps, list) and loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
+            name = steps[loc[1]].get("name")
+            if isinstance(name, str):
+                out = out.replace(f"steps[{loc[1]}]", f"steps[{loc[1]}] ({name})", 1)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose field set applies at `loc` (for naming allowed keys of an unknown key)."""
+    model: type[BaseModel] | None = PipelineSpec
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = next((m for m in _models_in(field.annotation)), None)
+    return model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        # Union members add their type name to the location; drop them for the reader.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].islower() and "[" in p))
+        where = _path(loc, doc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            model = _model_at(loc)
+            allowed = ", ".join(model.model_fields) if model else "see docs/pipelines.md"
+            problems.append(f"{where}: unknown key; allowed keys are: {allowed}")
+        elif kind == "missing":
+            problems.append(f"{where}: required field is missing")
+        elif kind == "string_pattern_mismatch":
+            pattern = err.get("ctx", {}).get("pattern", "")
+            problems.append(f"{where}: {err['input']!r} does not match {pattern}")
+        elif kind == "too_short" and loc == ("steps",):
+            problems.append("steps: must list at least one step")
+        else:
+            hint = " (quote it in YAML)" if kind == "string_type" else ""
+            problems.append(f"{where}: {err['msg']}, got {err.get('input')!r}{hint}")
+    return problems
+
+
+# --- DAG checks and expansion ---------------------------------------------------------------
+
+
+def check_graph(spec: PipelineSpec) -> list[str]:
+    """Problems that span steps: duplicates, unknown needs, reserved env, cycles, matrix size."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, step in enumerate(spec.steps):
+        if step.name in seen:
+            problems.append(
+                f"steps[{i}] ({step.name}).name: duplicate step name, "
+                f"already used by steps[{seen[step.name]}]"
+            )
+        seen.setdefault(step.name, i)
+    variants = {full for step in spec.steps for full, _ in _variants(step)}
+    for where, env in [("env", spec.env)] + [
+        (f"steps[{i}] ({s.name}).env", s.env) for i, s in enumerate(spec.steps)
+    ]:
+        for key in env:
+            if key.startswith(RESERVED_ENV_PREFIX):
+                problems.append(f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are "
+                                "reserved for cicd-ray; rename it")
+    for i, step in enumerate(spec.steps):
+        count = 1
+        for values in step.matrix.values():
+            count *= len(values)
+        if count > MAX_MATRIX_VARIANTS:
+            problems.append(f"steps[{i}] ({step.name}).matrix: expands to {count} variants, "
+                            f"more than the {MAX_MATRIX_VARIANTS} allowed")
+        for j, need in enumerate(step.needs):
+            if need not in seen and need not in variants:
+                known = ", ".join(sorted(seen)) or "(none)"
+                problems.append(f"steps[{i}] ({step.name}).needs[{j}]: unknown step {need!r}; "
+                                f"known steps are: {known}")
+    if not problems:
+        cycle = _find_cycle(spec)
+        if cycle:
+            problems.append(f"steps: the needs form a cycle: {' -> '.join(cycle)}")
+    return problems
+
+
+def _base_of(need: str) -> str:
+    return need.split("[", 1)[0]
+
+
+def _find_cycle(spec: PipelineSpec) -> list[str] | None:
+    edges = {s.name: [_base_of(n) for n in s.needs] for s in spec.steps}
+    color: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        color[node] = 1
+        path.append(node)
+        for nxt in edges.get(node, []):
+            if color.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in color:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        color[node] = 2
+        return None
+
+    for name in edges:
+        if name not in color:
+            found = visit(name)
+            if found:
+                return found
+    return None
+
+
+def _as_text(value: MatrixValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _variants(step: StepSpec) -> list[tuple[str, dict[str, str]]]:
+    if not step.matrix:
+        return [(step.name, {})]
+    keys = list(step.matrix)
+    out = []
+    for combo in itertools.product(*(step.matrix[k] for k in keys)):
+        values = {k: _as_text(v) for k, v in zip(keys, combo, strict=False)}
+        label = ",".join(f"{k}={v}" for k, v in values.items())
+        out.append((f"{step.name}[{label}]", values))
+    return out
+
+
+def check_env_overrides(env: dict[str, str]) -> list[str]:
+    """Problems with submission-time env overrides (same rules as the pipeline's env)."""
+    problems = []
+    for key, value in env.items():
+        if not re.match(ENV_NAME, key):
+            problems.append(f"env.{key}: not a valid variable name; use letters, digits and _")
+        elif key.startswith(RESERVED_ENV_PREFIX):
+            problems.append(f"env.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved")
+        if not isinstance(value, str):
+            problems.append(f"env.{key}: values must be strings, got {value!r}")
+    return problems
+
+
+def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> list[PlannedStep]:
+    """Expand matrices and apply defaults; the result is in file order, variants in order.
+
+    Submission-time `env_overrides` win over the pipeline's and the steps' env: they are what
+    the person submitting asked for explicitly.
+    """
+    variants_of = {s.name: [full for full, _ in _variants(s)] for s in spec.steps}
+    planned: list[PlannedStep] = []
+    d = spec.defaults
+    for step in spec.steps:
+        needs: list[str] = []
+        for need in step.needs:
+            for full in variants_of.get(need, [need]):
+                if full not in needs:
+                    needs.append(full)
+        resources = step.resources or d.resources
+        retry = step.retry or d.retry
+        for full, values in _variants(step):
+            env = {**spec.env, **step.env, **(env_overrides or {})}
+            env.update({f"MATRIX_{k.upper()}": v for k, v in values.items()})
+            planned.append(PlannedStep(
+                name=full, base=step.name, index=len(planned), run=step.run, needs=needs,
+                matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
+                memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
+                retry_max=retry.max, retry_on=list(retry.on), priority=step.priority,
+            ))
+    return planned

@@ -1,0 +1,22 @@
+"""Durable stores. `open_store` picks the backend from a URL or a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cicd_ray.errors import StoreError
+from cicd_ray.store.base import Store
+from cicd_ray.store.sqlite import SqliteStore
+
+__all__ = ["SqliteStore", "Store", "open_store"]
+
+
+def open_store(url: str | Path) -> Store:
+    """`sqlite:///abs/path.sqlite3`, or a plain file path, opens the embedded SQLite store."""
+    text = str(url)
+    if text.startswith("sqlite:///"):
+        return SqliteStore(text[len("sqlite://"):])
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r}; use sqlite:///PATH")
+    return SqliteStore(Path(text))

@@ -1,0 +1,153 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Records are kept as JSON next to the few columns the queries filter on. The master is the only
+writer; the CLI reads the same file (WAL lets readers in while the master writes).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from cicd_ray.errors import StoreError
+from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.states import RUN_TERMINAL, RunState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, pipeline TEXT NOT NULL, state TEXT NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_seq ON runs (seq);
+CREATE INDEX IF NOT EXISTS runs_state ON runs (state);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL, name TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (run_id, name));
+CREATE TABLE IF NOT EXISTS attempts (
+    id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step TEXT NOT NULL, number INTEGER NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, step, number);
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS logs (
+    attempt_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (attempt_id, seq));
+CREATE TABLE IF NOT EXISTS sources (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash; an OS crash may lose the
+            # last commits but never corrupts the file.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the SQLite store at {self.path}: {e}") from None
+        self._lock = threading.Lock()
+
+    def _write(self, statements: list[tuple[str, list[tuple]]]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, rows in statements:
+                    if rows:
+                        self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"write to {self.path} failed: {e}") from None
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"read from {self.path} failed: {e}") from None
+
+    def save(self, changes: Changes) -> None:
+        self._write([
+            ("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
+             [(r.id, r.seq, r.pipeline, r.state.value, r.model_dump_json())
+              for r in changes.runs.values()]),
+            ("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?)",
+             [(s.run_id, s.name, s.spec.index, s.model_dump_json())
+              for s in changes.steps.values()]),
+            ("INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?)",
+             [(a.id, a.run_id, a.step, a.number, a.model_dump_json())
+              for a in changes.attempts.values()]),
+            ("INSERT OR REPLACE INTO workers VALUES (?, ?)",
+             [(w.id, w.model_dump_json()) for w in changes.workers.values()]),
+            ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
+        ])
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._read("SELECT data FROM runs WHERE id = ?", (run_id,))
+        return RunRecord.model_validate_json(rows[0][0]) if rows else None
+
+    def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
+                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(RunState(state).value)
+        if pipeline is not None:
+            where.append("pipeline = ?")
+            args.append(pipeline)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(f"SELECT data FROM runs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                          (*args, limit, offset))
+        return [RunRecord.model_validate_json(r[0]) for r in rows]
+
+    def active_runs(self) -> list[RunRecord]:
+        done = ",".join("?" * len(RUN_TERMINAL))
+        rows = self._read(f"SELECT data FROM runs WHERE state NOT IN ({done}) ORDER BY seq",
+                          tuple(s.value for s in RUN_TERMINAL))
+        return [RunRecord.model_validate_json(r[0]) for r in rows]
+
+    def get_steps(self, run_id: str) -> list[StepRecord]:
+        rows = self._read("SELECT data FROM steps WHERE run_id = ? ORDER BY idx", (run_id,))
+        return [StepRecord.model_validate_json(r[0]) for r in rows]
+
+    def get_attempts(self, run_id: str, step: str | None = None) -> list[AttemptRecord]:
+        if step is None:
+            rows = self._read("SELECT data FROM attempts WHERE run_id = ? ORDER BY step, number",
+                              (run_id,))
+        else:
+            rows = self._read("SELECT data FROM attempts WHERE run_id = ? AND step = ? "
+                              "ORDER BY number", (run_id, step))
+        return [AttemptRecord.model_validate_json(r[0]) for r in rows]
+
+    def list_workers(self) -> list[WorkerRecord]:
+        rows = self._read("SELECT data FROM workers ORDER BY id")
+        return [WorkerRecord.model_validate_json(r[0]) for r in rows]
+
+    def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
+        self._write([("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)",
+                      [(attempt_id, seq, bytes(data))])])
+
+    def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
+        rows = self._read("SELECT data FROM logs WHERE attempt_id = ? ORDER BY seq",
+                          (attempt_id,))
+        return b"".join(r[0] for r in rows)[offset:]
+
+    def put_source(self, digest: str, data: bytes) -> None:
+        self._write([("INSERT OR IGNORE INTO sources VALUES (?, ?)", [(digest, bytes(data))])])
+
+    def get_source(self, digest: str) -> bytes | None:
+        rows = self._read("SELECT data FROM sources WHERE digest = ?", (digest,))
+        return bytes(rows[0][0]) if rows else None
+
+    def next_run_seq(self) -> int:
+        rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
+        return int(rows[0][0]) + 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,153 @@
+"""The worker actor: registers with the master, heartbeats its resource use, runs steps.
+
+A threaded actor: each `run_step` call runs in its own thread (the master never gives a worker
+more than its capacity), while a background thread registers and heartbeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+
+import psutil
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from cicd_ray.config import Settings
+from cicd_ray.executor import ExecConfig, Execution
+from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
+from cicd_ray.source import unpack
+from cicd_ray.states import StepState
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "cicd"
+MASTER_NAME = "cicd-master"
+WORKER_THREADS = 64  # upper bound on concurrent calls; the master decides how many steps run
+LOG_DRAIN_TIMEOUT_S = 30.0
+
+
+def worker_actor_name(worker_id: str) -> str:
+    return f"cicd-worker-{worker_id}"
+
+
+class Worker:
+    def __init__(self, record: WorkerRecord, settings: Settings) -> None:
+        self.record = record
+        self.settings = settings
+        self.record.node = ray.get_runtime_context().get_node_id()
+        self.work_dir = settings.work_dir / record.id
+        self.exec_config = ExecConfig(
+            work_dir=self.work_dir, log_cap_bytes=settings.log_cap_bytes,
+            flush_interval_s=settings.log_flush_interval_s, kill_grace_s=settings.kill_grace_s,
+            keep_workspace=settings.keep_workspaces,
+        )
+        self._running: dict[str, Execution] = {}
+        self._source_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+        self._master = None
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+
+    # --- called by the master ----------------------------------------------------------------
+
+    def ready(self) -> str:
+        return self.record.id
+
+    def run_step(self, task: StepTask) -> StepOutcome:
+        sent: list[ray.ObjectRef] = []
+
+        def ship(seq: int, data: bytes) -> None:
+            sent.append(self._master_handle().append_log.remote(task.attempt_id, seq, data))
+
+        try:
+            source = self._source_dir(task.source_digest) if task.source_digest else None
+        except Exception as e:  # an unusable source is the step's failure, reported as data
+            return StepOutcome(attempt_id=task.attempt_id, run_id=task.run_id,
+                               step=task.step.name, state=StepState.FAILED,
+                               reason=f"could not prepare the source snapshot: {e}")
+        execution = Execution(task, self.exec_config, source, ship)
+        self._running[task.attempt_id] = execution
+        try:
+            outcome = execution.run()
+        finally:
+            self._running.pop(task.attempt_id, None)
+        # Streamed chunks must be stored before the outcome is, so a finished step's log is whole.
+        if sent:
+            ray.wait(sent, num_returns=len(sent), timeout=LOG_DRAIN_TIMEOUT_S)
+        return outcome
+
+    def cancel(self, attempt_id: str) -> bool:
+        execution = self._running.get(attempt_id)
+        if execution is None:
+            return False
+        execution.cancel()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        for execution in list(self._running.values()):
+            execution.cancel()
+        ray.actor.exit_actor()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _master_handle(self):
+        if self._master is None:
+            self._master = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
+        return self._master
+
+    def _source_dir(self, digest: str) -> Path:
+        dest = self.settings.work_dir / "sources" / digest
+        with self._source_lock:
+            if not dest.is_dir():
+                data = ray.get(self._master_handle().get_source.remote(digest), timeout=300)
+                if data is None:
+                    raise FileNotFoundError(f"source snapshot {digest[:12]} is not in the store")
+                unpack(data, dest)
+        return dest
+
+    def _usage(self) -> dict[str, float]:
+        tree = [self._process, *self._process.children(recursive=True)]
+        rss = 0
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "memory_used_mb": round(rss / 2**20, 1),
+            "disk_used_percent": psutil.disk_usage(str(self.work_dir)).percent,
+        }
+
+    def _heartbeat_loop(self) -> None:
+        registered = False
+        while not self._stop.is_set():
+            try:
+                master = self._master_handle()
+                if not registered:
+                    ray.get(master.register.remote(self.record), timeout=30)
+                    registered = True
+                else:
+                    known = ray.get(master.heartbeat.remote(self.record.id, self._usage()),
+                                    timeout=30)
+                    registered = bool(known)
+            except (RayActorError, GetTimeoutError, ValueError) as e:
+                # The master is restarting or not yet there: keep trying; it finds us by name.
+                log.warning("worker %s: master not reachable (%s); retrying", self.record.id, e)
+                self._master = None
+                registered = False
+            self._stop.wait(self.settings.heartbeat_interval_s if registered else 0.5)
+
+
+def start_worker(record: WorkerRecord, settings: Settings):
+    """Create the detached worker actor. Its resources are explicit, so a worker the cluster
+    cannot place yet is pending demand the Ray autoscaler can act on."""
+    actor = ray.remote(Worker).options(
+        name=worker_actor_name(record.id), namespace=NAMESPACE, lifetime="detached",
+        num_cpus=record.cpus, memory=record.memory_mb * 2**20 if record.memory_mb else None,
+        max_restarts=0, max_concurrency=WORKER_THREADS,
+    )
+    return actor.remote(record, settings)
