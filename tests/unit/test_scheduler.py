@@ -1,0 +1,269 @@
+"""The pure policy, driven with the time passed in: no Ray, no sleeping."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cicd_ray.config import PoolConfig
+from cicd_ray.errors import InvalidTransition
+from cicd_ray.records import RunRecord, StepOutcome, WorkerRecord
+from cicd_ray.scheduler import Scheduler, check_fits
+from cicd_ray.spec import parse_pipeline, plan
+from cicd_ray.states import RunState, StepState, WorkerState
+
+
+def make(pools=None, workers=(("w1", 2.0), ("w2", 2.0)), timeout_s=10.0):
+    pools = pools or {"default": PoolConfig(name="default", workers=len(workers), cpus=2)}
+    s = Scheduler(pools, heartbeat_timeout_s=timeout_s)
+    s.tick(0.0)
+    started = s.take().start_workers
+    # Register the workers the scheduler asked for, under the test's own names.
+    for rec, (name, cpus) in zip(started, workers):
+        del s.workers[rec.id]
+        s.register_worker(WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096,
+                                       started_at=0.0), 0.0)
+    s.take()
+    return s
+
+
+def submit(s, steps, run_id="r1", now=0.0, **extra):
+    spec = parse_pipeline({"name": "p", "steps": steps, **extra})
+    s.submit(RunRecord(id=run_id, pipeline="p", created_at=now), plan(spec), now)
+
+
+def dispatched(s, now):
+    s.tick(now)
+    d = s.take()
+    return [(w, t.step.name) for w, t in d.dispatch], d
+
+
+def finish(s, step, state=StepState.SUCCEEDED, run_id="r1", now=1.0, code=0):
+    attempt = s.steps[run_id][step].current_attempt
+    return s.on_outcome(StepOutcome(attempt_id=attempt, run_id=run_id, step=step, state=state,
+                                    exit_code=code), now)
+
+
+def test_dag_order_fan_out_fan_in():
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]},
+               {"name": "c", "run": "x", "needs": ["a"]},
+               {"name": "d", "run": "x", "needs": ["b", "c"]}])
+    assert [n for _, n in dispatched(s, 0)[0]] == ["a"]
+    finish(s, "a")
+    assert sorted(n for _, n in dispatched(s, 1)[0]) == ["b", "c"]
+    finish(s, "b")
+    assert dispatched(s, 2)[0] == []
+    finish(s, "c")
+    assert [n for _, n in dispatched(s, 3)[0]] == ["d"]
+    finish(s, "d", now=4)
+    d = s.take()
+    assert d.changes.runs["r1"].state is RunState.SUCCEEDED
+    assert "r1" not in s.runs  # a finished run is dropped from memory; the store keeps it
+
+
+def test_placement_spreads_over_least_loaded_worker_and_respects_capacity():
+    s = make()
+    submit(s, [{"name": f"s{i}", "run": "x"} for i in range(6)])
+    placed, _ = dispatched(s, 0)
+    assert [w for w, _ in placed] == ["w1", "w2", "w1", "w2"]  # 2 workers x 2 cpus
+    finish(s, "s0")
+    assert dispatched(s, 1)[0] == [("w1", "s4")]
+
+
+def test_priority_then_submission_order():
+    s = make(workers=(("w1", 1.0),),
+             pools={"default": PoolConfig(name="default", workers=1, cpus=1)})
+    submit(s, [{"name": "low", "run": "x"}], run_id="r1")
+    submit(s, [{"name": "high", "run": "x", "priority": 5}, {"name": "mid", "run": "x"}],
+           run_id="r2")
+    assert dispatched(s, 0)[0] == [("w1", "high")]
+    finish(s, "high", run_id="r2")
+    assert dispatched(s, 1)[0] == [("w1", "low")]
+
+
+def test_backfill_smaller_step_when_the_first_does_not_fit():
+    s = make(workers=(("w1", 2.0),),
+             pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    submit(s, [{"name": "one", "run": "x"},
+               {"name": "big", "run": "x", "resources": {"cpu": 2}},
+               {"name": "small", "run": "x"}])
+    assert dispatched(s, 0)[0] == [("w1", "one"), ("w1", "small")]
+    finish(s, "one")
+    finish(s, "small")
+    assert dispatched(s, 1)[0] == [("w1", "big")]
+
+
+def test_failure_skips_dependents_transitively_and_fails_run():
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]},
+               {"name": "c", "run": "x", "needs": ["b"]}, {"name": "z", "run": "x"}])
+    dispatched(s, 0)
+    finish(s, "a", StepState.FAILED, code=2)
+    d = s.take()
+    assert d.changes.steps[("r1", "b")].state is StepState.SKIPPED
+    assert d.changes.steps[("r1", "b")].reason == "needs a (failed)"
+    assert d.changes.steps[("r1", "c")].reason == "needs b (skipped)"
+    assert "r1" in s.runs  # z still runs
+    finish(s, "z")
+    run = s.take().changes.runs["r1"]
+    assert run.state is RunState.FAILED and run.reason == "failed steps: a"
+
+
+def test_retry_on_failure_until_max_then_fail():
+    s = make()
+    submit(s, [{"name": "f", "run": "x", "retry": {"max": 2, "on": ["failure"]}}])
+    for attempt in (1, 2, 3):
+        placed, d = dispatched(s, attempt)
+        assert placed and d.dispatch[0][1].attempt == attempt
+        assert d.dispatch[0][1].attempt_id == f"r1/f/{attempt}"
+        finish(s, "f", StepState.FAILED, now=attempt, code=1)
+    d = s.take()
+    assert d.changes.steps[("r1", "f")].state is StepState.FAILED
+    assert d.changes.runs["r1"].state is RunState.FAILED
+
+
+def test_timeout_is_retried_only_when_asked():
+    s = make()
+    submit(s, [{"name": "t", "run": "x", "retry": {"max": 1}},
+               {"name": "u", "run": "x", "retry": {"max": 1, "on": ["timeout"]}}])
+    dispatched(s, 0)
+    finish(s, "t", StepState.TIMED_OUT)
+    finish(s, "u", StepState.TIMED_OUT)
+    placed, _ = dispatched(s, 1)
+    assert [n for _, n in placed] == ["u"]
+    assert s.steps["r1"]["t"].state is StepState.TIMED_OUT
+
+
+def test_duplicate_or_stale_outcome_is_ignored():
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
+    dispatched(s, 0)
+    attempt = s.steps["r1"]["a"].current_attempt
+    ok = StepOutcome(attempt_id=attempt, run_id="r1", step="a", state=StepState.SUCCEEDED)
+    assert s.on_outcome(ok, 1) is True
+    assert s.on_outcome(ok, 2) is False
+    assert s.on_outcome(ok.model_copy(update={"attempt_id": "r1/a/99"}), 2) is False
+
+
+def test_worker_lost_retries_infra_elsewhere_or_fails():
+    s = make()
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"]}},
+               {"name": "b", "run": "x"}])
+    placed, _ = dispatched(s, 0)
+    assert placed == [("w1", "a"), ("w2", "b")]
+    s.worker_lost("w1", "actor died", 1)
+    s.worker_lost("w2", "actor died", 1)
+    d = s.take()
+    assert d.stop_workers == ["w1", "w2"]
+    assert s.steps["r1"]["a"].state is StepState.QUEUED
+    assert d.changes.steps[("r1", "b")].state is StepState.FAILED
+    assert "worker w2 lost" in d.changes.steps[("r1", "b")].reason
+    s.tick(2)  # pool sizing replaces the lost workers
+    assert len(s.take().start_workers) == 2
+
+
+def test_silent_worker_is_marked_lost_after_heartbeat_timeout():
+    s = make(timeout_s=10)
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}}])
+    dispatched(s, 0)
+    assert s.heartbeat("w1", {"cpu_percent": 5.0}, 8) is True
+    s.heartbeat("w2", {}, 8)
+    s.tick(15)
+    assert s.workers["w1"].state is WorkerState.READY
+    s.heartbeat("w2", {}, 18)
+    s.tick(18.5)
+    assert s.workers["w1"].state is WorkerState.LOST
+    assert s.heartbeat("w1", {}, 19) is False
+    placed, _ = dispatched(s, 19)
+    assert placed == [("w2", "a")]
+
+
+def test_cancel_cancels_queued_and_kills_running():
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]}])
+    dispatched(s, 0)
+    s.cancel("r1", 1)
+    d = s.take()
+    assert [k.attempt_id for k in d.kill] == ["r1/a/1"]
+    assert d.changes.steps[("r1", "b")].state is StepState.CANCELLED
+    finish(s, "a", StepState.CANCELLED)
+    assert s.take().changes.runs["r1"].state is RunState.CANCELLED
+
+
+def test_cancel_wins_over_a_step_that_fails_as_it_is_killed():
+    s = make()
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 3}}])
+    dispatched(s, 0)
+    s.cancel("r1", 1)
+    finish(s, "a", StepState.FAILED, code=143)
+    d = s.take()
+    assert d.changes.steps[("r1", "a")].state is StepState.CANCELLED
+    assert d.changes.runs["r1"].state is RunState.CANCELLED
+
+
+def test_restore_resumes_queued_and_retries_steps_that_were_running():
+    s = make()
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}},
+               {"name": "b", "run": "x", "needs": ["a"]}, {"name": "c", "run": "x"}])
+    dispatched(s, 0)
+    finish(s, "c")
+    d = s.take()
+    # A new scheduler sees what the store would hold.
+    runs = [s.runs["r1"]]
+    steps = list(s.steps["r1"].values())
+    workers = list(s.workers.values())
+    fresh = Scheduler(s.pools, heartbeat_timeout_s=10)
+    fresh.restore([r.model_copy(deep=True) for r in runs],
+                  [x.model_copy(deep=True) for x in steps],
+                  [w.model_copy(deep=True) for w in workers], 100)
+    out = fresh.take()
+    assert [k.attempt_id for k in out.kill] == ["r1/a/1"]
+    assert out.changes.steps[("r1", "a")].state is StepState.QUEUED
+    placed, _ = dispatched(fresh, 100)
+    assert [(n) for _, n in placed] == ["a"]
+    assert d.changes  # the first scheduler did write its changes
+
+
+def test_check_fits_names_unknown_pool_and_oversized_steps():
+    pools = {"default": PoolConfig(name="default", cpus=2, memory_mb=1024)}
+    spec = parse_pipeline({"name": "p", "steps": [
+        {"name": "a", "run": "x", "pool": "gpu"},
+        {"name": "b", "run": "x", "resources": {"cpu": 4, "memory_mb": 2048},
+         "matrix": {"k": [1, 2]}},
+    ]})
+    assert check_fits(plan(spec), pools) == [
+        "steps (a).pool: unknown pool 'gpu'; configured pools are: default",
+        "steps (b).resources.cpu: 4 is more than a worker of pool 'default' has (2); "
+        "ask for at most 2",
+        "steps (b).resources.memory_mb: 2048 is more than a worker of pool 'default' has "
+        "(1024); ask for at most 1024",
+    ]
+
+
+def test_terminal_step_cannot_be_moved():
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
+    dispatched(s, 0)
+    finish(s, "a")
+    with pytest.raises(InvalidTransition):
+        s._finish_step(s.steps["r1"]["a"], StepState.FAILED, 2, "")
+
+
+def test_thousand_steps_through_the_policy_in_well_under_a_second():
+    s = make(workers=tuple((f"w{i}", 4.0) for i in range(8)), timeout_s=1e9,
+             pools={"default": PoolConfig(name="default", workers=8, cpus=4)})
+    submit(s, [{"name": "root", "run": "x"}] +
+           [{"name": f"s{i}", "run": "x", "needs": ["root"]} for i in range(1000)])
+    t0 = time.perf_counter()
+    now = 0.0
+    done = 0
+    while "r1" in s.runs and now < 100:
+        s.tick(now)
+        for _, task in s.take().dispatch:
+            finish(s, task.step.name, now=now)
+            done += 1
+        now += 1
+    assert done == 1001
+    assert time.perf_counter() - t0 < 1.0

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from cicd_ray.errors import SpecError
+from cicd_ray.source import snapshot, unpack
+
+
+def test_snapshot_is_deterministic_excludes_caches_and_unpacks(tmp_path):
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("print(1)\n")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref")
+    (src / "node_modules").mkdir()
+    (src / "run.sh").write_text("#!/bin/sh\n")
+    (src / "run.sh").chmod(0o755)
+    digest, data = snapshot(src, limit_bytes=10**6)
+    assert snapshot(src, limit_bytes=10**6)[0] == digest
+    dest = tmp_path / "out"
+    unpack(data, dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "pkg", "pkg/a.py", "run.sh"]
+    assert (dest / "run.sh").stat().st_mode & 0o100
+
+
+def test_snapshot_limits_and_missing_folder(tmp_path):
+    (tmp_path / "big").write_bytes(b"x" * 5000)
+    with pytest.raises(SpecError, match="larger than the 1000 byte limit"):
+        snapshot(tmp_path, limit_bytes=1000)
+    with pytest.raises(SpecError, match="is not a directory"):
+        snapshot(tmp_path / "nope", limit_bytes=1000)
