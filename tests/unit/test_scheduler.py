@@ -20,7 +20,7 @@ def make(pools=None, workers=(("w1", 2.0), ("w2", 2.0)), timeout_s=10.0):
     s.tick(0.0)
     started = s.take().start_workers
     # Register the workers the scheduler asked for, under the test's own names.
-    for rec, (name, cpus) in zip(started, workers):
+    for rec, (name, cpus) in zip(started, workers, strict=True):
         del s.workers[rec.id]
         s.register_worker(WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096,
                                        started_at=0.0), 0.0)
