@@ -99,6 +99,9 @@ class Master:
     async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         return self.store.read_log(attempt_id, offset)
 
+    async def workers(self) -> list[dict]:
+        return [w.model_dump(mode="json") for w in self.store.list_workers()]
+
     async def stats(self) -> dict:
         return {
             "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),

@@ -11,6 +11,7 @@ import hashlib
 import io
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from cicd_ray.errors import SpecError
@@ -54,10 +55,21 @@ def _walk(root: Path):
 
 
 def unpack(data: bytes, dest: Path) -> None:
-    """Unpack an archive made by `snapshot`, refusing members that would land outside `dest`."""
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(tmp, filter="data")
-    tmp.rename(dest)
+    """Unpack an archive made by `snapshot` into `dest`, atomically.
+
+    Several workers on a node share one cache folder: each unpacks into a folder of its own and
+    renames it into place; whoever loses the race drops its copy. The "data" filter refuses
+    members that would land outside the folder.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

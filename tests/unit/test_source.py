@@ -30,3 +30,27 @@ def test_snapshot_limits_and_missing_folder(tmp_path):
         snapshot(tmp_path, limit_bytes=1000)
     with pytest.raises(SpecError, match="is not a directory"):
         snapshot(tmp_path / "nope", limit_bytes=1000)
+
+
+def test_concurrent_unpacks_into_one_cache_folder_all_succeed(tmp_path):
+    import threading
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+    _, data = snapshot(tmp_path / "src", limit_bytes=10**6)
+    dest = tmp_path / "cache" / "digest"
+    errors = []
+
+    def go():
+        try:
+            unpack(data, dest)
+        except Exception as e:  # collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and (dest / "f").read_text() == "x"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["digest"]

@@ -1,0 +1,71 @@
+"""One local Ray cluster and one master for the whole integration session."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from cicd_ray import cluster
+from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.spec import parse_pipeline
+from cicd_ray.states import StepState
+
+
+class Harness:
+    def __init__(self, master, settings: Settings, tmp: Path) -> None:
+        self.master = master
+        self.settings = settings
+        self.tmp = tmp
+
+    def submit(self, doc: dict, source: Path | None = None, env: dict | None = None) -> str:
+        return cluster.submit(self.master, parse_pipeline(doc), self.tmp, source, env,
+                              self.settings)
+
+    def wait(self, run_id: str, timeout_s: float = 90) -> dict:
+        return cluster.follow(self.master, run_id, poll_s=0.1, timeout_s=timeout_s)
+
+    def run(self, doc: dict, **kw) -> dict:
+        return self.wait(self.submit(doc, **kw))
+
+    def view(self, run_id: str) -> dict:
+        return ray.get(self.master.get_run.remote(run_id))
+
+    def master_workers(self) -> list[dict]:
+        return ray.get(self.master.workers.remote())
+
+    def step(self, view: dict, name: str) -> dict:
+        return next(s for s in view["steps"] if s["spec"]["name"] == name)
+
+    def log(self, run_id: str, step: str, attempt: int | None = None) -> str:
+        view = self.view(run_id)
+        attempts = [a for a in view["attempts"] if a["step"] == step]
+        chosen = attempts[-1] if attempt is None else attempts[attempt - 1]
+        return ray.get(self.master.read_log.remote(chosen["id"])).decode()
+
+    def wait_for_step(self, run_id: str, name: str, state: StepState,
+                      timeout_s: float = 60) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            step = self.step(self.view(run_id), name)
+            if step["state"] == state.value:
+                return step
+            time.sleep(0.05)
+        raise AssertionError(f"step {name} never reached {state.value}")
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    home = tmp_path_factory.mktemp("cicd-home")
+    settings = Settings(
+        home=home,
+        pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
+               "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512)},
+        heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
+    )
+    cluster.connect(settings=settings, num_cpus=8)
+    master = cluster.ensure_master(settings)
+    yield Harness(master, settings, tmp_path_factory.mktemp("pipelines"))
+    cluster.shutdown_embedded(master)
