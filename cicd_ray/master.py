@@ -40,6 +40,7 @@ class Master:
         self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s)
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._wake = asyncio.Event()
+        self._finished: dict[str, asyncio.Event] = {}
         self._recover()
         self._commit()
         self._loop = asyncio.get_running_loop().create_task(self._run())
@@ -95,6 +96,20 @@ class Master:
             "steps": [s.model_dump(mode="json") for s in self.store.get_steps(run_id)],
             "attempts": [a.model_dump(mode="json") for a in self.store.get_attempts(run_id)],
         }
+
+    async def wait(self, run_id: str, timeout_s: float = 30.0) -> str | None:
+        """The run's state once it has ended, or its current state after `timeout_s`.
+
+        A long poll, so a client learns of the end at once without polling every step.
+        """
+        run = self.store.get_run(run_id)
+        if run is None or run.state.terminal:
+            return run.state.value if run else None
+        event = self._finished.setdefault(run_id, asyncio.Event())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
+        run = self.store.get_run(run_id)
+        return run.state.value if run else None
 
     async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         return self.store.read_log(attempt_id, offset)
@@ -154,6 +169,9 @@ class Master:
                 # Memory is now ahead of the truth: restart and rebuild from the store.
                 log.critical("store write failed, restarting the master: %s", e)
                 os._exit(1)
+        for run in decisions.changes.runs.values():
+            if run.state.terminal and run.id in self._finished:
+                self._finished.pop(run.id).set()
         for record in decisions.start_workers:
             self._handles[record.id] = start_worker(record, self.settings)
             asyncio.get_running_loop().create_task(self._watch_start(record.id))

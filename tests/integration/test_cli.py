@@ -1,0 +1,99 @@
+"""The command line as a user runs it: a subprocess with its own embedded Ray, then the store
+read back with no cluster running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "cicd_ray.cli"]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["CICD_RAY_HOME"] = str(tmp_path / "home")
+
+    def call(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return call
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_validate_accepts_and_rejects_with_every_problem(cli, tmp_path):
+    ok = cli("validate", "pipelines/hello.yaml")
+    assert ok.returncode == 0
+    assert "valid pipeline 'hello' with 6 step(s)" in ok.stdout
+    bad = write(tmp_path, "bad.yaml", "name: Bad\nsteps:\n  - name: a\n    run: x\n"
+                "    needs: [zzz]\n    tiemout: 3\n")
+    result = cli("validate", bad, "--json")
+    assert result.returncode == 2
+    problems = json.loads(result.stdout)["problems"]
+    assert problems == [
+        "name: 'Bad' does not match ^[a-z0-9][a-z0-9._-]{0,62}$",
+        "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
+        "pool, resources, timeout, retry, priority",
+    ]
+
+
+def test_run_succeeds_then_status_runs_and_logs_work_without_a_cluster(cli):
+    result = cli("run", "pipelines/hello.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("run ") and first.endswith(" of hello (embedded local Ray)")
+    run_id = first.split()[1]
+    assert f"run {run_id} succeeded" in result.stdout
+    assert "test[py=3.11]" in result.stdout  # step names are printed as they are
+
+    runs = json.loads(cli("runs", "--json").stdout)
+    assert [(r["id"], r["state"]) for r in runs] == [(run_id, "succeeded")]
+    status = json.loads(cli("status", run_id, "--json").stdout)
+    assert [s["state"] for s in status["steps"]] == ["succeeded"] * 6
+    table = cli("status", run_id).stdout
+    assert "test[py=3.12]" in table and "succeeded" in table
+    log = cli("logs", run_id, "test[py=3.10]")
+    assert log.returncode == 0 and "testing on python 3.10" in log.stdout
+    missing = cli("logs", run_id, "nope")
+    assert missing.returncode == 1 and "has no step 'nope'" in missing.stderr
+    assert cli("status", "no-such-run").returncode == 1
+
+
+def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path):
+    path = write(tmp_path, "fail.yaml", "name: fail\nsteps:\n  - name: unit\n    run: |\n"
+                 "      for i in $(seq 1 30); do echo \"case $i\"; done\n"
+                 "      echo 'AssertionError: 2 != 3'\n      exit 4\n")
+    result = cli("run", path)
+    assert result.returncode == 1
+    out = result.stdout
+    assert "unit: failed (exit code 4)" in out
+    assert "AssertionError: 2 != 3" in out and "case 30" in out
+    assert "case 5\n" not in out  # only the tail of the log
+    assert " failed in " in out
+
+
+def test_run_invalid_pipeline_exits_2_without_starting_anything(cli, tmp_path):
+    path = write(tmp_path, "cycle.yaml", "name: c\nsteps:\n  - {name: a, run: x, needs: [b]}\n"
+                 "  - {name: b, run: x, needs: [a]}\n")
+    result = cli("run", path, timeout=60)
+    assert result.returncode == 2
+    assert "steps: the needs form a cycle: a -> b -> a" in result.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_self_test_pipeline_checks_this_project(cli):
+    result = cli("run", "pipelines/self-test.yaml", timeout=500)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unit[part=scheduler]" in result.stdout
