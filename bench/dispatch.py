@@ -67,7 +67,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-"))
     settings = Settings(home=home, pools={
-        "default": PoolConfig(name="default", workers=args.slots // 2, cpus=2, memory_mb=0),
+        "default": PoolConfig(name="default", workers=args.slots, cpus=1, memory_mb=0),
         "parked": PoolConfig(name="parked", workers=0, cpus=1, memory_mb=0),
     })
     # Workers hold their slots as CPUs; plain tasks get as many CPUs of their own.

@@ -76,6 +76,7 @@ class Master:
             self.store.put_source(*source)
         self.sched.submit(run, steps, now)
         self._commit()
+        self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return {"run_id": run.id}
 
     async def cancel(self, run_id: str) -> str | None:
@@ -115,7 +116,12 @@ class Master:
         return self.store.read_log(attempt_id, offset)
 
     async def workers(self) -> list[dict]:
-        return [w.model_dump(mode="json") for w in self.store.list_workers()]
+        """Every worker the store knows, with the slots in use from the master's memory."""
+        out = []
+        for w in self.store.list_workers():
+            cpu, running = self.sched.worker_load(w.id)
+            out.append({**w.model_dump(mode="json"), "cpus_in_use": cpu, "running": running})
+        return out
 
     async def stats(self) -> dict:
         return {

@@ -72,7 +72,6 @@ class WorkerRecord(BaseModel):
     cpu_percent: float | None = None
     memory_used_mb: float | None = None
     disk_used_percent: float | None = None
-    running: list[str] = Field(default_factory=list)
 
 
 class Changes(BaseModel):

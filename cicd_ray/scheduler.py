@@ -164,7 +164,6 @@ class Scheduler:
         worker.last_heartbeat = now
         if known is not None:
             worker.started_at = known.started_at
-            worker.running = known.running
         self.workers[worker.id] = worker
         self._load.setdefault(worker.id, _Load())
         self._record(worker)
@@ -224,10 +223,6 @@ class Scheduler:
             load.attempts.discard(attempt.id)
             load.cpu -= step.spec.cpu
             load.memory_mb -= step.spec.memory_mb
-        worker = self.workers.get(attempt.worker_id)
-        if worker is not None and attempt.id in worker.running:
-            worker.running.remove(attempt.id)
-            self._record(worker)
         step.exit_code = attempt.exit_code
         run = self.runs[attempt.run_id]
         kind = "infra" if infra else ("timeout" if state is StepState.TIMED_OUT else "failure")
@@ -379,7 +374,6 @@ class Scheduler:
         load.cpu += step.spec.cpu
         load.memory_mb += step.spec.memory_mb
         load.attempts.add(attempt.id)
-        worker.running.append(attempt.id)
         if run.state is RunState.QUEUED:
             transition(run.state, RunState.RUNNING)
             run.state = RunState.RUNNING
@@ -387,7 +381,6 @@ class Scheduler:
             self._record(run)
         self._record(step)
         self._record(attempt)
-        self._record(worker)
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
             source_digest=run.source_digest,
@@ -408,7 +401,6 @@ class Scheduler:
             by_run.setdefault(s.run_id, []).append(s)
         for w in workers:
             if w.state in (WorkerState.STARTING, WorkerState.READY):
-                w.running = []
                 w.last_heartbeat = now  # a fresh grace period: heartbeats stopped with us
                 self.workers[w.id] = w
                 self._load[w.id] = _Load()
@@ -434,6 +426,11 @@ class Scheduler:
             self._maybe_finish_run(run.id, now)
 
     # --- views --------------------------------------------------------------------------------
+
+    def worker_load(self, worker_id: str) -> tuple[float, list[str]]:
+        """CPUs in use and the attempts running on a worker (kept in memory, not stored)."""
+        load = self._load.get(worker_id, _Load())
+        return load.cpu, sorted(load.attempts)
 
     def queue_depth(self) -> dict[str, int]:
         return {pool: sum(1 for e in heap if self._is_queued(e)) for pool, heap in
