@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class Worker:
 
     def ready(self) -> str:
         return self.record.id
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def run_step(self, task: StepTask) -> StepOutcome:
         sent: list[ray.ObjectRef] = []
@@ -123,16 +127,18 @@ class Worker:
         }
 
     def _heartbeat_loop(self) -> None:
+        # A call stuck on a restarting master is given up well before it would count as silence.
+        call_timeout_s = max(1.0, self.settings.heartbeat_timeout_s / 2)
         registered = False
         while not self._stop.is_set():
             try:
                 master = self._master_handle()
                 if not registered:
-                    ray.get(master.register.remote(self.record), timeout=30)
+                    ray.get(master.register.remote(self.record), timeout=call_timeout_s)
                     registered = True
                 else:
                     known = ray.get(master.heartbeat.remote(self.record.id, self._usage()),
-                                    timeout=30)
+                                    timeout=call_timeout_s)
                     registered = bool(known)
             except (RayActorError, GetTimeoutError, ValueError) as e:
                 # The master is restarting or not yet there: keep trying; it finds us by name.

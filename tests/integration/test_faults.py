@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -76,3 +79,27 @@ def test_master_killed_mid_run_restarts_from_the_store_and_the_run_completes(har
     assert view["run"]["state"] == "succeeded"
     assert [s["state"] for s in view["steps"]] == ["succeeded"] * 3
     assert harness.log(run_id, "last") == "three\n"
+
+
+def test_frozen_worker_misses_heartbeats_and_its_step_is_retried_elsewhere(harness):
+    """SIGSTOP freezes the worker's process, as a hung node would: no actor death, only silence."""
+    run_id = harness.submit({"name": "frozen", "steps": [
+        {"name": "build", "retry": {"max": 1, "on": ["infra"]},
+         "run": 'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600; fi; echo "done on $CICD_ATTEMPT"'},
+    ]})
+    step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
+    frozen = step["worker_id"]
+    pid = ray.get(ray.get_actor(worker_actor_name(frozen), namespace=NAMESPACE).pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        view = harness.wait(run_id, timeout_s=60)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert view["run"]["state"] == "succeeded"
+    first = next(a for a in view["attempts"] if a["number"] == 1)
+    assert first["reason"].startswith(f"worker {frozen} lost: no heartbeat for")
+    assert took < 30, first["reason"]
+    assert harness.log(run_id, "build") == "done on 2\n"
