@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from cicd_ray.states import StepState
 
 READ_CHUNK_BYTES = 64 * 1024
 FIRST_SAMPLE_S = 0.02
+NO_PIDFD_POLL_S = 0.01
+DRAIN_TIMEOUT_S = 5.0
 # The variables a step inherits from the worker; everything else comes from the pipeline.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 
@@ -45,7 +48,7 @@ def truncation_marker(cap: int) -> bytes:
 
 
 class _LogBuffer:
-    """Collects output up to the cap and hands it out in numbered chunks."""
+    """Collects output up to the cap and hands it out in numbered chunks (one thread uses it)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -53,26 +56,23 @@ class _LogBuffer:
         self.truncated = False
         self._pending = bytearray()
         self._seq = 0
-        self._lock = threading.Lock()
 
     def add(self, data: bytes) -> None:
-        with self._lock:
-            if self.truncated:
-                return
-            room = self.cap - self.size
-            if len(data) > room:
-                data = data[:room] + truncation_marker(self.cap)
-                self.truncated = True
-            self._pending += data
-            self.size += len(data)
+        if self.truncated:
+            return
+        room = self.cap - self.size
+        if len(data) > room:
+            data = data[:room] + truncation_marker(self.cap)
+            self.truncated = True
+        self._pending += data
+        self.size += len(data)
 
     def take(self) -> tuple[int, bytes] | None:
-        with self._lock:
-            if not self._pending:
-                return None
-            self._seq += 1
-            chunk, self._pending = bytes(self._pending), bytearray()
-            return self._seq, chunk
+        if not self._pending:
+            return None
+        self._seq += 1
+        chunk, self._pending = bytes(self._pending), bytearray()
+        return self._seq, chunk
 
 
 def _safe_name(text: str) -> str:
@@ -97,7 +97,11 @@ def step_env(task: StepTask, workspace: Path, tmp: Path) -> dict[str, str]:
 
 
 class Execution:
-    """One attempt. `run()` blocks until the step ends; `cancel()` may be called from any thread."""
+    """One attempt. `run()` blocks until the step ends; `cancel()` may be called from any thread.
+
+    One thread follows the step: it waits on the output pipe, the process's pidfd and a wake-up
+    pipe for cancel, so a short step costs no extra threads.
+    """
 
     def __init__(self, task: StepTask, config: ExecConfig, source_dir: Path | None,
                  on_log: Callable[[int, bytes], None]) -> None:
@@ -107,30 +111,38 @@ class Execution:
         self.on_log = on_log
         self.root = config.work_dir / _safe_name(task.attempt_id)
         self.workspace = self.root / "ws"
-        self._wake = threading.Event()
         self._cancelled = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()
         self._log = _LogBuffer(config.log_cap_bytes)
         self._peak_rss = 0
 
     def cancel(self) -> None:
         self._cancelled = True
-        self._wake.set()
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"!")
 
     def run(self) -> StepOutcome:
         started = time.monotonic()
         try:
-            proc = self._start()
-        except OSError as e:
-            return self._outcome(StepState.FAILED, None, started, None,
-                                 reason=f"could not start the step: {e}")
-        try:
+            try:
+                proc = self._start()
+            except OSError as e:
+                return self._outcome(StepState.FAILED, None, started, None,
+                                     reason=f"could not start the step: {e}")
             return self._follow(proc, started)
         finally:
+            with self._wake_lock:
+                os.close(self._wake_w)
+                os.close(self._wake_r)
+                self._wake_w = -1
             if not self.config.keep_workspace:
                 shutil.rmtree(self.root, ignore_errors=True)
 
     def _start(self) -> subprocess.Popen:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            shutil.rmtree(self.root)
         tmp = self.root / "tmp"
         tmp.mkdir(parents=True)
         if self.source_dir is not None:
@@ -147,67 +159,89 @@ class Execution:
         )
 
     def _follow(self, proc: subprocess.Popen, started: float) -> StepOutcome:
-        exited: dict[str, object] = {}
-
-        def wait() -> None:
-            _, status, usage = os.wait4(proc.pid, 0)
-            exited.update(status=status, usage=usage)
-            self._wake.set()
-
-        reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        waiter = threading.Thread(target=wait, daemon=True)
-        reader.start()
-        waiter.start()
+        out = proc.stdout.fileno()
+        os.set_blocking(out, False)
+        pidfd = _pidfd(proc.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(out, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ)
         deadline = started + self.task.step.timeout_s
-        killed: StepState | None = None
         # Sample memory soon after the start, then less often: short steps get a figure too.
         interval = FIRST_SAMPLE_S
-        while not exited:
-            remaining = deadline - time.monotonic()
-            self._wake.wait(max(0.0, min(interval, remaining)))
-            self._wake.clear()
-            if exited:
-                break
-            interval = min(interval * 2, self.config.flush_interval_s)
-            self._peak_rss = max(self._peak_rss, _group_rss(proc.pid))
-            self._flush()
-            if killed is None and (self._cancelled or time.monotonic() >= deadline):
-                killed = StepState.CANCELLED if self._cancelled else StepState.TIMED_OUT
-                self._kill_group(proc.pid, started_at=time.monotonic())
-                break
-        waiter.join()
-        proc.returncode = os.waitstatus_to_exitcode(exited["status"])  # reaped by wait4
-        # Background children the script left behind die with it, as on any CI runner.
-        _signal_group(proc.pid, signal.SIGKILL)
-        reader.join(timeout=5)
-        usage = exited["usage"]
+        next_sample = started + interval
+        killed: StepState | None = None
+        kill_at = float("inf")
+        ended = None
+        try:
+            while ended is None:
+                wake_at = min(next_sample, deadline if killed is None else kill_at)
+                timeout = max(0.0, wake_at - time.monotonic())
+                if pidfd is None:
+                    timeout = min(timeout, NO_PIDFD_POLL_S)
+                for key, _ in sel.select(timeout):
+                    if key.fd == out:
+                        self._drain(out, sel)
+                    elif key.fd == self._wake_r:
+                        os.read(self._wake_r, 64)
+                ended = _reap(proc.pid)
+                if ended is not None:
+                    break
+                now = time.monotonic()
+                if now >= next_sample:
+                    self._peak_rss = max(self._peak_rss, _group_rss(proc.pid))
+                    self._flush()
+                    interval = min(interval * 2, self.config.flush_interval_s)
+                    next_sample = now + interval
+                if killed is None and (self._cancelled or now >= deadline):
+                    killed = StepState.CANCELLED if self._cancelled else StepState.TIMED_OUT
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    kill_at = now + self.config.kill_grace_s
+                elif now >= kill_at:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    kill_at = float("inf")
+            # Background children the script left behind die with it, as on any CI runner;
+            # then the pipe reaches its end and the last output is read.
+            _signal_group(proc.pid, signal.SIGKILL)
+            self._drain_to_end(out, sel)
+        finally:
+            sel.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            proc.stdout.close()
+        status, usage = ended
+        proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped by wait4
         if killed is StepState.TIMED_OUT:
-            return self._outcome(killed, proc.returncode, started, usage,
+            return self._outcome(killed, code, started, usage,
                                  reason=f"timed out after {self.task.step.timeout_s:g} s")
         if killed is StepState.CANCELLED:
-            return self._outcome(killed, proc.returncode, started, usage, reason="cancelled")
-        if proc.returncode == 0:
+            return self._outcome(killed, code, started, usage, reason="cancelled")
+        if code == 0:
             return self._outcome(StepState.SUCCEEDED, 0, started, usage)
-        return self._outcome(StepState.FAILED, proc.returncode, started, usage,
-                             reason=f"exit code {proc.returncode}")
+        return self._outcome(StepState.FAILED, code, started, usage, reason=f"exit code {code}")
 
-    def _kill_group(self, pgid: int, started_at: float) -> None:
-        """SIGTERM the whole group, then SIGKILL what is left after the grace period."""
-        _signal_group(pgid, signal.SIGTERM)
-        grace_end = started_at + self.config.kill_grace_s
-        while time.monotonic() < grace_end:
-            if self._wake.wait(0.05):
-                break
-        _signal_group(pgid, signal.SIGKILL)
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        fd = proc.stdout.fileno()
+    def _drain(self, fd: int, sel: selectors.BaseSelector) -> bool:
+        """Read what the pipe holds now; True once it has reached its end."""
         while True:
-            data = os.read(fd, READ_CHUNK_BYTES)
+            try:
+                data = os.read(fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return False
             if not data:
-                break
+                with contextlib.suppress(KeyError):
+                    sel.unregister(fd)
+                return True
             self._log.add(data)
-        proc.stdout.close()
+
+    def _drain_to_end(self, fd: int, sel: selectors.BaseSelector) -> None:
+        if fd not in sel.get_map():
+            return
+        give_up = time.monotonic() + DRAIN_TIMEOUT_S  # a process that escaped with setsid
+        while time.monotonic() < give_up:
+            sel.select(max(0.0, give_up - time.monotonic()))
+            if self._drain(fd, sel):
+                return
 
     def _flush(self) -> None:
         chunk = self._log.take()
@@ -242,6 +276,20 @@ def _group_rss(pid: int) -> int:
         with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
     return total
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when the process exits (Linux 5.3+), else None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _reap(pid: int):
+    """(status, rusage) once the process has exited, else None."""
+    reaped, status, usage = os.wait4(pid, os.WNOHANG)
+    return (status, usage) if reaped else None
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
