@@ -105,9 +105,7 @@ def run(file: Path = typer.Argument(..., help="the pipeline file"),
             view = cluster.follow(master, run_id, printer.update, timeout_s=timeout)
         except KeyboardInterrupt:
             err.print("interrupted: cancelling the run")
-            import ray
-
-            ray.get(master.cancel.remote(run_id))
+            cluster.call(master.cancel.remote(run_id))
             view = cluster.follow(master, run_id, printer.update, timeout_s=60)
         except TimeoutError as e:
             raise _fail(str(e)) from None
@@ -145,14 +143,14 @@ class _ProgressPrinter:
 
 
 def _print_summary(view: dict, master) -> None:
-    import ray
+    from cicd_ray.cluster import call
 
     run = view["run"]
     steps = [StepRecord.model_validate(s) for s in view["steps"]]
     bad = [s for s in steps if s.state in (StepState.FAILED, StepState.TIMED_OUT)]
     for step in bad:
         if step.current_attempt:
-            text = ray.get(master.read_log.remote(step.current_attempt)).decode(errors="replace")
+            text = call(master.read_log.remote(step.current_attempt)).decode(errors="replace")
             tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
             out.rule(escape(f"{step.name}: {step.state.value} ({step.reason}) - last lines of "
                             "its log"))
@@ -249,7 +247,8 @@ def status(run_id: str, as_json: bool = typer.Option(False, "--json")):
 
 @app.command()
 def logs(run_id: str, step: str,
-         attempt: int | None = typer.Option(None, help="which attempt (default: the last)")):
+         attempt: int | None = typer.Option(None, help="which attempt (default: the last)"),
+         as_json: bool = typer.Option(False, "--json")):
     """Print a step's log (its last attempt unless --attempt is given)."""
     store = _store()
     _, steps = _load_run(store, run_id)
@@ -263,7 +262,12 @@ def logs(run_id: str, step: str,
         (a for a in attempts if a.number == attempt), None)
     if chosen is None:
         raise _fail(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-    sys.stdout.buffer.write(store.read_log(chosen.id))
+    data = store.read_log(chosen.id)
+    if as_json:
+        out.print_json(data={"run_id": run_id, "step": step, "attempt": chosen.number,
+                             "state": chosen.state.value, "log": data.decode(errors="replace")})
+        return
+    sys.stdout.buffer.write(data)
     sys.stdout.flush()
 
 

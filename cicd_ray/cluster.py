@@ -46,14 +46,19 @@ def connect(address: str | None = None, settings: Settings | None = None,
     return True
 
 
+def call(ref, timeout_s: float | None = None):
+    """`ray.get` with Ray's errors turned into ours: callers handle MasterUnavailable only."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.RayError as e:
+        raise MasterUnavailable(f"the master {MASTER_NAME!r} did not answer: {e}") from None
+
+
 def ensure_master(settings: Settings | None = None):
     """The master's handle, creating the detached actor if no one has yet."""
     settings = settings or Settings.from_env()
     master = master_actor(settings).remote(settings)
-    try:
-        ray.get(master.ping.remote(), timeout=MASTER_START_TIMEOUT_S)
-    except ray.exceptions.RayError as e:
-        raise MasterUnavailable(f"the master {MASTER_NAME!r} did not answer: {e}") from None
+    call(master.ping.remote(), MASTER_START_TIMEOUT_S)
     return master
 
 
@@ -64,7 +69,7 @@ def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Pat
     folder = source_dir if source_dir is not None else (
         pipeline_dir / spec.source if spec.source is not None else None)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
-    answer = ray.get(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
+    answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
     if "problems" in answer:
         raise SpecError(answer["problems"], source=spec.name)
     return answer["run_id"]
@@ -75,7 +80,7 @@ def follow(master, run_id: str, on_update: Callable[[dict], None] | None = None,
     """Poll the run until it ends; call `on_update` with each view. Returns the final view."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        view = ray.get(master.get_run.remote(run_id))
+        view = call(master.get_run.remote(run_id))
         if view is None:
             raise NotFound(f"run {run_id!r} does not exist")
         if on_update is not None:

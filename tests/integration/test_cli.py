@@ -66,6 +66,9 @@ def test_run_succeeds_then_status_runs_and_logs_work_without_a_cluster(cli):
     assert "test[py=3.12]" in table and "succeeded" in table
     log = cli("logs", run_id, "test[py=3.10]")
     assert log.returncode == 0 and "testing on python 3.10" in log.stdout
+    as_json = json.loads(cli("logs", run_id, "build", "--json").stdout)
+    assert (as_json["attempt"], as_json["state"]) == (1, "succeeded")
+    assert as_json["log"].startswith(f"hello from build (run {run_id}, attempt 1)")
     missing = cli("logs", run_id, "nope")
     assert missing.returncode == 1 and "has no step 'nope'" in missing.stderr
     assert cli("status", "no-such-run").returncode == 1
