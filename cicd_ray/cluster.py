@@ -18,7 +18,7 @@ import ray
 from cicd_ray.config import Settings
 from cicd_ray.errors import MasterUnavailable, NotFound, SpecError
 from cicd_ray.master import master_actor
-from cicd_ray.source import snapshot
+from cicd_ray.source import snapshot, source_folder
 from cicd_ray.spec import PipelineSpec
 from cicd_ray.states import RunState
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
@@ -66,8 +66,7 @@ def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Pat
            env: dict[str, str] | None = None, settings: Settings | None = None) -> str:
     """Snapshot the source, submit, and return the run id once the run is durable."""
     settings = settings or Settings.from_env()
-    folder = source_dir if source_dir is not None else (
-        pipeline_dir / spec.source if spec.source is not None else None)
+    folder = source_folder(spec.source, pipeline_dir, source_dir)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
     answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
     if "problems" in answer:

@@ -31,3 +31,16 @@ class StoreError(CicdError):
 
 class MasterUnavailable(CicdError):
     """The master actor cannot be reached."""
+
+
+class Unauthorized(CicdError):
+    """The API refused the token (HTTP 401)."""
+
+
+class ApiError(CicdError):
+    """Any other error answer from the HTTP API; `status` is the HTTP status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {detail}")

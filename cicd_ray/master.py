@@ -23,7 +23,7 @@ from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import check_env_overrides, parse_pipeline, plan
-from cicd_ray.states import StepState
+from cicd_ray.states import RunState, StepState
 from cicd_ray.store import open_store
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
 
@@ -52,11 +52,17 @@ class Master:
                 "pools": sorted(self.settings.pools)}
 
     async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
-                     source: tuple[str, bytes] | None = None) -> dict:
+                     source: tuple[str, bytes] | None = None,
+                     idempotency_key: str | None = None) -> dict:
         """Validate, store, then answer: {"run_id": ...} or {"problems": [...]}.
 
-        The run is durable in the store before its id is returned.
+        The run is durable in the store before its id is returned. A submission repeated with
+        the same idempotency key answers with the first run ({"run_id": ..., "existing": True}).
         """
+        if idempotency_key:
+            existing = self.store.run_for_key(idempotency_key)
+            if existing is not None:
+                return {"run_id": existing, "existing": True}
         try:
             spec = parse_pipeline(pipeline)
         except SpecError as e:
@@ -75,7 +81,7 @@ class Master:
         if source is not None:
             self.store.put_source(*source)
         self.sched.submit(run, steps, now)
-        self._commit()
+        self._commit({idempotency_key: run.id} if idempotency_key else None)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return {"run_id": run.id}
 
@@ -114,6 +120,36 @@ class Master:
 
     async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         return self.store.read_log(attempt_id, offset)
+
+    async def list_runs(self, state: str | None = None, pipeline: str | None = None,
+                        limit: int = 50, offset: int = 0) -> list[dict]:
+        runs = self.store.list_runs(RunState(state) if state else None, pipeline, limit, offset)
+        return [r.model_dump(mode="json") for r in runs]
+
+    async def step_log(self, run_id: str, step: str, attempt: int | None = None,
+                       offset: int = 0) -> dict:
+        """A step's log from `offset`, with whether more can come: {"error": ...} if unknown."""
+        run = self.store.get_run(run_id)
+        if run is None:
+            return {"error": f"run {run_id!r} not found"}
+        attempts = self.store.get_attempts(run_id, step)
+        if not attempts:
+            names = [s.name for s in self.store.get_steps(run_id)]
+            if step not in names:
+                return {"error": f"run {run_id} has no step {step!r}; its steps are: "
+                                 f"{', '.join(names)}"}
+            # Not started yet: a follower waits for its first attempt.
+            return {"attempt": None, "state": "queued", "data": b"", "more": not run.state.terminal}
+        chosen = attempts[-1] if attempt is None else next(
+            (a for a in attempts if a.number == attempt), None)
+        if chosen is None:
+            return {"error": f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}"}
+        return {"attempt": chosen.number, "state": chosen.state.value,
+                "data": self.store.read_log(chosen.id, offset),
+                "more": chosen.state is StepState.RUNNING}
+
+    async def queue(self) -> dict[str, dict]:
+        return self.sched.queue_view(time.time())
 
     async def workers(self) -> list[dict]:
         """Every worker the store knows, with the slots in use from the master's memory."""
@@ -165,9 +201,10 @@ class Master:
             self.sched.tick(time.time())
             self._commit()
 
-    def _commit(self) -> None:
+    def _commit(self, idempotency: dict[str, str] | None = None) -> None:
         """Write the scheduler's decisions, then carry them out."""
         decisions = self.sched.take()
+        decisions.changes.idempotency.update(idempotency or {})
         if decisions.changes:
             try:
                 self.store.save(decisions.changes)

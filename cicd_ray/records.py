@@ -82,6 +82,7 @@ class Changes(BaseModel):
     attempts: dict[str, AttemptRecord] = Field(default_factory=dict)
     workers: dict[str, WorkerRecord] = Field(default_factory=dict)
     logs: list[tuple[str, int, bytes]] = Field(default_factory=list)  # (attempt id, seq, data)
+    idempotency: dict[str, str] = Field(default_factory=dict)  # Idempotency-Key -> run id
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -100,9 +101,11 @@ class Changes(BaseModel):
         self.attempts.update(other.attempts)
         self.workers.update(other.workers)
         self.logs.extend(other.logs)
+        self.idempotency.update(other.idempotency)
 
     def __bool__(self) -> bool:
-        return bool(self.runs or self.steps or self.attempts or self.workers or self.logs)
+        return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
+                    or self.idempotency)
 
 
 class StepTask(BaseModel):

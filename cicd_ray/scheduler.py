@@ -432,6 +432,14 @@ class Scheduler:
         load = self._load.get(worker_id, _Load())
         return load.cpu, sorted(load.attempts)
 
+    def queue_view(self, now: float) -> dict[str, dict]:
+        """Per pool: steps ready and waiting for a slot, and how long the oldest has waited."""
+        out: dict[str, dict] = {name: {"queued": 0, "oldest_wait_s": 0.0} for name in self.pools}
+        for pool, heap in self._ready.items():
+            waits = [now - self.steps[e[3]][e[4]].queued_at for e in heap if self._is_queued(e)]
+            out[pool] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
+        return out
+
     def queue_depth(self) -> dict[str, int]:
         return {pool: sum(1 for e in heap if self._is_queued(e)) for pool, heap in
                 self._ready.items()}

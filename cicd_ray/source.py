@@ -45,6 +45,15 @@ def snapshot(directory: str | Path, limit_bytes: int) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
+def source_folder(spec_source: str | None, pipeline_dir: Path,
+                  override: str | Path | None = None) -> Path | None:
+    """The folder to snapshot: an explicit override, else the pipeline's `source:` (relative to
+    the pipeline file), else none."""
+    if override is not None:
+        return Path(override)
+    return pipeline_dir / spec_source if spec_source is not None else None
+
+
 def _walk(root: Path):
     for path in root.iterdir():
         if path.name in EXCLUDED_NAMES:

@@ -37,6 +37,9 @@ class Store(Protocol):
     def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         """The attempt's log from byte `offset`, chunks in `seq` order."""
 
+    def run_for_key(self, key: str) -> str | None:
+        """The run submitted with this Idempotency-Key, if any."""
+
     def put_source(self, digest: str, data: bytes) -> None: ...
 
     def get_source(self, digest: str) -> bytes | None: ...

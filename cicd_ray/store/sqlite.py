@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS logs (
     attempt_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (attempt_id, seq));
 CREATE TABLE IF NOT EXISTS sources (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NULL);
 """
 
 
@@ -85,6 +86,7 @@ class SqliteStore:
             ("INSERT OR REPLACE INTO workers VALUES (?, ?)",
              [(w.id, w.model_dump_json()) for w in changes.workers.values()]),
             ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
+            ("INSERT OR IGNORE INTO idempotency VALUES (?, ?)", list(changes.idempotency.items())),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -136,6 +138,10 @@ class SqliteStore:
         rows = self._read("SELECT data FROM logs WHERE attempt_id = ? ORDER BY seq",
                           (attempt_id,))
         return b"".join(r[0] for r in rows)[offset:]
+
+    def run_for_key(self, key: str) -> str | None:
+        rows = self._read("SELECT run_id FROM idempotency WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def put_source(self, digest: str, data: bytes) -> None:
         self._write([("INSERT OR IGNORE INTO sources VALUES (?, ?)", [(digest, bytes(data))])])

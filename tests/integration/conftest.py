@@ -69,3 +69,37 @@ def harness(tmp_path_factory):
     master = cluster.ensure_master(settings)
     yield Harness(master, settings, tmp_path_factory.mktemp("pipelines"))
     cluster.shutdown_embedded(master)
+
+
+API_TOKEN = "test-token-" + "x" * 20
+API_BODY_LIMIT = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def api(harness):
+    """The real Serve application on the session's cluster, on a free local port."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from cicd_ray.api import build
+    from cicd_ray.auth import digest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build([digest(API_TOKEN)], max_body_bytes=API_BODY_LIMIT), name="cicd",
+              route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    yield url
+    serve.shutdown()

@@ -120,3 +120,15 @@ def test_data_survives_reopening(tmp_path):
 def test_unknown_store_url_is_a_clear_error():
     with pytest.raises(StoreError, match="unknown scheme 'mongo'"):
         open_store("mongo://x")
+
+
+def test_idempotency_keys_map_to_the_first_run(store):
+    a_run(store)
+    changes = Changes()
+    changes.idempotency["key-1"] = "r1"
+    store.save(changes)
+    again = Changes()
+    again.idempotency["key-1"] = "r2"
+    store.save(again)
+    assert store.run_for_key("key-1") == "r1"
+    assert store.run_for_key("key-2") is None

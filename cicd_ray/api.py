@@ -1,0 +1,288 @@
+"""The HTTP API: a FastAPI app that talks to the master by its name, served by Ray Serve.
+
+`create_app()` builds the FastAPI app; `app` (import path `cicd_ray.api:app`) is the Serve
+application for `serve run`, `serve deploy` and a RayService's `serveConfigV2`. The API holds no
+state: every answer comes from the master, which answers from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import ray
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from cicd_ray import auth
+from cicd_ray.states import RunState
+from cicd_ray.worker import MASTER_NAME, NAMESPACE
+
+API = "/api/v1"
+MASTER_TIMEOUT_S = 10.0
+RETRY_AFTER_S = "2"
+FOLLOW_POLL_S = 0.2
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
+RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
+STEP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(\[[A-Za-z0-9_=.,:+@ -]{1,400}\])?$")
+
+
+class ArchiveSource(BaseModel):
+    """A directory packed as a gzip'd tar, base64-encoded (what `cicd-ray submit` sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+    archive: str = Field(description="base64 of a .tar.gz of the source directory")
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str | dict[str, Any] = Field(description="the pipeline: YAML text or an object")
+    env: dict[str, str] = Field(default_factory=dict, description="env overrides for every step")
+    source: ArchiveSource | None = None
+
+
+class Submitted(BaseModel):
+    run_id: str
+    url: str
+
+
+class _Master:
+    """The master's handle, found by name and found again after the master restarts."""
+
+    def __init__(self) -> None:
+        self._handle = None
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
+            ref = getattr(self._handle, method).remote(*args)
+            return await asyncio.wait_for(ref, MASTER_TIMEOUT_S)
+        except (ValueError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            self._handle = None
+            raise HTTPException(
+                503, detail=f"the master is not answering ({type(e).__name__}); retry shortly",
+                headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+def create_app(token_digests: list[str] | None = None,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app. Tokens default to the environment (see `cicd_ray.auth`)."""
+    app = FastAPI(title="cicd-ray", version="1",
+                  description="Submit, watch and cancel CI/CD pipeline runs on Ray.")
+    master = _Master()
+    config = _Config(token_digests, max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not auth.check(token.strip(), config.digests()):
+            reason = "missing" if not authorization else "invalid"
+            raise HTTPException(401, detail=f"{reason} token: send 'Authorization: Bearer "
+                                "<token>'", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_token)]
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> JSONResponse:
+        """No authentication: says whether the master answers."""
+        try:
+            info = await master.call("ping")
+        except HTTPException as e:
+            return JSONResponse({"status": "degraded", "master": False, "detail": e.detail},
+                                status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse({"status": "ok", "master": True, "pools": info["pools"]})
+
+    @app.post(f"{API}/runs", status_code=201, response_model=Submitted, dependencies=guarded,
+              tags=["runs"], responses={200: {"model": Submitted}})
+    async def submit(req: SubmitRequest, response: Response,
+                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
+        `Idempotency-Key`; 413 past the body limit; 422 for an invalid pipeline."""
+        source = None
+        if req.source is not None:
+            try:
+                data = base64.b64decode(req.source.archive, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPException(422, detail="source.archive: not valid base64") from None
+            source = (hashlib.sha256(data).hexdigest(), data)
+        answer = await master.call("submit", req.pipeline, req.env, source, idempotency_key)
+        if "problems" in answer:
+            return JSONResponse({"detail": "; ".join(answer["problems"]),
+                                 "problems": answer["problems"]}, status_code=422)
+        if answer.get("existing"):
+            response.status_code = 200
+        return Submitted(run_id=answer["run_id"], url=f"{API}/runs/{answer['run_id']}")
+
+    @app.get(f"{API}/runs", dependencies=guarded, tags=["runs"])
+    async def list_runs(state: RunState | None = None,
+                        pipeline: Annotated[str | None, Query(max_length=63)] = None,
+                        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                        offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+        """Runs, newest first, filtered by state and pipeline name, a page at a time."""
+        runs = await master.call("list_runs", state.value if state else None, pipeline, limit,
+                                 offset)
+        return {"runs": runs, "limit": limit, "offset": offset}
+
+    @app.get(f"{API}/runs/{{run_id}}", dependencies=guarded, tags=["runs"])
+    async def get_run(run_id: RunId) -> dict:
+        """The run with every step (state, attempts, times, worker, exit code) and attempt."""
+        view = await master.call("get_run", run_id)
+        if view is None:
+            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        return view
+
+    @app.post(f"{API}/runs/{{run_id}}/cancel", dependencies=guarded, tags=["runs"])
+    async def cancel(run_id: RunId) -> dict:
+        """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
+        state = await master.call("cancel", run_id)
+        if state is None:
+            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        return {"run_id": run_id, "state": state}
+
+    @app.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", dependencies=guarded, tags=["runs"],
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def step_log(run_id: RunId, step: str,
+                       follow: bool = False, offset: Annotated[int, Query(ge=0)] = 0,
+                       attempt: Annotated[int | None, Query(ge=1)] = None):
+        """A step's log as text (its last attempt unless `attempt` is given), from byte `offset`.
+        With `follow=true` the response streams until the attempt ends. The `X-Attempt` header
+        names the attempt, so a client that lost the stream resumes with `offset` and it."""
+        if not STEP.match(step):
+            raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
+        first = await master.call("step_log", run_id, step, attempt, offset)
+        if "error" in first:
+            raise HTTPException(404, detail=first["error"])
+        headers = {"X-Attempt": str(first["attempt"] or ""), "Cache-Control": "no-store"}
+        if not follow:
+            return Response(first["data"], media_type="text/plain; charset=utf-8",
+                            headers=headers)
+        return StreamingResponse(_follow(master, run_id, step, attempt, offset, first),
+                                 media_type="text/plain; charset=utf-8", headers=headers)
+
+    @app.get(f"{API}/workers", dependencies=guarded, tags=["cluster"])
+    async def workers() -> dict:
+        """Every worker: pool, node, state, CPUs in use, last heartbeat, CPU and memory use."""
+        return {"workers": await master.call("workers")}
+
+    @app.get(f"{API}/queue", dependencies=guarded, tags=["cluster"])
+    async def queue() -> dict:
+        """Steps ready and waiting for a slot, per pool, and the oldest one's wait."""
+        return {"pools": await master.call("queue")}
+
+    return app
+
+
+class _Config:
+    """Settings read where the replica runs, on first use (not where the app was built)."""
+
+    def __init__(self, token_digests: list[str] | None, max_body_bytes: int | None) -> None:
+        self._digests = token_digests
+        self._limit = max_body_bytes
+
+    def digests(self) -> list[str]:
+        if self._digests is None:
+            self._digests = auth.configured_digests()
+        return self._digests
+
+    def max_body_bytes(self) -> int:
+        if self._limit is None:
+            self._limit = int(os.environ.get("CICD_RAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+        return self._limit
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 for a body over the limit: by its Content-Length before reading anything,
+    or, for a chunked body, as soon as the bytes received pass the limit."""
+
+    def __init__(self, app, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._reject(send, int(declared), limit)
+            return
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(send, received, limit)
+
+    @staticmethod
+    async def _reject(send, size: int, limit: int) -> None:
+        await JSONResponse({"detail": f"body of {size} bytes is over the {limit} byte limit"},
+                           status_code=413)({"type": "http"}, None, send)
+
+
+async def _follow(master: _Master, run_id: str, step: str, attempt: int | None, offset: int,
+                  answer: dict) -> AsyncIterator[bytes]:
+    # Follow one attempt: the one that was current when the request came, or the first one.
+    pinned = attempt or answer["attempt"]
+    while True:
+        if answer["data"]:
+            offset += len(answer["data"])
+            yield answer["data"]
+        if not answer["more"]:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)
+        try:
+            answer = await master.call("step_log", run_id, step, pinned, offset)
+        except HTTPException:
+            return  # the master went away mid-stream: the client resumes from its offset
+        if "error" in answer:
+            return
+        if pinned is None and answer["attempt"] is not None:
+            pinned = answer["attempt"]
+
+
+api = create_app()
+
+
+@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class ApiServer:
+    """The Serve deployment wrapping the FastAPI app."""
+
+
+def build(token_digests: list[str], max_body_bytes: int | None = None):
+    """The Serve application with its configuration in the replicas' environment (digests of
+    the tokens only, never the tokens)."""
+    env = {auth.DIGESTS_ENV: ",".join(token_digests)}
+    if max_body_bytes:
+        env["CICD_RAY_MAX_BODY_BYTES"] = str(max_body_bytes)
+    return ApiServer.options(ray_actor_options={
+        "num_cpus": 0, "runtime_env": {"env_vars": env}}).bind()
+
+
+app = ApiServer.bind()

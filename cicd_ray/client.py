@@ -1,0 +1,199 @@
+"""The Python client of the HTTP API.
+
+    from cicd_ray import Client
+    run = Client().submit("pipelines/hello.yaml")   # CICD_RAY_URL, CICD_RAY_TOKEN
+    run.wait()
+    print(run.state, run.logs("build"))
+
+HTTP errors become the project's exceptions with the server's message: 401 Unauthorized,
+404 NotFound, 422 SpecError (with the problems), 503 MasterUnavailable, others ApiError.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cicd_ray.errors import (
+    ApiError,
+    CicdError,
+    MasterUnavailable,
+    NotFound,
+    SpecError,
+    Unauthorized,
+)
+from cicd_ray.source import snapshot, source_folder
+from cicd_ray.spec import load_pipeline
+from cicd_ray.states import RunState
+
+API = "/api/v1"
+SOURCE_LIMIT_BYTES = 200 * 1024 * 1024
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None,
+                 timeout_s: float = 60.0) -> None:
+        url = url or os.environ.get("CICD_RAY_URL")
+        if not url:
+            raise CicdError("no API URL: pass url= or set CICD_RAY_URL (cicd-ray up prints it)")
+        token = token or os.environ.get("CICD_RAY_TOKEN", "")
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise MasterUnavailable(f"{self.url} did not answer: {e}") from None
+        _raise_for(response)
+        return response
+
+    def health(self) -> dict:
+        response = self._http.get("/healthz")
+        return response.json()
+
+    def submit(self, pipeline: str | Path | dict, source: str | Path | None = None,
+               env: dict[str, str] | None = None,
+               idempotency_key: str | None = None) -> Run:
+        """Submit a pipeline: a file path, YAML text or a mapping. A file's `source:` folder
+        (or `source`, given here) is packed and uploaded. Retries of this call with the same
+        `idempotency_key` return the same run."""
+        body: dict[str, Any] = {"env": env or {}}
+        folder = None
+        if isinstance(pipeline, Path) or (isinstance(pipeline, str) and "\n" not in pipeline
+                                          and Path(pipeline).is_file()):
+            path = Path(pipeline)
+            spec = load_pipeline(path)
+            body["pipeline"] = path.read_text(encoding="utf-8")
+            folder = source_folder(spec.source, path.resolve().parent, source)
+        else:
+            body["pipeline"] = pipeline
+            folder = Path(source) if source is not None else None
+        if folder is not None:
+            _, data = snapshot(folder, SOURCE_LIMIT_BYTES)
+            body["source"] = {"archive": base64.b64encode(data).decode()}
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        answer = self._request("POST", f"{API}/runs", json=body, headers=headers).json()
+        return self.run(answer["run_id"])
+
+    def run(self, run_id: str) -> Run:
+        return Run(self, self._request("GET", f"{API}/runs/{run_id}").json())
+
+    def list_runs(self, state: str | None = None, pipeline: str | None = None,
+                  limit: int = 50, offset: int = 0) -> list[dict]:
+        params = {k: v for k, v in {"state": state, "pipeline": pipeline, "limit": limit,
+                                    "offset": offset}.items() if v is not None}
+        return self._request("GET", f"{API}/runs", params=params).json()["runs"]
+
+    def workers(self) -> list[dict]:
+        return self._request("GET", f"{API}/workers").json()["workers"]
+
+    def queue(self) -> dict:
+        return self._request("GET", f"{API}/queue").json()["pools"]
+
+    def cancel(self, run_id: str) -> str:
+        return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]
+
+    def log(self, run_id: str, step: str, attempt: int | None = None, offset: int = 0) -> str:
+        params = {"offset": offset, **({"attempt": attempt} if attempt else {})}
+        return self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log",
+                             params=params).text
+
+    def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
+        """Yield the log as it is written until the attempt ends."""
+        params = {"follow": "true", **({"attempt": attempt} if attempt else {})}
+        try:
+            with self._http.stream("GET", f"{API}/runs/{run_id}/steps/{step}/log",
+                                   params=params, timeout=None) as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                yield from response.iter_text()
+        except httpx.HTTPError as e:
+            raise MasterUnavailable(f"{self.url} stopped streaming: {e}") from None
+
+
+class Run:
+    """A run as the API last showed it; `refresh()` asks again."""
+
+    def __init__(self, client: Client, view: dict) -> None:
+        self.client = client
+        self.view = view
+
+    @property
+    def id(self) -> str:
+        return self.view["run"]["id"]
+
+    @property
+    def state(self) -> str:
+        return self.view["run"]["state"]
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.view["steps"]
+
+    def refresh(self) -> Run:
+        self.view = self.client.run(self.id).view
+        return self
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> Run:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not RunState(self.refresh().state).terminal:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.id} still {self.state} after {timeout} s")
+            time.sleep(poll_s)
+        return self
+
+    def logs(self, step: str, follow: bool = False, attempt: int | None = None):
+        """The step's log as text; with follow=True an iterator of text as it arrives."""
+        if follow:
+            return self.client.follow_log(self.id, step, attempt)
+        return self.client.log(self.id, step, attempt)
+
+    def cancel(self) -> str:
+        return self.client.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, state={self.state!r})"
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail")
+    if not isinstance(detail, str):
+        detail = yaml.safe_dump(detail, default_flow_style=True).strip()
+    status = response.status_code
+    if status == 401:
+        raise Unauthorized(detail)
+    if status == 404:
+        raise NotFound(detail)
+    if status == 422 and "problems" in body:
+        raise SpecError(body["problems"])
+    if status == 503:
+        raise MasterUnavailable(detail)
+    raise ApiError(status, detail)

@@ -1,0 +1,178 @@
+"""The HTTP API under a real Ray Serve deployment, through httpx and the Python client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+import time
+
+import httpx
+import psutil
+import pytest
+
+from cicd_ray.client import Client
+from cicd_ray.errors import NotFound, SpecError, Unauthorized
+from tests.integration.conftest import API_BODY_LIMIT, API_TOKEN
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture
+def client(api):
+    with Client(api, API_TOKEN) as c:
+        yield c
+
+
+def test_healthz_needs_no_token(api):
+    r = httpx.get(f"{api}/healthz")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok" and "default" in r.json()["pools"]
+
+
+@pytest.mark.parametrize("headers, reason", [
+    ({}, "missing token"),
+    ({"Authorization": "Bearer nope"}, "invalid token"),
+    ({"Authorization": f"Basic {API_TOKEN}"}, "invalid token"),
+])
+def test_every_endpoint_but_healthz_needs_the_token(api, headers, reason):
+    for method, path in [("GET", "/api/v1/runs"), ("POST", "/api/v1/runs"),
+                         ("GET", "/api/v1/workers"), ("GET", "/api/v1/queue"),
+                         ("GET", "/api/v1/runs/x"), ("POST", "/api/v1/runs/x/cancel")]:
+        r = httpx.request(method, f"{api}{path}", headers=headers, json={})
+        assert r.status_code == 401, (method, path)
+        assert r.json()["detail"].startswith(reason)
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_submit_poll_and_read_logs_with_the_client(client):
+    run = client.submit("pipelines/hello.yaml")
+    assert run.state in ("queued", "running")
+    run.wait(timeout=60, poll_s=0.2)
+    assert run.state == "succeeded"
+    assert {s["spec"]["name"] for s in run.steps} >= {"build", "test[py=3.11]", "package"}
+    assert "testing on python 3.11" in run.logs("test[py=3.11]")
+    assert run.id in [r["id"] for r in client.list_runs(pipeline="hello")]
+    assert [r["state"] for r in client.list_runs(state="succeeded", limit=1)] == ["succeeded"]
+
+
+def test_follow_a_log_while_the_step_is_still_printing(client):
+    run = client.submit({"name": "follow", "steps": [{
+        "name": "talk", "run": "for i in $(seq 1 8); do echo tick $i; sleep 0.3; done"}]})
+    arrivals = []
+    t0 = time.monotonic()
+    for text in run.logs("talk", follow=True):
+        arrivals.append((time.monotonic() - t0, text))
+    full = "".join(t for _, t in arrivals)
+    assert full.splitlines() == [f"tick {i}" for i in range(1, 9)]
+    assert len(arrivals) >= 3 and arrivals[0][0] < arrivals[-1][0] - 1.0
+    assert client.run(run.id).wait(timeout=30).state == "succeeded"
+
+
+def test_log_resumes_from_an_offset(client):
+    run = client.submit({"name": "offset", "steps": [{"name": "s", "run": "echo abcdef"}]})
+    run.wait(timeout=30, poll_s=0.2)
+    assert client.log(run.id, "s", offset=3) == "def\n"
+
+
+def test_cancel_a_running_step_kills_its_processes(client, tmp_path):
+    pidfile = tmp_path / "pid"
+    run = client.submit({"name": "cancel", "steps": [
+        {"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}]})
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    assert run.cancel() == "running"
+    assert run.wait(timeout=30, poll_s=0.2).state == "cancelled"
+    assert run.cancel() == "cancelled"  # idempotent
+    time.sleep(0.3)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_idempotent_resubmit_returns_the_same_run(api):
+    body = {"pipeline": "name: idem\nsteps:\n  - {name: a, run: 'true'}\n"}
+    headers = {**AUTH, "Idempotency-Key": "build-1234"}
+    first = httpx.post(f"{api}/api/v1/runs", json=body, headers=headers)
+    again = httpx.post(f"{api}/api/v1/runs", json=body, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["run_id"] == again.json()["run_id"]
+    other = httpx.post(f"{api}/api/v1/runs", json=body, headers={**AUTH, "Idempotency-Key": "2"})
+    assert other.status_code == 201 and other.json()["run_id"] != first.json()["run_id"]
+
+
+def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "app.txt").write_text("from the archive\n")
+    run = client.submit({"name": "upload", "steps": [{"name": "s", "run": "cat app.txt"}]},
+                        source=tmp_path / "src")
+    assert run.wait(timeout=30, poll_s=0.2).state == "succeeded"
+    assert run.logs("s") == "from the archive\n"
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    body = {"pipeline": {"name": "raw", "steps": [{"name": "s", "run": "cat hello.txt"}]},
+            "source": {"archive": base64.b64encode(raw.getvalue()).decode()}}
+    r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
+    assert r.status_code == 201
+    assert client.run(r.json()["run_id"]).wait(timeout=30, poll_s=0.2).logs("s") == "hi\n"
+
+
+def test_workers_and_queue(client):
+    workers = client.workers()
+    ready = [w for w in workers if w["state"] == "ready"]
+    assert {w["pool"] for w in ready} == {"default", "solo"}
+    assert all("cpus_in_use" in w and w["last_heartbeat"] for w in ready)
+    assert set(client.queue()) >= {"default", "solo"}
+
+
+def runs_count(api) -> int:
+    return len(httpx.get(f"{api}/api/v1/runs", params={"limit": 500}, headers=AUTH).json()["runs"])
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"pipeline": "name: x\nsteps: [\n"}, 422, "not valid YAML"),
+    ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "tiemout": 1}]}}, 422,
+     "steps[0] (a).tiemout: unknown key"),
+    ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "pool": "gpu"}]}}, 422,
+     "steps (a).pool: unknown pool 'gpu'"),
+    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "env": {"CICD_X": "1"}}, 422,
+     "env.CICD_X: names starting with CICD_ are reserved"),
+    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "source": {"archive": "@@@"}}, 422,
+     "source.archive: not valid base64"),
+    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "surprise": 1}, 422, "surprise"),
+    ({"pipeline": "x" * (API_BODY_LIMIT + 10)}, 413, "byte limit"),
+])
+def test_bad_submissions_get_a_4xx_naming_the_problem_and_store_nothing(api, body, status,
+                                                                       detail):
+    before = runs_count(api)
+    r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
+    assert r.status_code == status
+    assert detail in str(r.json()["detail"])
+    assert runs_count(api) == before
+
+
+def test_unknown_run_or_step_and_hostile_paths(api, client):
+    assert httpx.get(f"{api}/api/v1/runs/nope", headers=AUTH).status_code == 404
+    assert httpx.post(f"{api}/api/v1/runs/nope/cancel", headers=AUTH).status_code == 404
+    with pytest.raises(NotFound, match="run 'nope' not found"):
+        client.run("nope")
+    run = client.submit({"name": "paths", "steps": [{"name": "a", "run": "true"}]})
+    run.wait(timeout=30, poll_s=0.2)
+    r = httpx.get(f"{api}/api/v1/runs/{run.id}/steps/zzz/log", headers=AUTH)
+    assert r.status_code == 404 and "has no step 'zzz'" in r.json()["detail"]
+    for hostile in ("..%2F..%2Fetc%2Fpasswd", "a%2F..", "..", "%2e%2e"):
+        r = httpx.get(f"{api}/api/v1/runs/{run.id}/steps/{hostile}/log", headers=AUTH)
+        assert r.status_code in (404, 422), hostile
+    r = httpx.get(f"{api}/api/v1/runs/..%2F..%2Fetc/steps/a/log", headers=AUTH)
+    assert r.status_code in (404, 422)
+
+
+def test_client_errors_are_project_exceptions(api):
+    with pytest.raises(Unauthorized, match="invalid token"), Client(api, "wrong") as c:
+        c.list_runs()
+    with Client(api, API_TOKEN) as c, pytest.raises(SpecError) as info:
+        c.submit({"name": "x", "steps": []})
+    assert info.value.problems == ["steps: must list at least one step"]
