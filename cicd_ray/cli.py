@@ -1,14 +1,16 @@
 """The `cicd-ray` command line.
 
-`validate` and `run` work on pipeline files; `runs`, `status` and `logs` read the store directly,
-so they work after a run has ended, with no cluster running. Exit codes: 0 succeeded, 1 failed
-(or not found), 2 invalid input.
+Three places answer a command (see `backends.py`): the HTTP API when `--url` or CICD_RAY_URL is
+set; otherwise the master over Ray (`run`, `cancel`: an embedded local Ray, or `--address` /
+RAY_ADDRESS); otherwise the store file (`runs`, `status`, `logs`, `workers` work after a run
+has ended, with no cluster). Exit codes: 0 succeeded, 1 failed or not found, 2 invalid input.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -16,12 +18,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader
 from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, SpecError
-from cicd_ray.records import AttemptRecord, RunRecord, StepRecord
 from cicd_ray.spec import load_pipeline, plan
-from cicd_ray.states import RunState, StepState
-from cicd_ray.store import SqliteStore
+from cicd_ray.states import RunState
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cicd-ray: run CI/CD pipelines on Ray.")
@@ -31,15 +32,26 @@ err = Console(stderr=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 LOG_TAIL_LINES = 20
+FOLLOW_POLL_S = 0.3
 STATE_STYLE = {
     "queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red",
     "timed_out": "red", "cancelled": "yellow", "skipped": "dim",
 }
 
+URL = typer.Option(None, "--url", envvar="CICD_RAY_URL",
+                   help="the cicd-ray API (else the local store or Ray)")
+ADDRESS = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS, else embedded)")
+AS_JSON = typer.Option(False, "--json", help="print JSON for scripts")
+
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
+
+
+def _styled(state: str) -> str:
+    style = STATE_STYLE.get(state, "")
+    return f"[{style}]{state}[/{style}]" if style else state
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -52,9 +64,12 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _reader(url: str | None) -> Reader:
+    return HttpRunner(url) if url else StoreReader(Settings.from_env())
+
+
 @app.command()
-def validate(file: Path = typer.Argument(..., help="the pipeline file"),
-             as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+def validate(file: Path = typer.Argument(..., help="the pipeline file"), as_json: bool = AS_JSON):
     """Check a pipeline file; exit 2 listing every problem."""
     try:
         spec = load_pipeline(file)
@@ -62,7 +77,7 @@ def validate(file: Path = typer.Argument(..., help="the pipeline file"),
         if as_json:
             out.print_json(data={"valid": False, "problems": e.problems})
         else:
-            err.print(f"[red]{e}[/red]")
+            err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     steps = plan(spec)
     if as_json:
@@ -74,48 +89,84 @@ def validate(file: Path = typer.Argument(..., help="the pipeline file"),
 @app.command()
 def run(file: Path = typer.Argument(..., help="the pipeline file"),
         source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
-        address: str | None = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS, "
-                                           "else an embedded local Ray)"),
+        address: str | None = ADDRESS, url: str | None = URL,
         env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
         timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
     """Run a pipeline and follow it to the end. Exit 0 succeeded, 1 failed, 2 invalid."""
-    from cicd_ray import cluster
+    _submit(file, source, address, url, env, follow=True, timeout=timeout)
 
+
+@app.command()
+def submit(file: Path = typer.Argument(..., help="the pipeline file"),
+           source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
+           address: str | None = ADDRESS, url: str | None = URL,
+           env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
+           follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
+           timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
+    """Submit a pipeline to a server (--url) or cluster (--address) and print its run id."""
+    if not url and not address:
+        raise _fail("submit needs --url (or CICD_RAY_URL) or --address: an embedded cluster "
+                    "would end with the command; use `cicd-ray run` for that", EXIT_INVALID)
+    _submit(file, source, address, url, env, follow=follow, timeout=timeout)
+
+
+def _submit(file: Path, source: Path | None, address: str | None, url: str | None,
+            env: list[str], follow: bool, timeout: float | None) -> None:
     try:
         spec = load_pipeline(file)
     except SpecError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     overrides = _parse_env(env)
-    settings = Settings.from_env()
-    embedded = cluster.connect(address, settings)
-    master = None
+    embedded = False
+    runner: Runner | None = None
     try:
-        master = cluster.ensure_master(settings)
+        if url:
+            runner = HttpRunner(url)
+        else:
+            from cicd_ray import cluster
+            from cicd_ray.backends import RayRunner
+
+            settings = Settings.from_env()
+            embedded = cluster.connect(address, settings)
+            runner = RayRunner(cluster.ensure_master(settings), settings)
         try:
-            run_id = cluster.submit(master, spec, file.resolve().parent, source, overrides,
-                                    settings)
+            run_id = runner.submit(spec, file, source, overrides)
         except SpecError as e:
-            err.print(f"[red]{e}[/red]")
+            err.print(f"[red]{escape(str(e))}[/red]")
             raise typer.Exit(EXIT_INVALID) from None
-        out.print(f"run [bold]{run_id}[/bold] of {spec.name}"
-                  f"{' (embedded local Ray)' if embedded else ''}")
-        printer = _ProgressPrinter()
-        try:
-            view = cluster.follow(master, run_id, printer.update, timeout_s=timeout)
-        except KeyboardInterrupt:
-            err.print("interrupted: cancelling the run")
-            cluster.call(master.cancel.remote(run_id))
-            view = cluster.follow(master, run_id, printer.update, timeout_s=60)
-        except TimeoutError as e:
-            raise _fail(str(e)) from None
-        _print_summary(view, master)
+        where = " (embedded local Ray)" if embedded else f" at {url}" if url else ""
+        out.print(f"run [bold]{run_id}[/bold] of {spec.name}{where}")
+        if not follow:
+            return
+        view = _follow_run(runner, run_id, timeout)
+        _print_summary(view, runner)
         raise typer.Exit(EXIT_OK if view["run"]["state"] == RunState.SUCCEEDED else EXIT_FAILED)
     except CicdError as e:
         raise _fail(str(e)) from None
     finally:
-        if embedded and master is not None:
-            cluster.shutdown_embedded(master)
+        if embedded and runner is not None:
+            from cicd_ray import cluster
+
+            cluster.shutdown_embedded(runner.master)
+
+
+def _follow_run(runner: Runner, run_id: str, timeout: float | None) -> dict:
+    printer = _ProgressPrinter()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            view = runner.view(run_id)
+            printer.update(view)
+            if RunState(view["run"]["state"]).terminal:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                raise _fail(f"run {run_id} still {view['run']['state']} after {timeout} s")
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        err.print("interrupted: cancelling the run")
+        runner.cancel(run_id)
+        return _follow_run(runner, run_id, 60)
 
 
 class _ProgressPrinter:
@@ -142,36 +193,25 @@ class _ProgressPrinter:
                       f"[{style}]{state:<10}[/{style}] {escape(detail)}")
 
 
-def _print_summary(view: dict, master) -> None:
-    from cicd_ray.cluster import call
-
+def _print_summary(view: dict, reader: Reader) -> None:
     run = view["run"]
-    steps = [StepRecord.model_validate(s) for s in view["steps"]]
-    bad = [s for s in steps if s.state in (StepState.FAILED, StepState.TIMED_OUT)]
-    for step in bad:
-        if step.current_attempt:
-            text = call(master.read_log.remote(step.current_attempt)).decode(errors="replace")
-            tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-            out.rule(escape(f"{step.name}: {step.state.value} ({step.reason}) - last lines of "
-                            "its log"))
-            out.print(tail, markup=False)
+    for step in view["steps"]:
+        if step["state"] not in ("failed", "timed_out") or not step["current_attempt"]:
+            continue
+        text = reader.log(run["id"], step["spec"]["name"], None, 0)["data"]
+        tail = "\n".join(text.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+        out.rule(escape(f"{step['spec']['name']}: {step['state']} ({step['reason']}) - last "
+                        "lines of its log"))
+        out.print(tail, markup=False)
     took = (run["finished_at"] or time.time()) - run["created_at"]
-    style = STATE_STYLE.get(run["state"], "")
     counts: dict[str, int] = {}
-    for s in steps:
-        counts[s.state.value] = counts.get(s.state.value, 0) + 1
+    for s in view["steps"]:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    out.print(f"run {run['id']} [{style}]{run['state']}[/{style}] in {took:.1f}s ({summary})")
+    out.print(f"run {run['id']} {_styled(run['state'])} in {took:.1f}s ({summary})")
 
 
-# --- reading the store: no cluster needed ------------------------------------------------------
-
-
-def _store() -> SqliteStore:
-    path = Settings.from_env().store_path
-    if not path.exists():
-        raise _fail(f"no runs yet: the store {path} does not exist (set CICD_RAY_HOME?)")
-    return SqliteStore(path)
+# --- reading runs --------------------------------------------------------------------------------
 
 
 def _duration(started: float | None, finished: float | None) -> float | None:
@@ -186,61 +226,55 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
 
 
+@contextmanager
+def _reported():
+    """Our errors become a message on stderr and exit code 1."""
+    try:
+        yield
+    except CicdError as e:
+        raise _fail(str(e)) from None
+
+
 @app.command()
 def runs(state: RunState | None = typer.Option(None, help="only runs in this state"),
          pipeline: str | None = typer.Option(None, help="only runs of this pipeline"),
-         limit: int = typer.Option(20, min=1, max=1000),
-         as_json: bool = typer.Option(False, "--json")):
+         limit: int = typer.Option(20, min=1, max=500), url: str | None = URL,
+         as_json: bool = AS_JSON):
     """List recent runs, newest first."""
-    records = _store().list_runs(state=state, pipeline=pipeline, limit=limit)
+    with _reported():
+        records = _reader(url).list_runs(state.value if state else None, pipeline, limit)
     if as_json:
-        out.print_json(data=[r.model_dump(mode="json") for r in records])
+        out.print_json(data=records)
         return
     table = Table("run", "pipeline", "state", "created", "duration")
     for r in records:
-        style = STATE_STYLE.get(r.state.value, "")
-        table.add_row(r.id, r.pipeline, f"[{style}]{r.state.value}[/{style}]",
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
-                      _fmt_s(_duration(r.started_at, r.finished_at)))
+        table.add_row(r["id"], r["pipeline"], _styled(r["state"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                      _fmt_s(_duration(r["started_at"], r["finished_at"])))
     out.print(table)
 
 
-def _load_run(store: SqliteStore, run_id: str) -> tuple[RunRecord, list[StepRecord]]:
-    run_record = store.get_run(run_id)
-    if run_record is None:
-        raise _fail(f"run {run_id!r} not found; `cicd-ray runs` lists the runs")
-    return run_record, store.get_steps(run_id)
-
-
 @app.command()
-def status(run_id: str, as_json: bool = typer.Option(False, "--json")):
+def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
     """Show a run's steps: state, attempts, duration, worker."""
-    store = _store()
-    run_record, steps = _load_run(store, run_id)
-    attempts = store.get_attempts(run_id)
+    with _reported():
+        view = _reader(url).view(run_id)
     if as_json:
-        out.print_json(data={
-            "run": run_record.model_dump(mode="json"),
-            "steps": [s.model_dump(mode="json") for s in steps],
-            "attempts": [a.model_dump(mode="json") for a in attempts],
-        })
+        out.print_json(data=view)
         return
-    style = STATE_STYLE.get(run_record.state.value, "")
-    out.print(f"run {run_record.id} of {run_record.pipeline}: "
-              f"[{style}]{run_record.state.value}[/{style}] {escape(run_record.reason)}")
-    by_step: dict[str, list[AttemptRecord]] = {}
-    for a in attempts:
-        by_step.setdefault(a.step, []).append(a)
+    run_record = view["run"]
+    out.print(f"run {run_record['id']} of {run_record['pipeline']}: "
+              f"{_styled(run_record['state'])} {escape(run_record['reason'])}")
+    last_attempt = {a["step"]: a for a in view["attempts"]}
     table = Table("step", "state", "attempts", "duration", "worker", "exit", "peak MiB", "reason")
-    for s in steps:
-        last = by_step.get(s.name, [None])[-1]
-        style = STATE_STYLE.get(s.state.value, "")
+    for s in view["steps"]:
+        last = last_attempt.get(s["spec"]["name"])
+        peak = last and last["peak_memory_mb"]
         table.add_row(
-            escape(s.name), f"[{style}]{s.state.value}[/{style}]", str(s.attempts),
-            _fmt_s(_duration(s.started_at, s.finished_at)), s.worker_id or "",
-            "" if s.exit_code is None else str(s.exit_code),
-            "" if last is None or last.peak_memory_mb is None else f"{last.peak_memory_mb:.0f}",
-            escape(s.reason),
+            escape(s["spec"]["name"]), _styled(s["state"]), str(s["attempts"]),
+            _fmt_s(_duration(s["started_at"], s["finished_at"])), s["worker_id"] or "",
+            "" if s["exit_code"] is None else str(s["exit_code"]),
+            f"{peak:.0f}" if peak else "", escape(s["reason"]),
         )
     out.print(table)
 
@@ -248,27 +282,109 @@ def status(run_id: str, as_json: bool = typer.Option(False, "--json")):
 @app.command()
 def logs(run_id: str, step: str,
          attempt: int | None = typer.Option(None, help="which attempt (default: the last)"),
-         as_json: bool = typer.Option(False, "--json")):
+         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the "
+                                     "attempt ends"),
+         url: str | None = URL, as_json: bool = AS_JSON):
     """Print a step's log (its last attempt unless --attempt is given)."""
-    store = _store()
-    _, steps = _load_run(store, run_id)
-    names = [s.name for s in steps]
-    if step not in names:
-        raise _fail(f"run {run_id} has no step {step!r}; its steps are: {', '.join(names)}")
-    attempts = store.get_attempts(run_id, step)
-    if not attempts:
-        raise _fail(f"step {step!r} has not started, so it has no log yet")
-    chosen = attempts[-1] if attempt is None else next(
-        (a for a in attempts if a.number == attempt), None)
-    if chosen is None:
-        raise _fail(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-    data = store.read_log(chosen.id)
+    with _reported():
+        reader = _reader(url)
+        answer = reader.log(run_id, step, attempt, 0)
     if as_json:
-        out.print_json(data={"run_id": run_id, "step": step, "attempt": chosen.number,
-                             "state": chosen.state.value, "log": data.decode(errors="replace")})
+        out.print_json(data={"run_id": run_id, "step": step, "attempt": answer["attempt"],
+                             "state": answer["state"],
+                             "log": answer["data"].decode(errors="replace")})
         return
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
+    offset = 0
+    while True:
+        sys.stdout.buffer.write(answer["data"])
+        sys.stdout.flush()
+        offset += len(answer["data"])
+        if not follow or not answer["more"]:
+            return
+        time.sleep(FOLLOW_POLL_S)
+        with _reported():
+            answer = reader.log(run_id, step, answer["attempt"], offset)
+
+
+@app.command()
+def cancel(run_id: str, url: str | None = URL, address: str | None = ADDRESS):
+    """Cancel a run on a server (--url) or cluster (--address). Idempotent."""
+    if not url and not address:
+        raise _fail("cancel needs --url (or CICD_RAY_URL) or --address", EXIT_INVALID)
+    with _reported():
+        if url:
+            state = HttpRunner(url).cancel(run_id)
+        else:
+            from cicd_ray import cluster
+            from cicd_ray.backends import RayRunner
+
+            settings = Settings.from_env()
+            cluster.connect(address, settings)
+            state = RayRunner(cluster.ensure_master(settings), settings).cancel(run_id)
+    out.print(f"run {run_id}: {_styled(state)}")
+
+
+@app.command()
+def workers(url: str | None = URL, as_json: bool = AS_JSON):
+    """List the workers: pool, state, CPUs in use, last heartbeat, resource use."""
+    with _reported():
+        records = _reader(url).workers()
+    if as_json:
+        out.print_json(data=records)
+        return
+    table = Table("worker", "pool", "state", "cpus", "in use", "heartbeat", "cpu %", "mem MiB")
+    now = time.time()
+    for w in records:
+        beat = w.get("last_heartbeat")
+        table.add_row(w["id"], w["pool"], w["state"], f"{w['cpus']:g}",
+                      f"{w.get('cpus_in_use', 0):g}" if "cpus_in_use" in w else "",
+                      f"{now - beat:.0f}s ago" if beat else "",
+                      f"{w['cpu_percent']:.0f}" if w.get("cpu_percent") is not None else "",
+                      f"{w['memory_used_mb']:.0f}" if w.get("memory_used_mb") else "")
+    out.print(table)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@app.command()
+def up(port: int = typer.Option(8000, help="the API's port"),
+       host: str = typer.Option("127.0.0.1", help="the address the API listens on"),
+       address: str | None = typer.Option(None, help="join this Ray cluster instead of "
+                                          "starting a local head")):
+    """Start (or join) a Ray cluster with the master and the HTTP API, and leave it running."""
+    from cicd_ray import server
+
+    try:
+        started = server.up(Settings.from_env(), host=host, port=port, address=address)
+    except CicdError as e:
+        raise _fail(str(e)) from None
+    out.print(f"cicd-ray is up on Ray at {started.address}"
+              f"{' (a local head started for it)' if started.started_head else ''}")
+    out.print(f"  API:        {started.api_url}   (OpenAPI: {started.api_url}/docs)")
+    if started.dashboard_url:
+        out.print(f"  dashboard:  {started.dashboard_url}   (Ray's token: `ray get-auth-token`)")
+    if started.token:
+        out.print("  a new API token was created; it is shown only now:")
+        out.print(f"    export CICD_RAY_URL={started.api_url}")
+        out.print(f"    export CICD_RAY_TOKEN={started.token}")
+    else:
+        out.print(f"  authenticate with a configured token: export CICD_RAY_URL="
+                  f"{started.api_url} CICD_RAY_TOKEN=<your token>")
+    out.print("  stop it with: cicd-ray down")
+
+
+@app.command()
+def down(address: str | None = typer.Option(None, help="the cluster, if not the one `up` "
+                                            "recorded")):
+    """Stop what `cicd-ray up` started."""
+    from cicd_ray import server
+
+    try:
+        stopped = server.down(Settings.from_env(), address=address)
+    except CicdError as e:
+        raise _fail(str(e)) from None
+    out.print("stopped " + ", ".join(stopped))
 
 
 def main() -> None:

@@ -115,9 +115,13 @@ class Client:
         return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]
 
     def log(self, run_id: str, step: str, attempt: int | None = None, offset: int = 0) -> str:
+        return self.log_response(run_id, step, attempt, offset).text
+
+    def log_response(self, run_id: str, step: str, attempt: int | None = None,
+                     offset: int = 0) -> httpx.Response:
+        """The log request's whole response: its `X-Attempt` header names the attempt."""
         params = {"offset": offset, **({"attempt": attempt} if attempt else {})}
-        return self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log",
-                             params=params).text
+        return self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log", params=params)
 
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""

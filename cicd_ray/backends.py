@@ -1,0 +1,162 @@
+"""Where a CLI command gets its answers: the HTTP API, the master over Ray, or the store file.
+
+All three give the same shapes (a run view is {"run", "steps", "attempts"} as JSON-ready dicts),
+so the CLI renders them one way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import CicdError, NotFound
+from cicd_ray.spec import PipelineSpec
+from cicd_ray.states import StepState
+from cicd_ray.store import SqliteStore
+
+
+class Reader(Protocol):
+    def view(self, run_id: str) -> dict: ...
+
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]: ...
+
+    def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
+        """{"attempt": n, "state": ..., "data": bytes, "more": bool}; NotFound if unknown."""
+
+    def workers(self) -> list[dict]: ...
+
+
+class Runner(Reader, Protocol):
+    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
+               env: dict[str, str]) -> str: ...
+
+    def cancel(self, run_id: str) -> str: ...
+
+
+class StoreReader:
+    """The store file itself: works with no cluster, after the runs have ended."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = settings.store_path
+        if not path.exists():
+            raise CicdError(f"no runs yet: the store {path} does not exist (set CICD_RAY_HOME, "
+                            "or --url for a server)")
+        self.store = SqliteStore(path)
+
+    def view(self, run_id: str) -> dict:
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found; `cicd-ray runs` lists the runs")
+        return {"run": run.model_dump(mode="json"),
+                "steps": [s.model_dump(mode="json") for s in self.store.get_steps(run_id)],
+                "attempts": [a.model_dump(mode="json")
+                             for a in self.store.get_attempts(run_id)]}
+
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
+        return [r.model_dump(mode="json") for r in self.store.list_runs(state, pipeline, limit)]
+
+    def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
+        view = self.view(run_id)
+        names = [s["spec"]["name"] for s in view["steps"]]
+        if step not in names:
+            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: "
+                           f"{', '.join(names)}")
+        attempts = [a for a in view["attempts"] if a["step"] == step]
+        if not attempts:
+            raise NotFound(f"step {step!r} has not started, so it has no log yet")
+        chosen = attempts[-1] if attempt is None else next(
+            (a for a in attempts if a["number"] == attempt), None)
+        if chosen is None:
+            raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
+        return {"attempt": chosen["number"], "state": chosen["state"],
+                "data": self.store.read_log(chosen["id"], offset),
+                "more": chosen["state"] == StepState.RUNNING.value}
+
+    def workers(self) -> list[dict]:
+        return [w.model_dump(mode="json") for w in self.store.list_workers()]
+
+
+class RayRunner:
+    """The master over Ray: an embedded local cluster, or one joined by address."""
+
+    def __init__(self, master, settings: Settings) -> None:
+        self.master = master
+        self.settings = settings
+
+    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
+               env: dict[str, str]) -> str:
+        from cicd_ray import cluster
+
+        return cluster.submit(self.master, spec, path.resolve().parent, source, env,
+                              self.settings)
+
+    def view(self, run_id: str) -> dict:
+        from cicd_ray.cluster import call
+
+        view = call(self.master.get_run.remote(run_id))
+        if view is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return view
+
+    def cancel(self, run_id: str) -> str:
+        from cicd_ray.cluster import call
+
+        state = call(self.master.cancel.remote(run_id))
+        if state is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return state
+
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
+        from cicd_ray.cluster import call
+
+        return call(self.master.list_runs.remote(state, pipeline, limit, 0))
+
+    def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
+        from cicd_ray.cluster import call
+
+        answer = call(self.master.step_log.remote(run_id, step, attempt, offset))
+        if "error" in answer:
+            raise NotFound(answer["error"])
+        return answer
+
+    def workers(self) -> list[dict]:
+        from cicd_ray.cluster import call
+
+        return call(self.master.workers.remote())
+
+
+class HttpRunner:
+    """The HTTP API through the Python client."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        from cicd_ray.client import Client
+
+        self.client = Client(url, token)
+
+    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
+               env: dict[str, str]) -> str:
+        return self.client.submit(path, source=source, env=env).id
+
+    def view(self, run_id: str) -> dict:
+        return self.client.run(run_id).view
+
+    def cancel(self, run_id: str) -> str:
+        return self.client.cancel(run_id)
+
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
+        return self.client.list_runs(state, pipeline, limit)
+
+    def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
+        response = self.client.log_response(run_id, step, attempt, offset)
+        number = response.headers.get("x-attempt") or None
+        view = self.view(run_id)
+        chosen = next((a for a in view["attempts"] if a["step"] == step
+                       and str(a["number"]) == number), None)
+        state = chosen["state"] if chosen else "queued"
+        return {"attempt": int(number) if number else None, "state": state,
+                "data": response.content, "more": state == StepState.RUNNING.value}
+
+    def workers(self) -> list[dict]:
+        return self.client.workers()
+
