@@ -28,6 +28,9 @@ from cicd_ray.errors import CicdError
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
 
 SERVE_APP = "cicd"
+# Ray Serve's own names for its controller actor (ray.serve._private.constants).
+SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
+SERVE_NAMESPACE = "serve"
 READY_TIMEOUT_S = 120.0
 
 
@@ -98,6 +101,7 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     digests, token = _digests(settings)
     from cicd_ray.api import build
 
+    _check_serve_port(host, port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(digests), name=SERVE_APP, route_prefix="/", blocking=False)
     api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -107,6 +111,20 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     ray.shutdown()
     return Up(api_url=api_url, dashboard_url=f"http://{dashboard}" if dashboard else "",
               address=gcs, token=token, started_head=started_head)
+
+
+def _check_serve_port(host: str, port: int) -> None:
+    """Serve keeps the HTTP options it was first started with: say so instead of answering
+    with a URL nothing listens on."""
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return  # Serve is not running yet
+    running = ray.get(controller.get_http_config.remote(), timeout=30)
+    if (running.host, running.port) != (host, port):
+        raise CicdError(f"Ray Serve already runs on this cluster on {running.host}:"
+                        f"{running.port}; use --host {running.host} --port {running.port}, "
+                        "or `cicd-ray down` first")
 
 
 def _wait_healthy(url: str) -> None:
@@ -133,8 +151,11 @@ def down(settings: Settings, address: str | None = None) -> list[str]:
     if not address:
         raise CicdError(f"nothing to stop: no {path} from `cicd-ray up`, and no --address")
     stopped = []
+    # The head `up` started is this machine's current cluster; "auto" also picks up its
+    # token-authentication mode, which an explicit address would need RAY_AUTH_MODE=token for.
+    target = "auto" if state.get("started_head") and address == state.get("address") else address
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
     except ConnectionError as e:
         raise CicdError(f"cannot reach the cluster at {address}: {e}") from None
     serve.shutdown()

@@ -1,0 +1,112 @@
+"""`cicd-ray up`, the CLI against its API, a Ray job submission, and `cicd-ray down`, each as a
+user runs them: separate processes on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("up-home")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "CICD_RAY_"))}
+    env.update(CICD_RAY_HOME=str(home), PATH=f"{BIN}:{env['PATH']}")
+
+    def cli(*args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=timeout)
+
+    port = free_port()
+    started = cli("up", "--port", str(port))
+    assert started.returncode == 0, started.stdout + started.stderr
+    token = re.search(r"export CICD_RAY_TOKEN=(\S+)", started.stdout).group(1)
+    url = f"http://127.0.0.1:{port}"
+    yield {"cli": cli, "url": url, "token": token, "out": started.stdout, "env": env,
+           "home": home}
+    stopped = cli("down")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "the Ray head started by `cicd-ray up`" in stopped.stdout
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=3)
+
+
+def test_up_prints_the_api_the_dashboard_and_a_token_once(server):
+    out = server["out"]
+    assert f"API:        {server['url']}" in out and "dashboard:  http://" in out
+    assert server["token"].startswith("cicd_")
+    tokens = (server["home"] / "tokens").read_text()
+    assert server["token"] not in tokens  # only its digest is kept
+    r = httpx.get(f"{server['url']}/api/v1/runs",
+                  headers={"Authorization": f"Bearer {server['token']}"})
+    assert r.status_code == 200
+    assert httpx.get(f"{server['url']}/api/v1/runs").status_code == 401
+
+
+def test_cli_against_the_server(server):
+    cli, url, token = server["cli"], server["url"], server["token"]
+    auth = {"CICD_RAY_URL": url, "CICD_RAY_TOKEN": token}
+    done = cli("submit", "pipelines/hello.yaml", "--follow", **auth)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = re.search(r"run (\S+) of hello at ", done.stdout).group(1)
+    assert f"run {run_id} succeeded" in done.stdout
+    runs = json.loads(cli("runs", "--json", **auth).stdout)
+    assert run_id in [r["id"] for r in runs]
+    status = json.loads(cli("status", run_id, "--json", **auth).stdout)
+    assert {s["state"] for s in status["steps"]} == {"succeeded"}
+    log = cli("logs", run_id, "test[py=3.12]", "-f", **auth)
+    assert "testing on python 3.12" in log.stdout
+    workers = json.loads(cli("workers", "--json", **auth).stdout)
+    assert {w["pool"] for w in workers if w["state"] == "ready"} == {"default"}
+    bad = cli("submit", "pipelines/hello.yaml", **{**auth, "CICD_RAY_TOKEN": "wrong"})
+    assert bad.returncode == 1 and "invalid token" in bad.stderr
+
+    quick = cli("submit", "pipelines/hello.yaml", **auth)
+    assert quick.returncode == 0 and "succeeded" not in quick.stdout
+    long = Path(server["home"]) / "long.yaml"
+    long.write_text("name: long\nsteps:\n  - {name: wait, run: sleep 600}\n")
+    started = cli("submit", str(long), **auth)
+    long_id = re.search(r"run (\S+) of long", started.stdout).group(1)
+    cancelled = cli("cancel", long_id, **auth)
+    assert cancelled.returncode == 0 and f"run {long_id}:" in cancelled.stdout
+
+
+def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        "name: as-job\nsteps:\n  - {name: hi, run: echo from a ray job}\n")
+    (tmp_path / "fail.yaml").write_text("name: job-fails\nsteps:\n  - {name: bad, run: exit 3}\n")
+    env = {**server["env"], "RAY_AUTH_MODE": "token"}
+
+    def job(pipeline: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
+             "--working-dir", str(tmp_path), "--", "cicd-ray", "run", pipeline],
+            env=env, capture_output=True, text=True, timeout=300)
+
+    ok = job("job.yaml")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    run_id = re.search(r"run (\S+) of as-job", ok.stdout).group(1)
+    failed = job("fail.yaml")
+    assert failed.returncode != 0 and "exit code 3" in failed.stdout, failed.stdout
+    auth = {"CICD_RAY_URL": server["url"], "CICD_RAY_TOKEN": server["token"]}
+    runs = {r["id"]: r for r in json.loads(server["cli"]("runs", "--json", **auth).stdout)}
+    assert runs[run_id]["state"] == "succeeded" and runs[run_id]["pipeline"] == "as-job"
+    assert any(r["pipeline"] == "job-fails" and r["state"] == "failed" for r in runs.values())
