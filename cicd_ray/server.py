@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import ray
 from ray import serve
 
@@ -56,12 +60,21 @@ def _ray_cli() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def _start_head(cpus: int, dashboard_host: str) -> None:
+def _start_head(cpus: int, dashboard_host: str) -> str:
+    """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
     cmd = [_ray_cli(), "start", "--head", f"--num-cpus={cpus}",
            f"--dashboard-host={dashboard_host}", "--disable-usage-stats"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise CicdError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
+    return "auto"
+
+
+def _join(address: str, own_head: bool):
+    # The head `up` started is this machine's current cluster: "auto" finds it and its
+    # token-authentication mode, which an explicit address would need RAY_AUTH_MODE=token for.
+    return ray.init(address="auto" if own_head else address, namespace=NAMESPACE,
+                    log_to_driver=False)
 
 
 def _digests(settings: Settings) -> tuple[list[str], str | None]:
@@ -84,17 +97,15 @@ def _digests(settings: Settings) -> tuple[list[str], str | None]:
 def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
        address: str | None = None) -> Up:
     address = address or os.environ.get("RAY_ADDRESS") or None
+    previous = _read_state(settings)
     started_head = False
-    if address is None:
-        try:
-            context = ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-        except ConnectionError:
-            wanted = sum(p.workers * p.cpus for p in settings.pools.values())
-            _start_head(max(os.cpu_count() or 1, int(wanted) + 1), host)
-            started_head = True
-            context = ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-    else:
-        context = ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    if address is None and previous.get("started_head") and _alive(previous["address"]):
+        address, started_head = previous["address"], True  # `up` again: the same head
+    elif address is None:
+        wanted = sum(p.workers * p.cpus for p in settings.pools.values())
+        address = _start_head(max(os.cpu_count() or 1, int(wanted) + 1), host)
+        started_head = True
+    context = _join(address, started_head)
     gcs = ray.get_runtime_context().gcs_address
     dashboard = context.dashboard_url or ""
     ensure_master(settings)
@@ -127,6 +138,52 @@ def _check_serve_port(host: str, port: int) -> None:
                         "or `cicd-ray down` first")
 
 
+def _stop_head(gcs_port: int) -> None:
+    """Stop the local head `up` started, and only it: `ray stop` would stop every Ray cluster
+    on the machine. Its processes carry its session folder in their command lines; the GCS
+    server's is found by the port it listens on."""
+    gcs = next((c.pid for c in psutil.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == gcs_port and c.pid), None)
+    if gcs is None:
+        return
+    found = re.search(r"(/\S*/session_[^/\s]+)", " ".join(psutil.Process(gcs).cmdline()))
+    marks = [found.group(1)] if found else []
+    marks.append(f":{gcs_port}")  # the client server names the head's address only
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if proc.pid == gcs or ("ray" in line and any(m in line for m in marks)):
+            roots.append(proc)
+    tree = set()
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            tree |= {proc, *proc.children(recursive=True)}
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(tree), timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    # Ray's note of "the cluster on this machine", which `ray.init()` would try to join.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
+
+
+def _read_state(settings: Settings) -> dict:
+    path = _state_file(settings)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _alive(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((host, int(port))) == 0
+
+
 def _wait_healthy(url: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
@@ -146,16 +203,14 @@ def down(settings: Settings, address: str | None = None) -> list[str]:
     """Stop what `up` started: the API, the master and its workers, and the head if `up`
     started it. Returns what was stopped."""
     path = _state_file(settings)
-    state = json.loads(path.read_text()) if path.exists() else {}
+    state = _read_state(settings)
     address = address or os.environ.get("RAY_ADDRESS") or state.get("address")
     if not address:
         raise CicdError(f"nothing to stop: no {path} from `cicd-ray up`, and no --address")
+    own_head = bool(state.get("started_head")) and address == state.get("address")
     stopped = []
-    # The head `up` started is this machine's current cluster; "auto" also picks up its
-    # token-authentication mode, which an explicit address would need RAY_AUTH_MODE=token for.
-    target = "auto" if state.get("started_head") and address == state.get("address") else address
     try:
-        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
+        _join(address, own_head)
     except ConnectionError as e:
         raise CicdError(f"cannot reach the cluster at {address}: {e}") from None
     serve.shutdown()
@@ -171,8 +226,8 @@ def down(settings: Settings, address: str | None = None) -> list[str]:
     except ValueError:
         pass
     ray.shutdown()
-    if state.get("started_head"):
-        subprocess.run([_ray_cli(), "stop"], capture_output=True, text=True)
+    if own_head:
+        _stop_head(int(address.rpartition(":")[2]))
         stopped.append("the Ray head started by `cicd-ray up`")
     path.unlink(missing_ok=True)
     return stopped

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -96,10 +97,17 @@ def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
     env = {**server["env"], "RAY_AUTH_MODE": "token"}
 
     def job(pipeline: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
-             "--working-dir", str(tmp_path), "--", "cicd-ray", "run", pipeline],
-            env=env, capture_output=True, text=True, timeout=300)
+        # Ray's job agent on a new head can take a while to come up on a busy machine; Ray
+        # answers "No available agent ... try again later" until it has.
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
+                 "--working-dir", str(tmp_path), "--", "cicd-ray", "run", pipeline],
+                env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(2)
 
     ok = job("job.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
