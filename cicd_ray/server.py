@@ -62,12 +62,21 @@ def _ray_cli() -> str:
 
 def _start_head(cpus: int, dashboard_host: str) -> str:
     """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
+    # The dashboard agent's HTTP port (52365 by default) is held by any other Ray instance on
+    # this machine, and without its agent a head takes no job submissions: pick a free one.
     cmd = [_ray_cli(), "start", "--head", f"--num-cpus={cpus}",
-           f"--dashboard-host={dashboard_host}", "--disable-usage-stats"]
+           f"--dashboard-host={dashboard_host}", "--disable-usage-stats",
+           f"--dashboard-agent-listen-port={_free_port()}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise CicdError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
     return "auto"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _join(address: str, own_head: bool):
