@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import ray
+import yaml
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
+from cicd_ray.spec import GitSource
 from cicd_ray.states import RunState
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
 
@@ -49,7 +51,9 @@ class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pipeline: str | dict[str, Any] = Field(description="the pipeline: YAML text or an object")
     env: dict[str, str] = Field(default_factory=dict, description="env overrides for every step")
-    source: ArchiveSource | None = None
+    source: ArchiveSource | GitSource | None = Field(
+        None, description="an uploaded archive, or a repository the workers clone (this "
+        "replaces the pipeline's own `source`)")
 
 
 class Submitted(BaseModel):
@@ -111,13 +115,16 @@ def create_app(token_digests: list[str] | None = None,
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
         `Idempotency-Key`; 413 past the body limit; 422 for an invalid pipeline."""
         source = None
-        if req.source is not None:
+        pipeline = req.pipeline
+        if isinstance(req.source, GitSource):
+            pipeline = _with_git_source(pipeline, req.source)
+        elif req.source is not None:
             try:
                 data = base64.b64decode(req.source.archive, validate=True)
             except (binascii.Error, ValueError):
                 raise HTTPException(422, detail="source.archive: not valid base64") from None
             source = (hashlib.sha256(data).hexdigest(), data)
-        answer = await master.call("submit", req.pipeline, req.env, source, idempotency_key)
+        answer = await master.call("submit", pipeline, req.env, source, idempotency_key)
         if "problems" in answer:
             return JSONResponse({"detail": "; ".join(answer["problems"]),
                                  "problems": answer["problems"]}, status_code=422)
@@ -183,6 +190,19 @@ def create_app(token_digests: list[str] | None = None,
         return {"pools": await master.call("queue")}
 
     return app
+
+
+def _with_git_source(pipeline: str | dict[str, Any], git: GitSource) -> str | dict[str, Any]:
+    """The pipeline with its `source` replaced by the request's repository."""
+    if isinstance(pipeline, str):
+        try:
+            loaded = yaml.safe_load(pipeline)
+        except yaml.YAMLError:
+            return pipeline  # the master reports the YAML error
+        if not isinstance(loaded, dict):
+            return pipeline
+        pipeline = loaded
+    return {**pipeline, "source": git.model_dump()}
 
 
 class _Config:

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from cicd_ray.records import StepOutcome, StepTask
+from cicd_ray.source import SourceError, clone
 from cicd_ray.states import StepState
 
 READ_CHUNK_BYTES = 64 * 1024
@@ -128,7 +129,8 @@ class Execution:
         try:
             try:
                 proc = self._start()
-            except OSError as e:
+            except (OSError, SourceError) as e:
+                self._log.add(f"[cicd-ray] {e}\n".encode())
                 return self._outcome(StepState.FAILED, None, started, None,
                                      reason=f"could not start the step: {e}")
             return self._follow(proc, started)
@@ -147,6 +149,8 @@ class Execution:
         tmp.mkdir(parents=True)
         if self.source_dir is not None:
             shutil.copytree(self.source_dir, self.workspace, symlinks=True)
+        elif self.task.source_git is not None:
+            clone(self.task.source_git.git, self.task.source_git.ref, self.workspace)
         else:
             self.workspace.mkdir()
         script = self.root / "step.sh"

@@ -22,7 +22,7 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
-from cicd_ray.spec import check_env_overrides, parse_pipeline, plan
+from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
 from cicd_ray.states import RunState, StepState
 from cicd_ray.store import open_store
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
@@ -76,8 +76,10 @@ class Master:
         if problems:
             return {"problems": problems}
         now = time.time()
+        git = spec.source if isinstance(spec.source, GitSource) else None
         run = RunRecord(id=_new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
-                        created_at=now, source_digest=source[0] if source else None)
+                        created_at=now, source_digest=source[0] if source else None,
+                        source_git=None if source else git)
         if source is not None:
             self.store.put_source(*source)
         self.sched.submit(run, steps, now)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from cicd_ray.spec import PlannedStep
+from cicd_ray.spec import GitSource, PlannedStep
 from cicd_ray.states import RunState, StepState, WorkerState
 
 
@@ -22,6 +22,7 @@ class RunRecord(BaseModel):
     finished_at: float | None = None
     reason: str = ""
     source_digest: str | None = None
+    source_git: GitSource | None = None
     cancel_requested: bool = False
 
 
@@ -116,6 +117,7 @@ class StepTask(BaseModel):
     attempt: int
     step: PlannedStep
     source_digest: str | None = None
+    source_git: GitSource | None = None
 
 
 class StepOutcome(BaseModel):

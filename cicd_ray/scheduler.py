@@ -383,7 +383,7 @@ class Scheduler:
         self._record(attempt)
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
-            source_digest=run.source_digest,
+            source_digest=run.source_digest, source_git=run.source_git,
         )))
 
     # --- recovery -----------------------------------------------------------------------------

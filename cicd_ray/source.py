@@ -9,12 +9,20 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
-from cicd_ray.errors import SpecError
+from cicd_ray.errors import CicdError, SpecError
+
+GIT_TIMEOUT_S = 600.0
+
+
+class SourceError(CicdError):
+    """A source could not be fetched or unpacked for a step."""
 
 # Never worth copying into a build: version control, virtual environments, caches.
 EXCLUDED_NAMES = frozenset({
@@ -45,13 +53,28 @@ def snapshot(directory: str | Path, limit_bytes: int) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def source_folder(spec_source: str | None, pipeline_dir: Path,
+def source_folder(spec_source: object, pipeline_dir: Path,
                   override: str | Path | None = None) -> Path | None:
-    """The folder to snapshot: an explicit override, else the pipeline's `source:` (relative to
-    the pipeline file), else none."""
+    """The folder to snapshot: an explicit override, else the pipeline's `source:` folder
+    (relative to the pipeline file), else none (no source, or a git source the workers clone)."""
     if override is not None:
         return Path(override)
-    return pipeline_dir / spec_source if spec_source is not None else None
+    return pipeline_dir / spec_source if isinstance(spec_source, str) else None
+
+
+def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S) -> None:
+    """Clone `url` into `dest` and check out `ref` (a branch, tag or commit)."""
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password
+    for cmd in (["git", "clone", "--quiet", "--", url, str(dest)],
+                ["git", "-C", str(dest), "checkout", "--quiet", "--detach", ref]):
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env=env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SourceError(f"`{' '.join(cmd[:2])}` did not finish: {e}") from None
+        if done.returncode != 0:
+            raise SourceError(f"git could not fetch {url} at {ref}: "
+                              f"{done.stderr.strip()[-1000:]}")
 
 
 def _walk(root: Path):

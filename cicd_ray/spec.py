@@ -45,6 +45,17 @@ class ResourcesSpec(_Model):
     memory_mb: int = Field(256, ge=0, le=4 * 1024 * 1024)
 
 
+GIT_URL = r"^(https?://|ssh://|file://|git@[A-Za-z0-9.-]+:)[^\s]+$"
+GIT_REF = r"^[A-Za-z0-9._/][A-Za-z0-9._/-]{0,199}$"  # never starts with "-": not an option
+
+
+class GitSource(_Model):
+    """A repository the worker clones into every step's workspace, at `ref`."""
+
+    git: Annotated[str, StringConstraints(pattern=GIT_URL)]
+    ref: Annotated[str, StringConstraints(pattern=GIT_REF)] = "HEAD"
+
+
 class DefaultsSpec(_Model):
     timeout: float = Field(600, gt=0, le=MAX_TIMEOUT_S)
     pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] = "default"
@@ -68,7 +79,7 @@ class StepSpec(_Model):
 
 class PipelineSpec(_Model):
     name: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)]
-    source: str | None = None
+    source: str | GitSource | None = None
     env: Env = Field(default_factory=dict)
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
     steps: Annotated[list[StepSpec], Field(min_length=1)]
@@ -164,12 +175,23 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "GitSource"})
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names the union member an error belongs to in its location."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
 def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for err in error.errors():
-        loc = tuple(err["loc"])
-        # Union members add their type name to the location; drop them for the reader.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].islower() and "[" in p))
+        tags = [p for p in err["loc"] if _is_union_tag(p)]
+        # A union member that does not fit the kind of value given says nothing useful:
+        # for `source: {git: ...}` only the GitSource errors matter, not "not a string".
+        if tags and err["type"] == "string_type" and isinstance(err.get("input"), dict):
+            continue
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         where = _path(loc, doc)
         kind = err["type"]
         if kind == "extra_forbidden":

@@ -176,3 +176,25 @@ def test_client_errors_are_project_exceptions(api):
     with Client(api, API_TOKEN) as c, pytest.raises(SpecError) as info:
         c.submit({"name": "x", "steps": []})
     assert info.value.problems == ["steps: must list at least one step"]
+
+
+def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
+    from tests.unit.test_source import make_repo
+
+    url = make_repo(tmp_path)
+    read = {"name": "read", "run": "cat README; git log --oneline | wc -l"}
+    run = client.submit({"name": "git", "source": {"git": url, "ref": "v1"}, "steps": [read]})
+    assert run.wait(timeout=60, poll_s=0.2).state == "succeeded"
+    assert run.logs("read") == "version one\n1\n"
+    body = {"pipeline": "name: git2\nsteps:\n  - {name: read, run: cat README}\n",
+            "source": {"git": url, "ref": "main"}}
+    r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
+    assert r.status_code == 201
+    assert client.run(r.json()["run_id"]).wait(timeout=60, poll_s=0.2).logs("read") == \
+        "version two\n"
+    bad = client.submit({"name": "git3", "source": {"git": url, "ref": "no-such-ref"},
+                         "steps": [{"name": "read", "run": "true"}]})
+    assert bad.wait(timeout=60, poll_s=0.2).state == "failed"
+    step = bad.steps[0]
+    assert step["reason"].startswith("could not start the step: git could not fetch")
+    assert "no-such-ref" in bad.logs("read")

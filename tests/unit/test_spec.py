@@ -134,3 +134,14 @@ def test_yaml_syntax_error_and_unreadable_file(tmp_path):
 def test_shipped_pipelines_are_valid():
     for path in ("pipelines/hello.yaml", "pipelines/self-test.yaml"):
         assert plan(load_pipeline(path))
+
+
+def test_git_source_is_checked():
+    spec = parse_pipeline({"name": "g", "source": {"git": "https://example.org/r.git",
+                                                  "ref": "release/1.2"},
+                           "steps": [{"name": "a", "run": "true"}]})
+    assert spec.source.ref == "release/1.2"
+    problems = problems_of({"name": "g", "source": {"git": "ftp://x", "ref": "--upload-pack=x"},
+                            "steps": [{"name": "a", "run": "true"}]})
+    assert any(p.startswith("source.git: 'ftp://x' does not match") for p in problems)
+    assert any(p.startswith("source.ref: '--upload-pack=x' does not match") for p in problems)
