@@ -289,7 +289,8 @@ async def _follow(master: _Master, run_id: str, step: str, attempt: int | None, 
 api = create_app()
 
 
-@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0})
+# The handlers only await the master, so one replica can serve many requests at once.
+@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(api)
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""

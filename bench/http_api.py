@@ -1,6 +1,8 @@
 """Submissions over HTTP against submissions in-process to the master, in one run.
 
-    python bench/http.py [--runs 500] [--clients 20]
+    python bench/http_api.py [--runs 500] [--clients 20]
+
+(Not `http.py`: run as a script, that name would shadow the standard library's `http`.)
 
 Starts a local cluster, the master and the Serve API. Then, twice with the same load (N one-step
 runs, `clients` threads each submitting one run after another):
