@@ -290,7 +290,10 @@ api = create_app()
 
 
 # The handlers only await the master, so one replica can serve many requests at once.
-@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+# A line per request in Serve's access log costs more than the request's own work here; the
+# master records every submission anyway.
+@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200,
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
 @serve.ingress(api)
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""
