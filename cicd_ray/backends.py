@@ -13,7 +13,7 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, NotFound
 from cicd_ray.spec import PipelineSpec
 from cicd_ray.states import StepState
-from cicd_ray.store import SqliteStore
+from cicd_ray.store import open_store
 
 
 class Reader(Protocol):
@@ -38,11 +38,10 @@ class StoreReader:
     """The store file itself: works with no cluster, after the runs have ended."""
 
     def __init__(self, settings: Settings) -> None:
-        path = settings.store_path
-        if not path.exists():
-            raise CicdError(f"no runs yet: the store {path} does not exist (set CICD_RAY_HOME, "
-                            "or --url for a server)")
-        self.store = SqliteStore(path)
+        if settings.store is None and not settings.store_path.exists():
+            raise CicdError(f"no runs yet: the store {settings.store_path} does not exist (set "
+                            "CICD_RAY_HOME or CICD_RAY_STORE, or --url for a server)")
+        self.store = open_store(settings.store_url)
 
     def view(self, run_id: str) -> dict:
         run = self.store.get_run(run_id)

@@ -57,9 +57,15 @@ class Settings(BaseModel):
     keep_workspaces: bool = False
     source_limit_bytes: int = 200 * 1024 * 1024
 
+    store: str | None = None  # a store URL; None: the SQLite file under `home`
+
     @property
     def store_path(self) -> Path:
         return self.home / "cicd.sqlite3"
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.store_path}"
 
     @property
     def work_dir(self) -> Path:
@@ -69,7 +75,7 @@ class Settings(BaseModel):
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         home = Path(env.get("CICD_RAY_HOME") or Path.home() / ".cicd-ray").expanduser()
-        values: dict[str, object] = {"home": home}
+        values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None}
         if env.get("CICD_RAY_POOLS"):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])
         numbers = {

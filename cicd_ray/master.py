@@ -36,7 +36,7 @@ class Master:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = time.time()
-        self.store = open_store(settings.store_path)
+        self.store = open_store(settings.store_url)
         self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s)
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._wake = asyncio.Event()

@@ -12,11 +12,17 @@ __all__ = ["SqliteStore", "Store", "open_store"]
 
 
 def open_store(url: str | Path) -> Store:
-    """`sqlite:///abs/path.sqlite3`, or a plain file path, opens the embedded SQLite store."""
+    """`sqlite:///abs/path.sqlite3` (or a plain file path) opens the embedded SQLite store;
+    `redis://[:password@]host:port/db` (or `rediss://`) the Redis store."""
     text = str(url)
     if text.startswith("sqlite:///"):
         return SqliteStore(text[len("sqlite://"):])
+    if text.startswith(("redis://", "rediss://")):
+        from cicd_ray.store.redis import RedisStore
+
+        return RedisStore(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r}; use sqlite:///PATH")
+        raise StoreError(f"store URL {text.split('@')[-1]!r}: unknown scheme {scheme!r}; use "
+                         "sqlite:///PATH or redis://HOST:PORT/DB")
     return SqliteStore(Path(text))

@@ -20,9 +20,9 @@ def cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["CICD_RAY_HOME"] = str(tmp_path / "home")
 
-    def call(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+    def call(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=timeout)
 
     return call
 
@@ -100,3 +100,14 @@ def test_self_test_pipeline_checks_this_project(cli):
     result = cli("run", "pipelines/self-test.yaml", timeout=500)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unit[part=scheduler]" in result.stdout
+
+
+def test_run_on_the_redis_store_and_read_it_back_without_a_cluster(cli, redis_url, tmp_path):
+    result = cli("run", "pipelines/hello.yaml", CICD_RAY_STORE=redis_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = result.stdout.split()[1]
+    status = json.loads(cli("status", run_id, "--json", CICD_RAY_STORE=redis_url).stdout)
+    assert status["run"]["state"] == "succeeded"
+    log = cli("logs", run_id, "test[py=3.10]", CICD_RAY_STORE=redis_url)
+    assert "testing on python 3.10" in log.stdout
+    assert not (tmp_path / "home" / "cicd.sqlite3").exists()  # nothing went to SQLite

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from cicd_ray.errors import StoreError
@@ -11,16 +13,24 @@ from cicd_ray.states import RunState, StepState, WorkerState
 from cicd_ray.store import SqliteStore, open_store
 
 
-def sqlite_backend(tmp_path):
+def sqlite_backend(request, tmp_path):
     return SqliteStore(tmp_path / "store.sqlite3")
 
 
-BACKENDS = {"sqlite": sqlite_backend}
+def redis_backend(request, tmp_path):
+    from cicd_ray.store.redis import RedisStore
+
+    # A fresh prefix per test on the session's real redis-server: tests never see each other.
+    url = request.getfixturevalue("redis_url")
+    return RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+
+BACKENDS = {"sqlite": sqlite_backend, "redis": redis_backend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request, tmp_path):
-    s = BACKENDS[request.param](tmp_path)
+    s = BACKENDS[request.param](request, tmp_path)
     yield s
     s.close()
 
@@ -120,6 +130,12 @@ def test_data_survives_reopening(tmp_path):
 def test_unknown_store_url_is_a_clear_error():
     with pytest.raises(StoreError, match="unknown scheme 'mongo'"):
         open_store("mongo://x")
+
+
+def test_unreachable_redis_is_a_clear_error_without_the_password():
+    with pytest.raises(StoreError, match=r"cannot reach the Redis store at redis://\*\*\*@") as e:
+        open_store("redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in str(e.value)
 
 
 def test_idempotency_keys_map_to_the_first_run(store):

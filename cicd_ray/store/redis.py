@@ -1,0 +1,155 @@
+"""The highly available store: Redis (with AOF for durability), under its own key prefix.
+
+Keys, with the default prefix `cicd:`:
+  run:{id}             the run record (JSON)
+  runs                 sorted set of run ids by sequence number
+  runs:active          sorted set of the runs not yet in a terminal state
+  steps:{run}          hash step name -> record;  attempts:{run}  hash attempt id -> record
+  workers              hash worker id -> record
+  log:{attempt}        hash chunk seq -> bytes
+  source:{digest}      a source archive;  idem:{key}  the run of an Idempotency-Key
+
+`save` writes a whole batch in one MULTI/EXEC transaction.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import redis
+from pydantic import BaseModel
+
+from cicd_ray.errors import StoreError
+from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.states import RunState
+
+M = TypeVar("M", bound=BaseModel)
+PAGE = 200
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "cicd:") -> None:
+        self.url = url
+        self.prefix = prefix
+        try:
+            self._r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
+            self._r.ping()
+        except (redis.RedisError, ValueError) as e:
+            raise StoreError(f"cannot reach the Redis store at {_safe(url)}: {e}") from None
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _do(self, fn):
+        try:
+            return fn()
+        except redis.RedisError as e:
+            raise StoreError(f"Redis store at {_safe(self.url)}: {e}") from None
+
+    def save(self, changes: Changes) -> None:
+        def write():
+            pipe = self._r.pipeline(transaction=True)
+            for run in changes.runs.values():
+                pipe.set(self._k("run", run.id), run.model_dump_json())
+                pipe.zadd(self._k("runs"), {run.id: run.seq})
+                if run.state.terminal:
+                    pipe.zrem(self._k("runs", "active"), run.id)
+                else:
+                    pipe.zadd(self._k("runs", "active"), {run.id: run.seq})
+            for (run_id, name), step in changes.steps.items():
+                pipe.hset(self._k("steps", run_id), name, step.model_dump_json())
+            for attempt in changes.attempts.values():
+                pipe.hset(self._k("attempts", attempt.run_id), attempt.id,
+                          attempt.model_dump_json())
+            for worker in changes.workers.values():
+                pipe.hset(self._k("workers"), worker.id, worker.model_dump_json())
+            for attempt_id, seq, data in changes.logs:
+                pipe.hsetnx(self._k("log", attempt_id), str(seq), bytes(data))
+            for key, run_id in changes.idempotency.items():
+                pipe.setnx(self._k("idem", key), run_id)
+            pipe.execute()
+
+        self._do(write)
+
+    def _runs(self, ids: list[bytes]) -> list[RunRecord]:
+        if not ids:
+            return []
+        raw = self._do(lambda: self._r.mget([self._k("run", i.decode()) for i in ids]))
+        return [RunRecord.model_validate_json(r) for r in raw if r is not None]
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        raw = self._do(lambda: self._r.get(self._k("run", run_id)))
+        return RunRecord.model_validate_json(raw) if raw else None
+
+    def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
+                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
+        # Newest first, filtered page by page (the filters are not indexed).
+        wanted = RunState(state) if state is not None else None
+        out: list[RunRecord] = []
+        skipped = 0
+        start = 0
+        while len(out) < limit:
+            ids = self._do(lambda s=start: self._r.zrevrange(self._k("runs"), s, s + PAGE - 1))
+            if not ids:
+                break
+            for run in self._runs(ids):
+                if (wanted is None or run.state is wanted) and (
+                        pipeline is None or run.pipeline == pipeline):
+                    if skipped < offset:
+                        skipped += 1
+                    elif len(out) < limit:
+                        out.append(run)
+            start += PAGE
+        return out
+
+    def active_runs(self) -> list[RunRecord]:
+        return self._runs(self._do(lambda: self._r.zrange(self._k("runs", "active"), 0, -1)))
+
+    def _hash(self, key: str, model: type[M]) -> list[M]:
+        raw = self._do(lambda: self._r.hvals(key))
+        return [model.model_validate_json(v) for v in raw]
+
+    def get_steps(self, run_id: str) -> list[StepRecord]:
+        return sorted(self._hash(self._k("steps", run_id), StepRecord),
+                      key=lambda s: s.spec.index)
+
+    def get_attempts(self, run_id: str, step: str | None = None) -> list[AttemptRecord]:
+        attempts = self._hash(self._k("attempts", run_id), AttemptRecord)
+        if step is not None:
+            attempts = [a for a in attempts if a.step == step]
+        return sorted(attempts, key=lambda a: (a.step, a.number))
+
+    def list_workers(self) -> list[WorkerRecord]:
+        return sorted(self._hash(self._k("workers"), WorkerRecord), key=lambda w: w.id)
+
+    def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
+        self._do(lambda: self._r.hsetnx(self._k("log", attempt_id), str(seq), bytes(data)))
+
+    def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
+        chunks = self._do(lambda: self._r.hgetall(self._k("log", attempt_id)))
+        return b"".join(chunks[k] for k in sorted(chunks, key=int))[offset:]
+
+    def run_for_key(self, key: str) -> str | None:
+        raw = self._do(lambda: self._r.get(self._k("idem", key)))
+        return raw.decode() if raw else None
+
+    def put_source(self, digest: str, data: bytes) -> None:
+        self._do(lambda: self._r.setnx(self._k("source", digest), bytes(data)))
+
+    def get_source(self, digest: str) -> bytes | None:
+        return self._do(lambda: self._r.get(self._k("source", digest)))
+
+    def next_run_seq(self) -> int:
+        top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
+        return int(top[0][1]) + 1 if top else 1
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
