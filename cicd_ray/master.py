@@ -200,8 +200,15 @@ class Master:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=TICK_INTERVAL_S)
             self._wake.clear()
-            self.sched.tick(time.time())
-            self._commit()
+            try:
+                self.sched.tick(time.time())
+                self._commit()
+            except Exception:
+                # A loop that died quietly would leave every run waiting forever; a restart
+                # rebuilds the master from the store instead.
+                log.critical("the master's loop failed; restarting from the store",
+                             exc_info=True)
+                os._exit(1)
 
     def _commit(self, idempotency: dict[str, str] | None = None) -> None:
         """Write the scheduler's decisions, then carry them out."""
