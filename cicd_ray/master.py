@@ -200,15 +200,22 @@ class Master:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=TICK_INTERVAL_S)
             self._wake.clear()
-            try:
-                self.sched.tick(time.time())
-                self._commit()
-            except Exception:
-                # A loop that died quietly would leave every run waiting forever; a restart
-                # rebuilds the master from the store instead.
-                log.critical("the master's loop failed; restarting from the store",
-                             exc_info=True)
-                os._exit(1)
+            self._guarded(self._tick)
+
+    def _tick(self) -> None:
+        self.sched.tick(time.time())
+        self._commit()
+
+    def _guarded(self, fn, *args) -> None:
+        """Run a step of the master's own work (not a caller's request). A failure here would
+        otherwise die quietly in a background task and leave runs waiting forever; a restart
+        rebuilds the master from the store instead."""
+        try:
+            fn(*args)
+        except Exception:
+            log.critical("the master failed in %s; restarting from the store", fn.__name__,
+                         exc_info=True)
+            os._exit(1)
 
     def _commit(self, idempotency: dict[str, str] | None = None) -> None:
         """Write the scheduler's decisions, then carry them out."""
@@ -246,17 +253,17 @@ class Master:
         asyncio.get_running_loop().create_task(self._await_outcome(worker_id, task, ref))
 
     async def _await_outcome(self, worker_id: str, task: StepTask, ref) -> None:
-        now = time.time
         try:
             outcome = await ref
         except RayActorError as e:
-            self.sched.worker_lost(worker_id, f"actor died ({type(e).__name__})", now())
+            self._guarded(self.sched.worker_lost, worker_id,
+                          f"actor died ({type(e).__name__})", time.time())
         except RayError as e:
-            self.sched.on_outcome(StepOutcome(
+            self._guarded(self.sched.on_outcome, StepOutcome(
                 attempt_id=task.attempt_id, run_id=task.run_id, step=task.step.name,
-                state=StepState.FAILED, reason=f"worker error: {e}"), now())
+                state=StepState.FAILED, reason=f"worker error: {e}"), time.time())
         else:
-            self.sched.on_outcome(outcome, now())
+            self._guarded(self.sched.on_outcome, outcome, time.time())
         self._wake.set()
 
     async def _watch_start(self, worker_id: str) -> None:
@@ -264,8 +271,8 @@ class Master:
         try:
             await handle.ready.remote()
         except RayError as e:
-            self.sched.worker_lost(worker_id, f"failed to start ({type(e).__name__})",
-                                   time.time())
+            self._guarded(self.sched.worker_lost, worker_id,
+                          f"failed to start ({type(e).__name__})", time.time())
             self._wake.set()
 
     def _adopt_handle(self, worker_id: str) -> None:
