@@ -178,14 +178,29 @@ class Master:
 
     # --- API for workers -----------------------------------------------------------------------
 
-    async def register(self, record: WorkerRecord) -> None:
-        self.sched.register_worker(record, time.time())
+    async def register(self, record: WorkerRecord, running: list[str] | None = None,
+                       finished: list[StepOutcome] | None = None) -> float:
+        """A worker (re)joins, saying which attempts it runs and which it finished lately.
+        Returns this master's epoch, which the worker compares with its tasks'."""
+        now = time.time()
+        self.sched.register_worker(record, now)
+        self.sched.reconcile(record.id, running or [], finished or [], now)
         if record.id not in self._handles:
             self._adopt_handle(record.id)
         self._wake.set()
+        return self.started_at
 
-    async def heartbeat(self, worker_id: str, usage: dict[str, float]) -> bool:
-        return self.sched.heartbeat(worker_id, usage, time.time())
+    async def heartbeat(self, worker_id: str, usage: dict[str, float]) -> float | None:
+        """This master's epoch, or None when the worker must register (again)."""
+        known = self.sched.heartbeat(worker_id, usage, time.time())
+        return self.started_at if known else None
+
+    async def report(self, outcome: StepOutcome) -> bool:
+        """An outcome sent by its worker rather than returned to the master that dispatched
+        it (that master has since restarted). Applied once; acknowledged either way."""
+        self._guarded(self.sched.on_outcome, outcome, time.time())
+        self._wake.set()
+        return True
 
     async def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
         self.store.append_log(attempt_id, seq, data)
@@ -249,6 +264,7 @@ class Master:
             self.sched.worker_lost(worker_id, "no handle to the worker actor", time.time())
             self._wake.set()
             return
+        task.master_epoch = self.started_at
         ref = handle.run_step.remote(task)
         asyncio.get_running_loop().create_task(self._await_outcome(worker_id, task, ref))
 

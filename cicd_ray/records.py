@@ -118,6 +118,9 @@ class StepTask(BaseModel):
     step: PlannedStep
     source_digest: str | None = None
     source_git: GitSource | None = None
+    # Which master dispatched it: a worker whose master has changed since reports the outcome
+    # itself, as the call that would have carried it back has no one waiting on it.
+    master_epoch: float = 0.0
 
 
 class StepOutcome(BaseModel):

@@ -95,6 +95,8 @@ class Scheduler:
         self._open_steps: dict[str, int] = {}
         self._seq = 0
         self._out = Decisions()
+        # Attempts restored from the store whose worker has not yet confirmed it runs them.
+        self._unconfirmed: set[str] = set()
 
     # --- taking decisions out -------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Scheduler:
         attempt.reason = reason
         self._record(attempt)
         self.attempts.pop(attempt.id, None)
+        self._unconfirmed.discard(attempt.id)
         load = self._load.get(attempt.worker_id)
         step = self.steps[attempt.run_id][attempt.step]
         if load is not None and attempt.id in load.attempts:
@@ -392,9 +395,10 @@ class Scheduler:
                 workers: list[WorkerRecord], now: float) -> None:
         """Rebuild the view from the store after a master restart.
 
-        Workers must register again before they get work. Attempts that were running when the
-        master stopped cannot be followed any more: they are ended as infra failures, so their
-        steps are retried where their policy allows it.
+        Workers must register again before they get work. An attempt that was running on a
+        worker the store knows stays running, waiting for that worker to register and say
+        whether it still runs it or finished it (`reconcile`); one whose worker is unknown is
+        ended as an infra failure, so its step is retried where its policy allows it.
         """
         by_run: dict[str, list[StepRecord]] = {}
         for s in steps:
@@ -413,17 +417,43 @@ class Scheduler:
                 self._unmet[(run.id, s.name)] -= done
             for s in run_steps:
                 if s.state is StepState.RUNNING and s.current_attempt:
-                    attempt = AttemptRecord(
-                        id=s.current_attempt, run_id=run.id, step=s.name, number=s.attempts,
-                        worker_id=s.worker_id or "", queued_at=s.queued_at,
-                        started_at=s.started_at or now,
-                    )
-                    self._out.kill.append(Kill(attempt.id, attempt.worker_id))
-                    self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                                      reason="the master restarted while it ran")
+                    self._readopt_attempt(s, now)
                 elif s.state is StepState.QUEUED and not self._unmet[(run.id, s.name)]:
                     self._release_ready(run.id, [s.name], now)
             self._maybe_finish_run(run.id, now)
+
+    def _readopt_attempt(self, step: StepRecord, now: float) -> None:
+        attempt = AttemptRecord(
+            id=step.current_attempt or "", run_id=step.run_id, step=step.name,
+            number=step.attempts, worker_id=step.worker_id or "", queued_at=step.queued_at,
+            started_at=step.started_at or now,
+        )
+        self.attempts[attempt.id] = attempt
+        load = self._load.get(attempt.worker_id)
+        if load is None:
+            self._end_attempt(attempt, StepState.FAILED, now, infra=True,
+                              reason="its worker was gone when the master restarted")
+            return
+        load.cpu += step.spec.cpu
+        load.memory_mb += step.spec.memory_mb
+        load.attempts.add(attempt.id)
+        self._unconfirmed.add(attempt.id)
+
+    def reconcile(self, worker_id: str, running: list[str], finished: list[StepOutcome],
+                  now: float) -> None:
+        """A worker registered (again) and said what it runs and what it finished: apply the
+        results the master missed, and end as lost the attempts it no longer knows."""
+        for outcome in finished:
+            self.on_outcome(outcome, now)
+        load = self._load.get(worker_id)
+        for attempt_id in sorted(load.attempts if load else ()):
+            if attempt_id in self._unconfirmed and attempt_id not in running:
+                attempt = self.attempts.get(attempt_id)
+                if attempt is not None:
+                    self._end_attempt(attempt, StepState.FAILED, now, infra=True,
+                                      reason=f"worker {worker_id} no longer ran it after the "
+                                             "master restarted")
+        self._unconfirmed -= set(load.attempts if load else ()) | set(running)
 
     # --- views --------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import psutil
@@ -28,6 +30,8 @@ NAMESPACE = "cicd"
 MASTER_NAME = "cicd-master"
 WORKER_THREADS = 64  # upper bound on concurrent calls; the master decides how many steps run
 LOG_DRAIN_TIMEOUT_S = 30.0
+FINISHED_KEPT = 500  # recent outcomes repeated to a restarted master
+REPORT_FOR_S = 600.0  # how long a worker keeps offering an outcome to a master that is down
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -46,6 +50,9 @@ class Worker:
             keep_workspace=settings.keep_workspaces,
         )
         self._running: dict[str, Execution] = {}
+        # Recent outcomes, told to a master that restarted (it may have missed them).
+        self._finished: OrderedDict[str, StepOutcome] = OrderedDict()
+        self._epoch = 0.0  # the epoch of the master this worker last registered with
         self._source_lock = threading.Lock()
         self._stop = threading.Event()
         self._process = psutil.Process()
@@ -81,7 +88,23 @@ class Worker:
         # Streamed chunks must be stored before the outcome is, so a finished step's log is whole.
         if sent:
             ray.wait(sent, num_returns=len(sent), timeout=LOG_DRAIN_TIMEOUT_S)
+        self._finished[task.attempt_id] = outcome
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+        if task.master_epoch != self._epoch:
+            self._report(outcome)  # the master that dispatched it is gone
         return outcome
+
+    def _report(self, outcome: StepOutcome) -> None:
+        """Send an outcome to the current master until it acknowledges it."""
+        deadline = time.monotonic() + REPORT_FOR_S
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                if ray.get(self._master_handle().report.remote(outcome), timeout=30):
+                    return
+            except (RayActorError, GetTimeoutError, ValueError):
+                self._master = None
+            self._stop.wait(0.5)
 
     def cancel(self, attempt_id: str) -> bool:
         execution = self._running.get(attempt_id)
@@ -134,12 +157,15 @@ class Worker:
             try:
                 master = self._master_handle()
                 if not registered:
-                    ray.get(master.register.remote(self.record), timeout=call_timeout_s)
+                    self._epoch = ray.get(master.register.remote(
+                        self.record, list(self._running), list(self._finished.values())),
+                        timeout=call_timeout_s)
                     registered = True
                 else:
-                    known = ray.get(master.heartbeat.remote(self.record.id, self._usage()),
+                    epoch = ray.get(master.heartbeat.remote(self.record.id, self._usage()),
                                     timeout=call_timeout_s)
-                    registered = bool(known)
+                    # A new master (restarted) must hear what this worker runs and finished.
+                    registered = epoch is not None and epoch == self._epoch
             except (RayActorError, GetTimeoutError, ValueError) as e:
                 # The master is restarting or not yet there: keep trying; it finds us by name.
                 log.warning("worker %s: master not reachable (%s); retrying", self.record.id, e)

@@ -78,7 +78,25 @@ def test_master_killed_mid_run_restarts_from_the_store_and_the_run_completes(har
     view = harness.wait(run_id, timeout_s=60)
     assert view["run"]["state"] == "succeeded"
     assert [s["state"] for s in view["steps"]] == ["succeeded"] * 3
+    # The step that ran through the restart was followed, not run again.
+    assert harness.step(view, "slow")["attempts"] == 1
+    assert harness.log(run_id, "slow") == "two\n"
     assert harness.log(run_id, "last") == "three\n"
+
+
+def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness):
+    run_id = harness.submit({"name": "blink", "steps": [
+        {"name": "quick", "run": "sleep 1; echo done"},
+        {"name": "after", "needs": ["quick"], "run": "echo after"},
+    ]})
+    harness.wait_for_step(run_id, "quick", StepState.RUNNING)
+    master = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
+    ray.kill(master, no_restart=False)
+    time.sleep(1.5)  # the step ends while the master restarts
+    view = harness.wait(run_id, timeout_s=60)
+    assert view["run"]["state"] == "succeeded"
+    assert harness.step(view, "quick")["attempts"] == 1
+    assert harness.log(run_id, "after") == "after\n"
 
 
 def test_frozen_worker_misses_heartbeats_and_its_step_is_retried_elsewhere(harness):

@@ -203,27 +203,47 @@ def test_cancel_wins_over_a_step_that_fails_as_it_is_killed():
     assert d.changes.runs["r1"].state is RunState.CANCELLED
 
 
-def test_restore_resumes_queued_and_retries_steps_that_were_running():
+def restored(s: Scheduler, now: float = 100) -> Scheduler:
+    """A new scheduler built from what the store holds, as after a master restart."""
+    fresh = Scheduler(s.pools, heartbeat_timeout_s=10)
+    runs = [r.model_copy(deep=True) for r in s.runs.values()]
+    steps = [x.model_copy(deep=True) for run in s.steps.values() for x in run.values()]
+    fresh.restore(runs, steps, [w.model_copy(deep=True) for w in s.workers.values()], now)
+    return fresh
+
+
+def test_restore_keeps_running_attempts_until_their_worker_reconciles():
     s = make()
     submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}},
-               {"name": "b", "run": "x", "needs": ["a"]}, {"name": "c", "run": "x"}])
-    dispatched(s, 0)
+               {"name": "b", "run": "x", "needs": ["a"]}, {"name": "c", "run": "x"},
+               {"name": "d", "run": "x"}])
+    dispatched(s, 0)  # a on w1, c on w2, d on w1
     finish(s, "c")
-    d = s.take()
-    # A new scheduler sees what the store would hold.
-    runs = [s.runs["r1"]]
-    steps = list(s.steps["r1"].values())
-    workers = list(s.workers.values())
-    fresh = Scheduler(s.pools, heartbeat_timeout_s=10)
-    fresh.restore([r.model_copy(deep=True) for r in runs],
-                  [x.model_copy(deep=True) for x in steps],
-                  [w.model_copy(deep=True) for w in workers], 100)
+    fresh = restored(s)
     out = fresh.take()
-    assert [k.attempt_id for k in out.kill] == ["r1/a/1"]
-    assert out.changes.steps[("r1", "a")].state is StepState.QUEUED
-    placed, _ = dispatched(fresh, 100)
-    assert [(n) for _, n in placed] == ["a"]
-    assert d.changes  # the first scheduler did write its changes
+    assert out.kill == [] and fresh.steps["r1"]["a"].state is StepState.RUNNING
+    assert fresh.worker_load("w1") == (2.0, ["r1/a/1", "r1/d/1"])
+    # w1 comes back: it finished a while the master was down, and still runs d.
+    done = StepOutcome(attempt_id="r1/a/1", run_id="r1", step="a", state=StepState.SUCCEEDED)
+    fresh.reconcile("w1", running=["r1/d/1"], finished=[done], now=101)
+    assert fresh.steps["r1"]["a"].state is StepState.SUCCEEDED
+    assert fresh.steps["r1"]["d"].state is StepState.RUNNING
+    placed, _ = dispatched(fresh, 102)
+    assert [n for _, n in placed] == ["b"]  # a's dependent goes on, attempt 1 was kept
+
+
+def test_restore_ends_attempts_a_worker_no_longer_knows_or_whose_worker_is_gone():
+    s = make()
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}}, {"name": "b", "run": "x"}])
+    dispatched(s, 0)  # a on w1, b on w2
+    s.workers["w2"].state = WorkerState.LOST  # the store says w2 is gone
+    fresh = restored(s)
+    assert fresh.steps["r1"]["b"].state is StepState.FAILED
+    assert fresh.steps["r1"]["b"].reason == "its worker was gone when the master restarted"
+    fresh.reconcile("w1", running=[], finished=[], now=101)
+    assert fresh.steps["r1"]["a"].state is StepState.QUEUED  # retried as infra
+    placed, _ = dispatched(fresh, 102)
+    assert placed == [("w1", "a")]
 
 
 def test_check_fits_names_unknown_pool_and_oversized_steps():
