@@ -164,7 +164,8 @@ class Master:
     async def stats(self) -> dict:
         return {
             "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-            "queued": self.sched.queue_depth(),
+            "queued": {pool: view["queued"]
+                       for pool, view in self.sched.queue_view(time.time()).items()},
             "active_runs": len(self.sched.runs),
             "workers": {w.id: w.state.value for w in self.sched.workers.values()},
         }

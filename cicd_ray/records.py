@@ -96,14 +96,6 @@ class Changes(BaseModel):
         else:
             self.workers[record.id] = record
 
-    def merge(self, other: Changes) -> None:
-        self.runs.update(other.runs)
-        self.steps.update(other.steps)
-        self.attempts.update(other.attempts)
-        self.workers.update(other.workers)
-        self.logs.extend(other.logs)
-        self.idempotency.update(other.idempotency)
-
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
                     or self.idempotency)

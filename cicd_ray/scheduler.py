@@ -470,10 +470,6 @@ class Scheduler:
             out[pool] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
         return out
 
-    def queue_depth(self) -> dict[str, int]:
-        return {pool: sum(1 for e in heap if self._is_queued(e)) for pool, heap in
-                self._ready.items()}
-
     def _is_queued(self, entry: tuple[int, int, int, str, str]) -> bool:
         step = self.steps.get(entry[3], {}).get(entry[4])
         return step is not None and step.state is StepState.QUEUED
