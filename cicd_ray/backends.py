@@ -13,7 +13,7 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, NotFound
 from cicd_ray.spec import PipelineSpec
 from cicd_ray.states import StepState
-from cicd_ray.store import open_store
+from cicd_ray.store import open_store, run_view, step_log
 
 
 class Reader(Protocol):
@@ -44,33 +44,16 @@ class StoreReader:
         self.store = open_store(settings.store_url)
 
     def view(self, run_id: str) -> dict:
-        run = self.store.get_run(run_id)
-        if run is None:
+        view = run_view(self.store, run_id)
+        if view is None:
             raise NotFound(f"run {run_id!r} not found; `cicd-ray runs` lists the runs")
-        return {"run": run.model_dump(mode="json"),
-                "steps": [s.model_dump(mode="json") for s in self.store.get_steps(run_id)],
-                "attempts": [a.model_dump(mode="json")
-                             for a in self.store.get_attempts(run_id)]}
+        return view
 
     def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
         return [r.model_dump(mode="json") for r in self.store.list_runs(state, pipeline, limit)]
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
-        view = self.view(run_id)
-        names = [s["spec"]["name"] for s in view["steps"]]
-        if step not in names:
-            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: "
-                           f"{', '.join(names)}")
-        attempts = [a for a in view["attempts"] if a["step"] == step]
-        if not attempts:
-            raise NotFound(f"step {step!r} has not started, so it has no log yet")
-        chosen = attempts[-1] if attempt is None else next(
-            (a for a in attempts if a["number"] == attempt), None)
-        if chosen is None:
-            raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-        return {"attempt": chosen["number"], "state": chosen["state"],
-                "data": self.store.read_log(chosen["id"], offset),
-                "more": chosen["state"] == StepState.RUNNING.value}
+        return step_log(self.store, run_id, step, attempt, offset)
 
     def workers(self) -> list[dict]:
         return [w.model_dump(mode="json") for w in self.store.list_workers()]

@@ -289,6 +289,8 @@ def logs(run_id: str, step: str,
     with _reported():
         reader = _reader(url)
         answer = reader.log(run_id, step, attempt, 0)
+        if answer["attempt"] is None and not follow:
+            raise CicdError(f"step {step!r} has not started, so it has no log yet")
     if as_json:
         out.print_json(data={"run_id": run_id, "step": step, "attempt": answer["attempt"],
                              "state": answer["state"],

@@ -19,12 +19,12 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.errors import NotFound, SpecError, StoreError
 from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
 from cicd_ray.states import RunState, StepState
-from cicd_ray.store import open_store
+from cicd_ray.store import open_store, run_view, step_log
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,7 @@ class Master:
         return run.state.value
 
     async def get_run(self, run_id: str) -> dict | None:
-        run = self.store.get_run(run_id)
-        if run is None:
-            return None
-        return {
-            "run": run.model_dump(mode="json"),
-            "steps": [s.model_dump(mode="json") for s in self.store.get_steps(run_id)],
-            "attempts": [a.model_dump(mode="json") for a in self.store.get_attempts(run_id)],
-        }
+        return run_view(self.store, run_id)
 
     async def wait(self, run_id: str, timeout_s: float = 30.0) -> str | None:
         """The run's state once it has ended, or its current state after `timeout_s`.
@@ -131,24 +124,10 @@ class Master:
     async def step_log(self, run_id: str, step: str, attempt: int | None = None,
                        offset: int = 0) -> dict:
         """A step's log from `offset`, with whether more can come: {"error": ...} if unknown."""
-        run = self.store.get_run(run_id)
-        if run is None:
-            return {"error": f"run {run_id!r} not found"}
-        attempts = self.store.get_attempts(run_id, step)
-        if not attempts:
-            names = [s.name for s in self.store.get_steps(run_id)]
-            if step not in names:
-                return {"error": f"run {run_id} has no step {step!r}; its steps are: "
-                                 f"{', '.join(names)}"}
-            # Not started yet: a follower waits for its first attempt.
-            return {"attempt": None, "state": "queued", "data": b"", "more": not run.state.terminal}
-        chosen = attempts[-1] if attempt is None else next(
-            (a for a in attempts if a.number == attempt), None)
-        if chosen is None:
-            return {"error": f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}"}
-        return {"attempt": chosen.number, "state": chosen.state.value,
-                "data": self.store.read_log(chosen.id, offset),
-                "more": chosen.state is StepState.RUNNING}
+        try:
+            return step_log(self.store, run_id, step, attempt, offset)
+        except NotFound as e:
+            return {"error": str(e)}
 
     async def queue(self) -> dict[str, dict]:
         return self.sched.queue_view(time.time())

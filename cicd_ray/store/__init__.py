@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.store.base import Store
+from cicd_ray.store.base import Store, run_view, step_log
 from cicd_ray.store.sqlite import SqliteStore
 
-__all__ = ["SqliteStore", "Store", "open_store"]
+__all__ = ["SqliteStore", "Store", "open_store", "run_view", "step_log"]
 
 
 def open_store(url: str | Path) -> Store:

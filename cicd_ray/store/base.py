@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cicd_ray.errors import NotFound
 from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
-from cicd_ray.states import RunState
+from cicd_ray.states import RunState, StepState
 
 
 class Store(Protocol):
@@ -48,3 +49,38 @@ class Store(Protocol):
         """A number larger than that of every run stored so far."""
 
     def close(self) -> None: ...
+
+
+def run_view(store: Store, run_id: str) -> dict | None:
+    """A run with all its steps and attempts, JSON-ready: what `status` and the API show."""
+    run = store.get_run(run_id)
+    if run is None:
+        return None
+    return {"run": run.model_dump(mode="json"),
+            "steps": [s.model_dump(mode="json") for s in store.get_steps(run_id)],
+            "attempts": [a.model_dump(mode="json") for a in store.get_attempts(run_id)]}
+
+
+def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
+             offset: int = 0) -> dict:
+    """A step's log from byte `offset`, as every reader of a store answers it:
+    {"attempt": n or None (not started), "state", "data": bytes, "more": bool (can it grow)}.
+    Raises NotFound naming what is unknown."""
+    run = store.get_run(run_id)
+    if run is None:
+        raise NotFound(f"run {run_id!r} not found")
+    attempts = store.get_attempts(run_id, step)
+    if not attempts:
+        names = [s.name for s in store.get_steps(run_id)]
+        if step not in names:
+            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: "
+                           f"{', '.join(names)}")
+        # Not started yet: a follower waits for its first attempt.
+        return {"attempt": None, "state": "queued", "data": b"", "more": not run.state.terminal}
+    chosen = attempts[-1] if attempt is None else next(
+        (a for a in attempts if a.number == attempt), None)
+    if chosen is None:
+        raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
+    return {"attempt": chosen.number, "state": chosen.state.value,
+            "data": store.read_log(chosen.id, offset),
+            "more": chosen.state is StepState.RUNNING}
