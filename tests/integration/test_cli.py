@@ -77,10 +77,14 @@ def test_run_succeeds_then_status_runs_and_logs_work_without_a_cluster(cli):
 def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path):
     path = write(tmp_path, "fail.yaml", "name: fail\nsteps:\n  - name: unit\n    run: |\n"
                  "      for i in $(seq 1 30); do echo \"case $i\"; done\n"
-                 "      echo 'AssertionError: 2 != 3'\n      exit 4\n")
+                 "      echo 'AssertionError: 2 != 3'\n      exit 4\n"
+                 "  - {name: deploy, needs: [unit], run: 'true'}\n")
     result = cli("run", path)
     assert result.returncode == 1
     out = result.stdout
+    run_id = out.split()[1]
+    never = cli("logs", run_id, "deploy")
+    assert never.returncode == 1 and "'deploy' has not started" in never.stderr
     assert "unit: failed (exit code 4)" in out
     assert "AssertionError: 2 != 3" in out and "case 30" in out
     assert "case 5\n" not in out  # only the tail of the log
