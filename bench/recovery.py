@@ -1,0 +1,84 @@
+"""How long the master takes to answer again after it is killed, against a cold start.
+
+    python bench/recovery.py [--kills 5]
+
+On a local cluster with a run in progress (one step that sleeps through the kills), the master
+is killed with `ray.kill(..., no_restart=False)` (its process dies; Ray restarts it) and timed
+until `ping` answers again. The baseline, in the same run: creating a master from nothing (a
+second detached master under another name, on an empty store) until it answers. Also checks
+that the run still succeeds with its step run once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from cicd_ray import cluster
+from cicd_ray.config import Settings
+from cicd_ray.master import Master
+from cicd_ray.spec import parse_pipeline
+from cicd_ray.worker import NAMESPACE
+
+
+def until_answers(handle) -> float:
+    t0 = time.perf_counter()
+    while True:
+        try:
+            ray.get(handle.ping.remote(), timeout=5)
+            return time.perf_counter() - t0
+        except ray.exceptions.RayError:
+            time.sleep(0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=5)
+    args = parser.parse_args()
+    settings = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-recovery-")))
+    cluster.connect(settings=settings, num_cpus=6)
+    master = cluster.ensure_master(settings)
+    doc = {"name": "survive", "steps": [{"name": "long", "run": f"sleep {3 * args.kills + 5}"}]}
+    run_id = cluster.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
+    while ray.get(master.get_run.remote(run_id))["steps"][0]["state"] != "running":
+        time.sleep(0.05)
+
+    restarts = []
+    for _ in range(args.kills):
+        ray.kill(master, no_restart=False)
+        restarts.append(until_answers(master))
+        time.sleep(2)  # let the workers re-register before the next kill
+
+    colds = []
+    for i in range(args.kills):
+        other = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-cold-")), pools={})
+        t0 = time.perf_counter()
+        fresh = ray.remote(Master).options(name=f"cold-{i}", namespace=NAMESPACE,
+                                           num_cpus=0, max_restarts=-1).remote(other)
+        until_answers(fresh)
+        colds.append(time.perf_counter() - t0)
+        ray.kill(fresh)
+
+    while ray.get(master.wait.remote(run_id, 60.0)) not in ("succeeded", "failed", "cancelled"):
+        pass
+    view = ray.get(master.get_run.remote(run_id))
+    print(f"cicd-ray master recovery ({args.kills} kills, ray {ray.__version__})")
+    print(f"{'':34}{'median':>10}{'max':>10}")
+    print(f"{'killed -> answering again':34}{statistics.median(restarts):>9.2f}s"
+          f"{max(restarts):>9.2f}s")
+    print(f"{'cold start -> answering (baseline)':34}{statistics.median(colds):>9.2f}s"
+          f"{max(colds):>9.2f}s")
+    print(f"{'ratio':34}{statistics.median(restarts) / statistics.median(colds):>10.2f}")
+    step = view["steps"][0]
+    print(f"the run: {view['run']['state']}, its step ran {step['attempts']} time(s) "
+          f"through {args.kills} master restarts")
+    cluster.shutdown_embedded(master)
+
+
+if __name__ == "__main__":
+    main()
