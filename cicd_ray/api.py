@@ -166,13 +166,15 @@ def create_app(token_digests: list[str] | None = None,
                        attempt: Annotated[int | None, Query(ge=1)] = None):
         """A step's log as text (its last attempt unless `attempt` is given), from byte `offset`.
         With `follow=true` the response streams until the attempt ends. The `X-Attempt` header
-        names the attempt, so a client that lost the stream resumes with `offset` and it."""
+        names the attempt (`X-Attempt-State` its state, `X-More` whether its log can still
+        grow), so a client that lost the stream resumes with `offset` and it."""
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
         first = await master.call("step_log", run_id, step, attempt, offset)
         if "error" in first:
             raise HTTPException(404, detail=first["error"])
-        headers = {"X-Attempt": str(first["attempt"] or ""), "Cache-Control": "no-store"}
+        headers = {"X-Attempt": str(first["attempt"] or ""), "X-Attempt-State": first["state"],
+                   "X-More": "true" if first["more"] else "false", "Cache-Control": "no-store"}
         if not follow:
             return Response(first["data"], media_type="text/plain; charset=utf-8",
                             headers=headers)

@@ -6,13 +6,15 @@ so the CLI renders them one way.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, NotFound
 from cicd_ray.spec import PipelineSpec
-from cicd_ray.states import StepState
+from cicd_ray.states import RunState
 from cicd_ray.store import open_store, run_view, step_log
 
 
@@ -32,6 +34,24 @@ class Runner(Reader, Protocol):
                env: dict[str, str]) -> str: ...
 
     def cancel(self, run_id: str) -> str: ...
+
+
+def follow(view: Callable[[str], dict], run_id: str,
+           on_update: Callable[[dict], None] | None = None, poll_s: float = 0.25,
+           timeout_s: float | None = None) -> dict:
+    """Poll a run's view until the run ends, calling `on_update` with each; the final view.
+    TimeoutError past `timeout_s`."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        current = view(run_id)
+        if on_update is not None:
+            on_update(current)
+        if RunState(current["run"]["state"]).terminal:
+            return current
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {current['run']['state']} after "
+                               f"{timeout_s} s")
+        time.sleep(poll_s)
 
 
 class StoreReader:
@@ -131,13 +151,10 @@ class HttpRunner:
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
         response = self.client.log_response(run_id, step, attempt, offset)
-        number = response.headers.get("x-attempt") or None
-        view = self.view(run_id)
-        chosen = next((a for a in view["attempts"] if a["step"] == step
-                       and str(a["number"]) == number), None)
-        state = chosen["state"] if chosen else "queued"
-        return {"attempt": int(number) if number else None, "state": state,
-                "data": response.content, "more": state == StepState.RUNNING.value}
+        number = response.headers.get("x-attempt")
+        return {"attempt": int(number) if number else None,
+                "state": response.headers.get("x-attempt-state", "queued"),
+                "data": response.content, "more": response.headers.get("x-more") == "true"}
 
     def workers(self) -> list[dict]:
         return self.client.workers()

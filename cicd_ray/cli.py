@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader
+from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader, follow
 from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, SpecError
 from cicd_ray.spec import load_pipeline, plan
@@ -152,17 +152,10 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
 
 
 def _follow_run(runner: Runner, run_id: str, timeout: float | None) -> dict:
-    printer = _ProgressPrinter()
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while True:
-            view = runner.view(run_id)
-            printer.update(view)
-            if RunState(view["run"]["state"]).terminal:
-                return view
-            if deadline is not None and time.monotonic() > deadline:
-                raise _fail(f"run {run_id} still {view['run']['state']} after {timeout} s")
-            time.sleep(0.25)
+        return follow(runner.view, run_id, _ProgressPrinter().update, timeout_s=timeout)
+    except TimeoutError as e:
+        raise _fail(str(e)) from None
     except KeyboardInterrupt:
         err.print("interrupted: cancelling the run")
         runner.cancel(run_id)

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from cicd_ray.errors import MasterUnavailable, NotFound, SpecError
 from cicd_ray.master import master_actor
 from cicd_ray.source import snapshot, source_folder
 from cicd_ray.spec import PipelineSpec
-from cicd_ray.states import RunState
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
 
 MASTER_START_TIMEOUT_S = 120.0
@@ -76,19 +74,16 @@ def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Pat
 
 def follow(master, run_id: str, on_update: Callable[[dict], None] | None = None,
            poll_s: float = 0.25, timeout_s: float | None = None) -> dict:
-    """Poll the run until it ends; call `on_update` with each view. Returns the final view."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        view = call(master.get_run.remote(run_id))
-        if view is None:
-            raise NotFound(f"run {run_id!r} does not exist")
-        if on_update is not None:
-            on_update(view)
-        if RunState(view["run"]["state"]).terminal:
-            return view
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} still {view['run']['state']} after {timeout_s} s")
-        time.sleep(poll_s)
+    """Poll the run through the master until it ends. Returns the final view."""
+    from cicd_ray.backends import follow as follow_view
+
+    def view(rid: str) -> dict:
+        current = call(master.get_run.remote(rid))
+        if current is None:
+            raise NotFound(f"run {rid!r} does not exist")
+        return current
+
+    return follow_view(view, run_id, on_update, poll_s, timeout_s)
 
 
 def shutdown_embedded(master) -> None:

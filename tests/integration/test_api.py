@@ -73,6 +73,9 @@ def test_log_resumes_from_an_offset(client):
     run = client.submit({"name": "offset", "steps": [{"name": "s", "run": "echo abcdef"}]})
     run.wait(timeout=30, poll_s=0.2)
     assert client.log(run.id, "s", offset=3) == "def\n"
+    headers = client.log_response(run.id, "s").headers
+    assert (headers["x-attempt"], headers["x-attempt-state"], headers["x-more"]) == (
+        "1", "succeeded", "false")
 
 
 def test_cancel_a_running_step_kills_its_processes(client, tmp_path):
