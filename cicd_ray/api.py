@@ -2,7 +2,9 @@
 
 `create_app()` builds the FastAPI app; `app` (import path `cicd_ray.api:app`) is the Serve
 application for `serve run`, `serve deploy` and a RayService's `serveConfigV2`. The API holds no
-state: every answer comes from the master, which answers from the store.
+state. Writes go to the master; reads of runs and logs come from the store itself (the master
+names it), so they go on while the master restarts or the GCS is down. A pipeline is validated
+here too, so bad input gets its 422 even when the master cannot answer.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
-from cicd_ray.spec import GitSource
+from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline
 from cicd_ray.states import RunState
+from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
 
 API = "/api/v1"
@@ -80,12 +84,44 @@ class _Master:
                 headers={"Retry-After": RETRY_AFTER_S}) from None
 
 
+class _Reads:
+    """Reads answered from the store the master writes, opened on first use; through the master
+    while the store is unknown or not reachable from here (a SQLite file on another node)."""
+
+    def __init__(self, master: _Master) -> None:
+        self.master = master
+        self._store: Store | None = None
+        self._looked = False
+
+    async def call(self, method: str, *args: Any) -> Any:
+        store = await self._open()
+        if store is None:
+            return await self.master.call(method, *args)
+        read = {"get_run": run_view, "list_runs": runs_page, "step_log": log_answer}[method]
+        try:
+            return await asyncio.to_thread(read, store, *args)
+        except StoreError as e:
+            raise HTTPException(503, detail=f"the store is not answering: {e}",
+                                headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    async def _open(self) -> Store | None:
+        if not self._looked:
+            info = await self.master.call("ping")
+            try:
+                self._store = await asyncio.to_thread(open_reader, info["store"])
+            except StoreError:
+                self._store = None
+            self._looked = True
+        return self._store
+
+
 def create_app(token_digests: list[str] | None = None,
                max_body_bytes: int | None = None) -> FastAPI:
     """The FastAPI app. Tokens default to the environment (see `cicd_ray.auth`)."""
     app = FastAPI(title="cicd-ray", version="1",
                   description="Submit, watch and cancel CI/CD pipeline runs on Ray.")
     master = _Master()
+    reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
@@ -124,6 +160,10 @@ def create_app(token_digests: list[str] | None = None,
             except (binascii.Error, ValueError):
                 raise HTTPException(422, detail="source.archive: not valid base64") from None
             source = (hashlib.sha256(data).hexdigest(), data)
+        problems = _check(pipeline, req.env)
+        if problems:
+            return JSONResponse({"detail": "; ".join(problems), "problems": problems},
+                                status_code=422)
         answer = await master.call("submit", pipeline, req.env, source, idempotency_key)
         if "problems" in answer:
             return JSONResponse({"detail": "; ".join(answer["problems"]),
@@ -138,14 +178,14 @@ def create_app(token_digests: list[str] | None = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 50,
                         offset: Annotated[int, Query(ge=0)] = 0) -> dict:
         """Runs, newest first, filtered by state and pipeline name, a page at a time."""
-        runs = await master.call("list_runs", state.value if state else None, pipeline, limit,
+        runs = await reads.call("list_runs", state.value if state else None, pipeline, limit,
                                  offset)
         return {"runs": runs, "limit": limit, "offset": offset}
 
     @app.get(f"{API}/runs/{{run_id}}", dependencies=guarded, tags=["runs"])
     async def get_run(run_id: RunId) -> dict:
         """The run with every step (state, attempts, times, worker, exit code) and attempt."""
-        view = await master.call("get_run", run_id)
+        view = await reads.call("get_run", run_id)
         if view is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return view
@@ -170,7 +210,7 @@ def create_app(token_digests: list[str] | None = None,
         grow), so a client that lost the stream resumes with `offset` and it."""
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
-        first = await master.call("step_log", run_id, step, attempt, offset)
+        first = await reads.call("step_log", run_id, step, attempt, offset)
         if "error" in first:
             raise HTTPException(404, detail=first["error"])
         headers = {"X-Attempt": str(first["attempt"] or ""), "X-Attempt-State": first["state"],
@@ -178,7 +218,7 @@ def create_app(token_digests: list[str] | None = None,
         if not follow:
             return Response(first["data"], media_type="text/plain; charset=utf-8",
                             headers=headers)
-        return StreamingResponse(_follow(master, run_id, step, attempt, offset, first),
+        return StreamingResponse(_follow(reads, run_id, step, attempt, offset, first),
                                  media_type="text/plain; charset=utf-8", headers=headers)
 
     @app.get(f"{API}/workers", dependencies=guarded, tags=["cluster"])
@@ -192,6 +232,15 @@ def create_app(token_digests: list[str] | None = None,
         return {"pools": await master.call("queue")}
 
     return app
+
+
+def _check(pipeline: str | dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The problems this replica can see without the master (which also checks pools)."""
+    try:
+        parse_pipeline(pipeline)
+    except SpecError as e:
+        return e.problems
+    return check_env_overrides(env)
 
 
 def _with_git_source(pipeline: str | dict[str, Any], git: GitSource) -> str | dict[str, Any]:
@@ -267,7 +316,7 @@ class BodyLimit:
                            status_code=413)({"type": "http"}, None, send)
 
 
-async def _follow(master: _Master, run_id: str, step: str, attempt: int | None, offset: int,
+async def _follow(reads: _Reads, run_id: str, step: str, attempt: int | None, offset: int,
                   answer: dict) -> AsyncIterator[bytes]:
     # Follow one attempt: the one that was current when the request came, or the first one.
     pinned = attempt or answer["attempt"]
@@ -279,7 +328,7 @@ async def _follow(master: _Master, run_id: str, step: str, attempt: int | None, 
             return
         await asyncio.sleep(FOLLOW_POLL_S)
         try:
-            answer = await master.call("step_log", run_id, step, pinned, offset)
+            answer = await reads.call("step_log", run_id, step, pinned, offset)
         except HTTPException:
             return  # the master went away mid-stream: the client resumes from its offset
         if "error" in answer:

@@ -19,12 +19,12 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import NotFound, SpecError, StoreError
+from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
-from cicd_ray.states import RunState, StepState
-from cicd_ray.store import open_store, run_view, step_log
+from cicd_ray.states import StepState
+from cicd_ray.store import log_answer, open_store, run_view, runs_page
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Master:
 
     async def ping(self) -> dict:
         return {"master": MASTER_NAME, "pid": os.getpid(), "started_at": self.started_at,
-                "pools": sorted(self.settings.pools)}
+                "pools": sorted(self.settings.pools), "store": self.settings.store_url}
 
     async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
                      source: tuple[str, bytes] | None = None,
@@ -118,16 +118,12 @@ class Master:
 
     async def list_runs(self, state: str | None = None, pipeline: str | None = None,
                         limit: int = 50, offset: int = 0) -> list[dict]:
-        runs = self.store.list_runs(RunState(state) if state else None, pipeline, limit, offset)
-        return [r.model_dump(mode="json") for r in runs]
+        return runs_page(self.store, state, pipeline, limit, offset)
 
     async def step_log(self, run_id: str, step: str, attempt: int | None = None,
                        offset: int = 0) -> dict:
         """A step's log from `offset`, with whether more can come: {"error": ...} if unknown."""
-        try:
-            return step_log(self.store, run_id, step, attempt, offset)
-        except NotFound as e:
-            return {"error": str(e)}
+        return log_answer(self.store, run_id, step, attempt, offset)
 
     async def queue(self) -> dict[str, dict]:
         return self.sched.queue_view(time.time())

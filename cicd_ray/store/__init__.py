@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.store.base import Store, run_view, step_log
+from cicd_ray.store.base import Store, log_answer, run_view, runs_page, step_log
 from cicd_ray.store.sqlite import SqliteStore
 
-__all__ = ["SqliteStore", "Store", "open_store", "run_view", "step_log"]
+__all__ = ["SqliteStore", "Store", "log_answer", "open_reader", "open_store", "run_view",
+           "runs_page", "step_log"]
 
 
 def open_store(url: str | Path) -> Store:
@@ -26,3 +27,14 @@ def open_store(url: str | Path) -> Store:
         raise StoreError(f"store URL {text.split('@')[-1]!r}: unknown scheme {scheme!r}; use "
                          "sqlite:///PATH or redis://HOST:PORT/DB")
     return SqliteStore(Path(text))
+
+
+def open_reader(url: str | Path) -> Store | None:
+    """The store for a process that only reads it (the API): None for a SQLite file that does
+    not exist here, which opening would create empty (the master runs on another machine)."""
+    text = str(url)
+    if "://" not in text or text.startswith("sqlite:///"):
+        path = Path(text[len("sqlite://"):] if text.startswith("sqlite:///") else text)
+        if not path.exists():
+            return None
+    return open_store(url)

@@ -61,6 +61,22 @@ def run_view(store: Store, run_id: str) -> dict | None:
             "attempts": [a.model_dump(mode="json") for a in store.get_attempts(run_id)]}
 
 
+def runs_page(store: Store, state: str | None = None, pipeline: str | None = None,
+              limit: int = 50, offset: int = 0) -> list[dict]:
+    """A page of runs, newest first, JSON-ready."""
+    runs = store.list_runs(RunState(state) if state else None, pipeline, limit, offset)
+    return [r.model_dump(mode="json") for r in runs]
+
+
+def log_answer(store: Store, run_id: str, step: str, attempt: int | None = None,
+               offset: int = 0) -> dict:
+    """`step_log` for a caller across a process boundary: {"error": ...} instead of NotFound."""
+    try:
+        return step_log(store, run_id, step, attempt, offset)
+    except NotFound as e:
+        return {"error": str(e)}
+
+
 def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
              offset: int = 0) -> dict:
     """A step's log from byte `offset`, as every reader of a store answers it:

@@ -55,33 +55,51 @@ def test_worker_killed_without_infra_retry_fails_the_step_with_the_reason(harnes
     assert f"worker {step['worker_id']} lost" in build["reason"]
 
 
-def test_master_killed_mid_run_restarts_from_the_store_and_the_run_completes(harness):
-    run_id = harness.submit({"name": "survive", "steps": [
-        {"name": "first", "run": "echo one"},
-        {"name": "slow", "needs": ["first"], "retry": {"max": 2, "on": ["infra"]},
-         "run": "sleep 2; echo two"},
-        {"name": "last", "needs": ["slow"], "run": "echo three"},
-    ]})
-    harness.wait_for_step(run_id, "slow", StepState.RUNNING)
+def sigkill_master(harness) -> int:
+    """SIGKILL the master's process, as the kernel's OOM killer or a crash would; returns the
+    time from the kill to a new master answering."""
     pid_before = ray.get(harness.master.ping.remote())["pid"]
-    ray.kill(harness.master, no_restart=False)
+    os.kill(pid_before, signal.SIGKILL)
     t0 = time.monotonic()
-    master = None
     while time.monotonic() - t0 < 60:
         try:
             master = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
-            info = ray.get(master.ping.remote(), timeout=5)
-            break
+            if ray.get(master.ping.remote(), timeout=5)["pid"] != pid_before:
+                return time.monotonic() - t0
         except (ValueError, ray.exceptions.RayError):
-            time.sleep(0.1)
-    assert info["pid"] != pid_before
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the master did not come back within 60 s")
+
+
+def test_master_sigkilled_twice_mid_run_restarts_from_the_store_and_the_run_completes(harness):
+    run_id = harness.submit({"name": "survive", "steps": [
+        {"name": "first", "run": "echo one"},
+        {"name": "slow", "needs": ["first"], "retry": {"max": 2, "on": ["infra"]},
+         "run": "sleep 3; echo two"},
+        {"name": "later", "needs": ["slow"], "run": "sleep 2; echo three"},
+        {"name": "last", "needs": ["later"], "run": "echo four"},
+    ]})
+    harness.wait_for_step(run_id, "slow", StepState.RUNNING)
+    assert sigkill_master(harness) < 30
+    harness.wait_for_step(run_id, "later", StepState.RUNNING)
+    assert sigkill_master(harness) < 30
     view = harness.wait(run_id, timeout_s=60)
     assert view["run"]["state"] == "succeeded"
-    assert [s["state"] for s in view["steps"]] == ["succeeded"] * 3
-    # The step that ran through the restart was followed, not run again.
-    assert harness.step(view, "slow")["attempts"] == 1
+    assert [s["state"] for s in view["steps"]] == ["succeeded"] * 4
+    # The steps that ran through the restarts were followed, not run again.
+    assert [s["attempts"] for s in view["steps"]] == [1, 1, 1, 1]
     assert harness.log(run_id, "slow") == "two\n"
-    assert harness.log(run_id, "last") == "three\n"
+    assert harness.log(run_id, "last") == "four\n"
+
+
+def test_a_submission_acknowledged_just_before_the_master_dies_still_runs(harness):
+    run_id = harness.submit({"name": "acked", "steps": [
+        {"name": "a", "run": "echo a"}, {"name": "b", "needs": ["a"], "run": "echo b"}]})
+    sigkill_master(harness)  # at once: the run id is all the client has
+    view = harness.wait(run_id, timeout_s=60)
+    assert view["run"]["state"] == "succeeded"
+    assert harness.log(run_id, "b") == "b\n"
 
 
 def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness):
@@ -121,3 +139,64 @@ def test_frozen_worker_misses_heartbeats_and_its_step_is_retried_elsewhere(harne
     assert first["reason"].startswith(f"worker {frozen} lost: no heartbeat for")
     assert took < 30, first["reason"]
     assert harness.log(run_id, "build") == "done on 2\n"
+
+
+def test_the_api_while_the_master_cannot_answer(harness, api):
+    """Frozen (SIGSTOP, the worst case: calls hang rather than fail), then killed: bad input
+    still gets its 4xx at once and changes nothing, reads come from the store, and a write
+    gets 503 with a retry hint within the API's timeout instead of hanging."""
+    import httpx
+
+    from cicd_ray.api import MASTER_TIMEOUT_S
+    from cicd_ray.store import open_store
+    from tests.integration.conftest import API_TOKEN
+
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    done = harness.run({"name": "before", "steps": [{"name": "hi", "run": "echo hi"}]})
+    run_id = done["run"]["id"]
+    store = open_store(harness.settings.store_url)
+    stored = len(store.list_runs(limit=500))
+    assert httpx.get(f"{api}/api/v1/runs/{run_id}", headers=auth).status_code == 200
+    pid = ray.get(harness.master.ping.remote())["pid"]
+    bad = [
+        ({"pipeline": "name: x\nsteps: [{name: a, run: true, tiemout: 3}]"}, 422, "tiemout"),
+        ({"pipeline": "steps: ["}, 422, "YAML"),
+        ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "true"}]},
+          "env": {"CICD_RUN_ID": "x"}}, 422, "CICD_RUN_ID"),
+    ]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=api, headers=auth, timeout=MASTER_TIMEOUT_S + 20) as http:
+            for body, status, words in bad:
+                t0 = time.monotonic()
+                r = http.post("/api/v1/runs", json=body)
+                assert (r.status_code, time.monotonic() - t0 < 3) == (status, True), r.text
+                assert words in r.json()["detail"]
+            assert httpx.get(f"{api}/api/v1/runs", timeout=3).status_code == 401
+            r = http.get(f"/api/v1/runs/{run_id}")
+            assert r.status_code == 200 and r.json()["run"]["state"] == "succeeded"
+            r = http.get(f"/api/v1/runs/{run_id}/steps/hi/log")
+            assert (r.status_code, r.text) == (200, "hi\n")
+            assert http.get("/api/v1/runs/nope-123").status_code == 404
+            t0 = time.monotonic()
+            r = http.post("/api/v1/runs", json={"pipeline": {
+                "name": "later", "steps": [{"name": "a", "run": "true"}]}})
+            waited = time.monotonic() - t0
+            assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            assert waited < MASTER_TIMEOUT_S + 5
+            os.kill(pid, signal.SIGKILL)
+            r = http.post("/api/v1/runs", json=bad[0][0])
+            assert r.status_code == 422
+            assert http.get(f"/api/v1/runs/{run_id}").status_code == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # The frozen master may have stored the submission that timed out: never the bad ones.
+    assert len(store.list_runs(limit=500)) - stored <= 1
+    assert {r.pipeline for r in store.list_runs(limit=500)[:1]} <= {"before", "later"}
+    client_deadline = time.monotonic() + 60
+    while time.monotonic() < client_deadline:
+        if httpx.get(f"{api}/healthz").status_code == 200:
+            break
+        time.sleep(0.2)
+    assert httpx.get(f"{api}/healthz").json()["master"] is True
