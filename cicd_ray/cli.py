@@ -346,16 +346,32 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
 def up(port: int = typer.Option(8000, help="the API's port"),
        host: str = typer.Option("127.0.0.1", help="the address the API listens on"),
        address: str | None = typer.Option(None, help="join this Ray cluster instead of "
-                                          "starting a local head")):
+                                          "starting a local head"),
+       ha: str | None = typer.Option(
+           None, help="GCS fault tolerance: keep the head's GCS tables in this Redis "
+           "(redis://[:PASSWORD@]HOST:PORT); `up` again after the head died replaces it"),
+       ha_namespace: str = typer.Option("cicd-ray", help="the GCS's key prefix in that Redis "
+                                        "(one per cluster)"),
+       head_cpus: int | None = typer.Option(None, help="CPUs the head offers (0: steps and "
+                                            "workers only on worker nodes)"),
+       proxy_location: str = typer.Option("EveryNode", help="Serve's HTTP proxies: EveryNode "
+                                          "(the API survives the head) or HeadOnly"),
+       ray_port: int | None = typer.Option(None, help="the new head's GCS port (Ray's "
+                                           "default: 6379)")):
     """Start (or join) a Ray cluster with the master and the HTTP API, and leave it running."""
     from cicd_ray import server
 
     try:
-        started = server.up(Settings.from_env(), host=host, port=port, address=address)
+        options = server.Ha.from_url(ha, ha_namespace) if ha else None
+        started = server.up(Settings.from_env(), host=host, port=port, address=address,
+                            ha=options, head_cpus=head_cpus, proxy_location=proxy_location,
+                            ray_port=ray_port)
     except CicdError as e:
         raise _fail(str(e)) from None
-    out.print(f"cicd-ray is up on Ray at {started.address}"
-              f"{' (a local head started for it)' if started.started_head else ''}")
+    how = (" (a new head replaced the one that died)" if started.replaced_head
+           else " (a local head started for it)" if started.started_head else "")
+    out.print(f"cicd-ray is up on Ray at {started.address}{how}"
+              f"{'; GCS fault tolerance on ' + options.redis_address if options else ''}")
     out.print(f"  API:        {started.api_url}   (OpenAPI: {started.api_url}/docs)")
     if started.dashboard_url:
         out.print(f"  dashboard:  {started.dashboard_url}   (Ray's token: `ray get-auth-token`)")

@@ -5,6 +5,7 @@ Everything has a default that works on a laptop; a deployment sets the environme
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,9 @@ class PoolConfig(BaseModel):
     workers: int = Field(2, ge=0, le=1000)
     cpus: float = Field(2.0, gt=0, le=1024)
     memory_mb: int = Field(4096, ge=0)
+    # Custom Ray resources each worker asks for, e.g. {"pool-linux": 1}: only nodes started
+    # with them (`ray start --resources`, a KubeRay worker group's rayStartParams) take it.
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 def default_pools() -> dict[str, PoolConfig]:
@@ -58,6 +62,9 @@ class Settings(BaseModel):
     source_limit_bytes: int = 200 * 1024 * 1024
 
     store: str | None = None  # a store URL; None: the SQLite file under `home`
+    # Custom Ray resources the master asks for, e.g. {"cicd-control": 0.01}: with a resource
+    # only worker nodes carry, the master stays off the head node and outlives its replacement.
+    master_resources: dict[str, float] = Field(default_factory=dict)
 
     @property
     def store_path(self) -> Path:
@@ -87,6 +94,12 @@ class Settings(BaseModel):
         for var, field in numbers.items():
             if env.get(var):
                 values[field] = env[var]
+        if env.get("CICD_RAY_MASTER_RESOURCES"):
+            try:
+                values["master_resources"] = json.loads(env["CICD_RAY_MASTER_RESOURCES"])
+            except ValueError as e:
+                raise SpecError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
+                                 'such as {"cicd-control": 0.01}'], source="environment") from None
         values["keep_workspaces"] = env.get("CICD_RAY_KEEP_WORKSPACES", "") in ("1", "true")
         try:
             return cls.model_validate(values)

@@ -306,4 +306,5 @@ def master_actor(settings: Settings):
     return ray.remote(Master).options(
         name=MASTER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, num_cpus=0, max_concurrency=1000,
+        resources=dict(settings.master_resources) or None,
     )

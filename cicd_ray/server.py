@@ -36,6 +36,36 @@ SERVE_APP = "cicd"
 SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 SERVE_NAMESPACE = "serve"
 READY_TIMEOUT_S = 120.0
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")  # Serve's ProxyLocation values
+
+
+@dataclass
+class Ha:
+    """Ray's GCS fault tolerance: the GCS keeps its tables in this Redis, so a restarted GCS or
+    a replaced head finds the cluster (nodes, actors, the master) where it was."""
+
+    redis_address: str  # host:port
+    password: str | None = None
+    namespace: str = "cicd-ray"
+    # How long raylets and workers wait for the GCS before giving up: longer than a head
+    # restart takes (Ray's default is 60 s).
+    reconnect_timeout_s: int = 120
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "cicd-ray") -> Ha:
+        """`redis://[:password@]host:port` or `host:port`."""
+        found = re.fullmatch(r"(?:rediss?://)?(?::([^@]*)@)?([^:/@]+):(\d+)/?(\d*)", url.strip())
+        if not found:
+            raise CicdError(f"--ha {url!r}: expected redis://[:PASSWORD@]HOST:PORT or HOST:PORT")
+        password, host, port = found.group(1), found.group(2), found.group(3)
+        return cls(redis_address=f"{host}:{port}", password=password or None,
+                   namespace=namespace)
+
+    def env(self) -> dict[str, str]:
+        """What the head's processes need in their environment (Ray reads RAY_* settings)."""
+        return {"RAY_REDIS_ADDRESS": self.redis_address,
+                "RAY_external_storage_namespace": self.namespace,
+                "RAY_gcs_rpc_server_reconnect_timeout_s": str(self.reconnect_timeout_s)}
 
 
 @dataclass
@@ -45,6 +75,7 @@ class Up:
     address: str
     token: str | None  # set only when `up` created it: shown once, never stored
     started_head: bool
+    replaced_head: bool = False
 
 
 def _state_file(settings: Settings) -> Path:
@@ -60,14 +91,23 @@ def _ray_cli() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def _start_head(cpus: int, dashboard_host: str) -> str:
+def _start_head(cpus: int, dashboard_host: str, port: int | None = None,
+                ha: Ha | None = None) -> str:
     """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
     # The dashboard agent's HTTP port (52365 by default) is held by any other Ray instance on
     # this machine, and without its agent a head takes no job submissions: pick a free one.
     cmd = [_ray_cli(), "start", "--head", f"--num-cpus={cpus}",
            f"--dashboard-host={dashboard_host}", "--disable-usage-stats",
            f"--dashboard-agent-listen-port={_free_port()}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    if port is not None:
+        cmd.append(f"--port={port}")
+        _forget_current_cluster(port)  # a dead head's note would stop `ray start` here
+    env = dict(os.environ)
+    if ha is not None:
+        env.update(ha.env())
+        if ha.password:
+            cmd += ["--redis-username=default", f"--redis-password={ha.password}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise CicdError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
     return "auto"
@@ -104,15 +144,30 @@ def _digests(settings: Settings) -> tuple[list[str], str | None]:
 
 
 def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
-       address: str | None = None) -> Up:
+       address: str | None = None, ha: Ha | None = None, head_cpus: int | None = None,
+       proxy_location: str = "EveryNode", ray_port: int | None = None) -> Up:
+    """Start or join the cluster, make sure the master runs, deploy the API.
+
+    With `ha`, the head keeps the GCS's tables in Redis; `up` again with the same options after
+    the head died starts a new head on the same address, and the cluster, the master and the
+    runs carry on (what KubeRay does when it restarts a head pod)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if proxy_location not in PROXY_LOCATIONS:
+        raise CicdError(f"--proxy-location {proxy_location!r}: expected one of "
+                        f"{', '.join(PROXY_LOCATIONS)}")
     previous = _read_state(settings)
-    started_head = False
+    started_head = replaced = False
+    if head_cpus is None:
+        wanted = sum(p.workers * p.cpus for p in settings.pools.values())
+        head_cpus = max(os.cpu_count() or 1, int(wanted) + 1)
     if address is None and previous.get("started_head") and _alive(previous["address"]):
         address, started_head = previous["address"], True  # `up` again: the same head
+    elif address is None and previous.get("started_head") and ha is not None:
+        gcs_port = int(previous["address"].rpartition(":")[2])
+        address = _start_head(head_cpus, host, port=gcs_port, ha=ha)
+        started_head = replaced = True
     elif address is None:
-        wanted = sum(p.workers * p.cpus for p in settings.pools.values())
-        address = _start_head(max(os.cpu_count() or 1, int(wanted) + 1), host)
+        address = _start_head(head_cpus, host, port=ray_port, ha=ha)
         started_head = True
     context = _join(address, started_head)
     gcs = ray.get_runtime_context().gcs_address
@@ -122,7 +177,7 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     from cicd_ray.api import build
 
     _check_serve_port(host, port)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     serve.run(build(digests), name=SERVE_APP, route_prefix="/", blocking=False)
     api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     _wait_healthy(api_url)
@@ -130,7 +185,7 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     _state_file(settings).write_text(json.dumps(state))
     ray.shutdown()
     return Up(api_url=api_url, dashboard_url=f"http://{dashboard}" if dashboard else "",
-              address=gcs, token=token, started_head=started_head)
+              address=gcs, token=token, started_head=started_head, replaced_head=replaced)
 
 
 def _check_serve_port(host: str, port: int) -> None:
@@ -174,7 +229,12 @@ def _stop_head(gcs_port: int) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    # Ray's note of "the cluster on this machine", which `ray.init()` would try to join.
+    _forget_current_cluster(gcs_port)
+
+
+def _forget_current_cluster(gcs_port: int) -> None:
+    """Remove Ray's note of "the cluster on this machine" when it names this port: `ray.init()`
+    would try to join it, and `ray start --head` on the port refuses while it is there."""
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     with contextlib.suppress(OSError):
         if current.read_text().strip().endswith(f":{gcs_port}"):

@@ -1,0 +1,270 @@
+"""A Ray cluster shaped like a highly available deployment, on this one machine, in separate
+processes: a head with GCS fault tolerance on Redis (`cicd-ray up --ha`, no CPUs) and worker
+nodes (`ray start --address`) that carry the master and the workers. The test process is not a
+Ray driver of it: it speaks HTTP to the API, reads the Redis store, and kills processes.
+
+Each worker node gets its own --temp-dir, so the processes of every node can be told apart:
+a node is everything whose command line names its folder, and their descendants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+MASTER_RESOURCE = "cicd-control"
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def _tree(roots: list[psutil.Process]) -> set[psutil.Process]:
+    found = set()
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            found |= {proc, *proc.children(recursive=True)}
+    return found
+
+def _kill(procs: set[psutil.Process]) -> int:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(list(procs), timeout=10)
+    return len(procs)
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+class Node:
+    """A worker node: one raylet (and its workers and agents) with its own temp folder."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir
+
+    def processes(self) -> set[psutil.Process]:
+        mark = f"{self.temp_dir}/"
+        return _tree([p for p in psutil.process_iter() if mark in _cmdline(p)])
+
+    def actor_pids(self, title: str) -> list[int]:
+        """Actor processes on this node by their title, e.g. "ray::Master"."""
+        return [p.pid for p in self.processes() if _cmdline(p).startswith(title)]
+
+    def kill(self) -> int:
+        return _kill(self.processes())
+
+class HaCluster:
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        self.tmp = tmp
+        self.redis_url = redis_url
+        host_port = redis_url.split("://", 1)[1].rsplit("/", 1)[0]
+        self.gcs_redis = f"redis://{host_port}"
+        self.store_url = f"redis://{host_port}/1"
+        self.ray_port = free_port()
+        self.api_port = free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.token = "ha-token-" + "y" * 20
+        self.nodes: list[Node] = []
+        self._gcs_command: tuple[list[str], dict[str, str]] | None = None
+        pools = tmp / "pools.yaml"
+        pools.write_text("pools:\n  - {name: default, workers: 2, cpus: 1, memory_mb: 256}\n")
+
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("RAY_", "CICD_RAY_"))}
+        self.env.update(
+            PATH=f"{BIN}:{self.env['PATH']}", RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0", CICD_RAY_HOME=str(tmp / "home"),
+            CICD_RAY_STORE=self.store_url, CICD_RAY_POOLS=str(pools),
+            CICD_RAY_TOKENS=self.token,
+            CICD_RAY_MASTER_RESOURCES=json.dumps({MASTER_RESOURCE: 0.01}),
+            CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", CICD_RAY_HEARTBEAT_TIMEOUT_S="6",
+            CICD_RAY_KILL_GRACE_S="1",
+            # Raylets wait this long for a GCS that went away: more than a head restart.
+            RAY_gcs_rpc_server_reconnect_timeout_s="120",
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.token}"})
+
+    # --- starting ------------------------------------------------------------------------------
+
+    def _up_command(self) -> list[str]:
+        """`cicd-ray up --ha` as a head pod's command would run it: first start, or after the
+        head died (it then replaces the head on the same address)."""
+        return [str(BIN / "cicd-ray"), "up", "--ha", self.gcs_redis, "--head-cpus", "0",
+                "--port", str(self.api_port), "--ray-port", str(self.ray_port),
+                "--proxy-location", "HeadOnly"]
+
+    def up(self, timeout_s: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run(self._up_command(), cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    def start(self, nodes: int = 2, cpus: int = 2) -> None:
+        """The head via `up` in the background (it waits for a node to place the master on),
+        then the worker nodes."""
+        started = subprocess.Popen(
+            self._up_command(), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self._wait_port(self.ray_port, 120, started)
+        for _ in range(nodes):
+            self.add_node(cpus)
+        out, _ = started.communicate(timeout=240)
+        assert started.returncode == 0, out
+        self.wait_healthy()
+
+    def add_node(self, cpus: int = 2) -> Node:
+        node = Node(self.tmp / f"node{len(self.nodes)}")
+        node.temp_dir.mkdir(parents=True)
+        cmd = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.ray_port}",
+               f"--num-cpus={cpus}", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
+               f"--resources={json.dumps({MASTER_RESOURCE: 1})}",
+               f"--dashboard-agent-listen-port={free_port()}"]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        self.nodes.append(node)
+        return node
+
+    def _wait_port(self, port: int, timeout_s: float, proc: subprocess.Popen | None = None):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(0.2)
+        raise AssertionError(f"nothing listens on {port} after {timeout_s} s")
+
+    def wait_healthy(self, timeout_s: float = 120) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http.get("/healthz", timeout=5).status_code == 200:
+                    return time.monotonic() - t0
+            time.sleep(0.2)
+        raise AssertionError(f"the API at {self.url} is not healthy after {timeout_s} s")
+
+    # --- the head and its GCS ------------------------------------------------------------------
+
+    def gcs_process(self) -> psutil.Process | None:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.ray_port and conn.pid:
+                return psutil.Process(conn.pid)
+        return None
+
+    def kill_gcs(self) -> None:
+        """SIGKILL the GCS server, keeping its command line and environment to restart it
+        with (what `ray start` gave it: the port, the session, the Redis)."""
+        gcs = self.gcs_process()
+        assert gcs is not None and "gcs_server" in _cmdline(gcs)
+        self._gcs_command = (gcs.cmdline(), gcs.environ())
+        gcs.kill()
+        gcs.wait(10)
+
+    def restart_gcs(self) -> None:
+        argv, env = self._gcs_command
+        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+        self._wait_port(self.ray_port, 60)
+
+    def head_processes(self) -> set[psutil.Process]:
+        """The head: the GCS, the processes naming its session folder or its port, not those
+        of a worker node (which name their own folder), and their descendants."""
+        gcs = self.gcs_process()
+        assert gcs is not None
+        session = re.search(r"--session-dir=(\S+)", _cmdline(gcs)).group(1)
+        nodes = [f"{n.temp_dir}/" for n in self.nodes]
+        roots = [gcs]
+        for proc in psutil.process_iter():
+            line = _cmdline(proc)
+            if "ray" not in line or any(n in line for n in nodes):
+                continue
+            if session in line or f":{self.ray_port}" in line:
+                roots.append(proc)
+        return _tree(roots)
+
+    def kill_head(self) -> int:
+        return _kill(self.head_processes())
+
+    # --- the cluster's actors, through their processes ------------------------------------------
+
+    def actor_pids(self, title: str) -> list[int]:
+        return [pid for node in self.nodes for pid in node.actor_pids(title)]
+
+    def node_of(self, pid: int) -> Node:
+        return next(n for n in self.nodes if pid in {p.pid for p in n.processes()})
+
+    def stop(self) -> None:
+        self.http.close()
+        procs = set()
+        with contextlib.suppress(AssertionError, AttributeError):
+            procs |= self.head_processes()
+        for node in self.nodes:
+            procs |= node.processes()
+        _kill(procs)
+        with contextlib.suppress(OSError):
+            current = Path("/tmp/ray/ray_current_cluster")
+            if current.read_text().strip().endswith(f":{self.ray_port}"):
+                current.unlink()
+
+    # --- runs, as a user sees them ---------------------------------------------------------------
+
+    def submit(self, pipeline: dict, retries_s: float = 60) -> str:
+        deadline = time.monotonic() + retries_s
+        while True:
+            try:
+                r = self.http.post("/api/v1/runs", json={"pipeline": pipeline},
+                                   headers={"Idempotency-Key": json.dumps(pipeline)[:190]})
+                if r.status_code in (200, 201):
+                    return r.json()["run_id"]
+            except httpx.HTTPError:
+                r = None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"submit failed: {r.status_code if r else 'no answer'}")
+            time.sleep(0.5)
+
+    def view(self, run_id: str) -> dict | None:
+        try:
+            r = self.http.get(f"/api/v1/runs/{run_id}", timeout=10)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    def wait(self, run_id: str, timeout_s: float = 180) -> dict:
+        deadline = time.monotonic() + timeout_s
+        view = None
+        while time.monotonic() < deadline:
+            view = self.view(run_id) or view
+            if view and view["run"]["state"] in ("succeeded", "failed", "cancelled"):
+                return view
+            time.sleep(0.3)
+        raise AssertionError(f"run {run_id} did not end: {json.dumps(view)[:2000]}")
+
+    def wait_step(self, run_id: str, step: str, state: str, timeout_s: float = 90) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            view = self.view(run_id)
+            if view:
+                found = next(s for s in view["steps"] if s["spec"]["name"] == step)
+                if found["state"] == state:
+                    return found
+            time.sleep(0.1)
+        raise AssertionError(f"step {step} of {run_id} never reached {state}")
+
+    def log(self, run_id: str, step: str) -> str:
+        return self.http.get(f"/api/v1/runs/{run_id}/steps/{step}/log").text
