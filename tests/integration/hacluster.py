@@ -81,6 +81,7 @@ class HaCluster:
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.token = "ha-token-" + "y" * 20
         self.nodes: list[Node] = []
+        self._added = 0
         self._gcs_command: tuple[list[str], dict[str, str]] | None = None
         pools = tmp / "pools.yaml"
         pools.write_text("pools:\n  - {name: default, workers: 2, cpus: 1, memory_mb: 256}\n")
@@ -128,7 +129,8 @@ class HaCluster:
         self.wait_healthy()
 
     def add_node(self, cpus: int = 2) -> Node:
-        node = Node(self.tmp / f"node{len(self.nodes)}")
+        self._added += 1
+        node = Node(self.tmp / f"node{self._added}")
         node.temp_dir.mkdir(parents=True)
         cmd = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.ray_port}",
                f"--num-cpus={cpus}", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
@@ -205,6 +207,25 @@ class HaCluster:
 
     def actor_pids(self, title: str) -> list[int]:
         return [pid for node in self.nodes for pid in node.actor_pids(title)]
+
+    def wait_for_process(self, text: str, timeout_s: float = 30) -> int:
+        """The pid of a process on a worker node whose command line contains `text`."""
+        found: list[int] = []
+
+        def look() -> bool:
+            found[:] = [p.pid for n in self.nodes for p in n.processes() if text in _cmdline(p)]
+            return bool(found)
+
+        self.wait_for(look, timeout_s)
+        return found[0]
+
+    @staticmethod
+    def wait_for(check, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited {timeout_s} s for {check}")
+            time.sleep(0.1)
 
     def node_of(self, pid: int) -> Node:
         return next(n for n in self.nodes if pid in {p.pid for p in n.processes()})
