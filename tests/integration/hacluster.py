@@ -84,7 +84,7 @@ class HaCluster:
         self._added = 0
         self._gcs_command: tuple[list[str], dict[str, str]] | None = None
         pools = tmp / "pools.yaml"
-        pools.write_text("pools:\n  - {name: default, workers: 2, cpus: 1, memory_mb: 256}\n")
+        pools.write_text("pools:\n  - {name: default, workers: 3, cpus: 1, memory_mb: 256}\n")
 
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RAY_", "CICD_RAY_"))}

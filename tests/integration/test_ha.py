@@ -3,9 +3,13 @@ and restarted, the head replaced, a worker node removed, the master killed, on t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +127,127 @@ def test_a_submission_acknowledged_then_the_master_killed_at_once_on_redis(ha):
     view = ha.wait(run_id)
     assert view["run"]["state"] == "succeeded"
     assert ha.log(run_id, "a") == "a\n"
+
+
+CHAOS_RUNS = 6
+CHAOS_LAYERS, CHAOS_WIDTH = 5, 4  # 20 steps a run
+CHAOS_MAX_S = 150
+
+
+def chaos_pipeline(index: int, ledger: Path, failing: bool) -> dict:
+    """Layers of steps, each needing the layer before; every step appends its run, step and
+    attempt to the ledger first. In the failing pipeline one step exits 3 on every attempt."""
+    steps = []
+    for layer in range(CHAOS_LAYERS):
+        for col in range(CHAOS_WIDTH):
+            name = f"s{layer}-{col}"
+            run = (f'echo "$CICD_RUN_ID $CICD_STEP $CICD_ATTEMPT" >> {ledger}; '
+                   f"sleep {0.5 + (layer * 7 + col * 3 + index) % 9 / 8:.2f}")
+            if failing and name == "s2-1":
+                run += "; exit 3"
+            steps.append({"name": name, "run": run, "retry": {"max": 8, "on": ["infra"]},
+                          "needs": [f"s{layer - 1}-{c}" for c in range(CHAOS_WIDTH)
+                                    if layer]})
+    return {"name": f"chaos-{index}", "steps": steps}
+
+
+class Chaos(threading.Thread):
+    """Kills the master, a worker or the GCS (restarted 1-3 s later) every 1.5-4 s."""
+
+    def __init__(self, ha: HaCluster, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.ha = ha
+        self.random = random.Random(seed)
+        self.stop = threading.Event()
+        self.injected: dict[str, int] = {"master": 0, "worker": 0, "gcs": 0}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.random.uniform(1.5, 4)):
+                kind = self.random.choice(["master", "worker", "worker", "gcs"])
+                if kind == "gcs":
+                    self.ha.kill_gcs()
+                    try:
+                        time.sleep(self.random.uniform(1, 3))
+                    finally:
+                        self.ha.restart_gcs()
+                else:
+                    pids = self.ha.actor_pids("ray::Master" if kind == "master"
+                                              else "ray::Worker")
+                    if not pids:
+                        continue  # restarting: nothing of that kind to kill right now
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.random.choice(pids), signal.SIGKILL)
+                self.injected[kind] += 1
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+@pytest.mark.chaos
+def test_chaos(ha, tmp_path):
+    ledger = tmp_path / "ledger.txt"
+    ledger.touch()
+    chaos = Chaos(ha, seed=int(os.environ.get("CHAOS_SEED", "7")))
+    chaos.start()
+    t0 = time.monotonic()
+    try:
+        runs = {}
+        for i in range(CHAOS_RUNS):
+            failing = i == CHAOS_RUNS - 1
+            runs[ha.submit(chaos_pipeline(i, ledger, failing), retries_s=120)] = failing
+            time.sleep(1)
+        views = {}
+        deadline = t0 + CHAOS_MAX_S
+        while len(views) < len(runs) and time.monotonic() < deadline:
+            for run_id in runs:
+                view = ha.view(run_id)
+                if view and view["run"]["state"] in ("succeeded", "failed", "cancelled"):
+                    views[run_id] = view
+            time.sleep(0.5)
+    finally:
+        chaos.stop.set()
+        chaos.join(timeout=30)
+    assert chaos.error is None, repr(chaos.error)
+    for run_id in set(runs) - set(views):  # the faults have stopped: let them finish
+        views[run_id] = ha.wait(run_id, timeout_s=120)
+    took = time.monotonic() - t0
+
+    lines = [tuple(line.split()) for line in ledger.read_text().splitlines()]
+    executed: dict[tuple[str, str], list[int]] = {}
+    for run_id, step, attempt in lines:
+        executed.setdefault((run_id, step), []).append(int(attempt))
+    steps = retries = lost = 0
+    for run_id, failing in runs.items():
+        view = views[run_id]
+        assert view["run"]["state"] == ("failed" if failing else "succeeded"), view["run"]
+        for step in view["steps"]:
+            name = step["spec"]["name"]
+            steps += 1
+            attempts = [a for a in view["attempts"] if a["step"] == name]
+            numbers = [a["number"] for a in attempts]
+            ran = executed.get((run_id, name), [])
+            # An attempt ran at most once, and only attempts the store recorded ran.
+            assert len(ran) == len(set(ran)) and set(ran) <= set(numbers), (name, ran, numbers)
+            assert numbers == list(range(1, len(numbers) + 1)) == list(
+                range(1, step["attempts"] + 1)), (name, numbers, step["attempts"])
+            # No result applied twice: one succeeded attempt, the last, for a succeeded step.
+            won = [a["number"] for a in attempts if a["state"] == "succeeded"]
+            if step["state"] == "succeeded":
+                assert won == [numbers[-1]] and numbers[-1] in ran, (name, attempts)
+            else:
+                assert not won
+            retries += max(0, len(numbers) - 1)
+            expected = ("succeeded" if not failing else
+                        "failed" if name == "s2-1" else
+                        "skipped" if name[1] in "34" else None)
+            if expected and step["state"] != expected:
+                lost += 1
+    faults = sum(chaos.injected.values())
+    table = (f"\n| faults injected | master | worker | gcs | runs | steps | retries | lost |"
+             f" seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+             f"| {faults} | {chaos.injected['master']} | {chaos.injected['worker']} | "
+             f"{chaos.injected['gcs']} | {len(runs)} | {steps} | {retries} | {lost} | "
+             f"{took:.0f} |")
+    print(table)
+    assert lost == 0 and faults >= 5, table
