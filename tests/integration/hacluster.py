@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
+    """A real redis-server (Debian's; `.ci/run` and `./dev test` install it) on a free port,
+    with AOF on. Returns its URL and process."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: run ./dev test (it installs it) or apt-get"
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(folder), "--appendonly", "yes", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", proc
+
 
 def _tree(roots: list[psutil.Process]) -> set[psutil.Process]:
     found = set()
