@@ -73,15 +73,20 @@ class _Master:
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
-            if self._handle is None:
-                self._handle = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
-            ref = getattr(self._handle, method).remote(*args)
-            return await asyncio.wait_for(ref, MASTER_TIMEOUT_S)
+            return await asyncio.wait_for(self._call(method, *args), MASTER_TIMEOUT_S)
         except (ValueError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
             self._handle = None
             raise HTTPException(
                 503, detail=f"the master is not answering ({type(e).__name__}); retry shortly",
                 headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._handle is None:
+            # A lookup asks the GCS, which may be down: in a thread, so this replica's other
+            # requests (reads from the store, 4xx answers) go on meanwhile.
+            self._handle = await asyncio.to_thread(ray.get_actor, MASTER_NAME,
+                                                   namespace=NAMESPACE)
+        return await getattr(self._handle, method).remote(*args)
 
 
 class _Reads:

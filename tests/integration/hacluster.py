@@ -10,6 +10,7 @@ a node is everything whose command line names its folder, and their descendants.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -268,14 +269,15 @@ class HaCluster:
         deadline = time.monotonic() + retries_s
         while True:
             try:
+                key = hashlib.sha256(json.dumps(pipeline, sort_keys=True).encode()).hexdigest()
                 r = self.http.post("/api/v1/runs", json={"pipeline": pipeline},
-                                   headers={"Idempotency-Key": json.dumps(pipeline)[:190]})
+                                   headers={"Idempotency-Key": key})
                 if r.status_code in (200, 201):
                     return r.json()["run_id"]
-            except httpx.HTTPError:
-                r = None
+            except httpx.TransportError as e:
+                r = e
             if time.monotonic() > deadline:
-                raise AssertionError(f"submit failed: {r.status_code if r else 'no answer'}")
+                raise AssertionError(f"submit failed: {r!r}")
             time.sleep(0.5)
 
     def view(self, run_id: str) -> dict | None:
