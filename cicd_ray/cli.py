@@ -249,7 +249,7 @@ def runs(state: RunState | None = typer.Option(None, help="only runs in this sta
 
 @app.command()
 def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
-    """Show a run's steps: state, attempts, duration, worker."""
+    """Show a run's steps: state, attempts, where the time went, worker."""
     with _reported():
         view = _reader(url).view(run_id)
     if as_json:
@@ -259,13 +259,16 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
     out.print(f"run {run_record['id']} of {run_record['pipeline']}: "
               f"{_styled(run_record['state'])} {escape(run_record['reason'])}")
     last_attempt = {a["step"]: a for a in view["attempts"]}
-    table = Table("step", "state", "attempts", "duration", "worker", "exit", "peak MiB", "reason")
+    table = Table("step", "state", "attempts", "wait slot", "wait capacity", "ran", "worker",
+                  "exit", "peak MiB", "reason")
     for s in view["steps"]:
         last = last_attempt.get(s["spec"]["name"])
         peak = last and last["peak_memory_mb"]
+        ran = last and _duration(last["started_at"], last["finished_at"])
         table.add_row(
             escape(s["spec"]["name"]), _styled(s["state"]), str(s["attempts"]),
-            _fmt_s(_duration(s["started_at"], s["finished_at"])), s["worker_id"] or "",
+            _fmt_s(last["wait_slot_s"]) if last else "",
+            _fmt_s(last["wait_capacity_s"]) if last else "", _fmt_s(ran), s["worker_id"] or "",
             "" if s["exit_code"] is None else str(s["exit_code"]),
             f"{peak:.0f}" if peak else "", escape(s["reason"]),
         )
@@ -357,7 +360,12 @@ def up(port: int = typer.Option(8000, help="the API's port"),
        proxy_location: str = typer.Option("EveryNode", help="Serve's HTTP proxies: EveryNode "
                                           "(the API survives the head) or HeadOnly"),
        ray_port: int | None = typer.Option(None, help="the new head's GCS port (Ray's "
-                                           "default: 6379)")):
+                                           "default: 6379)"),
+       local_autoscaling: Path | None = typer.Option(
+           None, exists=True, dir_okay=False, help="a pools file: start a local autoscaling "
+           "cluster (Ray's fake multi-node provider) with a node type per pool"),
+       node_idle_timeout: float = typer.Option(60.0, help="with --local-autoscaling: seconds "
+                                               "an idle node lives")):
     """Start (or join) a Ray cluster with the master and the HTTP API, and leave it running."""
     from cicd_ray import server
 
@@ -365,7 +373,8 @@ def up(port: int = typer.Option(8000, help="the API's port"),
         options = server.Ha.from_url(ha, ha_namespace) if ha else None
         started = server.up(Settings.from_env(), host=host, port=port, address=address,
                             ha=options, head_cpus=head_cpus, proxy_location=proxy_location,
-                            ray_port=ray_port)
+                            ray_port=ray_port, local_autoscaling=local_autoscaling,
+                            node_idle_timeout_s=node_idle_timeout)
     except CicdError as e:
         raise _fail(str(e)) from None
     how = (" (a new head replaced the one that died)" if started.replaced_head

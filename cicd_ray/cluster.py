@@ -38,7 +38,7 @@ def connect(address: str | None = None, settings: Settings | None = None,
         ray.init(address=address, **quiet)
         return False
     settings = settings or Settings.from_env()
-    wanted = sum(p.workers * p.cpus for p in settings.pools.values())
+    wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
     cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
     return True

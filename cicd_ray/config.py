@@ -11,28 +11,70 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from cicd_ray.errors import SpecError
 from cicd_ray.spec import PIPELINE_NAME
 
 
 class PoolConfig(BaseModel):
-    """One pool of identical worker actors. Steps name the pool that runs them."""
+    """One pool of identical worker actors, sized from its queue. Steps name their pool."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)]
-    workers: int = Field(2, ge=0, le=1000)
-    cpus: float = Field(2.0, gt=0, le=1024)
-    memory_mb: int = Field(4096, ge=0)
+    cpus: float = Field(2.0, gt=0, le=1024, description="CPUs of one worker")
+    memory_mb: int = Field(4096, ge=0, description="memory of one worker")
     # Custom Ray resources each worker asks for, e.g. {"pool-linux": 1}: only nodes started
     # with them (`ray start --resources`, a KubeRay worker group's rayStartParams) take it.
     resources: dict[str, float] = Field(default_factory=dict)
+    slots: int | None = Field(None, ge=1, description="most steps a worker runs at once "
+                              "(unset: as many as its CPUs and memory fit)")
+    workers: int | None = Field(None, ge=0, le=1000, description="a fixed size: sets "
+                                "min_workers and max_workers")
+    min_workers: int = Field(0, ge=0, le=1000)
+    max_workers: int = Field(2, ge=0, le=1000)
+    scale_up_step: int = Field(4, ge=1, description="most workers started at once")
+    cooldown_s: float = Field(5.0, ge=0, description="time between two scale-ups")
+    window_s: float = Field(60.0, ge=0, description="scale down only below the highest "
+                            "need seen over this long")
+    idle_timeout_s: float = Field(60.0, ge=0, description="a worker idle this long may go")
+    target_utilization: float = Field(1.0, gt=0, le=1, description="the share of a worker's "
+                                      "CPUs the sizer plans to fill")
+    price_per_hour: float = Field(0.0, ge=0, description="what a worker costs an hour")
+    budget_per_hour: float | None = Field(None, ge=0, description="the most the pool may "
+                                          "spend an hour")
+    spot: bool = Field(False, description="workers on interruptible capacity")
+    priority: int = Field(0, description="a higher-priority pool gets room first when the "
+                          "cluster is full")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolConfig:
+        if self.workers is not None:
+            given = {f: getattr(self, f) for f in ("min_workers", "max_workers")
+                     if f in self.model_fields_set}
+            if any(v != self.workers for v in given.values()):
+                raise ValueError(f"pool {self.name!r}: give either workers (a fixed size) or "
+                                 "min_workers and max_workers, not both")
+            self.min_workers = self.max_workers = self.workers
+        elif "max_workers" not in self.model_fields_set:
+            self.max_workers = max(self.max_workers, self.min_workers)
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"pool {self.name!r}: min_workers {self.min_workers} is more than "
+                             f"max_workers {self.max_workers}")
+        return self
 
 
 def default_pools() -> dict[str, PoolConfig]:
-    return {"default": PoolConfig(name="default")}
+    """One pool with a warm worker that grows to two under load."""
+    return {"default": PoolConfig(name="default", min_workers=1, max_workers=2)}
 
 
 def load_pools(path: str | Path) -> dict[str, PoolConfig]:

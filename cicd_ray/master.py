@@ -30,6 +30,7 @@ from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_n
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # the longest the master sleeps when nothing happens
+RECENT_S = 600.0  # stopped workers shown for this long
 
 
 class Master:
@@ -129,9 +130,13 @@ class Master:
         return self.sched.queue_view(time.time())
 
     async def workers(self) -> list[dict]:
-        """Every worker the store knows, with the slots in use from the master's memory."""
+        """The live workers and those stopped in the last RECENT_S (the store keeps every
+        worker), with the slots in use from the master's memory."""
         out = []
+        since = time.time() - RECENT_S
         for w in self.store.list_workers():
+            if w.stopped_at is not None and w.stopped_at < since:
+                continue
             cpu, running = self.sched.worker_load(w.id)
             out.append({**w.model_dump(mode="json"), "cpus_in_use": cpu, "running": running})
         return out

@@ -59,6 +59,10 @@ class AttemptRecord(BaseModel):
     peak_memory_mb: float | None = None
     cpu_time_s: float | None = None
     reason: str = ""
+    # Where the time before it started went: waiting for a worker or node to come up (the one
+    # that ran it was not ready yet when it was queued), and waiting for a free slot (the rest).
+    wait_capacity_s: float = 0.0
+    wait_slot_s: float = 0.0
 
 
 class WorkerRecord(BaseModel):
@@ -69,6 +73,9 @@ class WorkerRecord(BaseModel):
     memory_mb: int
     state: WorkerState = WorkerState.STARTING
     started_at: float
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    reason: str = ""  # why it was started, retired or lost
     last_heartbeat: float | None = None
     cpu_percent: float | None = None
     memory_used_mb: float | None = None

@@ -21,12 +21,16 @@ from cicd_ray.records import (
     StepTask,
     WorkerRecord,
 )
+from cicd_ray.sizing import PoolMemory, WorkerView, preempt, size_pool
 from cicd_ray.spec import PlannedStep
 from cicd_ray.states import RunState, StepState, WorkerState, transition
 
 # How many queued steps that do not fit a free slot are passed over, per pool and tick, in
 # search of a smaller one that does (backfill); bounded so a deep queue costs little per tick.
 BACKFILL_SCAN = 64
+# A worker that has waited this long to be placed means the cluster is full (a new node takes
+# less): idle workers of lower-priority pools then make room for it.
+PREEMPT_AFTER_S = 60.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class _Load:
     cpu: float = 0.0
     memory_mb: int = 0
     attempts: set[str] = field(default_factory=set)
+    idle_since: float | None = None
 
 
 def check_fits(steps: list[PlannedStep], pools: dict[str, PoolConfig]) -> list[str]:
@@ -97,6 +102,8 @@ class Scheduler:
         self._out = Decisions()
         # Attempts restored from the store whose worker has not yet confirmed it runs them.
         self._unconfirmed: set[str] = set()
+        self._sizing: dict[str, PoolMemory] = {name: PoolMemory() for name in pools}
+        self._gone: set[str] = set()  # workers lost or retired: stopped if they call again
 
     # --- taking decisions out -------------------------------------------------------------
 
@@ -157,17 +164,21 @@ class Scheduler:
 
     def register_worker(self, worker: WorkerRecord, now: float) -> None:
         known = self.workers.get(worker.id)
-        if worker.pool not in self.pools or (
-                known is not None and known.state in (WorkerState.LOST, WorkerState.STOPPED)):
-            # A worker of no pool we keep, or one we gave up on and replaced: stop it.
+        if worker.pool not in self.pools or worker.id in self._gone:
+            # A worker of no pool we keep, or one we gave up on or retired: stop it.
             self._out.stop_workers.append(worker.id)
             return
         worker.state = WorkerState.READY
         worker.last_heartbeat = now
         if known is not None:
             worker.started_at = known.started_at
+            worker.ready_at = known.ready_at
+            worker.reason = known.reason
+        worker.ready_at = worker.ready_at or now
         self.workers[worker.id] = worker
-        self._load.setdefault(worker.id, _Load())
+        load = self._load.setdefault(worker.id, _Load())
+        if not load.attempts and load.idle_since is None:
+            load.idle_since = now
         self._record(worker)
 
     def heartbeat(self, worker_id: str, usage: dict[str, float], now: float) -> bool:
@@ -187,14 +198,23 @@ class Scheduler:
         worker = self.workers.get(worker_id)
         if worker is None or worker.state in (WorkerState.LOST, WorkerState.STOPPED):
             return
-        worker.state = WorkerState.LOST
-        self._record(worker)
-        self._out.stop_workers.append(worker_id)
+        self._let_go(worker, WorkerState.LOST, f"lost: {reason}", now)
         for attempt_id in list(self._load.pop(worker_id, _Load()).attempts):
             attempt = self.attempts.get(attempt_id)
             if attempt is not None:
                 self._end_attempt(attempt, StepState.FAILED, now, infra=True,
                                   reason=f"worker {worker_id} lost: {reason}")
+
+    def _let_go(self, worker: WorkerRecord, state: WorkerState, reason: str,
+                now: float) -> None:
+        """Stop a worker for good (lost or retired); the store keeps its record."""
+        worker.state = state
+        worker.stopped_at = now
+        worker.reason = reason
+        self._record(worker)
+        self._out.stop_workers.append(worker.id)
+        self.workers.pop(worker.id, None)
+        self._gone.add(worker.id)
 
     # --- outcomes ---------------------------------------------------------------------------
 
@@ -226,6 +246,8 @@ class Scheduler:
             load.attempts.discard(attempt.id)
             load.cpu -= step.spec.cpu
             load.memory_mb -= step.spec.memory_mb
+            if not load.attempts:
+                load.idle_since = now
         step.exit_code = attempt.exit_code
         run = self.runs[attempt.run_id]
         kind = "infra" if infra else ("timeout" if state is StepState.TIMED_OUT else "failure")
@@ -311,13 +333,31 @@ class Scheduler:
                 self._dispatch_pool(pool, heap, now)
 
     def _size_pools(self, now: float) -> None:
+        """Start and retire workers per pool from its queue (see cicd_ray.sizing)."""
+        views: dict[str, list[WorkerView]] = {name: [] for name in self.pools}
+        for w in self.workers.values():
+            if w.pool in views and w.state in (WorkerState.STARTING, WorkerState.READY):
+                load = self._load.get(w.id, _Load())
+                views[w.pool].append(WorkerView(
+                    id=w.id, ready=w.state is WorkerState.READY, started_at=w.started_at,
+                    busy_cpu=load.cpu, busy_steps=len(load.attempts),
+                    idle_since=load.idle_since if not load.attempts else None))
+        for worker_id in preempt(self.pools, views, now, PREEMPT_AFTER_S):
+            self._let_go(self.workers[worker_id], WorkerState.STOPPED,
+                         "retired to make room for a higher-priority pool", now)
+            for pool_views in views.values():
+                pool_views[:] = [v for v in pool_views if v.id != worker_id]
         for pool in self.pools.values():
-            alive = [w for w in self.workers.values() if w.pool == pool.name
-                     and w.state in (WorkerState.STARTING, WorkerState.READY)]
-            for _ in range(pool.workers - len(alive)):
+            queued = [self.steps[e[3]][e[4]].spec.cpu for e in self._ready.get(pool.name, ())
+                      if self._is_queued(e)]
+            sizing = size_pool(pool, views[pool.name], queued, self._sizing[pool.name], now)
+            for worker_id in sizing.retire:
+                self._let_go(self.workers[worker_id], WorkerState.STOPPED,
+                             f"retired: {sizing.why}", now)
+            for _ in range(sizing.start):
                 worker = WorkerRecord(
                     id=f"{pool.name}-{uuid.uuid4().hex[:8]}", pool=pool.name, cpus=pool.cpus,
-                    memory_mb=pool.memory_mb, started_at=now,
+                    memory_mb=pool.memory_mb, started_at=now, reason=f"started: {sizing.why}",
                 )
                 self.workers[worker.id] = worker
                 self._record(worker)
@@ -364,9 +404,12 @@ class Scheduler:
         transition(step.state, StepState.RUNNING)
         step.state = StepState.RUNNING
         step.attempts += 1
+        waited = max(0.0, now - step.queued_at)
+        capacity = min(waited, max(0.0, (worker.ready_at or now) - step.queued_at))
         attempt = AttemptRecord(
             id=f"{run.id}/{step.name}/{step.attempts}", run_id=run.id, step=step.name,
             number=step.attempts, worker_id=worker.id, queued_at=step.queued_at, started_at=now,
+            wait_capacity_s=round(capacity, 3), wait_slot_s=round(waited - capacity, 3),
         )
         step.current_attempt = attempt.id
         step.worker_id = worker.id
@@ -377,6 +420,7 @@ class Scheduler:
         load.cpu += step.spec.cpu
         load.memory_mb += step.spec.memory_mb
         load.attempts.add(attempt.id)
+        load.idle_since = None
         if run.state is RunState.QUEUED:
             transition(run.state, RunState.RUNNING)
             run.state = RunState.RUNNING
@@ -407,7 +451,9 @@ class Scheduler:
             if w.state in (WorkerState.STARTING, WorkerState.READY):
                 w.last_heartbeat = now  # a fresh grace period: heartbeats stopped with us
                 self.workers[w.id] = w
-                self._load[w.id] = _Load()
+                self._load[w.id] = _Load(idle_since=now)
+            else:
+                self._gone.add(w.id)
         for run in sorted(runs, key=lambda r: r.seq):
             run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
             self._seq = max(self._seq, run.seq)
@@ -437,6 +483,7 @@ class Scheduler:
         load.cpu += step.spec.cpu
         load.memory_mb += step.spec.memory_mb
         load.attempts.add(attempt.id)
+        load.idle_since = None
         self._unconfirmed.add(attempt.id)
 
     def reconcile(self, worker_id: str, running: list[str], finished: list[StepOutcome],

@@ -23,12 +23,14 @@ from pathlib import Path
 import httpx
 import psutil
 import ray
+import yaml
 from ray import serve
 
 from cicd_ray import auth
 from cicd_ray.cluster import ensure_master
-from cicd_ray.config import Settings
+from cicd_ray.config import Settings, load_pools
 from cicd_ray.errors import CicdError
+from cicd_ray.localcluster import autoscaler_config
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
 
 SERVE_APP = "cicd"
@@ -92,7 +94,7 @@ def _ray_cli() -> str:
 
 
 def _start_head(cpus: int, dashboard_host: str, port: int | None = None,
-                ha: Ha | None = None) -> str:
+                ha: Ha | None = None, autoscaling: Path | None = None) -> str:
     """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
     # The dashboard agent's HTTP port (52365 by default) is held by any other Ray instance on
     # this machine, and without its agent a head takes no job submissions: pick a free one.
@@ -103,6 +105,10 @@ def _start_head(cpus: int, dashboard_host: str, port: int | None = None,
         cmd.append(f"--port={port}")
         _forget_current_cluster(port)  # a dead head's note would stop `ray start` here
     env = dict(os.environ)
+    if autoscaling is not None:
+        # Ray's fake multi-node provider: nodes are raylets on this machine.
+        cmd.append(f"--autoscaling-config={autoscaling}")
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     if ha is not None:
         env.update(ha.env())
         if ha.password:
@@ -145,20 +151,25 @@ def _digests(settings: Settings) -> tuple[list[str], str | None]:
 
 def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
        address: str | None = None, ha: Ha | None = None, head_cpus: int | None = None,
-       proxy_location: str = "EveryNode", ray_port: int | None = None) -> Up:
+       proxy_location: str = "EveryNode", ray_port: int | None = None,
+       local_autoscaling: Path | None = None, node_idle_timeout_s: float = 60.0) -> Up:
     """Start or join the cluster, make sure the master runs, deploy the API.
 
     With `ha`, the head keeps the GCS's tables in Redis; `up` again with the same options after
     the head died starts a new head on the same address, and the cluster, the master and the
-    runs carry on (what KubeRay does when it restarts a head pod)."""
+    runs carry on (what KubeRay does when it restarts a head pod). With `local_autoscaling` (a
+    pools file), the head has no CPUs and Ray's autoscaler adds a local node per worker the
+    pools need, and removes it `node_idle_timeout_s` after its worker is retired."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if proxy_location not in PROXY_LOCATIONS:
         raise CicdError(f"--proxy-location {proxy_location!r}: expected one of "
                         f"{', '.join(PROXY_LOCATIONS)}")
+    if local_autoscaling is not None:
+        settings = settings.model_copy(update={"pools": load_pools(local_autoscaling)})
     previous = _read_state(settings)
     started_head = replaced = False
     if head_cpus is None:
-        wanted = sum(p.workers * p.cpus for p in settings.pools.values())
+        wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
         head_cpus = max(os.cpu_count() or 1, int(wanted) + 1)
     if address is None and previous.get("started_head") and _alive(previous["address"]):
         address, started_head = previous["address"], True  # `up` again: the same head
@@ -166,6 +177,15 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         gcs_port = int(previous["address"].rpartition(":")[2])
         address = _start_head(head_cpus, host, port=gcs_port, ha=ha)
         started_head = replaced = True
+    elif address is None and local_autoscaling is not None:
+        ray_port = ray_port or _free_port()
+        config = settings.home / "autoscaler.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(autoscaler_config(
+            settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
+            node_idle_timeout_s)))
+        address = _start_head(0, host, port=ray_port, ha=ha, autoscaling=config)
+        started_head = True
     elif address is None:
         address = _start_head(head_cpus, host, port=ray_port, ha=ha)
         started_head = True

@@ -173,10 +173,11 @@ def test_silent_worker_is_marked_lost_after_heartbeat_timeout():
     s.tick(15)
     assert s.workers["w1"].state is WorkerState.READY
     s.heartbeat("w2", {}, 18)
-    s.tick(18.5)
-    assert s.workers["w1"].state is WorkerState.LOST
-    assert s.heartbeat("w1", {}, 19) is False
-    placed, _ = dispatched(s, 19)
+    placed, d = dispatched(s, 18.5)
+    lost = d.changes.workers["w1"]
+    assert (lost.state, lost.stopped_at) == (WorkerState.LOST, 18.5)
+    assert lost.reason.startswith("lost: no heartbeat for")
+    assert "w1" not in s.workers and s.heartbeat("w1", {}, 19) is False
     assert placed == [("w2", "a")]
 
 
