@@ -107,6 +107,9 @@ class Settings(BaseModel):
     # Custom Ray resources the master asks for, e.g. {"cicd-control": 0.01}: with a resource
     # only worker nodes carry, the master stays off the head node and outlives its replacement.
     master_resources: dict[str, float] = Field(default_factory=dict)
+    # Workers reserve their pool's memory from Ray (the autoscaler sizes nodes by it); off on
+    # the local autoscaling cluster, whose fake node types cannot declare memory.
+    reserve_memory: bool = True
 
     @property
     def store_path(self) -> Path:

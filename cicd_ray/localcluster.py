@@ -23,11 +23,9 @@ def node_type(pool: PoolConfig) -> str:
 
 
 def node_resources(pool: PoolConfig) -> dict[str, float]:
-    """What one node of the pool's type offers: exactly one worker of the pool."""
-    resources: dict[str, float] = {"CPU": math.ceil(pool.cpus), **pool.resources}
-    if pool.memory_mb:
-        resources["memory"] = pool.memory_mb * 2**20
-    return resources
+    """What one node of the pool's type offers: exactly one worker of the pool. (Not its
+    memory: the fake provider cannot declare it, so workers there reserve none.)"""
+    return {"CPU": math.ceil(pool.cpus), **pool.resources}
 
 
 def autoscaler_config(pools: dict[str, PoolConfig], gcs_address: str,

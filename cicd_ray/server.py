@@ -165,7 +165,8 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         raise CicdError(f"--proxy-location {proxy_location!r}: expected one of "
                         f"{', '.join(PROXY_LOCATIONS)}")
     if local_autoscaling is not None:
-        settings = settings.model_copy(update={"pools": load_pools(local_autoscaling)})
+        settings = settings.model_copy(update={"pools": load_pools(local_autoscaling),
+                                               "reserve_memory": False})
     previous = _read_state(settings)
     started_head = replaced = False
     if head_cpus is None:

@@ -179,7 +179,8 @@ def start_worker(record: WorkerRecord, settings: Settings):
     cannot place yet is pending demand the Ray autoscaler can act on."""
     actor = ray.remote(Worker).options(
         name=worker_actor_name(record.id), namespace=NAMESPACE, lifetime="detached",
-        num_cpus=record.cpus, memory=record.memory_mb * 2**20 if record.memory_mb else None,
+        num_cpus=record.cpus,
+        memory=record.memory_mb * 2**20 if record.memory_mb and settings.reserve_memory else None,
         resources=settings.pools[record.pool].resources or None,
         max_restarts=0, max_concurrency=WORKER_THREADS,
     )
