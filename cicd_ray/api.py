@@ -354,6 +354,16 @@ api = create_app()
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""
 
+    def __init__(self) -> None:
+        # Where the app is the whole deployment (a RayService's serveConfigV2), nothing else
+        # creates the master: make sure it exists, configured from this replica's environment.
+        # A master already running is left as it is. Not waited for: /healthz tells.
+        from cicd_ray.config import Settings
+        from cicd_ray.master import master_actor
+
+        settings = Settings.from_env()
+        master_actor(settings).remote(settings)
+
 
 def build(token_digests: list[str], max_body_bytes: int | None = None):
     """The Serve application with its configuration in the replicas' environment (digests of

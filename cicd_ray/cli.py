@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader, follow
-from cicd_ray.config import Settings
+from cicd_ray.config import Settings, load_pools
 from cicd_ray.errors import CicdError, SpecError
 from cicd_ray.spec import load_pipeline, plan
 from cicd_ray.states import RunState
@@ -405,6 +405,25 @@ def down(address: str | None = typer.Option(None, help="the cluster, if not the 
     except CicdError as e:
         raise _fail(str(e)) from None
     out.print("stopped " + ", ".join(stopped))
+
+
+@app.command()
+def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                         help="the pools file"),
+            image: str = typer.Option("registry.example.com/cicd-ray:0.1.0",
+                                      help="the image built from kuberay/Dockerfile")):
+    """Print the KubeRay manifests (a ConfigMap with the pools, the RayService) for a pools
+    file: `cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`."""
+    import ray
+
+    from cicd_ray.kuberay import render
+
+    try:
+        text = render(load_pools(pools), pools.read_text(encoding="utf-8"), image,
+                      ray.__version__)
+    except CicdError as e:
+        raise _fail(str(e)) from None
+    sys.stdout.write(text)
 
 
 def main() -> None:

@@ -1,0 +1,143 @@
+"""The KubeRay manifests: valid against KubeRay's CRD schemas and Kubernetes' own schemas, with
+no unknown field, and generated from the pools file (the two cannot drift apart)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+
+from cicd_ray.config import PoolConfig, load_pools
+from cicd_ray.errors import SpecError
+from cicd_ray.kuberay import pool_group, render
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERAY = ROOT / "kuberay"
+KUBERNETES_VERSION = "1.33"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml",
+             "RayJob": "ray.io_rayjobs.yaml"}
+
+
+def crds_dir() -> Path | None:
+    """$KUBERAY_CRDS_DIR, else ../shared/kuberay/crds (where CI has them); see kuberay/README."""
+    for candidate in (os.environ.get("KUBERAY_CRDS_DIR"), ROOT.parent / "shared/kuberay/crds"):
+        if candidate and (Path(candidate) / CRD_FILES["RayService"]).exists():
+            return Path(candidate)
+    return None
+
+
+def manifests() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        if path.name == "pools.yaml":
+            continue
+        out += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return out
+
+
+def crd_schema(kind: str) -> dict:
+    folder = crds_dir()
+    if folder is None:
+        pytest.skip("the KubeRay CRD schemas are not here: set KUBERAY_CRDS_DIR to the crds/ "
+                    "folder of the kuberay-operator Helm chart (helm pull "
+                    "kuberay/kuberay-operator --untar)")
+    crd = yaml.safe_load((folder / CRD_FILES[kind]).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(doc, schema: dict, path: str = "") -> list[str]:
+    """Keys the schema does not define: Kubernetes would drop them without a word."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(doc, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, value in doc.items():
+            if props is not None and key in props:
+                found += unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                found += unknown_fields(value, extra, f"{path}.{key}")
+            elif props is not None:
+                found.append(f"{path}.{key}")
+    elif isinstance(doc, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(doc):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("name, doc", manifests(),
+                         ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_every_manifest_is_valid(name, doc):
+    if doc["apiVersion"].startswith("ray.io/"):
+        schema = crd_schema(doc["kind"])
+        jsonschema.validate(doc, schema)
+        assert unknown_fields(doc, schema) == []
+    else:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_checks_catch_a_misspelt_field():
+    schema = crd_schema("RayService")
+    doc = next(d for _, d in manifests() if d["kind"] == "RayService")
+    doc["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    assert unknown_fields(doc, schema) == [".spec.rayClusterConfig.enableInTreeAutoscalling"]
+    doc["spec"]["rayClusterConfig"]["autoscalerOptions"]["version"] = "v3"
+    with pytest.raises(jsonschema.ValidationError, match="'v3' is not one of"):
+        jsonschema.validate(doc, schema)
+
+
+def test_the_rayservice_is_generated_from_the_pools_file():
+    pools_file = KUBERAY / "pools.yaml"
+    committed = (KUBERAY / "rayservice.yaml").read_text()
+    image = next(c["image"] for _, d in manifests() if d["kind"] == "RayService"
+                 for c in d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+                     "containers"])
+    fresh = render(load_pools(pools_file), pools_file.read_text(), image, ray.__version__)
+    assert committed == fresh, ("kuberay/rayservice.yaml is stale: run "
+                                "`cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`")
+
+
+def test_worker_groups_agree_with_the_pools():
+    pools = load_pools(KUBERAY / "pools.yaml")
+    service = next(d for _, d in manifests() if d["kind"] == "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"control"} | {f"pool-{name}" for name in pools}
+    for name, pool in pools.items():
+        group = groups[f"pool-{name}"]
+        assert (group["minReplicas"], group["maxReplicas"]) == (pool.min_workers,
+                                                                pool.max_workers)
+        params = group["rayStartParams"]
+        assert yaml.safe_load(yaml.safe_load(params["resources"])) == pool.resources
+        assert float(params["num-cpus"]) >= pool.cpus
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["memory"].removesuffix("Mi")) > pool.memory_mb
+    head = cluster["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    assert cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
+    # The ConfigMap the master reads is the pools file itself.
+    config_map = next(d for _, d in manifests() if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == "cicd-ray-pools")
+    assert config_map["data"]["pools.yaml"] == (KUBERAY / "pools.yaml").read_text()
+
+
+def test_a_pool_without_its_own_resource_is_refused():
+    with pytest.raises(SpecError, match=r"pools \(x\)\.resources: a pool on KubeRay needs a "
+                                        r"custom resource of its own, such as \{pool-x: 1\}"):
+        pool_group(PoolConfig(name="x"), "image")
+
+
+def test_redis_keeps_its_data():
+    redis = {d["kind"]: d for name, d in manifests() if name == "redis.yaml"}
+    conf = redis["ConfigMap"]["data"]["redis.conf"]
+    assert "appendonly yes" in conf and "appendfsync everysec" in conf
+    volumes = redis["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "cicd-redis-data"}} in volumes
