@@ -1,6 +1,6 @@
 """Recovery times on a cluster shaped like an HA deployment (head with GCS fault tolerance on
 Redis and no CPUs, two worker nodes carrying the master and the workers; see
-tests/integration/hacluster.py), measured from outside as a user sees them, through the API.
+tests.integration.clusters.py), measured from outside as a user sees them, through the API.
 
     python bench/ha.py [--rounds 3]
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.hacluster import HaCluster, start_redis
+from tests.integration.clusters import HaCluster, start_redis
 
 ONE_STEP = {"name": "probe", "steps": [{"name": "a", "run": "echo probe"}]}
 

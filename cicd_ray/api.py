@@ -227,9 +227,10 @@ def create_app(token_digests: list[str] | None = None,
                                  media_type="text/plain; charset=utf-8", headers=headers)
 
     @app.get(f"{API}/workers", dependencies=guarded, tags=["cluster"])
-    async def workers() -> dict:
-        """Every worker: pool, node, state, CPUs in use, last heartbeat, CPU and memory use."""
-        return {"workers": await master.call("workers")}
+    async def workers(since: Annotated[float | None, Query(ge=0)] = None) -> dict:
+        """The live workers and those stopped since `since` (a Unix time; default: the last
+        10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory."""
+        return {"workers": await master.call("workers", since)}
 
     @app.get(f"{API}/queue", dependencies=guarded, tags=["cluster"])
     async def queue() -> dict:

@@ -26,7 +26,8 @@ class Reader(Protocol):
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
         """{"attempt": n, "state": ..., "data": bytes, "more": bool}; NotFound if unknown."""
 
-    def workers(self) -> list[dict]: ...
+    def workers(self, since: float | None = None) -> list[dict]:
+        """Live workers and those stopped after `since` (default: lately)."""
 
 
 class Runner(Reader, Protocol):
@@ -75,8 +76,9 @@ class StoreReader:
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> dict:
         return step_log(self.store, run_id, step, attempt, offset)
 
-    def workers(self) -> list[dict]:
-        return [w.model_dump(mode="json") for w in self.store.list_workers()]
+    def workers(self, since: float | None = None) -> list[dict]:
+        return [w.model_dump(mode="json") for w in self.store.list_workers()
+                if since is None or w.stopped_at is None or w.stopped_at >= since]
 
 
 class RayRunner:
@@ -122,10 +124,10 @@ class RayRunner:
             raise NotFound(answer["error"])
         return answer
 
-    def workers(self) -> list[dict]:
+    def workers(self, since: float | None = None) -> list[dict]:
         from cicd_ray.cluster import call
 
-        return call(self.master.workers.remote())
+        return call(self.master.workers.remote(since))
 
 
 class HttpRunner:
@@ -156,6 +158,6 @@ class HttpRunner:
                 "state": response.headers.get("x-attempt-state", "queued"),
                 "data": response.content, "more": response.headers.get("x-more") == "true"}
 
-    def workers(self) -> list[dict]:
-        return self.client.workers()
+    def workers(self, since: float | None = None) -> list[dict]:
+        return self.client.workers(since)
 

@@ -407,6 +407,83 @@ def down(address: str | None = typer.Option(None, help="the cluster, if not the 
     out.print("stopped " + ", ".join(stopped))
 
 
+def _since(text: str) -> float:
+    """`7d`, `12h`, `30m` or `90s` ago, as a Unix time."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number, unit = text[:-1], text[-1:]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1
+    if unit not in units or amount < 0:
+        raise typer.BadParameter(f"{text!r}: expected an age such as 7d, 12h, 30m or 90s",
+                                 param_hint="--since")
+    return time.time() - amount * units[unit]
+
+
+def _history(reader: Reader, pipeline: str | None, since: float, limit: int) -> list[dict]:
+    """Views of the runs (of a pipeline) created since `since`, newest first."""
+    runs = [r for r in reader.list_runs(None, pipeline, limit) if r["created_at"] >= since]
+    return [reader.view(r["id"]) for r in runs]
+
+
+@app.command()
+def recommend(pipeline: str = typer.Argument(..., help="the pipeline's name"),
+              since: str = typer.Option("30d", help="history to learn from"),
+              runs: int = typer.Option(50, min=1, max=500, help="at most this many runs"),
+              url: str | None = URL, as_json: bool = AS_JSON):
+    """Suggest each step's resources from what its attempts used (95th percentile + 20%), and
+    flag steps asking far more or less than they use."""
+    from dataclasses import asdict
+
+    from cicd_ray.usage import recommend as advise
+
+    cutoff = _since(since)
+    with _reported():
+        advice = advise(_history(_reader(url), pipeline, cutoff, runs))
+    if as_json:
+        out.print_json(data=[asdict(a) for a in advice])
+        return
+    if not advice:
+        raise _fail(f"no runs of pipeline {pipeline!r} since {since} ago")
+    table = Table("step", "runs", "asks cpu", "uses cpu p95", "suggest cpu", "asks MiB",
+                  "uses MiB p95", "suggest MiB", "note")
+    for a in advice:
+        table.add_row(escape(a.step), str(a.samples), f"{a.asked_cpu:g}",
+                      "" if a.used_cpu_p95 is None else f"{a.used_cpu_p95:.2f}",
+                      "" if a.cpu is None else f"{a.cpu:g}", str(a.asked_memory_mb),
+                      "" if a.used_memory_mb_p95 is None else f"{a.used_memory_mb_p95:.0f}",
+                      "" if a.memory_mb is None else str(a.memory_mb), escape(a.note))
+    out.print(table)
+
+
+@app.command()
+def cost(since: str = typer.Option("7d", help="the period, back from now"),
+         runs: int = typer.Option(500, min=1, max=500, help="at most this many runs"),
+         url: str | None = URL, as_json: bool = AS_JSON):
+    """Worker-seconds and money per pool (workers' lifetimes) and per pipeline (each attempt's
+    share of its worker), at the prices of the pools file (CICD_RAY_POOLS)."""
+    from dataclasses import asdict
+
+    from cicd_ray.usage import pipeline_costs, pool_costs
+
+    cutoff = _since(since)
+    pools = Settings.from_env().pools
+    with _reported():
+        reader = _reader(url)
+        by_pool = pool_costs(reader.workers(cutoff), pools, cutoff, time.time())
+        by_pipeline = pipeline_costs(_history(reader, None, cutoff, runs), pools, cutoff)
+    if as_json:
+        out.print_json(data={"pools": [asdict(c) for c in by_pool],
+                             "pipelines": [asdict(c) for c in by_pipeline]})
+        return
+    for title, rows in (("pool", by_pool), ("pipeline", by_pipeline)):
+        table = Table(title, "worker-hours", "cost")
+        for c in rows:
+            table.add_row(escape(c.name), f"{c.worker_seconds / 3600:.3f}", f"{c.money:.2f}")
+        out.print(table)
+
+
 @app.command()
 def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
                                          help="the pools file"),

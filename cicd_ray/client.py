@@ -105,8 +105,9 @@ class Client:
                                     "offset": offset}.items() if v is not None}
         return self._request("GET", f"{API}/runs", params=params).json()["runs"]
 
-    def workers(self) -> list[dict]:
-        return self._request("GET", f"{API}/workers").json()["workers"]
+    def workers(self, since: float | None = None) -> list[dict]:
+        params = {"since": since} if since is not None else None
+        return self._request("GET", f"{API}/workers", params=params).json()["workers"]
 
     def queue(self) -> dict:
         return self._request("GET", f"{API}/queue").json()["pools"]

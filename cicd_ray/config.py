@@ -110,6 +110,9 @@ class Settings(BaseModel):
     # Workers reserve their pool's memory from Ray (the autoscaler sizes nodes by it); off on
     # the local autoscaling cluster, whose fake node types cannot declare memory.
     reserve_memory: bool = True
+    # Ask the autoscaler for the capacity of steps whose needs are running, before they are
+    # ready (CICD_RAY_LOOKAHEAD=0 turns it off).
+    lookahead: bool = True
 
     @property
     def store_path(self) -> Path:
@@ -145,6 +148,7 @@ class Settings(BaseModel):
             except ValueError as e:
                 raise SpecError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
                                  'such as {"cicd-control": 0.01}'], source="environment") from None
+        values["lookahead"] = env.get("CICD_RAY_LOOKAHEAD", "1") not in ("0", "false")
         values["keep_workspaces"] = env.get("CICD_RAY_KEEP_WORKSPACES", "") in ("1", "true")
         try:
             return cls.model_validate(values)

@@ -25,7 +25,13 @@ from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
 from cicd_ray.states import StepState
 from cicd_ray.store import log_answer, open_store, run_view, runs_page
-from cicd_ray.worker import MASTER_NAME, NAMESPACE, start_worker, worker_actor_name
+from cicd_ray.worker import (
+    MASTER_NAME,
+    NAMESPACE,
+    start_worker,
+    worker_actor_name,
+    worker_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class Master:
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
+        self._requested: list[dict[str, float]] = []
         self._recover()
         self._commit()
         self._loop = asyncio.get_running_loop().create_task(self._run())
@@ -129,11 +136,11 @@ class Master:
     async def queue(self) -> dict[str, dict]:
         return self.sched.queue_view(time.time())
 
-    async def workers(self) -> list[dict]:
-        """The live workers and those stopped in the last RECENT_S (the store keeps every
-        worker), with the slots in use from the master's memory."""
+    async def workers(self, since: float | None = None) -> list[dict]:
+        """The live workers and those stopped after `since` (default: the last RECENT_S; the
+        store keeps every worker), with the slots in use from the master's memory."""
         out = []
-        since = time.time() - RECENT_S
+        since = time.time() - RECENT_S if since is None else since
         for w in self.store.list_workers():
             if w.stopped_at is not None and w.stopped_at < since:
                 continue
@@ -201,6 +208,19 @@ class Master:
     def _tick(self) -> None:
         self.sched.tick(time.time())
         self._commit()
+        if self.settings.lookahead:
+            self._look_ahead()
+
+    def _look_ahead(self) -> None:
+        """Ask the autoscaler for the workers the next steps will need (a standing request,
+        replaced when it changes and withdrawn when nothing is coming)."""
+        wanted = self.sched.lookahead()
+        bundles = [worker_bundle(self.settings.pools[pool], self.settings)
+                   for pool, count in sorted(wanted.items()) for _ in range(count)]
+        if bundles != self._requested:
+            self._requested = bundles
+            asyncio.get_running_loop().create_task(asyncio.to_thread(_request_capacity,
+                                                                     bundles))
 
     def _guarded(self, fn, *args) -> None:
         """Run a step of the master's own work (not a caller's request). A failure here would
@@ -300,6 +320,15 @@ class Master:
             self._adopt_handle(worker_id)
         if runs:
             log.warning("master recovered %d active run(s) from the store", len(runs))
+
+
+def _request_capacity(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=bundles)
+    except Exception as e:  # look-ahead is a hint: never a reason to fail
+        log.warning("could not ask the autoscaler for capacity: %s", e)
 
 
 def _new_run_id(now: float) -> str:

@@ -21,7 +21,7 @@ from cicd_ray.records import (
     StepTask,
     WorkerRecord,
 )
-from cicd_ray.sizing import PoolMemory, WorkerView, preempt, size_pool
+from cicd_ray.sizing import PoolMemory, WorkerView, preempt, size_pool, workers_needed
 from cicd_ray.spec import PlannedStep
 from cicd_ray.states import RunState, StepState, WorkerState, transition
 
@@ -334,23 +334,15 @@ class Scheduler:
 
     def _size_pools(self, now: float) -> None:
         """Start and retire workers per pool from its queue (see cicd_ray.sizing)."""
-        views: dict[str, list[WorkerView]] = {name: [] for name in self.pools}
-        for w in self.workers.values():
-            if w.pool in views and w.state in (WorkerState.STARTING, WorkerState.READY):
-                load = self._load.get(w.id, _Load())
-                views[w.pool].append(WorkerView(
-                    id=w.id, ready=w.state is WorkerState.READY, started_at=w.started_at,
-                    busy_cpu=load.cpu, busy_steps=len(load.attempts),
-                    idle_since=load.idle_since if not load.attempts else None))
+        views = self._worker_views()
         for worker_id in preempt(self.pools, views, now, PREEMPT_AFTER_S):
             self._let_go(self.workers[worker_id], WorkerState.STOPPED,
                          "retired to make room for a higher-priority pool", now)
             for pool_views in views.values():
                 pool_views[:] = [v for v in pool_views if v.id != worker_id]
         for pool in self.pools.values():
-            queued = [self.steps[e[3]][e[4]].spec.cpu for e in self._ready.get(pool.name, ())
-                      if self._is_queued(e)]
-            sizing = size_pool(pool, views[pool.name], queued, self._sizing[pool.name], now)
+            sizing = size_pool(pool, views[pool.name], self._queued_cpu(pool.name),
+                               self._sizing[pool.name], now)
             for worker_id in sizing.retire:
                 self._let_go(self.workers[worker_id], WorkerState.STOPPED,
                              f"retired: {sizing.why}", now)
@@ -501,6 +493,49 @@ class Scheduler:
                                       reason=f"worker {worker_id} no longer ran it after the "
                                              "master restarted")
         self._unconfirmed -= set(load.attempts if load else ()) | set(running)
+
+    # --- look-ahead ---------------------------------------------------------------------------
+
+    def lookahead(self) -> dict[str, int]:
+        """Per pool, the workers it will need once the steps whose needs are all running now
+        become ready (with what runs and waits already); only pools where that is more than
+        they have. The master asks the autoscaler for that capacity ahead of time."""
+        upcoming: dict[str, list[float]] = {}
+        seen: set[tuple[str, str]] = set()
+        for attempt in self.attempts.values():
+            for name in self._dependents.get((attempt.run_id, attempt.step), ()):
+                key = (attempt.run_id, name)
+                step = self.steps.get(attempt.run_id, {}).get(name)
+                if key in seen or step is None or step.state is not StepState.QUEUED:
+                    continue
+                seen.add(key)
+                run_steps = self.steps[attempt.run_id]
+                if all(run_steps[n].state is StepState.RUNNING for n in self._unmet[key]):
+                    upcoming.setdefault(step.spec.pool, []).append(step.spec.cpu)
+        out: dict[str, int] = {}
+        views = self._worker_views()
+        for name, cpus in upcoming.items():
+            future = workers_needed(self.pools[name], views[name], self._queued_cpu(name) + cpus)
+            if future > len(views[name]):
+                out[name] = future
+        return out
+
+    def _worker_views(self) -> dict[str, list[WorkerView]]:
+        """The live workers of each pool, as the sizer sees them."""
+        views: dict[str, list[WorkerView]] = {name: [] for name in self.pools}
+        for w in self.workers.values():
+            if w.pool in views and w.state in (WorkerState.STARTING, WorkerState.READY):
+                load = self._load.get(w.id, _Load())
+                views[w.pool].append(WorkerView(
+                    id=w.id, ready=w.state is WorkerState.READY, started_at=w.started_at,
+                    busy_cpu=load.cpu, busy_steps=len(load.attempts),
+                    idle_since=load.idle_since if not load.attempts else None))
+        return views
+
+    def _queued_cpu(self, pool: str) -> list[float]:
+        """The CPUs of each step ready and waiting in the pool."""
+        return [self.steps[e[3]][e[4]].spec.cpu for e in self._ready.get(pool, ())
+                if self._is_queued(e)]
 
     # --- views --------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cicd_ray.config import Settings
+from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
@@ -174,14 +174,21 @@ class Worker:
             self._stop.wait(self.settings.heartbeat_interval_s if registered else 0.5)
 
 
+def worker_bundle(pool: PoolConfig, settings: Settings) -> dict[str, float]:
+    """The Ray resources one worker of the pool asks for (what the autoscaler must fit)."""
+    bundle: dict[str, float] = {"CPU": pool.cpus, **pool.resources}
+    if pool.memory_mb and settings.reserve_memory:
+        bundle["memory"] = pool.memory_mb * 2**20
+    return bundle
+
+
 def start_worker(record: WorkerRecord, settings: Settings):
     """Create the detached worker actor. Its resources are explicit, so a worker the cluster
     cannot place yet is pending demand the Ray autoscaler can act on."""
+    bundle = worker_bundle(settings.pools[record.pool], settings)
     actor = ray.remote(Worker).options(
         name=worker_actor_name(record.id), namespace=NAMESPACE, lifetime="detached",
-        num_cpus=record.cpus,
-        memory=record.memory_mb * 2**20 if record.memory_mb and settings.reserve_memory else None,
-        resources=settings.pools[record.pool].resources or None,
+        num_cpus=bundle.pop("CPU"), memory=bundle.pop("memory", None), resources=bundle or None,
         max_restarts=0, max_concurrency=WORKER_THREADS,
     )
     return actor.remote(record, settings)

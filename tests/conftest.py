@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.hacluster import start_redis
+from tests.integration.clusters import start_redis
 
 
 @pytest.fixture(scope="session")

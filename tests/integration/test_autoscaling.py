@@ -4,15 +4,11 @@ and when the queue is gone both go away again."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
-import httpx
-import psutil
 import pytest
 
-from tests.integration.hacluster import BIN, ROOT, free_port
+from tests.integration.clusters import LocalAutoscaling
 
 POOLS = """\
 pools:
@@ -27,50 +23,14 @@ pools:
 """
 
 
-class LocalAutoscaling:
-    def __init__(self, tmp) -> None:
-        self.pools = tmp / "pools.yaml"
-        self.pools.write_text(POOLS)
-        self.port, self.ray_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.token = "scale-token-" + "z" * 20
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("RAY_", "CICD_RAY_"))}
-        self.env.update(PATH=f"{BIN}:{self.env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                        CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=self.token,
-                        CICD_RAY_HEARTBEAT_INTERVAL_S="0.5")
-        self.http = httpx.Client(base_url=self.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.token}"})
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=300)
-
-    def raylets(self) -> int:
-        """Raylets of this cluster: the head's and one per node the autoscaler added."""
-        mark = f":{self.ray_port}"
-        return sum(1 for p in psutil.process_iter(["cmdline"])
-                   if "raylet" in (p.info["cmdline"] or [""])[0]
-                   and any(mark in part for part in p.info["cmdline"]))
-
-    def live_workers(self) -> list[dict]:
-        workers = self.http.get("/api/v1/workers").json()["workers"]
-        return [w for w in workers if w["state"] in ("starting", "ready")]
-
-
 @pytest.fixture(scope="module")
 def scaling(tmp_path_factory):
-    cluster = LocalAutoscaling(tmp_path_factory.mktemp("autoscaling"))
-    started = cluster.cli("up", "--local-autoscaling", str(cluster.pools),
-                          "--node-idle-timeout", "5", "--port", str(cluster.port),
-                          "--ray-port", str(cluster.ray_port), "--proxy-location", "HeadOnly")
-    assert started.returncode == 0, started.stdout + started.stderr
+    cluster = LocalAutoscaling(tmp_path_factory.mktemp("autoscaling"), POOLS)
+    cluster.up()
     try:
         yield cluster
     finally:
-        cluster.http.close()
-        stopped = cluster.cli("down")
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        cluster.down()
 
 
 def test_six_parallel_steps_bring_up_nodes_and_idle_ones_go_away(scaling):

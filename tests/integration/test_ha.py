@@ -1,4 +1,4 @@
-"""High availability on a cluster shaped like a deployment (see hacluster.py): the GCS killed
+"""High availability on a cluster shaped like a deployment (see clusters.py): the GCS killed
 and restarted, the head replaced, a worker node removed, the master killed, on the Redis store."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.hacluster import HaCluster
+from tests.integration.clusters import HaCluster
 
 pytestmark = pytest.mark.fault
 

@@ -288,3 +288,35 @@ def test_thousand_steps_through_the_policy_in_well_under_a_second():
         now += 1
     assert done == 1001
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_lookahead_asks_for_the_workers_of_steps_whose_needs_are_running():
+    s = make(pools={"default": PoolConfig(name="default", cpus=2, min_workers=1,
+                                          max_workers=4)}, workers=(("w1", 2.0),))
+    submit(s, [{"name": "build", "run": "x", "resources": {"cpu": 2}},
+               *({"name": f"test{i}", "run": "x", "needs": ["build"],
+                  "resources": {"cpu": 2}} for i in range(3)),
+               {"name": "deploy", "run": "x", "needs": ["test0"]}])
+    assert s.lookahead() == {}  # nothing runs yet
+    dispatched(s, 0)
+    # build runs on w1; the three tests wait for it alone: 1 + 3 workers of 2 CPUs.
+    assert s.lookahead() == {"default": 4}
+    finish(s, "build", now=1)
+    # The tests are ready now (the sizer's business); deploy waits for test0, not yet running.
+    assert s.lookahead() == {}
+
+
+def test_attempts_record_the_wait_for_capacity_and_for_a_slot():
+    s = Scheduler({"default": PoolConfig(name="default", cpus=1, max_workers=1)})
+    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}], now=10.0)
+    s.tick(10.0)
+    [started] = s.take().start_workers
+    s.register_worker(started.model_copy(), 13.0)  # its node took 3 s to come up
+    placed, d = dispatched(s, 13.0)
+    first = d.changes.attempts["r1/a/1"]
+    assert (first.wait_capacity_s, first.wait_slot_s) == (3.0, 0.0)
+    assert placed == [(started.id, "a")]
+    finish(s, "a", now=20.0)
+    dispatched(s, 20.0)
+    attempt = s.attempts["r1/b/1"]
+    assert (attempt.wait_capacity_s, attempt.wait_slot_s) == (3.0, 7.0)

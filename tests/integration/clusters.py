@@ -1,10 +1,14 @@
-"""A Ray cluster shaped like a highly available deployment, on this one machine, in separate
-processes: a head with GCS fault tolerance on Redis (`cicd-ray up --ha`, no CPUs) and worker
-nodes (`ray start --address`) that carry the master and the workers. The test process is not a
+"""Clusters for the tests and benchmarks, in processes of their own on this one machine.
+
+`HaCluster` is shaped like a highly available deployment: a head with GCS fault tolerance on
+Redis (`cicd-ray up --ha`, no CPUs) and worker nodes (`ray start --address`) that carry the
+master and the workers. The test process is not a
 Ray driver of it: it speaks HTTP to the API, reads the Redis store, and kills processes.
 
 Each worker node gets its own --temp-dir, so the processes of every node can be told apart:
 a node is everything whose command line names its folder, and their descendants.
+
+`LocalAutoscaling` is `cicd-ray up --local-autoscaling`: nodes come and go with the queue.
 """
 
 from __future__ import annotations
@@ -310,3 +314,47 @@ class HaCluster:
 
     def log(self, run_id: str, step: str) -> str:
         return self.http.get(f"/api/v1/runs/{run_id}/steps/{step}/log").text
+
+
+class LocalAutoscaling:
+    """`cicd-ray up --local-autoscaling` in its own processes, spoken to over HTTP."""
+
+    def __init__(self, tmp: Path, pools: str, **env: str) -> None:
+        self.pools = tmp / "pools.yaml"
+        self.pools.write_text(pools)
+        self.port, self.ray_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = "scale-token-" + "z" * 20
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("RAY_", "CICD_RAY_"))}
+        self.env.update(PATH=f"{BIN}:{self.env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+                        CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=self.token,
+                        CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", **env)
+        self.http = httpx.Client(base_url=self.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.token}"})
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+
+    def up(self, node_idle_timeout_s: float = 5) -> None:
+        started = self.cli("up", "--local-autoscaling", str(self.pools), "--node-idle-timeout",
+                           str(node_idle_timeout_s), "--port", str(self.port),
+                           "--ray-port", str(self.ray_port), "--proxy-location", "HeadOnly")
+        assert started.returncode == 0, started.stdout + started.stderr
+
+    def down(self) -> None:
+        self.http.close()
+        stopped = self.cli("down")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+    def raylets(self) -> int:
+        """Raylets of this cluster: the head's and one per node the autoscaler added."""
+        mark = f":{self.ray_port}"
+        return sum(1 for p in psutil.process_iter(["cmdline"])
+                   if "raylet" in (p.info["cmdline"] or [""])[0]
+                   and any(mark in part for part in p.info["cmdline"]))
+
+    def live_workers(self) -> list[dict]:
+        workers = self.http.get("/api/v1/workers").json()["workers"]
+        return [w for w in workers if w["state"] in ("starting", "ready")]
