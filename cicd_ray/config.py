@@ -52,6 +52,8 @@ class PoolConfig(BaseModel):
     budget_per_hour: float | None = Field(None, ge=0, description="the most the pool may "
                                           "spend an hour")
     spot: bool = Field(False, description="workers on interruptible capacity")
+    spot_for: list[str] = Field(default_factory=list, description="a spot pool: the pools "
+                                "whose steps marked interruptible it may run")
     priority: int = Field(0, description="a higher-priority pool gets room first when the "
                           "cluster is full")
 
@@ -66,6 +68,8 @@ class PoolConfig(BaseModel):
             self.min_workers = self.max_workers = self.workers
         elif "max_workers" not in self.model_fields_set:
             self.max_workers = max(self.max_workers, self.min_workers)
+        if self.spot_for and not self.spot:
+            raise ValueError(f"pool {self.name!r}: spot_for is for spot pools; add spot: true")
         if self.min_workers > self.max_workers:
             raise ValueError(f"pool {self.name!r}: min_workers {self.min_workers} is more than "
                              f"max_workers {self.max_workers}")
@@ -87,6 +91,11 @@ def load_pools(path: str | Path) -> dict[str, PoolConfig]:
         pools = [PoolConfig.model_validate(item) for item in items]
     except (OSError, yaml.YAMLError, ValidationError) as e:
         raise SpecError([f"pools: {e}"], source=str(path)) from None
+    names = {p.name for p in pools}
+    unknown = [f"pools ({p.name}).spot_for: unknown pool {n!r}; the pools are: "
+               f"{', '.join(sorted(names))}" for p in pools for n in p.spot_for if n not in names]
+    if unknown:
+        raise SpecError(unknown, source=str(path))
     return {p.name: p for p in pools}
 
 

@@ -314,8 +314,10 @@ class Master:
         """Rebuild the view from the store; find the live worker actors again by name."""
         runs = self.store.active_runs()
         steps = [s for r in runs for s in self.store.get_steps(r.id)]
+        running = {s.run_id for s in steps if s.current_attempt}
+        attempts = [a for run_id in running for a in self.store.get_attempts(run_id)]
         workers = self.store.list_workers()
-        self.sched.restore(runs, steps, workers, time.time())
+        self.sched.restore(runs, steps, workers, time.time(), attempts)
         for worker_id in list(self.sched.workers):
             self._adopt_handle(worker_id)
         if runs:

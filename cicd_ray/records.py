@@ -38,6 +38,7 @@ class StepRecord(BaseModel):
     finished_at: float | None = None
     exit_code: int | None = None
     reason: str = ""
+    spot_evicted: bool = False  # an attempt on a spot pool was lost: no more spot for it
 
     @property
     def name(self) -> str:
@@ -63,6 +64,7 @@ class AttemptRecord(BaseModel):
     # that ran it was not ready yet when it was queued), and waiting for a free slot (the rest).
     wait_capacity_s: float = 0.0
     wait_slot_s: float = 0.0
+    pool: str = ""  # the pool of the worker that ran it (a spot pool for interruptible steps)
 
 
 class WorkerRecord(BaseModel):

@@ -141,8 +141,18 @@ class Scheduler:
         for name in names:
             step = self.steps[run_id][name]
             step.queued_at = now
-            heapq.heappush(self._ready.setdefault(step.spec.pool, []),
+            heapq.heappush(self._ready.setdefault(self._pool_for(step), []),
                            (-step.spec.priority, run.seq, step.spec.index, run_id, name))
+
+    def _pool_for(self, step: StepRecord) -> str:
+        """Where a ready step waits: a spot pool standing in for its own if it is
+        interruptible, fits there, and has not lost an attempt there; else its own pool."""
+        if step.spec.interruptible and not step.spot_evicted:
+            for pool in self.pools.values():
+                if (pool.spot and step.spec.pool in pool.spot_for
+                        and step.spec.cpu <= pool.cpus and step.spec.memory_mb <= pool.memory_mb):
+                    return pool.name
+        return step.spec.pool
 
     def cancel(self, run_id: str, now: float) -> RunRecord | None:
         """Cancel a run: queued steps at once, running steps once their worker kills them."""
@@ -249,6 +259,9 @@ class Scheduler:
             if not load.attempts:
                 load.idle_since = now
         step.exit_code = attempt.exit_code
+        pool = self.pools.get(attempt.pool)
+        if infra and pool is not None and pool.spot:
+            step.spot_evicted = True  # taken away once: the retry runs on its own pool
         run = self.runs[attempt.run_id]
         kind = "infra" if infra else ("timeout" if state is StepState.TIMED_OUT else "failure")
         retry = (
@@ -402,6 +415,7 @@ class Scheduler:
             id=f"{run.id}/{step.name}/{step.attempts}", run_id=run.id, step=step.name,
             number=step.attempts, worker_id=worker.id, queued_at=step.queued_at, started_at=now,
             wait_capacity_s=round(capacity, 3), wait_slot_s=round(waited - capacity, 3),
+            pool=worker.pool,
         )
         step.current_attempt = attempt.id
         step.worker_id = worker.id
@@ -428,7 +442,8 @@ class Scheduler:
     # --- recovery -----------------------------------------------------------------------------
 
     def restore(self, runs: list[RunRecord], steps: list[StepRecord],
-                workers: list[WorkerRecord], now: float) -> None:
+                workers: list[WorkerRecord], now: float,
+                attempts: list[AttemptRecord] = ()) -> None:
         """Rebuild the view from the store after a master restart.
 
         Workers must register again before they get work. An attempt that was running on a
@@ -436,6 +451,7 @@ class Scheduler:
         whether it still runs it or finished it (`reconcile`); one whose worker is unknown is
         ended as an infra failure, so its step is retried where its policy allows it.
         """
+        stored = {a.id: a for a in attempts}
         by_run: dict[str, list[StepRecord]] = {}
         for s in steps:
             by_run.setdefault(s.run_id, []).append(s)
@@ -455,13 +471,14 @@ class Scheduler:
                 self._unmet[(run.id, s.name)] -= done
             for s in run_steps:
                 if s.state is StepState.RUNNING and s.current_attempt:
-                    self._readopt_attempt(s, now)
+                    self._readopt_attempt(s, now, stored.get(s.current_attempt))
                 elif s.state is StepState.QUEUED and not self._unmet[(run.id, s.name)]:
                     self._release_ready(run.id, [s.name], now)
             self._maybe_finish_run(run.id, now)
 
-    def _readopt_attempt(self, step: StepRecord, now: float) -> None:
-        attempt = AttemptRecord(
+    def _readopt_attempt(self, step: StepRecord, now: float,
+                         stored: AttemptRecord | None) -> None:
+        attempt = stored or AttemptRecord(
             id=step.current_attempt or "", run_id=step.run_id, step=step.name,
             number=step.attempts, worker_id=step.worker_id or "", queued_at=step.queued_at,
             started_at=step.started_at or now,

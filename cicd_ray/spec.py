@@ -75,6 +75,9 @@ class StepSpec(_Model):
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     retry: RetrySpec | None = None
     priority: int = Field(0, ge=-1000, le=1000)
+    # May run on a spot pool standing in for its own (cheaper, can be taken away); an infra
+    # failure there sends the retry to its own pool.
+    interruptible: bool = False
 
 
 class PipelineSpec(_Model):
@@ -102,6 +105,7 @@ class PlannedStep(BaseModel):
     retry_max: int
     retry_on: list[RetryOn]
     priority: int
+    interruptible: bool = False
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -339,5 +343,6 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
                 matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
                 memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
                 retry_max=retry.max, retry_on=list(retry.on), priority=step.priority,
+                interruptible=step.interruptible,
             ))
     return planned

@@ -45,7 +45,7 @@ def test_validate_accepts_and_rejects_with_every_problem(cli, tmp_path):
     assert problems == [
         "name: 'Bad' does not match ^[a-z0-9][a-z0-9._-]{0,62}$",
         "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
-        "pool, resources, timeout, retry, priority",
+        "pool, resources, timeout, retry, priority, interruptible",
     ]
 
 
@@ -115,3 +115,34 @@ def test_run_on_the_redis_store_and_read_it_back_without_a_cluster(cli, redis_ur
     log = cli("logs", run_id, "test[py=3.10]", CICD_RAY_STORE=redis_url)
     assert "testing on python 3.10" in log.stdout
     assert not (tmp_path / "home" / "cicd.sqlite3").exists()  # nothing went to SQLite
+
+
+def test_recommend_and_cost_from_the_history_of_real_runs(harness, cli, tmp_path):
+    """Runs on the session cluster, then the CLI reads their attempts from its store."""
+    doc = {"name": "sizing", "steps": [
+        {"name": "hog", "resources": {"cpu": 2, "memory_mb": 1024},
+         "run": "python -c \"b = bytearray(60 * 2**20); import time; time.sleep(0.5)\""},
+        {"name": "spin", "resources": {"cpu": 0.5, "memory_mb": 64},
+         "run": "python -c \"import time\nt = time.process_time()\n"
+                "while time.process_time() - t < 1.5: pass\""}]}
+    for _ in range(3):
+        assert harness.run(doc)["run"]["state"] == "succeeded"
+    home = {"CICD_RAY_HOME": str(harness.settings.home)}
+    done = cli("recommend", "sizing", "--json", **home)
+    assert done.returncode == 0, done.stderr
+    advice = {a["step"]: a for a in json.loads(done.stdout)}
+    hog, spin = advice["hog"], advice["spin"]
+    assert hog["samples"] == 3 and 60 <= hog["used_memory_mb_p95"] < 200
+    assert hog["memory_mb"] < 512 and "asks 1024 MiB" in hog["note"]
+    assert spin["used_cpu_p95"] > 0.6 and "asks only 0.5" in spin["note"]
+    table = cli("recommend", "sizing", **home)
+    assert "suggest MiB" in table.stdout and "hog" in table.stdout
+    costs = json.loads(cli("cost", "--since", "1h", "--json", **home).stdout)
+    assert {c["name"] for c in costs["pools"]} >= {"default"}
+    [pipeline] = [c for c in costs["pipelines"] if c["name"] == "sizing"]
+    assert pipeline["worker_seconds"] > 1.5
+    bad = cli("cost", "--since", "yesterday", **home)
+    assert bad.returncode == 2 and "expected an age such as 7d, 12h, 30m or 90s" in bad.stderr
+    nothing = cli("recommend", "no-such-pipeline", **home)
+    assert nothing.returncode != 0 and "no runs of pipeline 'no-such-pipeline'" in (
+        nothing.stdout + nothing.stderr)

@@ -320,3 +320,36 @@ def test_attempts_record_the_wait_for_capacity_and_for_a_slot():
     dispatched(s, 20.0)
     attempt = s.attempts["r1/b/1"]
     assert (attempt.wait_capacity_s, attempt.wait_slot_s) == (3.0, 7.0)
+
+
+def test_interruptible_steps_go_to_the_spot_pool_and_come_back_after_an_eviction():
+    pools = {"default": PoolConfig(name="default", cpus=2, workers=1),
+             "spot": PoolConfig(name="spot", cpus=2, workers=1, spot=True,
+                                spot_for=["default"])}
+    s = Scheduler(pools)
+    s.tick(0)
+    for rec in s.take().start_workers:
+        s.register_worker(rec.model_copy(update={"id": rec.pool}), 0)
+    submit(s, [{"name": "cheap", "run": "x", "interruptible": True, "retry": {"max": 1}},
+               {"name": "firm", "run": "x"}])
+    placed, d = dispatched(s, 1)
+    assert sorted(placed) == [("default", "firm"), ("spot", "cheap")]
+    assert d.changes.attempts["r1/cheap/1"].pool == "spot"
+    s.worker_lost("spot", "node preempted", 2)
+    placed, d = dispatched(s, 3)
+    assert placed == [("default", "cheap")]  # the retry: on its own pool, beside firm
+    assert d.changes.steps[("r1", "cheap")].spot_evicted is True
+    assert d.changes.attempts["r1/cheap/2"].pool == "default"
+
+
+def test_spot_for_must_name_pools_and_be_on_a_spot_pool(tmp_path):
+    from cicd_ray.config import load_pools
+    from cicd_ray.errors import SpecError
+
+    path = tmp_path / "pools.yaml"
+    path.write_text("pools: [{name: s, spot: true, spot_for: [nope]}]")
+    with pytest.raises(SpecError, match=r"pools \(s\)\.spot_for: unknown pool 'nope'"):
+        load_pools(path)
+    path.write_text("pools: [{name: d}, {name: s, spot_for: [d]}]")
+    with pytest.raises(SpecError, match="spot_for is for spot pools; add spot: true"):
+        load_pools(path)

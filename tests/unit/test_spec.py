@@ -91,7 +91,7 @@ def test_env_overrides_win_and_are_checked():
      "steps[0] (-a).name: '-a' does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "tiemout": 5}]},
      "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
-     "pool, resources, timeout, retry, priority"),
+     "pool, resources, timeout, retry, priority, interruptible"),
     ({"name": "k", "stages": [], "steps": [{"name": "a", "run": "x"}]},
      "stages: unknown key; allowed keys are: name, source, env, defaults, steps"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "retry": {"max": 1, "when": "x"}}]},
