@@ -83,9 +83,10 @@ def pool_group(pool: PoolConfig, image: str) -> dict:
         raise SpecError([f"pools ({pool.name}).resources: a pool on KubeRay needs a custom "
                          f"resource of its own, such as {{pool-{pool.name}: 1}}, so that its "
                          "workers land on its worker group's pods"])
+    # minReplicas 0: the master keeps the pool's min_workers as worker actors, whose demand
+    # brings the pods; a floor of pods of its own could sit beside them, empty.
     return _group(f"pool-{pool.name}", image, math.ceil(pool.cpus),
-                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, pool.min_workers,
-                  pool.max_workers)
+                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers)
 
 
 def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,

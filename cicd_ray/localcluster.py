@@ -37,8 +37,9 @@ def autoscaler_config(pools: dict[str, PoolConfig], gcs_address: str,
         types[node_type(pool)] = {
             "resources": {**node_resources(pool),
                           "object_store_memory": NODE_OBJECT_STORE_BYTES},
-            "node_config": {}, "min_workers": pool.min_workers,
-            "max_workers": pool.max_workers,
+            # No floor here: the master keeps the pool's minimum as worker actors, and their
+            # demand brings the nodes (a node floor of its own could sit beside them, empty).
+            "node_config": {}, "min_workers": 0, "max_workers": pool.max_workers,
         }
     return {
         "cluster_name": "cicd-ray-local",

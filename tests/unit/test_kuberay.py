@@ -112,8 +112,7 @@ def test_worker_groups_agree_with_the_pools():
     assert set(groups) == {"control"} | {f"pool-{name}" for name in pools}
     for name, pool in pools.items():
         group = groups[f"pool-{name}"]
-        assert (group["minReplicas"], group["maxReplicas"]) == (pool.min_workers,
-                                                                pool.max_workers)
+        assert (group["minReplicas"], group["maxReplicas"]) == (0, pool.max_workers)
         params = group["rayStartParams"]
         assert yaml.safe_load(yaml.safe_load(params["resources"])) == pool.resources
         assert float(params["num-cpus"]) >= pool.cpus
