@@ -13,9 +13,11 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator, Callable
+from importlib import resources
 from typing import Annotated, Any
 
 import ray
@@ -37,6 +39,8 @@ API = "/api/v1"
 MASTER_TIMEOUT_S = 10.0
 RETRY_AFTER_S = "2"
 FOLLOW_POLL_S = 0.2
+WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
@@ -139,6 +143,18 @@ def create_app(token_digests: list[str] | None = None,
 
     guarded = [Depends(require_token)]
 
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        """The web page (no token needed to load it; it asks for one)."""
+        return Response(_web_file("index.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def page_file(name: str) -> Response:
+        if name not in WEB_TYPES:
+            raise HTTPException(404, detail=f"no file {name!r}")
+        return Response(_web_file(name), media_type=WEB_TYPES[name],
+                        headers={"Cache-Control": "no-cache"})
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
         """No authentication: says whether the master answers."""
@@ -225,6 +241,20 @@ def create_app(token_digests: list[str] | None = None,
                             headers=headers)
         return StreamingResponse(_follow(reads, run_id, step, attempt, offset, first),
                                  media_type="text/plain; charset=utf-8", headers=headers)
+
+    @app.get(f"{API}/events", dependencies=guarded, tags=["runs"],
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
+                     last_event_id: Annotated[str | None, Header(max_length=64)] = None):
+        """Run and step state changes as Server-Sent Events (`event: run` or `step`, `data:`
+        JSON), from now on, or after `Last-Event-ID` when a client reconnects. `run_id` keeps
+        one run's. An `event: reset` says changes were missed (reload what you show)."""
+        epoch, after = _event_position(last_event_id)
+        return StreamingResponse(_event_stream(master, run_id, epoch, after),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
 
     @app.get(f"{API}/workers", dependencies=guarded, tags=["cluster"])
     async def workers(since: Annotated[float | None, Query(ge=0)] = None) -> dict:
@@ -341,6 +371,48 @@ async def _follow(reads: _Reads, run_id: str, step: str, attempt: int | None, of
             return
         if pinned is None and answer["attempt"] is not None:
             pinned = answer["attempt"]
+
+
+def _web_file(name: str) -> bytes:
+    return (resources.files("cicd_ray") / "web" / name).read_bytes()
+
+
+def _event_position(last_event_id: str | None) -> tuple[float | None, int]:
+    """`EPOCH:SEQ` from a Last-Event-ID; (None, -1) for a new client (from now on)."""
+    epoch, _, seq = (last_event_id or "").partition(":")
+    try:
+        return float(epoch), int(seq)
+    except ValueError:
+        return None, -1
+
+
+async def _event_stream(master: _Master, run_id: str | None, epoch: float | None,
+                        after: int) -> AsyncIterator[bytes]:
+    yield b"retry: 2000\n\n"
+    while True:
+        try:
+            # A new client only learns where "now" is: no waiting, nothing sent.
+            answer = await master.call("events", max(after, 0), epoch,
+                                       0.0 if after < 0 else EVENT_WAIT_S)
+        except HTTPException:
+            yield b": the master is not answering; waiting\n\n"
+            await asyncio.sleep(float(RETRY_AFTER_S))
+            continue
+        restarted = epoch is not None and answer["epoch"] != epoch
+        events = answer["events"]
+        if after < 0:  # a new client: from now on
+            events = []
+            after = max((e["seq"] for e in answer["events"]), default=0)
+        elif answer["reset"] or answer["gap"] or restarted:
+            yield b"event: reset\ndata: {}\n\n"
+        epoch = answer["epoch"]
+        for event in events:
+            after = event["seq"]
+            if run_id is None or event["run_id"] == run_id:
+                yield (f"id: {epoch}:{after}\nevent: {event['kind']}\n"
+                       f"data: {json.dumps(event)}\n\n").encode()
+        if not events:
+            yield b": keep-alive\n\n"
 
 
 api = create_app()

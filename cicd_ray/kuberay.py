@@ -19,6 +19,7 @@ from cicd_ray.config import PoolConfig
 from cicd_ray.errors import SpecError
 
 API_PORT = 8000
+METRICS_PORT = 8080  # Ray's metrics export port under KubeRay: Prometheus scrapes it
 CONTROL_RESOURCE = "cicd-control"
 POOLS_MOUNT = "/etc/cicd-ray"
 OBJECT_STORE_BYTES = 200 * 1000 * 1000
@@ -74,7 +75,8 @@ def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str
                            "resources": json.dumps(json.dumps(
                                {k: int(v) if float(v).is_integer() else v
                                 for k, v in resources.items()}))},
-        "template": _pod(_container("ray-worker", image, cpus, memory_mb)),
+        "template": _pod(_container("ray-worker", image, cpus, memory_mb,
+                                    [{"containerPort": METRICS_PORT, "name": "metrics"}])),
     }
 
 
@@ -95,7 +97,7 @@ def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"},
                   {"containerPort": API_PORT, "name": "serve"},
-                  {"containerPort": 8080, "name": "metrics"}]
+                  {"containerPort": METRICS_PORT, "name": "metrics"}]
     serve_config = {"applications": [{
         "name": "cicd", "import_path": "cicd_ray.api:app", "route_prefix": "/",
         "deployments": [{"name": "cicd-api", "num_replicas": api_replicas}],

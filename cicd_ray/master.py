@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 
 import psutil
 import ray
@@ -20,6 +21,7 @@ from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.metrics import Metrics
 from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # the longest the master sleeps when nothing happens
 RECENT_S = 600.0  # stopped workers shown for this long
+EVENTS_KEPT = 10_000
 
 
 class Master:
@@ -49,6 +52,11 @@ class Master:
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._requested: list[dict[str, float]] = []
+        self.metrics = Metrics()
+        # Run and step changes for GET /api/v1/events: the latest EVENTS_KEPT, numbered.
+        self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self._event_seq = 0
+        self._new_events = asyncio.Event()
         self._recover()
         self._commit()
         self._loop = asyncio.get_running_loop().create_task(self._run())
@@ -164,6 +172,38 @@ class Master:
             self._kill_worker(worker_id)
         return len(ids)
 
+    async def events(self, after: int = 0, epoch: float | None = None,
+                     timeout_s: float = 15.0) -> dict:
+        """Run and step changes numbered after `after`, waiting up to `timeout_s` for one.
+        From another master's `epoch` (this one restarted since) the numbering starts over:
+        `reset` says so, and `gap` that changes were missed (the client reloads its views)."""
+        reset = epoch is not None and epoch != self.started_at
+        if reset:
+            after = 0
+        if self._event_seq <= after and not reset:
+            self._new_events.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new_events.wait(), timeout=timeout_s)
+        found = [e for e in self._events if e["seq"] > after]
+        oldest = self._events[0]["seq"] if self._events else self._event_seq + 1
+        return {"epoch": self.started_at, "events": found, "reset": reset,
+                "gap": bool(after) and after + 1 < oldest}
+
+    def _note_events(self, changes, now: float) -> None:
+        # Steps first: a run that ends in this batch ended because of them.
+        for step in changes.steps.values():
+            self._event("step", {"run_id": step.run_id, "step": step.name,
+                                 "state": step.state.value, "attempts": step.attempts,
+                                 "worker_id": step.worker_id, "reason": step.reason}, now)
+        for run in changes.runs.values():
+            self._event("run", {"run_id": run.id, "pipeline": run.pipeline,
+                                "state": run.state.value, "reason": run.reason}, now)
+
+    def _event(self, kind: str, data: dict, now: float) -> None:
+        self._event_seq += 1
+        self._events.append({"seq": self._event_seq, "kind": kind, "at": now, **data})
+        self._new_events.set()
+
     # --- API for workers -----------------------------------------------------------------------
 
     async def register(self, record: WorkerRecord, running: list[str] | None = None,
@@ -206,8 +246,13 @@ class Master:
             self._guarded(self._tick)
 
     def _tick(self) -> None:
-        self.sched.tick(time.time())
+        now = time.time()
+        self.sched.tick(now)
         self._commit()
+        counts: dict[tuple[str, str], int] = {}
+        for w in self.sched.workers.values():
+            counts[(w.pool, w.state.value)] = counts.get((w.pool, w.state.value), 0) + 1
+        self.metrics.snapshot(self.sched.queue_view(now), len(self.sched.runs), counts)
         if self.settings.lookahead:
             self._look_ahead()
 
@@ -237,16 +282,27 @@ class Master:
         """Write the scheduler's decisions, then carry them out."""
         decisions = self.sched.take()
         decisions.changes.idempotency.update(idempotency or {})
-        if decisions.changes:
+        changes = decisions.changes
+        if changes:
+            t0 = time.perf_counter()
             try:
-                self.store.save(decisions.changes)
+                self.store.save(changes)
             except StoreError as e:
                 # Memory is now ahead of the truth: restart and rebuild from the store.
                 log.critical("store write failed, restarting the master: %s", e)
                 os._exit(1)
-        for run in decisions.changes.runs.values():
-            if run.state.terminal and run.id in self._finished:
-                self._finished.pop(run.id).set()
+            self.metrics.committed(len(changes.runs) + len(changes.steps) +
+                                   len(changes.attempts) + len(changes.workers),
+                                   time.perf_counter() - t0)
+        self._note_events(changes, time.time())
+        for attempt in changes.attempts.values():
+            if attempt.state is not StepState.RUNNING:
+                self.metrics.attempt_ended(attempt)
+        for run in changes.runs.values():
+            if run.state.terminal:
+                self.metrics.run_ended(run)
+                if run.id in self._finished:
+                    self._finished.pop(run.id).set()
         for record in decisions.start_workers:
             self._handles[record.id] = start_worker(record, self.settings)
             asyncio.get_running_loop().create_task(self._watch_start(record.id))

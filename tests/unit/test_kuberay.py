@@ -3,7 +3,9 @@ no unknown field, and generated from the pools file (the two cannot drift apart)
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import jsonschema
@@ -140,3 +142,18 @@ def test_redis_keeps_its_data():
     assert "appendonly yes" in conf and "appendfsync everysec" in conf
     volumes = redis["Deployment"]["spec"]["template"]["spec"]["volumes"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "cicd-redis-data"}} in volumes
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_exist():
+    from cicd_ray.metrics import NAMES
+
+    dashboard = json.loads((KUBERAY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\bray_(cicd_\w+)", e)}
+    assert queried, "the dashboard queries no cicd metric"
+    for name in queried:
+        # Prometheus names: ours with Ray's `ray_` prefix, histograms as _bucket/_sum/_count.
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert base in NAMES, f"the dashboard queries {name}, which cicd_ray.metrics lacks"
+    assert set(NAMES) <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}, \
+        "a metric is on no panel"

@@ -1,0 +1,236 @@
+// The cicd-ray web page: runs, one run's DAG with a live log, workers. It only uses the HTTP API
+// (the same token as the CLI, kept in this tab's sessionStorage) and its event stream.
+"use strict";
+
+const main = document.getElementById("main");
+const live = document.getElementById("live");
+let token = sessionStorage.getItem("cicd-token");
+let page = null;          // the page shown: {onEvent(event), close()}
+let events = null;        // the event stream's AbortController
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options, headers: {...(options.headers || {}), Authorization: `Bearer ${token}`}});
+  if (response.status === 401) { signOut("The token was not accepted."); throw new Error("401"); }
+  return response;
+}
+
+const seconds = (s) => s == null ? "" : s < 60 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(1)} min`;
+const since = (start, end) => start == null ? null : ((end ?? Date.now() / 1000) - start);
+const when = (t) => t == null ? "" : new Date(t * 1000).toLocaleString();
+const state = (s) => el("span", {class: `state ${s}`}, s);
+const debounce = (fn, ms = 250) => { let t; return () => { clearTimeout(t); t = setTimeout(fn, ms); }; };
+
+// --- the runs -----------------------------------------------------------------------------
+
+function runsPage() {
+  const body = el("tbody");
+  main.replaceChildren(el("h2", {}, "Runs"), el("table", {},
+    el("thead", {}, el("tr", {}, ...["run", "pipeline", "state", "started", "duration"]
+      .map((h) => el("th", {}, h)))), body));
+  const load = async () => {
+    const {runs} = await (await api("/api/v1/runs?limit=50")).json();
+    body.replaceChildren(...runs.map((r) => el("tr", {"data-run": r.id},
+      el("td", {}, el("a", {href: `#/runs/${r.id}`}, r.id)), el("td", {}, r.pipeline),
+      el("td", {}, state(r.state)), el("td", {}, when(r.started_at ?? r.created_at)),
+      el("td", {}, seconds(since(r.started_at, r.finished_at))))));
+  };
+  const reload = debounce(load);
+  load();
+  const timer = setInterval(load, 5000);  // durations of running runs grow
+  return {onEvent: reload, close: () => clearInterval(timer)};
+}
+
+// --- one run --------------------------------------------------------------------------------
+
+function depths(steps) {
+  const byName = Object.fromEntries(steps.map((s) => [s.spec.name, s]));
+  const depth = {};
+  const of = (name) => depth[name] ??= Math.max(-1, ...byName[name].spec.needs.map(of)) + 1;
+  steps.forEach((s) => of(s.spec.name));
+  return depth;
+}
+
+function times(step, attempt) {
+  if (!attempt) return step.state === "queued" ? `queued ${seconds(since(step.queued_at))}` : "";
+  const parts = [];
+  if (attempt.wait_capacity_s > 0.05) parts.push(`capacity ${seconds(attempt.wait_capacity_s)}`);
+  if (attempt.wait_slot_s > 0.05) parts.push(`slot ${seconds(attempt.wait_slot_s)}`);
+  parts.push(`${attempt.finished_at ? "ran" : "running"} ${seconds(since(attempt.started_at, attempt.finished_at))}`);
+  return parts.join(" · ");
+}
+
+function runPage(runId) {
+  const title = el("h2");
+  const dag = el("div", {class: "dag"});
+  const logTitle = el("h2", {class: "muted"}, "Select a step to see its log");
+  const log = el("pre", {class: "log", id: "log"});
+  main.replaceChildren(title, dag, logTitle, log);
+  let selected = null;
+  let following = null;  // AbortController of the log being followed
+
+  const follow = async (name, stepState) => {
+    following?.abort();
+    following = new AbortController();
+    selected = name;
+    logTitle.replaceChildren(`Log of ${name} `, state(stepState));
+    log.textContent = "";
+    const url = `/api/v1/runs/${runId}/steps/${encodeURIComponent(name)}/log?follow=true`;
+    try {
+      const response = await api(url, {signal: following.signal});
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        log.append(decoder.decode(value, {stream: true}));
+        log.scrollTop = log.scrollHeight;
+      }
+    } catch (error) { if (error.name !== "AbortError") log.append(`\n[${error.message}]`); }
+  };
+
+  const load = async () => {
+    const response = await api(`/api/v1/runs/${runId}`);
+    if (response.status === 404) { main.replaceChildren(el("p", {}, `No run ${runId}.`)); return; }
+    const view = await response.json();
+    const run = view.run;
+    title.replaceChildren(`Run ${run.id} of ${run.pipeline} `, state(run.state),
+      el("span", {class: "muted"}, ` ${run.reason || ""}`));
+    const last = {};
+    view.attempts.forEach((a) => { last[a.step] = a; });
+    const depth = depths(view.steps);
+    const columns = [];
+    for (const step of view.steps) {
+      const name = step.spec.name;
+      (columns[depth[name]] ??= []).push(el("div", {
+        class: `step ${step.state}${name === selected ? " selected" : ""}`, "data-step": name,
+        "data-state": step.state, onclick: () => { follow(name, step.state); load(); }},
+        el("div", {class: "name"}, name),
+        el("div", {}, state(step.state), step.attempts > 1 ? ` (attempt ${step.attempts})` : ""),
+        el("div", {class: "times"}, times(step, last[name]))));
+    }
+    dag.replaceChildren(...columns.map((c) => el("div", {class: "column"}, ...c)));
+    const current = view.steps.find((s) => s.spec.name === selected);
+    if (current) logTitle.replaceChildren(`Log of ${selected} `, state(current.state));
+    if (selected === null) {
+      const first = view.steps.find((s) => s.state === "running") || view.steps.find((s) => s.attempts);
+      if (first) { follow(first.spec.name, first.state); load(); }
+    }
+  };
+  const reload = debounce(load, 150);
+  load();
+  const timer = setInterval(load, 3000);  // running times grow
+  return {onEvent: (e) => { if (e.run_id === runId) reload(); },
+          close: () => { clearInterval(timer); following?.abort(); }};
+}
+
+// --- workers --------------------------------------------------------------------------------
+
+function workersPage() {
+  const box = el("div");
+  main.replaceChildren(el("h2", {}, "Workers"), box);
+  const load = async () => {
+    const {workers} = await (await api("/api/v1/workers")).json();
+    const pools = {};
+    workers.forEach((w) => (pools[w.pool] ??= []).push(w));
+    box.replaceChildren(...Object.entries(pools).sort().map(([pool, list]) => el("section", {},
+      el("h2", {}, `Pool ${pool}`), el("table", {},
+        el("thead", {}, el("tr", {}, ...["worker", "state", "CPUs in use", "CPU %", "memory MiB",
+          "heartbeat", "node"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...list.map((w) => el("tr", {"data-worker": w.id},
+          el("td", {}, w.id), el("td", {}, state(w.state)),
+          el("td", {}, `${w.cpus_in_use ?? 0} / ${w.cpus}`), el("td", {}, w.cpu_percent ?? ""),
+          el("td", {}, w.memory_used_mb == null ? "" : Math.round(w.memory_used_mb)),
+          el("td", {}, w.last_heartbeat ? `${seconds(since(w.last_heartbeat))} ago` : ""),
+          el("td", {}, (w.node || "").slice(0, 12)))))))));
+    if (!workers.length) box.replaceChildren(el("p", {class: "muted"}, "No workers now."));
+  };
+  load();
+  const timer = setInterval(load, 2000);
+  return {onEvent: () => {}, close: () => clearInterval(timer)};
+}
+
+// --- live events (Server-Sent Events over fetch: EventSource cannot send the token) ---------
+
+async function listen() {
+  events?.abort();
+  events = new AbortController();
+  let lastId = null;
+  for (;;) {
+    try {
+      const headers = lastId ? {"Last-Event-ID": lastId} : {};
+      const response = await api("/api/v1/events", {headers, signal: events.signal});
+      live.classList.add("on");
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, {stream: true});
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const field = (name) => block.split("\n").find((l) => l.startsWith(`${name}: `))?.slice(name.length + 2);
+          if (field("id")) lastId = field("id");
+          const kind = field("event");
+          if (kind === "reset") page?.onEvent({run_id: null});
+          else if (kind) page?.onEvent(JSON.parse(field("data")));
+        }
+      }
+    } catch (error) {
+      if (error.name === "AbortError" || error.message === "401") return;
+    }
+    live.classList.remove("on");
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+// --- the frame ------------------------------------------------------------------------------
+
+function route() {
+  page?.close();
+  const match = location.hash.match(/^#\/runs\/([\w.-]+)/);
+  page = match ? runPage(match[1]) : location.hash === "#/workers" ? workersPage() : runsPage();
+}
+
+function signOut(message = "") {
+  token = null;
+  sessionStorage.removeItem("cicd-token");
+  events?.abort();
+  page?.close();
+  page = null;
+  document.getElementById("signout").hidden = true;
+  main.replaceChildren(document.getElementById("login").content.cloneNode(true));
+  document.getElementById("login-error").textContent = message;
+  document.getElementById("login-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    token = document.getElementById("token").value.trim();
+    const response = await fetch("/api/v1/runs?limit=1", {headers: {Authorization: `Bearer ${token}`}});
+    if (!response.ok) { signOut(`That token was not accepted (${response.status}).`); return; }
+    sessionStorage.setItem("cicd-token", token);
+    start();
+  });
+}
+
+function start() {
+  document.getElementById("signout").hidden = false;
+  window.onhashchange = route;
+  route();
+  listen();
+}
+
+document.getElementById("signout").addEventListener("click", () => signOut());
+if (token) start(); else signOut();

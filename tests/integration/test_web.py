@@ -1,0 +1,71 @@
+"""The web page in a real headless Chromium (Debian's, driven by Playwright): sign in, watch a
+run's steps succeed and a line of a running step's log appear, list runs and workers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.integration.conftest import API_TOKEN
+
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed: ./dev test (and .ci/run) install it"
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_a_run_on_the_page(api, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api}/")
+    page.fill("#token", "not-the-token")
+    page.click("button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("not accepted (401)")
+    page.fill("#token", API_TOKEN)
+    page.click("button[type=submit]")
+    expect(page.locator("h2")).to_have_text("Runs")
+    expect(page.locator("#live")).to_have_class("live on", timeout=15000)
+
+    r = httpx.post(f"{api}/api/v1/runs", headers={"Authorization": f"Bearer {API_TOKEN}"},
+                   json={"pipeline": {"name": "on-the-page", "steps": [
+                       {"name": "prepare", "run": "echo ready"},
+                       {"name": "build", "needs": ["prepare"],
+                        "run": "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done"},
+                       {"name": "ship", "needs": ["build"], "run": "echo shipped"}]}})
+    run_id = r.json()["run_id"]
+    # The runs list updates itself (from the event stream) with the new run.
+    expect(page.locator(f"tr[data-run='{run_id}']")).to_be_visible(timeout=15000)
+    page.click(f"tr[data-run='{run_id}'] a")
+    build = page.locator(".step[data-step='build']")
+    expect(build).to_have_attribute("data-state", "running", timeout=30000)
+    build.click()
+    # A line of the log shows while the step still runs.
+    expect(page.locator("#log")).to_contain_text("line 1", timeout=15000)
+    assert build.get_attribute("data-state") == "running"
+    expect(page.locator(".step[data-state='succeeded']")).to_have_count(3, timeout=60000)
+    expect(page.locator("#log")).to_contain_text("line 6")
+    expect(page.locator("h2").nth(1)).to_have_text("Log of build succeeded")
+    expect(page.locator("h2").first).to_contain_text("succeeded")
+    # Steps laid out as the DAG: one column per depth.
+    assert page.locator(".dag .column").count() == 3
+    OUTPUT.mkdir(exist_ok=True)
+    shot = OUTPUT / "web-run.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+
+    page.goto(f"{api}/#/workers")
+    expect(page.locator("tr[data-worker]").first).to_be_visible(timeout=15000)
+    expect(page.locator("h2").first).to_have_text("Workers")
+    page.click("#signout")
+    expect(page.locator("#token")).to_be_visible()
+    page.close()
