@@ -17,6 +17,8 @@ def test_no_input_makes_the_api_fail_with_a_5xx(api):
     tried = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.path.endswith("/events"):
+            continue  # a stream that never ends; its bad input is tested in test_monitoring
 
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
                   derandomize=True, suppress_health_check=list(HealthCheck))
