@@ -77,8 +77,9 @@ def size_pool(pool: PoolConfig, workers: list[WorkerView], queued_cpu: list[floa
         below_min = pool.min_workers - have  # lost workers are replaced at once
         if now - memory.last_scale_up < pool.cooldown_s and below_min <= 0:
             return Sizing(needed, why=f"cooling down: {have} of {needed} workers")
-        memory.last_scale_up = now
         start = max(below_min, min(needed - have, pool.scale_up_step))
+        if start > below_min:  # growing for the queue arms the cooldown; refilling does not
+            memory.last_scale_up = now
         return Sizing(needed, start=start, why=f"{len(queued_cpu)} step(s) queued: "
                       f"{have} -> {have + start} of {needed} workers")
     # Shrink only below the highest need of the window, and never below the budget's cap.

@@ -46,6 +46,13 @@ def test_lost_workers_below_the_minimum_are_replaced_despite_the_cooldown():
     assert size_pool(p, [busy("w1")], [], mem, now=1).start == 1
 
 
+def test_starting_the_minimum_does_not_delay_the_first_growth():
+    p, mem = pool(min_workers=1), PoolMemory()
+    assert size_pool(p, [], [], mem, now=0).start == 1
+    # A second later the queue wants more: no cooldown from the warm worker's start.
+    assert size_pool(p, [busy("w1")], [2.0], mem, now=1).start == 1
+
+
 def test_min_and_max():
     assert workers_needed(pool(min_workers=3), [], []) == 3
     assert workers_needed(pool(max_workers=4), [], [2.0] * 50) == 4
