@@ -52,6 +52,7 @@ class Master:
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._requested: list[dict[str, float]] = []
+        self._surveyed_at = 0.0
         self.metrics = Metrics()
         # Run and step changes for GET /api/v1/events: the latest EVENTS_KEPT, numbered.
         self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -249,6 +250,11 @@ class Master:
         now = time.time()
         self.sched.tick(now)
         self._commit()
+        # The loop ticks on every outcome; the gauges and the look-ahead scan the queue, so
+        # they are refreshed at most once per TICK_INTERVAL_S rather than per outcome.
+        if now - self._surveyed_at < TICK_INTERVAL_S:
+            return
+        self._surveyed_at = now
         counts: dict[tuple[str, str], int] = {}
         for w in self.sched.workers.values():
             counts[(w.pool, w.state.value)] = counts.get((w.pool, w.state.value), 0) + 1

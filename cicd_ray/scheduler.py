@@ -206,7 +206,7 @@ class Scheduler:
     def worker_lost(self, worker_id: str, reason: str, now: float) -> None:
         """The worker died or went silent: its steps are retried as infra failures or fail."""
         worker = self.workers.get(worker_id)
-        if worker is None or worker.state in (WorkerState.LOST, WorkerState.STOPPED):
+        if worker is None:  # unknown, or already let go (and so no longer here)
             return
         self._let_go(worker, WorkerState.LOST, f"lost: {reason}", now)
         for attempt_id in list(self._load.pop(worker_id, _Load()).attempts):

@@ -56,6 +56,20 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     return f"redis://127.0.0.1:{port}/0", proc
 
 
+def cluster_env(tmp: Path, token: str, **extra: str) -> dict[str, str]:
+    """The environment of a cluster's processes: none of the test process's own Ray or
+    cicd-ray settings, this venv's commands first, a home under `tmp`, the API token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CICD_RAY_"))}
+    env.update(PATH=f"{BIN}:{env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+               CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=token,
+               CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", **extra)
+    return env
+
+
+def api_client(url: str, token: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"})
+
+
 def _tree(roots: list[psutil.Process]) -> set[psutil.Process]:
     found = set()
     for proc in roots:
@@ -110,21 +124,15 @@ class HaCluster:
         pools = tmp / "pools.yaml"
         pools.write_text("pools:\n  - {name: default, workers: 3, cpus: 1, memory_mb: 256}\n")
 
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("RAY_", "CICD_RAY_"))}
-        self.env.update(
-            PATH=f"{BIN}:{self.env['PATH']}", RAY_AUTH_MODE="disabled",
-            RAY_USAGE_STATS_ENABLED="0", CICD_RAY_HOME=str(tmp / "home"),
-            CICD_RAY_STORE=self.store_url, CICD_RAY_POOLS=str(pools),
-            CICD_RAY_TOKENS=self.token,
+        self.env = cluster_env(
+            tmp, self.token, RAY_AUTH_MODE="disabled", CICD_RAY_STORE=self.store_url,
+            CICD_RAY_POOLS=str(pools),
             CICD_RAY_MASTER_RESOURCES=json.dumps({MASTER_RESOURCE: 0.01}),
-            CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", CICD_RAY_HEARTBEAT_TIMEOUT_S="6",
-            CICD_RAY_KILL_GRACE_S="1",
+            CICD_RAY_HEARTBEAT_TIMEOUT_S="6", CICD_RAY_KILL_GRACE_S="1",
             # Raylets wait this long for a GCS that went away: more than a head restart.
             RAY_gcs_rpc_server_reconnect_timeout_s="120",
         )
-        self.http = httpx.Client(base_url=self.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        self.http = api_client(self.url, self.token)
 
     # --- starting ------------------------------------------------------------------------------
 
@@ -325,13 +333,8 @@ class LocalAutoscaling:
         self.port, self.ray_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = "scale-token-" + "z" * 20
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("RAY_", "CICD_RAY_"))}
-        self.env.update(PATH=f"{BIN}:{self.env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                        CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=self.token,
-                        CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", **env)
-        self.http = httpx.Client(base_url=self.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        self.env = cluster_env(tmp, self.token, **env)
+        self.http = api_client(self.url, self.token)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env=self.env,
