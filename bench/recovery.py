@@ -26,14 +26,17 @@ from cicd_ray.spec import parse_pipeline
 from cicd_ray.worker import NAMESPACE
 
 
-def until_answers(handle) -> float:
+def until_answers(handle, not_pid: int | None = None) -> float:
+    """Seconds until `ping` answers from a process other than `not_pid` (a killed master's
+    process may still answer a call that reaches it before the kill does)."""
     t0 = time.perf_counter()
     while True:
         try:
-            ray.get(handle.ping.remote(), timeout=5)
-            return time.perf_counter() - t0
+            if ray.get(handle.ping.remote(), timeout=5)["pid"] != not_pid:
+                return time.perf_counter() - t0
         except ray.exceptions.RayError:
-            time.sleep(0.01)
+            pass
+        time.sleep(0.01)
 
 
 def main() -> None:
@@ -50,8 +53,9 @@ def main() -> None:
 
     restarts = []
     for _ in range(args.kills):
+        pid = ray.get(master.ping.remote())["pid"]
         ray.kill(master, no_restart=False)
-        restarts.append(until_answers(master))
+        restarts.append(until_answers(master, not_pid=pid))
         time.sleep(2)  # let the workers re-register before the next kill
 
     colds = []
