@@ -21,7 +21,6 @@ from importlib import resources
 from typing import Annotated, Any
 
 import ray
-import yaml
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -30,7 +29,7 @@ from ray import serve
 
 from cicd_ray import auth
 from cicd_ray.errors import SpecError, StoreError
-from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline
+from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
 from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
@@ -174,14 +173,15 @@ def create_app(token_digests: list[str] | None = None,
         source = None
         pipeline = req.pipeline
         if isinstance(req.source, GitSource):
-            pipeline = _with_git_source(pipeline, req.source)
+            pipeline = await asyncio.to_thread(_with_git_source, pipeline, req.source)
         elif req.source is not None:
             try:
                 data = base64.b64decode(req.source.archive, validate=True)
             except (binascii.Error, ValueError):
                 raise HTTPException(422, detail="source.archive: not valid base64") from None
             source = (hashlib.sha256(data).hexdigest(), data)
-        problems = _check(pipeline, req.env)
+        # Parsing and planning take time on a large document: off this replica's loop.
+        problems = await asyncio.to_thread(_check, pipeline, req.env)
         if problems:
             return JSONResponse({"detail": "; ".join(problems), "problems": problems},
                                 status_code=422)
@@ -283,9 +283,9 @@ def _with_git_source(pipeline: str | dict[str, Any], git: GitSource) -> str | di
     """The pipeline with its `source` replaced by the request's repository."""
     if isinstance(pipeline, str):
         try:
-            loaded = yaml.safe_load(pipeline)
-        except yaml.YAMLError:
-            return pipeline  # the master reports the YAML error
+            loaded = load_yaml(pipeline)
+        except SpecError:
+            return pipeline  # _check reports it
         if not isinstance(loaded, dict):
             return pipeline
         pipeline = loaded

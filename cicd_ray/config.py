@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from cicd_ray import yamldoc
 from cicd_ray.errors import SpecError
 from cicd_ray.spec import PIPELINE_NAME
 
@@ -84,12 +84,12 @@ def default_pools() -> dict[str, PoolConfig]:
 def load_pools(path: str | Path) -> dict[str, PoolConfig]:
     """Read a pools file: `pools: [{name: default, workers: 2, cpus: 2, memory_mb: 4096}, ...]`."""
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
         items = doc.get("pools") if isinstance(doc, dict) else None
         if not isinstance(items, list):
             raise SpecError(["pools: expected a list of pools"], source=str(path))
         pools = [PoolConfig.model_validate(item) for item in items]
-    except (OSError, yaml.YAMLError, ValidationError) as e:
+    except (OSError, ValidationError) as e:
         raise SpecError([f"pools: {e}"], source=str(path)) from None
     names = {p.name for p in pools}
     unknown = [f"pools ({p.name}).spot_for: unknown pool {n!r}; the pools are: "

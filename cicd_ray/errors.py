@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+import reprlib
+
+QUOTE_LIMIT = 200  # the most characters of a user's value an error message repeats
+_quoter = reprlib.Repr()  # keyword arguments only from Python 3.12
+_quoter.maxlevel, _quoter.maxdict, _quoter.maxlist = 3, 8, 8
+_quoter.maxstring, _quoter.maxother, _quoter.maxlong = QUOTE_LIMIT, QUOTE_LIMIT, 60
+
+
+def brief(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` cut to `limit` characters: an error never repeats a huge value whole."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def quote(value: object) -> str:
+    """A short repr of a user's value for an error message, bounded whatever its size or depth."""
+    return brief(_quoter.repr(value))
+
 
 class CicdError(Exception):
     """Root of every error cicd-ray raises on purpose."""
@@ -10,8 +27,12 @@ class CicdError(Exception):
 class SpecError(CicdError):
     """A pipeline file is malformed. `problems` lists each one as 'field.path: message'."""
 
+    MAX_PROBLEMS = 50  # a hostile document can have millions; the first ones say enough
+
     def __init__(self, problems: list[str], source: str = "pipeline") -> None:
-        self.problems = list(problems)
+        self.problems = list(problems[:self.MAX_PROBLEMS])
+        if len(problems) > self.MAX_PROBLEMS:
+            self.problems.append(f"... and {len(problems) - self.MAX_PROBLEMS} more problem(s)")
         self.source = source
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)):\n{lines}")

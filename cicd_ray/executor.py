@@ -7,6 +7,7 @@ No Ray here: the worker actor hands in the task and a callback for log chunks, a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import selectors
@@ -77,7 +78,10 @@ class _LogBuffer:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:120]
+    """A folder name of its own for every attempt id: readable, and told apart by a digest
+    (`a[x=1]` and `a_x_1_` would otherwise share one)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def step_env(task: StepTask, workspace: Path, tmp: Path) -> dict[str, str]:

@@ -80,18 +80,18 @@ class Master:
             existing = self.store.run_for_key(idempotency_key)
             if existing is not None:
                 return {"run_id": existing, "existing": True}
-        try:
-            spec = parse_pipeline(pipeline)
-        except SpecError as e:
-            return {"problems": e.problems}
-        problems = check_env_overrides(env or {})
-        steps = plan(spec, env or {}) if not problems else []
-        problems += check_fits(steps, self.settings.pools)
+        # Parsing and planning a large document takes time: off the loop that dispatches.
+        spec, steps, problems = await asyncio.to_thread(_plan, pipeline, env or {},
+                                                        self.settings.pools)
         if source is not None and len(source[1]) > self.settings.source_limit_bytes:
             problems.append(f"source: {len(source[1])} bytes is more than the "
                             f"{self.settings.source_limit_bytes} byte limit")
         if problems:
             return {"problems": problems}
+        if idempotency_key:  # the same key may have been submitted while this one was planned
+            existing = self.store.run_for_key(idempotency_key)
+            if existing is not None:
+                return {"run_id": existing, "existing": True}
         now = time.time()
         git = spec.source if isinstance(spec.source, GitSource) else None
         run = RunRecord(id=_new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
@@ -384,6 +384,17 @@ class Master:
             self._adopt_handle(worker_id)
         if runs:
             log.warning("master recovered %d active run(s) from the store", len(runs))
+
+
+def _plan(pipeline: dict | str, env: dict[str, str], pools) -> tuple:
+    """(spec, planned steps, problems) of a submission: pure, so it runs in a thread."""
+    try:
+        spec = parse_pipeline(pipeline)
+    except SpecError as e:
+        return None, [], e.problems
+    problems = check_env_overrides(env)
+    steps = plan(spec, env) if not problems else []
+    return spec, steps, problems + check_fits(steps, pools)
 
 
 def _request_capacity(bundles: list[dict[str, float]]) -> None:

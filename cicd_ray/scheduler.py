@@ -250,14 +250,8 @@ class Scheduler:
         self._record(attempt)
         self.attempts.pop(attempt.id, None)
         self._unconfirmed.discard(attempt.id)
-        load = self._load.get(attempt.worker_id)
         step = self.steps[attempt.run_id][attempt.step]
-        if load is not None and attempt.id in load.attempts:
-            load.attempts.discard(attempt.id)
-            load.cpu -= step.spec.cpu
-            load.memory_mb -= step.spec.memory_mb
-            if not load.attempts:
-                load.idle_since = now
+        self._unload(attempt, step, now)
         step.exit_code = attempt.exit_code
         pool = self.pools.get(attempt.pool)
         if infra and pool is not None and pool.spot:
@@ -282,23 +276,44 @@ class Scheduler:
         self._finish_step(step, final, now, reason=reason)
         self._maybe_finish_run(run.id, now)
 
+    def _unload(self, attempt: AttemptRecord, step: StepRecord, now: float) -> None:
+        """Free the slot an attempt held on its worker."""
+        load = self._load.get(attempt.worker_id)
+        if load is not None and attempt.id in load.attempts:
+            load.attempts.discard(attempt.id)
+            load.cpu -= step.spec.cpu
+            load.memory_mb -= step.spec.memory_mb
+            if not load.attempts:
+                load.idle_since = now
+
     def _finish_step(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
-        transition(step.state, state)
-        step.state = state
-        step.finished_at = now
-        step.reason = reason
-        self._record(step)
-        self._open_steps[step.run_id] -= 1
-        run_steps = self.steps[step.run_id]
-        for name in self._dependents.get((step.run_id, step.name), []):
-            unmet = self._unmet[(step.run_id, name)]
-            if state is StepState.SUCCEEDED:
-                unmet.discard(step.name)
-                if not unmet and run_steps[name].state is StepState.QUEUED:
-                    self._release_ready(step.run_id, [name], now)
-            elif run_steps[name].state is StepState.QUEUED:
-                self._finish_step(run_steps[name], StepState.SKIPPED, now,
-                                  reason=f"needs {step.name} ({state.value})")
+        """End a step, release the dependents it was the last need of, and skip the ones it
+        can no longer satisfy, and theirs in turn (a worklist: a chain of thousands of needs
+        must not exhaust the stack)."""
+        todo = [(step, state, reason)]
+        marked = {step.name}
+        while todo:
+            step, state, reason = todo.pop()
+            transition(step.state, state)
+            step.state = state
+            step.finished_at = now
+            step.reason = reason
+            self._record(step)
+            self._open_steps[step.run_id] -= 1
+            run_steps = self.steps[step.run_id]
+            for name in self._dependents.get((step.run_id, step.name), []):
+                dependent = run_steps[name]
+                if dependent.state is not StepState.QUEUED:
+                    continue
+                unmet = self._unmet[(step.run_id, name)]
+                if state is StepState.SUCCEEDED:
+                    unmet.discard(step.name)
+                    if not unmet:
+                        self._release_ready(step.run_id, [name], now)
+                elif name not in marked:
+                    marked.add(name)
+                    todo.append((dependent, StepState.SKIPPED,
+                                 f"needs {step.name} ({state.value})"))
 
     def _maybe_finish_run(self, run_id: str, now: float) -> None:
         run = self.runs.get(run_id)
@@ -463,18 +478,42 @@ class Scheduler:
             else:
                 self._gone.add(w.id)
         for run in sorted(runs, key=lambda r: r.seq):
-            run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
             self._seq = max(self._seq, run.seq)
-            self._adopt(run, run_steps)
-            done = {s.name for s in run_steps if s.state is StepState.SUCCEEDED}
-            for s in run_steps:
-                self._unmet[(run.id, s.name)] -= done
-            for s in run_steps:
-                if s.state is StepState.RUNNING and s.current_attempt:
-                    self._readopt_attempt(s, now, stored.get(s.current_attempt))
-                elif s.state is StepState.QUEUED and not self._unmet[(run.id, s.name)]:
-                    self._release_ready(run.id, [s.name], now)
-            self._maybe_finish_run(run.id, now)
+            run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
+            try:
+                self._restore_run(run, run_steps, stored, now)
+            except Exception as e:  # one run the master cannot take up must not stop it
+                self._abandon(run, f"could not be restored after a master restart: "
+                                   f"{type(e).__name__}: {e}", now)
+
+    def _restore_run(self, run: RunRecord, run_steps: list[StepRecord],
+                     stored: dict[str, AttemptRecord], now: float) -> None:
+        self._adopt(run, run_steps)
+        done = {s.name for s in run_steps if s.state is StepState.SUCCEEDED}
+        for s in run_steps:
+            self._unmet[(run.id, s.name)] -= done
+        for s in run_steps:
+            if s.state is StepState.RUNNING and s.current_attempt:
+                self._readopt_attempt(s, now, stored.get(s.current_attempt))
+            elif s.state is StepState.QUEUED and not self._unmet[(run.id, s.name)]:
+                self._release_ready(run.id, [s.name], now)
+        self._maybe_finish_run(run.id, now)
+
+    def _abandon(self, run: RunRecord, reason: str, now: float) -> None:
+        """End a run as failed without touching its steps (the scheduler could not follow
+        them): it holds no slot, and its running attempts' reports are ignored."""
+        for attempt in [a for a in self.attempts.values() if a.run_id == run.id]:
+            self.attempts.pop(attempt.id, None)
+            self._unconfirmed.discard(attempt.id)
+            step = self.steps.get(run.id, {}).get(attempt.step)
+            if step is not None:
+                self._unload(attempt, step, now)
+        self._forget(run.id)
+        transition(run.state, RunState.FAILED)
+        run.state = RunState.FAILED
+        run.finished_at = now
+        run.reason = reason[:1000]
+        self._record(run)
 
     def _readopt_attempt(self, step: StepRecord, now: float,
                          stored: AttemptRecord | None) -> None:

@@ -8,14 +8,22 @@ resolved to full names. Every problem is reported at once, each naming its field
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
-from cicd_ray.errors import SpecError
+from cicd_ray import yamldoc
+from cicd_ray.errors import SpecError, brief, quote
 
 PIPELINE_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -23,12 +31,49 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 MATRIX_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,30}$"
 RESERVED_ENV_PREFIX = "CICD_"
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# A matrix value becomes part of a step name, a URL and a folder: a safe set of characters.
+MATRIX_VALUE = r"^[A-Za-z0-9._+@:-]{1,64}$"
 MAX_MATRIX_VARIANTS = 256
+MAX_PLANNED_STEPS = 5_000  # steps of one run, matrix variants included
+MAX_NEED_EDGES = 100_000  # needs of one run once matrices are expanded (a 256 x 256 fan-in fits)
+DEFAULT_MAX_PIPELINE_BYTES = 1024 * 1024
+MAX_PIPELINE_BYTES_ENV = "CICD_RAY_MAX_PIPELINE_BYTES"
 
 RetryOn = Literal["infra", "failure", "timeout"]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME)]
 Env = dict[EnvName, Annotated[str, Field(strict=True)]]
-MatrixValue = Annotated[str, Field(strict=True)] | int | float | bool
+
+
+def _matrix_values(values: object) -> object:
+    """A matrix's values as the text that names their variants: numbers as they were written
+    (`3.10` stays "3.10"), booleans as `true`/`false`. Two values naming the same variant, or a
+    value outside the safe set of characters, is an error naming it."""
+    if not isinstance(values, list):
+        return values  # pydantic names the wrong type
+    out: list[object] = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float, str)):
+            text = getattr(value, "yaml_text", None) or str(value)
+        else:
+            out.append(value)  # pydantic names the wrong type
+            continue
+        if not re.match(MATRIX_VALUE, text):
+            raise ValueError(f"value [{i}] {quote(value)} may hold only letters, digits and "
+                             ". _ + @ : - (1 to 64 of them): it names a step, a URL and a folder")
+        if text in seen:
+            j = seen[text]
+            raise ValueError(f"values [{j}] {quote(values[j])} and [{i}] {quote(value)} both "
+                             f"name the variant {text!r}; make them distinct")
+        seen[text] = i
+        out.append(text)
+    return out
+
+
+MatrixValues = Annotated[list[Annotated[str, Field(strict=True)]],
+                         BeforeValidator(_matrix_values), Field(min_length=1)]
 
 
 class _Model(BaseModel):
@@ -67,8 +112,8 @@ class StepSpec(_Model):
     name: Annotated[str, StringConstraints(pattern=STEP_NAME)]
     run: Annotated[str, StringConstraints(min_length=1)]
     needs: list[str] = Field(default_factory=list)
-    matrix: dict[Annotated[str, StringConstraints(pattern=MATRIX_KEY)],
-                 Annotated[list[MatrixValue], Field(min_length=1)]] = Field(default_factory=dict)
+    matrix: dict[Annotated[str, StringConstraints(pattern=MATRIX_KEY)], MatrixValues] = Field(
+        default_factory=dict)
     env: Env = Field(default_factory=dict)
     pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] | None = None
     resources: ResourcesSpec | None = None
@@ -121,13 +166,28 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
     return parse_pipeline(text, source=str(p))
 
 
+def max_pipeline_bytes(env: dict[str, str] | None = None) -> int:
+    """The largest pipeline text accepted (CICD_RAY_MAX_PIPELINE_BYTES, default 1 MiB)."""
+    text = (os.environ if env is None else env).get(MAX_PIPELINE_BYTES_ENV, "")
+    if not text:
+        return DEFAULT_MAX_PIPELINE_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise SpecError([f"{MAX_PIPELINE_BYTES_ENV}: {quote(text)} is not a positive number of "
+                         "bytes"], source="environment")
+    return int(text)
+
+
+def load_yaml(text: str, source: str = "pipeline") -> Any:
+    """YAML text as cicd-ray reads every pipeline: 1.2 core scalars, bounded (see yamldoc)."""
+    return yamldoc.load(text, source=source, max_bytes=max_pipeline_bytes())
+
+
 def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline") -> PipelineSpec:
     """Validate a pipeline given as YAML text or as an already-parsed mapping."""
     if isinstance(doc, str):
-        try:
-            doc = yaml.safe_load(doc)
-        except yaml.YAMLError as e:
-            raise SpecError([f"not valid YAML: {e}"], source=source) from None
+        doc = load_yaml(doc, source=source)
+    else:
+        yamldoc.check_shape(doc, source=source)
     if not isinstance(doc, dict):
         got = type(doc).__name__ if doc is not None else "an empty document"
         raise SpecError(
@@ -196,7 +256,7 @@ def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
         if tags and err["type"] == "string_type" and isinstance(err.get("input"), dict):
             continue
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
-        where = _path(loc, doc)
+        where = brief(_path(loc, doc))
         kind = err["type"]
         if kind == "extra_forbidden":
             model = _model_at(loc)
@@ -206,12 +266,14 @@ def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: required field is missing")
         elif kind == "string_pattern_mismatch":
             pattern = err.get("ctx", {}).get("pattern", "")
-            problems.append(f"{where}: {err['input']!r} does not match {pattern}")
+            problems.append(f"{where}: {quote(err['input'])} does not match {pattern}")
         elif kind == "too_short" and loc == ("steps",):
             problems.append("steps: must list at least one step")
+        elif kind == "value_error":
+            problems.append(f"{where}: {err['ctx']['error']}")
         else:
             hint = " (quote it in YAML)" if kind == "string_type" else ""
-            problems.append(f"{where}: {err['msg']}, got {err.get('input')!r}{hint}")
+            problems.append(f"{where}: {err['msg']}, got {quote(err.get('input'))}{hint}")
     return problems
 
 
@@ -219,7 +281,11 @@ def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
 
 
 def check_graph(spec: PipelineSpec) -> list[str]:
-    """Problems that span steps: duplicates, unknown needs, reserved env, cycles, matrix size."""
+    """Problems that span steps: duplicates, unknown needs, reserved env, sizes, cycles.
+
+    Sizes are counted before anything is expanded: a few lines of matrix can name millions of
+    variants, and a run's needs grow with the product of its matrices.
+    """
     problems: list[str] = []
     seen: dict[str, int] = {}
     for i, step in enumerate(spec.steps):
@@ -229,7 +295,6 @@ def check_graph(spec: PipelineSpec) -> list[str]:
                 f"already used by steps[{seen[step.name]}]"
             )
         seen.setdefault(step.name, i)
-    variants = {full for step in spec.steps for full, _ in _variants(step)}
     for where, env in [("env", spec.env)] + [
         (f"steps[{i}] ({s.name}).env", s.env) for i, s in enumerate(spec.steps)
     ]:
@@ -237,23 +302,49 @@ def check_graph(spec: PipelineSpec) -> list[str]:
             if key.startswith(RESERVED_ENV_PREFIX):
                 problems.append(f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are "
                                 "reserved for cicd-ray; rename it")
+    counts = {step.name: _variant_count(step) for step in spec.steps}
     for i, step in enumerate(spec.steps):
-        count = 1
-        for values in step.matrix.values():
-            count *= len(values)
-        if count > MAX_MATRIX_VARIANTS:
-            problems.append(f"steps[{i}] ({step.name}).matrix: expands to {count} variants, "
-                            f"more than the {MAX_MATRIX_VARIANTS} allowed")
+        if counts[step.name] > MAX_MATRIX_VARIANTS:
+            problems.append(f"steps[{i}] ({step.name}).matrix: expands to "
+                            f"{counts[step.name]} variants, more than the "
+                            f"{MAX_MATRIX_VARIANTS} allowed")
+    if problems:
+        return problems  # too big to expand, or names that are not unique
+    problems += _check_sizes(spec, counts)
+    if problems:
+        return problems
+    variants = {full for step in spec.steps for full, _ in _variants(step)}
+    for i, step in enumerate(spec.steps):
         for j, need in enumerate(step.needs):
             if need not in seen and need not in variants:
                 known = ", ".join(sorted(seen)) or "(none)"
-                problems.append(f"steps[{i}] ({step.name}).needs[{j}]: unknown step {need!r}; "
-                                f"known steps are: {known}")
+                problems.append(f"steps[{i}] ({step.name}).needs[{j}]: unknown step "
+                                f"{quote(need)}; known steps are: {brief(known)}")
     if not problems:
         cycle = _find_cycle(spec)
         if cycle:
-            problems.append(f"steps: the needs form a cycle: {' -> '.join(cycle)}")
+            problems.append(f"steps: the needs form a cycle: {brief(' -> '.join(cycle))}")
     return problems
+
+
+def _variant_count(step: StepSpec) -> int:
+    count = 1
+    for values in step.matrix.values():
+        count *= len(values)
+    return count
+
+
+def _check_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
+    """The run's planned steps and need edges against their limits, counted, not built."""
+    total = sum(counts.values())
+    if total > MAX_PLANNED_STEPS:
+        return [f"steps: the run would have {total} steps once matrices are expanded, more "
+                f"than the {MAX_PLANNED_STEPS} allowed"]
+    edges = sum(counts[s.name] * sum(counts.get(n, 1) for n in set(s.needs)) for s in spec.steps)
+    if edges > MAX_NEED_EDGES:
+        return [f"steps: the needs would link {edges} pairs of steps once matrices are "
+                f"expanded, more than the {MAX_NEED_EDGES} allowed; need fewer variants"]
+    return []
 
 
 def _base_of(need: str) -> str:
@@ -261,36 +352,28 @@ def _base_of(need: str) -> str:
 
 
 def _find_cycle(spec: PipelineSpec) -> list[str] | None:
+    """A cycle of needs, if there is one (a walk with its own stack: a long chain of needs
+    must not exhaust Python's)."""
     edges = {s.name: [_base_of(n) for n in s.needs] for s in spec.steps}
     color: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        color[node] = 1
-        path.append(node)
-        for nxt in edges.get(node, []):
-            if color.get(nxt) == 1:
+    for start in edges:
+        if start in color:
+            continue
+        color[start] = 1
+        path = [start]
+        todo = [iter(edges[start])]
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                color[path.pop()] = 2
+                todo.pop()
+            elif color.get(nxt) == 1:
                 return [*path[path.index(nxt):], nxt]
-            if nxt not in color:
-                found = visit(nxt)
-                if found:
-                    return found
-        path.pop()
-        color[node] = 2
-        return None
-
-    for name in edges:
-        if name not in color:
-            found = visit(name)
-            if found:
-                return found
+            elif nxt not in color:
+                color[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(edges.get(nxt, [])))
     return None
-
-
-def _as_text(value: MatrixValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _variants(step: StepSpec) -> list[tuple[str, dict[str, str]]]:
@@ -299,7 +382,7 @@ def _variants(step: StepSpec) -> list[tuple[str, dict[str, str]]]:
     keys = list(step.matrix)
     out = []
     for combo in itertools.product(*(step.matrix[k] for k in keys)):
-        values = {k: _as_text(v) for k, v in zip(keys, combo, strict=False)}
+        values = dict(zip(keys, combo, strict=True))
         label = ",".join(f"{k}={v}" for k, v in values.items())
         out.append((f"{step.name}[{label}]", values))
     return out
