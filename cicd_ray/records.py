@@ -39,6 +39,7 @@ class StepRecord(BaseModel):
     exit_code: int | None = None
     reason: str = ""
     spot_evicted: bool = False  # an attempt on a spot pool was lost: no more spot for it
+    infra_retries: int = 0  # attempts lost with their worker and retried automatically
 
     @property
     def name(self) -> str:

@@ -21,6 +21,7 @@ from cicd_ray.records import (
     StepTask,
     WorkerRecord,
 )
+from cicd_ray.retries import verdict
 from cicd_ray.sizing import PoolMemory, WorkerView, preempt, size_pool, workers_needed
 from cicd_ray.spec import PlannedStep
 from cicd_ray.states import RunState, StepState, WorkerState, transition
@@ -258,16 +259,17 @@ class Scheduler:
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
         run = self.runs[attempt.run_id]
         kind = "infra" if infra else ("timeout" if state is StepState.TIMED_OUT else "failure")
-        retry = (
-            state is not StepState.SUCCEEDED and state is not StepState.CANCELLED
-            and not run.cancel_requested
-            and kind in step.spec.retry_on and step.attempts <= step.spec.retry_max
-        )
-        if retry:
+        ended_badly = state not in (StepState.SUCCEEDED, StepState.CANCELLED)
+        spec = step.spec
+        again = verdict(kind, step.attempts, step.infra_retries, spec.retry_max, spec.retry_on,
+                        spec.retry_infra) if ended_badly and not run.cancel_requested else None
+        if again is not None and again.retry:
             transition(step.state, StepState.QUEUED)
+            why = again.describe(kind, step.infra_retries, spec.retry_infra)
+            step.infra_retries += again.automatic
             step.state = StepState.QUEUED
             step.current_attempt = None
-            step.reason = f"attempt {attempt.number} {kind}: {reason}".rstrip(": ")
+            step.reason = f"attempt {attempt.number} {why}: {reason}".rstrip(": ")
             self._record(step)
             self._release_ready(run.id, [step.name], now)
             return
@@ -405,14 +407,19 @@ class Scheduler:
         for entry in passed_over:
             heapq.heappush(heap, entry)
 
+    def _slots_full(self, worker: WorkerRecord) -> bool:
+        pool = self.pools.get(worker.pool)
+        return bool(pool and pool.slots and len(self._load[worker.id].attempts) >= pool.slots)
+
     def _has_room(self, worker: WorkerRecord) -> bool:
-        return self._load[worker.id].cpu < worker.cpus
+        return self._load[worker.id].cpu < worker.cpus and not self._slots_full(worker)
 
     def _least_loaded(self, workers: list[WorkerRecord], spec: PlannedStep) -> WorkerRecord | None:
         best, best_key = None, None
         for w in workers:
             load = self._load[w.id]
-            if load.cpu + spec.cpu > w.cpus + 1e-9 or load.memory_mb + spec.memory_mb > w.memory_mb:
+            if (load.cpu + spec.cpu > w.cpus + 1e-9 or load.memory_mb + spec.memory_mb > w.memory_mb
+                    or self._slots_full(w)):
                 continue
             key = (load.cpu / w.cpus, len(load.attempts), w.id)
             if best_key is None or key < best_key:

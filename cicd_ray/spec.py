@@ -24,6 +24,7 @@ from pydantic import (
 
 from cicd_ray import yamldoc
 from cicd_ray.errors import SpecError, brief, quote
+from cicd_ray.retries import DEFAULT_INFRA_RETRIES
 
 PIPELINE_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -83,10 +84,15 @@ class _Model(BaseModel):
 class RetrySpec(_Model):
     max: int = Field(0, ge=0, le=20)
     on: list[RetryOn] = Field(default_factory=lambda: ["infra", "failure"])
+    # Retries after the step's worker or node was lost, not counted in `max`.
+    infra: int = Field(DEFAULT_INFRA_RETRIES, ge=0, le=20)
+
+
+MIN_CPU = 0.01  # a step reserves at least this much: 1e-300 would stack without end
 
 
 class ResourcesSpec(_Model):
-    cpu: float = Field(1.0, gt=0, le=1024)
+    cpu: float = Field(1.0, ge=MIN_CPU, le=1024)
     memory_mb: int = Field(256, ge=0, le=4 * 1024 * 1024)
 
 
@@ -149,6 +155,7 @@ class PlannedStep(BaseModel):
     timeout_s: float
     retry_max: int
     retry_on: list[RetryOn]
+    retry_infra: int = DEFAULT_INFRA_RETRIES
     priority: int
     interruptible: bool = False
 
@@ -425,7 +432,8 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
                 name=full, base=step.name, index=len(planned), run=step.run, needs=needs,
                 matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
                 memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
-                retry_max=retry.max, retry_on=list(retry.on), priority=step.priority,
+                retry_max=retry.max, retry_on=list(retry.on), retry_infra=retry.infra,
+                priority=step.priority,
                 interruptible=step.interruptible,
             ))
     return planned

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cicd_ray.config import PoolConfig
-from cicd_ray.errors import InvalidTransition
+from cicd_ray.errors import InvalidTransition, SpecError
 from cicd_ray.records import RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import parse_pipeline, plan
@@ -149,8 +149,8 @@ def test_duplicate_or_stale_outcome_is_ignored():
 
 def test_worker_lost_retries_infra_elsewhere_or_fails():
     s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"]}},
-               {"name": "b", "run": "x"}])
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"], "infra": 0}},
+               {"name": "b", "run": "x", "retry": {"infra": 0}}])
     placed, _ = dispatched(s, 0)
     assert placed == [("w1", "a"), ("w2", "b")]
     s.worker_lost("w1", "actor died", 1)
@@ -235,7 +235,8 @@ def test_restore_keeps_running_attempts_until_their_worker_reconciles():
 
 def test_restore_ends_attempts_a_worker_no_longer_knows_or_whose_worker_is_gone():
     s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}}, {"name": "b", "run": "x"}])
+    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "infra": 0}},
+               {"name": "b", "run": "x", "retry": {"infra": 0}}])
     dispatched(s, 0)  # a on w1, b on w2
     s.workers["w2"].state = WorkerState.LOST  # the store says w2 is gone
     fresh = restored(s)
@@ -353,3 +354,96 @@ def test_spot_for_must_name_pools_and_be_on_a_spot_pool(tmp_path):
     path.write_text("pools: [{name: d}, {name: s, spot_for: [d]}]")
     with pytest.raises(SpecError, match="spot_for is for spot pools; add spot: true"):
         load_pools(path)
+
+
+def test_a_lost_worker_is_retried_automatically_without_retry_settings():
+    """The infra budget (2 by default) is apart from retry.max, and shown in the reason."""
+    s = make()
+    submit(s, [{"name": "a", "run": "x"}])
+    for n, now in ((1, 1.0), (2, 2.0)):
+        (placed,), _ = dispatched(s, now)
+        s.worker_lost(placed[0], "node died", now)
+        step = s.steps["r1"]["a"]
+        assert step.state is StepState.QUEUED and step.infra_retries == n
+        assert step.reason == (f"attempt {n} infra, retried automatically ({n} of 2): "
+                               f"worker {placed[0]} lost: node died")
+        s.take()
+        for w in ("w3", "w4") if n == 1 else ("w5", "w6"):
+            s.register_worker(WorkerRecord(id=w, pool="default", cpus=2, memory_mb=4096,
+                                           started_at=now), now)
+    (placed,), _ = dispatched(s, 3.0)
+    s.worker_lost(placed[0], "node died", 3.0)
+    assert s.take().changes.runs["r1"].state is RunState.FAILED
+
+
+@pytest.mark.parametrize("cause, attempts, infra_used, rmax, on, budget, retry, automatic", [
+    ("infra", 1, 0, 0, [], 2, True, True),
+    ("infra", 3, 2, 0, ["infra"], 2, False, False),
+    ("infra", 3, 2, 1, ["infra"], 2, True, False),  # past the budget, retry.max takes over
+    ("failure", 1, 0, 0, ["failure"], 2, False, False),
+    ("failure", 1, 0, 1, ["failure"], 2, True, False),
+    ("failure", 3, 2, 1, ["failure"], 2, True, False),  # infra retries are not counted in max
+    ("failure", 2, 0, 1, ["failure"], 2, False, False),
+    ("timeout", 1, 0, 3, ["failure"], 2, False, False),
+    ("infra", 1, 0, 5, ["infra"], 0, True, False),
+])
+def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retry, automatic):
+    from cicd_ray.retries import verdict
+
+    got = verdict(cause, attempts, infra_used, rmax, on, budget)
+    assert (got.retry, got.automatic) == (retry, automatic)
+
+
+def test_slots_limit_the_steps_a_worker_runs_at_once():
+    pools = {"default": PoolConfig(name="default", workers=1, cpus=8, slots=1)}
+    s = make(pools=pools, workers=(("w1", 8.0),))
+    submit(s, [{"name": f"s{i}", "run": "x", "resources": {"cpu": 0.5}} for i in range(4)])
+    placed, _ = dispatched(s, 0)
+    assert placed == [("w1", "s0")]
+    finish(s, "s0")
+    assert dispatched(s, 1)[0] == [("w1", "s1")]
+
+
+def test_a_tiny_cpu_request_is_refused():
+    with pytest.raises(SpecError, match=r"greater than or equal to 0\.01"):
+        parse_pipeline({"name": "p", "steps": [{"name": "a", "run": "x",
+                                                "resources": {"cpu": 1e-300}}]})
+
+
+def _chain(n):
+    return [{"name": "s0", "run": "x"}] + [
+        {"name": f"s{i}", "run": "x", "needs": [f"s{i - 1}"]} for i in range(1, n)]
+
+
+def test_a_failure_at_the_head_of_a_3000_step_chain_skips_all_of_it():
+    s = make()
+    submit(s, _chain(3000))
+    dispatched(s, 0)
+    finish(s, "s0", StepState.FAILED, code=1)
+    d = s.take()
+    assert d.changes.runs["r1"].state is RunState.FAILED
+    assert sum(st.state is StepState.SKIPPED for st in d.changes.steps.values()) == 2999
+    assert d.changes.steps[("r1", "s2999")].reason == "needs s2998 (skipped)"
+
+
+def test_restore_of_a_3000_step_chain_and_a_run_it_cannot_follow():
+    s = make()
+    submit(s, _chain(3000))
+    submit(s, [{"name": "a", "run": "x"}], run_id="r2")
+    dispatched(s, 0)
+    runs = [r.model_copy(deep=True) for r in s.runs.values()]
+    steps = [st.model_copy(deep=True) for run in s.steps.values() for st in run.values()]
+    fresh = make()
+    restore_run = fresh._restore_run
+
+    def fails_for_r2(run, *args):  # as the recursion did on a long chain before it was fixed
+        if run.id == "r2":
+            raise RecursionError("maximum recursion depth exceeded")
+        restore_run(run, *args)
+
+    fresh._restore_run = fails_for_r2
+    fresh.restore(runs, steps, [], 5.0)
+    d = fresh.take()
+    assert d.changes.runs["r2"].state is RunState.FAILED
+    assert "could not be restored after a master restart" in d.changes.runs["r2"].reason
+    assert "r1" in fresh.runs and fresh.runs["r1"].state is not RunState.FAILED

@@ -95,7 +95,7 @@ def test_env_overrides_win_and_are_checked():
     ({"name": "k", "stages": [], "steps": [{"name": "a", "run": "x"}]},
      "stages: unknown key; allowed keys are: name, source, env, defaults, steps"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "retry": {"max": 1, "when": "x"}}]},
-     "steps[0] (a).retry.when: unknown key; allowed keys are: max, on"),
+     "steps[0] (a).retry.when: unknown key; allowed keys are: max, on, infra"),
     ({"name": "t", "steps": [{"name": "a", "run": "x", "timeout": "soon"}]},
      "steps[0] (a).timeout: Input should be a valid number, unable to parse string as a "
      "number, got 'soon'"),
