@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ import ray
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -39,6 +41,7 @@ MASTER_TIMEOUT_S = 10.0
 RETRY_AFTER_S = "2"
 FOLLOW_POLL_S = 0.2
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+HEALTH_CACHE_S = 1.0
 EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -126,21 +129,19 @@ class _Reads:
 def create_app(token_digests: list[str] | None = None,
                max_body_bytes: int | None = None) -> FastAPI:
     """The FastAPI app. Tokens default to the environment (see `cicd_ray.auth`)."""
-    app = FastAPI(title="cicd-ray", version="1",
-                  description="Submit, watch and cancel CI/CD pipeline runs on Ray.")
+    # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
+    app = FastAPI(title="cicd-ray", version="1", docs_url=None, redoc_url=None,
+                  description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
+                  "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.")
     master = _Master()
     reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
+    # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-
-    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not auth.check(token.strip(), config.digests()):
-            reason = "missing" if not authorization else "invalid"
-            raise HTTPException(401, detail=f"{reason} token: send 'Authorization: Bearer "
-                                "<token>'", headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(require_token)]
+    app.add_middleware(Guard, digests=config.digests)
+    health = _Health(master)
+    # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
+    guarded = [Depends(HTTPBearer(auto_error=False))]
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
@@ -156,20 +157,21 @@ def create_app(token_digests: list[str] | None = None,
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
-        """No authentication: says whether the master answers."""
-        try:
-            info = await master.call("ping")
-        except HTTPException as e:
-            return JSONResponse({"status": "degraded", "master": False, "detail": e.detail},
-                                status_code=503, headers={"Retry-After": RETRY_AFTER_S})
-        return JSONResponse({"status": "ok", "master": True, "pools": info["pools"]})
+        """No authentication: says whether the master answers (asked at most once a second,
+        however many probes come)."""
+        ok, body = await health.check()
+        if not ok:
+            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(body)
 
     @app.post(f"{API}/runs", status_code=201, response_model=Submitted, dependencies=guarded,
               tags=["runs"], responses={200: {"model": Submitted}})
     async def submit(req: SubmitRequest, response: Response,
-                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+                     authorization: Annotated[str | None, Header(include_in_schema=False)] = None):
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
-        `Idempotency-Key`; 413 past the body limit; 422 for an invalid pipeline."""
+        `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
+        body; 413 past the body limit; 422 for an invalid pipeline."""
         source = None
         pipeline = req.pipeline
         if isinstance(req.source, GitSource):
@@ -185,10 +187,14 @@ def create_app(token_digests: list[str] | None = None,
         if problems:
             return JSONResponse({"detail": "; ".join(problems), "problems": problems},
                                 status_code=422)
-        answer = await master.call("submit", pipeline, req.env, source, idempotency_key)
+        key = _scoped_key(idempotency_key, authorization)
+        answer = await master.call("submit", pipeline, req.env, source, key)
         if "problems" in answer:
             return JSONResponse({"detail": "; ".join(answer["problems"]),
                                  "problems": answer["problems"]}, status_code=422)
+        if "conflict" in answer:
+            raise HTTPException(409, detail=f"Idempotency-Key already used for run "
+                                f"{answer['conflict']} with a different request; use a new key")
         if answer.get("existing"):
             response.status_code = 200
         return Submitted(run_id=answer["run_id"], url=f"{API}/runs/{answer['run_id']}")
@@ -270,6 +276,37 @@ def create_app(token_digests: list[str] | None = None,
     return app
 
 
+def _scoped_key(key: str | None, authorization: str | None) -> str | None:
+    """An Idempotency-Key as the token's own: two tokens using one key do not meet."""
+    if not key:
+        return None
+    token = (authorization or "").partition(" ")[2].strip()
+    return hashlib.sha256(f"{auth.digest(token)}:{key}".encode()).hexdigest()
+
+
+class _Health:
+    """The master's health, asked at most once per HEALTH_CACHE_S, however many probes come."""
+
+    def __init__(self, master: _Master) -> None:
+        self.master = master
+        self._answer: tuple[bool, dict] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> tuple[bool, dict]:
+        async with self._lock:
+            if self._answer is None or time.monotonic() - self._at > HEALTH_CACHE_S:
+                try:
+                    info = await self.master.call("ping")
+                    self._answer = (True, {"status": "ok", "master": True,
+                                           "pools": info["pools"]})
+                except HTTPException as e:
+                    self._answer = (False, {"status": "degraded", "master": False,
+                                            "detail": e.detail})
+                self._at = time.monotonic()
+            return self._answer
+
+
 def _check(pipeline: str | dict[str, Any], env: dict[str, str]) -> list[str]:
     """The problems this replica can see without the master (which also checks pools)."""
     try:
@@ -312,6 +349,55 @@ class _Config:
 
 class _TooLarge(Exception):
     pass
+
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    # The page's own script and style only: no inline code, nothing from elsewhere.
+    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
+     b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+     b"frame-ancestors 'none'; form-action 'self'"),
+]
+# Served without a token: the page (it asks for one) and the health probe.
+OPEN_PATHS = frozenset({"/", "/healthz"})
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/ui/")
+
+
+class Guard:
+    """Checks `Authorization` before anything else happens: a caller without a valid token
+    gets its 401 before a byte of its body is read, parsed or stored. Adds the security
+    headers to every answer."""
+
+    def __init__(self, app, digests: Callable[[], list[str]]) -> None:
+        self.app = app
+        self.digests = digests
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        if not _is_open(scope["path"]):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not auth.check(token.strip(), self.digests()):
+                reason = "missing" if not authorization else "invalid"
+                await JSONResponse(
+                    {"detail": f"{reason} token: send 'Authorization: Bearer <token>'"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )(scope, receive, with_headers)
+                return
+        await self.app(scope, receive, with_headers)
 
 
 class BodyLimit:

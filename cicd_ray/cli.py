@@ -381,7 +381,8 @@ def up(port: int = typer.Option(8000, help="the API's port"),
            else " (a local head started for it)" if started.started_head else "")
     out.print(f"cicd-ray is up on Ray at {started.address}{how}"
               f"{'; GCS fault tolerance on ' + options.redis_address if options else ''}")
-    out.print(f"  API:        {started.api_url}   (OpenAPI: {started.api_url}/docs)")
+    out.print(f"  API:        {started.api_url}   "
+              f"(OpenAPI: {started.api_url}/openapi.json, with the token)")
     if started.dashboard_url:
         out.print(f"  dashboard:  {started.dashboard_url}   (Ray's token: `ray get-auth-token`)")
     if started.token:

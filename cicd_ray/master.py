@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -22,7 +24,7 @@ from ray.exceptions import RayActorError, RayError
 from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.metrics import Metrics
-from cicd_ray.records import RunRecord, StepOutcome, StepTask, WorkerRecord
+from cicd_ray.records import KeyRecord, RunRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
 from cicd_ray.states import StepState
@@ -76,10 +78,11 @@ class Master:
         The run is durable in the store before its id is returned. A submission repeated with
         the same idempotency key answers with the first run ({"run_id": ..., "existing": True}).
         """
+        request = _request_digest(pipeline, env, source)
         if idempotency_key:
-            existing = self.store.run_for_key(idempotency_key)
-            if existing is not None:
-                return {"run_id": existing, "existing": True}
+            answer = self._known_key(idempotency_key, request)
+            if answer is not None:
+                return answer
         # Parsing and planning a large document takes time: off the loop that dispatches.
         spec, steps, problems = await asyncio.to_thread(_plan, pipeline, env or {},
                                                         self.settings.pools)
@@ -89,9 +92,9 @@ class Master:
         if problems:
             return {"problems": problems}
         if idempotency_key:  # the same key may have been submitted while this one was planned
-            existing = self.store.run_for_key(idempotency_key)
-            if existing is not None:
-                return {"run_id": existing, "existing": True}
+            answer = self._known_key(idempotency_key, request)
+            if answer is not None:
+                return answer
         now = time.time()
         git = spec.source if isinstance(spec.source, GitSource) else None
         run = RunRecord(id=_new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
@@ -100,9 +103,19 @@ class Master:
         if source is not None:
             self.store.put_source(*source)
         self.sched.submit(run, steps, now)
-        self._commit({idempotency_key: run.id} if idempotency_key else None)
+        self._commit({idempotency_key: KeyRecord(run_id=run.id, request=request, at=now)}
+                     if idempotency_key else None)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return {"run_id": run.id}
+
+    def _known_key(self, key: str, request: str) -> dict | None:
+        """The answer to a key already used: its run, or a conflict for another request."""
+        known = self.store.get_key(key)
+        if known is None:
+            return None
+        if known.request and known.request != request:
+            return {"conflict": known.run_id}
+        return {"run_id": known.run_id, "existing": True}
 
     async def cancel(self, run_id: str) -> str | None:
         """Cancel a run; idempotent. Returns the run's state, or None for an unknown run."""
@@ -284,7 +297,7 @@ class Master:
                          exc_info=True)
             os._exit(1)
 
-    def _commit(self, idempotency: dict[str, str] | None = None) -> None:
+    def _commit(self, idempotency: dict[str, KeyRecord] | None = None) -> None:
         """Write the scheduler's decisions, then carry them out."""
         decisions = self.sched.take()
         decisions.changes.idempotency.update(idempotency or {})
@@ -384,6 +397,14 @@ class Master:
             self._adopt_handle(worker_id)
         if runs:
             log.warning("master recovered %d active run(s) from the store", len(runs))
+
+
+def _request_digest(pipeline: dict | str, env: dict[str, str] | None,
+                    source: tuple[str, bytes] | None) -> str:
+    """What a repeated Idempotency-Key is compared by: the pipeline, env and source."""
+    text = json.dumps([pipeline, env or {}, source[0] if source else None], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plan(pipeline: dict | str, env: dict[str, str], pools) -> tuple:

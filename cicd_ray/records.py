@@ -85,6 +85,14 @@ class WorkerRecord(BaseModel):
     disk_used_percent: float | None = None
 
 
+class KeyRecord(BaseModel):
+    """The run an Idempotency-Key made, and a digest of the request that made it."""
+
+    run_id: str
+    request: str = ""  # sha256 of the request; "" for keys stored before it was kept
+    at: float = 0.0
+
+
 class Changes(BaseModel):
     """A batch of records to write together, in one transaction, before acting on any of them."""
 
@@ -93,7 +101,7 @@ class Changes(BaseModel):
     attempts: dict[str, AttemptRecord] = Field(default_factory=dict)
     workers: dict[str, WorkerRecord] = Field(default_factory=dict)
     logs: list[tuple[str, int, bytes]] = Field(default_factory=list)  # (attempt id, seq, data)
-    idempotency: dict[str, str] = Field(default_factory=dict)  # Idempotency-Key -> run id
+    idempotency: dict[str, KeyRecord] = Field(default_factory=dict)  # by Idempotency-Key
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.

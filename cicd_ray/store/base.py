@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Protocol
 
 from cicd_ray.errors import NotFound
-from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.records import (
+    AttemptRecord,
+    Changes,
+    KeyRecord,
+    RunRecord,
+    StepRecord,
+    WorkerRecord,
+)
 from cicd_ray.states import RunState, StepState
 
 
@@ -38,8 +45,8 @@ class Store(Protocol):
     def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         """The attempt's log from byte `offset`, chunks in `seq` order."""
 
-    def run_for_key(self, key: str) -> str | None:
-        """The run submitted with this Idempotency-Key, if any."""
+    def get_key(self, key: str) -> KeyRecord | None:
+        """The run submitted with this Idempotency-Key (the first one), if any."""
 
     def put_source(self, digest: str, data: bytes) -> None: ...
 

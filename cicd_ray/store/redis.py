@@ -20,11 +20,19 @@ import redis
 from pydantic import BaseModel
 
 from cicd_ray.errors import StoreError
-from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.records import (
+    AttemptRecord,
+    Changes,
+    KeyRecord,
+    RunRecord,
+    StepRecord,
+    WorkerRecord,
+)
 from cicd_ray.states import RunState
 
 M = TypeVar("M", bound=BaseModel)
 PAGE = 200
+KEY_TTL_S = 24 * 3600  # an Idempotency-Key is kept a day (Redis expires it)
 
 
 class RedisStore:
@@ -65,8 +73,9 @@ class RedisStore:
                 pipe.hset(self._k("workers"), worker.id, worker.model_dump_json())
             for attempt_id, seq, data in changes.logs:
                 pipe.hsetnx(self._k("log", attempt_id), str(seq), bytes(data))
-            for key, run_id in changes.idempotency.items():
-                pipe.setnx(self._k("idem", key), run_id)
+            for key, record in changes.idempotency.items():
+                pipe.set(self._k("idem", key), record.model_dump_json(), nx=True,
+                         ex=KEY_TTL_S)
             pipe.execute()
 
         self._do(write)
@@ -129,9 +138,13 @@ class RedisStore:
         chunks = self._do(lambda: self._r.hgetall(self._k("log", attempt_id)))
         return b"".join(chunks[k] for k in sorted(chunks, key=int))[offset:]
 
-    def run_for_key(self, key: str) -> str | None:
+    def get_key(self, key: str) -> KeyRecord | None:
         raw = self._do(lambda: self._r.get(self._k("idem", key)))
-        return raw.decode() if raw else None
+        if not raw:
+            return None
+        if raw.startswith(b"{"):
+            return KeyRecord.model_validate_json(raw)
+        return KeyRecord(run_id=raw.decode())  # kept by an earlier version: the run id alone
 
     def put_source(self, digest: str, data: bytes) -> None:
         self._do(lambda: self._r.setnx(self._k("source", digest), bytes(data)))

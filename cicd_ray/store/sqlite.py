@@ -11,7 +11,14 @@ import threading
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.records import (
+    AttemptRecord,
+    Changes,
+    KeyRecord,
+    RunRecord,
+    StepRecord,
+    WorkerRecord,
+)
 from cicd_ray.states import RUN_TERMINAL, RunState
 
 SCHEMA = """
@@ -33,6 +40,8 @@ CREATE TABLE IF NOT EXISTS logs (
     PRIMARY KEY (attempt_id, seq));
 CREATE TABLE IF NOT EXISTS sources (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS keys_at ON keys (at);
 """
 
 
@@ -86,7 +95,8 @@ class SqliteStore:
             ("INSERT OR REPLACE INTO workers VALUES (?, ?)",
              [(w.id, w.model_dump_json()) for w in changes.workers.values()]),
             ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
-            ("INSERT OR IGNORE INTO idempotency VALUES (?, ?)", list(changes.idempotency.items())),
+            ("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
+             [(k, r.at, r.model_dump_json()) for k, r in changes.idempotency.items()]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -139,9 +149,13 @@ class SqliteStore:
                           (attempt_id,))
         return b"".join(r[0] for r in rows)[offset:]
 
-    def run_for_key(self, key: str) -> str | None:
+    def get_key(self, key: str) -> KeyRecord | None:
+        rows = self._read("SELECT data FROM keys WHERE key = ?", (key,))
+        if rows:
+            return KeyRecord.model_validate_json(rows[0][0])
+        # Kept by an earlier version, before the request's digest was.
         rows = self._read("SELECT run_id FROM idempotency WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
+        return KeyRecord(run_id=rows[0][0]) if rows else None
 
     def put_source(self, digest: str, data: bytes) -> None:
         self._write([("INSERT OR IGNORE INTO sources VALUES (?, ?)", [(digest, bytes(data))])])

@@ -72,6 +72,7 @@ def harness(tmp_path_factory):
 
 
 API_TOKEN = "test-token-" + "x" * 20
+OTHER_TOKEN = "other-token-" + "y" * 20
 API_BODY_LIMIT = 1024 * 1024
 
 
@@ -90,8 +91,8 @@ def api(harness):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build([digest(API_TOKEN)], max_body_bytes=API_BODY_LIMIT), name="cicd",
-              route_prefix="/", blocking=False)
+    serve.run(build([digest(API_TOKEN), digest(OTHER_TOKEN)], max_body_bytes=API_BODY_LIMIT),
+              name="cicd", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import pytest
 
 from cicd_ray.client import Client
 from cicd_ray.errors import NotFound, SpecError, Unauthorized
-from tests.integration.conftest import API_BODY_LIMIT, API_TOKEN
+from tests.integration.conftest import API_BODY_LIMIT, API_TOKEN, OTHER_TOKEN
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -102,6 +102,16 @@ def test_idempotent_resubmit_returns_the_same_run(api):
     assert first.json()["run_id"] == again.json()["run_id"]
     other = httpx.post(f"{api}/api/v1/runs", json=body, headers={**AUTH, "Idempotency-Key": "2"})
     assert other.status_code == 201 and other.json()["run_id"] != first.json()["run_id"]
+    # The same key with another body is a conflict, and stores nothing.
+    before = runs_count(api)
+    changed = httpx.post(f"{api}/api/v1/runs", json={**body, "env": {"X": "1"}}, headers=headers)
+    assert changed.status_code == 409
+    assert first.json()["run_id"] in changed.json()["detail"]
+    assert runs_count(api) == before
+    # Another token's same key is its own key.
+    theirs = httpx.post(f"{api}/api/v1/runs", json=body, headers={
+        "Authorization": f"Bearer {OTHER_TOKEN}", "Idempotency-Key": "build-1234"})
+    assert theirs.status_code == 201 and theirs.json()["run_id"] != first.json()["run_id"]
 
 
 def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
@@ -201,3 +211,26 @@ def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
     step = bad.steps[0]
     assert step["reason"].startswith("could not start the step: git could not fetch")
     assert "no-such-ref" in bad.logs("read")
+
+
+def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client, api):
+    from tests.unit.test_yaml_and_limits import HOSTILE
+
+    run = client.submit({"name": "beside", "steps": [{"name": "a", "run": "sleep 2; echo on"}]})
+    before = runs_count(api)
+    bodies = {name: {"pipeline": text} for name, (text, _) in HOSTILE.items()
+              if len(text) < API_BODY_LIMIT}
+    deep = '{"pipeline": {"name": "x", "steps": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    for name, body in [*bodies.items(), ("100,000 levels of JSON", deep)]:
+        started = time.perf_counter()
+        if isinstance(body, str):
+            r = httpx.post(f"{api}/api/v1/runs", content=body, timeout=30,
+                           headers={**AUTH, "Content-Type": "application/json"})
+        else:
+            r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH, timeout=30)
+        elapsed = time.perf_counter() - started
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        assert elapsed < 1.0, (name, elapsed)
+    assert runs_count(api) == before
+    run.wait(timeout=60, poll_s=0.2)
+    assert run.state == "succeeded" and "on" in run.logs("a")

@@ -7,7 +7,14 @@ import uuid
 import pytest
 
 from cicd_ray.errors import StoreError
-from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
+from cicd_ray.records import (
+    AttemptRecord,
+    Changes,
+    KeyRecord,
+    RunRecord,
+    StepRecord,
+    WorkerRecord,
+)
 from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import RunState, StepState, WorkerState
 from cicd_ray.store import SqliteStore, open_store
@@ -141,10 +148,10 @@ def test_unreachable_redis_is_a_clear_error_without_the_password():
 def test_idempotency_keys_map_to_the_first_run(store):
     a_run(store)
     changes = Changes()
-    changes.idempotency["key-1"] = "r1"
+    changes.idempotency["key-1"] = KeyRecord(run_id="r1", request="d1", at=5.0)
     store.save(changes)
     again = Changes()
-    again.idempotency["key-1"] = "r2"
+    again.idempotency["key-1"] = KeyRecord(run_id="r2", request="d2", at=6.0)
     store.save(again)
-    assert store.run_for_key("key-1") == "r1"
-    assert store.run_for_key("key-2") is None
+    assert store.get_key("key-1") == KeyRecord(run_id="r1", request="d1", at=5.0)
+    assert store.get_key("key-2") is None

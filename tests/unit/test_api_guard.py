@@ -1,0 +1,104 @@
+"""The API's front door, driven as ASGI (the app is the unit; no Serve, no master): a caller
+without a token gets its 401 before one byte of its body is read, and every answer carries
+the security headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cicd_ray import auth
+from cicd_ray.api import create_app
+
+TOKEN = "cicd_test-token"
+
+
+def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
+         body: bytes = b"") -> tuple[int, dict[str, str], bytes, int]:
+    """(status, headers, body, body messages the app asked for)."""
+    app = create_app(token_digests=[auth.digest(TOKEN)], max_body_bytes=1024)
+    asked = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal asked
+        asked += 1
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "headers": raw,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, out, asked)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {TOKEN}"}])
+def test_no_token_no_body_read(headers):
+    status, hdrs, body, asked = call("/api/v1/runs", "POST", headers, b'{"pipeline": "x"}')
+    assert status == 401 and asked == 0
+    assert hdrs["www-authenticate"] == "Bearer"
+    assert json.loads(body)["detail"].endswith("send 'Authorization: Bearer <token>'")
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/api/v1/workers"])
+def test_the_schema_and_every_route_follow_the_same_rule(path):
+    assert call(path)[0] == 401
+
+
+def test_the_schema_with_a_token_and_no_third_party_docs():
+    status, _, body, _ = call("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and "/api/v1/runs" in json.loads(body)["paths"]
+    assert call("/docs", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 404
+
+
+@pytest.mark.parametrize("path, status", [("/", 200), ("/ui/app.js", 200),
+                                          ("/api/v1/runs", 401)])
+def test_security_headers_on_every_answer(path, status):
+    got, headers, _, _ = call(path)
+    assert got == status
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    csp = headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+
+
+def test_an_oversized_body_with_a_token_is_413():
+    status, _, body, _ = call("/api/v1/runs", "POST", {"Authorization": f"Bearer {TOKEN}"},
+                              b"x" * 2048)
+    assert status == 413 and b"over the 1024 byte limit" in body
+
+
+def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
+    from cicd_ray import api
+
+    class Master:
+        calls = 0
+
+        async def call(self, method):
+            Master.calls += 1
+            return {"pools": ["default"]}
+
+    clock = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
+    health = api._Health(Master())
+
+    async def probes(n):
+        return [await health.check() for _ in range(n)]
+
+    assert asyncio.run(probes(50))[-1] == (True, {"status": "ok", "master": True,
+                                                  "pools": ["default"]})
+    assert Master.calls == 1
+    clock[0] += 1.5
+    asyncio.run(probes(5))
+    assert Master.calls == 2
