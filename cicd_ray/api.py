@@ -31,6 +31,7 @@ from ray import serve
 
 from cicd_ray import auth
 from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.source import SourceError, check_archive
 from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
 from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
@@ -182,6 +183,10 @@ def create_app(token_digests: list[str] | None = None,
             except (binascii.Error, ValueError):
                 raise HTTPException(422, detail="source.archive: not valid base64") from None
             source = (hashlib.sha256(data).hexdigest(), data)
+            try:
+                await asyncio.to_thread(check_archive, data)
+            except SourceError as e:
+                raise HTTPException(422, detail=str(e)) from None
         # Parsing and planning take time on a large document: off this replica's loop.
         problems = await asyncio.to_thread(_check, pipeline, req.env)
         if problems:

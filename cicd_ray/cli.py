@@ -273,6 +273,10 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
             f"{peak:.0f}" if peak else "", escape(s["reason"]),
         )
     out.print(table)
+    shared = sorted({a["runs_as"] for a in view["attempts"] if "worker's user" in a["runs_as"]})
+    if shared:
+        out.print(f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
+                  "read what their worker can (see docs/security.md)")
 
 
 @app.command()
@@ -330,7 +334,8 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
     if as_json:
         out.print_json(data=records)
         return
-    table = Table("worker", "pool", "state", "cpus", "in use", "heartbeat", "cpu %", "mem MiB")
+    table = Table("worker", "pool", "state", "cpus", "in use", "heartbeat", "cpu %", "mem MiB",
+                  "steps run as")
     now = time.time()
     for w in records:
         beat = w.get("last_heartbeat")
@@ -338,7 +343,8 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
                       f"{w.get('cpus_in_use', 0):g}" if "cpus_in_use" in w else "",
                       f"{now - beat:.0f}s ago" if beat else "",
                       f"{w['cpu_percent']:.0f}" if w.get("cpu_percent") is not None else "",
-                      f"{w['memory_used_mb']:.0f}" if w.get("memory_used_mb") else "")
+                      f"{w['memory_used_mb']:.0f}" if w.get("memory_used_mb") else "",
+                      escape(w.get("isolation", "")))
     out.print(table)
 
 

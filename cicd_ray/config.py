@@ -21,6 +21,7 @@ from pydantic import (
 
 from cicd_ray import yamldoc
 from cicd_ray.errors import SpecError
+from cicd_ray.isolation import DEFAULT_STEP_UIDS, IsolationError, parse_uids
 from cicd_ray.spec import PIPELINE_NAME
 
 
@@ -111,6 +112,11 @@ class Settings(BaseModel):
     kill_grace_s: float = 3.0
     keep_workspaces: bool = False
     source_limit_bytes: int = 200 * 1024 * 1024
+    # The most a source archive may unpack to, and the most members it may hold.
+    source_unpacked_limit_bytes: int = 2 * 1024 * 1024 * 1024
+    source_max_members: int = 100_000
+    # Numeric users for steps when the worker is root ("off": the worker's user); see isolation.
+    step_uids: str = DEFAULT_STEP_UIDS
 
     store: str | None = None  # a store URL; None: the SQLite file under `home`
     # Custom Ray resources the master asks for, e.g. {"cicd-control": 0.01}: with a resource
@@ -157,6 +163,14 @@ class Settings(BaseModel):
             except ValueError as e:
                 raise SpecError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
                                  'such as {"cicd-control": 0.01}'], source="environment") from None
+        if env.get("CICD_RAY_STEP_UIDS"):
+            try:
+                parse_uids(env["CICD_RAY_STEP_UIDS"])
+            except IsolationError as e:
+                raise SpecError([str(e)], source="environment") from None
+            values["step_uids"] = env["CICD_RAY_STEP_UIDS"]
+        if env.get("CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES"):
+            values["source_unpacked_limit_bytes"] = env["CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES"]
         values["lookahead"] = env.get("CICD_RAY_LOOKAHEAD", "1") not in ("0", "false")
         values["keep_workspaces"] = env.get("CICD_RAY_KEEP_WORKSPACES", "") in ("1", "true")
         try:

@@ -23,6 +23,19 @@ from pathlib import Path
 
 import psutil
 
+from cicd_ray.isolation import (
+    MAX_PROCESSES,
+    STEP_ROOT,
+    SUPERVISOR,
+    Identity,
+    IsolationError,
+    address_space_kib,
+    hand_over,
+    isolating,
+    kill_user,
+    open_for_steps,
+    take_identity,
+)
 from cicd_ray.records import StepOutcome, StepTask
 from cicd_ray.source import SourceError, clone
 from cicd_ray.states import StepState
@@ -32,7 +45,10 @@ FIRST_SAMPLE_S = 0.02
 NO_PIDFD_POLL_S = 0.01
 DRAIN_TIMEOUT_S = 5.0
 # The variables a step inherits from the worker; everything else comes from the pipeline.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
+STEP_USER = "cicd-step"  # USER and LOGNAME of a step with a user of its own
+SHARED_USER_NOTE = ("[cicd-ray] this step runs as the worker's user ({user}): the worker is "
+                    "not root, so the step can read what the worker can\n")
 
 
 @dataclass
@@ -42,6 +58,11 @@ class ExecConfig:
     flush_interval_s: float = 0.25
     kill_grace_s: float = 3.0
     keep_workspace: bool = False
+    # Users of their own for steps, when the worker is root (None: the worker's user).
+    step_uids: range | None = None
+    # Where attempts with a user of their own live: a path every user may traverse (work_dir,
+    # under CICD_RAY_HOME, may be in root's home, which no one else may enter).
+    step_dir: Path = STEP_ROOT
 
 
 def truncation_marker(cap: int) -> bytes:
@@ -84,13 +105,18 @@ def _safe_name(text: str) -> str:
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def step_env(task: StepTask, workspace: Path, tmp: Path) -> dict[str, str]:
-    """The environment a step sees: a few inherited basics, the pipeline's env, cicd-ray's own."""
+def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
+             user: str | None = None) -> dict[str, str]:
+    """The environment a step sees: a few inherited basics, the pipeline's env, cicd-ray's own.
+    HOME and TMPDIR are the attempt's own; `user` names a step user of its own."""
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     # The worker's Python comes first, so `python` in a step is the one cicd-ray runs on.
     python_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([python_dir, env.get("PATH", "/usr/bin:/bin")])
-    env.update({"SHELL": "/bin/bash", "TERM": "dumb", "CI": "true", "TMPDIR": str(tmp)})
+    env.update({"SHELL": "/bin/bash", "TERM": "dumb", "CI": "true", "TMPDIR": str(tmp),
+                "HOME": str(home)})
+    if user:
+        env["USER"] = env["LOGNAME"] = user
     env.update(task.step.env)
     env.update({
         "CICD_RUN_ID": task.run_id,
@@ -114,13 +140,16 @@ class Execution:
         self.config = config
         self.source_dir = source_dir
         self.on_log = on_log
-        self.root = config.work_dir / _safe_name(task.attempt_id)
+        base = config.step_dir if isolating(config.step_uids) else config.work_dir
+        self.root = base / _safe_name(task.attempt_id)
         self.workspace = self.root / "ws"
         self._cancelled = False
         self._wake_r, self._wake_w = os.pipe()
         self._wake_lock = threading.Lock()
         self._log = _LogBuffer(config.log_cap_bytes)
         self._peak_rss = 0
+        self._identity: Identity | None = None
+        self._watch_w = -1  # the worker's end of the supervisor's pipe
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -133,7 +162,7 @@ class Execution:
         try:
             try:
                 proc = self._start()
-            except (OSError, SourceError) as e:
+            except (OSError, SourceError, IsolationError) as e:
                 self._log.add(f"[cicd-ray] {e}\n".encode())
                 return self._outcome(StepState.FAILED, None, started, None,
                                      reason=f"could not start the step: {e}")
@@ -143,14 +172,21 @@ class Execution:
                 os.close(self._wake_w)
                 os.close(self._wake_r)
                 self._wake_w = -1
+            if self._watch_w >= 0:
+                os.close(self._watch_w)  # the supervisor's watcher is gone with its group
             if not self.config.keep_workspace:
                 shutil.rmtree(self.root, ignore_errors=True)
+            if self._identity is not None:
+                self._identity.release()
 
     def _start(self) -> subprocess.Popen:
         if self.root.exists():
             shutil.rmtree(self.root)
-        tmp = self.root / "tmp"
+        tmp, home = self.root / "tmp", self.root / "home"
+        if isolating(self.config.step_uids):
+            open_for_steps(self.root.parent)
         tmp.mkdir(parents=True)
+        home.mkdir()
         if self.source_dir is not None:
             shutil.copytree(self.source_dir, self.workspace, symlinks=True)
         elif self.task.source_git is not None:
@@ -159,12 +195,30 @@ class Execution:
             self.workspace.mkdir()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
-        return subprocess.Popen(
-            ["bash", "-e", "-o", "pipefail", str(script)],
-            cwd=self.workspace, env=step_env(self.task, self.workspace, tmp),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: timeout and cancel kill all of it
-        )
+        own_user: dict = {}
+        if isolating(self.config.step_uids):
+            self._identity = take_identity(self.config.step_uids, self.task.attempt)
+            hand_over(self.root, self._identity.uid)
+            uid = self._identity.uid
+            own_user = {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
+        elif os.geteuid() != 0:
+            self._log.add(SHARED_USER_NOTE.format(user=_user_name()).encode())
+        watch_r, self._watch_w = os.pipe()
+        try:
+            return subprocess.Popen(
+                ["bash", "-c", SUPERVISOR, "cicd-step", str(script),
+                 str(address_space_kib(self.task.step.memory_mb)),
+                 str(MAX_PROCESSES if self._identity else 0),
+                 "uid" if self._identity else "shared", str(watch_r)],
+                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=(watch_r,),
+                env=step_env(self.task, self.workspace, tmp, home,
+                             STEP_USER if self._identity else None),
+                start_new_session=True,  # its own process group: timeout and cancel kill it all
+                **own_user,
+            )
+        finally:
+            os.close(watch_r)
 
     def _follow(self, proc: subprocess.Popen, started: float) -> StepOutcome:
         out = proc.stdout.fileno()
@@ -212,6 +266,8 @@ class Execution:
             # Background children the script left behind die with it, as on any CI runner;
             # then the pipe reaches its end and the last output is read.
             _signal_group(proc.pid, signal.SIGKILL)
+            if killed is not None and self._identity is not None:
+                kill_user(self._identity.uid)  # the supervisor was killed before its own end
             self._drain_to_end(out, sel)
         finally:
             sel.close()
@@ -265,7 +321,18 @@ class Execution:
             peak_memory_mb=round(self._peak_rss / 2**20, 2) if self._peak_rss else None,
             cpu_time_s=round(usage.ru_utime + usage.ru_stime, 4) if usage else None,
             reason=reason, log_seq=tail[0] if tail else 0, log_tail=tail[1] if tail else b"",
+            runs_as=(f"uid {self._identity.uid}" if self._identity
+                     else f"{_user_name()} (the worker's user)"),
         )
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.geteuid())
 
 
 def _group_rss(pid: int) -> int:

@@ -66,6 +66,7 @@ class AttemptRecord(BaseModel):
     wait_capacity_s: float = 0.0
     wait_slot_s: float = 0.0
     pool: str = ""  # the pool of the worker that ran it (a spot pool for interruptible steps)
+    runs_as: str = ""  # the user its process ran as: "uid N" (its own) or the worker's
 
 
 class WorkerRecord(BaseModel):
@@ -83,6 +84,7 @@ class WorkerRecord(BaseModel):
     cpu_percent: float | None = None
     memory_used_mb: float | None = None
     disk_used_percent: float | None = None
+    isolation: str = ""  # how its steps are kept apart (see cicd_ray.isolation)
 
 
 class KeyRecord(BaseModel):
@@ -145,6 +147,7 @@ class StepOutcome(BaseModel):
     peak_memory_mb: float | None = None
     cpu_time_s: float | None = None
     reason: str = ""
+    runs_as: str = ""
     # The end of the log not yet streamed, stored with the outcome in the same transaction.
     log_seq: int = 0
     log_tail: bytes = b""

@@ -238,6 +238,7 @@ class Scheduler:
         attempt.duration_s = outcome.duration_s
         attempt.peak_memory_mb = outcome.peak_memory_mb
         attempt.cpu_time_s = outcome.cpu_time_s
+        attempt.runs_as = outcome.runs_as
         if outcome.log_tail:
             self._out.changes.logs.append((attempt.id, outcome.log_seq, outcome.log_tail))
         self._end_attempt(attempt, outcome.state, now, reason=outcome.reason)

@@ -86,13 +86,48 @@ def _walk(root: Path):
             yield from _walk(path)
 
 
-def unpack(data: bytes, dest: Path) -> None:
-    """Unpack an archive made by `snapshot` into `dest`, atomically.
+DEFAULT_UNPACKED_LIMIT_BYTES = 2 * 1024 * 1024 * 1024
+DEFAULT_MAX_MEMBERS = 100_000
+
+
+def check_archive(data: bytes, limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
+                  max_members: int = DEFAULT_MAX_MEMBERS) -> list[tarfile.TarInfo]:
+    """The archive's members, once it is known to unpack within bounds: a gzip'd tar of a few
+    hundred bytes can claim a terabyte (a sparse member) or expand a thousandfold. Reads the
+    headers only (the data is streamed past, never held). Raises SourceError naming the limit."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member in tar:
+                if member.issparse():
+                    raise SourceError(f"source archive: {member.name!r} is a sparse file; "
+                                      "sparse members are not accepted")
+                total += member.size
+                members.append(member)
+                if len(members) > max_members:
+                    raise SourceError(f"source archive: more than {max_members} members")
+                if total > limit_bytes:
+                    raise SourceError(f"source archive: unpacks to more than {limit_bytes} "
+                                      "bytes (CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SourceError(f"source archive: not a readable .tar.gz ({e})") from None
+    return members
+
+
+def unpack(data: bytes, dest: Path, digest: str | None = None,
+           limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
+           max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+    """Unpack an archive made by `snapshot` into `dest`, atomically, once its digest (if given)
+    matches and it is known to fit (`check_archive`).
 
     Several workers on a node share one cache folder: each unpacks into a folder of its own and
     renames it into place; whoever loses the race drops its copy. The "data" filter refuses
     members that would land outside the folder.
     """
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise SourceError(f"source snapshot {digest[:12]}: its content does not match its digest")
+    check_archive(data, limit_bytes, max_members)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:

@@ -20,6 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution
+from cicd_ray.isolation import STEP_ROOT, describe, parse_uids
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
@@ -47,8 +48,10 @@ class Worker:
         self.exec_config = ExecConfig(
             work_dir=self.work_dir, log_cap_bytes=settings.log_cap_bytes,
             flush_interval_s=settings.log_flush_interval_s, kill_grace_s=settings.kill_grace_s,
-            keep_workspace=settings.keep_workspaces,
+            keep_workspace=settings.keep_workspaces, step_uids=parse_uids(settings.step_uids),
+            step_dir=STEP_ROOT / record.id,
         )
+        self.record.isolation = describe(self.exec_config.step_uids)
         self._running: dict[str, Execution] = {}
         # Recent outcomes, told to a master that restarted (it may have missed them).
         self._finished: OrderedDict[str, StepOutcome] = OrderedDict()
@@ -127,13 +130,16 @@ class Worker:
         return self._master
 
     def _source_dir(self, digest: str) -> Path:
-        dest = self.settings.work_dir / "sources" / digest
+        cache = self.settings.work_dir / "sources"  # the worker's alone: steps get a copy
+        dest = cache / digest
         with self._source_lock:
             if not dest.is_dir():
                 data = ray.get(self._master_handle().get_source.remote(digest), timeout=300)
                 if data is None:
                     raise FileNotFoundError(f"source snapshot {digest[:12]} is not in the store")
-                unpack(data, dest)
+                cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+                unpack(data, dest, digest, self.settings.source_unpacked_limit_bytes,
+                       self.settings.source_max_members)
         return dest
 
     def _usage(self) -> dict[str, float]:

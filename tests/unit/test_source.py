@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from cicd_ray.errors import SpecError
@@ -91,3 +93,50 @@ def test_clone_of_a_missing_ref_says_so(tmp_path):
     url = make_repo(tmp_path)
     with pytest.raises(SourceError, match=r"git could not fetch .* at nope"):
         clone(url, "nope", tmp_path / "c")
+
+
+def _tgz(members: dict[str, bytes]) -> bytes:
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue())
+
+
+def test_an_archive_bomb_is_refused_before_unpacking(tmp_path):
+    import hashlib
+
+    from cicd_ray.source import SourceError, check_archive, unpack
+
+    bomb = _tgz({"zeros": b"\0" * (20 * 2**20)})
+    assert len(bomb) < 64 * 1024  # a few KiB that claim 20 MiB
+    with pytest.raises(SourceError, match="unpacks to more than 10485760 bytes"):
+        unpack(bomb, tmp_path / "out", hashlib.sha256(bomb).hexdigest(), limit_bytes=10 * 2**20)
+    assert not (tmp_path / "out").exists()
+    many = _tgz({f"f{i}": b"" for i in range(50)})
+    with pytest.raises(SourceError, match="more than 20 members"):
+        check_archive(many, max_members=20)
+    with pytest.raises(SourceError, match="does not match its digest"):
+        unpack(many, tmp_path / "out", "0" * 64)
+    with pytest.raises(SourceError, match=r"not a readable \.tar\.gz"):
+        check_archive(b"not an archive")
+
+
+def test_a_sparse_member_is_refused(tmp_path):
+    from cicd_ray.source import SourceError, check_archive
+
+    big = tmp_path / "hole"
+    with big.open("wb") as f:
+        f.truncate(2**40)  # a terabyte of nothing
+    archive = tmp_path / "sparse.tgz"
+    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(tmp_path), "hole"],
+                   check=True, timeout=120)
+    assert archive.stat().st_size < 4096
+    with pytest.raises(SourceError, match="sparse"):
+        check_archive(archive.read_bytes())

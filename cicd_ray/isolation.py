@@ -1,0 +1,145 @@
+"""What keeps a step in its place: a user of its own, limits, and a supervisor that outlives
+neither the step nor the worker.
+
+When the worker runs as root (the KubeRay image, `cicd-ray up` as root), every attempt runs as
+a numeric user of its own, taken from a range (`CICD_RAY_STEP_UIDS`, default 200000-201023)
+and held by a lock file for the attempt's life, so no two steps on a machine share one. Such a
+user owns nothing but its attempt's folder (0700): it cannot read the worker's environment in
+/proc, root's files (Ray's token in ~/.ray), the store, or another attempt's workspace. No
+passwd entry is needed; `USER` and `HOME` are set for the step.
+
+Every attempt runs under a small bash supervisor, the leader of the attempt's process group:
+it sets the limits (address space from the step's memory, and for a user of its own the
+number of processes), starts the script, and watches a pipe whose other end only the worker
+holds. The worker dying by SIGKILL closes that pipe, and the supervisor kills the whole
+group: no step runs on as an orphan. At the end of an attempt with a user of its own, every
+process of that user is killed, `setsid` escapees included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cicd_ray.errors import CicdError
+
+DEFAULT_STEP_UIDS = "200000-201023"
+LOCK_DIR = Path("/run/cicd-ray/step-uids")  # one per machine, whatever CICD_RAY_HOME is
+STEP_ROOT = Path("/var/tmp/cicd-ray-steps")  # attempts' folders: entered, never listed
+MAX_PROCESSES = 1024  # RLIMIT_NPROC of a step with a user of its own
+MIN_ADDRESS_SPACE_MB = 8192  # a JVM or node.js reserves gigabytes it never touches
+ADDRESS_SPACE_PER_MEMORY = 16  # address space allowed per MiB of memory_mb
+
+# $1 the script, $2 address space limit in KiB (0: none), $3 process limit (0: none),
+# $4 "uid" when the attempt has a user of its own, $5 the fd of the worker's pipe.
+SUPERVISOR = r"""
+fd=$5
+if [ "$4" = uid ]; then end() { kill -KILL -1 2>/dev/null; }; else end() { kill -KILL 0; }; fi
+{ read -r -u "$fd" _; end; } &
+watcher=$!
+ulimit -c 0
+if [ "$2" != 0 ]; then ulimit -v "$2" || exit 125; fi
+if [ "$3" != 0 ]; then ulimit -u "$3" || exit 125; fi
+bash -e -o pipefail "$1" {fd}<&- &
+wait "$!"
+rc=$?
+kill "$watcher" 2>/dev/null
+if [ "$4" = uid ]; then kill -KILL -1 2>/dev/null; fi
+exit "$rc"
+"""
+
+
+class IsolationError(CicdError):
+    """The step's user could not be set up (a bad CICD_RAY_STEP_UIDS, no free user)."""
+
+
+def parse_uids(text: str) -> range | None:
+    """`200000-201023` (inclusive), or `off`: steps run as the worker's user."""
+    text = text.strip()
+    if text.lower() in ("off", "none", "0", ""):
+        return None
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit()) or not 1000 <= int(first) <= int(last):
+        raise IsolationError(f"CICD_RAY_STEP_UIDS={text!r}: expected FIRST-LAST (numeric "
+                             "user ids of 1000 or more, e.g. 200000-201023) or off")
+    return range(int(first), int(last) + 1)
+
+
+@dataclass
+class Identity:
+    """The user an attempt runs as, held (by its lock) until `release`."""
+
+    uid: int
+    lock_fd: int
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
+
+
+def isolating(uids: range | None) -> bool:
+    return uids is not None and os.geteuid() == 0
+
+
+def describe(uids: range | None) -> str:
+    """How this process's steps are kept apart, for `cicd-ray workers` and the API."""
+    if isolating(uids):
+        return f"a user per step ({uids.start}-{uids.stop - 1})"
+    if os.geteuid() == 0:
+        return "none: CICD_RAY_STEP_UIDS=off, steps run as root"
+    return "shared: the worker is not root, steps run as its user"
+
+
+def take_identity(uids: range, start_hint: int = 0) -> Identity:
+    """A user id of the range no other attempt on this machine holds now."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    count = len(uids)
+    for i in range(count):
+        uid = uids[(start_hint + i) % count]
+        fd = os.open(LOCK_DIR / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return Identity(uid=uid, lock_fd=fd)
+    raise IsolationError(f"all {count} step users of CICD_RAY_STEP_UIDS are in use")
+
+
+def hand_over(root: Path, uid: int) -> None:
+    """Make the attempt's folder the step user's own, and nobody else's."""
+    for folder, dirs, files in os.walk(root):
+        os.lchown(folder, uid, uid)
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), uid, uid)
+    root.chmod(0o700)
+
+
+def open_for_steps(folder: Path) -> None:
+    """`folder` and the step root above it: root's, entered by anyone (to reach an attempt's
+    own folder), listed by no one else (0711)."""
+    for path in (STEP_ROOT, folder):
+        path.mkdir(parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o777 != 0o711:
+            path.chmod(0o711)
+        if path == folder:
+            break
+
+
+def address_space_kib(memory_mb: int) -> int:
+    return max(memory_mb * ADDRESS_SPACE_PER_MEMORY, MIN_ADDRESS_SPACE_MB) * 1024
+
+
+def kill_user(uid: int) -> None:
+    """Every process of a step user (what a killed supervisor could not do itself)."""
+    import signal
+
+    import psutil
+
+    for proc in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["uids"] and proc.info["uids"].real == uid:
+                os.kill(proc.pid, signal.SIGKILL)

@@ -1,0 +1,153 @@
+"""A step with a user of its own (the worker runs as root here, as on KubeRay): what it cannot
+read, the limits it runs under, and that it dies with its worker. Real processes, no Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from cicd_ray.executor import ExecConfig, Execution
+from cicd_ray.isolation import STEP_ROOT, IsolationError, address_space_kib, parse_uids
+from cicd_ray.states import StepState
+from tests.unit.test_executor import task
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as the CI runs")
+UIDS = "210000-210063"
+
+
+def run_isolated(tmp_path, t, **config):
+    chunks: list[bytes] = []
+    cfg = ExecConfig(work_dir=tmp_path / "work", step_uids=parse_uids(UIDS),
+                     step_dir=steps_of(tmp_path), **config)
+    outcome = Execution(t, cfg, None, lambda seq, data: chunks.append(data)).run()
+    return outcome, (b"".join(chunks) + outcome.log_tail).decode()
+
+
+def steps_of(tmp_path):
+    # Attempts' folders must be enterable by step users: not under pytest's 0700 folders.
+    return STEP_ROOT / f"test-{os.getpid()}-{tmp_path.name}"
+
+
+@pytest.fixture(autouse=True)
+def _steps_dir(tmp_path):
+    yield
+    subprocess.run(["rm", "-rf", str(steps_of(tmp_path))], check=False)
+
+
+def living_step_processes() -> list[psutil.Process]:
+    """Processes of the test's step users that are not dead (a killed process is a zombie
+    until whoever inherited it reaps it)."""
+    users = parse_uids(UIDS)
+    out = []
+    for proc in psutil.process_iter(["uids", "status"]):
+        if proc.info["uids"].real in users and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(proc)
+    return out
+
+
+def test_a_step_runs_as_its_own_user_with_its_own_home_and_tmp(tmp_path):
+    outcome, log = run_isolated(tmp_path, task(
+        'id -u; echo "$HOME $TMPDIR $USER"; touch "$HOME/x" "$TMPDIR/y"; stat -c %a "$HOME/.."'))
+    assert outcome.state is StepState.SUCCEEDED, log
+    uid, paths, mode = log.splitlines()
+    assert int(uid) in parse_uids(UIDS) and outcome.runs_as == f"uid {uid}"
+    home, tmp, user = paths.split()
+    assert home.endswith("/home") and tmp.endswith("/tmp") and user == "cicd-step"
+    assert mode == "700"
+
+
+def test_a_step_cannot_reach_the_worker_root_or_another_attempt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CICD_RAY_STORE", "redis://:hunter2@redis:6379/0")
+    other = task("echo secret > mine.txt; sleep 5", attempt=1)
+    outcome_box = {}
+    runner = threading.Thread(target=lambda: outcome_box.setdefault(
+        "o", run_isolated(tmp_path, other)))
+    runner.start()
+    time.sleep(1.0)
+    probe = task(textwrap.dedent(f"""
+        cat /proc/{os.getpid()}/environ >/dev/null 2>&1 && echo READ-ENVIRON
+        grep -a hunter2 /proc/*/environ 2>/dev/null && echo FOUND-SECRET
+        ls /root >/dev/null 2>&1 && echo LISTED-ROOT
+        {{ cat /root/.ray/auth_token 2>&1 || true; }} |
+            grep -q 'Permission denied' && echo TOKEN-DENIED
+        cat {steps_of(tmp_path)}/*/ws/mine.txt 2>/dev/null && echo READ-OTHER
+        ls {steps_of(tmp_path)} >/dev/null 2>&1 && echo LISTED-STEPS
+        ls {STEP_ROOT} >/dev/null 2>&1 && echo LISTED-ROOT-OF-STEPS
+        ls {tmp_path}/work >/dev/null 2>&1 && echo LISTED-WORK
+        echo done
+        """), attempt=2)
+    outcome, log = run_isolated(tmp_path, probe)
+    runner.join()
+    assert outcome.state is StepState.SUCCEEDED, log
+    assert log.split() == ["TOKEN-DENIED", "done"], log
+    assert outcome_box["o"][0].state is StepState.SUCCEEDED
+
+
+def test_limits_follow_the_step_resources(tmp_path):
+    t = task("ulimit -v; ulimit -u; ulimit -c")
+    outcome, log = run_isolated(tmp_path, t)
+    assert log.split() == [str(address_space_kib(t.step.memory_mb)), "1024", "0"]
+    hog = task("/usr/bin/python3 -c 'bytearray(40 * 2**30)'")
+    outcome, log = run_isolated(tmp_path, hog)
+    assert outcome.state is StepState.FAILED and "MemoryError" in log
+
+
+def test_a_fork_bomb_fails_its_own_step_and_leaves_nothing(tmp_path):
+    bomb = task("for i in $(seq 3000); do sleep 60 & done", timeout=60)
+    started = time.monotonic()
+    outcome, log = run_isolated(tmp_path, bomb)
+    assert outcome.state is StepState.FAILED, log
+    assert "Resource temporarily unavailable" in log
+    assert time.monotonic() - started < 30
+    assert living_step_processes() == []
+
+
+def test_a_setsid_escapee_dies_with_its_attempt(tmp_path):
+    outcome, log = run_isolated(tmp_path, task("setsid sleep 300 & echo started"))
+    assert outcome.state is StepState.SUCCEEDED and "started" in log
+    assert living_step_processes() == []
+
+
+def test_the_step_dies_when_its_worker_is_killed(tmp_path):
+    """The worker (a process running the executor) is SIGKILLed mid-step: the step's
+    processes, setsid escapees included, do not run on as orphans."""
+    worker = textwrap.dedent(f"""
+        from pathlib import Path
+        from cicd_ray.executor import ExecConfig, Execution
+        from cicd_ray.isolation import parse_uids
+        from tests.unit.test_executor import task
+        cfg = ExecConfig(work_dir=Path({str(tmp_path / 'work')!r}),
+                         step_uids=parse_uids({UIDS!r}),
+                         step_dir=Path({str(steps_of(tmp_path))!r}))
+        t = task("sleep 300 & setsid sleep 300 & echo $$ > $CICD_WORKSPACE/pid; sleep 300")
+        Execution(t, cfg, None, lambda *a: None).run()
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", worker], cwd=os.getcwd())
+    step_processes = living_step_processes
+
+    deadline = time.monotonic() + 20
+    while len(step_processes()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(step_processes()) >= 5  # supervisor, watcher, script, two sleeps
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while step_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert step_processes() == []
+
+
+def test_step_uids_setting():
+    assert parse_uids("off") is None
+    assert parse_uids("200000-200009") == range(200000, 200010)
+    for bad in ("5-10", "abc", "300-200", "200000"):
+        with pytest.raises(IsolationError, match="CICD_RAY_STEP_UIDS"):
+            parse_uids(bad)
