@@ -64,6 +64,16 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _warn_python(settings: Settings) -> None:
+    """Say it before the first step fails: steps with users of their own cannot run a Python
+    under root's home."""
+    from cicd_ray.isolation import parse_uids, python_warning
+
+    warning = python_warning(parse_uids(settings.step_uids))
+    if warning:
+        err.print(f"[yellow]warning: {escape(warning)}[/yellow]")
+
+
 def _reader(url: str | None) -> Reader:
     return HttpRunner(url) if url else StoreReader(Settings.from_env())
 
@@ -129,6 +139,8 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
 
             settings = Settings.from_env()
             embedded = cluster.connect(address, settings)
+            if embedded:
+                _warn_python(settings)
             runner = RayRunner(cluster.ensure_master(settings), settings)
         try:
             run_id = runner.submit(spec, file, source, overrides)
@@ -377,7 +389,9 @@ def up(port: int = typer.Option(8000, help="the API's port"),
 
     try:
         options = server.Ha.from_url(ha, ha_namespace) if ha else None
-        started = server.up(Settings.from_env(), host=host, port=port, address=address,
+        settings = Settings.from_env()
+        _warn_python(settings)
+        started = server.up(settings, host=host, port=port, address=address,
                             ha=options, head_cpus=head_cpus, proxy_location=proxy_location,
                             ray_port=ray_port, local_autoscaling=local_autoscaling,
                             node_idle_timeout_s=node_idle_timeout)

@@ -35,6 +35,7 @@ from cicd_ray.isolation import (
     kill_user,
     open_for_steps,
     take_identity,
+    usable_by_others,
 )
 from cicd_ray.records import StepOutcome, StepTask
 from cicd_ray.source import SourceError, clone
@@ -111,8 +112,10 @@ def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
     HOME and TMPDIR are the attempt's own; `user` names a step user of its own."""
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     # The worker's Python comes first, so `python` in a step is the one cicd-ray runs on.
-    python_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([python_dir, env.get("PATH", "/usr/bin:/bin")])
+    path = env.get("PATH", "/usr/bin:/bin")
+    if user is None or usable_by_others(sys.executable):
+        path = os.pathsep.join([str(Path(sys.executable).parent), path])
+    env["PATH"] = path
     env.update({"SHELL": "/bin/bash", "TERM": "dumb", "CI": "true", "TMPDIR": str(tmp),
                 "HOME": str(home)})
     if user:

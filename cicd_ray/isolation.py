@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,31 @@ def open_for_steps(folder: Path) -> None:
             path.chmod(0o711)
         if path == folder:
             break
+
+
+@functools.lru_cache(maxsize=8)
+def usable_by_others(path: str | Path) -> bool:
+    """Whether a user with no rights of its own can run `path` (every folder above it can be
+    entered, the file itself executed): a Python under /root (pyenv) cannot be."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & 0o001:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+    except OSError:
+        return False
+
+
+def python_warning(uids: range | None) -> str | None:
+    """What to tell a root user whose steps will not find the worker's Python."""
+    import sys
+
+    if not isolating(uids) or usable_by_others(sys.executable):
+        return None
+    return (f"steps run as users of their own, who cannot run this Python "
+            f"({os.path.realpath(sys.executable)}: a folder above it is closed to other "
+            "users); `python` in a step finds the system's, if any. Install Python where "
+            "every user can read it, or set CICD_RAY_STEP_UIDS=off to run steps as root.")
 
 
 def address_space_kib(memory_mb: int) -> int:

@@ -104,3 +104,16 @@ def api(harness):
         time.sleep(0.3)
     yield url
     serve.shutdown()
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder steps can write to and the test can read: steps run as users of their own,
+    who cannot enter pytest's tmp_path (0700, root's)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="cicd-test-", dir="/var/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

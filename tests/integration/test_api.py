@@ -78,8 +78,8 @@ def test_log_resumes_from_an_offset(client):
         "1", "succeeded", "false")
 
 
-def test_cancel_a_running_step_kills_its_processes(client, tmp_path):
-    pidfile = tmp_path / "pid"
+def test_cancel_a_running_step_kills_its_processes(client, shared_dir):
+    pidfile = shared_dir / "pid"
     run = client.submit({"name": "cancel", "steps": [
         {"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}]})
     deadline = time.monotonic() + 30

@@ -61,8 +61,8 @@ def test_retry_on_failure_keeps_each_attempts_log(harness):
     assert [a["state"] for a in view["attempts"]] == ["failed", "failed", "succeeded"]
 
 
-def test_timeout_kills_step_and_its_background_children(harness, tmp_path):
-    pids = tmp_path / "pids"
+def test_timeout_kills_step_and_its_background_children(harness, shared_dir):
+    pids = shared_dir / "pids"
     view = harness.run({"name": "slow", "steps": [{
         "name": "hang", "timeout": 2,
         "run": f"sleep 600 & echo $! >> {pids}\n(sleep 601 & echo $! >> {pids}; wait) &\n"
@@ -90,19 +90,25 @@ def test_growing_log_is_readable_while_the_step_runs(harness):
     assert harness.log(run_id, "talk").splitlines()[-1] == "line 15"
 
 
-def test_cancel_kills_running_steps_and_cancels_queued(harness, tmp_path):
-    marker = tmp_path / "pid"
+def test_cancel_kills_running_steps_and_cancels_queued(harness, shared_dir):
+    marker = shared_dir / "pid"
     run_id = harness.submit({"name": "cancelme", "steps": [
         {"name": "long", "run": f"echo $$ > {marker}; sleep 600"},
         {"name": "after", "run": "true", "needs": ["long"]},
     ]})
     harness.wait_for_step(run_id, "long", StepState.RUNNING)
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(marker.read_text())
     assert ray.get(harness.master.cancel.remote(run_id)) == "running"
     view = harness.wait(run_id, timeout_s=30)
     assert view["run"]["state"] == "cancelled"
     assert [s["state"] for s in view["steps"]] == ["cancelled", "cancelled"]
     assert ray.get(harness.master.cancel.remote(run_id)) == "cancelled"  # idempotent
     assert ray.get(harness.master.cancel.remote("no-such-run")) is None
+    time.sleep(0.3)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 def test_source_snapshot_is_in_every_workspace_and_env_overrides_apply(harness, tmp_path):
