@@ -428,18 +428,15 @@ def down(address: str | None = typer.Option(None, help="the cluster, if not the 
     out.print("stopped " + ", ".join(stopped))
 
 
-def _since(text: str) -> float:
+def _since(text: str, option: str = "--since") -> float:
     """`7d`, `12h`, `30m` or `90s` ago, as a Unix time."""
-    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    number, unit = text[:-1], text[-1:]
+    from cicd_ray.retention import parse_duration
+
     try:
-        amount = float(number)
-    except ValueError:
-        amount = -1
-    if unit not in units or amount < 0:
+        return time.time() - parse_duration(text)
+    except CicdError:
         raise typer.BadParameter(f"{text!r}: expected an age such as 7d, 12h, 30m or 90s",
-                                 param_hint="--since")
-    return time.time() - amount * units[unit]
+                                 param_hint=option) from None
 
 
 def _history(reader: Reader, pipeline: str | None, since: float, limit: int) -> list[dict]:
@@ -503,6 +500,37 @@ def cost(since: str = typer.Option("7d", help="the period, back from now"),
         for c in rows:
             table.add_row(escape(c.name), f"{c.worker_seconds / 3600:.3f}", f"{c.money:.2f}")
         out.print(table)
+
+
+@app.command()
+def gc(older_than: str | None = typer.Option(None, help="delete finished runs (with their "
+                                            "logs) and stopped workers older than this, e.g. "
+                                            "7d (default: CICD_RAY_RETENTION_DAYS, 30 days)"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="count what would go; delete "
+                                    "nothing"),
+       as_json: bool = AS_JSON):
+    """Delete what is past retention from the store: finished runs with their steps, attempts
+    and logs, stopped workers' records, Idempotency-Keys older than a day, and source archives
+    no queued or running run needs. The master does this by itself every hour."""
+    from cicd_ray.retention import collect
+    from cicd_ray.store import open_store
+
+    settings = Settings.from_env()
+    now = time.time()
+    cutoff = _since(older_than, "--older-than") if older_than else (
+        now - settings.retention_days * 86400)
+    with _reported():
+        store = open_store(settings.store_url)
+        try:
+            done = collect(store, now, now - cutoff, dry_run=dry_run)
+        finally:
+            store.close()
+    if as_json:
+        out.print_json(data={"dry_run": dry_run, **done.as_dict()})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    out.print(f"{verb} {done.runs} run(s) with their logs, {done.sources} source archive(s), "
+              f"{done.keys} idempotency key(s), {done.workers} worker record(s)")
 
 
 @app.command()

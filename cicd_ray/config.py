@@ -117,6 +117,9 @@ class Settings(BaseModel):
     source_max_members: int = 100_000
     # Numeric users for steps when the worker is root ("off": the worker's user); see isolation.
     step_uids: str = DEFAULT_STEP_UIDS
+    # Finished runs (with logs), stopped workers and unneeded sources older than this are
+    # deleted by the master (0: kept forever); see cicd_ray.retention.
+    retention_days: float = Field(30.0, ge=0)
 
     store: str | None = None  # a store URL; None: the SQLite file under `home`
     # Custom Ray resources the master asks for, e.g. {"cicd-control": 0.01}: with a resource
@@ -153,6 +156,7 @@ class Settings(BaseModel):
             "CICD_RAY_HEARTBEAT_TIMEOUT_S": "heartbeat_timeout_s",
             "CICD_RAY_LOG_CAP_BYTES": "log_cap_bytes",
             "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
+            "CICD_RAY_RETENTION_DAYS": "retention_days",
         }
         for var, field in numbers.items():
             if env.get(var):

@@ -25,6 +25,7 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.metrics import Metrics
 from cicd_ray.records import KeyRecord, RunRecord, StepOutcome, StepTask, WorkerRecord
+from cicd_ray.retention import collect
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.spec import GitSource, check_env_overrides, parse_pipeline, plan
 from cicd_ray.states import StepState
@@ -40,6 +41,9 @@ from cicd_ray.worker import (
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # the longest the master sleeps when nothing happens
+RETENTION_INTERVAL_S = 3600.0  # how often old runs, logs and sources are deleted
+RETENTION_FIRST_S = 60.0  # the first time, this long after the master starts
+RETENTION_MAX_RUNS = 5000  # runs deleted per pass: a backlog goes in bounded steps
 RECENT_S = 600.0  # stopped workers shown for this long
 EVENTS_KEPT = 10_000
 
@@ -55,6 +59,8 @@ class Master:
         self._finished: dict[str, asyncio.Event] = {}
         self._requested: list[dict[str, float]] = []
         self._surveyed_at = 0.0
+        self._collect_at = self.started_at + RETENTION_FIRST_S
+        self._collecting = False
         self.metrics = Metrics()
         # Run and step changes for GET /api/v1/events: the latest EVENTS_KEPT, numbered.
         self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -101,7 +107,7 @@ class Master:
                         created_at=now, source_digest=source[0] if source else None,
                         source_git=None if source else git)
         if source is not None:
-            self.store.put_source(*source)
+            self.store.put_source(*source, at=now)
         self.sched.submit(run, steps, now)
         self._commit({idempotency_key: KeyRecord(run_id=run.id, request=request, at=now)}
                      if idempotency_key else None)
@@ -274,6 +280,23 @@ class Master:
         self.metrics.snapshot(self.sched.queue_view(now), len(self.sched.runs), counts)
         if self.settings.lookahead:
             self._look_ahead()
+        if self.settings.retention_days and now >= self._collect_at and not self._collecting:
+            self._collect_at = now + RETENTION_INTERVAL_S
+            self._collecting = True
+            asyncio.get_running_loop().create_task(self._collect(now))
+
+    async def _collect(self, now: float) -> None:
+        """Delete what is past retention, in a thread: the loop goes on dispatching."""
+        try:
+            done = await asyncio.to_thread(collect, self.store, now,
+                                           self.settings.retention_days * 86400,
+                                           max_runs=RETENTION_MAX_RUNS)
+            if any(done.as_dict().values()):
+                log.warning("retention: deleted %s", done.as_dict())
+        except Exception as e:  # retention is housekeeping: never a reason to stop
+            log.warning("retention pass failed: %s", e)
+        finally:
+            self._collecting = False
 
     def _look_ahead(self) -> None:
         """Ask the autoscaler for the workers the next steps will need (a standing request,

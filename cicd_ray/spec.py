@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -100,10 +101,27 @@ GIT_URL = r"^(https?://|ssh://|file://|git@[A-Za-z0-9.-]+:)[^\s]+$"
 GIT_REF = r"^[A-Za-z0-9._/][A-Za-z0-9._/-]{0,199}$"  # never starts with "-": not an option
 
 
+def without_credentials(url: str) -> str:
+    """A git URL as it may be stored and shown: an http(s) URL loses its user and password
+    (`https://TOKEN@host/...` carries a token), any other keeps its user (`ssh://git@...`) but
+    not a password. Workers fetch private repositories with their own credential helper."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url  # git@host:path: a user, never a password
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, host = authority.rpartition("@")
+    if scheme in ("http", "https"):
+        return f"{scheme}://{host}{slash}{path}"
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}{slash}{path}"
+
+
 class GitSource(_Model):
     """A repository the worker clones into every step's workspace, at `ref`."""
 
-    git: Annotated[str, StringConstraints(pattern=GIT_URL)]
+    git: Annotated[str, StringConstraints(pattern=GIT_URL), AfterValidator(without_credentials)]
     ref: Annotated[str, StringConstraints(pattern=GIT_REF)] = "HEAD"
 
 

@@ -48,12 +48,33 @@ class Store(Protocol):
     def get_key(self, key: str) -> KeyRecord | None:
         """The run submitted with this Idempotency-Key (the first one), if any."""
 
-    def put_source(self, digest: str, data: bytes) -> None: ...
+    def put_source(self, digest: str, data: bytes, at: float = 0.0) -> None:
+        """Store a source archive (once per digest), noting when (`at`) for retention."""
 
     def get_source(self, digest: str) -> bytes | None: ...
 
     def next_run_seq(self) -> int:
         """A number larger than that of every run stored so far."""
+
+    # --- retention (see cicd_ray.retention) ---
+
+    def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
+        """Runs in a terminal state that finished before `before`, oldest first."""
+
+    def delete_runs(self, run_ids: list[str]) -> None:
+        """Runs with their steps, attempts and logs, in one transaction."""
+
+    def list_sources(self) -> list[tuple[str, float]]:
+        """(digest, stored at) of every source archive (0.0: stored before times were kept)."""
+
+    def delete_sources(self, digests: list[str]) -> None: ...
+
+    def old_keys(self, before: float) -> list[str]:
+        """Idempotency-Keys stored before `before` (none where the backend expires them)."""
+
+    def delete_keys(self, keys: list[str]) -> None: ...
+
+    def delete_workers(self, worker_ids: list[str]) -> None: ...
 
     def close(self) -> None: ...
 

@@ -146,8 +146,14 @@ class RedisStore:
             return KeyRecord.model_validate_json(raw)
         return KeyRecord(run_id=raw.decode())  # kept by an earlier version: the run id alone
 
-    def put_source(self, digest: str, data: bytes) -> None:
-        self._do(lambda: self._r.setnx(self._k("source", digest), bytes(data)))
+    def put_source(self, digest: str, data: bytes, at: float = 0.0) -> None:
+        def write():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.setnx(self._k("source", digest), bytes(data))
+            pipe.zadd(self._k("sources"), {digest: at})
+            pipe.execute()
+
+        self._do(write)
 
     def get_source(self, digest: str) -> bytes | None:
         return self._do(lambda: self._r.get(self._k("source", digest)))
@@ -155,6 +161,68 @@ class RedisStore:
     def next_run_seq(self) -> int:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
+
+    def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
+        out: list[RunRecord] = []
+        start = 0
+        while len(out) < limit:  # oldest first, a page at a time
+            ids = self._do(lambda s=start: self._r.zrange(self._k("runs"), s, s + PAGE - 1))
+            if not ids:
+                break
+            for run in self._runs(ids):
+                if run.created_at >= before:
+                    return out  # runs are in submission order: none after this one is old
+                if run.state.terminal and (run.finished_at or run.created_at) < before:
+                    out.append(run)
+                    if len(out) == limit:
+                        break
+            start += PAGE
+        return out
+
+    def delete_runs(self, run_ids: list[str]) -> None:
+        def write():
+            attempts = {}
+            for run_id in run_ids:
+                attempts[run_id] = self._r.hkeys(self._k("attempts", run_id))
+            pipe = self._r.pipeline(transaction=True)
+            for run_id in run_ids:
+                for attempt_id in attempts[run_id]:
+                    pipe.delete(self._k("log", attempt_id.decode()))
+                pipe.delete(self._k("run", run_id), self._k("steps", run_id),
+                            self._k("attempts", run_id))
+                pipe.zrem(self._k("runs"), run_id)
+                pipe.zrem(self._k("runs", "active"), run_id)
+            pipe.execute()
+
+        self._do(write)
+
+    def list_sources(self) -> list[tuple[str, float]]:
+        timed = dict(self._do(lambda: self._r.zrange(self._k("sources"), 0, -1,
+                                                     withscores=True)))
+        out = [(d.decode(), float(at)) for d, at in timed.items()]
+        # Archives stored before their times were kept.
+        prefix = self._k("source", "")
+        for key in self._do(lambda: list(self._r.scan_iter(match=prefix + "*", count=500))):
+            digest = key.decode()[len(prefix):]
+            if digest.encode() not in timed:
+                out.append((digest, 0.0))
+        return out
+
+    def delete_sources(self, digests: list[str]) -> None:
+        if digests:
+            self._do(lambda: (self._r.delete(*[self._k("source", d) for d in digests]),
+                              self._r.zrem(self._k("sources"), *digests)))
+
+    def old_keys(self, before: float) -> list[str]:
+        return []  # Redis expires them itself (KEY_TTL_S)
+
+    def delete_keys(self, keys: list[str]) -> None:
+        if keys:
+            self._do(lambda: self._r.delete(*[self._k("idem", k) for k in keys]))
+
+    def delete_workers(self, worker_ids: list[str]) -> None:
+        if worker_ids:
+            self._do(lambda: self._r.hdel(self._k("workers"), *worker_ids))
 
     def close(self) -> None:
         self._r.close()

@@ -6,6 +6,7 @@ writer; the CLI reads the same file (WAL lets readers in while the master writes
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS sources (digest TEXT PRIMARY KEY, data BLOB NOT NULL)
 CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS keys_at ON keys (at);
+CREATE TABLE IF NOT EXISTS source_times (digest TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 
@@ -49,7 +51,10 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # A new home is the owner's alone, and so is the file: it holds every run's record.
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -157,8 +162,9 @@ class SqliteStore:
         rows = self._read("SELECT run_id FROM idempotency WHERE key = ?", (key,))
         return KeyRecord(run_id=rows[0][0]) if rows else None
 
-    def put_source(self, digest: str, data: bytes) -> None:
-        self._write([("INSERT OR IGNORE INTO sources VALUES (?, ?)", [(digest, bytes(data))])])
+    def put_source(self, digest: str, data: bytes, at: float = 0.0) -> None:
+        self._write([("INSERT OR IGNORE INTO sources VALUES (?, ?)", [(digest, bytes(data))]),
+                     ("INSERT OR REPLACE INTO source_times VALUES (?, ?)", [(digest, at)])])
 
     def get_source(self, digest: str) -> bytes | None:
         rows = self._read("SELECT data FROM sources WHERE digest = ?", (digest,))
@@ -167,6 +173,47 @@ class SqliteStore:
     def next_run_seq(self) -> int:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
+
+    def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
+        done = ",".join("?" * len(RUN_TERMINAL))
+        rows = self._read(
+            f"SELECT data FROM runs WHERE state IN ({done}) AND "
+            "COALESCE(json_extract(data, '$.finished_at'), json_extract(data, '$.created_at')) "
+            "< ? ORDER BY seq LIMIT ?", (*(s.value for s in RUN_TERMINAL), before, limit))
+        return [RunRecord.model_validate_json(r[0]) for r in rows]
+
+    def delete_runs(self, run_ids: list[str]) -> None:
+        ids = [(i,) for i in run_ids]
+        self._write([
+            ("DELETE FROM logs WHERE attempt_id IN (SELECT id FROM attempts WHERE run_id = ?)",
+             ids),
+            ("DELETE FROM attempts WHERE run_id = ?", ids),
+            ("DELETE FROM steps WHERE run_id = ?", ids),
+            ("DELETE FROM runs WHERE id = ?", ids),
+        ])
+
+    def list_sources(self) -> list[tuple[str, float]]:
+        rows = self._read("SELECT s.digest, COALESCE(t.at, 0) FROM sources s "
+                          "LEFT JOIN source_times t ON t.digest = s.digest")
+        return [(r[0], float(r[1])) for r in rows]
+
+    def delete_sources(self, digests: list[str]) -> None:
+        rows = [(d,) for d in digests]
+        self._write([("DELETE FROM sources WHERE digest = ?", rows),
+                     ("DELETE FROM source_times WHERE digest = ?", rows)])
+
+    def old_keys(self, before: float) -> list[str]:
+        rows = self._read("SELECT key FROM keys WHERE at < ?", (before,))
+        # Keys kept by an earlier version have no time: they are old.
+        return [r[0] for r in rows] + [r[0] for r in self._read("SELECT key FROM idempotency")]
+
+    def delete_keys(self, keys: list[str]) -> None:
+        rows = [(k,) for k in keys]
+        self._write([("DELETE FROM keys WHERE key = ?", rows),
+                     ("DELETE FROM idempotency WHERE key = ?", rows)])
+
+    def delete_workers(self, worker_ids: list[str]) -> None:
+        self._write([("DELETE FROM workers WHERE id = ?", [(i,) for i in worker_ids])])
 
     def close(self) -> None:
         with self._lock:

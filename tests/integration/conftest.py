@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -56,13 +57,19 @@ class Harness:
         raise AssertionError(f"step {name} never reached {state.value}")
 
 
+# In the environment of every process of the session's cluster (the raylet and the workers
+# inherit it from this process): a step must not be able to find it (test_security).
+WORKER_SECRET = "worker-secret-" + "z" * 16
+
+
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
+    os.environ["CICD_TEST_WORKER_SECRET"] = WORKER_SECRET
     home = tmp_path_factory.mktemp("cicd-home")
     settings = Settings(
         home=home,
         pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
-               "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512)},
+               "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1)},
         heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
     )
     cluster.connect(settings=settings, num_cpus=8)

@@ -156,3 +156,19 @@ def test_recommend_and_cost_from_the_history_of_real_runs(harness, cli, tmp_path
     nothing = cli("recommend", "no-such-pipeline", **home)
     assert nothing.returncode != 0 and "no runs of pipeline 'no-such-pipeline'" in (
         nothing.stdout + nothing.stderr)
+
+
+def test_gc_deletes_finished_runs_and_their_logs(cli):
+    done = cli("run", "pipelines/hello.yaml", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = done.stdout.split()[1]
+    dry = cli("gc", "--older-than", "0s", "--dry-run")
+    assert dry.returncode == 0 and "would delete 1 run(s)" in dry.stdout, dry.stderr
+    assert cli("status", run_id).returncode == 0  # a dry run deletes nothing
+    assert cli("gc", "--older-than", "30d").stdout.startswith("deleted 0 run(s)")
+    gone = json.loads(cli("gc", "--older-than", "0s", "--json").stdout)
+    assert gone["runs"] == 1 and gone["dry_run"] is False
+    missing = cli("status", run_id)
+    assert missing.returncode != 0 and "not found" in missing.stdout + missing.stderr
+    bad = cli("gc", "--older-than", "soon")
+    assert bad.returncode == 2 and "7d" in bad.stdout + bad.stderr

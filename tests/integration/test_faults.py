@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 import ray
 
@@ -44,9 +45,45 @@ def test_worker_killed_mid_step_is_retried_elsewhere_and_the_run_succeeds(harnes
     assert len(ready) == 2 and first_worker not in {w["id"] for w in ready}
 
 
+def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, shared_dir):
+    """No `retry` at all: a lost worker is the platform's fault; the step runs again
+    elsewhere (retry.infra, 2 by default), and the processes of the lost attempt do not run
+    on as orphans, not even one that left the process group with setsid."""
+    pids = shared_dir / "pids"
+    run_id = harness.submit({"name": "auto", "steps": [{"name": "build", "run": (
+        f'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600 & echo $! >> {pids}; '
+        f'setsid sleep 601 & echo $! >> {pids}; sleep 602; fi; echo "attempt $CICD_ATTEMPT"')}]})
+    step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
+    deadline = time.monotonic() + 30
+    while len(pids.read_text().split() if pids.exists() else []) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    orphans = [int(p) for p in pids.read_text().split()]
+    assert all(psutil.pid_exists(p) for p in orphans)
+    ray.kill(ray.get_actor(worker_actor_name(step["worker_id"]), namespace=NAMESPACE))
+    view = harness.wait(run_id, timeout_s=60)
+    build = harness.step(view, "build")
+    assert (view["run"]["state"], build["state"], build["attempts"]) == ("succeeded",
+                                                                         "succeeded", 2)
+    first = next(a for a in view["attempts"] if a["step"] == "build" and a["number"] == 1)
+    assert f"worker {step['worker_id']} lost" in first["reason"]
+    assert harness.log(run_id, "build") == "attempt 2\n"
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in orphans) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in orphans)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_worker_killed_without_infra_retry_fails_the_step_with_the_reason(harness):
     run_id = harness.submit({"name": "noretry", "steps": [
-        {"name": "build", "run": "sleep 600"}]})
+        {"name": "build", "run": "sleep 600", "retry": {"infra": 0}}]})
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
     ray.kill(ray.get_actor(worker_actor_name(step["worker_id"]), namespace=NAMESPACE))
     view = harness.wait(run_id, timeout_s=60)

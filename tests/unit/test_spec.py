@@ -145,3 +145,17 @@ def test_git_source_is_checked():
                             "steps": [{"name": "a", "run": "true"}]})
     assert any(p.startswith("source.git: 'ftp://x' does not match") for p in problems)
     assert any(p.startswith("source.ref: '--upload-pack=x' does not match") for p in problems)
+
+
+@pytest.mark.parametrize("url, stored", [
+    ("https://TOKEN@github.com/acme/app.git", "https://github.com/acme/app.git"),
+    ("https://user:secret@git.example.org:8443/app.git", "https://git.example.org:8443/app.git"),
+    ("ssh://git:secret@git.example.org/app.git", "ssh://git@git.example.org/app.git"),
+    ("ssh://git@git.example.org/app.git", "ssh://git@git.example.org/app.git"),
+    ("git@github.com:acme/app.git", "git@github.com:acme/app.git"),
+])
+def test_git_credentials_are_never_stored(url, stored):
+    spec = parse_pipeline({"name": "g", "source": {"git": url},
+                           "steps": [{"name": "a", "run": "true"}]})
+    assert spec.source.git == stored
+    assert "secret" not in spec.model_dump_json() and "TOKEN" not in spec.model_dump_json()

@@ -155,3 +155,70 @@ def test_idempotency_keys_map_to_the_first_run(store):
     store.save(again)
     assert store.get_key("key-1") == KeyRecord(run_id="r1", request="d1", at=5.0)
     assert store.get_key("key-2") is None
+
+
+def _finished_run(store, run_id: str, at: float, state=RunState.SUCCEEDED) -> None:
+    run, _steps = a_run(store, run_id=run_id)
+    run.state, run.created_at, run.finished_at = state, at - 1, at
+    attempt = AttemptRecord(id=f"{run_id}/s0/1", run_id=run_id, step="s0", number=1,
+                            worker_id="w1", queued_at=at - 1, started_at=at - 1,
+                            state=StepState.SUCCEEDED)
+    changes = Changes()
+    changes.add(run)
+    changes.add(attempt)
+    changes.logs.append((attempt.id, 1, b"log of " + run_id.encode()))
+    store.save(changes)
+
+
+def test_retention_deletes_old_finished_runs_with_their_logs_and_keeps_the_rest(store):
+    from cicd_ray.retention import collect
+
+    day = 86400.0
+    _finished_run(store, "old", at=10 * day)
+    _finished_run(store, "recent", at=39 * day)
+    a_run(store, "active")  # queued: kept however old
+    store.put_source("needed", b"x", at=1.0)
+    store.put_source("unneeded", b"y", at=1.0)
+    active = store.get_run("active").model_copy(update={"source_digest": "needed",
+                                                        "created_at": 0.0})
+    gone = WorkerRecord(id="gone", pool="p", cpus=1, memory_mb=1, started_at=1.0,
+                        state=WorkerState.STOPPED, stopped_at=2.0)
+    live = WorkerRecord(id="live", pool="p", cpus=1, memory_mb=1, started_at=1.0)
+    changes = Changes()
+    for record in (active, gone, live):
+        changes.add(record)
+    store.save(changes)
+    now = 40 * day
+    dry = collect(store, now, older_than_s=7 * day, dry_run=True)
+    assert (dry.runs, dry.sources, dry.workers) == (1, 1, 1)
+    assert store.get_run("old") is not None  # a dry run deletes nothing
+    done = collect(store, now, older_than_s=7 * day)
+    assert (done.runs, done.sources, done.workers) == (1, 1, 1)
+    assert store.get_run("old") is None and store.get_steps("old") == []
+    assert store.get_attempts("old") == [] and store.read_log("old/s0/1") == b""
+    assert store.get_run("recent") is not None and store.read_log("recent/s0/1")
+    assert store.get_run("active") is not None
+    assert store.get_source("needed") == b"x" and store.get_source("unneeded") is None
+    assert [w.id for w in store.list_workers()] == ["live"]
+    assert "old" not in [r.id for r in store.list_runs()]
+    assert collect(store, now, older_than_s=7 * day).as_dict() == {
+        "runs": 0, "sources": 0, "keys": 0, "workers": 0}
+
+
+def test_the_sqlite_file_is_the_owners_alone(tmp_path):
+    import stat
+
+    path = tmp_path / "new-home" / "cicd.sqlite3"
+    SqliteStore(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_durations():
+    from cicd_ray.errors import CicdError
+    from cicd_ray.retention import parse_duration
+
+    assert [parse_duration(t) for t in ("7d", "12h", "30m", "90s", "100", "1w")] == [
+        7 * 86400, 12 * 3600, 1800, 90, 100, 7 * 86400]
+    with pytest.raises(CicdError, match="not a duration"):
+        parse_duration("soon")

@@ -1,0 +1,94 @@
+"""What a step cannot reach, and placement that keeps its promises, on the session's real
+cluster (its workers run as root, as on KubeRay, so every step has a user of its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import textwrap
+import time
+from pathlib import Path
+
+import ray
+
+from cicd_ray.isolation import STEP_ROOT
+from cicd_ray.states import StepState
+from tests.integration.conftest import WORKER_SECRET
+from tests.unit.test_yaml_and_limits import chain
+
+
+def _processes_holding(text: str) -> int:
+    found = 0
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            found += text.encode() in env.read_bytes()
+    return found
+
+
+def test_a_step_cannot_read_the_worker_ray_token_or_another_run(harness):
+    # As root, the test sees the secret in the workers' environments: the probe could find it.
+    assert _processes_holding(WORKER_SECRET) > 0
+    other = harness.submit({"name": "other", "steps": [
+        {"name": "holds", "run": "echo private > mine.txt; sleep 4"}]})
+    harness.wait_for_step(other, "holds", StepState.RUNNING)
+    probe = textwrap.dedent(f"""
+        id -u
+        grep -l {WORKER_SECRET} /proc/*/environ 2>/dev/null && echo FOUND-WORKER-SECRET
+        cat /proc/$PPID/environ >/dev/null 2>&1 && echo READ-SUPERVISOR
+        ls /root >/dev/null 2>&1 && echo ENTERED-ROOT
+        {{ cat "$(getent passwd root | cut -d: -f6)/.ray/auth_token" 2>&1 || true; }} |
+            grep -q 'Permission denied' && echo TOKEN-DENIED
+        cat {STEP_ROOT}/*/*/ws/mine.txt 2>/dev/null && echo READ-OTHER-RUN
+        ls {STEP_ROOT} >/dev/null 2>&1 && echo LISTED-STEPS
+        ls {harness.settings.home} >/dev/null 2>&1 && echo LISTED-HOME
+        env | grep -E 'CICD_RAY|RAY_|TOKEN' || true
+        echo done
+        """)
+    view = harness.run({"name": "probe", "steps": [{"name": "probe", "run": probe}]})
+    log = harness.log(view["run"]["id"], "probe")
+    assert view["run"]["state"] == "succeeded", log
+    uid, *rest = log.split()
+    assert int(uid) >= 200000
+    assert rest == ["TOKEN-DENIED", "done"], log
+    assert harness.wait(other)["run"]["state"] == "succeeded"
+    attempt = harness.view(view["run"]["id"])["attempts"][0]
+    assert attempt["runs_as"] == f"uid {uid}"
+    workers = harness.master_workers()
+    assert all(w["isolation"].startswith("a user per step") for w in workers
+               if w["state"] == "ready")
+
+
+def test_a_pools_slots_cap_the_steps_on_a_worker(harness):
+    """The `solo` pool has one worker of one CPU with `slots: 1`: four quarter-CPU steps
+    would fit its CPU at once; they run one after another."""
+    view = harness.run({"name": "slots", "defaults": {"pool": "solo"}, "steps": [
+        {"name": f"s{i}", "resources": {"cpu": 0.25, "memory_mb": 64},
+         "run": "sleep 0.5"} for i in range(4)]})
+    assert view["run"]["state"] == "succeeded"
+    spans = sorted((a["started_at"], a["finished_at"]) for a in view["attempts"])
+    assert all(later[0] >= earlier[1] - 0.01 for earlier, later in itertools.pairwise(spans))
+
+
+def test_a_3000_step_chain_fails_at_its_head_and_the_master_goes_on(harness):
+    started = time.monotonic()
+    view = harness.run(_as_dict(chain(3000)))
+    assert view["run"]["state"] == "failed"
+    states = [s["state"] for s in view["steps"]]
+    assert states[0] == "failed" and states.count("skipped") == 2999
+    assert time.monotonic() - started < 60
+    # The master still answers, and runs the next pipeline.
+    assert ray.get(harness.master.ping.remote(), timeout=10)["pid"] > 0
+    assert harness.run({"name": "next", "steps": [{"name": "a", "run": "true"}]})[
+        "run"]["state"] == "succeeded"
+
+
+def _as_dict(text: str) -> dict:
+    from cicd_ray.yamldoc import load
+
+    return load(text)
+
+
+def test_workspaces_are_removed_and_the_step_root_stays_closed(harness):
+    view = harness.run({"name": "tidy", "steps": [{"name": "a", "run": "touch x"}]})
+    assert view["run"]["state"] == "succeeded"
+    assert oct(STEP_ROOT.stat().st_mode & 0o777) == "0o711"
