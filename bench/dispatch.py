@@ -1,6 +1,7 @@
 """Dispatch overhead of cicd-ray against plain Ray tasks, on one local cluster, in one process.
 
     python bench/dispatch.py [--steps 500] [--chain 50] [--queued 10000] [--slots 4] [--repeats 3]
+                             [--step-uids 200000-201023 | --step-uids off]
 
 1. Fan-out: N independent `true` steps through cicd-ray, and N plain Ray tasks that each run
    `bash -c true`, with the same number of slots (CPUs) on both sides. Prints the wall-time ratio.
@@ -24,6 +25,7 @@ import ray
 
 from cicd_ray import cluster
 from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
 from cicd_ray.spec import parse_pipeline
 
 
@@ -64,10 +66,12 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=10_000)
     parser.add_argument("--slots", type=int, default=4, help="CPUs for each side")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side")
+    parser.add_argument("--step-uids", default=DEFAULT_STEP_UIDS,
+                        help="users of their own for steps when run as root, or off")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-"))
-    settings = Settings(home=home, pools={
+    settings = Settings(home=home, step_uids=args.step_uids, pools={
         "default": PoolConfig(name="default", workers=args.slots, cpus=1, memory_mb=0),
         "parked": PoolConfig(name="parked", workers=0, cpus=1, memory_mb=0),
     })
@@ -106,7 +110,7 @@ def main() -> None:
     ray.get(master.cancel.remote(run_id))
 
     print(f"cicd-ray dispatch benchmark (ray {ray.__version__}, {args.slots} slots each side, "
-          f"best of {args.repeats})")
+          f"best of {args.repeats}; steps isolated: {describe(parse_uids(args.step_uids))})")
     print(f"{'':32}{'cicd-ray':>12}{'plain ray':>12}{'ratio':>8}")
     print(f"{f'{args.steps} independent true steps':32}{cicd_fan:>11.2f}s{plain_fan:>11.2f}s"
           f"{cicd_fan / plain_fan:>8.2f}")

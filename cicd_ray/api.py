@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
 
@@ -31,6 +31,7 @@ from ray import serve
 
 from cicd_ray import auth
 from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.gate import BodyLimit, Guard
 from cicd_ray.source import SourceError, check_archive
 from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
@@ -350,97 +351,6 @@ class _Config:
         if self._limit is None:
             self._limit = int(os.environ.get("CICD_RAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
         return self._limit
-
-
-class _TooLarge(Exception):
-    pass
-
-
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    # The page's own script and style only: no inline code, nothing from elsewhere.
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
-     b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-     b"frame-ancestors 'none'; form-action 'self'"),
-]
-# Served without a token: the page (it asks for one) and the health probe.
-OPEN_PATHS = frozenset({"/", "/healthz"})
-
-
-def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith("/ui/")
-
-
-class Guard:
-    """Checks `Authorization` before anything else happens: a caller without a valid token
-    gets its 401 before a byte of its body is read, parsed or stored. Adds the security
-    headers to every answer."""
-
-    def __init__(self, app, digests: Callable[[], list[str]]) -> None:
-        self.app = app
-        self.digests = digests
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        if not _is_open(scope["path"]):
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not auth.check(token.strip(), self.digests()):
-                reason = "missing" if not authorization else "invalid"
-                await JSONResponse(
-                    {"detail": f"{reason} token: send 'Authorization: Bearer <token>'"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                )(scope, receive, with_headers)
-                return
-        await self.app(scope, receive, with_headers)
-
-
-class BodyLimit:
-    """Answers 413 for a body over the limit: by its Content-Length before reading anything,
-    or, for a chunked body, as soon as the bytes received pass the limit."""
-
-    def __init__(self, app, limit: Callable[[], int]) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit()
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            await self._reject(send, int(declared), limit)
-            return
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send, received, limit)
-
-    @staticmethod
-    async def _reject(send, size: int, limit: int) -> None:
-        await JSONResponse({"detail": f"body of {size} bytes is over the {limit} byte limit"},
-                           status_code=413)({"type": "http"}, None, send)
 
 
 async def _follow(reads: _Reads, run_id: str, step: str, attempt: int | None, offset: int,

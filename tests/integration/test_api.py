@@ -234,3 +234,17 @@ def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client,
     assert runs_count(api) == before
     run.wait(timeout=60, poll_s=0.2)
     assert run.state == "succeeded" and "on" in run.logs("a")
+
+
+def test_a_3000_step_chain_written_backwards_is_accepted_and_fails_cleanly(client):
+    """Each step needs the one after it, and the last one fails: once a 500."""
+    from tests.unit.test_yaml_and_limits import chain
+
+    started = time.perf_counter()
+    run = client.submit(chain(3000, reverse=True))
+    assert time.perf_counter() - started < 5.0
+    run.wait(timeout=120, poll_s=0.5)
+    assert run.state == "failed"
+    states = {s["spec"]["name"]: s["state"] for s in run.steps}
+    assert states["s2999"] == "failed" and states["s0"] == "skipped"
+    assert list(states.values()).count("skipped") == 2999
