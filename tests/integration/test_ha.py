@@ -185,9 +185,10 @@ class Chaos(threading.Thread):
 
 
 @pytest.mark.chaos
-def test_chaos(ha, tmp_path):
-    ledger = tmp_path / "ledger.txt"
+def test_chaos(ha, shared_dir):
+    ledger = shared_dir / "ledger.txt"
     ledger.touch()
+    ledger.chmod(0o666)  # steps append to it as users of their own
     chaos = Chaos(ha, seed=int(os.environ.get("CHAOS_SEED", "7")))
     chaos.start()
     t0 = time.monotonic()
