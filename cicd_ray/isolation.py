@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,20 +95,54 @@ def describe(uids: range | None) -> str:
     return "shared: the worker is not root, steps run as its user"
 
 
+def _try_lock(uid: int) -> int | None:
+    """The lock of a step user, if no attempt on this machine holds it now."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(LOCK_DIR / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def take_identity(uids: range, start_hint: int = 0) -> Identity:
     """A user id of the range no other attempt on this machine holds now."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     count = len(uids)
     for i in range(count):
         uid = uids[(start_hint + i) % count]
-        fd = os.open(LOCK_DIR / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        return Identity(uid=uid, lock_fd=fd)
+        fd = _try_lock(uid)
+        if fd is not None:
+            return Identity(uid=uid, lock_fd=fd)
     raise IsolationError(f"all {count} step users of CICD_RAY_STEP_UIDS are in use")
+
+
+def sweep(uids: range) -> int:
+    """Kill the processes of step users that no attempt holds: what was left when a worker
+    died so abruptly that its supervisors were killed too (Ray kills a dead worker's children,
+    and may get to the supervisor before it has killed what escaped its group). Returns how
+    many processes it killed."""
+    import psutil
+
+    found: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["uids", "status"]):
+        ids = proc.info["uids"]
+        if ids and ids.real in uids and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.setdefault(ids.real, []).append(proc.pid)
+    killed = 0
+    for uid, pids in found.items():
+        fd = _try_lock(uid)
+        if fd is None:
+            continue  # an attempt runs as this user now: its processes are its own
+        try:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        finally:
+            os.close(fd)
+    return killed
 
 
 def hand_over(root: Path, uid: int) -> None:
@@ -161,8 +196,6 @@ def address_space_kib(memory_mb: int) -> int:
 
 def kill_user(uid: int) -> None:
     """Every process of a step user (what a killed supervisor could not do itself)."""
-    import signal
-
     import psutil
 
     for proc in psutil.process_iter(["uids"]):

@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution
-from cicd_ray.isolation import STEP_ROOT, describe, parse_uids
+from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
@@ -177,7 +177,21 @@ class Worker:
                 log.warning("worker %s: master not reachable (%s); retrying", self.record.id, e)
                 self._master = None
                 registered = False
+            self._sweep()
             self._stop.wait(self.settings.heartbeat_interval_s if registered else 0.5)
+
+    def _sweep(self) -> None:
+        """Processes left by attempts of a worker that died on this machine die here."""
+        uids = self.exec_config.step_uids
+        if isolating(uids):
+            try:
+                killed = sweep(uids)
+            except Exception as e:  # housekeeping: never a reason to stop heartbeating
+                log.warning("worker %s: sweeping step users failed: %s", self.record.id, e)
+                return
+            if killed:
+                log.warning("worker %s: killed %d process(es) left by a worker that died",
+                            self.record.id, killed)
 
 
 def worker_bundle(pool: PoolConfig, settings: Settings) -> dict[str, float]:

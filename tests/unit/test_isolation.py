@@ -151,3 +151,23 @@ def test_step_uids_setting():
     for bad in ("5-10", "abc", "300-200", "200000"):
         with pytest.raises(IsolationError, match="CICD_RAY_STEP_UIDS"):
             parse_uids(bad)
+
+
+def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
+    from cicd_ray.isolation import sweep, take_identity
+
+    users = parse_uids(UIDS)
+    held = take_identity(users, start_hint=5)
+    orphan_uid = users[(users.index(held.uid) + 1) % len(users)]
+    orphan = subprocess.Popen(["sleep", "300"], user=orphan_uid, group=orphan_uid,
+                              extra_groups=[], start_new_session=True)
+    owned = subprocess.Popen(["sleep", "300"], user=held.uid, group=held.uid,
+                             extra_groups=[], start_new_session=True)
+    try:
+        assert sweep(users) == 1
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+        assert owned.poll() is None  # its attempt still holds the user
+    finally:
+        owned.kill()
+        owned.wait()
+        held.release()
