@@ -1,14 +1,14 @@
 """Dispatch overhead of cicd-ray against plain Ray tasks, on one local cluster, in one process.
 
-    python bench/dispatch.py [--steps 500] [--chain 50] [--queued 10000] [--slots 4] [--repeats 3]
+    python bench/dispatch.py [--steps 500] [--chain 50] [--queued 5000] [--slots 4] [--repeats 3]
                              [--step-uids 200000-201023 | --step-uids off]
 
 1. Fan-out: N independent `true` steps through cicd-ray, and N plain Ray tasks that each run
    `bash -c true`, with the same number of slots (CPUs) on both sides. Prints the wall-time ratio.
 2. Chain: a 50-step chain (each step needs the previous one) against 50 plain tasks run one
    after another. Prints the per-step overhead of each.
-3. Memory: the master's resident memory before and after 10,000 steps are queued (in a pool
-   with no workers, so they stay queued).
+3. Memory: the master's resident memory before and after 5,000 steps (a run's most) are
+   queued (in a pool with no workers, so they stay queued).
 
 Both sides are warmed up first (worker processes started) so neither pays for start-up.
 """
@@ -26,7 +26,7 @@ import ray
 from cicd_ray import cluster
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.spec import MAX_PLANNED_STEPS, parse_pipeline
 
 
 @ray.remote(num_cpus=1)
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--chain", type=int, default=50)
-    parser.add_argument("--queued", type=int, default=10_000)
+    parser.add_argument("--queued", type=int, default=MAX_PLANNED_STEPS)
     parser.add_argument("--slots", type=int, default=4, help="CPUs for each side")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side")
     parser.add_argument("--step-uids", default=DEFAULT_STEP_UIDS,
