@@ -24,16 +24,15 @@ from pathlib import Path
 import psutil
 
 from cicd_ray.isolation import (
-    MAX_PROCESSES,
     STEP_ROOT,
-    SUPERVISOR,
     Identity,
     IsolationError,
-    address_space_kib,
+    command,
     hand_over,
     isolating,
     kill_user,
     open_for_steps,
+    popen_user,
     take_identity,
     usable_by_others,
 )
@@ -152,7 +151,7 @@ class Execution:
         self._log = _LogBuffer(config.log_cap_bytes)
         self._peak_rss = 0
         self._identity: Identity | None = None
-        self._watch_w = -1  # the worker's end of the supervisor's pipe
+        self._watch_w = -1  # the worker's end of the step's watcher's pipe
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -176,7 +175,7 @@ class Execution:
                 os.close(self._wake_r)
                 self._wake_w = -1
             if self._watch_w >= 0:
-                os.close(self._watch_w)  # the supervisor's watcher is gone with its group
+                os.close(self._watch_w)  # the step's watcher is gone with its group
             if not self.config.keep_workspace:
                 shutil.rmtree(self.root, ignore_errors=True)
             if self._identity is not None:
@@ -198,27 +197,22 @@ class Execution:
             self.workspace.mkdir()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
-        own_user: dict = {}
         if isolating(self.config.step_uids):
             self._identity = take_identity(self.config.step_uids, self.task.attempt)
             hand_over(self.root, self._identity.uid)
-            uid = self._identity.uid
-            own_user = {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
         elif os.geteuid() != 0:
             self._log.add(SHARED_USER_NOTE.format(user=_user_name()).encode())
         watch_r, self._watch_w = os.pipe()
         try:
+            uid = self._identity.uid if self._identity else None
             return subprocess.Popen(
-                ["bash", "-c", SUPERVISOR, "cicd-step", str(script),
-                 str(address_space_kib(self.task.step.memory_mb)),
-                 str(MAX_PROCESSES if self._identity else 0),
-                 "uid" if self._identity else "shared", str(watch_r)],
+                command(str(script), watch_r, self.task.step.memory_mb, uid),
                 cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, pass_fds=(watch_r,),
                 env=step_env(self.task, self.workspace, tmp, home,
                              STEP_USER if self._identity else None),
                 start_new_session=True,  # its own process group: timeout and cancel kill it all
-                **own_user,
+                **popen_user(uid),
             )
         finally:
             os.close(watch_r)
@@ -270,7 +264,7 @@ class Execution:
             # then the pipe reaches its end and the last output is read.
             _signal_group(proc.pid, signal.SIGKILL)
             if killed is not None and self._identity is not None:
-                kill_user(self._identity.uid)  # the supervisor was killed before its own end
+                kill_user(self._identity.uid)  # the step was killed before its own end
             self._drain_to_end(out, sel)
         finally:
             sel.close()

@@ -1,4 +1,4 @@
-"""What keeps a step in its place: a user of its own, limits, and a supervisor that outlives
+"""What keeps a step in its place: a user of its own, limits, and a watcher that outlives
 neither the step nor the worker.
 
 When the worker runs as root (the KubeRay image, `cicd-ray up` as root), every attempt runs as
@@ -8,12 +8,13 @@ user owns nothing but its attempt's folder (0700): it cannot read the worker's e
 /proc, root's files (Ray's token in ~/.ray), the store, or another attempt's workspace. No
 passwd entry is needed; `USER` and `HOME` are set for the step.
 
-Every attempt runs under a small bash supervisor, the leader of the attempt's process group:
-it sets the limits (address space from the step's memory, and for a user of its own the
-number of processes), starts the script, and watches a pipe whose other end only the worker
-holds. The worker dying by SIGKILL closes that pipe, and the supervisor kills the whole
-group: no step runs on as an orphan. At the end of an attempt with a user of its own, every
-process of that user is killed, `setsid` escapees included.
+Every attempt's bash (the leader of its process group) runs a few lines before the script
+(`PREAMBLE`): it sets the limits (address space from the step's memory, and for a user of its
+own the number of processes) and leaves a watcher on a pipe whose other end only the worker
+holds. The worker dying by SIGKILL closes that pipe, and the watcher kills the step: no step
+runs on as an orphan. At the end of an attempt with a user of its own, every process of that
+user is killed, `setsid` escapees included; and every worker sweeps up, at each heartbeat,
+the processes of step users no attempt holds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,23 +37,47 @@ MAX_PROCESSES = 1024  # RLIMIT_NPROC of a step with a user of its own
 MIN_ADDRESS_SPACE_MB = 8192  # a JVM or node.js reserves gigabytes it never touches
 ADDRESS_SPACE_PER_MEMORY = 16  # address space allowed per MiB of memory_mb
 
-# $1 the script, $2 address space limit in KiB (0: none), $3 process limit (0: none),
-# $4 "uid" when the attempt has a user of its own, $5 the fd of the worker's pipe.
-SUPERVISOR = r"""
-fd=$5
-if [ "$4" = uid ]; then end() { kill -KILL -1 2>/dev/null; }; else end() { kill -KILL 0; }; fi
-{ read -r -u "$fd" _; end; } &
-watcher=$!
+# The first lines of every step's bash, before it sources the script (`$0`, so errors name
+# the script and its lines as before): a watcher on the worker's pipe, the limits, and, for a
+# user of its own, the end of every process of that user when the step ends (the watcher's
+# `read` ends at EOF with a failure, hence `||`: the shell runs with -e). Arguments: the
+# fd of the worker's pipe, the address space limit in KiB (0: none), the process limit (0:
+# none), and "uid" when the attempt has a user of its own. `kill -KILL -1` is only ever sent
+# by a step user: it reaches that user's processes, and nobody else's.
+PREAMBLE = r"""
+if [ "$4" = uid ]; then
+  umask 077
+  { read -r -u "$1" _ || kill -KILL -1 2>/dev/null; } &
+  trap 'kill -KILL -1 2>/dev/null' EXIT
+else
+  { read -r -u "$1" _ || kill -KILL 0; } &
+fi
+eval "exec $1<&-"
 ulimit -c 0
-if [ "$2" != 0 ]; then ulimit -v "$2" || exit 125; fi
-if [ "$3" != 0 ]; then ulimit -u "$3" || exit 125; fi
-bash -e -o pipefail "$1" {fd}<&- &
-wait "$!"
-rc=$?
-kill "$watcher" 2>/dev/null
-if [ "$4" = uid ]; then kill -KILL -1 2>/dev/null; fi
-exit "$rc"
+[ "$2" = 0 ] || ulimit -v "$2" || exit 125
+[ "$3" = 0 ] || ulimit -u "$3" || exit 125
+shift 4
+. "$0"
 """
+SETPRIV = shutil.which("setpriv")  # util-linux: drops to a user after a cheap vfork+exec
+
+
+def command(script: str, watch_fd: int, memory_mb: int, uid: int | None) -> list[str]:
+    """How a step's bash is started: as `uid` (setpriv, when it is there) with the preamble."""
+    bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script, str(watch_fd),
+            str(address_space_kib(memory_mb)), str(MAX_PROCESSES if uid is not None else 0),
+            "uid" if uid is not None else "shared"]
+    if uid is None or SETPRIV is None:
+        return bash
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *bash]
+
+
+def popen_user(uid: int | None) -> dict:
+    """Popen's own way to drop to `uid`, where setpriv is not there (a full fork of the
+    worker, slower than setpriv's vfork: docs/benchmarks.md)."""
+    if uid is None or SETPRIV is not None:
+        return {}
+    return {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
 
 
 class IsolationError(CicdError):

@@ -134,3 +134,45 @@ def test_peak_memory_is_measured_for_a_step_that_allocates(tmp_path):
     assert outcome.state is StepState.SUCCEEDED
     assert 180 < outcome.peak_memory_mb < 400
     assert outcome.cpu_time_s is not None
+
+
+def test_a_step_dies_with_its_worker_when_they_share_a_user(tmp_path):
+    """Steps run as the worker's user (no users of their own): a worker killed by SIGKILL
+    still takes its step's process group with it."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    pids = tmp_path / "pids"
+    worker = textwrap.dedent(f"""
+        from pathlib import Path
+        from cicd_ray.executor import ExecConfig, Execution
+        from tests.unit.test_executor import task
+        cfg = ExecConfig(work_dir=Path({str(tmp_path / 'work')!r}))
+        t = task("sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; sleep 301")
+        Execution(t, cfg, None, lambda *a: None).run()
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", worker])
+    deadline = time.monotonic() + 20
+    while len(pids.read_text().split() if pids.exists() else []) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    step_pids = [int(p) for p in pids.read_text().split()]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+
+    def alive():
+        out = []
+        for pid in step_pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive() == []
