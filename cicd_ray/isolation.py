@@ -40,17 +40,19 @@ ADDRESS_SPACE_PER_MEMORY = 16  # address space allowed per MiB of memory_mb
 # The first lines of every step's bash, before it sources the script (`$0`, so errors name
 # the script and its lines as before): a watcher on the worker's pipe, the limits, and, for a
 # user of its own, the end of every process of that user when the step ends (the watcher's
-# `read` ends at EOF with a failure, hence `||`: the shell runs with -e). Arguments: the
+# `read` ends at EOF with a failure, hence `||`: the shell runs with -e; it holds no end of
+# the log's pipe, so the log ends when the step does, not when the watcher is reaped).
+# Arguments: the
 # fd of the worker's pipe, the address space limit in KiB (0: none), the process limit (0:
 # none), and "uid" when the attempt has a user of its own. `kill -KILL -1` is only ever sent
 # by a step user: it reaches that user's processes, and nobody else's.
 PREAMBLE = r"""
 if [ "$4" = uid ]; then
   umask 077
-  { read -r -u "$1" _ || kill -KILL -1 2>/dev/null; } &
+  { read -r -u "$1" _ || kill -KILL -1; } >/dev/null 2>&1 &
   trap 'kill -KILL -1 2>/dev/null' EXIT
 else
-  { read -r -u "$1" _ || kill -KILL 0; } &
+  { read -r -u "$1" _ || kill -KILL 0; } >/dev/null 2>&1 &
 fi
 eval "exec $1<&-"
 ulimit -c 0
@@ -142,6 +144,23 @@ def take_identity(uids: range, start_hint: int = 0) -> Identity:
         if fd is not None:
             return Identity(uid=uid, lock_fd=fd)
     raise IsolationError(f"all {count} step users of CICD_RAY_STEP_UIDS are in use")
+
+
+SWEEP_INTERVAL_S = 5.0  # one sweep per machine this often, whichever worker gets to it
+SWEEP_STAMP = LOCK_DIR / "swept"
+
+
+def sweep_due(now: float) -> bool:
+    """Whether this worker should sweep now: the machine's last sweep, by any worker, is older
+    than SWEEP_INTERVAL_S (a stamp file's time); if so, the stamp is this worker's."""
+    try:
+        if now - SWEEP_STAMP.stat().st_mtime < SWEEP_INTERVAL_S:
+            return False
+    except FileNotFoundError:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    SWEEP_STAMP.touch()
+    os.utime(SWEEP_STAMP, (now, now))
+    return True
 
 
 def sweep(uids: range) -> int:

@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution
-from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep
+from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep, sweep_due
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
@@ -183,7 +183,7 @@ class Worker:
     def _sweep(self) -> None:
         """Processes left by attempts of a worker that died on this machine die here."""
         uids = self.exec_config.step_uids
-        if isolating(uids):
+        if isolating(uids) and sweep_due(time.time()):
             try:
                 killed = sweep(uids)
             except Exception as e:  # housekeeping: never a reason to stop heartbeating
