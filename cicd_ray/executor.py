@@ -151,7 +151,6 @@ class Execution:
         self._log = _LogBuffer(config.log_cap_bytes)
         self._peak_rss = 0
         self._identity: Identity | None = None
-        self._watch_w = -1  # the worker's end of the step's watcher's pipe
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -174,8 +173,6 @@ class Execution:
                 os.close(self._wake_w)
                 os.close(self._wake_r)
                 self._wake_w = -1
-            if self._watch_w >= 0:
-                os.close(self._watch_w)  # the step's watcher is gone with its group
             if not self.config.keep_workspace:
                 shutil.rmtree(self.root, ignore_errors=True)
             if self._identity is not None:
@@ -202,20 +199,16 @@ class Execution:
             hand_over(self.root, self._identity.uid)
         elif os.geteuid() != 0:
             self._log.add(SHARED_USER_NOTE.format(user=_user_name()).encode())
-        watch_r, self._watch_w = os.pipe()
-        try:
-            uid = self._identity.uid if self._identity else None
-            return subprocess.Popen(
-                command(str(script), watch_r, self.task.step.memory_mb, uid),
-                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, pass_fds=(watch_r,),
-                env=step_env(self.task, self.workspace, tmp, home,
-                             STEP_USER if self._identity else None),
-                start_new_session=True,  # its own process group: timeout and cancel kill it all
-                **popen_user(uid),
-            )
-        finally:
-            os.close(watch_r)
+        uid = self._identity.uid if self._identity else None
+        return subprocess.Popen(
+            command(str(script), self.task.step.memory_mb, uid),
+            cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=step_env(self.task, self.workspace, tmp, home,
+                         STEP_USER if self._identity else None),
+            start_new_session=True,  # its own process group: timeout and cancel kill it all
+            **popen_user(uid),
+        )
 
     def _follow(self, proc: subprocess.Popen, started: float) -> StepOutcome:
         out = proc.stdout.fileno()

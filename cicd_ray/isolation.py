@@ -1,5 +1,5 @@
-"""What keeps a step in its place: a user of its own, limits, and a watcher that outlives
-neither the step nor the worker.
+"""What keeps a step in its place: a user of its own, limits, and an end that comes with the
+step's or the worker's.
 
 When the worker runs as root (the KubeRay image, `cicd-ray up` as root), every attempt runs as
 a numeric user of its own, taken from a range (`CICD_RAY_STEP_UIDS`, default 200000-201023)
@@ -10,11 +10,11 @@ passwd entry is needed; `USER` and `HOME` are set for the step.
 
 Every attempt's bash (the leader of its process group) runs a few lines before the script
 (`PREAMBLE`): it sets the limits (address space from the step's memory, and for a user of its
-own the number of processes) and leaves a watcher on a pipe whose other end only the worker
-holds. The worker dying by SIGKILL closes that pipe, and the watcher kills the step: no step
-runs on as an orphan. At the end of an attempt with a user of its own, every process of that
-user is killed, `setsid` escapees included; and every worker sweeps up, at each heartbeat,
-the processes of step users no attempt holds.
+own the number of processes). At the end of an attempt with a user of its own, every process
+of that user is killed, `setsid` escapees included. When a worker dies, even by SIGKILL, Ray
+kills its child processes (the steps' process groups), and every other worker on the machine
+sweeps up, every few seconds, the processes of step users that no attempt holds: no step runs
+on as an orphan.
 """
 
 from __future__ import annotations
@@ -38,35 +38,29 @@ MIN_ADDRESS_SPACE_MB = 8192  # a JVM or node.js reserves gigabytes it never touc
 ADDRESS_SPACE_PER_MEMORY = 16  # address space allowed per MiB of memory_mb
 
 # The first lines of every step's bash, before it sources the script (`$0`, so errors name
-# the script and its lines as before): a watcher on the worker's pipe, the limits, and, for a
-# user of its own, the end of every process of that user when the step ends (the watcher's
-# `read` ends at EOF with a failure, hence `||`: the shell runs with -e; it holds no end of
-# the log's pipe, so the log ends when the step does, not when the watcher is reaped).
-# Arguments: the
-# fd of the worker's pipe, the address space limit in KiB (0: none), the process limit (0:
-# none), and "uid" when the attempt has a user of its own. `kill -KILL -1` is only ever sent
-# by a step user: it reaches that user's processes, and nobody else's.
+# the script and its lines as before): the limits, and for a user of its own, the end of
+# every process of that user when the step ends. Arguments: the address space limit in KiB
+# (0: none), the process limit (0: none), and "uid" when the attempt has a user of its own.
+# `kill -KILL -1` is only ever sent by a step user: it reaches that user's processes alone.
+# (No watcher process on the worker's life: a background process per step doubled the cost of
+# a step on a loaded machine; Ray kills a dead worker's children, and `sweep` the rest.)
 PREAMBLE = r"""
-if [ "$4" = uid ]; then
+if [ "$3" = uid ]; then
   umask 077
-  { read -r -u "$1" _ || kill -KILL -1; } >/dev/null 2>&1 &
   trap 'kill -KILL -1 2>/dev/null' EXIT
-else
-  { read -r -u "$1" _ || kill -KILL 0; } >/dev/null 2>&1 &
 fi
-eval "exec $1<&-"
 ulimit -c 0
-[ "$2" = 0 ] || ulimit -v "$2" || exit 125
-[ "$3" = 0 ] || ulimit -u "$3" || exit 125
-shift 4
+[ "$1" = 0 ] || ulimit -v "$1" || exit 125
+[ "$2" = 0 ] || ulimit -u "$2" || exit 125
+shift 3
 . "$0"
 """
 SETPRIV = shutil.which("setpriv")  # util-linux: drops to a user after a cheap vfork+exec
 
 
-def command(script: str, watch_fd: int, memory_mb: int, uid: int | None) -> list[str]:
+def command(script: str, memory_mb: int, uid: int | None) -> list[str]:
     """How a step's bash is started: as `uid` (setpriv, when it is there) with the preamble."""
-    bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script, str(watch_fd),
+    bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script,
             str(address_space_kib(memory_mb)), str(MAX_PROCESSES if uid is not None else 0),
             "uid" if uid is not None else "shared"]
     if uid is None or SETPRIV is None:

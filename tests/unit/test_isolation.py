@@ -116,9 +116,12 @@ def test_a_setsid_escapee_dies_with_its_attempt(tmp_path):
     assert living_step_processes() == []
 
 
-def test_the_step_dies_when_its_worker_is_killed(tmp_path):
-    """The worker (a process running the executor) is SIGKILLed mid-step: the step's
-    processes, setsid escapees included, do not run on as orphans."""
+def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
+    """The worker (a process running the executor, no Ray here to kill its children) is
+    SIGKILLed mid-step: its step's user is no longer held, and a sweep, which every other
+    worker on the machine makes every few seconds, kills all it left, setsid escapees too."""
+    from cicd_ray.isolation import sweep
+
     worker = textwrap.dedent(f"""
         from pathlib import Path
         from cicd_ray.executor import ExecConfig, Execution
@@ -127,22 +130,22 @@ def test_the_step_dies_when_its_worker_is_killed(tmp_path):
         cfg = ExecConfig(work_dir=Path({str(tmp_path / 'work')!r}),
                          step_uids=parse_uids({UIDS!r}),
                          step_dir=Path({str(steps_of(tmp_path))!r}))
-        t = task("sleep 300 & setsid sleep 300 & echo $$ > $CICD_WORKSPACE/pid; sleep 300")
+        t = task("sleep 300 & setsid sleep 301 & sleep 302")
         Execution(t, cfg, None, lambda *a: None).run()
         """)
     proc = subprocess.Popen([sys.executable, "-c", worker], cwd=os.getcwd())
-    step_processes = living_step_processes
-
     deadline = time.monotonic() + 20
-    while len(step_processes()) < 5 and time.monotonic() < deadline:
+    while len(living_step_processes()) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(step_processes()) >= 5  # supervisor, watcher, script, two sleeps
+    assert len(living_step_processes()) >= 4  # the step's bash and three sleeps
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert len(living_step_processes()) >= 4  # orphans, until someone sweeps
+    assert sweep(parse_uids(UIDS)) >= 4
     deadline = time.monotonic() + 10
-    while step_processes() and time.monotonic() < deadline:
+    while living_step_processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert step_processes() == []
+    assert living_step_processes() == []
 
 
 def test_step_uids_setting():
