@@ -159,8 +159,8 @@ def sweep_due(now: float) -> bool:
 
 def sweep(uids: range) -> int:
     """Kill the processes of step users that no attempt holds: what was left when a worker
-    died so abruptly that its supervisors were killed too (Ray kills a dead worker's children,
-    and may get to the supervisor before it has killed what escaped its group). Returns how
+    died (Ray kills a dead worker's children, but not what left their process group, nor, off
+    Ray, anything at all). Returns how
     many processes it killed."""
     import psutil
 
@@ -234,7 +234,8 @@ def address_space_kib(memory_mb: int) -> int:
 
 
 def kill_user(uid: int) -> None:
-    """Every process of a step user (what a killed supervisor could not do itself)."""
+    """Every process of a step user (what a step killed by timeout or cancel could not end
+    itself)."""
     import psutil
 
     for proc in psutil.process_iter(["uids"]):
