@@ -25,6 +25,7 @@ import functools
 import os
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,16 @@ ADDRESS_SPACE_PER_MEMORY = 16  # address space allowed per MiB of memory_mb
 
 # The first lines of every step's bash, before it sources the script (`$0`, so errors name
 # the script and its lines as before): the limits, and for a user of its own, the end of
-# every process of that user when the step ends. Arguments: the address space limit in KiB
-# (0: none), the process limit (0: none), and "uid" when the attempt has a user of its own.
+# every process of that user when the step starts (an attempt of a worker that died may have
+# left some, whose own end would otherwise kill this step) and when it ends. Arguments: the
+# address space limit in KiB (0: none), the process limit (0: none), and "uid" when the
+# attempt has a user of its own.
 # `kill -KILL -1` is only ever sent by a step user: it reaches that user's processes alone.
 # (No watcher process on the worker's life: a background process per step doubled the cost of
 # a step on a loaded machine; Ray kills a dead worker's children, and `sweep` the rest.)
 PREAMBLE = r"""
 if [ "$3" = uid ]; then
+  kill -KILL -1 2>/dev/null || true
   umask 077
   trap 'kill -KILL -1 2>/dev/null' EXIT
 fi
@@ -198,7 +202,12 @@ def open_for_steps(folder: Path) -> None:
     own folder), listed by no one else (0711)."""
     for path in (STEP_ROOT, folder):
         path.mkdir(parents=True, exist_ok=True)
-        if path.stat().st_mode & 0o777 != 0o711:
+        # /var/tmp is everyone's: a folder someone else made there (or a link) is refused.
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+            raise IsolationError(f"{path} is not a folder of the worker's own (a link, or "
+                                 f"owned by uid {st.st_uid}): remove it")
+        if st.st_mode & 0o777 != 0o711:
             path.chmod(0o711)
         if path == folder:
             break

@@ -221,7 +221,9 @@ def test_chaos(ha, shared_dir):
     steps = retries = lost = 0
     for run_id, failing in runs.items():
         view = views[run_id]
-        assert view["run"]["state"] == ("failed" if failing else "succeeded"), view["run"]
+        assert view["run"]["state"] == ("failed" if failing else "succeeded"), (
+            view["run"], [(a["step"], a["number"], a["state"], a["reason"])
+                          for a in view["attempts"] if a["state"] != "succeeded"])
         for step in view["steps"]:
             name = step["spec"]["name"]
             steps += 1

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -174,3 +175,17 @@ def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
         owned.kill()
         owned.wait()
         held.release()
+
+
+def test_a_step_root_someone_else_made_is_refused(tmp_path, monkeypatch):
+    from cicd_ray import isolation
+
+    planted = Path("/var/tmp") / f"cicd-test-planted-{os.getpid()}"
+    planted.mkdir()
+    os.chown(planted, 210063, 210063)
+    monkeypatch.setattr(isolation, "STEP_ROOT", planted)
+    try:
+        with pytest.raises(IsolationError, match="not a folder of the worker's own"):
+            isolation.open_for_steps(planted / "w1")
+    finally:
+        subprocess.run(["rm", "-rf", str(planted)], check=False)
