@@ -142,7 +142,8 @@ class Execution:
         self.config = config
         self.source_dir = source_dir
         self.on_log = on_log
-        base = config.step_dir if isolating(config.step_uids) else config.work_dir
+        self._isolated = isolating(config.step_uids)  # a user of its own for this attempt
+        base = config.step_dir if self._isolated else config.work_dir
         self.root = base / _safe_name(task.attempt_id)
         self.workspace = self.root / "ws"
         self._cancelled = False
@@ -182,7 +183,7 @@ class Execution:
         if self.root.exists():
             shutil.rmtree(self.root)
         tmp, home = self.root / "tmp", self.root / "home"
-        if isolating(self.config.step_uids):
+        if self._isolated:
             open_for_steps(self.root.parent)
         tmp.mkdir(parents=True)
         home.mkdir()
@@ -194,7 +195,7 @@ class Execution:
             self.workspace.mkdir()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
-        if isolating(self.config.step_uids):
+        if self._isolated:
             self._identity = take_identity(self.config.step_uids, self.task.attempt)
             hand_over(self.root, self._identity.uid)
         elif os.geteuid() != 0:

@@ -12,12 +12,10 @@ import re
 from dataclasses import asdict, dataclass
 
 from cicd_ray.errors import CicdError
-from cicd_ray.store.base import Store
+from cicd_ray.store.base import KEY_TTL_S, Store
 
-KEY_TTL_S = 24 * 3600  # an Idempotency-Key answers repeats for a day
 SOURCE_GRACE_S = 3600  # a source this young may belong to a submission being stored
 RUN_BATCH = 500  # runs deleted per store transaction
-DEFAULT_RETENTION_DAYS = 30.0
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

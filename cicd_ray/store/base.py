@@ -18,6 +18,8 @@ from cicd_ray.records import (
 )
 from cicd_ray.states import RunState, StepState
 
+KEY_TTL_S = 24 * 3600  # an Idempotency-Key answers repeats for a day, then it is deleted
+
 
 class Store(Protocol):
     def save(self, changes: Changes) -> None:

@@ -29,10 +29,10 @@ from cicd_ray.records import (
     WorkerRecord,
 )
 from cicd_ray.states import RunState
+from cicd_ray.store.base import KEY_TTL_S
 
 M = TypeVar("M", bound=BaseModel)
 PAGE = 200
-KEY_TTL_S = 24 * 3600  # an Idempotency-Key is kept a day (Redis expires it)
 
 
 class RedisStore:
