@@ -14,7 +14,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from cicd_ray import auth
 from cicd_ray.errors import SpecError, StoreError
 from cicd_ray.gate import BodyLimit, Guard
 from cicd_ray.source import SourceError, check_archive
-from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
+from cicd_ray.spec import GitSource, check_env_overrides, env_bytes, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
 from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
 from cicd_ray.worker import MASTER_NAME, NAMESPACE
@@ -138,6 +137,7 @@ def create_app(token_digests: list[str] | None = None,
     master = _Master()
     reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
+    config.max_body_bytes()  # a bad CICD_RAY_MAX_BODY_BYTES is refused now, not per request
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Guard, digests=config.digests)
@@ -349,7 +349,7 @@ class _Config:
 
     def max_body_bytes(self) -> int:
         if self._limit is None:
-            self._limit = int(os.environ.get("CICD_RAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+            self._limit = env_bytes("CICD_RAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
         return self._limit
 
 

@@ -379,6 +379,8 @@ def up(port: int = typer.Option(8000, help="the API's port"),
                                           "(the API survives the head) or HeadOnly"),
        ray_port: int | None = typer.Option(None, help="the new head's GCS port (Ray's "
                                            "default: 6379)"),
+       dashboard_port: int | None = typer.Option(None, help="the new head's dashboard and "
+                                                 "job API port (Ray's default: 8265)"),
        local_autoscaling: Path | None = typer.Option(
            None, exists=True, dir_okay=False, help="a pools file: start a local autoscaling "
            "cluster (Ray's fake multi-node provider) with a node type per pool"),
@@ -394,7 +396,8 @@ def up(port: int = typer.Option(8000, help="the API's port"),
         started = server.up(settings, host=host, port=port, address=address,
                             ha=options, head_cpus=head_cpus, proxy_location=proxy_location,
                             ray_port=ray_port, local_autoscaling=local_autoscaling,
-                            node_idle_timeout_s=node_idle_timeout)
+                            node_idle_timeout_s=node_idle_timeout,
+                            dashboard_port=dashboard_port)
     except CicdError as e:
         raise _fail(str(e)) from None
     how = (" (a new head replaced the one that died)" if started.replaced_head

@@ -80,8 +80,7 @@ class Client:
         `idempotency_key` return the same run."""
         body: dict[str, Any] = {"env": env or {}}
         folder = None
-        if isinstance(pipeline, Path) or (isinstance(pipeline, str) and "\n" not in pipeline
-                                          and Path(pipeline).is_file()):
+        if isinstance(pipeline, Path) or (isinstance(pipeline, str) and _names_a_file(pipeline)):
             path = Path(pipeline)
             spec = load_pipeline(path)
             body["pipeline"] = path.read_text(encoding="utf-8")
@@ -180,6 +179,17 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.id!r}, state={self.state!r})"
+
+
+def _names_a_file(text: str) -> bool:
+    """Whether a string given as the pipeline is a file's path rather than YAML text (a long
+    one-line text is too long a name for the file system to answer)."""
+    if "\n" in text:
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from cicd_ray import yamldoc
-from cicd_ray.errors import SpecError
+from cicd_ray.errors import SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, IsolationError, parse_uids
 from cicd_ray.spec import PIPELINE_NAME
 
@@ -100,21 +100,43 @@ def load_pools(path: str | Path) -> dict[str, PoolConfig]:
     return {p.name: p for p in pools}
 
 
+# The settings read from the environment as numbers, and as on/off switches.
+ENV_NUMBERS = {
+    "CICD_RAY_HEARTBEAT_INTERVAL_S": "heartbeat_interval_s",
+    "CICD_RAY_HEARTBEAT_TIMEOUT_S": "heartbeat_timeout_s",
+    "CICD_RAY_LOG_CAP_BYTES": "log_cap_bytes",
+    "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
+    "CICD_RAY_RETENTION_DAYS": "retention_days",
+    "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES": "source_unpacked_limit_bytes",
+}
+ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces"}
+
+
+def _switch(var: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "on", "yes"):
+        return True
+    if word in ("0", "false", "off", "no"):
+        return False
+    raise SpecError([f"{var}: {quote(text)}: expected 1 or 0 (true or false)"],
+                    source="environment")
+
+
 class Settings(BaseModel):
     """Runtime settings shared by the master, the workers and the CLI."""
 
     home: Path
     pools: dict[str, PoolConfig] = Field(default_factory=default_pools)
-    heartbeat_interval_s: float = 2.0
-    heartbeat_timeout_s: float = 15.0
-    log_cap_bytes: int = 5 * 1024 * 1024
-    log_flush_interval_s: float = 0.25
-    kill_grace_s: float = 3.0
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_timeout_s: float = Field(15.0, gt=0)
+    log_cap_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    log_flush_interval_s: float = Field(0.25, gt=0)
+    kill_grace_s: float = Field(3.0, ge=0)
     keep_workspaces: bool = False
-    source_limit_bytes: int = 200 * 1024 * 1024
+    source_limit_bytes: int = Field(200 * 1024 * 1024, ge=1)
     # The most a source archive may unpack to, and the most members it may hold.
-    source_unpacked_limit_bytes: int = 2 * 1024 * 1024 * 1024
-    source_max_members: int = 100_000
+    source_unpacked_limit_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)
+    source_max_members: int = Field(100_000, ge=1)
     # Numeric users for steps when the worker is root ("off": the worker's user); see isolation.
     step_uids: str = DEFAULT_STEP_UIDS
     # Finished runs (with logs), stopped workers and unneeded sources older than this are
@@ -151,14 +173,7 @@ class Settings(BaseModel):
         values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None}
         if env.get("CICD_RAY_POOLS"):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])
-        numbers = {
-            "CICD_RAY_HEARTBEAT_INTERVAL_S": "heartbeat_interval_s",
-            "CICD_RAY_HEARTBEAT_TIMEOUT_S": "heartbeat_timeout_s",
-            "CICD_RAY_LOG_CAP_BYTES": "log_cap_bytes",
-            "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
-            "CICD_RAY_RETENTION_DAYS": "retention_days",
-        }
-        for var, field in numbers.items():
+        for var, field in ENV_NUMBERS.items():
             if env.get(var):
                 values[field] = env[var]
         if env.get("CICD_RAY_MASTER_RESOURCES"):
@@ -173,11 +188,17 @@ class Settings(BaseModel):
             except IsolationError as e:
                 raise SpecError([str(e)], source="environment") from None
             values["step_uids"] = env["CICD_RAY_STEP_UIDS"]
-        if env.get("CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES"):
-            values["source_unpacked_limit_bytes"] = env["CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES"]
-        values["lookahead"] = env.get("CICD_RAY_LOOKAHEAD", "1") not in ("0", "false")
-        values["keep_workspaces"] = env.get("CICD_RAY_KEEP_WORKSPACES", "") in ("1", "true")
+        for var, field in ENV_SWITCHES.items():
+            if env.get(var):
+                values[field] = _switch(var, env[var])
         try:
             return cls.model_validate(values)
         except ValidationError as e:
-            raise SpecError([str(e)], source="environment") from None
+            variables = {field: var for var, field in ENV_NUMBERS.items()}
+            variables["master_resources"] = "CICD_RAY_MASTER_RESOURCES"
+            problems = []
+            for error in e.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                problems.append(f"{variables.get(field, field)}: {quote(error.get('input'))}: "
+                                f"{error['msg']}")
+            raise SpecError(problems, source="environment") from None

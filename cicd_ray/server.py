@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import psutil
 import ray
 import yaml
 from ray import serve
+from ray._common.utils import get_ray_address_file
 
 from cicd_ray import auth
 from cicd_ray.cluster import ensure_master
@@ -94,13 +94,16 @@ def _ray_cli() -> str:
 
 
 def _start_head(cpus: int, dashboard_host: str, port: int | None = None,
-                ha: Ha | None = None, autoscaling: Path | None = None) -> str:
+                ha: Ha | None = None, autoscaling: Path | None = None,
+                dashboard_port: int | None = None) -> str:
     """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
     # The dashboard agent's HTTP port (52365 by default) is held by any other Ray instance on
     # this machine, and without its agent a head takes no job submissions: pick a free one.
     cmd = [_ray_cli(), "start", "--head", f"--num-cpus={cpus}",
            f"--dashboard-host={dashboard_host}", "--disable-usage-stats",
            f"--dashboard-agent-listen-port={_free_port()}"]
+    if dashboard_port is not None:
+        cmd.append(f"--dashboard-port={dashboard_port}")
     if port is not None:
         cmd.append(f"--port={port}")
         _forget_current_cluster(port)  # a dead head's note would stop `ray start` here
@@ -152,7 +155,8 @@ def _digests(settings: Settings) -> tuple[list[str], str | None]:
 def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
        address: str | None = None, ha: Ha | None = None, head_cpus: int | None = None,
        proxy_location: str = "EveryNode", ray_port: int | None = None,
-       local_autoscaling: Path | None = None, node_idle_timeout_s: float = 60.0) -> Up:
+       local_autoscaling: Path | None = None, node_idle_timeout_s: float = 60.0,
+       dashboard_port: int | None = None) -> Up:
     """Start or join the cluster, make sure the master runs, deploy the API.
 
     With `ha`, the head keeps the GCS's tables in Redis; `up` again with the same options after
@@ -176,7 +180,8 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         address, started_head = previous["address"], True  # `up` again: the same head
     elif address is None and previous.get("started_head") and ha is not None:
         gcs_port = int(previous["address"].rpartition(":")[2])
-        address = _start_head(head_cpus, host, port=gcs_port, ha=ha)
+        address = _start_head(head_cpus, host, port=gcs_port, ha=ha,
+                              dashboard_port=dashboard_port)
         started_head = replaced = True
     elif address is None and local_autoscaling is not None:
         ray_port = ray_port or _free_port()
@@ -185,10 +190,12 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         config.write_text(yaml.safe_dump(autoscaler_config(
             settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
             node_idle_timeout_s)))
-        address = _start_head(0, host, port=ray_port, ha=ha, autoscaling=config)
+        address = _start_head(0, host, port=ray_port, ha=ha, autoscaling=config,
+                              dashboard_port=dashboard_port)
         started_head = True
     elif address is None:
-        address = _start_head(head_cpus, host, port=ray_port, ha=ha)
+        address = _start_head(head_cpus, host, port=ray_port, ha=ha,
+                              dashboard_port=dashboard_port)
         started_head = True
     context = _join(address, started_head)
     gcs = ray.get_runtime_context().gcs_address
@@ -256,7 +263,8 @@ def _stop_head(gcs_port: int) -> None:
 def _forget_current_cluster(gcs_port: int) -> None:
     """Remove Ray's note of "the cluster on this machine" when it names this port: `ray.init()`
     would try to join it, and `ray start --head` on the port refuses while it is there."""
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    # Where Ray keeps it: under $RAY_TMPDIR (else $TMPDIR, else /tmp), in ray/.
+    current = Path(get_ray_address_file(None))
     with contextlib.suppress(OSError):
         if current.read_text().strip().endswith(f":{gcs_port}"):
             current.unlink()

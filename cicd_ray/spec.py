@@ -193,12 +193,18 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
 
 def max_pipeline_bytes(env: dict[str, str] | None = None) -> int:
     """The largest pipeline text accepted (CICD_RAY_MAX_PIPELINE_BYTES, default 1 MiB)."""
-    text = (os.environ if env is None else env).get(MAX_PIPELINE_BYTES_ENV, "")
+    return env_bytes(MAX_PIPELINE_BYTES_ENV, DEFAULT_MAX_PIPELINE_BYTES, env)
+
+
+def env_bytes(var: str, default: int, env: dict[str, str] | None = None) -> int:
+    """A byte limit from the environment: unset is `default`; anything but a positive whole
+    number is refused, naming the variable."""
+    text = (os.environ if env is None else env).get(var, "")
     if not text:
-        return DEFAULT_MAX_PIPELINE_BYTES
+        return default
     if not text.isdigit() or int(text) < 1:
-        raise SpecError([f"{MAX_PIPELINE_BYTES_ENV}: {quote(text)} is not a positive number of "
-                         "bytes"], source="environment")
+        raise SpecError([f"{var}: {quote(text)} is not a positive number of bytes"],
+                        source="environment")
     return int(text)
 
 

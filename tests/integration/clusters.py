@@ -40,26 +40,39 @@ def free_port() -> int:
 
 def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     """A real redis-server (Debian's; `.ci/run` and `./dev test` install it) on a free port,
-    with AOF on. Returns its URL and process."""
+    with AOF on, answering PING. Returns its URL and process."""
+    import redis
+
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed: run ./dev test (it installs it) or apt-get"
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
                              "--dir", str(folder), "--appendonly", "yes", "--save", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+    while True:
+        try:
+            if client.ping():
                 break
+        except redis.RedisError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"redis-server on port {port} did not answer PING "
+                                 f"(exit code {proc.poll()})")
         time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0", proc
+    client.close()
+    return url, proc
 
 
 def cluster_env(tmp: Path, token: str, **extra: str) -> dict[str, str]:
     """The environment of a cluster's processes: none of the test process's own Ray or
-    cicd-ray settings, this venv's commands first, a home under `tmp`, the API token."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CICD_RAY_"))}
+    cicd-ray settings but the session's Ray folder (tests/conftest.py), this venv's commands
+    first, a home under `tmp`, the API token."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "CICD_RAY_")) or k == "RAY_TMPDIR"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
                CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=token,
                CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", **extra)
@@ -84,7 +97,7 @@ def _kill(procs: set[psutil.Process]) -> int:
     psutil.wait_procs(list(procs), timeout=10)
     return len(procs)
 
-def _cmdline(proc: psutil.Process) -> str:
+def cmdline(proc: psutil.Process) -> str:
     try:
         return " ".join(proc.cmdline())
     except psutil.Error:
@@ -98,11 +111,11 @@ class Node:
 
     def processes(self) -> set[psutil.Process]:
         mark = f"{self.temp_dir}/"
-        return _tree([p for p in psutil.process_iter() if mark in _cmdline(p)])
+        return _tree([p for p in psutil.process_iter() if mark in cmdline(p)])
 
     def actor_pids(self, title: str) -> list[int]:
         """Actor processes on this node by their title, e.g. "ray::Master"."""
-        return [p.pid for p in self.processes() if _cmdline(p).startswith(title)]
+        return [p.pid for p in self.processes() if cmdline(p).startswith(title)]
 
     def kill(self) -> int:
         return _kill(self.processes())
@@ -205,7 +218,7 @@ class HaCluster:
         """SIGKILL the GCS server, keeping its command line and environment to restart it
         with (what `ray start` gave it: the port, the session, the Redis)."""
         gcs = self.gcs_process()
-        assert gcs is not None and "gcs_server" in _cmdline(gcs)
+        assert gcs is not None and "gcs_server" in cmdline(gcs)
         self._gcs_command = (gcs.cmdline(), gcs.environ())
         gcs.kill()
         gcs.wait(10)
@@ -221,11 +234,11 @@ class HaCluster:
         of a worker node (which name their own folder), and their descendants."""
         gcs = self.gcs_process()
         assert gcs is not None
-        session = re.search(r"--session-dir=(\S+)", _cmdline(gcs)).group(1)
+        session = re.search(r"--session-dir=(\S+)", cmdline(gcs)).group(1)
         nodes = [f"{n.temp_dir}/" for n in self.nodes]
         roots = [gcs]
         for proc in psutil.process_iter():
-            line = _cmdline(proc)
+            line = cmdline(proc)
             if "ray" not in line or any(n in line for n in nodes):
                 continue
             if session in line or f":{self.ray_port}" in line:
@@ -245,7 +258,7 @@ class HaCluster:
         found: list[int] = []
 
         def look() -> bool:
-            found[:] = [p.pid for n in self.nodes for p in n.processes() if text in _cmdline(p)]
+            found[:] = [p.pid for n in self.nodes for p in n.processes() if text in cmdline(p)]
             return bool(found)
 
         self.wait_for(look, timeout_s)
@@ -270,10 +283,6 @@ class HaCluster:
         for node in self.nodes:
             procs |= node.processes()
         _kill(procs)
-        with contextlib.suppress(OSError):
-            current = Path("/tmp/ray/ray_current_cluster")
-            if current.read_text().strip().endswith(f":{self.ray_port}"):
-                current.unlink()
 
     # --- runs, as a user sees them ---------------------------------------------------------------
 

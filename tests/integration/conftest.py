@@ -46,6 +46,20 @@ class Harness:
         chosen = attempts[-1] if attempt is None else attempts[attempt - 1]
         return ray.get(self.master.read_log.remote(chosen["id"])).decode()
 
+    def steady(self, timeout_s: float = 60) -> list[dict]:
+        """The ready workers once every pool has exactly its size of them ready: after a
+        fault test killed or froze some, the pools are whole again before the next test."""
+        wanted = sorted(p.name for p in self.settings.pools.values()
+                        for _ in range(p.min_workers))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = [w for w in self.master_workers() if w["state"] == "ready"]
+            if sorted(w["pool"] for w in ready) == wanted:
+                return ready
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pools not whole after {timeout_s} s: {ready}")
+            time.sleep(0.1)
+
     def wait_for_step(self, run_id: str, name: str, state: StepState,
                       timeout_s: float = 60) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -8,12 +8,12 @@ import tarfile
 import time
 
 import httpx
-import psutil
 import pytest
 
 from cicd_ray.client import Client
-from cicd_ray.errors import NotFound, SpecError, Unauthorized
+from cicd_ray.errors import ApiError, MasterUnavailable, NotFound, SpecError, Unauthorized
 from tests.integration.conftest import API_BODY_LIMIT, API_TOKEN, OTHER_TOKEN
+from tests.waiting import all_gone, pids_in, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -69,6 +69,21 @@ def test_follow_a_log_while_the_step_is_still_printing(client):
     assert client.run(run.id).wait(timeout=30).state == "succeeded"
 
 
+def test_each_attempt_s_log_by_its_number(client, api):
+    run = client.submit({"name": "attempts", "steps": [{
+        "name": "flaky", "retry": {"max": 2, "on": ["failure"]},
+        "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 2 ]'}]})
+    assert run.wait(timeout=30, poll_s=0.2).state == "succeeded"
+    url = f"{api}/api/v1/runs/{run.id}/steps/flaky/log"
+    for attempt, text in [(1, "try 1\n"), (2, "try 2\n"), (None, "try 2\n")]:
+        r = httpx.get(url, params={"attempt": attempt} if attempt else {}, headers=AUTH)
+        assert (r.status_code, r.text, r.headers["x-attempt"]) == (200, text,
+                                                                    str(attempt or 2))
+    assert client.log(run.id, "flaky", attempt=1) == "try 1\n"
+    assert httpx.get(url, params={"attempt": 3}, headers=AUTH).status_code == 404
+    assert httpx.get(url, params={"attempt": 0}, headers=AUTH).status_code == 422
+
+
 def test_log_resumes_from_an_offset(client):
     run = client.submit({"name": "offset", "steps": [{"name": "s", "run": "echo abcdef"}]})
     run.wait(timeout=30, poll_s=0.2)
@@ -82,15 +97,11 @@ def test_cancel_a_running_step_kills_its_processes(client, shared_dir):
     pidfile = shared_dir / "pid"
     run = client.submit({"name": "cancel", "steps": [
         {"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}]})
-    deadline = time.monotonic() + 30
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = int(pidfile.read_text())
+    [pid] = pids_in(pidfile)
     assert run.cancel() == "running"
     assert run.wait(timeout=30, poll_s=0.2).state == "cancelled"
     assert run.cancel() == "cancelled"  # idempotent
-    time.sleep(0.3)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert all_gone([pid])
 
 
 def test_idempotent_resubmit_returns_the_same_run(api):
@@ -133,12 +144,34 @@ def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
     assert client.run(r.json()["run_id"]).wait(timeout=30, poll_s=0.2).logs("s") == "hi\n"
 
 
-def test_workers_and_queue(client):
+def test_workers_and_queue(client, harness):
+    harness.steady()
     workers = client.workers()
     ready = [w for w in workers if w["state"] == "ready"]
-    assert {w["pool"] for w in ready} == {"default", "solo"}
-    assert all("cpus_in_use" in w and w["last_heartbeat"] for w in ready)
-    assert set(client.queue()) >= {"default", "solo"}
+    assert sorted(w["pool"] for w in ready) == ["default", "default", "solo"]
+    assert all(w["cpus_in_use"] == 0 and w["last_heartbeat"] for w in ready)
+    # `since`: workers that stopped before it are left out; live ones never are.
+    live = {w["id"] for w in workers if w["stopped_at"] is None}
+    everyone = {w["id"] for w in client.workers(since=0)}
+    later = client.workers(since=time.time() + 3600)
+    assert {w["id"] for w in later} == live and live <= everyone
+    r = httpx.get(f"{client.url}/api/v1/workers", params={"since": "-1"}, headers=AUTH)
+    assert r.status_code == 422
+    # The `solo` pool's one slot taken: the next two of its steps wait, the oldest first.
+    assert client.queue() == {"default": {"queued": 0, "oldest_wait_s": 0.0},
+                              "solo": {"queued": 0, "oldest_wait_s": 0.0}}
+    run = client.submit({"name": "queue", "defaults": {"pool": "solo"}, "steps": [
+        {"name": "hold", "run": "sleep 60"},
+        {"name": "w1", "run": "true", "priority": -1}, {"name": "w2", "run": "true",
+                                                       "priority": -1}]})
+    wait_until(lambda: client.run(run.id).steps[0]["state"] == "running", what="hold runs")
+    time.sleep(0.3)  # the two waiting steps have waited at least this long
+    queue = client.queue()
+    assert queue["default"] == {"queued": 0, "oldest_wait_s": 0.0}
+    assert queue["solo"]["queued"] == 2 and 0.3 <= queue["solo"]["oldest_wait_s"] < 30
+    run.cancel()
+    assert run.wait(timeout=30, poll_s=0.2).state == "cancelled"
+    assert client.queue()["solo"] == {"queued": 0, "oldest_wait_s": 0.0}
 
 
 def runs_count(api) -> int:
@@ -184,11 +217,19 @@ def test_unknown_run_or_step_and_hostile_paths(api, client):
 
 
 def test_client_errors_are_project_exceptions(api):
+    from tests.integration.clusters import free_port
+
     with pytest.raises(Unauthorized, match="invalid token"), Client(api, "wrong") as c:
         c.list_runs()
     with Client(api, API_TOKEN) as c, pytest.raises(SpecError) as info:
         c.submit({"name": "x", "steps": []})
     assert info.value.problems == ["steps: must list at least one step"]
+    with Client(api, API_TOKEN) as c, pytest.raises(ApiError) as info:
+        c.submit("x" * (API_BODY_LIMIT + 10))
+    assert info.value.status == 413 and "byte limit" in str(info.value)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with Client(nobody, API_TOKEN) as c, pytest.raises(MasterUnavailable, match="did not answer"):
+        c.list_runs()
 
 
 def test_git_source_from_a_local_bare_repository(client, api, tmp_path):

@@ -17,6 +17,14 @@ from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
 pytestmark = pytest.mark.fault
 
 
+@pytest.fixture(autouse=True)
+def pools_whole_again(harness):
+    """Each test here kills or freezes workers: the lost ones are replaced, and the tests
+    after these find whole pools (test_runs and test_monitoring count workers)."""
+    yield
+    harness.steady()
+
+
 def test_worker_killed_mid_step_is_retried_elsewhere_and_the_run_succeeds(harness):
     run_id = harness.submit({"name": "infra", "steps": [
         {"name": "build", "retry": {"max": 1, "on": ["infra"]},
@@ -35,14 +43,7 @@ def test_worker_killed_mid_step_is_retried_elsewhere_and_the_run_succeeds(harnes
     assert second["state"] == "succeeded"
     assert harness.log(run_id, "build") == "attempt 2\n"
     # The pool is back at full size: the lost worker was replaced.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ready = [w for w in harness.master_workers()
-                 if w["pool"] == "default" and w["state"] == "ready"]
-        if len(ready) == 2:
-            break
-        time.sleep(0.2)
-    assert len(ready) == 2 and first_worker not in {w["id"] for w in ready}
+    assert first_worker not in {w["id"] for w in harness.steady(timeout_s=30)}
 
 
 def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, shared_dir):
@@ -139,18 +140,31 @@ def test_a_submission_acknowledged_just_before_the_master_dies_still_runs(harnes
     assert harness.log(run_id, "b") == "b\n"
 
 
-def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness):
+def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness, shared_dir):
+    """The master is frozen (SIGSTOP) while the step runs, the step ends (its last command
+    writes a file), and only then is the master killed: the step's end certainly fell in the
+    time the master could not hear it. Its worker reports it to the new master."""
+    ended = shared_dir / "ended"
     run_id = harness.submit({"name": "blink", "steps": [
-        {"name": "quick", "run": "sleep 1; echo done"},
+        {"name": "quick", "run": f"sleep 1; echo done; touch {ended}"},
         {"name": "after", "needs": ["quick"], "run": "echo after"},
     ]})
     harness.wait_for_step(run_id, "quick", StepState.RUNNING)
-    master = ray.get_actor(MASTER_NAME, namespace=NAMESPACE)
-    ray.kill(master, no_restart=False)
-    time.sleep(1.5)  # the step ends while the master restarts
+    pid = ray.get(harness.master.ping.remote())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while not ended.exists():
+            assert time.monotonic() < deadline, "the step never ended"
+            time.sleep(0.05)
+        time.sleep(0.5)  # its worker has the outcome and cannot deliver it
+    finally:
+        os.kill(pid, signal.SIGKILL)
     view = harness.wait(run_id, timeout_s=60)
+    assert ray.get(harness.master.ping.remote())["pid"] != pid
     assert view["run"]["state"] == "succeeded"
     assert harness.step(view, "quick")["attempts"] == 1
+    assert harness.log(run_id, "quick") == "done\n"
     assert harness.log(run_id, "after") == "after\n"
 
 

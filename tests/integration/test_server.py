@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,18 +37,25 @@ def server(tmp_path_factory):
         return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=timeout)
 
-    port = free_port()
-    started = cli("up", "--port", str(port))
+    # Ports of its own: another Ray on this machine holds Ray's defaults (6379, 8265).
+    port, ray_port, dashboard_port = free_port(), free_port(), free_port()
+    up = ("up", "--port", str(port), "--ray-port", str(ray_port),
+          "--dashboard-port", str(dashboard_port))
+    started = cli(*up)
     assert started.returncode == 0, started.stdout + started.stderr
     token = re.search(r"export CICD_RAY_TOKEN=(\S+)", started.stdout).group(1)
+    address = re.search(r"cicd-ray is up on Ray at (\S+) \(a local head", started.stdout).group(1)
     url = f"http://127.0.0.1:{port}"
     yield {"cli": cli, "url": url, "token": token, "out": started.stdout, "env": env,
-           "home": home}
-    stopped = cli("down")
+           "home": home, "up": up, "address": address,
+           "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    stopped = cli("down", "--address", address)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "the Ray head started by `cicd-ray up`" in stopped.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=3)
+    assert not any(f":{ray_port}" in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"])), "the head outlived `down`"
 
 
 def test_up_prints_the_api_the_dashboard_and_a_token_once(server):
@@ -60,6 +68,19 @@ def test_up_prints_the_api_the_dashboard_and_a_token_once(server):
                   headers={"Authorization": f"Bearer {server['token']}"})
     assert r.status_code == 200
     assert httpx.get(f"{server['url']}/api/v1/runs").status_code == 401
+
+
+def test_up_again_reuses_the_head_and_the_token(server):
+    """A second `up` finds the head it started and the token digest it kept: no new head, no
+    new token, and the first token still works."""
+    again = server["cli"](*server["up"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"cicd-ray is up on Ray at {server['address']}\n" in again.stdout
+    assert "CICD_RAY_TOKEN=<your token>" in again.stdout
+    assert "a new API token was created" not in again.stdout
+    r = httpx.get(f"{server['url']}/api/v1/runs",
+                  headers={"Authorization": f"Bearer {server['token']}"})
+    assert r.status_code == 200
 
 
 def test_cli_against_the_server(server):
@@ -83,11 +104,29 @@ def test_cli_against_the_server(server):
     quick = cli("submit", "pipelines/hello.yaml", **auth)
     assert quick.returncode == 0 and "succeeded" not in quick.stdout
     long = Path(server["home"]) / "long.yaml"
-    long.write_text("name: long\nsteps:\n  - {name: wait, run: sleep 600}\n")
+    long.write_text("name: long\nsteps:\n  - {name: wait, run: sleep 612}\n")
     started = cli("submit", str(long), **auth)
     long_id = re.search(r"run (\S+) of long", started.stdout).group(1)
+    sleeper = wait_for_process("sleep 612")
     cancelled = cli("cancel", long_id, **auth)
     assert cancelled.returncode == 0 and f"run {long_id}:" in cancelled.stdout
+    status = json.loads(cli("status", long_id, "--json", **auth).stdout)
+    deadline = time.monotonic() + 30
+    while status["run"]["state"] != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = json.loads(cli("status", long_id, "--json", **auth).stdout)
+    assert (status["run"]["state"], status["steps"][0]["state"]) == ("cancelled", "cancelled")
+    assert psutil.wait_procs([sleeper], timeout=10)[1] == [], "the step's sleep outlived cancel"
+
+
+def wait_for_process(command: str, timeout_s: float = 30) -> psutil.Process:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            if " ".join(proc.info["cmdline"] or []) == command:
+                return proc
+        time.sleep(0.1)
+    raise AssertionError(f"no process {command!r} after {timeout_s} s")
 
 
 def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
@@ -102,7 +141,7 @@ def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
         deadline = time.monotonic() + 120
         while True:
             done = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
+                [str(BIN / "ray"), "job", "submit", "--address", server["dashboard"],
                  "--working-dir", str(tmp_path), "--", "cicd-ray", "run", pipeline],
                 env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in done.stderr or time.monotonic() > deadline:

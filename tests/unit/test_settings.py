@@ -51,3 +51,52 @@ def test_a_bad_proxy_location_is_refused_before_anything_starts(tmp_path):
                                         "EveryNode, HeadOnly, Disabled"):
         server.up(Settings(home=tmp_path), proxy_location="Everywhere")
     assert not (tmp_path / "up.json").exists()
+
+
+# Every setting read from the environment as a number: (variable, a good value and the field it
+# sets with what it becomes, values refused).
+NUMBERS = [
+    ("CICD_RAY_HEARTBEAT_INTERVAL_S", "0.5", "heartbeat_interval_s", 0.5, ["0", "-1", "soon"]),
+    ("CICD_RAY_HEARTBEAT_TIMEOUT_S", "30", "heartbeat_timeout_s", 30.0, ["0", "x"]),
+    ("CICD_RAY_LOG_CAP_BYTES", "1000", "log_cap_bytes", 1000, ["0", "1.5", "5MB"]),
+    ("CICD_RAY_KILL_GRACE_S", "0", "kill_grace_s", 0.0, ["-1", "never"]),
+    ("CICD_RAY_RETENTION_DAYS", "0.5", "retention_days", 0.5, ["-1", "7d"]),
+    ("CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES", "4096", "source_unpacked_limit_bytes", 4096,
+     ["0", "2GiB"]),
+]
+
+
+@pytest.mark.parametrize("var, good, field, value, bad", NUMBERS, ids=[n[0] for n in NUMBERS])
+def test_every_number_setting_is_parsed_and_a_bad_one_is_named(var, good, field, value, bad):
+    home = {"CICD_RAY_HOME": "/tmp/x"}
+    assert getattr(Settings.from_env({**home, var: good}), field) == value
+    assert getattr(Settings.from_env(home), field) == Settings.model_fields[field].default
+    for text in bad:
+        with pytest.raises(SpecError) as caught:
+            Settings.from_env({**home, var: text})
+        [problem] = caught.value.problems
+        assert problem.startswith(f"{var}: {text!r}: "), problem
+
+
+@pytest.mark.parametrize("var", ["CICD_RAY_MAX_PIPELINE_BYTES", "CICD_RAY_MAX_BODY_BYTES"])
+def test_byte_limits_outside_the_settings_are_parsed_the_same_way(var, monkeypatch):
+    from cicd_ray.api import create_app
+    from cicd_ray.spec import env_bytes
+
+    assert env_bytes(var, 7, {var: "2048"}) == 2048 and env_bytes(var, 7, {}) == 7
+    for text in ["0", "-5", "1e6", "lots"]:
+        with pytest.raises(SpecError, match=f"{var}: {text!r} is not a positive number"):
+            env_bytes(var, 7, {var: text})
+    monkeypatch.setenv("CICD_RAY_MAX_BODY_BYTES", "lots")
+    with pytest.raises(SpecError, match="CICD_RAY_MAX_BODY_BYTES"):
+        create_app([])  # refused when the API starts, not on every request
+
+
+@pytest.mark.parametrize("var, field", [("CICD_RAY_LOOKAHEAD", "lookahead"),
+                                        ("CICD_RAY_KEEP_WORKSPACES", "keep_workspaces")])
+def test_switches(var, field):
+    home = {"CICD_RAY_HOME": "/tmp/x"}
+    for text, value in [("1", True), ("true", True), ("0", False), ("false", False)]:
+        assert getattr(Settings.from_env({**home, var: text}), field) is value
+    with pytest.raises(SpecError, match=f"{var}: 'maybe': expected 1 or 0"):
+        Settings.from_env({**home, var: "maybe"})
