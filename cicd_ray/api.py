@@ -137,7 +137,10 @@ def create_app(token_digests: list[str] | None = None,
     master = _Master()
     reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
-    config.max_body_bytes()  # a bad CICD_RAY_MAX_BODY_BYTES is refused now, not per request
+    # Bad token or limit settings stop the replica at its start with their message, rather than
+    # answering 500 to every request.
+    config.digests()
+    config.max_body_bytes()
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Guard, digests=config.digests)

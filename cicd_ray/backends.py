@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Protocol
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import CicdError, NotFound
+from cicd_ray.errors import CicdError, MasterUnavailable, NotFound
 from cicd_ray.spec import PipelineSpec
 from cicd_ray.states import RunState
 from cicd_ray.store import open_store, run_view, step_log
+
+# How long following a run waits for a master that does not answer (a restart takes seconds).
+MASTER_OUTAGE_S = 60.0
 
 
 class Reader(Protocol):
@@ -41,10 +44,21 @@ def follow(view: Callable[[str], dict], run_id: str,
            on_update: Callable[[dict], None] | None = None, poll_s: float = 0.25,
            timeout_s: float | None = None) -> dict:
     """Poll a run's view until the run ends, calling `on_update` with each; the final view.
-    TimeoutError past `timeout_s`."""
+    TimeoutError past `timeout_s`. A master that does not answer (it is restarting) is waited
+    for up to MASTER_OUTAGE_S at a time: the run goes on without it."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    silent_since: float | None = None
     while True:
-        current = view(run_id)
+        try:
+            current = view(run_id)
+        except MasterUnavailable:
+            now = time.monotonic()
+            silent_since = silent_since or now
+            if now - silent_since > MASTER_OUTAGE_S or (deadline is not None and now > deadline):
+                raise
+            time.sleep(poll_s)
+            continue
+        silent_since = None
         if on_update is not None:
             on_update(current)
         if RunState(current["run"]["state"]).terminal:

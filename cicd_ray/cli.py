@@ -401,6 +401,7 @@ def up(port: int = typer.Option(8000, help="the API's port"),
     except CicdError as e:
         raise _fail(str(e)) from None
     how = (" (a new head replaced the one that died)" if started.replaced_head
+           else " (the head an earlier `cicd-ray up` started)" if started.reused_head
            else " (a local head started for it)" if started.started_head else "")
     out.print(f"cicd-ray is up on Ray at {started.address}{how}"
               f"{'; GCS fault tolerance on ' + options.redis_address if options else ''}")

@@ -187,6 +187,8 @@ class Execution:
             open_for_steps(self.root.parent)
         tmp.mkdir(parents=True)
         home.mkdir()
+        for private in (tmp, home):  # the step's own, whoever it runs as
+            private.chmod(0o700)
         if self.source_dir is not None:
             shutil.copytree(self.source_dir, self.workspace, symlinks=True)
         elif self.task.source_git is not None:

@@ -78,6 +78,7 @@ class Up:
     token: str | None  # set only when `up` created it: shown once, never stored
     started_head: bool
     replaced_head: bool = False
+    reused_head: bool = False  # an earlier `up` started the head this one found running
 
 
 def _state_file(settings: Settings) -> Path:
@@ -172,12 +173,12 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         settings = settings.model_copy(update={"pools": load_pools(local_autoscaling),
                                                "reserve_memory": False})
     previous = _read_state(settings)
-    started_head = replaced = False
+    started_head = replaced = reused = False
     if head_cpus is None:
         wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
         head_cpus = max(os.cpu_count() or 1, int(wanted) + 1)
     if address is None and previous.get("started_head") and _alive(previous["address"]):
-        address, started_head = previous["address"], True  # `up` again: the same head
+        address, started_head, reused = previous["address"], True, True  # `up` again
     elif address is None and previous.get("started_head") and ha is not None:
         gcs_port = int(previous["address"].rpartition(":")[2])
         address = _start_head(head_cpus, host, port=gcs_port, ha=ha,
@@ -213,7 +214,8 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     _state_file(settings).write_text(json.dumps(state))
     ray.shutdown()
     return Up(api_url=api_url, dashboard_url=f"http://{dashboard}" if dashboard else "",
-              address=gcs, token=token, started_head=started_head, replaced_head=replaced)
+              address=gcs, token=token, started_head=started_head, replaced_head=replaced,
+              reused_head=reused)
 
 
 def _check_serve_port(host: str, port: int) -> None:
@@ -241,9 +243,14 @@ def _stop_head(gcs_port: int) -> None:
     found = re.search(r"(/\S*/session_[^/\s]+)", " ".join(psutil.Process(gcs).cmdline()))
     marks = [found.group(1)] if found else []
     marks.append(f":{gcs_port}")  # the client server names the head's address only
+    # Not this process nor its callers: `cicd-ray down --address HOST:PORT` names the port too.
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
+        if proc.pid in spared:
+            continue
         if proc.pid == gcs or ("ray" in line and any(m in line for m in marks)):
             roots.append(proc)
     tree = set()

@@ -131,6 +131,7 @@ class HaCluster:
         self.api_port = free_port()
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.token = "ha-token-" + "y" * 20
+        self.namespace = f"cicd-test-{self.ray_port}"  # the GCS's key prefix in Redis
         self.nodes: list[Node] = []
         self._added = 0
         self._gcs_command: tuple[list[str], dict[str, str]] | None = None
@@ -152,7 +153,8 @@ class HaCluster:
     def _up_command(self) -> list[str]:
         """`cicd-ray up --ha` as a head pod's command would run it: first start, or after the
         head died (it then replaces the head on the same address)."""
-        return [str(BIN / "cicd-ray"), "up", "--ha", self.gcs_redis, "--head-cpus", "0",
+        return [str(BIN / "cicd-ray"), "up", "--ha", self.gcs_redis, "--ha-namespace",
+                self.namespace, "--head-cpus", "0",
                 "--port", str(self.api_port), "--ray-port", str(self.ray_port),
                 "--proxy-location", "HeadOnly"]
 

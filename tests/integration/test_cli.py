@@ -3,12 +3,15 @@ read back with no cluster running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cicd_ray.isolation import usable_by_others
@@ -172,3 +175,66 @@ def test_gc_deletes_finished_runs_and_their_logs(cli):
     assert missing.returncode != 0 and "not found" in missing.stdout + missing.stderr
     bad = cli("gc", "--older-than", "soon")
     assert bad.returncode == 2 and "7d" in bad.stdout + bad.stderr
+
+
+def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(cli, tmp_path):
+    """Redis refuses writes (NOREPLICAS) while a step runs: the master cannot record what
+    happens, so it exits on purpose and Ray restarts it from the store, again until Redis
+    takes writes. The step that ran through it is not run again; the run succeeds."""
+    import tempfile
+
+    import redis
+
+    from cicd_ray.store import open_store, run_view
+    from tests.integration.clusters import start_redis
+    from tests.waiting import wait_until
+
+    url, server = start_redis(tmp_path)
+    control = redis.Redis.from_url(url)
+    ray_tmp = tempfile.mkdtemp(prefix="cicd-w-", dir="/tmp")  # its own Ray logs to read
+    path = write(tmp_path, "p.yaml", "name: storefail\nsteps:\n"
+                 "  - {name: a, run: 'sleep 4; echo a'}\n"
+                 "  - {name: b, needs: [a], run: 'echo b'}\n")
+    env = {**os.environ, "CICD_RAY_HOME": str(tmp_path / "home"), "CICD_RAY_STORE": url,
+           "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([*CLI, "run", path], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        store = open_store(url)
+
+        def running() -> bool:
+            runs = store.list_runs(limit=5)
+            view = run_view(store, runs[0].id) if runs else None
+            return bool(view) and view["steps"][0]["state"] == "running"
+
+        def masters() -> list[int]:
+            found = []
+            for proc in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error):
+                    if ((proc.info["cmdline"] or [""])[0].startswith("ray::Master")
+                            and proc.environ().get("RAY_TMPDIR") == ray_tmp):
+                        found.append(proc.pid)
+            return found
+
+        wait_until(running, 120, "step a running")
+        [first_master] = masters()
+        control.config_set("min-replicas-to-write", 1)  # every write now fails
+        logs = Path(ray_tmp) / "ray" / "session_latest" / "logs"
+
+        def master_said_so() -> bool:
+            return any("store write failed, restarting the master" in p.read_text(errors="replace")
+                       for p in logs.glob("*.err"))
+
+        wait_until(master_said_so, 60, "the master exiting on the failed write")
+        wait_until(lambda: first_master not in masters(), 30, "the master process gone")
+        control.config_set("min-replicas-to-write", 0)
+        out, _ = proc.communicate(timeout=240)
+        final = run_view(store, store.list_runs(limit=1)[0].id)
+    finally:
+        proc.kill()
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, out
+    assert final["run"]["state"] == "succeeded"
+    assert [(s["state"], s["attempts"]) for s in final["steps"]] == [("succeeded", 1)] * 2

@@ -28,6 +28,16 @@ def ha(tmp_path_factory, redis_url):
         cluster.stop()
 
 
+def test_the_gcs_keeps_its_tables_in_redis_under_the_ha_namespace(ha):
+    """`up --ha-namespace`: one Redis can hold the GCS tables of several clusters apart."""
+    import redis
+
+    client = redis.Redis.from_url(ha.gcs_redis + "/0")
+    keys = [k.decode() for k in client.scan_iter(count=1000)]
+    client.close()
+    assert any(ha.namespace in k for k in keys), keys[:20]  # the default would be cicd-ray
+
+
 def test_the_gcs_killed_and_restarted_mid_run(ha):
     run_id = ha.submit({"name": "gcs", "steps": [
         {"name": "long", "run": "for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done"},

@@ -116,12 +116,15 @@ def test_metrics_reach_the_prometheus_endpoint_with_the_run_s_counts(harness):
     """Counted on the `solo` pool, once the counts of earlier tests have landed (a node
     exports every few seconds)."""
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    harness.steady()
     before = scrape(port)
-    while True:
+    deadline = time.monotonic() + 120
+    while True:  # settled: two scrapes an export period apart agree
         time.sleep(6)
         settled = scrape(port)
         if all(settled.get(k) == v for k, v in before.items() if "_outcomes_" in k[0]):
             break
+        assert time.monotonic() < deadline, "the outcome counters never settled"
         before = settled
     harness.run({"name": "counted", "defaults": {"pool": "solo"}, "steps": [
         {"name": "ok1", "run": "true"}, {"name": "ok2", "run": "sleep 0.2"},

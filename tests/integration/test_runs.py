@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 import yaml
 
 from cicd_ray.errors import SpecError
 from cicd_ray.states import StepState
+from tests.waiting import all_gone, pids_in, wait_until
 
 
 def test_hello_pipeline_runs_in_dag_order_with_matrix(harness):
@@ -71,9 +71,7 @@ def test_timeout_kills_step_and_its_background_children(harness, shared_dir):
     step = harness.step(view, "hang")
     assert (view["run"]["state"], step["state"]) == ("failed", "timed_out")
     assert step["reason"] == "timed out after 2 s"
-    time.sleep(0.3)
-    for pid in map(int, pids.read_text().split()):
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert all_gone(pids_in(pids, 2))
 
 
 def test_growing_log_is_readable_while_the_step_runs(harness):
@@ -97,18 +95,14 @@ def test_cancel_kills_running_steps_and_cancels_queued(harness, shared_dir):
         {"name": "after", "run": "true", "needs": ["long"]},
     ]})
     harness.wait_for_step(run_id, "long", StepState.RUNNING)
-    deadline = time.monotonic() + 30
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid = int(marker.read_text())
+    [pid] = pids_in(marker)
     assert ray.get(harness.master.cancel.remote(run_id)) == "running"
     view = harness.wait(run_id, timeout_s=30)
     assert view["run"]["state"] == "cancelled"
     assert [s["state"] for s in view["steps"]] == ["cancelled", "cancelled"]
     assert ray.get(harness.master.cancel.remote(run_id)) == "cancelled"  # idempotent
     assert ray.get(harness.master.cancel.remote("no-such-run")) is None
-    time.sleep(0.3)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert all_gone([pid])
 
 
 def test_source_snapshot_is_in_every_workspace_and_env_overrides_apply(harness, tmp_path):
@@ -153,12 +147,11 @@ def test_bad_submissions_are_rejected_and_change_nothing(harness):
 
 
 def test_workers_register_and_report_resource_use(harness):
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        workers = [w for w in harness.master_workers() if w["state"] == "ready"]
-        if len(workers) >= 3 and all(w["memory_used_mb"] for w in workers):
-            break
-        time.sleep(0.2)
+    def reported() -> list[dict]:
+        ready = harness.steady()
+        return ready if all(w["memory_used_mb"] for w in ready) else []
+
+    workers = wait_until(reported, what="every worker's first report")
     pools = sorted(w["pool"] for w in workers)
     assert pools == ["default", "default", "solo"]
     for w in workers:

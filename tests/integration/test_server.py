@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -75,7 +76,8 @@ def test_up_again_reuses_the_head_and_the_token(server):
     new token, and the first token still works."""
     again = server["cli"](*server["up"])
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"cicd-ray is up on Ray at {server['address']}\n" in again.stdout
+    assert (f"cicd-ray is up on Ray at {server['address']} (the head an earlier `cicd-ray up` "
+            "started)") in again.stdout
     assert "CICD_RAY_TOKEN=<your token>" in again.stdout
     assert "a new API token was created" not in again.stdout
     r = httpx.get(f"{server['url']}/api/v1/runs",
@@ -157,3 +159,101 @@ def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
     runs = {r["id"]: r for r in json.loads(server["cli"]("runs", "--json", **auth).stdout)}
     assert runs[run_id]["state"] == "succeeded" and runs[run_id]["pipeline"] == "as-job"
     assert any(r["pipeline"] == "job-fails" and r["state"] == "failed" for r in runs.values())
+
+
+def test_run_against_the_cluster_with_source_env_and_timeout(server, tmp_path):
+    """`run --address` joins the cluster `up` started; `--source` and `-e` reach the step;
+    `--timeout` gives up waiting (exit 1) and leaves the run going."""
+    cli, auth = server["cli"], {"CICD_RAY_URL": server["url"], "CICD_RAY_TOKEN": server["token"]}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "VERSION").write_text("4.5.6\n")
+    pipeline = tmp_path / "opts.yaml"
+    pipeline.write_text("name: cli-opts\nenv: {WHO: file}\nsteps:\n"
+                        "  - {name: read, run: 'cat VERSION; echo $WHO'}\n")
+    done = cli("run", str(pipeline), "--address", server["address"], "--source", str(src),
+               "-e", "WHO=flag", RAY_AUTH_MODE="token")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = re.search(r"run (\S+) of cli-opts", done.stdout).group(1)
+    assert cli("logs", run_id, "read", **auth).stdout == "4.5.6\nflag\n"
+
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("name: cli-slow\nsteps:\n  - {name: wait, run: sleep 30}\n")
+    t0 = time.monotonic()
+    gave_up = cli("run", str(slow), "--url", server["url"], "--timeout", "2",
+                  CICD_RAY_TOKEN=server["token"])
+    assert gave_up.returncode == 1 and "still running after 2" in gave_up.stderr, gave_up
+    assert time.monotonic() - t0 < 60
+    slow_id = re.search(r"run (\S+) of cli-slow", gave_up.stdout).group(1)
+    assert json.loads(cli("status", slow_id, "--json", **auth).stdout)["run"]["state"] in (
+        "queued", "running")
+    cli("cancel", slow_id, **auth)
+
+
+def test_runs_filters_and_each_attempt_s_log(server, tmp_path):
+    cli, auth = server["cli"], {"CICD_RAY_URL": server["url"], "CICD_RAY_TOKEN": server["token"]}
+    flaky = tmp_path / "flaky.yaml"
+    flaky.write_text("name: cli-flaky\nsteps:\n  - name: f\n    retry: {max: 1, on: [failure]}\n"
+                     "    run: 'echo try $CICD_ATTEMPT; [ $CICD_ATTEMPT = 2 ]'\n")
+    failing = tmp_path / "failing.yaml"
+    failing.write_text("name: cli-failing\nsteps:\n  - {name: f, run: exit 5}\n")
+    ids = []
+    for path in (flaky, failing, failing):
+        done = cli("submit", str(path), "--follow", **auth)
+        ids.append(re.search(r"run (\S+) of ", done.stdout).group(1))
+    flaky_id, _, last_failed = ids
+    assert cli("logs", flaky_id, "f", "--attempt", "1", **auth).stdout == "try 1\n"
+    assert cli("logs", flaky_id, "f", "--attempt", "2", **auth).stdout == "try 2\n"
+    assert cli("logs", flaky_id, "f", **auth).stdout == "try 2\n"
+
+    def runs(*args: str) -> list[dict]:
+        listed = cli("runs", "--json", *args, **auth)
+        assert listed.returncode == 0, listed.stderr
+        return json.loads(listed.stdout)
+
+    failed = runs("--state", "failed", "--pipeline", "cli-failing")
+    assert [r["state"] for r in failed] == ["failed", "failed"]
+    assert [r["id"] for r in runs("--pipeline", "cli-failing", "--limit", "1")] == [last_failed]
+    assert [r["id"] for r in runs("--state", "succeeded", "--pipeline", "cli-flaky")] == [flaky_id]
+    assert runs("--state", "cancelled", "--pipeline", "cli-flaky") == []
+
+
+def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):
+    """deploy/serve-config.yaml through Ray's `serve deploy` (last here: it replaces the API
+    `up` deployed), with its placeholder replaced by a token's digest as its comment says:
+    that token works, the one `up` made does not, /healthz answers."""
+    from cicd_ray.auth import digest, new_token
+
+    token = new_token()
+    shipped = (ROOT / "deploy/serve-config.yaml").read_text()
+    assert shipped.count("REPLACE-WITH-SHA256-OF-YOUR-TOKEN") == 1
+    config = tmp_path / "serve-config.yaml"
+    config.write_text(shipped.replace("REPLACE-WITH-SHA256-OF-YOUR-TOKEN", digest(token)))
+    ray_env = {**server["env"], "RAY_AUTH_MODE": "token"}
+    deployed = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(config), "--address", server["dashboard"]],
+        env=ray_env, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    def status() -> dict:
+        shown = subprocess.run([str(BIN / "serve"), "status", "--address", server["dashboard"]],
+                               env=ray_env, capture_output=True, text=True, timeout=60)
+        return yaml.safe_load(shown.stdout) or {}
+
+    deadline = time.monotonic() + 120
+    app: dict = {}
+    while time.monotonic() < deadline:
+        app = status().get("applications", {}).get("cicd", {})
+        replicas = app.get("deployments", {}).get("cicd-api", {}).get("replica_states", {})
+        if app.get("status") == "RUNNING" and replicas == {"RUNNING": 2}:
+            break
+        time.sleep(1)
+    assert app.get("status") == "RUNNING", app
+    assert app["deployments"]["cicd-api"]["replica_states"] == {"RUNNING": 2}
+    assert httpx.get(f"{server['url']}/healthz", timeout=10).status_code == 200
+
+    def runs(with_token: str) -> int:
+        return httpx.get(f"{server['url']}/api/v1/runs", timeout=10,
+                         headers={"Authorization": f"Bearer {with_token}"}).status_code
+
+    assert (runs(token), runs(server["token"])) == (200, 401)

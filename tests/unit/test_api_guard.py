@@ -102,3 +102,13 @@ def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
     clock[0] += 1.5
     asyncio.run(probes(5))
     assert Master.calls == 2
+
+
+def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
+    """Not a 500 on every request: the replica does not start, and says why."""
+    from cicd_ray.api import create_app
+    from cicd_ray.errors import CicdError
+
+    monkeypatch.setenv("CICD_RAY_TOKEN_DIGESTS", "REPLACE-WITH-SHA256-OF-YOUR-TOKEN")
+    with pytest.raises(CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\. is not a SHA-256"):
+        create_app()

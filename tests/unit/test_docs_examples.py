@@ -65,3 +65,30 @@ def test_shipped_pipeline_validates(path):
                            "validate", str(path)], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def table_keys(path: Path, heading: str) -> list[str]:
+    """The first column of the table under a `## heading` of a doc, unquoted."""
+    text = path.read_text(encoding="utf-8")
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^\| `([^`]+)`", section, re.M)]
+
+
+@pytest.mark.parametrize("heading, model", [("Top level", "PipelineSpec"), ("A step", "StepSpec")])
+def test_the_pipeline_reference_lists_every_key(heading, model):
+    """docs/pipelines.md's tables name exactly the keys the loader accepts, in its order."""
+    from cicd_ray import spec
+
+    keys = list(getattr(spec, model).model_fields)
+    assert table_keys(ROOT / "docs/pipelines.md", heading) == keys
+
+
+def test_the_operations_guide_lists_every_setting():
+    """Every CICD_RAY_* variable the code reads is in docs/operations.md, and no other."""
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "cicd_ray").rglob("*.py"))
+    read = set(re.findall(r"\bCICD_RAY_[A-Z_]*[A-Z]\b", code))
+    guide = (ROOT / "docs/operations.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `(CICD_RAY_[A-Z_]+)`(?:, `(CICD_RAY_[A-Z_]+)`)?", guide, re.M))
+    documented = {name for pair in listed for name in pair if name}
+    assert read - documented == set(), "read by the code, missing from the guide"
+    assert documented - read == set(), "in the guide, read by nothing"

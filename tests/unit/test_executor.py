@@ -125,3 +125,23 @@ def test_peak_memory_is_measured_for_a_step_that_allocates(tmp_path):
     assert outcome.state is StepState.SUCCEEDED
     assert 180 < outcome.peak_memory_mb < 400
     assert outcome.cpu_time_s is not None
+
+
+def test_a_step_has_a_private_tmpdir_and_home_and_reads_nothing_from_stdin(tmp_path):
+    outcome, log, _ = execute(tmp_path, task(
+        'echo "$TMPDIR"; echo "$HOME"; touch "$TMPDIR/scratch"; '
+        'stat -c %a "$TMPDIR"; cat; readlink /proc/self/fd/0'))
+    assert outcome.state is StepState.SUCCEEDED, log
+    tmpdir, home, mode, stdin = log.splitlines()
+    assert tmpdir.startswith(str(tmp_path / "work")) and home.startswith(str(tmp_path / "work"))
+    assert tmpdir != home and tmpdir != "/tmp"
+    assert mode == "700"
+    assert stdin == "/dev/null"  # `cat` above read nothing and ended at once
+    assert list((tmp_path / "work").iterdir()) == []  # the private TMPDIR went with it
+
+
+def test_keep_workspace_leaves_the_attempt_s_files_for_debugging(tmp_path):
+    outcome, _, _ = execute(tmp_path, task("echo built > out.txt"), keep_workspace=True)
+    assert outcome.state is StepState.SUCCEEDED
+    kept = list((tmp_path / "work").rglob("out.txt"))
+    assert [p.read_text() for p in kept] == ["built\n"]

@@ -45,9 +45,11 @@ def manifests() -> list[tuple[str, dict]]:
 def crd_schema(kind: str) -> dict:
     folder = crds_dir()
     if folder is None:
-        pytest.skip("the KubeRay CRD schemas are not here: set KUBERAY_CRDS_DIR to the crds/ "
-                    "folder of the kuberay-operator Helm chart (helm pull "
-                    "kuberay/kuberay-operator --untar)")
+        why = ("the KubeRay CRD schemas are not here: set KUBERAY_CRDS_DIR to the crds/ folder "
+               "of the kuberay-operator Helm chart (helm pull kuberay/kuberay-operator --untar)")
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI has them (../shared/kuberay/crds): missing is a failure
+        pytest.skip(why)
     crd = yaml.safe_load((folder / CRD_FILES[kind]).read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
@@ -157,3 +159,20 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist():
         assert base in NAMES, f"the dashboard queries {name}, which cicd_ray.metrics lacks"
     assert set(NAMES) <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}, \
         "a metric is on no panel"
+
+
+def test_the_kuberay_command_puts_the_image_on_every_pod():
+    """`cicd-ray kuberay POOLS --image IMAGE`, as a user runs it."""
+    from typer.testing import CliRunner
+
+    from cicd_ray.cli import app
+
+    done = CliRunner().invoke(app, ["kuberay", str(KUBERAY / "pools.yaml"),
+                                    "--image", "registry.test/team/ci:9.9"])
+    assert done.exit_code == 0, done.output
+    [service] = [d for d in yaml.safe_load_all(done.stdout)
+                 if d and d["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert images == {"registry.test/team/ci:9.9"}

@@ -140,3 +140,32 @@ def test_a_sparse_member_is_refused(tmp_path):
     assert archive.stat().st_size < 4096
     with pytest.raises(SourceError, match="sparse"):
         check_archive(archive.read_bytes())
+
+
+def test_clone_checks_out_a_commit_by_its_sha(tmp_path):
+    from cicd_ray.source import clone
+
+    url = make_repo(tmp_path)
+    first = subprocess.run(["git", "-C", str(tmp_path / "repo.git"), "rev-parse", "v1"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    clone(url, first, tmp_path / "a")
+    assert (tmp_path / "a" / "README").read_text() == "version one\n"
+    clone(url, first[:12], tmp_path / "b")  # an abbreviated one too
+    assert (tmp_path / "b" / "README").read_text() == "version one\n"
+
+
+def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
+    from cicd_ray.source import EXCLUDED_NAMES
+
+    src = tmp_path / "src"
+    for name in EXCLUDED_NAMES:
+        for parent in (src, src / "pkg" / "deep"):
+            (parent / name).mkdir(parents=True, exist_ok=True)
+            (parent / name / "inside").write_text("left out\n")
+    (src / "pkg" / "deep" / "kept.txt").write_text("kept\n")
+    (src / "gitignore-like.git").write_text("a file whose name only looks excluded\n")
+    _, data = snapshot(src, limit_bytes=10**6)
+    unpack(data, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix()
+                  for p in (tmp_path / "out").rglob("*")) == [
+        "gitignore-like.git", "pkg", "pkg/deep", "pkg/deep/kept.txt"]

@@ -159,3 +159,29 @@ def test_git_credentials_are_never_stored(url, stored):
                            "steps": [{"name": "a", "run": "true"}]})
     assert spec.source.git == stored
     assert "secret" not in spec.model_dump_json() and "TOKEN" not in spec.model_dump_json()
+
+
+def _one_step(**step) -> dict:
+    return {"name": "lim", "steps": [{"name": "a", "run": "true", **step}]}
+
+
+@pytest.mark.parametrize("step, field", [
+    ({"matrix": {"x": list(range(16)), "y": list(range(16))}}, None),  # 256 variants
+    ({"matrix": {"x": list(range(16)), "y": list(range(16)), "z": [1, 2]}}, "matrix"),
+    ({"retry": {"max": 20, "infra": 20}}, None),
+    ({"retry": {"max": 21}}, "retry.max"),
+    ({"retry": {"infra": 21}}, "retry.infra"),
+    ({"priority": 1000}, None), ({"priority": -1000}, None),
+    ({"priority": 1001}, "priority"), ({"priority": -1001}, "priority"),
+    ({"timeout": 7 * 24 * 3600}, None),
+    ({"timeout": 7 * 24 * 3600 + 1}, "timeout"), ({"timeout": 0}, "timeout"),
+    ({"resources": {"cpu": 0.01}}, None), ({"resources": {"cpu": 0.009}}, "resources.cpu"),
+], ids=repr)
+def test_the_documented_limits_hold_at_their_edges(step, field):
+    """docs/pipelines.md: at most 256 variants, retry max and infra at most 20, priority
+    -1000..1000, a timeout of at most 7 days, cpu at least 0.01."""
+    if field is None:
+        assert plan(parse_pipeline(_one_step(**step)))
+    else:
+        problems = problems_of(_one_step(**step))
+        assert len(problems) == 1 and problems[0].startswith(f"steps[0] (a).{field}"), problems
