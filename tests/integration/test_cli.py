@@ -161,10 +161,22 @@ def test_recommend_and_cost_from_the_history_of_real_runs(harness, cli, tmp_path
         nothing.stdout + nothing.stderr)
 
 
-def test_gc_deletes_finished_runs_and_their_logs(cli):
+def test_gc_deletes_finished_runs_and_their_logs(cli, tmp_path):
+    from tests.docs_shell import block
+
     done = cli("run", "pipelines/hello.yaml", timeout=200)
     assert done.returncode == 0, done.stdout + done.stderr
     run_id = done.stdout.split()[1]
+    # docs/operations.md's block as written: the run is younger than 7 days, so it stays.
+    documented = block("docs/operations.md", "cicd-ray gc --older-than 7d --dry-run   # would "
+                       "delete 12 run(s) with their logs, 3 source archive(s), ...")
+    env = {**os.environ, "CICD_RAY_HOME": str(tmp_path / "home"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    shown = subprocess.run(["bash", "-e", "-c", documented], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0].startswith("would delete 0 run(s)"), shown.stdout
+    assert shown.stdout.splitlines()[1].startswith("deleted 0 run(s)"), shown.stdout
     dry = cli("gc", "--older-than", "0s", "--dry-run")
     assert dry.returncode == 0 and "would delete 1 run(s)" in dry.stdout, dry.stderr
     assert cli("status", run_id).returncode == 0  # a dry run deletes nothing

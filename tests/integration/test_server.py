@@ -17,6 +17,8 @@ import psutil
 import pytest
 import yaml
 
+from cicd_ray.client import Client
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -216,6 +218,62 @@ def test_runs_filters_and_each_attempt_s_log(server, tmp_path):
     assert [r["id"] for r in runs("--pipeline", "cli-failing", "--limit", "1")] == [last_failed]
     assert [r["id"] for r in runs("--state", "succeeded", "--pipeline", "cli-flaky")] == [flaky_id]
     assert runs("--state", "cancelled", "--pipeline", "cli-flaky") == []
+
+
+def json_documents(text: str) -> list:
+    """The JSON documents curl printed one after another (without newlines between them)."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    while at < len(text.rstrip()):
+        doc, end = decoder.raw_decode(text, at)
+        out.append(doc)
+        at = end
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return out
+
+
+def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
+    """docs/api.md's curl blocks, run by bash as a user pastes them (with `H` from its block),
+    in a folder with pipelines/hello.yaml and an ./app to pack, against the server."""
+    from tests.docs_shell import block
+
+    guide = "docs/api.md"
+    header = block(guide, 'H="Authorization: Bearer $CICD_RAY_TOKEN"')
+    work = tmp_path / "work"
+    (work / "pipelines").mkdir(parents=True)
+    (work / "pipelines" / "hello.yaml").write_text((ROOT / "pipelines/hello.yaml").read_text())
+    (work / "app").mkdir()
+    (work / "app" / "README").write_text("the app\n")
+    env = {**server["env"], "CICD_RAY_URL": server["url"], "CICD_RAY_TOKEN": server["token"]}
+
+    def sh(first_line: str, **extra: str) -> list:
+        script = header + block(guide, first_line)
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=work,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (first_line, done.stdout, done.stderr)
+        return json_documents(done.stdout) if done.stdout.lstrip().startswith("{") else [
+            done.stdout]
+
+    assert sh("curl -s $CICD_RAY_URL/healthz")[0]["status"] == "ok"
+    submitted = sh("curl -s -X POST $CICD_RAY_URL/api/v1/runs -H \"$H\" -H 'Idempotency-Key: "
+                   "build-4711' \\")
+    assert len(submitted) == 3 and all(s["run_id"] for s in submitted), submitted
+    run, packed = submitted[0]["run_id"], submitted[1]["run_id"]
+    with Client(server["url"], server["token"]) as client:
+        assert client.run(run).wait(timeout=120, poll_s=0.3).state == "succeeded"
+        assert client.run(packed).wait(timeout=120, poll_s=0.3).state == "succeeded"
+    [log] = sh('curl -sN "$CICD_RAY_URL/api/v1/runs/$RUN/steps/test%5Bpy%3D3.11%5D/log?'
+               'follow=true" -H "$H"', RUN=run)
+    assert "testing on python 3.11" in log
+    listed, view, cancelled = sh('curl -s "$CICD_RAY_URL/api/v1/runs?state=failed&pipeline='
+                                 'hello&limit=20&offset=0" -H "$H"', RUN=run)
+    assert (listed["limit"], listed["offset"]) == (20, 0)
+    assert all(r["state"] == "failed" and r["pipeline"] == "hello" for r in listed["runs"])
+    assert view["run"]["id"] == run and view["run"]["state"] == "succeeded"
+    assert cancelled == {"run_id": run, "state": "succeeded"}  # cancel of an ended run
+    workers, queue = sh('curl -s $CICD_RAY_URL/api/v1/workers -H "$H"')
+    assert any(w["state"] == "ready" for w in workers["workers"])
+    assert set(queue["pools"]) == {"default"}
 
 
 def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):

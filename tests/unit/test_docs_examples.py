@@ -92,3 +92,17 @@ def test_the_operations_guide_lists_every_setting():
     documented = {name for pair in listed for name in pair if name}
     assert read - documented == set(), "read by the code, missing from the guide"
     assert documented - read == set(), "in the guide, read by nothing"
+
+
+def test_every_shell_block_is_run_by_a_test_or_marked_an_example():
+    from tests.docs_shell import EXAMPLES, RUN_HERE, shell_blocks
+
+    found = [(f, line) for f, line, _ in shell_blocks()]
+    assert len(found) >= 20, found  # so this cannot pass by finding nothing
+    unplaced = [b for b in found if b not in RUN_HERE and b not in EXAMPLES]
+    assert unplaced == [], "decide in tests/docs_shell.py: run it in a test, or say why not"
+    assert set(RUN_HERE) & set(EXAMPLES) == set()
+    assert set(RUN_HERE) | set(EXAMPLES) <= set(found), "entries for blocks no doc has"
+    for where in set(RUN_HERE.values()):  # the named tests exist
+        path, _, name = where.partition("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), where
