@@ -53,7 +53,8 @@ class Master:
         self.settings = settings
         self.started_at = time.time()
         self.store = open_store(settings.store_url)
-        self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+        self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                               lookahead=settings.lookahead)
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
@@ -278,8 +279,7 @@ class Master:
         for w in self.sched.workers.values():
             counts[(w.pool, w.state.value)] = counts.get((w.pool, w.state.value), 0) + 1
         self.metrics.snapshot(self.sched.queue_view(now), len(self.sched.runs), counts)
-        if self.settings.lookahead:
-            self._look_ahead()
+        self._look_ahead()
         if self.settings.retention_days and now >= self._collect_at and not self._collecting:
             self._collect_at = now + RETENTION_INTERVAL_S
             self._collecting = True

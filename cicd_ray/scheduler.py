@@ -87,9 +87,11 @@ def check_fits(steps: list[PlannedStep], pools: dict[str, PoolConfig]) -> list[s
 
 
 class Scheduler:
-    def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0) -> None:
+    def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
+                 lookahead: bool = True) -> None:
         self.pools = pools
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
         self.runs: dict[str, RunRecord] = {}
         self.steps: dict[str, dict[str, StepRecord]] = {}
         self.attempts: dict[str, AttemptRecord] = {}
@@ -563,7 +565,10 @@ class Scheduler:
     def lookahead(self) -> dict[str, int]:
         """Per pool, the workers it will need once the steps whose needs are all running now
         become ready (with what runs and waits already); only pools where that is more than
-        they have. The master asks the autoscaler for that capacity ahead of time."""
+        they have. The master asks the autoscaler for that capacity ahead of time. Nothing
+        when look-ahead is off."""
+        if not self.lookahead_on:
+            return {}
         upcoming: dict[str, list[float]] = {}
         seen: set[tuple[str, str]] = set()
         for attempt in self.attempts.values():

@@ -25,7 +25,8 @@ def browser():
         launched.close()
 
 
-def test_a_run_on_the_page(api, browser):
+def test_a_run_on_the_page(api, browser, shared_dir):
+    go = shared_dir / "go"  # `build` runs until the test creates it: it is seen running
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{api}/")
     page.fill("#token", "not-the-token")
@@ -40,7 +41,8 @@ def test_a_run_on_the_page(api, browser):
                    json={"pipeline": {"name": "on-the-page", "steps": [
                        {"name": "prepare", "run": "echo ready"},
                        {"name": "build", "needs": ["prepare"],
-                        "run": "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done"},
+                        "run": f"echo line 1; until [ -e {go} ]; do sleep 0.1; done; "
+                               "for i in 2 3 4 5 6; do echo line $i; done"},
                        {"name": "ship", "needs": ["build"], "run": "echo shipped"}]}})
     run_id = r.json()["run_id"]
     # The runs list updates itself (from the event stream) with the new run.
@@ -52,6 +54,7 @@ def test_a_run_on_the_page(api, browser):
     # A line of the log shows while the step still runs.
     expect(page.locator("#log")).to_contain_text("line 1", timeout=15000)
     assert build.get_attribute("data-state") == "running"
+    go.touch()
     expect(page.locator(".step[data-state='succeeded']")).to_have_count(3, timeout=60000)
     expect(page.locator("#log")).to_contain_text("line 6")
     expect(page.locator("h2").nth(1)).to_have_text("Log of build succeeded")

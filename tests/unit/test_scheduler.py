@@ -302,6 +302,9 @@ def test_lookahead_asks_for_the_workers_of_steps_whose_needs_are_running():
     dispatched(s, 0)
     # build runs on w1; the three tests wait for it alone: 1 + 3 workers of 2 CPUs.
     assert s.lookahead() == {"default": 4}
+    s.lookahead_on = False  # CICD_RAY_LOOKAHEAD=0: the same moment asks for nothing
+    assert s.lookahead() == {}
+    s.lookahead_on = True
     finish(s, "build", now=1)
     # The tests are ready now (the sizer's business); deploy waits for test0, not yet running.
     assert s.lookahead() == {}
