@@ -137,10 +137,6 @@ def create_app(token_digests: list[str] | None = None,
     master = _Master()
     reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
-    # Bad token or limit settings stop the replica at its start with their message, rather than
-    # answering 500 to every request.
-    config.digests()
-    config.max_body_bytes()
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Guard, digests=config.digests)
@@ -438,8 +434,17 @@ class ApiServer:
         from cicd_ray.config import Settings
         from cicd_ray.master import master_actor
 
+        check_config()
         settings = Settings.from_env()
         master_actor(settings).remote(settings)
+
+
+def check_config() -> None:
+    """Refuse bad token or body-limit settings in this process's environment (a replica's, at
+    its start) with their message, rather than answering 500 to every request. The app itself
+    reads them on first use: it is built where the deployment is defined, not in the replica."""
+    _Config(None, None).digests()
+    _Config(None, None).max_body_bytes()
 
 
 def build(token_digests: list[str], max_body_bytes: int | None = None):

@@ -106,9 +106,10 @@ def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
 
 def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
     """Not a 500 on every request: the replica does not start, and says why."""
-    from cicd_ray.api import create_app
+    from cicd_ray.api import check_config
     from cicd_ray.errors import CicdError
 
+    check_config()  # nothing set: fine
     monkeypatch.setenv("CICD_RAY_TOKEN_DIGESTS", "REPLACE-WITH-SHA256-OF-YOUR-TOKEN")
     with pytest.raises(CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\. is not a SHA-256"):
-        create_app()
+        check_config()

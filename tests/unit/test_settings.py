@@ -80,7 +80,7 @@ def test_every_number_setting_is_parsed_and_a_bad_one_is_named(var, good, field,
 
 @pytest.mark.parametrize("var", ["CICD_RAY_MAX_PIPELINE_BYTES", "CICD_RAY_MAX_BODY_BYTES"])
 def test_byte_limits_outside_the_settings_are_parsed_the_same_way(var, monkeypatch):
-    from cicd_ray.api import create_app
+    from cicd_ray.api import check_config
     from cicd_ray.spec import env_bytes
 
     assert env_bytes(var, 7, {var: "2048"}) == 2048 and env_bytes(var, 7, {}) == 7
@@ -89,7 +89,7 @@ def test_byte_limits_outside_the_settings_are_parsed_the_same_way(var, monkeypat
             env_bytes(var, 7, {var: text})
     monkeypatch.setenv("CICD_RAY_MAX_BODY_BYTES", "lots")
     with pytest.raises(SpecError, match="CICD_RAY_MAX_BODY_BYTES"):
-        create_app([])  # refused when the API starts, not on every request
+        check_config()  # refused when an API replica starts, not on every request
 
 
 @pytest.mark.parametrize("var, field", [("CICD_RAY_LOOKAHEAD", "lookahead"),
