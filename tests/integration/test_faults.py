@@ -204,6 +204,8 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
     import httpx
 
     from cicd_ray.api import MASTER_TIMEOUT_S
+    from cicd_ray.client import Client
+    from cicd_ray.errors import MasterUnavailable
     from cicd_ray.store import open_store
     from tests.integration.conftest import API_TOKEN
 
@@ -240,6 +242,13 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
             waited = time.monotonic() - t0
             assert r.status_code == 503 and r.headers["Retry-After"], r.text
             assert waited < MASTER_TIMEOUT_S + 5
+            # The health check says so (a probe's 503), and the client raises its own error.
+            health = httpx.get(f"{api}/healthz", timeout=MASTER_TIMEOUT_S + 20)
+            assert health.status_code == 503, health.text
+            assert (health.json()["status"], health.json()["master"]) == ("degraded", False)
+            with Client(api, API_TOKEN, timeout_s=MASTER_TIMEOUT_S + 20) as client, \
+                    pytest.raises(MasterUnavailable, match="not answering"):
+                client.cancel(run_id)
             os.kill(pid, signal.SIGKILL)
             r = http.post("/api/v1/runs", json=bad[0][0])
             assert r.status_code == 422

@@ -91,6 +91,13 @@ def test_events_stream_run_and_step_changes_and_resume(api):
     assert {data["run_id"] for _, _, data in replay} == {run_id}
     assert [i for i, _, _ in replay] == [i for i, _, d in seen if d["run_id"] == run_id][1:]
     again.stop = True
+    # On the wire: a reconnection hint first; a client from another master's epoch is told
+    # to reload (`reset`) before anything else.
+    with httpx.stream("GET", f"{api}/api/v1/events", timeout=30,
+                      headers={**AUTH, "Last-Event-ID": "1.0:5"}) as response:
+        lines = response.iter_lines()
+        head = [next(lines) for _ in range(5)]
+    assert head == ["retry: 2000", "", "event: reset", "data: {}", ""], head
     bad = httpx.get(f"{api}/api/v1/events", params={"run_id": "../x"}, headers=AUTH)
     assert bad.status_code == 422
     assert httpx.get(f"{api}/api/v1/events").status_code == 401

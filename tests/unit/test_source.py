@@ -154,11 +154,14 @@ def test_clone_checks_out_a_commit_by_its_sha(tmp_path):
     assert (tmp_path / "b" / "README").read_text() == "version one\n"
 
 
-def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
-    from cicd_ray.source import EXCLUDED_NAMES
+# docs/pipelines.md: ".git, .venv, venv, node_modules, __pycache__ and tool caches are left out".
+DOCUMENTED_EXCLUSIONS = [".git", ".hg", ".svn", ".venv", "venv", "node_modules", "__pycache__",
+                         ".pytest_cache", ".ruff_cache", ".mypy_cache", ".tox"]
 
+
+def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
     src = tmp_path / "src"
-    for name in EXCLUDED_NAMES:
+    for name in DOCUMENTED_EXCLUSIONS:
         for parent in (src, src / "pkg" / "deep"):
             (parent / name).mkdir(parents=True, exist_ok=True)
             (parent / name / "inside").write_text("left out\n")
