@@ -40,7 +40,9 @@ def connect(address: str | None = None, settings: Settings | None = None,
     settings = settings or Settings.from_env()
     wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
     cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
-    ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    # "local": a new instance of its own. Without an address Ray would join the cluster named
+    # in its note of the machine's latest `ray start` (even one of someone else, or a dead one).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
     return True
 
 
