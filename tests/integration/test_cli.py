@@ -250,3 +250,22 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
     assert proc.returncode == 0, out
     assert final["run"]["state"] == "succeeded"
     assert [(s["state"], s["attempts"]) for s in final["steps"]] == [("succeeded", 1)] * 2
+
+
+def test_run_starts_its_own_ray_whatever_ray_noted_last(cli, tmp_path):
+    """Ray notes the latest `ray start` of the machine (ray_current_cluster) and joins it when
+    given no address; `cicd-ray run` without --address starts a Ray of its own even when that
+    note names a cluster that is gone."""
+    import tempfile
+
+    from tests.integration.clusters import free_port
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="cicd-n-", dir="/tmp"))
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        done = cli("run", "pipelines/hello.yaml", RAY_TMPDIR=str(ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(embedded local Ray)" in done.stdout and " succeeded" in done.stdout
