@@ -133,6 +133,19 @@ def wait_for_process(command: str, timeout_s: float = 30) -> psutil.Process:
     raise AssertionError(f"no process {command!r} after {timeout_s} s")
 
 
+def agent_problems() -> str:
+    """What the dashboard agents of this session's Ray clusters logged as errors: why a head
+    may have no job agent."""
+    import os
+
+    folder = Path(os.environ["RAY_TMPDIR"]) / "ray"
+    found = []
+    for log in sorted(folder.glob("session_*/logs/dashboard_agent.*")):
+        lines = log.read_text(errors="replace").splitlines()
+        found += [f"{log}: {line}" for line in lines if "ERROR" in line or "rror:" in line]
+    return "\n".join(found[-40:])
+
+
 def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
     (tmp_path / "job.yaml").write_text(
         "name: as-job\nsteps:\n  - {name: hi, run: echo from a ray job}\n")
@@ -153,7 +166,7 @@ def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
             time.sleep(2)
 
     ok = job("job.yaml")
-    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.returncode == 0, ok.stdout + ok.stderr + agent_problems()
     run_id = re.search(r"run (\S+) of as-job", ok.stdout).group(1)
     failed = job("fail.yaml")
     assert failed.returncode != 0 and "exit code 3" in failed.stdout, failed.stdout
