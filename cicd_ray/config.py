@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,25 @@ from cicd_ray import yamldoc
 from cicd_ray.errors import SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, IsolationError, parse_uids
 from cicd_ray.spec import PIPELINE_NAME
+
+# Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
+LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY, max_length=317)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE)]
+
+
+class Toleration(BaseModel):
+    """A Kubernetes toleration for a pool's pods (the taint of the nodes it should run on)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: LabelKey | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: LabelValue | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = Field(None, ge=0)  # Kubernetes' own name
 
 
 class PoolConfig(BaseModel):
@@ -57,6 +76,11 @@ class PoolConfig(BaseModel):
                                 "whose steps marked interruptible it may run")
     priority: int = Field(0, description="a higher-priority pool gets room first when the "
                           "cluster is full")
+    # On KubeRay (cicd-ray kuberay): the pool's worker group runs on nodes with these labels,
+    # tolerating these taints, from this image (default: the cluster's).
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    image: Annotated[str, StringConstraints(pattern=r"^[^\s]{1,512}$")] | None = None
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:

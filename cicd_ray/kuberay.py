@@ -18,6 +18,13 @@ import yaml
 from cicd_ray.config import PoolConfig
 from cicd_ray.errors import SpecError
 
+# The KubeRay operator (Helm chart kuberay/kuberay-operator) these manifests need: the v1.7
+# line has the fields they use (gcsFaultToleranceOptions, autoscaler v2 options, authOptions).
+# kuberay/README.md installs this version; tests/unit/test_kuberay.py checks that they agree.
+KUBERAY_VERSION = "1.7.1"
+# The Secret with Ray's own token (data key auth_token), shared by every pod: Ray 2.60 turns
+# token authentication on, and pods with different tokens cannot join the head.
+RAY_TOKEN_SECRET = "cicd-ray-auth"
 API_PORT = 8000
 METRICS_PORT = 8080  # Ray's metrics export port under KubeRay: Prometheus scrapes it
 CONTROL_RESOURCE = "cicd-control"
@@ -61,13 +68,18 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
     return container
 
 
-def _pod(container: dict) -> dict:
-    return {"spec": {"containers": [container], "volumes": [
-        {"name": "pools", "configMap": {"name": "cicd-ray-pools"}}]}}
+def _pod(container: dict, pool: PoolConfig | None = None) -> dict:
+    spec: dict = {"containers": [container], "volumes": [
+        {"name": "pools", "configMap": {"name": "cicd-ray-pools"}}]}
+    if pool is not None and pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool is not None and pool.tolerations:
+        spec["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
+    return {"spec": spec}
 
 
 def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str, float],
-           min_replicas: int, max_replicas: int) -> dict:
+           min_replicas: int, max_replicas: int, pool: PoolConfig | None = None) -> dict:
     return {
         "groupName": name, "replicas": min_replicas, "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
@@ -76,7 +88,7 @@ def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str
                                {k: int(v) if float(v).is_integer() else v
                                 for k, v in resources.items()}))},
         "template": _pod(_container("ray-worker", image, cpus, memory_mb,
-                                    [{"containerPort": METRICS_PORT, "name": "metrics"}])),
+                                    [{"containerPort": METRICS_PORT, "name": "metrics"}]), pool),
     }
 
 
@@ -86,9 +98,10 @@ def pool_group(pool: PoolConfig, image: str) -> dict:
                          f"resource of its own, such as {{pool-{pool.name}: 1}}, so that its "
                          "workers land on its worker group's pods"])
     # minReplicas 0: the master keeps the pool's min_workers as worker actors, whose demand
-    # brings the pods; a floor of pods of its own could sit beside them, empty.
-    return _group(f"pool-{pool.name}", image, math.ceil(pool.cpus),
-                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers)
+    # brings the pods; a floor of pods of its own could sit beside them, empty. A pool with an
+    # image of its own (a build environment: a JDK, a GPU toolchain) runs it in its pods.
+    return _group(f"pool-{pool.name}", pool.image or image, math.ceil(pool.cpus),
+                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers, pool)
 
 
 def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
@@ -110,6 +123,7 @@ def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
             "rayClusterConfig": {
                 "rayVersion": ray_version,
                 "enableInTreeAutoscaling": True,
+                "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
                 "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": idle_timeout_s,
                                       "upscalingMode": "Default"},
                 "gcsFaultToleranceOptions": {

@@ -174,5 +174,76 @@ def test_the_kuberay_command_puts_the_image_on_every_pod():
                  if d and d["kind"] == "RayService"]
     cluster = service["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
-    assert images == {"registry.test/team/ci:9.9"}
+    images = {g.get("groupName", "head"): c["image"] for g in groups
+              for c in g["template"]["spec"]["containers"]}
+    # Every pod runs the given image but a pool's own (the `large` pool names its JDK image).
+    assert images.pop("pool-large") == "registry.example.com/cicd-ray-jdk:0.1.0"
+    assert set(images.values()) == {"registry.test/team/ci:9.9"}
+
+
+def _rayservice(pools: dict) -> dict:
+    from cicd_ray.kuberay import manifests as generate
+
+    return generate(pools, "", "img:1", "2.60.0")[1]
+
+
+def test_ray_token_authentication_is_on_with_the_token_from_a_secret():
+    from cicd_ray.kuberay import RAY_TOKEN_SECRET
+
+    cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_SECRET}
+    # The token never travels as a value in the manifests, and the README makes its Secret.
+    assert "auth_token" not in (KUBERAY / "rayservice.yaml").read_text()
+    readme = (KUBERAY / "README.md").read_text()
+    assert f"kubectl create secret generic {RAY_TOKEN_SECRET}" in readme
+    assert "--from-literal=auth_token=" in readme
+
+
+def test_a_pool_s_nodes_taints_and_image_reach_its_worker_group():
+    pools = load_pools(KUBERAY / "pools.yaml")
+    groups = {g["groupName"]: g for g in
+              _rayservice(pools)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    spot = groups["pool-spot"]["template"]["spec"]
+    assert spot["nodeSelector"] == {"kubernetes.azure.com/scalesetpriority": "spot"}
+    assert spot["tolerations"] == [{"key": "kubernetes.azure.com/scalesetpriority",
+                                    "operator": "Equal", "value": "spot",
+                                    "effect": "NoSchedule"}]
+    assert pools["spot"].spot_for == ["default"]  # something runs there
+    default = groups["pool-default"]["template"]["spec"]
+    assert "nodeSelector" not in default and "tolerations" not in default
+    assert default["containers"][0]["image"] == "img:1"
+    assert groups["pool-large"]["template"]["spec"]["containers"][0]["image"] == (
+        "registry.example.com/cicd-ray-jdk:0.1.0")
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("node_selector", {"bad key!": "x"}, "node_selector.bad key!"),
+    ("node_selector", {"disk": "has space"}, "node_selector.disk"),
+    ("tolerations", [{"key": "k", "operator": "Maybe"}], "tolerations.0.operator"),
+    ("tolerations", [{"key": "k", "effect": "NoRun"}], "tolerations.0.effect"),
+    ("tolerations", [{"key": "k", "colour": "red"}], "tolerations.0.colour"),
+    ("tolerations", [{"key": "k", "tolerationSeconds": -1}], "tolerations.0.tolerationSeconds"),
+    ("image", "two words", "image"),
+    ("image", "", "image"),
+])
+def test_bad_kubernetes_pool_fields_are_refused_naming_the_field(tmp_path, field, value, named):
+    path = tmp_path / "pools.yaml"
+    path.write_text(yaml.safe_dump({"pools": [{"name": "p", "resources": {"pool-p": 1},
+                                               field: value}]}))
+    with pytest.raises(SpecError) as caught:
+        load_pools(path)
+    assert named in str(caught.value), caught.value
+
+
+def test_the_readme_installs_the_operator_the_manifests_need():
+    """One version: kuberay/README.md installs (and pulls the CRDs of) KUBERAY_VERSION, the
+    v1.7 line whose CRDs these tests validate against (they know authOptions and
+    gcsFaultToleranceOptions, which the 1.1 line did not)."""
+    from cicd_ray.kuberay import KUBERAY_VERSION
+
+    readme = (KUBERAY / "README.md").read_text()
+    named = re.findall(r"kuberay/kuberay-operator --version (\S+)", readme)
+    assert named and set(named) == {KUBERAY_VERSION}, named
+    assert tuple(int(n) for n in KUBERAY_VERSION.split(".")) >= (1, 7, 1)
+    cluster = crd_schema("RayService")["properties"]["spec"]["properties"]["rayClusterConfig"]
+    assert {"authOptions", "gcsFaultToleranceOptions"} <= set(cluster["properties"])
