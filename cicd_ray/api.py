@@ -443,8 +443,9 @@ def check_config() -> None:
     """Refuse bad token or body-limit settings in this process's environment (a replica's, at
     its start) with their message, rather than answering 500 to every request. The app itself
     reads them on first use: it is built where the deployment is defined, not in the replica."""
-    _Config(None, None).digests()
-    _Config(None, None).max_body_bytes()
+    config = _Config(None, None)
+    config.digests()
+    config.max_body_bytes()
 
 
 def build(token_digests: list[str], max_body_bytes: int | None = None):

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tests.waiting import wait_until
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 MASTER_RESOURCE = "cicd-control"
@@ -268,11 +270,7 @@ class HaCluster:
 
     @staticmethod
     def wait_for(check, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"waited {timeout_s} s for {check}")
-            time.sleep(0.1)
+        wait_until(check, timeout_s)
 
     def node_of(self, pid: int) -> Node:
         return next(n for n in self.nodes if pid in {p.pid for p in n.processes()})

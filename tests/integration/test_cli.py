@@ -221,11 +221,11 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
 
         def masters() -> list[int]:
             found = []
-            for proc in psutil.process_iter(["cmdline"]):
+            for candidate in psutil.process_iter(["cmdline"]):
                 with contextlib.suppress(psutil.Error):
-                    if ((proc.info["cmdline"] or [""])[0].startswith("ray::Master")
-                            and proc.environ().get("RAY_TMPDIR") == ray_tmp):
-                        found.append(proc.pid)
+                    if ((candidate.info["cmdline"] or [""])[0].startswith("ray::Master")
+                            and candidate.environ().get("RAY_TMPDIR") == ray_tmp):
+                        found.append(candidate.pid)
             return found
 
         wait_until(running, 120, "step a running")

@@ -13,6 +13,7 @@ import ray
 
 from cicd_ray.states import StepState
 from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
+from tests.waiting import all_gone
 
 pytestmark = pytest.mark.fault
 
@@ -69,17 +70,7 @@ def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, 
     first = next(a for a in view["attempts"] if a["step"] == "build" and a["number"] == 1)
     assert f"worker {step['worker_id']} lost" in first["reason"]
     assert harness.log(run_id, "build") == "attempt 2\n"
-    deadline = time.monotonic() + 20  # the watcher at once, or a worker's sweep (every 5 s)
-    while any(_alive(p) for p in orphans) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in orphans)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert all_gone(orphans, timeout_s=20)  # a worker's sweep of step users (every 5 s)
 
 
 def test_worker_killed_without_infra_retry_fails_the_step_with_the_reason(harness):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,15 +16,7 @@ import pytest
 import yaml
 
 from cicd_ray.client import Client
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.clusters import BIN, ROOT, free_port
 
 
 @pytest.fixture(scope="module")
