@@ -6,13 +6,17 @@ store writes them as JSON and reads them back without hand-written mapping.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, Field
 
 from cicd_ray.spec import GitSource, PlannedStep
-from cicd_ray.states import RunState, StepState, WorkerState
+from cicd_ray.states import Kind, RunState, StepState, WorkerState
 
 
 class RunRecord(BaseModel):
+    kind: ClassVar[Kind] = "run"
+
     id: str
     seq: int = 0
     pipeline: str
@@ -27,6 +31,8 @@ class RunRecord(BaseModel):
 
 
 class StepRecord(BaseModel):
+    kind: ClassVar[Kind] = "step"
+
     run_id: str
     spec: PlannedStep
     state: StepState = StepState.QUEUED
@@ -47,6 +53,8 @@ class StepRecord(BaseModel):
 
 
 class AttemptRecord(BaseModel):
+    kind: ClassVar[Kind] = "attempt"
+
     id: str
     run_id: str
     step: str
@@ -68,8 +76,18 @@ class AttemptRecord(BaseModel):
     pool: str = ""  # the pool of the worker that ran it (a spot pool for interruptible steps)
     runs_as: str = ""  # the user its process ran as: "uid N" (its own) or the worker's
 
+    def measured(self, outcome: StepOutcome) -> None:
+        """Take what the worker measured of it."""
+        self.exit_code = outcome.exit_code
+        self.duration_s = outcome.duration_s
+        self.peak_memory_mb = outcome.peak_memory_mb
+        self.cpu_time_s = outcome.cpu_time_s
+        self.runs_as = outcome.runs_as
+
 
 class WorkerRecord(BaseModel):
+    kind: ClassVar[Kind] = "worker"
+
     id: str
     pool: str
     node: str = ""

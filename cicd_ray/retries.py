@@ -8,28 +8,34 @@ retries of the causes `retry.on` lists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 Cause = Literal["infra", "failure", "timeout"]
 DEFAULT_INFRA_RETRIES = 2
+
+
+class RetryPolicy(Protocol):
+    """A step's retry settings (a PlannedStep has them)."""
+
+    retry_max: int
+    retry_on: Sequence[Cause]
+    retry_infra: int
 
 
 @dataclass(frozen=True)
 class Verdict:
     retry: bool
     automatic: bool = False  # from the infra budget, not from retry.max
-
-    def describe(self, cause: Cause, infra_used: int, infra_budget: int) -> str:
-        if self.automatic:
-            return f"{cause}, retried automatically ({infra_used + 1} of {infra_budget})"
-        return cause
+    why: str = ""  # for the step's reason: "failure", "infra, retried automatically (1 of 2)"
 
 
-def verdict(cause: Cause, attempts: int, infra_used: int, retry_max: int,
-            retry_on: list[Cause] | tuple[Cause, ...], infra_budget: int) -> Verdict:
+def verdict(spec: RetryPolicy, cause: Cause, attempts: int, infra_used: int) -> Verdict:
     """`attempts` made so far (the one that just ended included), `infra_used` of them already
     retried from the infra budget."""
-    if cause == "infra" and infra_used < infra_budget:
-        return Verdict(retry=True, automatic=True)
-    return Verdict(retry=cause in retry_on and attempts - infra_used <= retry_max)
+    if cause == "infra" and infra_used < spec.retry_infra:
+        return Verdict(retry=True, automatic=True, why=f"{cause}, retried automatically "
+                                                       f"({infra_used + 1} of {spec.retry_infra})")
+    return Verdict(retry=cause in spec.retry_on and attempts - infra_used <= spec.retry_max,
+                   why=cause)

@@ -1,4 +1,5 @@
-"""Run and step states, the transitions allowed between them, and the one function that checks them.
+"""The states of runs, steps, attempts and workers, the moves allowed between them, and `move`,
+the one call that changes a record's state (it checks, then assigns).
 
 States are string enums so records serialise to JSON as plain strings.
 """
@@ -6,8 +7,11 @@ States are string enums so records serialise to JSON as plain strings.
 from __future__ import annotations
 
 from enum import Enum
+from typing import ClassVar, Literal, Protocol
 
 from cicd_ray.errors import InvalidTransition
+
+Kind = Literal["run", "step", "attempt", "worker"]
 
 
 class StepState(str, Enum):
@@ -49,23 +53,52 @@ STEP_TERMINAL = frozenset(
 )
 RUN_TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 
-_STEP_MOVES: dict[StepState, frozenset[StepState]] = {
-    StepState.QUEUED: frozenset({StepState.RUNNING, StepState.CANCELLED, StepState.SKIPPED}),
-    # RUNNING -> QUEUED is a retry: the attempt ended and another one will be made.
-    StepState.RUNNING: frozenset(
-        {StepState.QUEUED, StepState.SUCCEEDED, StepState.FAILED, StepState.TIMED_OUT,
-         StepState.CANCELLED}
-    ),
+_S, _R, _W = StepState, RunState, WorkerState
+MOVES: dict[Kind, dict[Enum, frozenset[Enum]]] = {
+    "run": {
+        _R.QUEUED: frozenset({_R.RUNNING, _R.CANCELLED, _R.FAILED}),
+        _R.RUNNING: frozenset({_R.SUCCEEDED, _R.FAILED, _R.CANCELLED}),
+    },
+    "step": {
+        _S.QUEUED: frozenset({_S.RUNNING, _S.CANCELLED, _S.SKIPPED}),
+        # RUNNING -> QUEUED is a retry: the attempt ended and another one will be made.
+        _S.RUNNING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT,
+                               _S.CANCELLED}),
+    },
+    # An attempt is made running and ends once; its step may be tried again by a new one.
+    "attempt": {
+        _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED}),
+    },
+    "worker": {
+        _W.STARTING: frozenset({_W.READY, _W.LOST, _W.STOPPED}),
+        _W.READY: frozenset({_W.LOST, _W.STOPPED}),
+    },
 }
-_RUN_MOVES: dict[RunState, frozenset[RunState]] = {
-    RunState.QUEUED: frozenset({RunState.RUNNING, RunState.CANCELLED, RunState.FAILED}),
-    RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED}),
-}
+_ENUMS: dict[Kind, type[Enum]] = {"run": RunState, "step": StepState, "attempt": StepState,
+                                  "worker": WorkerState}
+
+
+class Stateful(Protocol):
+    """A record with a state: RunRecord, StepRecord, AttemptRecord, WorkerRecord."""
+
+    kind: ClassVar[Kind]
+    state: Enum
+
+
+def check(kind: Kind, current: Enum, new: Enum) -> None:
+    """Raise InvalidTransition unless a `kind` may go from `current` to `new`. Terminal states
+    never change."""
+    if type(new) is not _ENUMS[kind] or new not in MOVES[kind].get(current, frozenset()):
+        raise InvalidTransition(f"{kind} state cannot change from {current.value} to "
+                                f"{new.value}")
+
+
+def move(record: Stateful, new: Enum) -> None:
+    """Change the record's state, if its kind may make that move."""
+    check(record.kind, record.state, new)
+    record.state = new
 
 
 def transition(current: StepState | RunState, new: StepState | RunState) -> None:
-    """Raise InvalidTransition unless `current -> new` is allowed. Terminal states never change."""
-    moves = _STEP_MOVES if isinstance(current, StepState) else _RUN_MOVES
-    if type(new) is not type(current) or new not in moves.get(current, frozenset()):
-        kind = "step" if isinstance(current, StepState) else "run"
-        raise InvalidTransition(f"{kind} state cannot change from {current.value} to {new.value}")
+    """`check` for a step's or a run's state, told apart by the enum."""
+    check("step" if isinstance(current, StepState) else "run", current, new)

@@ -270,7 +270,7 @@ def test_terminal_step_cannot_be_moved():
     dispatched(s, 0)
     finish(s, "a")
     with pytest.raises(InvalidTransition):
-        s._finish_step(s.steps["r1"]["a"], StepState.FAILED, 2, "")
+        s.book.finish_step(s.steps["r1"]["a"], StepState.FAILED, 2, "")
 
 
 def test_thousand_steps_through_the_policy_in_well_under_a_second():
@@ -379,22 +379,26 @@ def test_a_lost_worker_is_retried_automatically_without_retry_settings():
     assert s.take().changes.runs["r1"].state is RunState.FAILED
 
 
-@pytest.mark.parametrize("cause, attempts, infra_used, rmax, on, budget, retry, automatic", [
-    ("infra", 1, 0, 0, [], 2, True, True),
-    ("infra", 3, 2, 0, ["infra"], 2, False, False),
-    ("infra", 3, 2, 1, ["infra"], 2, True, False),  # past the budget, retry.max takes over
-    ("failure", 1, 0, 0, ["failure"], 2, False, False),
-    ("failure", 1, 0, 1, ["failure"], 2, True, False),
-    ("failure", 3, 2, 1, ["failure"], 2, True, False),  # infra retries are not counted in max
-    ("failure", 2, 0, 1, ["failure"], 2, False, False),
-    ("timeout", 1, 0, 3, ["failure"], 2, False, False),
-    ("infra", 1, 0, 5, ["infra"], 0, True, False),
+@pytest.mark.parametrize("cause, attempts, infra_used, rmax, on, budget, retry, why", [
+    ("infra", 1, 0, 0, [], 2, True, "infra, retried automatically (1 of 2)"),
+    ("infra", 2, 1, 0, [], 2, True, "infra, retried automatically (2 of 2)"),
+    ("infra", 3, 2, 0, ["infra"], 2, False, "infra"),
+    ("infra", 3, 2, 1, ["infra"], 2, True, "infra"),  # past the budget, retry.max takes over
+    ("failure", 1, 0, 0, ["failure"], 2, False, "failure"),
+    ("failure", 1, 0, 1, ["failure"], 2, True, "failure"),
+    ("failure", 3, 2, 1, ["failure"], 2, True, "failure"),  # infra retries not counted in max
+    ("failure", 2, 0, 1, ["failure"], 2, False, "failure"),
+    ("timeout", 1, 0, 3, ["failure"], 2, False, "timeout"),
+    ("timeout", 1, 0, 1, ["timeout"], 2, True, "timeout"),
+    ("infra", 1, 0, 5, ["infra"], 0, True, "infra"),
 ])
-def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retry, automatic):
+def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retry, why):
     from cicd_ray.retries import verdict
 
-    got = verdict(cause, attempts, infra_used, rmax, on, budget)
-    assert (got.retry, got.automatic) == (retry, automatic)
+    spec = plan(parse_pipeline({"name": "p", "steps": [
+        {"name": "a", "run": "x", "retry": {"max": rmax, "on": on, "infra": budget}}]}))[0]
+    got = verdict(spec, cause, attempts, infra_used)
+    assert (got.retry, got.automatic, got.why) == (retry, why.startswith("infra, retried"), why)
 
 
 def test_slots_limit_the_steps_a_worker_runs_at_once():

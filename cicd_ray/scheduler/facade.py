@@ -1,0 +1,297 @@
+"""`Scheduler`: the policy's one entry point, a facade over the runs' DAG state, the ready
+queues and the slots. Each method changes the view and collects what must happen in a
+`Decisions` batch; the master takes it with `take()`, writes its records, and only then
+dispatches, kills, starts or stops anything.
+"""
+
+from __future__ import annotations
+
+from cicd_ray.config import PoolConfig
+from cicd_ray.records import (
+    AttemptRecord,
+    RunRecord,
+    StepOutcome,
+    StepRecord,
+    StepTask,
+    WorkerRecord,
+)
+from cicd_ray.retries import Cause, Verdict, verdict
+from cicd_ray.scheduler.decisions import Decisions, Kill
+from cicd_ray.scheduler.lookahead import upcoming, workers_wanted
+from cicd_ray.scheduler.queues import ReadyQueues
+from cicd_ray.scheduler.runbook import RunBook
+from cicd_ray.scheduler.slots import Slots
+from cicd_ray.spec import PlannedStep
+from cicd_ray.states import StepState, WorkerState, move
+
+
+class Scheduler:
+    def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
+                 lookahead: bool = True) -> None:
+        self.pools = pools
+        self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
+        self._out = Decisions()
+        self.book = RunBook(self._out)
+        self.queues = ReadyQueues(pools, self.book.step)
+        self.slots = Slots(pools, heartbeat_timeout_s, self._out)
+        self.attempts: dict[str, AttemptRecord] = {}  # running, by id
+        self._seq = 0
+
+    @property
+    def runs(self) -> dict[str, RunRecord]:
+        return self.book.runs
+
+    @property
+    def steps(self) -> dict[str, dict[str, StepRecord]]:
+        return self.book.steps
+
+    @property
+    def workers(self) -> dict[str, WorkerRecord]:
+        return self.slots.workers
+
+    def take(self) -> Decisions:
+        return self._out.drain()
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def submit(self, run: RunRecord, planned: list[PlannedStep], now: float) -> None:
+        """Accept a new run (the caller has checked `check_fits`)."""
+        self._seq = max(self._seq, run.seq) + 1
+        run.seq = self._seq
+        steps = [StepRecord(run_id=run.id, spec=p, queued_at=now) for p in planned]
+        self.book.adopt(run, steps)
+        self._out.record(run)
+        for s in steps:
+            self._out.record(s)
+            if not s.spec.needs:
+                self.queues.push(run, s, now)
+
+    def cancel(self, run_id: str, now: float) -> RunRecord | None:
+        """Cancel a run: queued steps at once, running steps once their worker kills them."""
+        run = self.runs.get(run_id)
+        if run is None or run.state.terminal or run.cancel_requested:
+            return run
+        run.cancel_requested = True
+        run.reason = "cancelled by request"
+        self._out.record(run)
+        for step in self.steps[run_id].values():
+            if step.state is StepState.QUEUED:
+                self._finish(step, StepState.CANCELLED, now, reason="run cancelled")
+            elif step.state is StepState.RUNNING and step.current_attempt:
+                self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
+        self.book.finish_run_if_done(run_id, now)
+        return run
+
+    def _finish(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
+        run = self.runs[step.run_id]
+        for ready in self.book.finish_step(step, state, now, reason):
+            self.queues.push(run, ready, now)
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def register_worker(self, worker: WorkerRecord, now: float) -> None:
+        self.slots.register(worker, now)
+
+    def heartbeat(self, worker_id: str, usage: dict[str, float], now: float) -> bool:
+        """Note a heartbeat; False when the worker is not (or no longer) known as ready."""
+        return self.slots.heartbeat(worker_id, usage, now)
+
+    def worker_lost(self, worker_id: str, reason: str, now: float) -> None:
+        """The worker died or went silent: its steps are retried as infra failures or fail."""
+        if worker_id not in self.workers:  # unknown, or already let go
+            return
+        for attempt_id in self.slots.let_go(worker_id, WorkerState.LOST, f"lost: {reason}", now):
+            attempt = self.attempts.get(attempt_id)
+            if attempt is not None:
+                self._end_attempt(attempt, StepState.FAILED, now, infra=True,
+                                  reason=f"worker {worker_id} lost: {reason}")
+
+    # --- attempts ---------------------------------------------------------------------------
+
+    def on_outcome(self, outcome: StepOutcome, now: float) -> bool:
+        """Apply a worker's report once. A stale or duplicate report is ignored (False)."""
+        attempt = self.attempts.get(outcome.attempt_id)
+        if attempt is None or attempt.state is not StepState.RUNNING:
+            return False
+        attempt.measured(outcome)
+        if outcome.log_tail:
+            self._out.changes.logs.append((attempt.id, outcome.log_seq, outcome.log_tail))
+        self._end_attempt(attempt, outcome.state, now, reason=outcome.reason)
+        return True
+
+    def _start_attempt(self, step: StepRecord, worker: WorkerRecord, now: float) -> None:
+        run = self.runs[step.run_id]
+        move(step, StepState.RUNNING)
+        step.attempts += 1
+        attempt = new_attempt(step, worker, now)
+        step.current_attempt = attempt.id
+        step.worker_id = worker.id
+        step.started_at = step.started_at or now
+        self.attempts[attempt.id] = attempt
+        self.slots.reserve(worker.id, attempt.id, step.spec)
+        self.book.start(run, now)
+        self._out.record(step)
+        self._out.record(attempt)
+        self._out.dispatch.append((worker.id, StepTask(
+            run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
+            source_digest=run.source_digest, source_git=run.source_git,
+        )))
+
+    def _end_attempt(self, attempt: AttemptRecord, state: StepState, now: float,
+                     reason: str = "", infra: bool = False) -> None:
+        move(attempt, state)
+        attempt.finished_at = now
+        attempt.reason = reason
+        self._out.record(attempt)
+        self.attempts.pop(attempt.id, None)
+        step = self.steps[attempt.run_id][attempt.step]
+        self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
+        step.exit_code = attempt.exit_code
+        pool = self.pools.get(attempt.pool)
+        if infra and pool is not None and pool.spot:
+            step.spot_evicted = True  # taken away once: the retry runs on its own pool
+        run = self.runs[attempt.run_id]
+        if state not in (StepState.SUCCEEDED, StepState.CANCELLED) and not run.cancel_requested:
+            cause: Cause = "infra" if infra else (
+                "timeout" if state is StepState.TIMED_OUT else "failure")
+            again = verdict(step.spec, cause, step.attempts, step.infra_retries)
+            if again.retry:
+                self._requeue(step, attempt, again, reason, now)
+                return
+        final = StepState.CANCELLED if run.cancel_requested and state is not \
+            StepState.SUCCEEDED else state
+        self._finish(step, final, now, reason=reason)
+        self.book.finish_run_if_done(run.id, now)
+
+    def _requeue(self, step: StepRecord, attempt: AttemptRecord, again: Verdict, reason: str,
+                 now: float) -> None:
+        move(step, StepState.QUEUED)
+        step.infra_retries += again.automatic
+        step.current_attempt = None
+        step.reason = f"attempt {attempt.number} {again.why}: {reason}".rstrip(": ")
+        self._out.record(step)
+        self.queues.push(self.runs[step.run_id], step, now)
+
+    # --- the periodic decision ----------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Notice silent workers, keep pools at size, and place ready steps on free slots."""
+        for worker_id, silent_s in self.slots.silent(now):
+            self.worker_lost(worker_id, f"no heartbeat for {silent_s:.0f} s", now)
+        self.slots.size(self._queued_cpu(), now)
+        for pool in self.queues.nonempty():
+            workers = self.slots.ready_in(pool)
+            if not workers:
+                continue
+            for step, worker in self.queues.placements(
+                    pool, lambda s, ws=workers: self.slots.least_loaded(ws, s.spec),
+                    lambda ws=workers: self.slots.any_room(ws)):
+                self._start_attempt(step, worker, now)
+
+    def _queued_cpu(self) -> dict[str, list[float]]:
+        """Per pool, the CPUs of each step ready and waiting in it."""
+        return {pool: [s.spec.cpu for s in self.queues.waiting(pool)] for pool in self.pools}
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    def restore(self, runs: list[RunRecord], steps: list[StepRecord],
+                workers: list[WorkerRecord], now: float,
+                attempts: list[AttemptRecord] = ()) -> None:
+        """Rebuild the view from the store after a master restart.
+
+        Workers must register again before they get work. An attempt that was running on a
+        worker the store knows stays running, waiting for that worker to register and say
+        whether it still runs it or finished it (`reconcile`); one whose worker is unknown is
+        ended as an infra failure, so its step is retried where its policy allows it.
+        """
+        stored = {a.id: a for a in attempts}
+        by_run: dict[str, list[StepRecord]] = {}
+        for s in steps:
+            by_run.setdefault(s.run_id, []).append(s)
+        self.slots.restore(workers, now)
+        for run in sorted(runs, key=lambda r: r.seq):
+            self._seq = max(self._seq, run.seq)
+            run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
+            try:
+                self._restore_run(run, run_steps, stored, now)
+            except Exception as e:  # one run the master cannot take up must not stop it
+                self._abandon(run, f"could not be restored after a master restart: "
+                                   f"{type(e).__name__}: {e}", now)
+
+    def _restore_run(self, run: RunRecord, run_steps: list[StepRecord],
+                     stored: dict[str, AttemptRecord], now: float) -> None:
+        self.book.adopt(run, run_steps)
+        for s in run_steps:
+            if s.state is StepState.RUNNING and s.current_attempt:
+                self._readopt_attempt(s, now, stored.get(s.current_attempt))
+            elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
+                self.queues.push(run, s, now)
+        self.book.finish_run_if_done(run.id, now)
+
+    def _readopt_attempt(self, step: StepRecord, now: float,
+                         stored: AttemptRecord | None) -> None:
+        attempt = stored or AttemptRecord(
+            id=step.current_attempt or "", run_id=step.run_id, step=step.name,
+            number=step.attempts, worker_id=step.worker_id or "", queued_at=step.queued_at,
+            started_at=step.started_at or now,
+        )
+        self.attempts[attempt.id] = attempt
+        if not self.slots.reserve(attempt.worker_id, attempt.id, step.spec):
+            self._end_attempt(attempt, StepState.FAILED, now, infra=True,
+                              reason="its worker was gone when the master restarted")
+            return
+        self.slots.unconfirmed(attempt.id)
+
+    def _abandon(self, run: RunRecord, reason: str, now: float) -> None:
+        """End a run as failed without touching its steps (the scheduler could not follow
+        them): it holds no slot, and its running attempts' reports are ignored."""
+        for attempt in [a for a in self.attempts.values() if a.run_id == run.id]:
+            del self.attempts[attempt.id]
+            step = self.book.step(run.id, attempt.step)
+            if step is not None:
+                self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
+        self.book.abandon(run, reason, now)
+
+    def reconcile(self, worker_id: str, running: list[str], finished: list[StepOutcome],
+                  now: float) -> None:
+        """A worker registered (again) and said what it runs and what it finished: apply the
+        results the master missed, and end as lost the attempts it no longer knows."""
+        for outcome in finished:
+            self.on_outcome(outcome, now)
+        for attempt_id in self.slots.unconfirmed_on(worker_id, running):
+            attempt = self.attempts.get(attempt_id)
+            if attempt is not None:
+                self._end_attempt(attempt, StepState.FAILED, now, infra=True,
+                                  reason=f"worker {worker_id} no longer ran it after the "
+                                         "master restarted")
+
+    # --- look-ahead and views -----------------------------------------------------------------
+
+    def lookahead(self) -> dict[str, int]:
+        """Per pool, the workers its coming steps will need, where more than it has (see
+        `cicd_ray.scheduler.lookahead`); nothing when look-ahead is off."""
+        if not self.lookahead_on:
+            return {}
+        coming = upcoming(self.book, self.attempts.values())
+        return workers_wanted(self.pools, coming, self.slots.views(), self._queued_cpu())
+
+    def worker_load(self, worker_id: str) -> tuple[float, list[str]]:
+        """CPUs in use and the attempts running on a worker (kept in memory, not stored)."""
+        return self.slots.load_of(worker_id)
+
+    def queue_view(self, now: float) -> dict[str, dict]:
+        return self.queues.view(now)
+
+
+def new_attempt(step: StepRecord, worker: WorkerRecord, now: float) -> AttemptRecord:
+    """The record of the step's next attempt, starting now on `worker`, with where its wait
+    went: for a worker or node to come up (it was not ready when the step was queued), and for
+    a free slot (the rest)."""
+    waited = max(0.0, now - step.queued_at)
+    capacity = min(waited, max(0.0, (worker.ready_at or now) - step.queued_at))
+    return AttemptRecord(
+        id=f"{step.run_id}/{step.name}/{step.attempts}", run_id=step.run_id, step=step.name,
+        number=step.attempts, worker_id=worker.id, queued_at=step.queued_at, started_at=now,
+        wait_capacity_s=round(capacity, 3), wait_slot_s=round(waited - capacity, 3),
+        pool=worker.pool,
+    )

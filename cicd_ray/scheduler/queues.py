@@ -1,0 +1,96 @@
+"""The ready queues: one heap per pool of steps whose needs are met, best first (priority, then
+the older run, then pipeline order); fitting with backfill; spot pools standing in.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from cicd_ray.config import PoolConfig
+from cicd_ray.records import RunRecord, StepRecord
+from cicd_ray.states import StepState
+
+# How many queued steps that do not fit a free slot are passed over, per pool and tick, in
+# search of a smaller one that does (backfill); bounded so a deep queue costs little per tick.
+BACKFILL_SCAN = 64
+
+
+class Entry(NamedTuple):
+    """A ready step in its pool's heap (a tuple, so the heap compares it fast)."""
+
+    neg_priority: int
+    run_seq: int
+    index: int
+    run_id: str
+    step: str
+
+
+Lookup = Callable[[str, str], "StepRecord | None"]
+
+
+class ReadyQueues:
+    def __init__(self, pools: dict[str, PoolConfig], lookup: Lookup) -> None:
+        self.pools = pools
+        self._lookup = lookup  # (run id, step name) -> the step, None once its run is gone
+        self._heaps: dict[str, list[Entry]] = {}
+
+    def push(self, run: RunRecord, step: StepRecord, now: float) -> None:
+        step.queued_at = now
+        heapq.heappush(self._heaps.setdefault(self.pool_for(step), []),
+                       Entry(-step.spec.priority, run.seq, step.spec.index, run.id, step.name))
+
+    def pool_for(self, step: StepRecord) -> str:
+        """Where a ready step waits: a spot pool standing in for its own if it is
+        interruptible, fits there, and has not lost an attempt there; else its own pool."""
+        if step.spec.interruptible and not step.spot_evicted:
+            for pool in self.pools.values():
+                if (pool.spot and step.spec.pool in pool.spot_for
+                        and step.spec.cpu <= pool.cpus and step.spec.memory_mb <= pool.memory_mb):
+                    return pool.name
+        return step.spec.pool
+
+    def nonempty(self) -> list[str]:
+        return [pool for pool, heap in self._heaps.items() if heap]
+
+    def placements(self, pool: str, fit: Callable[[StepRecord], object | None],
+                   room_left: Callable[[], bool]) -> Iterator[tuple[StepRecord, object]]:
+        """The queued steps of `pool` that `fit` finds a place for, best first, with that place.
+        A step that does not fit is passed over (up to BACKFILL_SCAN) for smaller ones behind
+        it, and keeps its place in the queue; the search stops when no place has room left.
+        The caller must take each step out of `queued` before asking for the next."""
+        heap = self._heaps.get(pool, [])
+        passed_over: list[Entry] = []
+        try:
+            while heap and len(passed_over) < BACKFILL_SCAN:
+                entry = heapq.heappop(heap)
+                step = self._queued(entry)
+                if step is None:
+                    continue  # cancelled or skipped while it waited
+                place = fit(step)
+                if place is None:
+                    passed_over.append(entry)
+                    if not room_left():
+                        break
+                    continue
+                yield step, place
+        finally:
+            for entry in passed_over:
+                heapq.heappush(heap, entry)
+
+    def waiting(self, pool: str) -> list[StepRecord]:
+        """The steps still queued in a pool (entries of steps that moved on are stale)."""
+        return [s for s in map(self._queued, self._heaps.get(pool, ())) if s is not None]
+
+    def view(self, now: float) -> dict[str, dict]:
+        """Per pool: steps ready and waiting for a slot, and how long the oldest has waited."""
+        out: dict[str, dict] = {name: {"queued": 0, "oldest_wait_s": 0.0} for name in self.pools}
+        for pool in self._heaps:
+            waits = [now - s.queued_at for s in self.waiting(pool)]
+            out[pool] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
+        return out
+
+    def _queued(self, entry: Entry) -> StepRecord | None:
+        step = self._lookup(entry.run_id, entry.step)
+        return step if step is not None and step.state is StepState.QUEUED else None
