@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 
 from cicd_ray import cluster
+from cicd_ray.backends import RayRunner, follow_run
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
 from cicd_ray.spec import MAX_PLANNED_STEPS, parse_pipeline
@@ -37,10 +38,9 @@ def plain_step() -> int:
 def run_pipeline(master, settings: Settings, doc: dict) -> float:
     t0 = time.perf_counter()
     run_id = cluster.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
-    while ray.get(master.wait.remote(run_id, 60.0)) not in ("succeeded", "failed", "cancelled"):
-        pass
+    view = follow_run(RayRunner(master, settings), run_id)
     took = time.perf_counter() - t0
-    state = ray.get(master.get_run.remote(run_id))["run"]["state"]
+    state = view.run.state.value
     if state != "succeeded":
         raise SystemExit(f"benchmark run {run_id} ended {state}")
     return took

@@ -32,6 +32,7 @@ from ray import serve
 from cicd_ray import cluster
 from cicd_ray.api import build
 from cicd_ray.auth import digest
+from cicd_ray.backends import RayRunner, follow_run
 from cicd_ray.config import PoolConfig, Settings
 
 TOKEN = "bench-token-" + "0" * 20
@@ -78,11 +79,10 @@ def drive(n: int, clients: int, submit) -> tuple[list[tuple[str, float, float]],
 def starts(master, results: list[tuple[str, float, float]]) -> list[float]:
     """Submit-to-start of each run, from the timestamp its step printed."""
     out = []
+    runner = RayRunner(master, Settings(home=Path(tempfile.gettempdir())))
     for run_id, t0, _ in results:
-        while ray.get(master.wait.remote(run_id, 60.0)) not in ("succeeded", "failed"):
-            pass
-        answer = ray.get(master.step_log.remote(run_id, "s", None, 0))
-        out.append(float(answer["data"].decode().strip()) - t0)
+        follow_run(runner, run_id)
+        out.append(float(runner.log(run_id, "s", None, 0).data.decode().strip()) - t0)
     return out
 
 
@@ -116,7 +116,7 @@ def main() -> None:
         return r.json()["run_id"]
 
     def in_process() -> str:
-        return ray.get(master.submit.remote(PIPELINE, {}, None, None))["run_id"]
+        return ray.get(master.submit.remote(PIPELINE, {}, None, None)).run_id
 
     drive(args.clients * 2, args.clients, over_http)  # warm up both paths
     drive(args.clients * 2, args.clients, in_process)

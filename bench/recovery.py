@@ -20,10 +20,11 @@ from pathlib import Path
 import ray
 
 from cicd_ray import cluster
+from cicd_ray.backends import RayRunner, follow_run
 from cicd_ray.config import Settings
 from cicd_ray.master import Master
+from cicd_ray.names import NAMESPACE
 from cicd_ray.spec import parse_pipeline
-from cicd_ray.worker import NAMESPACE
 
 
 def until_answers(handle, not_pid: int | None = None) -> float:
@@ -48,7 +49,7 @@ def main() -> None:
     master = cluster.ensure_master(settings)
     doc = {"name": "survive", "steps": [{"name": "long", "run": f"sleep {3 * args.kills + 5}"}]}
     run_id = cluster.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
-    while ray.get(master.get_run.remote(run_id))["steps"][0]["state"] != "running":
+    while ray.get(master.get_run.remote(run_id)).steps[0].state.value != "running":
         time.sleep(0.05)
 
     restarts = []
@@ -68,9 +69,7 @@ def main() -> None:
         colds.append(time.perf_counter() - t0)
         ray.kill(fresh)
 
-    while ray.get(master.wait.remote(run_id, 60.0)) not in ("succeeded", "failed", "cancelled"):
-        pass
-    view = ray.get(master.get_run.remote(run_id))
+    view = follow_run(RayRunner(master, settings), run_id).model_dump(mode="json")
     print(f"cicd-ray master recovery ({args.kills} kills, ray {ray.__version__})")
     print(f"{'':34}{'median':>10}{'max':>10}")
     print(f"{'killed -> answering again':34}{statistics.median(restarts):>9.2f}s"

@@ -1,10 +1,11 @@
 """The HTTP API: a FastAPI app that talks to the master by its name, served by Ray Serve.
 
-`create_app()` builds the FastAPI app; `app` (import path `cicd_ray.api:app`) is the Serve
-application for `serve run`, `serve deploy` and a RayService's `serveConfigV2`. The API holds no
-state. Writes go to the master; reads of runs and logs come from the store itself (the master
-names it), so they go on while the master restarts or the GCS is down. A pipeline is validated
-here too, so bad input gets its 422 even when the master cannot answer.
+`create_app()` builds the FastAPI app (on each Serve replica, so it reads the replica's
+environment); `app` (import path `cicd_ray.api:app`) is the Serve application for `serve run`,
+`serve deploy` and a RayService's `serveConfigV2`. The API holds no state. Writes go to the
+master; reads of runs and logs come from the store itself (the master names it), so they go on
+while the master restarts or the GCS is down. A pipeline is validated here too, so bad input
+gets its 422 even when the master cannot answer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
@@ -29,23 +30,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
-from cicd_ray.errors import SpecError, StoreError
+from cicd_ray.errors import SourceError, SpecError, StoreError
+from cicd_ray.events import parse_position
 from cicd_ray.gate import BodyLimit, Guard
-from cicd_ray.source import SourceError, check_archive
+from cicd_ray.names import API, MASTER_NAME, NAMESPACE
+from cicd_ray.protocol import (
+    LOG_POLL_S,
+    RUN_WAIT_S,
+    Conflict,
+    LogSlice,
+    Missing,
+    Rejected,
+    RunChange,
+)
+from cicd_ray.source import check_archive
 from cicd_ray.spec import GitSource, check_env_overrides, env_bytes, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
 from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
-from cicd_ray.worker import MASTER_NAME, NAMESPACE
 
-API = "/api/v1"
 MASTER_TIMEOUT_S = 10.0
 RETRY_AFTER_S = "2"
-FOLLOW_POLL_S = 0.2
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 HEALTH_CACHE_S = 1.0
 EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+POSITION = r"^[0-9.]{1,30}:[0-9]{1,18}$"  # EPOCH:SEQ, as a wait answered it
 # A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
 RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
 STEP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(\[[A-Za-z0-9_=.,:+@ -]{1,400}\])?$")
@@ -67,20 +77,20 @@ class SubmitRequest(BaseModel):
         "replaces the pipeline's own `source`)")
 
 
-class Submitted(BaseModel):
+class RunCreated(BaseModel):
     run_id: str
     url: str
 
 
-class _Master:
+class MasterLink:
     """The master's handle, found by name and found again after the master restarts."""
 
     def __init__(self) -> None:
         self._handle = None
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any, timeout_s: float = MASTER_TIMEOUT_S) -> Any:
         try:
-            return await asyncio.wait_for(self._call(method, *args), MASTER_TIMEOUT_S)
+            return await asyncio.wait_for(self._call(method, *args), timeout_s)
         except (ValueError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
             self._handle = None
             raise HTTPException(
@@ -100,7 +110,7 @@ class _Reads:
     """Reads answered from the store the master writes, opened on first use; through the master
     while the store is unknown or not reachable from here (a SQLite file on another node)."""
 
-    def __init__(self, master: _Master) -> None:
+    def __init__(self, master: MasterLink) -> None:
         self.master = master
         self._store: Store | None = None
         self._looked = False
@@ -127,36 +137,46 @@ class _Reads:
         return self._store
 
 
-def create_app(token_digests: list[str] | None = None,
-               max_body_bytes: int | None = None) -> FastAPI:
-    """The FastAPI app. Tokens default to the environment (see `cicd_ray.auth`)."""
+def create_app(token_digests: list[str] | None = None, max_body_bytes: int | None = None,
+               master: MasterLink | None = None) -> FastAPI:
+    """The FastAPI app. Tokens and the body limit default to this process's environment (see
+    `cicd_ray.auth`); the master defaults to the named actor."""
     # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
     app = FastAPI(title="cicd-ray", version="1", docs_url=None, redoc_url=None,
                   description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
                   "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.")
-    master = _Master()
+    master = master or MasterLink()
     reads = _Reads(master)
     config = _Config(token_digests, max_body_bytes)
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Guard, digests=config.digests)
-    health = _Health(master)
     # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
     guarded = [Depends(HTTPBearer(auto_error=False))]
+    app.include_router(_page_routes(_Health(master)))
+    app.include_router(_submit_routes(master), dependencies=guarded)
+    app.include_router(_run_routes(master, reads), dependencies=guarded)
+    app.include_router(_log_routes(reads), dependencies=guarded)
+    app.include_router(_cluster_routes(master), dependencies=guarded)
+    return app
 
-    @app.get("/", include_in_schema=False)
+
+def _page_routes(health: _Health) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     async def page() -> Response:
         """The web page (no token needed to load it; it asks for one)."""
         return Response(_web_file("index.html"), media_type="text/html; charset=utf-8")
 
-    @app.get("/ui/{name}", include_in_schema=False)
+    @router.get("/ui/{name}", include_in_schema=False)
     async def page_file(name: str) -> Response:
         if name not in WEB_TYPES:
             raise HTTPException(404, detail=f"no file {name!r}")
         return Response(_web_file(name), media_type=WEB_TYPES[name],
                         headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz", tags=["health"])
+    @router.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
         """No authentication: says whether the master answers (asked at most once a second,
         however many probes come)."""
@@ -165,46 +185,43 @@ def create_app(token_digests: list[str] | None = None,
             return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
         return JSONResponse(body)
 
-    @app.post(f"{API}/runs", status_code=201, response_model=Submitted, dependencies=guarded,
-              tags=["runs"], responses={200: {"model": Submitted}})
+    return router
+
+
+def _submit_routes(master: MasterLink) -> APIRouter:
+    router = APIRouter(tags=["runs"])
+
+    @router.post(f"{API}/runs", status_code=201, response_model=RunCreated,
+                 responses={200: {"model": RunCreated}})
     async def submit(req: SubmitRequest, response: Response,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
                      authorization: Annotated[str | None, Header(include_in_schema=False)] = None):
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
         `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
         body; 413 past the body limit; 422 for an invalid pipeline."""
-        source = None
-        pipeline = req.pipeline
-        if isinstance(req.source, GitSource):
-            pipeline = await asyncio.to_thread(_with_git_source, pipeline, req.source)
-        elif req.source is not None:
-            try:
-                data = base64.b64decode(req.source.archive, validate=True)
-            except (binascii.Error, ValueError):
-                raise HTTPException(422, detail="source.archive: not valid base64") from None
-            source = (hashlib.sha256(data).hexdigest(), data)
-            try:
-                await asyncio.to_thread(check_archive, data)
-            except SourceError as e:
-                raise HTTPException(422, detail=str(e)) from None
+        pipeline, source = await _unpacked(req)
         # Parsing and planning take time on a large document: off this replica's loop.
         problems = await asyncio.to_thread(_check, pipeline, req.env)
         if problems:
-            return JSONResponse({"detail": "; ".join(problems), "problems": problems},
-                                status_code=422)
+            return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
         answer = await master.call("submit", pipeline, req.env, source, key)
-        if "problems" in answer:
-            return JSONResponse({"detail": "; ".join(answer["problems"]),
-                                 "problems": answer["problems"]}, status_code=422)
-        if "conflict" in answer:
+        if isinstance(answer, Rejected):
+            return _rejected(answer.problems)
+        if isinstance(answer, Conflict):
             raise HTTPException(409, detail=f"Idempotency-Key already used for run "
-                                f"{answer['conflict']} with a different request; use a new key")
-        if answer.get("existing"):
+                                f"{answer.run_id} with a different request; use a new key")
+        if answer.existing:
             response.status_code = 200
-        return Submitted(run_id=answer["run_id"], url=f"{API}/runs/{answer['run_id']}")
+        return RunCreated(run_id=answer.run_id, url=f"{API}/runs/{answer.run_id}")
 
-    @app.get(f"{API}/runs", dependencies=guarded, tags=["runs"])
+    return router
+
+
+def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
+    router = APIRouter(tags=["runs"])
+
+    @router.get(f"{API}/runs")
     async def list_runs(state: RunState | None = None,
                         pipeline: Annotated[str | None, Query(max_length=63)] = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -214,15 +231,28 @@ def create_app(token_digests: list[str] | None = None,
                                  offset)
         return {"runs": runs, "limit": limit, "offset": offset}
 
-    @app.get(f"{API}/runs/{{run_id}}", dependencies=guarded, tags=["runs"])
+    @router.get(f"{API}/runs/{{run_id}}")
     async def get_run(run_id: RunId) -> dict:
         """The run with every step (state, attempts, times, worker, exit code) and attempt."""
         view = await reads.call("get_run", run_id)
         if view is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
-        return view
+        return view.model_dump(mode="json")
 
-    @app.post(f"{API}/runs/{{run_id}}/cancel", dependencies=guarded, tags=["runs"])
+    @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
+    async def wait(run_id: RunId,
+                   after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
+                   timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S):
+        """A long poll: answers once the run has changed since `after` (the `position` of an
+        earlier answer) or has ended, or after `timeout_s`; without `after`, at once. Follow
+        a run with it: wait, read the run, wait from the position, read again."""
+        change = await master.call("wait", run_id, after, timeout_s,
+                                   timeout_s=timeout_s + MASTER_TIMEOUT_S)
+        if change is None:
+            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        return change
+
+    @router.post(f"{API}/runs/{{run_id}}/cancel")
     async def cancel(run_id: RunId) -> dict:
         """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
         state = await master.call("cancel", run_id)
@@ -230,9 +260,27 @@ def create_app(token_digests: list[str] | None = None,
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return {"run_id": run_id, "state": state}
 
-    @app.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", dependencies=guarded, tags=["runs"],
-             response_class=StreamingResponse,
-             responses={200: {"content": {"text/plain": {}}}})
+    @router.get(f"{API}/events", response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
+                     last_event_id: Annotated[str | None, Header(max_length=64)] = None):
+        """Run and step state changes as Server-Sent Events (`event: run` or `step`, `data:`
+        JSON), from now on, or after `Last-Event-ID` when a client reconnects. `run_id` keeps
+        one run's. An `event: reset` says changes were missed (reload what you show)."""
+        epoch, after = parse_position(last_event_id)
+        return StreamingResponse(_event_stream(master, run_id, epoch, after),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
+    return router
+
+
+def _log_routes(reads: _Reads) -> APIRouter:
+    router = APIRouter(tags=["runs"])
+
+    @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", response_class=StreamingResponse,
+                responses={200: {"content": {"text/plain": {}}}})
     async def step_log(run_id: RunId, step: str,
                        follow: bool = False, offset: Annotated[int, Query(ge=0)] = 0,
                        attempt: Annotated[int | None, Query(ge=1)] = None):
@@ -243,42 +291,55 @@ def create_app(token_digests: list[str] | None = None,
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
         first = await reads.call("step_log", run_id, step, attempt, offset)
-        if "error" in first:
-            raise HTTPException(404, detail=first["error"])
-        headers = {"X-Attempt": str(first["attempt"] or ""), "X-Attempt-State": first["state"],
-                   "X-More": "true" if first["more"] else "false", "Cache-Control": "no-store"}
+        if isinstance(first, Missing):
+            raise HTTPException(404, detail=first.detail)
+        headers = {"X-Attempt": str(first.attempt or ""), "X-Attempt-State": first.state,
+                   "X-More": "true" if first.more else "false", "Cache-Control": "no-store"}
         if not follow:
-            return Response(first["data"], media_type="text/plain; charset=utf-8",
+            return Response(first.data, media_type="text/plain; charset=utf-8",
                             headers=headers)
         return StreamingResponse(_follow(reads, run_id, step, attempt, offset, first),
                                  media_type="text/plain; charset=utf-8", headers=headers)
 
-    @app.get(f"{API}/events", dependencies=guarded, tags=["runs"],
-             response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
-                     last_event_id: Annotated[str | None, Header(max_length=64)] = None):
-        """Run and step state changes as Server-Sent Events (`event: run` or `step`, `data:`
-        JSON), from now on, or after `Last-Event-ID` when a client reconnects. `run_id` keeps
-        one run's. An `event: reset` says changes were missed (reload what you show)."""
-        epoch, after = _event_position(last_event_id)
-        return StreamingResponse(_event_stream(master, run_id, epoch, after),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store",
-                                          "X-Accel-Buffering": "no"})
+    return router
 
-    @app.get(f"{API}/workers", dependencies=guarded, tags=["cluster"])
+
+def _cluster_routes(master: MasterLink) -> APIRouter:
+    router = APIRouter(tags=["cluster"])
+
+    @router.get(f"{API}/workers")
     async def workers(since: Annotated[float | None, Query(ge=0)] = None) -> dict:
         """The live workers and those stopped since `since` (a Unix time; default: the last
         10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory."""
         return {"workers": await master.call("workers", since)}
 
-    @app.get(f"{API}/queue", dependencies=guarded, tags=["cluster"])
+    @router.get(f"{API}/queue")
     async def queue() -> dict:
         """Steps ready and waiting for a slot, per pool, and the oldest one's wait."""
         return {"pools": await master.call("queue")}
 
-    return app
+    return router
+
+
+async def _unpacked(req: SubmitRequest) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
+    """The request's pipeline (with a git source put in it) and its archive (digest, bytes)."""
+    if isinstance(req.source, GitSource):
+        return await asyncio.to_thread(_with_git_source, req.pipeline, req.source), None
+    if req.source is None:
+        return req.pipeline, None
+    try:
+        data = base64.b64decode(req.source.archive, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, detail="source.archive: not valid base64") from None
+    try:
+        await asyncio.to_thread(check_archive, data)
+    except SourceError as e:
+        raise HTTPException(422, detail=str(e)) from None
+    return req.pipeline, (hashlib.sha256(data).hexdigest(), data)
+
+
+def _rejected(problems: list[str]) -> JSONResponse:
+    return JSONResponse({"detail": "; ".join(problems), "problems": problems}, status_code=422)
 
 
 def _scoped_key(key: str | None, authorization: str | None) -> str | None:
@@ -292,7 +353,7 @@ def _scoped_key(key: str | None, authorization: str | None) -> str | None:
 class _Health:
     """The master's health, asked at most once per HEALTH_CACHE_S, however many probes come."""
 
-    def __init__(self, master: _Master) -> None:
+    def __init__(self, master: MasterLink) -> None:
         self.master = master
         self._answer: tuple[bool, dict] | None = None
         self._at = 0.0
@@ -353,40 +414,31 @@ class _Config:
 
 
 async def _follow(reads: _Reads, run_id: str, step: str, attempt: int | None, offset: int,
-                  answer: dict) -> AsyncIterator[bytes]:
+                  answer: LogSlice) -> AsyncIterator[bytes]:
     # Follow one attempt: the one that was current when the request came, or the first one.
-    pinned = attempt or answer["attempt"]
+    pinned = attempt or answer.attempt
     while True:
-        if answer["data"]:
-            offset += len(answer["data"])
-            yield answer["data"]
-        if not answer["more"]:
+        if answer.data:
+            offset += len(answer.data)
+            yield answer.data
+        if not answer.more:
             return
-        await asyncio.sleep(FOLLOW_POLL_S)
+        await asyncio.sleep(LOG_POLL_S)
         try:
             answer = await reads.call("step_log", run_id, step, pinned, offset)
         except HTTPException:
             return  # the master went away mid-stream: the client resumes from its offset
-        if "error" in answer:
+        if isinstance(answer, Missing):
             return
-        if pinned is None and answer["attempt"] is not None:
-            pinned = answer["attempt"]
+        if pinned is None and answer.attempt is not None:
+            pinned = answer.attempt
 
 
 def _web_file(name: str) -> bytes:
     return (resources.files("cicd_ray") / "web" / name).read_bytes()
 
 
-def _event_position(last_event_id: str | None) -> tuple[float | None, int]:
-    """`EPOCH:SEQ` from a Last-Event-ID; (None, -1) for a new client (from now on)."""
-    epoch, _, seq = (last_event_id or "").partition(":")
-    try:
-        return float(epoch), int(seq)
-    except ValueError:
-        return None, -1
-
-
-async def _event_stream(master: _Master, run_id: str | None, epoch: float | None,
+async def _event_stream(master: MasterLink, run_id: str | None, epoch: float | None,
                         after: int) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
     while True:
@@ -415,15 +467,12 @@ async def _event_stream(master: _Master, run_id: str | None, epoch: float | None
             yield b": keep-alive\n\n"
 
 
-api = create_app()
-
-
 # The handlers only await the master, so one replica can serve many requests at once.
 # A line per request in Serve's access log costs more than the request's own work here; the
 # master records every submission anyway.
 @serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200,
                   logging_config={"enable_access_log": False, "log_level": "WARNING"})
-@serve.ingress(api)
+@serve.ingress(create_app)  # built on each replica, with its environment
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""
 
@@ -441,8 +490,7 @@ class ApiServer:
 
 def check_config() -> None:
     """Refuse bad token or body-limit settings in this process's environment (a replica's, at
-    its start) with their message, rather than answering 500 to every request. The app itself
-    reads them on first use: it is built where the deployment is defined, not in the replica."""
+    its start) with their message, rather than answering 500 to every request."""
     config = _Config(None, None)
     config.digests()
     config.max_body_bytes()

@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader, follow
+from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader, follow_run
 from cicd_ray.config import Settings, load_pools
 from cicd_ray.errors import CicdError, SpecError
+from cicd_ray.protocol import LOG_POLL_S, RunView
 from cicd_ray.spec import load_pipeline, plan
-from cicd_ray.states import RunState
+from cicd_ray.states import RunState, StepState
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cicd-ray: run CI/CD pipelines on Ray.")
@@ -32,7 +33,6 @@ err = Console(stderr=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 LOG_TAIL_LINES = 20
-FOLLOW_POLL_S = 0.3
 STATE_STYLE = {
     "queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red",
     "timed_out": "red", "cancelled": "yellow", "skipped": "dim",
@@ -153,7 +153,7 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
             return
         view = _follow_run(runner, run_id, timeout)
         _print_summary(view, runner)
-        raise typer.Exit(EXIT_OK if view["run"]["state"] == RunState.SUCCEEDED else EXIT_FAILED)
+        raise typer.Exit(EXIT_OK if view.run.state is RunState.SUCCEEDED else EXIT_FAILED)
     except CicdError as e:
         raise _fail(str(e)) from None
     finally:
@@ -163,9 +163,9 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
             cluster.shutdown_embedded(runner.master)
 
 
-def _follow_run(runner: Runner, run_id: str, timeout: float | None) -> dict:
+def _follow_run(runner: Runner, run_id: str, timeout: float | None) -> RunView:
     try:
-        return follow(runner.view, run_id, _ProgressPrinter().update, timeout_s=timeout)
+        return follow_run(runner, run_id, _ProgressPrinter().update, timeout_s=timeout)
     except TimeoutError as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
@@ -181,39 +181,39 @@ class _ProgressPrinter:
         self.seen: dict[str, tuple[str, int]] = {}
         self.t0 = time.monotonic()
 
-    def update(self, view: dict) -> None:
-        for step in view["steps"]:
-            name, state, attempts = step["spec"]["name"], step["state"], step["attempts"]
+    def update(self, view: RunView) -> None:
+        for step in view.steps:
+            name, state, attempts = step.name, step.state.value, step.attempts
             if self.seen.get(name) == (state, attempts):
                 continue
             self.seen[name] = (state, attempts)
             detail = ""
             if state == "running":
-                detail = f"attempt {attempts} on {step['worker_id']}"
+                detail = f"attempt {attempts} on {step.worker_id}"
             elif state in ("failed", "timed_out", "skipped", "cancelled") or (
                     state == "queued" and attempts):
-                detail = step["reason"]
+                detail = step.reason
             style = STATE_STYLE.get(state, "")
             out.print(f"{time.monotonic() - self.t0:7.1f}s  {escape(f'{name:<28}')} "
                       f"[{style}]{state:<10}[/{style}] {escape(detail)}")
 
 
-def _print_summary(view: dict, reader: Reader) -> None:
-    run = view["run"]
-    for step in view["steps"]:
-        if step["state"] not in ("failed", "timed_out") or not step["current_attempt"]:
+def _print_summary(view: RunView, reader: Reader) -> None:
+    run = view.run
+    for step in view.steps:
+        if step.state not in (StepState.FAILED, StepState.TIMED_OUT) or not step.current_attempt:
             continue
-        text = reader.log(run["id"], step["spec"]["name"], None, 0)["data"]
+        text = reader.log(run.id, step.name, None, 0).data
         tail = "\n".join(text.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-        out.rule(escape(f"{step['spec']['name']}: {step['state']} ({step['reason']}) - last "
-                        "lines of its log"))
+        out.rule(escape(f"{step.name}: {step.state.value} ({step.reason}) - last lines of its "
+                        "log"))
         out.print(tail, markup=False)
-    took = (run["finished_at"] or time.time()) - run["created_at"]
+    took = (run.finished_at or time.time()) - run.created_at
     counts: dict[str, int] = {}
-    for s in view["steps"]:
-        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    for s in view.steps:
+        counts[s.state.value] = counts.get(s.state.value, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    out.print(f"run {run['id']} {_styled(run['state'])} in {took:.1f}s ({summary})")
+    out.print(f"run {run.id} {_styled(run.state.value)} in {took:.1f}s ({summary})")
 
 
 # --- reading runs --------------------------------------------------------------------------------
@@ -265,30 +265,33 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
     with _reported():
         view = _reader(url).view(run_id)
     if as_json:
-        out.print_json(data=view)
+        out.print_json(data=view.model_dump(mode="json"))
         return
-    run_record = view["run"]
-    out.print(f"run {run_record['id']} of {run_record['pipeline']}: "
-              f"{_styled(run_record['state'])} {escape(run_record['reason'])}")
-    last_attempt = {a["step"]: a for a in view["attempts"]}
-    table = Table("step", "state", "attempts", "wait slot", "wait capacity", "ran", "worker",
-                  "exit", "peak MiB", "reason")
-    for s in view["steps"]:
-        last = last_attempt.get(s["spec"]["name"])
-        peak = last and last["peak_memory_mb"]
-        ran = last and _duration(last["started_at"], last["finished_at"])
-        table.add_row(
-            escape(s["spec"]["name"]), _styled(s["state"]), str(s["attempts"]),
-            _fmt_s(last["wait_slot_s"]) if last else "",
-            _fmt_s(last["wait_capacity_s"]) if last else "", _fmt_s(ran), s["worker_id"] or "",
-            "" if s["exit_code"] is None else str(s["exit_code"]),
-            f"{peak:.0f}" if peak else "", escape(s["reason"]),
-        )
-    out.print(table)
-    shared = sorted({a["runs_as"] for a in view["attempts"] if "worker's user" in a["runs_as"]})
+    run = view.run
+    out.print(f"run {run.id} of {run.pipeline}: {_styled(run.state.value)} {escape(run.reason)}")
+    out.print(_steps_table(view))
+    shared = sorted({a.runs_as for a in view.attempts if "worker's user" in a.runs_as})
     if shared:
         out.print(f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
                   "read what their worker can (see docs/security.md)")
+
+
+def _steps_table(view: RunView) -> Table:
+    last_attempt = {a.step: a for a in view.attempts}
+    table = Table("step", "state", "attempts", "wait slot", "wait capacity", "ran", "worker",
+                  "exit", "peak MiB", "reason")
+    for s in view.steps:
+        last = last_attempt.get(s.name)
+        peak = last and last.peak_memory_mb
+        ran = last and _duration(last.started_at, last.finished_at)
+        table.add_row(
+            escape(s.name), _styled(s.state.value), str(s.attempts),
+            _fmt_s(last.wait_slot_s) if last else "",
+            _fmt_s(last.wait_capacity_s) if last else "", _fmt_s(ran), s.worker_id or "",
+            "" if s.exit_code is None else str(s.exit_code),
+            f"{peak:.0f}" if peak else "", escape(s.reason),
+        )
+    return table
 
 
 @app.command()
@@ -301,23 +304,23 @@ def logs(run_id: str, step: str,
     with _reported():
         reader = _reader(url)
         answer = reader.log(run_id, step, attempt, 0)
-        if answer["attempt"] is None and not follow:
+        if answer.attempt is None and not follow:
             raise CicdError(f"step {step!r} has not started, so it has no log yet")
     if as_json:
-        out.print_json(data={"run_id": run_id, "step": step, "attempt": answer["attempt"],
-                             "state": answer["state"],
-                             "log": answer["data"].decode(errors="replace")})
+        out.print_json(data={"run_id": run_id, "step": step, "attempt": answer.attempt,
+                             "state": answer.state,
+                             "log": answer.data.decode(errors="replace")})
         return
     offset = 0
     while True:
-        sys.stdout.buffer.write(answer["data"])
+        sys.stdout.buffer.write(answer.data)
         sys.stdout.flush()
-        offset += len(answer["data"])
-        if not follow or not answer["more"]:
+        offset += len(answer.data)
+        if not follow or not answer.more:
             return
-        time.sleep(FOLLOW_POLL_S)
+        time.sleep(LOG_POLL_S)
         with _reported():
-            answer = reader.log(run_id, step, answer["attempt"], offset)
+            answer = reader.log(run_id, step, answer.attempt, offset)
 
 
 @app.command()
@@ -444,9 +447,10 @@ def _since(text: str, option: str = "--since") -> float:
 
 
 def _history(reader: Reader, pipeline: str | None, since: float, limit: int) -> list[dict]:
-    """Views of the runs (of a pipeline) created since `since`, newest first."""
+    """Views of the runs (of a pipeline) created since `since`, newest first, as JSON (what
+    cicd_ray.usage reads)."""
     runs = [r for r in reader.list_runs(None, pipeline, limit) if r["created_at"] >= since]
-    return [reader.view(r["id"]) for r in runs]
+    return [reader.view(r["id"]).model_dump(mode="json") for r in runs]
 
 
 @app.command()

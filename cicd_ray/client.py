@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +29,11 @@ from cicd_ray.errors import (
     SpecError,
     Unauthorized,
 )
-from cicd_ray.source import snapshot, source_folder
+from cicd_ray.follow import follow
+from cicd_ray.names import API
+from cicd_ray.protocol import LogSlice, RunChange
+from cicd_ray.source import SOURCE_LIMIT_BYTES, snapshot, source_folder
 from cicd_ray.spec import load_pipeline
-from cicd_ray.states import RunState
-
-API = "/api/v1"
-SOURCE_LIMIT_BYTES = 200 * 1024 * 1024
 
 
 class Client:
@@ -114,14 +112,28 @@ class Client:
     def cancel(self, run_id: str) -> str:
         return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]
 
-    def log(self, run_id: str, step: str, attempt: int | None = None, offset: int = 0) -> str:
-        return self.log_response(run_id, step, attempt, offset).text
+    def wait(self, run_id: str, after: str | None = None,
+             timeout_s: float = 30.0) -> RunChange:
+        """The long poll: once the run changed since `after` (a position from an earlier
+        answer) or ended, or after `timeout_s`; without `after`, at once."""
+        params = {"timeout_s": timeout_s, **({"after": after} if after else {})}
+        return RunChange.model_validate(self._request(
+            "GET", f"{API}/runs/{run_id}/wait", params=params,
+            timeout=self._http.timeout.read + timeout_s).json())
 
-    def log_response(self, run_id: str, step: str, attempt: int | None = None,
-                     offset: int = 0) -> httpx.Response:
-        """The log request's whole response: its `X-Attempt` header names the attempt."""
+    def log(self, run_id: str, step: str, attempt: int | None = None, offset: int = 0) -> str:
+        return self.log_slice(run_id, step, attempt, offset).data.decode(errors="replace")
+
+    def log_slice(self, run_id: str, step: str, attempt: int | None = None,
+                  offset: int = 0) -> LogSlice:
+        """The log from `offset`, with the attempt, its state and whether more can come (the
+        response's X-Attempt, X-Attempt-State and X-More headers)."""
         params = {"offset": offset, **({"attempt": attempt} if attempt else {})}
-        return self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log", params=params)
+        response = self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log", params=params)
+        number = response.headers.get("x-attempt")
+        return LogSlice(attempt=int(number) if number else None,
+                        state=response.headers.get("x-attempt-state", "queued"),
+                        data=response.content, more=response.headers.get("x-more") == "true")
 
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""
@@ -160,12 +172,10 @@ class Run:
         self.view = self.client.run(self.id).view
         return self
 
-    def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> Run:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not RunState(self.refresh().state).terminal:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {self.id} still {self.state} after {timeout} s")
-            time.sleep(poll_s)
+    def wait(self, timeout: float | None = None) -> Run:
+        """Until the run ends (TimeoutError past `timeout` seconds), by the server's long poll."""
+        self.view = follow(lambda run_id: self.client.run(run_id).view, self.client.wait,
+                           self.id, lambda view: view["run"]["state"], timeout_s=timeout)
         return self
 
     def logs(self, step: str, follow: bool = False, attempt: int | None = None):

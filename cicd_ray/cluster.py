@@ -1,6 +1,6 @@
-"""The client side of the Ray edge: join or start a cluster, find the master, submit, follow.
+"""The client side of the Ray edge: join or start a cluster, find the master, submit.
 
-Used by the CLI, the benchmarks and the tests; the HTTP API will speak to the same master.
+Used by the CLI (through cicd_ray.backends.RayRunner), the benchmarks and the tests.
 """
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import MasterUnavailable, NotFound, SpecError
+from cicd_ray.errors import MasterUnavailable, SpecError
 from cicd_ray.master import master_actor
+from cicd_ray.names import MASTER_NAME, NAMESPACE
+from cicd_ray.protocol import Rejected
 from cicd_ray.source import snapshot, source_folder
 from cicd_ray.spec import PipelineSpec
-from cicd_ray.worker import MASTER_NAME, NAMESPACE
 
 MASTER_START_TIMEOUT_S = 120.0
 
@@ -69,23 +69,9 @@ def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Pat
     folder = source_folder(spec.source, pipeline_dir, source_dir)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
     answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
-    if "problems" in answer:
-        raise SpecError(answer["problems"], source=spec.name)
-    return answer["run_id"]
-
-
-def follow(master, run_id: str, on_update: Callable[[dict], None] | None = None,
-           poll_s: float = 0.25, timeout_s: float | None = None) -> dict:
-    """Poll the run through the master until it ends. Returns the final view."""
-    from cicd_ray.backends import follow as follow_view
-
-    def view(rid: str) -> dict:
-        current = call(master.get_run.remote(rid))
-        if current is None:
-            raise NotFound(f"run {rid!r} does not exist")
-        return current
-
-    return follow_view(view, run_id, on_update, poll_s, timeout_s)
+    if isinstance(answer, Rejected):
+        raise SpecError(answer.problems, source=spec.name)
+    return answer.run_id
 
 
 def shutdown_embedded(master) -> None:

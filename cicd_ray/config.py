@@ -20,8 +20,9 @@ from pydantic import (
 )
 
 from cicd_ray import yamldoc
-from cicd_ray.errors import SpecError, quote
-from cicd_ray.isolation import DEFAULT_STEP_UIDS, IsolationError, parse_uids
+from cicd_ray.errors import IsolationError, SpecError, quote
+from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
+from cicd_ray.source import SOURCE_LIMIT_BYTES
 from cicd_ray.spec import PIPELINE_NAME
 
 # Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
@@ -157,7 +158,7 @@ class Settings(BaseModel):
     log_flush_interval_s: float = Field(0.25, gt=0)
     kill_grace_s: float = Field(3.0, ge=0)
     keep_workspaces: bool = False
-    source_limit_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    source_limit_bytes: int = Field(SOURCE_LIMIT_BYTES, ge=1)
     # The most a source archive may unpack to, and the most members it may hold.
     source_unpacked_limit_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)
     source_max_members: int = Field(100_000, ge=1)

@@ -46,6 +46,14 @@ class InvalidTransition(CicdError):
     """A state change the state machine does not allow (for example out of a terminal state)."""
 
 
+class SourceError(CicdError):
+    """A source could not be fetched, packed or unpacked (a git ref, an archive's limits)."""
+
+
+class IsolationError(CicdError):
+    """A step's user could not be set up (a bad CICD_RAY_STEP_UIDS, no free user)."""
+
+
 class StoreError(CicdError):
     """The durable store could not be read or written."""
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import psutil
 
+from cicd_ray.errors import IsolationError, SourceError
 from cicd_ray.isolation import (
     STEP_ROOT,
     Identity,
-    IsolationError,
     command,
     hand_over,
     isolating,
@@ -37,7 +37,7 @@ from cicd_ray.isolation import (
     usable_by_others,
 )
 from cicd_ray.records import StepOutcome, StepTask
-from cicd_ray.source import SourceError, clone
+from cicd_ray.source import clone
 from cicd_ray.states import StepState
 
 READ_CHUNK_BYTES = 64 * 1024

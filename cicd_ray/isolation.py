@@ -29,7 +29,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cicd_ray.errors import CicdError
+from cicd_ray.errors import IsolationError
 
 DEFAULT_STEP_UIDS = "200000-201023"
 LOCK_DIR = Path("/run/cicd-ray/step-uids")  # one per machine, whatever CICD_RAY_HOME is
@@ -78,10 +78,6 @@ def popen_user(uid: int | None) -> dict:
     if uid is None or SETPRIV is not None:
         return {}
     return {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
-
-
-class IsolationError(CicdError):
-    """The step's user could not be set up (a bad CICD_RAY_STEP_UIDS, no free user)."""
 
 
 def parse_uids(text: str) -> range | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from cicd_ray.records import AttemptRecord, RunRecord
+from cicd_ray.records import AttemptRecord, Changes, RunRecord
+from cicd_ray.states import StepState
 
 SECONDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 STORE_SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
@@ -62,9 +63,17 @@ class Metrics:
     def run_ended(self, run: RunRecord) -> None:
         self.runs.inc(1, {"state": run.state.value})
 
-    def committed(self, records: int, seconds: float) -> None:
-        self.transitions.inc(records)
-        self.store_write.observe(seconds)
+    def committed(self, changes: Changes, took_s: float, now: float) -> None:
+        """An observer of the master's commits: what changed, and how long the write took."""
+        self.transitions.inc(len(changes.runs) + len(changes.steps) + len(changes.attempts)
+                             + len(changes.workers))
+        self.store_write.observe(took_s)
+        for attempt in changes.attempts.values():
+            if attempt.state is not StepState.RUNNING:
+                self.attempt_ended(attempt)
+        for run in changes.runs.values():
+            if run.state.terminal:
+                self.run_ended(run)
 
     def snapshot(self, queue: dict[str, dict], active_runs: int,
                  workers: dict[tuple[str, str], int]) -> None:

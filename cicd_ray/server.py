@@ -31,7 +31,7 @@ from cicd_ray.cluster import ensure_master
 from cicd_ray.config import Settings, load_pools
 from cicd_ray.errors import CicdError
 from cicd_ray.localcluster import autoscaler_config
-from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
+from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 
 SERVE_APP = "cicd"
 # Ray Serve's own names for its controller actor (ray.serve._private.constants).

@@ -16,13 +16,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from cicd_ray.errors import CicdError, SpecError
+from cicd_ray.errors import SourceError, SpecError
 
 GIT_TIMEOUT_S = 600.0
 
-
-class SourceError(CicdError):
-    """A source could not be fetched or unpacked for a step."""
 
 # Never worth copying into a build: version control, virtual environments, caches.
 EXCLUDED_NAMES = frozenset({
@@ -86,6 +83,7 @@ def _walk(root: Path):
             yield from _walk(path)
 
 
+SOURCE_LIMIT_BYTES = 200 * 1024 * 1024  # the most a packed source may be
 DEFAULT_UNPACKED_LIMIT_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_MAX_MEMBERS = 100_000
 

@@ -21,22 +21,17 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution
 from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep, sweep_due
+from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "cicd"
-MASTER_NAME = "cicd-master"
 WORKER_THREADS = 64  # upper bound on concurrent calls; the master decides how many steps run
 LOG_DRAIN_TIMEOUT_S = 30.0
 FINISHED_KEPT = 500  # recent outcomes repeated to a restarted master
 REPORT_FOR_S = 600.0  # how long a worker keeps offering an outcome to a master that is down
-
-
-def worker_actor_name(worker_id: str) -> str:
-    return f"cicd-worker-{worker_id}"
 
 
 class Worker:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cicd_ray.errors import NotFound
+from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.records import (
     AttemptRecord,
     Changes,
@@ -81,14 +82,12 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def run_view(store: Store, run_id: str) -> dict | None:
-    """A run with all its steps and attempts, JSON-ready: what `status` and the API show."""
+def run_view(store: Store, run_id: str) -> RunView | None:
+    """A run with all its steps and attempts: what `status` and the API show."""
     run = store.get_run(run_id)
     if run is None:
         return None
-    return {"run": run.model_dump(mode="json"),
-            "steps": [s.model_dump(mode="json") for s in store.get_steps(run_id)],
-            "attempts": [a.model_dump(mode="json") for a in store.get_attempts(run_id)]}
+    return RunView(run=run, steps=store.get_steps(run_id), attempts=store.get_attempts(run_id))
 
 
 def runs_page(store: Store, state: str | None = None, pipeline: str | None = None,
@@ -99,19 +98,18 @@ def runs_page(store: Store, state: str | None = None, pipeline: str | None = Non
 
 
 def log_answer(store: Store, run_id: str, step: str, attempt: int | None = None,
-               offset: int = 0) -> dict:
-    """`step_log` for a caller across a process boundary: {"error": ...} instead of NotFound."""
+               offset: int = 0) -> LogSlice | Missing:
+    """`step_log` for a caller across a process boundary: Missing instead of NotFound."""
     try:
         return step_log(store, run_id, step, attempt, offset)
     except NotFound as e:
-        return {"error": str(e)}
+        return Missing(detail=str(e))
 
 
 def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
-             offset: int = 0) -> dict:
-    """A step's log from byte `offset`, as every reader of a store answers it:
-    {"attempt": n or None (not started), "state", "data": bytes, "more": bool (can it grow)}.
-    Raises NotFound naming what is unknown."""
+             offset: int = 0) -> LogSlice:
+    """A step's log from byte `offset`, as every reader of a store answers it (attempt None:
+    not started yet). Raises NotFound naming what is unknown."""
     run = store.get_run(run_id)
     if run is None:
         raise NotFound(f"run {run_id!r} not found")
@@ -122,11 +120,11 @@ def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
             raise NotFound(f"run {run_id} has no step {step!r}; its steps are: "
                            f"{', '.join(names)}")
         # Not started yet: a follower waits for its first attempt.
-        return {"attempt": None, "state": "queued", "data": b"", "more": not run.state.terminal}
+        return LogSlice(attempt=None, state="queued", data=b"", more=not run.state.terminal)
     chosen = attempts[-1] if attempt is None else next(
         (a for a in attempts if a.number == attempt), None)
     if chosen is None:
         raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-    return {"attempt": chosen.number, "state": chosen.state.value,
-            "data": store.read_log(chosen.id, offset),
-            "more": chosen.state is StepState.RUNNING}
+    return LogSlice(attempt=chosen.number, state=chosen.state.value,
+                    data=store.read_log(chosen.id, offset),
+                    more=chosen.state is StepState.RUNNING)

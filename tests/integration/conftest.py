@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from cicd_ray import cluster
+from cicd_ray.backends import RayRunner, follow_run
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.spec import parse_pipeline
 from cicd_ray.states import StepState
@@ -26,13 +27,15 @@ class Harness:
                               self.settings)
 
     def wait(self, run_id: str, timeout_s: float = 90) -> dict:
-        return cluster.follow(self.master, run_id, poll_s=0.1, timeout_s=timeout_s)
+        """The final view, as the CLI follows a run (the master's long poll), as JSON."""
+        runner = RayRunner(self.master, self.settings)
+        return follow_run(runner, run_id, timeout_s=timeout_s).model_dump(mode="json")
 
     def run(self, doc: dict, **kw) -> dict:
         return self.wait(self.submit(doc, **kw))
 
     def view(self, run_id: str) -> dict:
-        return ray.get(self.master.get_run.remote(run_id))
+        return ray.get(self.master.get_run.remote(run_id)).model_dump(mode="json")
 
     def master_workers(self) -> list[dict]:
         return ray.get(self.master.workers.remote())

@@ -12,6 +12,7 @@ import pytest
 
 from cicd_ray.client import Client
 from cicd_ray.errors import ApiError, MasterUnavailable, NotFound, SpecError, Unauthorized
+from cicd_ray.protocol import LogSlice
 from tests.integration.conftest import API_BODY_LIMIT, API_TOKEN, OTHER_TOKEN
 from tests.waiting import all_gone, pids_in, wait_until
 
@@ -48,7 +49,7 @@ def test_every_endpoint_but_healthz_needs_the_token(api, headers, reason):
 def test_submit_poll_and_read_logs_with_the_client(client):
     run = client.submit("pipelines/hello.yaml")
     assert run.state in ("queued", "running")
-    run.wait(timeout=60, poll_s=0.2)
+    run.wait(timeout=60)
     assert run.state == "succeeded"
     assert {s["spec"]["name"] for s in run.steps} >= {"build", "test[py=3.11]", "package"}
     assert "testing on python 3.11" in run.logs("test[py=3.11]")
@@ -73,7 +74,7 @@ def test_each_attempt_s_log_by_its_number(client, api):
     run = client.submit({"name": "attempts", "steps": [{
         "name": "flaky", "retry": {"max": 2, "on": ["failure"]},
         "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 2 ]'}]})
-    assert run.wait(timeout=30, poll_s=0.2).state == "succeeded"
+    assert run.wait(timeout=30).state == "succeeded"
     url = f"{api}/api/v1/runs/{run.id}/steps/flaky/log"
     for attempt, text in [(1, "try 1\n"), (2, "try 2\n"), (None, "try 2\n")]:
         r = httpx.get(url, params={"attempt": attempt} if attempt else {}, headers=AUTH)
@@ -86,11 +87,34 @@ def test_each_attempt_s_log_by_its_number(client, api):
 
 def test_log_resumes_from_an_offset(client):
     run = client.submit({"name": "offset", "steps": [{"name": "s", "run": "echo abcdef"}]})
-    run.wait(timeout=30, poll_s=0.2)
+    run.wait(timeout=30)
     assert client.log(run.id, "s", offset=3) == "def\n"
-    headers = client.log_response(run.id, "s").headers
+    headers = client._request("GET", f"/api/v1/runs/{run.id}/steps/s/log").headers
     assert (headers["x-attempt"], headers["x-attempt-state"], headers["x-more"]) == (
         "1", "succeeded", "false")
+    assert client.log_slice(run.id, "s", offset=4) == LogSlice(
+        attempt=1, state="succeeded", data=b"ef\n", more=False)
+
+
+def test_the_long_poll_answers_when_the_run_changes(client, shared_dir):
+    gate = shared_dir / "long-poll-gate"
+    run = client.submit({"name": "poll", "steps": [
+        {"name": "s", "run": f"while [ ! -e {gate} ]; do sleep 0.05; done"}]})
+    now = client.wait(run.id)  # without a position: at once, with where "now" is
+    wait_until(lambda: client.run(run.id).steps[0]["state"] == "running", what="step runs")
+    quiet = client.wait(run.id, now.position, timeout_s=0.5)
+    assert quiet.state == "running"
+    t0 = time.monotonic()
+    idle = client.wait(run.id, quiet.position, timeout_s=1.0)  # nothing changes: the timeout
+    assert idle.state == "running" and time.monotonic() - t0 >= 0.9
+    gate.touch()
+    t0 = time.monotonic()
+    ended = client.wait(run.id, idle.position, timeout_s=30)
+    assert ended.state == "succeeded" and time.monotonic() - t0 < 10
+    r = client._http.get(f"/api/v1/runs/{run.id}/wait", params={"after": "x"})
+    assert r.status_code == 422
+    r = client._http.get("/api/v1/runs/nope/wait")
+    assert r.status_code == 404
 
 
 def test_cancel_a_running_step_kills_its_processes(client, shared_dir):
@@ -99,7 +123,7 @@ def test_cancel_a_running_step_kills_its_processes(client, shared_dir):
         {"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}]})
     [pid] = pids_in(pidfile)
     assert run.cancel() == "running"
-    assert run.wait(timeout=30, poll_s=0.2).state == "cancelled"
+    assert run.wait(timeout=30).state == "cancelled"
     assert run.cancel() == "cancelled"  # idempotent
     assert all_gone([pid])
 
@@ -130,7 +154,7 @@ def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
     (tmp_path / "src" / "app.txt").write_text("from the archive\n")
     run = client.submit({"name": "upload", "steps": [{"name": "s", "run": "cat app.txt"}]},
                         source=tmp_path / "src")
-    assert run.wait(timeout=30, poll_s=0.2).state == "succeeded"
+    assert run.wait(timeout=30).state == "succeeded"
     assert run.logs("s") == "from the archive\n"
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w:gz") as tar:
@@ -141,7 +165,7 @@ def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
             "source": {"archive": base64.b64encode(raw.getvalue()).decode()}}
     r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
     assert r.status_code == 201
-    assert client.run(r.json()["run_id"]).wait(timeout=30, poll_s=0.2).logs("s") == "hi\n"
+    assert client.run(r.json()["run_id"]).wait(timeout=30).logs("s") == "hi\n"
 
 
 def test_workers_and_queue(client, harness):
@@ -170,7 +194,7 @@ def test_workers_and_queue(client, harness):
     assert queue["default"] == {"queued": 0, "oldest_wait_s": 0.0}
     assert queue["solo"]["queued"] == 2 and 0.3 <= queue["solo"]["oldest_wait_s"] < 30
     run.cancel()
-    assert run.wait(timeout=30, poll_s=0.2).state == "cancelled"
+    assert run.wait(timeout=30).state == "cancelled"
     assert client.queue()["solo"] == {"queued": 0, "oldest_wait_s": 0.0}
 
 
@@ -206,7 +230,7 @@ def test_unknown_run_or_step_and_hostile_paths(api, client):
     with pytest.raises(NotFound, match="run 'nope' not found"):
         client.run("nope")
     run = client.submit({"name": "paths", "steps": [{"name": "a", "run": "true"}]})
-    run.wait(timeout=30, poll_s=0.2)
+    run.wait(timeout=30)
     r = httpx.get(f"{api}/api/v1/runs/{run.id}/steps/zzz/log", headers=AUTH)
     assert r.status_code == 404 and "has no step 'zzz'" in r.json()["detail"]
     for hostile in ("..%2F..%2Fetc%2Fpasswd", "a%2F..", "..", "%2e%2e"):
@@ -238,17 +262,17 @@ def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
     url = make_repo(tmp_path)
     read = {"name": "read", "run": "cat README; git log --oneline | wc -l"}
     run = client.submit({"name": "git", "source": {"git": url, "ref": "v1"}, "steps": [read]})
-    assert run.wait(timeout=60, poll_s=0.2).state == "succeeded"
+    assert run.wait(timeout=60).state == "succeeded"
     assert run.logs("read") == "version one\n1\n"
     body = {"pipeline": "name: git2\nsteps:\n  - {name: read, run: cat README}\n",
             "source": {"git": url, "ref": "main"}}
     r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
     assert r.status_code == 201
-    assert client.run(r.json()["run_id"]).wait(timeout=60, poll_s=0.2).logs("read") == \
+    assert client.run(r.json()["run_id"]).wait(timeout=60).logs("read") == \
         "version two\n"
     bad = client.submit({"name": "git3", "source": {"git": url, "ref": "no-such-ref"},
                          "steps": [{"name": "read", "run": "true"}]})
-    assert bad.wait(timeout=60, poll_s=0.2).state == "failed"
+    assert bad.wait(timeout=60).state == "failed"
     step = bad.steps[0]
     assert step["reason"].startswith("could not start the step: git could not fetch")
     assert "no-such-ref" in bad.logs("read")
@@ -273,7 +297,7 @@ def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client,
         assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
         assert elapsed < 1.0, (name, elapsed)
     assert runs_count(api) == before
-    run.wait(timeout=60, poll_s=0.2)
+    run.wait(timeout=60)
     assert run.state == "succeeded" and "on" in run.logs("a")
 
 
@@ -284,7 +308,7 @@ def test_a_3000_step_chain_written_backwards_is_accepted_and_fails_cleanly(clien
     started = time.perf_counter()
     run = client.submit(chain(3000, reverse=True))
     assert time.perf_counter() - started < 5.0
-    run.wait(timeout=120, poll_s=0.5)
+    run.wait(timeout=120)
     assert run.state == "failed"
     states = {s["spec"]["name"]: s["state"] for s in run.steps}
     assert states["s2999"] == "failed" and states["s0"] == "skipped"

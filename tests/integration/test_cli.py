@@ -197,6 +197,7 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
 
     import redis
 
+    from cicd_ray.states import RunState, StepState
     from cicd_ray.store import open_store, run_view
     from tests.integration.clusters import start_redis
     from tests.waiting import wait_until
@@ -217,7 +218,7 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
         def running() -> bool:
             runs = store.list_runs(limit=5)
             view = run_view(store, runs[0].id) if runs else None
-            return bool(view) and view["steps"][0]["state"] == "running"
+            return bool(view) and view.steps[0].state is StepState.RUNNING
 
         def masters() -> list[int]:
             found = []
@@ -248,8 +249,8 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
         server.wait(timeout=10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, out
-    assert final["run"]["state"] == "succeeded"
-    assert [(s["state"], s["attempts"]) for s in final["steps"]] == [("succeeded", 1)] * 2
+    assert final.run.state is RunState.SUCCEEDED
+    assert [(s.state, s.attempts) for s in final.steps] == [(StepState.SUCCEEDED, 1)] * 2
 
 
 def test_run_starts_its_own_ray_whatever_ray_noted_last(cli, tmp_path):

@@ -11,8 +11,8 @@ import psutil
 import pytest
 import ray
 
+from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.states import StepState
-from cicd_ray.worker import MASTER_NAME, NAMESPACE, worker_actor_name
 from tests.waiting import all_gone
 
 pytestmark = pytest.mark.fault

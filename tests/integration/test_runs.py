@@ -10,6 +10,7 @@ import ray
 import yaml
 
 from cicd_ray.errors import SpecError
+from cicd_ray.protocol import Rejected
 from cicd_ray.states import StepState
 from tests.waiting import all_gone, pids_in, wait_until
 
@@ -139,10 +140,11 @@ def test_bad_submissions_are_rejected_and_change_nothing(harness):
         "ask for at most 2",
     ]
     answer = ray.get(harness.master.submit.remote({"name": "x", "steps": []}))
-    assert answer == {"problems": ["steps: must list at least one step"]}
+    assert answer == Rejected(problems=["steps: must list at least one step"])
     answer = ray.get(harness.master.submit.remote(
         {"name": "x", "steps": [{"name": "a", "run": "true"}]}, {"CICD_RUN_ID": "x"}))
-    assert answer == {"problems": ["env.CICD_RUN_ID: names starting with CICD_ are reserved"]}
+    assert answer == Rejected(problems=["env.CICD_RUN_ID: names starting with CICD_ are "
+                                        "reserved"])
     assert ray.get(harness.master.stats.remote())["active_runs"] == before
 
 

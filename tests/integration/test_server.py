@@ -263,8 +263,8 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
     assert len(submitted) == 3 and all(s["run_id"] for s in submitted), submitted
     run, packed = submitted[0]["run_id"], submitted[1]["run_id"]
     with Client(server["url"], server["token"]) as client:
-        assert client.run(run).wait(timeout=120, poll_s=0.3).state == "succeeded"
-        assert client.run(packed).wait(timeout=120, poll_s=0.3).state == "succeeded"
+        assert client.run(run).wait(timeout=120).state == "succeeded"
+        assert client.run(packed).wait(timeout=120).state == "succeeded"
     [log] = sh('curl -sN "$CICD_RAY_URL/api/v1/runs/$RUN/steps/test%5Bpy%3D3.11%5D/log?'
                'follow=true" -H "$H"', RUN=run)
     assert "testing on python 3.11" in log

@@ -1,14 +1,17 @@
-"""Following a run (`cicd-ray run`, `submit --follow`) through a master that restarts."""
+"""Following a run (`cicd-ray run`, `submit --follow`, `Run.wait`) with the master's long poll,
+through a master that restarts."""
 
 from __future__ import annotations
 
 import pytest
 
-from cicd_ray import backends
+from cicd_ray import follow as following
 from cicd_ray.errors import MasterUnavailable
+from cicd_ray.protocol import RunChange
 
 
-def views(*answers):
+def script(*answers):
+    """A view that answers in turn: a state, or an exception to raise."""
     answers = list(answers)
 
     def view(run_id: str) -> dict:
@@ -19,22 +22,55 @@ def views(*answers):
     return view
 
 
-def test_a_master_that_restarts_is_waited_for():
+class Waits:
+    """A long poll that answers at once, recording where each wait was from."""
+
+    def __init__(self, *failures: Exception) -> None:
+        self.positions: list[str | None] = []
+        self.failures = list(failures)
+        self.n = 0
+
+    def __call__(self, run_id: str, after: str | None, timeout_s: float) -> RunChange:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.positions.append(after)
+        self.n += 1
+        return RunChange(run_id=run_id, state="running", position=f"1.0:{self.n}")
+
+
+def run(view, wait, **kw):
+    return following.follow(view, wait, "r1", lambda v: v["run"]["state"], **kw)
+
+
+def test_each_view_is_read_after_the_run_changed_since_the_last_position():
+    waits, seen = Waits(), []
+    final = run(script("queued", "running", "succeeded"), waits,
+                on_update=lambda v: seen.append(v["run"]["state"]))
+    assert final["run"]["state"] == "succeeded"
+    assert seen == ["queued", "running", "succeeded"]
+    # The first wait only learns where "now" is (before the first view); each later one
+    # waits from the position the previous one gave, so no change between them is lost.
+    assert waits.positions == [None, "1.0:1", "1.0:2"]
+
+
+def test_a_master_that_restarts_is_waited_for(monkeypatch):
+    monkeypatch.setattr(following, "RETRY_S", 0)
     gone = MasterUnavailable("restarting")
     seen = []
-    final = backends.follow(views("running", gone, gone, "running", "succeeded"), "r1",
-                            on_update=lambda v: seen.append(v["run"]["state"]), poll_s=0)
+    final = run(script("running", gone, gone, "running", "succeeded"), Waits(gone),
+                on_update=lambda v: seen.append(v["run"]["state"]))
     assert final["run"]["state"] == "succeeded"
     assert seen == ["running", "running", "succeeded"]
 
 
 def test_a_master_silent_past_the_outage_limit_is_an_error(monkeypatch):
-    monkeypatch.setattr(backends, "MASTER_OUTAGE_S", 0.05)
+    monkeypatch.setattr(following, "MASTER_OUTAGE_S", 0.05)
+    monkeypatch.setattr(following, "RETRY_S", 0.01)
     gone = MasterUnavailable("down for good")
     with pytest.raises(MasterUnavailable, match="down for good"):
-        backends.follow(views("running", *[gone] * 1000), "r1", poll_s=0.01)
+        run(script("running", *[gone] * 1000), Waits())
 
 
 def test_the_caller_s_timeout_still_applies():
     with pytest.raises(TimeoutError, match="still running after 0 s"):
-        backends.follow(views("running", "running"), "r1", poll_s=0, timeout_s=0)
+        run(script("running", "running"), Waits(), timeout_s=0)

@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cicd_ray.errors import IsolationError
 from cicd_ray.executor import ExecConfig, Execution
-from cicd_ray.isolation import STEP_ROOT, IsolationError, address_space_kib, parse_uids
+from cicd_ray.isolation import STEP_ROOT, address_space_kib, parse_uids
 from cicd_ray.states import StepState
 from tests.unit.test_executor import task
 

@@ -88,7 +88,8 @@ def test_clone_checks_out_a_branch_or_a_tag(tmp_path):
 
 
 def test_clone_of_a_missing_ref_says_so(tmp_path):
-    from cicd_ray.source import SourceError, clone
+    from cicd_ray.errors import SourceError
+    from cicd_ray.source import clone
 
     url = make_repo(tmp_path)
     with pytest.raises(SourceError, match=r"git could not fetch .* at nope"):
@@ -112,7 +113,8 @@ def _tgz(members: dict[str, bytes]) -> bytes:
 def test_an_archive_bomb_is_refused_before_unpacking(tmp_path):
     import hashlib
 
-    from cicd_ray.source import SourceError, check_archive, unpack
+    from cicd_ray.errors import SourceError
+    from cicd_ray.source import check_archive, unpack
 
     bomb = _tgz({"zeros": b"\0" * (20 * 2**20)})
     assert len(bomb) < 64 * 1024  # a few KiB that claim 20 MiB
@@ -129,7 +131,8 @@ def test_an_archive_bomb_is_refused_before_unpacking(tmp_path):
 
 
 def test_a_sparse_member_is_refused(tmp_path):
-    from cicd_ray.source import SourceError, check_archive
+    from cicd_ray.errors import SourceError
+    from cicd_ray.source import check_archive
 
     big = tmp_path / "hole"
     with big.open("wb") as f:

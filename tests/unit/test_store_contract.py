@@ -18,6 +18,7 @@ from cicd_ray.records import (
 from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import RunState, StepState, WorkerState
 from cicd_ray.store import SqliteStore, open_store
+from cicd_ray.store.memory import MemoryStore
 
 
 def sqlite_backend(request, tmp_path):
@@ -32,7 +33,11 @@ def redis_backend(request, tmp_path):
     return RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}:")
 
 
-BACKENDS = {"sqlite": sqlite_backend, "redis": redis_backend}
+def memory_backend(request, tmp_path):
+    return MemoryStore()
+
+
+BACKENDS = {"sqlite": sqlite_backend, "redis": redis_backend, "memory": memory_backend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -222,3 +227,11 @@ def test_durations():
         7 * 86400, 12 * 3600, 1800, 90, 100, 7 * 86400]
     with pytest.raises(CicdError, match="not a duration"):
         parse_duration("soon")
+
+
+def test_what_is_stored_is_a_copy_of_the_record_saved(store):
+    run, _ = a_run(store)
+    run.state = RunState.FAILED  # changed in memory after the save, not saved again
+    assert store.get_run("r1").state is RunState.QUEUED
+    store.get_run("r1").reason = "changed by a reader"
+    assert store.get_run("r1").reason == ""

@@ -1,0 +1,255 @@
+"""The master's core, with no Ray in it: the store, an injected clock, the scheduler, and the
+observers of what is committed (events, metrics, waiters).
+
+Every change goes the same way: the scheduler decides, `commit()` writes the records to the
+store in one batch, tells the observers, and returns the effects to carry out (dispatch, kill,
+start and stop workers) — only after the write. If the write fails nothing is carried out and
+the error is raised: memory is now ahead of the store, so the core must be dropped and rebuilt
+from the store (the actor exits and Ray restarts it). The actor (cicd_ray.master) is a shell
+that turns effects into Ray calls; cicd_ray.inline carries them out in-process for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import SpecError
+from cicd_ray.events import EventLog
+from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
+from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, StepTask, WorkerRecord
+from cicd_ray.scheduler import Kill, Scheduler, check_fits
+from cicd_ray.spec import (
+    GitSource,
+    PipelineSpec,
+    PlannedStep,
+    check_env_overrides,
+    parse_pipeline,
+    plan,
+)
+from cicd_ray.store import Store
+
+RECENT_S = 600.0  # stopped workers shown for this long
+Clock = Callable[[], float]
+Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
+
+
+class Observer(Protocol):
+    def committed(self, changes: Changes, took_s: float, now: float) -> None:
+        """Called after each batch is written, with what it changed."""
+
+
+@dataclass
+class Effects:
+    """What the committed decisions ask the shell to do, in this order."""
+
+    start_workers: list[WorkerRecord] = field(default_factory=list)
+    stop_workers: list[str] = field(default_factory=list)
+    dispatch: list[tuple[str, StepTask]] = field(default_factory=list)  # (worker_id, task)
+    kill: list[Kill] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.start_workers or self.stop_workers or self.dispatch or self.kill)
+
+    def extend(self, other: Effects) -> None:
+        self.start_workers += other.start_workers
+        self.stop_workers += other.stop_workers
+        self.dispatch += other.dispatch
+        self.kill += other.kill
+
+
+@dataclass
+class Planned:
+    """A submission checked and planned (pure work, done off the master's loop)."""
+
+    spec: PipelineSpec | None
+    steps: list[PlannedStep]
+    problems: list[str]
+    request: str  # digest of the request, compared when an Idempotency-Key is repeated
+
+
+class MasterCore:
+    def __init__(self, settings: Settings, store: Store, clock: Clock = time.time,
+                 observers: list[Observer] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.started_at = clock()
+        self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                               lookahead=settings.lookahead)
+        self.events = EventLog(self.started_at)
+        self.observers: list[Observer] = [self.events, *(observers or [])]
+        self._effects = Effects()
+        self.recovered = self._recover()
+
+    # --- submissions ---------------------------------------------------------------------------
+
+    def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
+             source: Source | None = None) -> Planned:
+        """Check and plan a submission; pure, so the shell runs it in a thread."""
+        return plan_submission(pipeline, env or {}, source, self.settings)
+
+    def known_key(self, key: str | None, request: str) -> Reply | None:
+        """The answer to an Idempotency-Key already used: its run, or a conflict."""
+        known = self.store.get_key(key) if key else None
+        if known is None:
+            return None
+        if known.request and known.request != request:
+            return Conflict(run_id=known.run_id)
+        return Submitted(run_id=known.run_id, existing=True)
+
+    def accept(self, planned: Planned, source: Source | None = None,
+               key: str | None = None) -> Reply:
+        """Store the run, then answer: it is durable before its id is returned."""
+        if planned.problems:
+            return Rejected(problems=planned.problems)
+        # The same key may have been used while this one was planned.
+        answer = self.known_key(key, planned.request)
+        if answer is not None:
+            return answer
+        now = self.clock()
+        spec = planned.spec
+        git = spec.source if isinstance(spec.source, GitSource) else None
+        run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
+                        created_at=now, source_digest=source[0] if source else None,
+                        source_git=None if source else git)
+        if source is not None:
+            self.store.put_source(*source, at=now)
+        self.sched.submit(run, planned.steps, now)
+        self.commit({key: KeyRecord(run_id=run.id, request=planned.request, at=now)}
+                    if key else None)
+        return Submitted(run_id=run.id)
+
+    def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
+               source: Source | None = None, key: str | None = None) -> Reply:
+        """`plan` and `accept` in one call (the shell splits them to plan in a thread)."""
+        planned = self.plan(pipeline, env, source)
+        return self.known_key(key, planned.request) or self.accept(planned, source, key)
+
+    def cancel(self, run_id: str) -> str | None:
+        """Cancel a run; idempotent. The run's state, or None for an unknown run."""
+        run = self.sched.cancel(run_id, self.clock())
+        if run is None:
+            stored = self.store.get_run(run_id)
+            return stored.state.value if stored else None
+        self.commit()
+        return run.state.value
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def register(self, record: WorkerRecord, running: list[str] | None = None,
+                 finished: list[StepOutcome] | None = None) -> float:
+        """A worker (re)joins, saying which attempts it runs and which it finished lately.
+        Returns this master's epoch, which the worker compares with its tasks'."""
+        now = self.clock()
+        self.sched.register_worker(record, now)
+        self.sched.reconcile(record.id, running or [], finished or [], now)
+        self.commit()
+        return self.started_at
+
+    def heartbeat(self, worker_id: str, usage: dict[str, float]) -> float | None:
+        """This master's epoch, or None when the worker must register (again)."""
+        known = self.sched.heartbeat(worker_id, usage, self.clock())
+        return self.started_at if known else None
+
+    def report(self, outcome: StepOutcome) -> bool:
+        """Apply an attempt's outcome once: False for a stale or repeated one."""
+        applied = self.sched.on_outcome(outcome, self.clock())
+        self.commit()
+        return applied
+
+    def worker_lost(self, worker_id: str, reason: str) -> None:
+        self.sched.worker_lost(worker_id, reason, self.clock())
+        self.commit()
+
+    def tick(self) -> None:
+        """Notice silent workers, size the pools, place ready steps."""
+        self.sched.tick(self.clock())
+        self.commit()
+
+    # --- committing ----------------------------------------------------------------------------
+
+    def commit(self, idempotency: dict[str, KeyRecord] | None = None) -> Effects:
+        """Write the scheduler's decisions, tell the observers, and return (and keep, for
+        `take_effects`) what to carry out. StoreError: nothing was written nor is carried out."""
+        decisions = self.sched.take()
+        changes = decisions.changes
+        changes.idempotency.update(idempotency or {})
+        if changes:
+            t0 = time.perf_counter()
+            self.store.save(changes)
+            took_s, now = time.perf_counter() - t0, self.clock()
+            for observer in self.observers:
+                observer.committed(changes, took_s, now)
+        effects = Effects(decisions.start_workers, decisions.stop_workers, decisions.dispatch,
+                          decisions.kill)
+        self._effects.extend(effects)
+        return effects
+
+    def take_effects(self) -> Effects:
+        """The effects committed since the last call, for the shell to carry out."""
+        out, self._effects = self._effects, Effects()
+        return out
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def workers_view(self, since: float | None = None) -> list[dict]:
+        """The live workers and those stopped after `since` (default: the last RECENT_S), with
+        the slots in use from memory."""
+        since = self.clock() - RECENT_S if since is None else since
+        out = []
+        for w in self.store.list_workers():
+            if w.stopped_at is None or w.stopped_at >= since:
+                cpu, running = self.sched.worker_load(w.id)
+                out.append({**w.model_dump(mode="json"), "cpus_in_use": cpu, "running": running})
+        return out
+
+    def queue_view(self) -> dict[str, dict]:
+        return self.sched.queue_view(self.clock())
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        """Rebuild the scheduler's view from the store; the number of active runs taken up."""
+        runs = self.store.active_runs()
+        steps = [s for r in runs for s in self.store.get_steps(r.id)]
+        running = {s.run_id for s in steps if s.current_attempt}
+        attempts = [a for run_id in running for a in self.store.get_attempts(run_id)]
+        self.sched.restore(runs, steps, self.store.list_workers(), self.clock(), attempts)
+        self.commit()
+        return len(runs)
+
+
+def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
+                    settings: Settings) -> Planned:
+    """(spec, planned steps, problems) of a submission, and its request digest."""
+    request = request_digest(pipeline, env, source)
+    try:
+        spec = parse_pipeline(pipeline)
+    except SpecError as e:
+        return Planned(None, [], e.problems, request)
+    problems = check_env_overrides(env)
+    steps = plan(spec, env) if not problems else []
+    problems += check_fits(steps, settings.pools)
+    if source is not None and len(source[1]) > settings.source_limit_bytes:
+        problems.append(f"source: {len(source[1])} bytes is more than the "
+                        f"{settings.source_limit_bytes} byte limit")
+    return Planned(spec, steps, problems, request)
+
+
+def request_digest(pipeline: dict | str, env: dict[str, str] | None,
+                   source: Source | None) -> str:
+    """What a repeated Idempotency-Key is compared by: the pipeline, env and source."""
+    text = json.dumps([pipeline, env or {}, source[0] if source else None], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_run_id(now: float) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
