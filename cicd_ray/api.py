@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
+from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError, StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.gate import BodyLimit, Guard
@@ -44,7 +45,7 @@ from cicd_ray.protocol import (
     RunChange,
 )
 from cicd_ray.source import check_archive
-from cicd_ray.spec import GitSource, check_env_overrides, env_bytes, load_yaml, parse_pipeline
+from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
 from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
 
@@ -53,7 +54,6 @@ RETRY_AFTER_S = "2"
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 HEALTH_CACHE_S = 1.0
 EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 POSITION = r"^[0-9.]{1,30}:[0-9]{1,18}$"  # EPOCH:SEQ, as a wait answered it
 # A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
@@ -154,7 +154,7 @@ def create_app(token_digests: list[str] | None = None, max_body_bytes: int | Non
     # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
     guarded = [Depends(HTTPBearer(auto_error=False))]
     app.include_router(_page_routes(_Health(master)))
-    app.include_router(_submit_routes(master), dependencies=guarded)
+    app.include_router(_submit_routes(master, config), dependencies=guarded)
     app.include_router(_run_routes(master, reads), dependencies=guarded)
     app.include_router(_log_routes(reads), dependencies=guarded)
     app.include_router(_cluster_routes(master), dependencies=guarded)
@@ -188,7 +188,7 @@ def _page_routes(health: _Health) -> APIRouter:
     return router
 
 
-def _submit_routes(master: MasterLink) -> APIRouter:
+def _submit_routes(master: MasterLink, config: _Config) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
     @router.post(f"{API}/runs", status_code=201, response_model=RunCreated,
@@ -199,9 +199,10 @@ def _submit_routes(master: MasterLink) -> APIRouter:
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
         `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
         body; 413 past the body limit; 422 for an invalid pipeline."""
-        pipeline, source = await _unpacked(req)
+        limit = config.settings.max_pipeline_bytes
+        pipeline, source = await _unpacked(req, limit)
         # Parsing and planning take time on a large document: off this replica's loop.
-        problems = await asyncio.to_thread(_check, pipeline, req.env)
+        problems = await asyncio.to_thread(_check, pipeline, req.env, limit)
         if problems:
             return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
@@ -321,10 +322,11 @@ def _cluster_routes(master: MasterLink) -> APIRouter:
     return router
 
 
-async def _unpacked(req: SubmitRequest) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
+async def _unpacked(req: SubmitRequest,
+                    limit: int) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
     """The request's pipeline (with a git source put in it) and its archive (digest, bytes)."""
     if isinstance(req.source, GitSource):
-        return await asyncio.to_thread(_with_git_source, req.pipeline, req.source), None
+        return await asyncio.to_thread(_with_git_source, req.pipeline, req.source, limit), None
     if req.source is None:
         return req.pipeline, None
     try:
@@ -373,20 +375,21 @@ class _Health:
             return self._answer
 
 
-def _check(pipeline: str | dict[str, Any], env: dict[str, str]) -> list[str]:
+def _check(pipeline: str | dict[str, Any], env: dict[str, str], limit: int) -> list[str]:
     """The problems this replica can see without the master (which also checks pools)."""
     try:
-        parse_pipeline(pipeline)
+        parse_pipeline(pipeline, max_bytes=limit)
     except SpecError as e:
         return e.problems
     return check_env_overrides(env)
 
 
-def _with_git_source(pipeline: str | dict[str, Any], git: GitSource) -> str | dict[str, Any]:
+def _with_git_source(pipeline: str | dict[str, Any], git: GitSource,
+                     limit: int) -> str | dict[str, Any]:
     """The pipeline with its `source` replaced by the request's repository."""
     if isinstance(pipeline, str):
         try:
-            loaded = load_yaml(pipeline)
+            loaded = load_yaml(pipeline, max_bytes=limit)
         except SpecError:
             return pipeline  # _check reports it
         if not isinstance(loaded, dict):
@@ -396,20 +399,27 @@ def _with_git_source(pipeline: str | dict[str, Any], git: GitSource) -> str | di
 
 
 class _Config:
-    """Settings read where the replica runs, on first use (not where the app was built)."""
+    """The API's settings: given, or read from the environment where the app runs."""
 
     def __init__(self, token_digests: list[str] | None, max_body_bytes: int | None) -> None:
         self._digests = token_digests
         self._limit = max_body_bytes
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
 
     def digests(self) -> list[str]:
         if self._digests is None:
-            self._digests = auth.configured_digests()
+            self._digests = self.settings.token_digests
         return self._digests
 
     def max_body_bytes(self) -> int:
         if self._limit is None:
-            self._limit = env_bytes("CICD_RAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
+            self._limit = self.settings.max_body_bytes
         return self._limit
 
 
@@ -480,20 +490,16 @@ class ApiServer:
         # Where the app is the whole deployment (a RayService's serveConfigV2), nothing else
         # creates the master: make sure it exists, configured from this replica's environment.
         # A master already running is left as it is. Not waited for: /healthz tells.
-        from cicd_ray.config import Settings
         from cicd_ray.master import master_actor
 
-        check_config()
-        settings = Settings.from_env()
+        settings = check_config()
         master_actor(settings).remote(settings)
 
 
-def check_config() -> None:
+def check_config() -> Settings:
     """Refuse bad token or body-limit settings in this process's environment (a replica's, at
     its start) with their message, rather than answering 500 to every request."""
-    config = _Config(None, None)
-    config.digests()
-    config.max_body_bytes()
+    return Settings.from_env()
 
 
 def build(token_digests: list[str], max_body_bytes: int | None = None):

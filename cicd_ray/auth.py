@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from pathlib import Path
@@ -28,10 +27,10 @@ def new_token() -> str:
     return "cicd_" + secrets.token_urlsafe(32)
 
 
-def configured_digests(env: dict[str, str] | None = None) -> list[str]:
+def configured_digests(env: dict[str, str]) -> list[str]:
     """Digests from CICD_RAY_TOKENS (tokens, comma-separated), CICD_RAY_TOKENS_FILE (one hex
-    digest a line; blank lines and # comments skipped) and CICD_RAY_TOKEN_DIGESTS."""
-    env = dict(os.environ if env is None else env)
+    digest a line; blank lines and # comments skipped) and CICD_RAY_TOKEN_DIGESTS, in the
+    variables `env` gives (Settings.from_env reads them)."""
     out = [digest(t.strip()) for t in env.get("CICD_RAY_TOKENS", "").split(",") if t.strip()]
     out += [d for d in env.get(DIGESTS_ENV, "").split(",") if d]
     path = env.get("CICD_RAY_TOKENS_FILE")

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cicd_ray.backends import HttpRunner, Reader, Runner, StoreReader, follow_run
 from cicd_ray.config import Settings, load_pools
-from cicd_ray.errors import CicdError, SpecError
+from cicd_ray.errors import CicdError, ProblemsError, SpecError
 from cicd_ray.protocol import LOG_POLL_S, RunView
 from cicd_ray.spec import load_pipeline, plan
 from cicd_ray.states import RunState, StepState
@@ -82,8 +82,8 @@ def _reader(url: str | None) -> Reader:
 def validate(file: Path = typer.Argument(..., help="the pipeline file"), as_json: bool = AS_JSON):
     """Check a pipeline file; exit 2 listing every problem."""
     try:
-        spec = load_pipeline(file)
-    except SpecError as e:
+        spec = load_pipeline(file, Settings.from_env().max_pipeline_bytes)
+    except ProblemsError as e:  # the pipeline's, or the settings'
         if as_json:
             out.print_json(data={"valid": False, "problems": e.problems})
         else:
@@ -123,8 +123,8 @@ def submit(file: Path = typer.Argument(..., help="the pipeline file"),
 def _submit(file: Path, source: Path | None, address: str | None, url: str | None,
             env: list[str], follow: bool, timeout: float | None) -> None:
     try:
-        spec = load_pipeline(file)
-    except SpecError as e:
+        spec = load_pipeline(file, Settings.from_env().max_pipeline_bytes)
+    except ProblemsError as e:
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     overrides = _parse_env(env)

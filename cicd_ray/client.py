@@ -12,7 +12,6 @@ HTTP errors become the project's exceptions with the server's message: 401 Unaut
 from __future__ import annotations
 
 import base64
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
+from cicd_ray.config import Settings
 from cicd_ray.errors import (
     ApiError,
     CicdError,
@@ -39,10 +39,11 @@ from cicd_ray.spec import load_pipeline
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None,
                  timeout_s: float = 60.0) -> None:
-        url = url or os.environ.get("CICD_RAY_URL")
+        if not url or not token:
+            settings = Settings.from_env()
+            url, token = url or settings.url, token or settings.token
         if not url:
             raise CicdError("no API URL: pass url= or set CICD_RAY_URL (cicd-ray up prints it)")
-        token = token or os.environ.get("CICD_RAY_TOKEN", "")
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
                                   headers={"Authorization": f"Bearer {token}"})

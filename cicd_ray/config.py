@@ -19,11 +19,11 @@ from pydantic import (
     model_validator,
 )
 
-from cicd_ray import yamldoc
-from cicd_ray.errors import IsolationError, SpecError, quote
+from cicd_ray import auth, yamldoc
+from cicd_ray.errors import CicdError, IsolationError, SettingsError, SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
 from cicd_ray.source import SOURCE_LIMIT_BYTES
-from cicd_ray.spec import PIPELINE_NAME
+from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME
 
 # Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
 LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -133,6 +133,8 @@ ENV_NUMBERS = {
     "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
     "CICD_RAY_RETENTION_DAYS": "retention_days",
     "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES": "source_unpacked_limit_bytes",
+    "CICD_RAY_MAX_PIPELINE_BYTES": "max_pipeline_bytes",
+    "CICD_RAY_MAX_BODY_BYTES": "max_body_bytes",
 }
 ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces"}
 
@@ -143,12 +145,12 @@ def _switch(var: str, text: str) -> bool:
         return True
     if word in ("0", "false", "off", "no"):
         return False
-    raise SpecError([f"{var}: {quote(text)}: expected 1 or 0 (true or false)"],
-                    source="environment")
+    raise SettingsError([f"{var}: {quote(text)}: expected 1 or 0 (true or false)"])
 
 
 class Settings(BaseModel):
-    """Runtime settings shared by the master, the workers and the CLI."""
+    """Runtime settings shared by the master, the workers, the API and the CLI: every
+    CICD_RAY_* variable is read here (`from_env`), and only here."""
 
     home: Path
     pools: dict[str, PoolConfig] = Field(default_factory=default_pools)
@@ -178,6 +180,15 @@ class Settings(BaseModel):
     # Ask the autoscaler for the capacity of steps whose needs are running, before they are
     # ready (CICD_RAY_LOOKAHEAD=0 turns it off).
     lookahead: bool = True
+    # The largest pipeline text and HTTP request body accepted.
+    max_pipeline_bytes: int = Field(DEFAULT_MAX_PIPELINE_BYTES, ge=1)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # Digests of the API's tokens (CICD_RAY_TOKENS, CICD_RAY_TOKENS_FILE,
+    # CICD_RAY_TOKEN_DIGESTS; see cicd_ray.auth): never the tokens themselves.
+    token_digests: list[str] = Field(default_factory=list)
+    # Where the Python client finds the API, and the token it presents.
+    url: str | None = None
+    token: str = Field("", repr=False)
 
     @property
     def store_path(self) -> Path:
@@ -193,26 +204,23 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """The settings from `env` (default: this process's environment). SettingsError names
+        each malformed variable."""
         env = dict(os.environ if env is None else env)
         home = Path(env.get("CICD_RAY_HOME") or Path.home() / ".cicd-ray").expanduser()
-        values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None}
+        values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None,
+                                     "url": env.get("CICD_RAY_URL") or None,
+                                     "token": env.get("CICD_RAY_TOKEN", "")}
         if env.get("CICD_RAY_POOLS"):
-            values["pools"] = load_pools(env["CICD_RAY_POOLS"])
+            values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
+        try:
+            values["token_digests"] = auth.configured_digests(env)
+        except CicdError as e:
+            raise SettingsError([str(e)]) from None
         for var, field in ENV_NUMBERS.items():
             if env.get(var):
                 values[field] = env[var]
-        if env.get("CICD_RAY_MASTER_RESOURCES"):
-            try:
-                values["master_resources"] = json.loads(env["CICD_RAY_MASTER_RESOURCES"])
-            except ValueError as e:
-                raise SpecError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
-                                 'such as {"cicd-control": 0.01}'], source="environment") from None
-        if env.get("CICD_RAY_STEP_UIDS"):
-            try:
-                parse_uids(env["CICD_RAY_STEP_UIDS"])
-            except IsolationError as e:
-                raise SpecError([str(e)], source="environment") from None
-            values["step_uids"] = env["CICD_RAY_STEP_UIDS"]
+        values.update(_structured(env))
         for var, field in ENV_SWITCHES.items():
             if env.get(var):
                 values[field] = _switch(var, env[var])
@@ -226,4 +234,22 @@ class Settings(BaseModel):
                 field = str(error["loc"][0]) if error["loc"] else ""
                 problems.append(f"{variables.get(field, field)}: {quote(error.get('input'))}: "
                                 f"{error['msg']}")
-            raise SpecError(problems, source="environment") from None
+            raise SettingsError(problems) from None
+
+
+def _structured(env: dict[str, str]) -> dict[str, object]:
+    """The variables with a shape of their own: master resources (JSON), step users."""
+    values: dict[str, object] = {}
+    if env.get("CICD_RAY_MASTER_RESOURCES"):
+        try:
+            values["master_resources"] = json.loads(env["CICD_RAY_MASTER_RESOURCES"])
+        except ValueError as e:
+            raise SettingsError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
+                                 'such as {"cicd-control": 0.01}']) from None
+    if env.get("CICD_RAY_STEP_UIDS"):
+        try:
+            parse_uids(env["CICD_RAY_STEP_UIDS"])
+        except IsolationError as e:
+            raise SettingsError([str(e)]) from None
+        values["step_uids"] = env["CICD_RAY_STEP_UIDS"]
+    return values

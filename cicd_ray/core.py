@@ -231,7 +231,7 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     """(spec, planned steps, problems) of a submission, and its request digest."""
     request = request_digest(pipeline, env, source)
     try:
-        spec = parse_pipeline(pipeline)
+        spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
     except SpecError as e:
         return Planned(None, [], e.problems, request)
     problems = check_env_overrides(env)

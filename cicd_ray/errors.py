@@ -24,18 +24,32 @@ class CicdError(Exception):
     """Root of every error cicd-ray raises on purpose."""
 
 
-class SpecError(CicdError):
-    """A pipeline file is malformed. `problems` lists each one as 'field.path: message'."""
+class ProblemsError(CicdError):
+    """Input with problems; `problems` lists each one as 'field.path: message'."""
 
     MAX_PROBLEMS = 50  # a hostile document can have millions; the first ones say enough
 
-    def __init__(self, problems: list[str], source: str = "pipeline") -> None:
+    def __init__(self, problems: list[str], source: str) -> None:
         self.problems = list(problems[:self.MAX_PROBLEMS])
         if len(problems) > self.MAX_PROBLEMS:
             self.problems.append(f"... and {len(problems) - self.MAX_PROBLEMS} more problem(s)")
         self.source = source
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class SpecError(ProblemsError):
+    """A pipeline (or pools file) is malformed."""
+
+    def __init__(self, problems: list[str], source: str = "pipeline") -> None:
+        super().__init__(problems, source)
+
+
+class SettingsError(ProblemsError):
+    """A CICD_RAY_* variable is malformed; each problem names the variable."""
+
+    def __init__(self, problems: list[str], source: str = "environment") -> None:
+        super().__init__(problems, source)
 
 
 class NotFound(CicdError):

@@ -139,7 +139,7 @@ def _join(address: str, own_head: bool):
 def _digests(settings: Settings) -> tuple[list[str], str | None]:
     """The configured token digests; with none configured, a new token whose digest is kept in
     $CICD_RAY_HOME/tokens (the token itself is returned to be shown once)."""
-    digests = auth.configured_digests()
+    digests = settings.token_digests
     if digests:
         return digests, None
     path = _tokens_file(settings)

@@ -8,7 +8,6 @@ resolved to full names. Every problem is reported at once, each naming its field
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +38,6 @@ MAX_MATRIX_VARIANTS = 256
 MAX_PLANNED_STEPS = 5_000  # steps of one run, matrix variants included
 MAX_NEED_EDGES = 100_000  # needs of one run once matrices are expanded (a 256 x 256 fan-in fits)
 DEFAULT_MAX_PIPELINE_BYTES = 1024 * 1024
-MAX_PIPELINE_BYTES_ENV = "CICD_RAY_MAX_PIPELINE_BYTES"
 
 RetryOn = Literal["infra", "failure", "timeout"]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME)]
@@ -181,42 +179,29 @@ class PlannedStep(BaseModel):
 # --- loading --------------------------------------------------------------------------------
 
 
-def load_pipeline(path: str | Path) -> PipelineSpec:
+def load_pipeline(path: str | Path,
+                  max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> PipelineSpec:
     """Read and validate a pipeline file; raise SpecError listing every problem."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"cannot read {p}: {e.strerror}"], source=str(p)) from None
-    return parse_pipeline(text, source=str(p))
+    return parse_pipeline(text, source=str(p), max_bytes=max_bytes)
 
 
-def max_pipeline_bytes(env: dict[str, str] | None = None) -> int:
-    """The largest pipeline text accepted (CICD_RAY_MAX_PIPELINE_BYTES, default 1 MiB)."""
-    return env_bytes(MAX_PIPELINE_BYTES_ENV, DEFAULT_MAX_PIPELINE_BYTES, env)
+def load_yaml(text: str, source: str = "pipeline",
+              max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> Any:
+    """YAML text as cicd-ray reads every pipeline: 1.2 core scalars, bounded (see yamldoc);
+    `max_bytes` is the settings' `max_pipeline_bytes` (CICD_RAY_MAX_PIPELINE_BYTES)."""
+    return yamldoc.load(text, source=source, max_bytes=max_bytes)
 
 
-def env_bytes(var: str, default: int, env: dict[str, str] | None = None) -> int:
-    """A byte limit from the environment: unset is `default`; anything but a positive whole
-    number is refused, naming the variable."""
-    text = (os.environ if env is None else env).get(var, "")
-    if not text:
-        return default
-    if not text.isdigit() or int(text) < 1:
-        raise SpecError([f"{var}: {quote(text)} is not a positive number of bytes"],
-                        source="environment")
-    return int(text)
-
-
-def load_yaml(text: str, source: str = "pipeline") -> Any:
-    """YAML text as cicd-ray reads every pipeline: 1.2 core scalars, bounded (see yamldoc)."""
-    return yamldoc.load(text, source=source, max_bytes=max_pipeline_bytes())
-
-
-def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline") -> PipelineSpec:
+def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
+                   max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> PipelineSpec:
     """Validate a pipeline given as YAML text or as an already-parsed mapping."""
     if isinstance(doc, str):
-        doc = load_yaml(doc, source=source)
+        doc = load_yaml(doc, source=source, max_bytes=max_bytes)
     else:
         yamldoc.check_shape(doc, source=source)
     if not isinstance(doc, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import CicdError, SpecError
+from cicd_ray.errors import CicdError, SettingsError
 from cicd_ray.server import Ha
 
 
@@ -17,7 +17,7 @@ def test_master_resources_from_the_environment():
 
 @pytest.mark.parametrize("value", ["{not json", '["cicd-control"]', '{"a": "lots"}'])
 def test_bad_master_resources_are_named(value):
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(SettingsError) as caught:
         Settings.from_env({"CICD_RAY_HOME": "/tmp/x", "CICD_RAY_MASTER_RESOURCES": value})
     assert "master_resources" in str(caught.value) or "CICD_RAY_MASTER_RESOURCES" in str(
         caught.value)
@@ -72,24 +72,42 @@ def test_every_number_setting_is_parsed_and_a_bad_one_is_named(var, good, field,
     assert getattr(Settings.from_env({**home, var: good}), field) == value
     assert getattr(Settings.from_env(home), field) == Settings.model_fields[field].default
     for text in bad:
-        with pytest.raises(SpecError) as caught:
+        with pytest.raises(SettingsError) as caught:
             Settings.from_env({**home, var: text})
         [problem] = caught.value.problems
         assert problem.startswith(f"{var}: {text!r}: "), problem
 
 
-@pytest.mark.parametrize("var", ["CICD_RAY_MAX_PIPELINE_BYTES", "CICD_RAY_MAX_BODY_BYTES"])
-def test_byte_limits_outside_the_settings_are_parsed_the_same_way(var, monkeypatch):
+def test_a_bad_api_setting_stops_the_api_at_its_start(monkeypatch):
     from cicd_ray.api import check_config
-    from cicd_ray.spec import env_bytes
 
-    assert env_bytes(var, 7, {var: "2048"}) == 2048 and env_bytes(var, 7, {}) == 7
-    for text in ["0", "-5", "1e6", "lots"]:
-        with pytest.raises(SpecError, match=f"{var}: {text!r} is not a positive number"):
-            env_bytes(var, 7, {var: text})
     monkeypatch.setenv("CICD_RAY_MAX_BODY_BYTES", "lots")
-    with pytest.raises(SpecError, match="CICD_RAY_MAX_BODY_BYTES"):
+    with pytest.raises(SettingsError, match="CICD_RAY_MAX_BODY_BYTES: 'lots'"):
         check_config()  # refused when an API replica starts, not on every request
+
+
+def test_the_pipeline_limit_reaches_every_reader(tmp_path):
+    """CICD_RAY_MAX_PIPELINE_BYTES, read into the settings, bounds what the core plans."""
+    from cicd_ray.core import plan_submission
+
+    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
+                                  "CICD_RAY_MAX_PIPELINE_BYTES": "64"})
+    text = "name: p\nsteps:\n  - {name: a, run: " + "x" * 100 + "}\n"
+    planned = plan_submission(text, {}, None, settings)
+    assert planned.problems and "CICD_RAY_MAX_PIPELINE_BYTES" in planned.problems[0]
+    assert not plan_submission(text, {}, None, Settings(home=tmp_path)).problems
+
+
+def test_tokens_url_and_token_are_settings(tmp_path):
+    from cicd_ray import auth
+
+    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_TOKENS": "t1",
+                                  "CICD_RAY_URL": "http://api:8000", "CICD_RAY_TOKEN": "t1"})
+    assert settings.token_digests == [auth.digest("t1")]
+    assert (settings.url, settings.token) == ("http://api:8000", "t1")
+    assert "t1" not in repr(settings)  # the token never shows in a repr or a log line
+    with pytest.raises(SettingsError, match="CICD_RAY_TOKEN_DIGESTS: nope"):
+        Settings.from_env({"CICD_RAY_TOKEN_DIGESTS": "nope"})
 
 
 @pytest.mark.parametrize("var, field", [("CICD_RAY_LOOKAHEAD", "lookahead"),
@@ -98,5 +116,5 @@ def test_switches(var, field):
     home = {"CICD_RAY_HOME": "/tmp/x"}
     for text, value in [("1", True), ("true", True), ("0", False), ("false", False)]:
         assert getattr(Settings.from_env({**home, var: text}), field) is value
-    with pytest.raises(SpecError, match=f"{var}: 'maybe': expected 1 or 0"):
+    with pytest.raises(SettingsError, match=f"{var}: 'maybe': expected 1 or 0"):
         Settings.from_env({**home, var: "maybe"})
