@@ -129,6 +129,30 @@ def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
     return env
 
 
+@dataclass
+class _Clock:
+    """When a running step next needs looking at: a memory sample (soon after the start, then
+    less often, so short steps get a figure too), its deadline, the SIGKILL after a SIGTERM."""
+
+    started: float
+    deadline: float
+    interval: float = FIRST_SAMPLE_S
+    next_sample: float = 0.0
+    killed: StepState | None = None
+    kill_at: float = float("inf")
+
+    def __post_init__(self) -> None:
+        self.next_sample = self.started + self.interval
+
+    def sleep_s(self, now: float) -> float:
+        wake_at = min(self.next_sample, self.deadline if self.killed is None else self.kill_at)
+        return max(0.0, wake_at - now)
+
+    def sampled(self, now: float, longest_s: float) -> None:
+        self.interval = min(self.interval * 2, longest_s)
+        self.next_sample = now + self.interval
+
+
 class Execution:
     """One attempt. `run()` blocks until the step ends; `cancel()` may be called from any thread.
 
@@ -222,17 +246,11 @@ class Execution:
         sel.register(self._wake_r, selectors.EVENT_READ)
         if pidfd is not None:
             sel.register(pidfd, selectors.EVENT_READ)
-        deadline = started + self.task.step.timeout_s
-        # Sample memory soon after the start, then less often: short steps get a figure too.
-        interval = FIRST_SAMPLE_S
-        next_sample = started + interval
-        killed: StepState | None = None
-        kill_at = float("inf")
-        ended = None
+        clock = _Clock(started, deadline=started + self.task.step.timeout_s)
         try:
+            ended = None
             while ended is None:
-                wake_at = min(next_sample, deadline if killed is None else kill_at)
-                timeout = max(0.0, wake_at - time.monotonic())
+                timeout = clock.sleep_s(time.monotonic())
                 if pidfd is None:
                     timeout = min(timeout, NO_PIDFD_POLL_S)
                 for key, _ in sel.select(timeout):
@@ -241,25 +259,12 @@ class Execution:
                     elif key.fd == self._wake_r:
                         os.read(self._wake_r, 64)
                 ended = _reap(proc.pid)
-                if ended is not None:
-                    break
-                now = time.monotonic()
-                if now >= next_sample:
-                    self._peak_rss = max(self._peak_rss, _group_rss(proc.pid))
-                    self._flush()
-                    interval = min(interval * 2, self.config.flush_interval_s)
-                    next_sample = now + interval
-                if killed is None and (self._cancelled or now >= deadline):
-                    killed = StepState.CANCELLED if self._cancelled else StepState.TIMED_OUT
-                    _signal_group(proc.pid, signal.SIGTERM)
-                    kill_at = now + self.config.kill_grace_s
-                elif now >= kill_at:
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    kill_at = float("inf")
+                if ended is None:
+                    self._on_time(proc, clock, time.monotonic())
             # Background children the script left behind die with it, as on any CI runner;
             # then the pipe reaches its end and the last output is read.
             _signal_group(proc.pid, signal.SIGKILL)
-            if killed is not None and self._identity is not None:
+            if clock.killed is not None and self._identity is not None:
                 kill_user(self._identity.uid)  # the step was killed before its own end
             self._drain_to_end(out, sel)
         finally:
@@ -269,6 +274,25 @@ class Execution:
             proc.stdout.close()
         status, usage = ended
         proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped by wait4
+        return self._ended(clock.killed, code, started, usage)
+
+    def _on_time(self, proc: subprocess.Popen, clock: _Clock, now: float) -> None:
+        """Sample memory and flush the log when due; past the timeout (or on cancel) send
+        SIGTERM to the group, and SIGKILL once the grace period is over."""
+        if now >= clock.next_sample:
+            self._peak_rss = max(self._peak_rss, _group_rss(proc.pid))
+            self._flush()
+            clock.sampled(now, self.config.flush_interval_s)
+        if clock.killed is None and (self._cancelled or now >= clock.deadline):
+            clock.killed = StepState.CANCELLED if self._cancelled else StepState.TIMED_OUT
+            _signal_group(proc.pid, signal.SIGTERM)
+            clock.kill_at = now + self.config.kill_grace_s
+        elif now >= clock.kill_at:
+            _signal_group(proc.pid, signal.SIGKILL)
+            clock.kill_at = float("inf")
+
+    def _ended(self, killed: StepState | None, code: int, started: float,
+               usage) -> StepOutcome:
         if killed is StepState.TIMED_OUT:
             return self._outcome(killed, code, started, usage,
                                  reason=f"timed out after {self.task.step.timeout_s:g} s")

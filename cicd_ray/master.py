@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
-from cicd_ray.core import MasterCore, request_digest
+from cicd_ray.core import Effects, MasterCore, request_digest
 from cicd_ray.errors import StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.metrics import Metrics
@@ -57,7 +57,6 @@ class Master:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._wake = asyncio.Event()
         self._news = _Signal()
         self._requested: list[dict[str, float]] = []
@@ -65,12 +64,13 @@ class Master:
         self._collecting = False
         self.core = MasterCore(settings, open_store(settings.store_url), observers=[self.metrics])
         self.core.events.on_new = self._news.fire
+        self.actors = WorkerActors(settings, self.core, self._guarded, self._wake)
         self.started_at = self.core.started_at
         self._collect_at = self.started_at + RETENTION_FIRST_S
         if self.core.recovered:
             log.warning("master recovered %d active run(s) from the store", self.core.recovered)
         for worker_id in list(self.core.sched.workers):  # find the live worker actors again
-            self._adopt_handle(worker_id)
+            self.actors.adopt(worker_id)
         self._act()
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
@@ -148,10 +148,7 @@ class Master:
 
     async def stop_workers(self) -> int:
         """Stop every worker actor (used when a cluster is shut down on purpose)."""
-        ids = list(self._handles)
-        for worker_id in ids:
-            self._kill_worker(worker_id)
-        return len(ids)
+        return self.actors.kill_all()
 
     async def events(self, after: int = 0, epoch: float | None = None,
                      timeout_s: float = 15.0) -> dict:
@@ -168,8 +165,7 @@ class Master:
         """A worker (re)joins, saying which attempts it runs and which it finished lately.
         Returns this master's epoch, which the worker compares with its tasks'."""
         epoch = self._guarded(self.core.register, record, running, finished)
-        if record.id not in self._handles:
-            self._adopt_handle(record.id)
+        self.actors.adopt(record.id)
         self._wake.set()
         return epoch
 
@@ -257,15 +253,27 @@ class Master:
         self._act()
         return answer
 
-    # --- effects into Ray calls ----------------------------------------------------------------
-
     def _act(self) -> None:
-        effects = self.core.take_effects()
+        self.actors.carry_out(self.core.take_effects())
+
+class WorkerActors:
+    """The worker actors, as the master reaches them: started, found again by name, given
+    steps, told to cancel, killed. What they answer (or their death) goes to the core through
+    `guarded`, which also carries out what the core then commits."""
+
+    def __init__(self, settings: Settings, core: MasterCore, guarded, wake: asyncio.Event) -> None:
+        self.settings = settings
+        self.core = core
+        self._guarded = guarded
+        self._wake = wake
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+
+    def carry_out(self, effects: Effects) -> None:
         for record in effects.start_workers:
             self._handles[record.id] = start_worker(record, self.settings)
             asyncio.get_running_loop().create_task(self._watch_start(record.id))
         for worker_id in effects.stop_workers:
-            self._kill_worker(worker_id)
+            self.kill(worker_id)
         for worker_id, task in effects.dispatch:
             self._dispatch(worker_id, task)
         for kill in effects.kill:
@@ -278,7 +286,7 @@ class Master:
         if handle is None:
             self._lost_later(worker_id, "no handle to the worker actor")
             return
-        task.master_epoch = self.started_at
+        task.master_epoch = self.core.started_at
         ref = handle.run_step.remote(task)
         asyncio.get_running_loop().create_task(self._await_outcome(worker_id, task, ref))
 
@@ -309,14 +317,17 @@ class Master:
                           f"failed to start ({type(e).__name__})")
             self._wake.set()
 
-    def _adopt_handle(self, worker_id: str) -> None:
+    def adopt(self, worker_id: str) -> None:
+        """Find a worker actor by its name (after a master restart, or when it registers)."""
+        if worker_id in self._handles:
+            return
         try:
             self._handles[worker_id] = ray.get_actor(worker_actor_name(worker_id),
                                                      namespace=NAMESPACE)
         except ValueError:
             self._lost_later(worker_id, "its actor no longer exists")
 
-    def _kill_worker(self, worker_id: str) -> None:
+    def kill(self, worker_id: str) -> None:
         handle = self._handles.pop(worker_id, None)
         if handle is None:
             try:
@@ -324,6 +335,12 @@ class Master:
             except ValueError:
                 return
         ray.kill(handle, no_restart=True)
+
+    def kill_all(self) -> int:
+        ids = list(self._handles)
+        for worker_id in ids:
+            self.kill(worker_id)
+        return len(ids)
 
 
 def _request_capacity(bundles: list[dict[str, float]]) -> None:

@@ -172,32 +172,12 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     if local_autoscaling is not None:
         settings = settings.model_copy(update={"pools": load_pools(local_autoscaling),
                                                "reserve_memory": False})
-    previous = _read_state(settings)
-    started_head = replaced = reused = False
     if head_cpus is None:
         wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
         head_cpus = max(os.cpu_count() or 1, int(wanted) + 1)
-    if address is None and previous.get("started_head") and _alive(previous["address"]):
-        address, started_head, reused = previous["address"], True, True  # `up` again
-    elif address is None and previous.get("started_head") and ha is not None:
-        gcs_port = int(previous["address"].rpartition(":")[2])
-        address = _start_head(head_cpus, host, port=gcs_port, ha=ha,
-                              dashboard_port=dashboard_port)
-        started_head = replaced = True
-    elif address is None and local_autoscaling is not None:
-        ray_port = ray_port or _free_port()
-        config = settings.home / "autoscaler.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(autoscaler_config(
-            settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
-            node_idle_timeout_s)))
-        address = _start_head(0, host, port=ray_port, ha=ha, autoscaling=config,
-                              dashboard_port=dashboard_port)
-        started_head = True
-    elif address is None:
-        address = _start_head(head_cpus, host, port=ray_port, ha=ha,
-                              dashboard_port=dashboard_port)
-        started_head = True
+    head = {"dashboard_host": host, "ha": ha, "dashboard_port": dashboard_port}
+    address, started_head, replaced, reused = (address, False, False, False) if address else \
+        _own_head(settings, head_cpus, head, ray_port, local_autoscaling, node_idle_timeout_s)
     context = _join(address, started_head)
     gcs = ray.get_runtime_context().gcs_address
     dashboard = context.dashboard_url or ""
@@ -216,6 +196,29 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     return Up(api_url=api_url, dashboard_url=f"http://{dashboard}" if dashboard else "",
               address=gcs, token=token, started_head=started_head, replaced_head=replaced,
               reused_head=reused)
+
+
+def _own_head(settings: Settings, head_cpus: int, head: dict, ray_port: int | None,
+              local_autoscaling: Path | None,
+              node_idle_timeout_s: float) -> tuple[str, bool, bool, bool]:
+    """(address, started_head, replaced, reused) of the head `up` starts or finds again: the
+    one an earlier `up` started, if alive; with HA, a new one on its address; with local
+    autoscaling, one with no CPUs and Ray's autoscaler; else a new one."""
+    previous = _read_state(settings)
+    if previous.get("started_head") and _alive(previous["address"]):
+        return previous["address"], True, False, True  # `up` again
+    if previous.get("started_head") and head["ha"] is not None:
+        gcs_port = int(previous["address"].rpartition(":")[2])
+        return _start_head(head_cpus, port=gcs_port, **head), True, True, False
+    if local_autoscaling is not None:
+        ray_port = ray_port or _free_port()
+        config = settings.home / "autoscaler.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(autoscaler_config(
+            settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
+            node_idle_timeout_s)))
+        return _start_head(0, port=ray_port, autoscaling=config, **head), True, False, False
+    return _start_head(head_cpus, port=ray_port, **head), True, False, False
 
 
 def _check_serve_port(host: str, port: int) -> None:

@@ -302,45 +302,50 @@ def check_graph(spec: PipelineSpec) -> list[str]:
     Sizes are counted before anything is expanded: a few lines of matrix can name millions of
     variants, and a run's needs grow with the product of its matrices.
     """
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    for i, step in enumerate(spec.steps):
-        if step.name in seen:
-            problems.append(
-                f"steps[{i}] ({step.name}).name: duplicate step name, "
-                f"already used by steps[{seen[step.name]}]"
-            )
-        seen.setdefault(step.name, i)
-    for where, env in [("env", spec.env)] + [
-        (f"steps[{i}] ({s.name}).env", s.env) for i, s in enumerate(spec.steps)
-    ]:
-        for key in env:
-            if key.startswith(RESERVED_ENV_PREFIX):
-                problems.append(f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are "
-                                "reserved for cicd-ray; rename it")
     counts = {step.name: _variant_count(step) for step in spec.steps}
-    for i, step in enumerate(spec.steps):
-        if counts[step.name] > MAX_MATRIX_VARIANTS:
-            problems.append(f"steps[{i}] ({step.name}).matrix: expands to "
-                            f"{counts[step.name]} variants, more than the "
-                            f"{MAX_MATRIX_VARIANTS} allowed")
+    problems = _duplicates(spec) + _reserved_env(spec) + _matrix_sizes(spec, counts)
     if problems:
         return problems  # too big to expand, or names that are not unique
-    problems += _check_sizes(spec, counts)
-    if problems:
-        return problems
-    variants = {full for step in spec.steps for full, _ in _variants(step)}
-    for i, step in enumerate(spec.steps):
-        for j, need in enumerate(step.needs):
-            if need not in seen and need not in variants:
-                known = ", ".join(sorted(seen)) or "(none)"
-                problems.append(f"steps[{i}] ({step.name}).needs[{j}]: unknown step "
-                                f"{quote(need)}; known steps are: {brief(known)}")
+    problems = _check_sizes(spec, counts) or _unknown_needs(spec)
     if not problems:
         cycle = _find_cycle(spec)
         if cycle:
             problems.append(f"steps: the needs form a cycle: {brief(' -> '.join(cycle))}")
     return problems
+
+
+def _duplicates(spec: PipelineSpec) -> list[str]:
+    problems, seen = [], {}
+    for i, step in enumerate(spec.steps):
+        if step.name in seen:
+            problems.append(f"steps[{i}] ({step.name}).name: duplicate step name, "
+                            f"already used by steps[{seen[step.name]}]")
+        seen.setdefault(step.name, i)
+    return problems
+
+
+def _reserved_env(spec: PipelineSpec) -> list[str]:
+    places = [("env", spec.env)] + [(f"steps[{i}] ({s.name}).env", s.env)
+                                    for i, s in enumerate(spec.steps)]
+    return [f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved for "
+            "cicd-ray; rename it"
+            for where, env in places for key in env if key.startswith(RESERVED_ENV_PREFIX)]
+
+
+def _matrix_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
+    return [f"steps[{i}] ({step.name}).matrix: expands to {counts[step.name]} variants, more "
+            f"than the {MAX_MATRIX_VARIANTS} allowed"
+            for i, step in enumerate(spec.steps) if counts[step.name] > MAX_MATRIX_VARIANTS]
+
+
+def _unknown_needs(spec: PipelineSpec) -> list[str]:
+    names = {step.name for step in spec.steps}
+    variants = {full for step in spec.steps for full, _ in _variants(step)}
+    known = ", ".join(sorted(names)) or "(none)"
+    return [f"steps[{i}] ({step.name}).needs[{j}]: unknown step {quote(need)}; known steps "
+            f"are: {brief(known)}"
+            for i, step in enumerate(spec.steps) for j, need in enumerate(step.needs)
+            if need not in names and need not in variants]
 
 
 def _variant_count(step: StepSpec) -> int:
