@@ -352,14 +352,10 @@ def _user_name() -> str:
         return str(os.geteuid())
 
 
-def _group_rss(pid: int) -> int:
-    """Resident memory of the step's process tree, in bytes.
-
-    Sampled, not taken from wait4: a child forked from the worker inherits the worker's own
-    high-water mark, which would drown the step's figure.
-    """
+def tree_rss(root: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants, in bytes (processes that end
+    while they are counted count as nothing)."""
     try:
-        root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         return 0
@@ -368,6 +364,18 @@ def _group_rss(pid: int) -> int:
         with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
     return total
+
+
+def _group_rss(pid: int) -> int:
+    """Resident memory of the step's process tree, in bytes.
+
+    Sampled, not taken from wait4: a child forked from the worker inherits the worker's own
+    high-water mark, which would drown the step's figure.
+    """
+    try:
+        return tree_rss(psutil.Process(pid))
+    except psutil.Error:
+        return 0
 
 
 def _pidfd(pid: int) -> int | None:

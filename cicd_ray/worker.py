@@ -6,7 +6,6 @@ more than its capacity), while a background thread registers and heartbeats.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -19,7 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cicd_ray.config import PoolConfig, Settings
-from cicd_ray.executor import ExecConfig, Execution
+from cicd_ray.executor import ExecConfig, Execution, tree_rss
 from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep, sweep_due
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
@@ -138,11 +137,7 @@ class Worker:
         return dest
 
     def _usage(self) -> dict[str, float]:
-        tree = [self._process, *self._process.children(recursive=True)]
-        rss = 0
-        for proc in tree:
-            with contextlib.suppress(psutil.Error):
-                rss += proc.memory_info().rss
+        rss = tree_rss(self._process)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return {
             "cpu_percent": psutil.cpu_percent(interval=None),
