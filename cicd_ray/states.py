@@ -97,8 +97,3 @@ def move(record: Stateful, new: Enum) -> None:
     """Change the record's state, if its kind may make that move."""
     check(record.kind, record.state, new)
     record.state = new
-
-
-def transition(current: StepState | RunState, new: StepState | RunState) -> None:
-    """`check` for a step's or a run's state, told apart by the enum."""
-    check("step" if isinstance(current, StepState) else "run", current, new)
