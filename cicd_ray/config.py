@@ -190,6 +190,13 @@ class Settings(BaseModel):
     url: str | None = None
     token: str = Field("", repr=False)
 
+    def __getstate__(self) -> dict:
+        # The client's token stays in the process that read it: the settings travel to the
+        # master and the workers (pickled by Ray), and no one there needs it.
+        state = super().__getstate__()
+        state["__dict__"] = {**state["__dict__"], "token": ""}
+        return state
+
     @property
     def store_path(self) -> Path:
         return self.home / "cicd.sqlite3"

@@ -106,6 +106,10 @@ def test_tokens_url_and_token_are_settings(tmp_path):
     assert settings.token_digests == [auth.digest("t1")]
     assert (settings.url, settings.token) == ("http://api:8000", "t1")
     assert "t1" not in repr(settings)  # the token never shows in a repr or a log line
+    import pickle
+
+    shipped = pickle.loads(pickle.dumps(settings))  # as Ray hands settings to the actors
+    assert shipped.token == "" and shipped.url == settings.url
     with pytest.raises(SettingsError, match="CICD_RAY_TOKEN_DIGESTS: nope"):
         Settings.from_env({"CICD_RAY_TOKEN_DIGESTS": "nope"})
 
