@@ -243,6 +243,7 @@ class Master:
         in a background task: the master exits instead and is rebuilt from the store."""
         try:
             answer = fn(*args)
+            self._act()
         except StoreError as e:
             log.critical("store write failed, restarting the master: %s", e)
             os._exit(1)
@@ -250,7 +251,6 @@ class Master:
             log.critical("the master failed in %s; restarting from the store", fn.__name__,
                          exc_info=True)
             os._exit(1)
-        self._act()
         return answer
 
     def _act(self) -> None:
