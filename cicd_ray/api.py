@@ -243,11 +243,13 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
     @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
     async def wait(run_id: RunId,
                    after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
-                   timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S):
+                   timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
+                   until_end: bool = False):
         """A long poll: answers once the run has changed since `after` (the `position` of an
-        earlier answer) or has ended, or after `timeout_s`; without `after`, at once. Follow
-        a run with it: wait, read the run, wait from the position, read again."""
-        change = await master.call("wait", run_id, after, timeout_s,
+        earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
+        `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
+        from the position, read again."""
+        change = await master.call("wait", run_id, after, timeout_s, until_end,
                                    timeout_s=timeout_s + MASTER_TIMEOUT_S)
         if change is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")

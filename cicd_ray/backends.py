@@ -34,7 +34,8 @@ class Runner(Reader, Protocol):
 
     def cancel(self, run_id: str) -> str: ...
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float) -> RunChange:
+    def wait(self, run_id: str, after: str | None, timeout_s: float,
+             until_end: bool = False) -> RunChange:
         """The master's long poll (see cicd_ray.follow)."""
 
 
@@ -91,8 +92,9 @@ class RayRunner:
     def view(self, run_id: str) -> RunView:
         return _found(self._call(self.master.get_run.remote(run_id)), f"run {run_id!r}")
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float) -> RunChange:
-        answer = self._call(self.master.wait.remote(run_id, after, timeout_s))
+    def wait(self, run_id: str, after: str | None, timeout_s: float,
+             until_end: bool = False) -> RunChange:
+        answer = self._call(self.master.wait.remote(run_id, after, timeout_s, until_end))
         return _found(answer, f"run {run_id!r}")
 
     def cancel(self, run_id: str) -> str:
@@ -126,8 +128,9 @@ class HttpRunner:
     def view(self, run_id: str) -> RunView:
         return RunView.model_validate(self.client.run(run_id).view)
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float) -> RunChange:
-        return self.client.wait(run_id, after, timeout_s)
+    def wait(self, run_id: str, after: str | None, timeout_s: float,
+             until_end: bool = False) -> RunChange:
+        return self.client.wait(run_id, after, timeout_s, until_end)
 
     def cancel(self, run_id: str) -> str:
         return self.client.cancel(run_id)

@@ -113,11 +113,13 @@ class Client:
     def cancel(self, run_id: str) -> str:
         return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]
 
-    def wait(self, run_id: str, after: str | None = None,
-             timeout_s: float = 30.0) -> RunChange:
+    def wait(self, run_id: str, after: str | None = None, timeout_s: float = 30.0,
+             until_end: bool = False) -> RunChange:
         """The long poll: once the run changed since `after` (a position from an earlier
-        answer) or ended, or after `timeout_s`; without `after`, at once."""
-        params = {"timeout_s": timeout_s, **({"after": after} if after else {})}
+        answer) or ended (with `until_end`: once it ended), or after `timeout_s`; without
+        `after`, at once."""
+        params = {"timeout_s": timeout_s, **({"after": after} if after else {}),
+                  **({"until_end": "true"} if until_end else {})}
         return RunChange.model_validate(self._request(
             "GET", f"{API}/runs/{run_id}/wait", params=params,
             timeout=self._http.timeout.read + timeout_s).json())

@@ -159,10 +159,10 @@ class MasterCore:
         return self.started_at if known else None
 
     def report(self, outcome: StepOutcome) -> bool:
-        """Apply an attempt's outcome once: False for a stale or repeated one."""
-        applied = self.sched.on_outcome(outcome, self.clock())
-        self.commit()
-        return applied
+        """Apply an attempt's outcome once: False for a stale or repeated one. Not committed
+        here: the next `tick` writes the outcomes that arrived together in one batch (when
+        hundreds of short steps end at once, the master stays off their critical path)."""
+        return self.sched.on_outcome(outcome, self.clock())
 
     def worker_lost(self, worker_id: str, reason: str) -> None:
         self.sched.worker_lost(worker_id, reason, self.clock())

@@ -22,6 +22,7 @@ class EventLog:
         self.seq = 0
         self._events: deque[dict] = deque(maxlen=kept)
         self._last: OrderedDict[str, int] = OrderedDict()  # run id -> its latest event's number
+        self._last_run: OrderedDict[str, int] = OrderedDict()  # the same, of the run itself
         self._kept = kept
         self.on_new = on_new  # told after each batch (the master wakes its long polls)
 
@@ -40,10 +41,11 @@ class EventLog:
     def _add(self, kind: str, data: dict, now: float) -> None:
         self.seq += 1
         self._events.append({"seq": self.seq, "kind": kind, "at": now, **data})
-        self._last[data["run_id"]] = self.seq
-        self._last.move_to_end(data["run_id"])
-        if len(self._last) > self._kept:
-            self._last.popitem(last=False)
+        for latest in (self._last, self._last_run) if kind == "run" else (self._last,):
+            latest[data["run_id"]] = self.seq
+            latest.move_to_end(data["run_id"])
+            if len(latest) > self._kept:
+                latest.popitem(last=False)
 
     def restarted_since(self, epoch: float | None) -> bool:
         return epoch is not None and epoch != self.epoch
@@ -67,10 +69,13 @@ class EventLog:
         """Where a follower waits from: `EPOCH:SEQ`."""
         return f"{self.epoch}:{self.seq}"
 
-    def run_changed(self, run_id: str, after: int, epoch: float | None) -> bool:
-        """Whether the run has changed since event `after` of master `epoch` (True when the
-        master is another one: the caller looks again)."""
-        return self.restarted_since(epoch) or self._last.get(run_id, 0) > after
+    def run_changed(self, run_id: str, after: int, epoch: float | None,
+                    itself: bool = False) -> bool:
+        """Whether the run (`itself`: the run, not only a step of it) has changed since event
+        `after` of master `epoch` (True when the master is another one: the caller looks
+        again)."""
+        latest = self._last_run if itself else self._last
+        return self.restarted_since(epoch) or latest.get(run_id, 0) > after
 
 
 def parse_position(text: str | None) -> tuple[float | None, int]:

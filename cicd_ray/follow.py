@@ -20,9 +20,10 @@ from cicd_ray.states import RunState
 # How long following a run waits for a master that does not answer (a restart takes seconds).
 MASTER_OUTAGE_S = 60.0
 RETRY_S = 0.5  # between two tries while the master does not answer
+VIEW_INTERVAL_S = 0.25  # the least time between two views a follower reads
 
 V = TypeVar("V")
-Wait = Callable[[str, "str | None", float], RunChange]
+Wait = Callable[[str, "str | None", float, bool], RunChange]  # run, after, timeout, until_end
 
 
 class _Outage(Generic[V]):
@@ -52,18 +53,27 @@ class _Outage(Generic[V]):
 def follow(view: Callable[[str], V], wait: Wait, run_id: str, state_of: Callable[[V], str],
            on_update: Callable[[V], None] | None = None,
            timeout_s: float | None = None) -> V:
-    """The run's final view, calling `on_update` with each view on the way. TimeoutError past
-    `timeout_s`; MasterUnavailable after MASTER_OUTAGE_S of silence."""
+    """The run's final view, calling `on_update` with each view on the way (at most one per
+    VIEW_INTERVAL_S: the changes in between come together). Without `on_update`, only the end
+    is waited for. TimeoutError past `timeout_s`; MasterUnavailable after MASTER_OUTAGE_S of
+    silence."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     calls: _Outage = _Outage(deadline)
-    position = calls.call(wait, run_id, None, 0.0).position
+    position = calls.call(wait, run_id, None, 0.0, False).position
+    current = calls.call(view, run_id)
     while True:
-        current = calls.call(view, run_id)
         if on_update is not None:
             on_update(current)
         if RunState(state_of(current)).terminal:
             return current
+        if on_update is not None:  # let the changes of a busy run come together
+            time.sleep(VIEW_INTERVAL_S if deadline is None else
+                       max(0.0, min(VIEW_INTERVAL_S, deadline - time.monotonic())))
         left = RUN_WAIT_S if deadline is None else deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"run {run_id} still {state_of(current)} after {timeout_s} s")
-        position = calls.call(wait, run_id, position, min(left, RUN_WAIT_S)).position
+        change = calls.call(wait, run_id, position, min(left, RUN_WAIT_S), on_update is None)
+        position = change.position
+        if on_update is None and not RunState(change.state).terminal:
+            continue  # only the end matters, and it has not come yet: wait again
+        current = calls.call(view, run_id)

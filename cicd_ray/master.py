@@ -101,23 +101,26 @@ class Master:
     async def get_run(self, run_id: str) -> RunView | None:
         return run_view(self.core.store, run_id)
 
-    async def wait(self, run_id: str, after: str | None = None,
-                   timeout_s: float = RUN_WAIT_S) -> RunChange | None:
+    async def wait(self, run_id: str, after: str | None = None, timeout_s: float = RUN_WAIT_S,
+                   until_end: bool = False) -> RunChange | None:
         """A long poll: answers once the run has changed since `after` (a position from an
-        earlier answer) or has ended, or after `timeout_s`. Without `after`, at once, with where
-        to wait from. None for an unknown run."""
+        earlier answer) or has ended, or after `timeout_s`; with `until_end`, only once it has
+        ended (or after `timeout_s`). Without `after`, at once, with where to wait from. None
+        for an unknown run."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         epoch, seq = parse_position(after)
-        while True:
-            run = self.core.store.get_run(run_id)
-            if run is None:
-                return None
-            if (after is None or run.state.terminal or loop.time() >= deadline
-                    or self.core.events.run_changed(run_id, seq, epoch)):
-                return RunChange(run_id=run_id, state=run.state.value,
-                                 position=self.core.events.position)
+        events = self.core.events
+        run = self.core.store.get_run(run_id)
+        while run is not None:
+            read_at = events.seq
+            changed = events.run_changed(run_id, seq, epoch, itself=until_end)
+            if after is None or run.state.terminal or loop.time() >= deadline or changed:
+                return RunChange(run_id=run_id, state=run.state.value, position=events.position)
             await self._news.wait(deadline - loop.time())
+            if events.run_changed(run_id, read_at, events.epoch, itself=True):
+                run = self.core.store.get_run(run_id)  # read again only when the run changed
+        return None
 
     async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         return self.core.store.read_log(attempt_id, offset)

@@ -155,8 +155,9 @@ def test_a_commit_that_fails_leaves_nothing_half_done(settings):
     outcome = driver.execute(task)
     events = core.events.seq
     store.failing = True
+    assert driver.report(outcome) is True  # applied in memory; written with the next tick
     with pytest.raises(StoreError):
-        driver.report(outcome)
+        core.tick()
     assert not core.take_effects() and core.events.seq == events
     assert [s.state for s in store.get_steps(run_id)] == [StepState.RUNNING, StepState.QUEUED]
 
