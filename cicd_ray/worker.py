@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution, tree_rss
@@ -65,10 +65,11 @@ class Worker:
         return os.getpid()
 
     def run_step(self, task: StepTask) -> StepOutcome:
-        sent: list[ray.ObjectRef] = []
+        sent: list[tuple[int, bytes, ray.ObjectRef]] = []
 
         def ship(seq: int, data: bytes) -> None:
-            sent.append(self._master_handle().append_log.remote(task.attempt_id, seq, data))
+            ref = self._master_handle().append_log.remote(task.attempt_id, seq, data)
+            sent.append((seq, data, ref))
 
         try:
             source = self._source_dir(task.source_digest) if task.source_digest else None
@@ -82,15 +83,36 @@ class Worker:
             outcome = execution.run()
         finally:
             self._running.pop(task.attempt_id, None)
-        # Streamed chunks must be stored before the outcome is, so a finished step's log is whole.
         if sent:
-            ray.wait(sent, num_returns=len(sent), timeout=LOG_DRAIN_TIMEOUT_S)
+            self._deliver_log(task.attempt_id, sent)
         self._finished[task.attempt_id] = outcome
         while len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
         if task.master_epoch != self._epoch:
             self._report(outcome)  # the master that dispatched it is gone
         return outcome
+
+    def _deliver_log(self, attempt_id: str, sent: list[tuple[int, bytes, ray.ObjectRef]]) -> None:
+        """Streamed chunks must be stored before the outcome is, so a finished step's log is
+        whole: a chunk sent to a master that died on the way is sent again to the current one
+        (the store keeps a chunk sent twice once)."""
+        ray.wait([ref for _, _, ref in sent], num_returns=len(sent), timeout=LOG_DRAIN_TIMEOUT_S)
+        lost = []
+        for seq, data, ref in sent:
+            try:
+                ray.get(ref, timeout=0)
+            except RayError:
+                lost.append((seq, data))
+        deadline = time.monotonic() + REPORT_FOR_S
+        while lost and not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                master = self._master_handle()
+                ray.get([master.append_log.remote(attempt_id, seq, data) for seq, data in lost],
+                        timeout=30)
+                return
+            except (RayError, ValueError):
+                self._master = None
+            self._stop.wait(0.5)
 
     def _report(self, outcome: StepOutcome) -> None:
         """Send an outcome to the current master until it acknowledges it."""
