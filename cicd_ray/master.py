@@ -26,7 +26,7 @@ from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.protocol import RUN_WAIT_S, LogSlice, Missing, Reply, RunChange, RunView
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
-from cicd_ray.states import StepState
+from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import log_answer, open_store, run_view, runs_page
 from cicd_ray.worker import start_worker, worker_bundle
 
@@ -69,8 +69,9 @@ class Master:
         self._collect_at = self.started_at + RETENTION_FIRST_S
         if self.core.recovered:
             log.warning("master recovered %d active run(s) from the store", self.core.recovered)
-        for worker_id in list(self.core.sched.workers):  # find the live worker actors again
-            self.actors.adopt(worker_id)
+        # Find the live worker actors again; one still starting is watched as when it started.
+        for worker in list(self.core.sched.workers.values()):
+            self.actors.adopt(worker.id, watch=worker.state is WorkerState.STARTING)
         self._act()
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
@@ -320,8 +321,9 @@ class WorkerActors:
                           f"failed to start ({type(e).__name__})")
             self._wake.set()
 
-    def adopt(self, worker_id: str) -> None:
-        """Find a worker actor by its name (after a master restart, or when it registers)."""
+    def adopt(self, worker_id: str, watch: bool = False) -> None:
+        """Find a worker actor by its name (after a master restart, or when it registers);
+        `watch` one still starting: it is lost if it fails to start."""
         if worker_id in self._handles:
             return
         try:
@@ -329,6 +331,9 @@ class WorkerActors:
                                                      namespace=NAMESPACE)
         except ValueError:
             self._lost_later(worker_id, "its actor no longer exists")
+            return
+        if watch:
+            asyncio.get_running_loop().create_task(self._watch_start(worker_id))
 
     def kill(self, worker_id: str) -> None:
         handle = self._handles.pop(worker_id, None)
