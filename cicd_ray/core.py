@@ -1,5 +1,5 @@
 """The master's core, with no Ray in it: the store, an injected clock, the scheduler, and the
-observers of what is committed (events, metrics, waiters).
+observers of what is committed (the event log, which wakes the long polls; the metrics).
 
 Every change goes the same way: the scheduler decides, `commit()` writes the records to the
 store in one batch, tells the observers, and returns the effects to carry out (dispatch, kill,
