@@ -16,15 +16,15 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError
 from cicd_ray.events import EventLog
 from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
-from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, StepTask, WorkerRecord
-from cicd_ray.scheduler import Kill, Scheduler, check_fits
+from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, WorkerRecord
+from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.spec import (
     GitSource,
     PipelineSpec,
@@ -43,25 +43,6 @@ Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
 class Observer(Protocol):
     def committed(self, changes: Changes, took_s: float, now: float) -> None:
         """Called after each batch is written, with what it changed."""
-
-
-@dataclass
-class Effects:
-    """What the committed decisions ask the shell to do, in this order."""
-
-    start_workers: list[WorkerRecord] = field(default_factory=list)
-    stop_workers: list[str] = field(default_factory=list)
-    dispatch: list[tuple[str, StepTask]] = field(default_factory=list)  # (worker_id, task)
-    kill: list[Kill] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.start_workers or self.stop_workers or self.dispatch or self.kill)
-
-    def extend(self, other: Effects) -> None:
-        self.start_workers += other.start_workers
-        self.stop_workers += other.stop_workers
-        self.dispatch += other.dispatch
-        self.kill += other.kill
 
 
 @dataclass
@@ -91,9 +72,10 @@ class MasterCore:
     # --- submissions ---------------------------------------------------------------------------
 
     def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
-             source: Source | None = None) -> Planned:
-        """Check and plan a submission; pure, so the shell runs it in a thread."""
-        return plan_submission(pipeline, env or {}, source, self.settings)
+             source: Source | None = None, request: str | None = None) -> Planned:
+        """Check and plan a submission; pure, so the shell runs it in a thread. `request`: its
+        digest, when the caller has it already."""
+        return plan_submission(pipeline, env or {}, source, self.settings, request)
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
@@ -187,8 +169,7 @@ class MasterCore:
             took_s, now = time.perf_counter() - t0, self.clock()
             for observer in self.observers:
                 observer.committed(changes, took_s, now)
-        effects = Effects(decisions.start_workers, decisions.stop_workers, decisions.dispatch,
-                          decisions.kill)
+        effects = decisions.effects()
         self._effects.extend(effects)
         return effects
 
@@ -227,9 +208,9 @@ class MasterCore:
 
 
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
-                    settings: Settings) -> Planned:
+                    settings: Settings, request: str | None = None) -> Planned:
     """(spec, planned steps, problems) of a submission, and its request digest."""
-    request = request_digest(pipeline, env, source)
+    request = request or request_digest(pipeline, env, source)
     try:
         spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
     except SpecError as e:

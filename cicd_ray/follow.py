@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from cicd_ray.errors import MasterUnavailable
 from cicd_ray.protocol import RUN_WAIT_S, RunChange
@@ -26,7 +26,7 @@ V = TypeVar("V")
 Wait = Callable[[str, "str | None", float, bool], RunChange]  # run, after, timeout, until_end
 
 
-class _Outage(Generic[V]):
+class _Outage:
     """Calls that tolerate a master that does not answer, for up to MASTER_OUTAGE_S at a time
     (the run goes on without it), and never past the follower's deadline."""
 
@@ -58,7 +58,7 @@ def follow(view: Callable[[str], V], wait: Wait, run_id: str, state_of: Callable
     is waited for. TimeoutError past `timeout_s`; MasterUnavailable after MASTER_OUTAGE_S of
     silence."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    calls: _Outage = _Outage(deadline)
+    calls = _Outage(deadline)
     position = calls.call(wait, run_id, None, 0.0, False).position
     current = calls.call(view, run_id)
     while True:

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
-from cicd_ray.core import Effects, MasterCore, request_digest
+from cicd_ray.core import MasterCore, request_digest
 from cicd_ray.errors import StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.metrics import Metrics
@@ -26,6 +26,7 @@ from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.protocol import RUN_WAIT_S, LogSlice, Missing, Reply, RunChange, RunView
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
+from cicd_ray.scheduler import Effects
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import log_answer, open_store, run_view, runs_page
 from cicd_ray.worker import start_worker, worker_bundle
@@ -86,11 +87,12 @@ class Master:
                      idempotency_key: str | None = None) -> Reply:
         """Validate, store, then answer. The run is durable in the store before its id is
         returned; a submission repeated with its idempotency key answers with the first run."""
-        known = self.core.known_key(idempotency_key, request_digest(pipeline, env, source))
+        request = request_digest(pipeline, env, source)
+        known = self.core.known_key(idempotency_key, request)
         if known is not None:
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
-        planned = await asyncio.to_thread(self.core.plan, pipeline, env, source)
+        planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request)
         answer = self._guarded(self.core.accept, planned, source, idempotency_key)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return answer

@@ -6,8 +6,8 @@
 decides is collected in `Decisions` for the master to write, then carry out.
 """
 
-from cicd_ray.scheduler.decisions import Decisions, Kill
+from cicd_ray.scheduler.decisions import Decisions, Effects, Kill
 from cicd_ray.scheduler.facade import Scheduler
 from cicd_ray.scheduler.slots import check_fits
 
-__all__ = ["Decisions", "Kill", "Scheduler", "check_fits"]
+__all__ = ["Decisions", "Effects", "Kill", "Scheduler", "check_fits"]
