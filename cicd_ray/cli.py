@@ -269,6 +269,10 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
         return
     run = view.run
     out.print(f"run {run.id} of {run.pipeline}: {_styled(run.state.value)} {escape(run.reason)}")
+    if run.commit and run.source_git:
+        out.print(escape(f"commit {run.commit} ({run.source_git.ref} of {run.source_git.git})"))
+    elif run.source_digest:
+        out.print(f"source snapshot sha256:{run.source_digest}")
     out.print(_steps_table(view))
     shared = sorted({a.runs_as for a in view.attempts if "worker's user" in a.runs_as})
     if shared:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import SpecError
+from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
 from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
 from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
+from cicd_ray.source import resolve as resolve_ref
 from cicd_ray.spec import (
     GitSource,
     PipelineSpec,
@@ -53,6 +54,7 @@ class Planned:
     steps: list[PlannedStep]
     problems: list[str]
     request: str  # digest of the request, compared when an Idempotency-Key is repeated
+    commit: str | None = None  # the SHA a git source's ref named at submission
 
 
 class MasterCore:
@@ -100,7 +102,8 @@ class MasterCore:
         git = spec.source if isinstance(spec.source, GitSource) else None
         run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
                         created_at=now, source_digest=source[0] if source else None,
-                        source_git=None if source else git)
+                        source_git=None if source else git,
+                        commit=None if source else planned.commit)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
@@ -208,8 +211,10 @@ class MasterCore:
 
 
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
-                    settings: Settings, request: str | None = None) -> Planned:
-    """(spec, planned steps, problems) of a submission, and its request digest."""
+                    settings: Settings, request: str | None = None,
+                    resolve: Callable[[str, str], str] = resolve_ref) -> Planned:
+    """(spec, planned steps, problems) of a submission, its request digest, and the commit its
+    git source is pinned to (`resolve` asks the repository: the one step that is not pure)."""
     request = request or request_digest(pipeline, env, source)
     try:
         spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
@@ -221,7 +226,13 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")
-    return Planned(spec, steps, problems, request)
+    commit = None
+    if not problems and source is None and isinstance(spec.source, GitSource):
+        try:
+            commit = resolve(spec.source.git, spec.source.ref)
+        except SourceError as e:
+            problems.append(f"source.ref: {e}")
+    return Planned(spec, steps, problems, request, commit)
 
 
 def request_digest(pipeline: dict | str, env: dict[str, str] | None,

@@ -216,7 +216,8 @@ class Execution:
         if self.source_dir is not None:
             shutil.copytree(self.source_dir, self.workspace, symlinks=True)
         elif self.task.source_git is not None:
-            clone(self.task.source_git.git, self.task.source_git.ref, self.workspace)
+            clone(self.task.source_git.git, self.task.commit or self.task.source_git.ref,
+                  self.workspace)
         else:
             self.workspace.mkdir()
         script = self.root / "step.sh"

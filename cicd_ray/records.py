@@ -27,6 +27,7 @@ class RunRecord(BaseModel):
     reason: str = ""
     source_digest: str | None = None
     source_git: GitSource | None = None
+    commit: str | None = None  # the SHA source_git's ref named at submission, built by all steps
     cancel_requested: bool = False
 
 
@@ -148,6 +149,7 @@ class StepTask(BaseModel):
     step: PlannedStep
     source_digest: str | None = None
     source_git: GitSource | None = None
+    commit: str | None = None  # the run's pinned commit, checked out instead of the ref
     # Which master dispatched it: a worker whose master has changed since reports the outcome
     # itself, as the call that would have carried it back has no one waiting on it.
     master_epoch: float = 0.0

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -61,17 +62,49 @@ def source_folder(spec_source: object, pipeline_dir: Path,
 
 def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S) -> None:
     """Clone `url` into `dest` and check out `ref` (a branch, tag or commit)."""
+    _git(["clone", "--quiet", "--", url, str(dest)], url, ref, timeout_s)
+    _git(["-C", str(dest), "checkout", "--quiet", "--detach", ref], url, ref, timeout_s)
+
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+ABBREVIATED = re.compile(r"^[0-9a-fA-F]{4,40}$")
+
+
+def resolve(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> str:
+    """The commit SHA `ref` names in `url` now: the run is pinned to it, so every step and
+    retry builds the same commit however the branch moves. A branch, tag or HEAD is looked up
+    with `git ls-remote` (no clone); an abbreviated or full SHA by fetching the history's
+    commits only (no trees, no files). Raises SourceError when it names no commit."""
+    listing = _git(["ls-remote", "--", url, ref, f"{ref}^{{}}"], url, ref, timeout_s)
+    found = dict(reversed(line.split("\t", 1)) for line in listing.splitlines() if "\t" in line)
+    for name in ("HEAD", f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", ref):
+        if name == "HEAD" and ref != "HEAD":
+            continue
+        if COMMIT.match(found.get(name, "")):
+            return found[name]
+    if ABBREVIATED.match(ref):
+        with tempfile.TemporaryDirectory(prefix="cicd-resolve-") as tmp:
+            _git(["init", "--quiet", "--bare", tmp], url, ref, timeout_s)
+            _git(["-C", tmp, "fetch", "--quiet", "--filter=tree:0", "--", url,
+                  "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], url, ref, timeout_s)
+            sha = _git(["-C", tmp, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                       url, ref, timeout_s, check=False).strip()
+            if COMMIT.match(sha):
+                return sha
+    raise SourceError(f"{ref!r} names no branch, tag or commit of {url}")
+
+
+def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = True) -> str:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password
-    for cmd in (["git", "clone", "--quiet", "--", url, str(dest)],
-                ["git", "-C", str(dest), "checkout", "--quiet", "--detach", ref]):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                                  env=env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise SourceError(f"`{' '.join(cmd[:2])}` did not finish: {e}") from None
-        if done.returncode != 0:
-            raise SourceError(f"git could not fetch {url} at {ref}: "
-                              f"{done.stderr.strip()[-1000:]}")
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SourceError(f"`git {args[0]}` did not finish: {e}") from None
+    if done.returncode != 0 and check:
+        raise SourceError(f"git could not fetch {url} at {ref}: "
+                          f"{done.stderr.strip()[-1000:]}")
+    return done.stdout
 
 
 def _walk(root: Path):

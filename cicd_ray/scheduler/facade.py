@@ -134,7 +134,7 @@ class Scheduler:
         self._out.record(attempt)
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
-            source_digest=run.source_digest, source_git=run.source_git,
+            source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
         )))
 
     def _end_attempt(self, attempt: AttemptRecord, state: StepState, now: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
 import tarfile
 import time
 
@@ -270,12 +271,18 @@ def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
     assert r.status_code == 201
     assert client.run(r.json()["run_id"]).wait(timeout=60).logs("read") == \
         "version two\n"
-    bad = client.submit({"name": "git3", "source": {"git": url, "ref": "no-such-ref"},
-                         "steps": [{"name": "read", "run": "true"}]})
-    assert bad.wait(timeout=60).state == "failed"
-    step = bad.steps[0]
-    assert step["reason"].startswith("could not start the step: git could not fetch")
-    assert "no-such-ref" in bad.logs("read")
+    # The ref is pinned at submission: the run names the commit, and a ref that names none
+    # is refused then (422), not a failed step later.
+    v1 = subprocess.run(["git", "-C", url.removeprefix("file://"), "rev-parse", "v1"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+    assert run.view["run"]["commit"] == v1
+    before = runs_count(api)
+    bad = httpx.post(f"{api}/api/v1/runs", headers=AUTH, json={
+        "pipeline": {"name": "git3", "source": {"git": url, "ref": "no-such-ref"},
+                     "steps": [{"name": "read", "run": "true"}]}})
+    assert bad.status_code == 422
+    assert "'no-such-ref' names no branch, tag or commit" in bad.text
+    assert runs_count(api) == before
 
 
 def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client, api):

@@ -175,3 +175,20 @@ def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
     assert sorted(p.relative_to(tmp_path / "out").as_posix()
                   for p in (tmp_path / "out").rglob("*")) == [
         "gitignore-like.git", "pkg", "pkg/deep", "pkg/deep/kept.txt"]
+
+
+def test_resolve_pins_a_branch_a_tag_head_or_a_sha_to_its_commit(tmp_path):
+    from cicd_ray.errors import SourceError
+    from cicd_ray.source import resolve
+
+    url = make_repo(tmp_path)
+    bare = tmp_path / "repo.git"
+    sha = {ref: subprocess.run(["git", "-C", str(bare), "rev-parse", f"{ref}^{{commit}}"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+           for ref in ("main", "v1")}
+    assert resolve(url, "main") == resolve(url, "HEAD") == sha["main"]
+    assert resolve(url, "v1") == sha["v1"]
+    assert resolve(url, sha["v1"]) == resolve(url, sha["v1"][:7]) == sha["v1"]
+    for missing in ("no-such-branch", "abcdef1"):
+        with pytest.raises(SourceError, match=f"'{missing}' names no branch, tag or commit"):
+            resolve(url, missing)
