@@ -135,6 +135,9 @@ ENV_NUMBERS = {
     "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES": "source_unpacked_limit_bytes",
     "CICD_RAY_MAX_PIPELINE_BYTES": "max_pipeline_bytes",
     "CICD_RAY_MAX_BODY_BYTES": "max_body_bytes",
+    "CICD_RAY_ARTIFACT_MAX_BYTES": "artifact_max_bytes",
+    "CICD_RAY_ARTIFACT_RUN_MAX_BYTES": "artifact_run_max_bytes",
+    "CICD_RAY_CACHE_MAX_BYTES": "cache_max_bytes",
 }
 ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces"}
 
@@ -171,6 +174,12 @@ class Settings(BaseModel):
     retention_days: float = Field(30.0, ge=0)
 
     store: str | None = None  # a store URL; None: the SQLite file under `home`
+    # Where artifacts and caches are kept (file://... or s3://bucket/prefix); None: a folder
+    # under `home`. Limits: one artifact file, all of a run's, all caches (and each node's copy).
+    artifacts: str | None = None
+    artifact_max_bytes: int = Field(2 * 1024**3, ge=1)
+    artifact_run_max_bytes: int = Field(20 * 1024**3, ge=1)
+    cache_max_bytes: int = Field(10 * 1024**3, ge=1)
     # Custom Ray resources the master asks for, e.g. {"cicd-control": 0.01}: with a resource
     # only worker nodes carry, the master stays off the head node and outlives its replacement.
     master_resources: dict[str, float] = Field(default_factory=dict)
@@ -206,6 +215,10 @@ class Settings(BaseModel):
         return self.store or f"sqlite:///{self.store_path}"
 
     @property
+    def artifacts_url(self) -> str:
+        return self.artifacts or f"file://{self.home / 'artifacts'}"
+
+    @property
     def work_dir(self) -> Path:
         return self.home / "work"
 
@@ -216,6 +229,7 @@ class Settings(BaseModel):
         env = dict(os.environ if env is None else env)
         home = Path(env.get("CICD_RAY_HOME") or Path.home() / ".cicd-ray").expanduser()
         values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None,
+                                     "artifacts": env.get("CICD_RAY_ARTIFACTS") or None,
                                      "url": env.get("CICD_RAY_URL") or None,
                                      "token": env.get("CICD_RAY_TOKEN", "")}
         if env.get("CICD_RAY_POOLS"):

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from cicd_ray.artifacts import ArtifactError, ArtifactStore, keep, place_inputs
+from cicd_ray.caches import NodeCaches
+from cicd_ray.config import Settings
 from cicd_ray.errors import IsolationError, SourceError
 from cicd_ray.isolation import (
     STEP_ROOT,
@@ -36,7 +39,7 @@ from cicd_ray.isolation import (
     take_identity,
     usable_by_others,
 )
-from cicd_ray.records import StepOutcome, StepTask
+from cicd_ray.records import ArtifactFile, CacheUse, StepOutcome, StepTask
 from cicd_ray.source import clone
 from cicd_ray.states import StepState
 
@@ -63,6 +66,24 @@ class ExecConfig:
     # Where attempts with a user of their own live: a path every user may traverse (work_dir,
     # under CICD_RAY_HOME, may be in root's home, which no one else may enter).
     step_dir: Path = STEP_ROOT
+    # Where artifacts and caches are kept (None: a step's `artifacts:` and `cache:` fail).
+    artifacts: ArtifactStore | None = None
+    caches: NodeCaches | None = None
+    artifact_max_bytes: int = 2 * 1024**3
+
+    @classmethod
+    def of(cls, settings: Settings, work_dir: Path, step_uids: range | None,
+           step_dir: Path = STEP_ROOT) -> ExecConfig:
+        """A worker's configuration from the settings; its node's cache copies are shared by
+        every worker there (under the settings' work_dir)."""
+        store = ArtifactStore(settings.artifacts_url)
+        return cls(
+            work_dir=work_dir, log_cap_bytes=settings.log_cap_bytes,
+            flush_interval_s=settings.log_flush_interval_s, kill_grace_s=settings.kill_grace_s,
+            keep_workspace=settings.keep_workspaces, step_uids=step_uids, step_dir=step_dir,
+            artifacts=store, artifact_max_bytes=settings.artifact_max_bytes,
+            caches=NodeCaches(store, settings.work_dir / "caches", settings.cache_max_bytes),
+        )
 
 
 def truncation_marker(cap: int) -> bytes:
@@ -176,6 +197,8 @@ class Execution:
         self._log = _LogBuffer(config.log_cap_bytes)
         self._peak_rss = 0
         self._identity: Identity | None = None
+        self._kept: list[ArtifactFile] = []
+        self._caches: list[CacheUse] = []
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -188,7 +211,7 @@ class Execution:
         try:
             try:
                 proc = self._start()
-            except (OSError, SourceError, IsolationError) as e:
+            except (OSError, SourceError, IsolationError, ArtifactError) as e:
                 self._log.add(f"[cicd-ray] {e}\n".encode())
                 return self._outcome(StepState.FAILED, None, started, None,
                                      reason=f"could not start the step: {e}")
@@ -220,6 +243,7 @@ class Execution:
                   self.workspace)
         else:
             self.workspace.mkdir()
+        self._bring_in()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
         if self._isolated:
@@ -300,8 +324,61 @@ class Execution:
         if killed is StepState.CANCELLED:
             return self._outcome(killed, code, started, usage, reason="cancelled")
         if code == 0:
+            problem = self._keep()
+            if problem:
+                return self._outcome(StepState.FAILED, code, started, usage, reason=problem)
             return self._outcome(StepState.SUCCEEDED, 0, started, usage)
         return self._outcome(StepState.FAILED, code, started, usage, reason=f"exit code {code}")
+
+    # --- artifacts and caches ----------------------------------------------------------------
+
+    def _bring_in(self) -> None:
+        """The needs' artifacts and the step's caches, into the workspace before it starts."""
+        task, store = self.task, self.config.artifacts
+        if task.inputs and store is None:
+            raise ArtifactError("this worker has no artifact store")
+        for line in place_inputs(store, task.inputs, self.workspace) if store else ():
+            self._log.add(line.encode())
+        for cache in task.step.cache:
+            use = CacheUse(key=cache.key)
+            try:
+                if self.config.caches is None:
+                    raise ArtifactError("this worker has no artifact store")
+                env = step_env(task, self.workspace, self.root / "tmp", self.root / "home")
+                use = self.config.caches.restore(task.pipeline, cache, self.root, env)
+            except Exception as e:  # a cache saves time; without it the step still runs
+                use.note = f"not restored: {e}"
+            self._caches.append(use)
+            self._log.add(f"[cicd-ray] cache {use.key}: {_cache_line(use)}\n".encode())
+
+    def _keep(self) -> str:
+        """After success: keep the artifacts (the reason the step fails when they cannot be
+        kept) and save the caches."""
+        task = self.task
+        if self._identity is not None:
+            kill_user(self._identity.uid)  # nothing of the step may change what is read now
+        if task.step.artifacts:
+            try:
+                if self.config.artifacts is None:
+                    raise ArtifactError("this worker has no artifact store")
+                self._kept = keep(self.config.artifacts, self.workspace, task.step.artifacts,
+                                  self.config.artifact_max_bytes, task.artifact_room_bytes)
+            except (ArtifactError, OSError) as e:
+                self._log.add(f"[cicd-ray] artifacts not kept: {e}\n".encode())
+                return f"artifacts not kept: {e}"
+            size = sum(f.size for f in self._kept)
+            self._log.add(f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n"
+                          .encode())
+        for cache, use in zip(task.step.cache, self._caches, strict=False):
+            try:
+                if self.config.caches is not None:
+                    self.config.caches.save(task.pipeline, cache, use, self.root)
+            except Exception as e:
+                use.note = f"not saved: {e}"
+            if use.bytes_saved or use.note:
+                saved = f"saved {use.bytes_saved} bytes" if use.bytes_saved else use.note
+                self._log.add(f"[cicd-ray] cache {use.key}: {saved}\n".encode())
+        return ""
 
     def _drain(self, fd: int, sel: selectors.BaseSelector) -> bool:
         """Read what the pipe holds now; True once it has reached its end."""
@@ -341,7 +418,18 @@ class Execution:
             reason=reason, log_seq=tail[0] if tail else 0, log_tail=tail[1] if tail else b"",
             runs_as=(f"uid {self._identity.uid}" if self._identity
                      else f"{_user_name()} (the worker's user)"),
+            artifacts=self._kept if state is StepState.SUCCEEDED else [], caches=self._caches,
         )
+
+
+def _cache_line(use: CacheUse) -> str:
+    if use.note:
+        return use.note
+    if use.result == "miss":
+        return "miss"
+    where = "this node's copy" if use.from_node else "the artifact store"
+    return (f"{use.result} ({use.restored_from}), {use.bytes_restored} bytes restored from "
+            f"{where}")
 
 
 def _user_name() -> str:

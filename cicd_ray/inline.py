@@ -19,7 +19,7 @@ from cicd_ray.states import StepState, WorkerState
 class InlineDriver:
     def __init__(self, core: MasterCore, work_dir: Path, step_uids: range | None = None) -> None:
         self.core = core
-        self.config = ExecConfig(work_dir=work_dir, step_uids=step_uids)
+        self.config = ExecConfig.of(core.settings, work_dir, step_uids)
         self.workers: dict[str, WorkerRecord] = {}  # as each worker knows itself
         self.pending: list[tuple[str, StepTask]] = []  # dispatched, not yet run
         self.outcomes: list[StepOutcome] = []  # every outcome reported, in order

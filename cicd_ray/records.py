@@ -6,12 +6,48 @@ store writes them as JSON and reads them back without hand-written mapping.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 from cicd_ray.spec import GitSource, PlannedStep
 from cicd_ray.states import Kind, RunState, StepState, WorkerState
+
+
+class ArtifactFile(BaseModel):
+    """A file a step kept: its path in the workspace, size and SHA-256 (its name in the store)."""
+
+    path: str
+    size: int
+    digest: str
+
+
+class ArtifactInput(BaseModel):
+    """The artifacts of one need, handed to a step at their paths."""
+
+    step: str
+    files: list[ArtifactFile]
+
+
+class CacheUse(BaseModel):
+    """What one `cache:` entry of a step did: restored (hit: its own key; partial: a restore
+    key's newest entry; miss: nothing), and saved after the step when it was no hit."""
+
+    key: str
+    result: Literal["hit", "partial", "miss"] = "miss"
+    restored_from: str = ""  # the key of the entry restored
+    bytes_restored: int = 0
+    from_node: bool = False  # restored from the node's own copy, without a download
+    bytes_saved: int = 0
+    note: str = ""  # why it was not restored or saved, when something went wrong
+
+
+class Origin(BaseModel):
+    """Where a reused or carried-over step's result came from."""
+
+    run_id: str
+    step: str
+    attempt: int
 
 
 class RunRecord(BaseModel):
@@ -47,6 +83,12 @@ class StepRecord(BaseModel):
     reason: str = ""
     spot_evicted: bool = False  # an attempt on a spot pool was lost: no more spot for it
     infra_retries: int = 0  # attempts lost with their worker and retried automatically
+    artifacts: list[ArtifactFile] = Field(default_factory=list)  # of the attempt that succeeded
+    # What determines its result (cicd_ray.keys): the key, and a digest per part for `explain`.
+    key: str = ""
+    key_parts: dict[str, str] = Field(default_factory=dict)
+    reused_from: Origin | None = None  # not run: a success with the same key was reused
+    carried_from: Origin | None = None  # not run: carried over from the run re-run
 
     @property
     def name(self) -> str:
@@ -76,6 +118,9 @@ class AttemptRecord(BaseModel):
     wait_slot_s: float = 0.0
     pool: str = ""  # the pool of the worker that ran it (a spot pool for interruptible steps)
     runs_as: str = ""  # the user its process ran as: "uid N" (its own) or the worker's
+    artifacts: list[ArtifactFile] = Field(default_factory=list)
+    caches: list[CacheUse] = Field(default_factory=list)
+    reused_from: Origin | None = None
 
     def measured(self, outcome: StepOutcome) -> None:
         """Take what the worker measured of it."""
@@ -84,6 +129,8 @@ class AttemptRecord(BaseModel):
         self.peak_memory_mb = outcome.peak_memory_mb
         self.cpu_time_s = outcome.cpu_time_s
         self.runs_as = outcome.runs_as
+        self.artifacts = outcome.artifacts
+        self.caches = outcome.caches
 
 
 class WorkerRecord(BaseModel):
@@ -150,6 +197,9 @@ class StepTask(BaseModel):
     source_digest: str | None = None
     source_git: GitSource | None = None
     commit: str | None = None  # the run's pinned commit, checked out instead of the ref
+    pipeline: str = ""  # caches are kept per pipeline
+    inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
+    artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
     # Which master dispatched it: a worker whose master has changed since reports the outcome
     # itself, as the call that would have carried it back has no one waiting on it.
     master_epoch: float = 0.0
@@ -168,6 +218,8 @@ class StepOutcome(BaseModel):
     cpu_time_s: float | None = None
     reason: str = ""
     runs_as: str = ""
+    artifacts: list[ArtifactFile] = Field(default_factory=list)
+    caches: list[CacheUse] = Field(default_factory=list)
     # The end of the log not yet streamed, stored with the outcome in the same transaction.
     log_seq: int = 0
     log_tail: bytes = b""

@@ -123,6 +123,40 @@ class GitSource(_Model):
     ref: Annotated[str, StringConstraints(pattern=GIT_REF)] = "HEAD"
 
 
+def _workspace_path(text: str) -> str:
+    """A path or glob inside the step's workspace (`~/...`: inside its HOME, for caches)."""
+    body = text[2:] if text.startswith("~/") else text
+    if not body or body.startswith("/") or ".." in body.split("/"):
+        raise ValueError(f"{quote(text)} must be a relative path inside the workspace "
+                         "(no leading /, no ..)")
+    return text
+
+
+WorkspacePath = Annotated[str, StringConstraints(min_length=1, max_length=256),
+                          AfterValidator(_workspace_path)]
+
+
+def _cache_key(text: str) -> str:
+    from cicd_ray.cachekeys import check_template
+
+    problem = check_template(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+CacheKey = Annotated[str, StringConstraints(min_length=1, max_length=512),
+                     AfterValidator(_cache_key)]
+
+
+class CacheSpec(_Model):
+    """Folders kept from one run to the next under a key (docs/pipelines.md, "Caches")."""
+
+    key: CacheKey
+    paths: Annotated[list[WorkspacePath], Field(min_length=1, max_length=32)]
+    restore_keys: Annotated[list[CacheKey], Field(max_length=16)] = Field(default_factory=list)
+
+
 class DefaultsSpec(_Model):
     timeout: float = Field(600, gt=0, le=MAX_TIMEOUT_S)
     pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] = "default"
@@ -145,6 +179,12 @@ class StepSpec(_Model):
     # May run on a spot pool standing in for its own (cheaper, can be taken away); an infra
     # failure there sends the retry to its own pool.
     interruptible: bool = False
+    # Files kept after success and handed to the steps that need this one (globs).
+    artifacts: Annotated[list[WorkspacePath], Field(max_length=64)] = Field(
+        default_factory=list)
+    cache: Annotated[list[CacheSpec], Field(max_length=8)] = Field(default_factory=list)
+    # Skip the step when a success with the same inputs exists (see cicd_ray.keys).
+    reuse: bool = False
 
 
 class PipelineSpec(_Model):
@@ -174,6 +214,9 @@ class PlannedStep(BaseModel):
     retry_infra: int = DEFAULT_INFRA_RETRIES
     priority: int
     interruptible: bool = False
+    artifacts: list[str] = Field(default_factory=list)
+    cache: list[CacheSpec] = Field(default_factory=list)
+    reuse: bool = False
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -255,7 +298,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
 
 
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "GitSource"})
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "GitSource", "function-after"})
 
 
 def _is_union_tag(part: object) -> bool:
@@ -447,7 +490,7 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
                 matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
                 memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
                 retry_max=retry.max, retry_on=list(retry.on), retry_infra=retry.infra,
-                priority=step.priority,
-                interruptible=step.interruptible,
+                priority=step.priority, interruptible=step.interruptible,
+                artifacts=step.artifacts, cache=step.cache, reuse=step.reuse,
             ))
     return planned

@@ -39,12 +39,8 @@ class Worker:
         self.settings = settings
         self.record.node = ray.get_runtime_context().get_node_id()
         self.work_dir = settings.work_dir / record.id
-        self.exec_config = ExecConfig(
-            work_dir=self.work_dir, log_cap_bytes=settings.log_cap_bytes,
-            flush_interval_s=settings.log_flush_interval_s, kill_grace_s=settings.kill_grace_s,
-            keep_workspace=settings.keep_workspaces, step_uids=parse_uids(settings.step_uids),
-            step_dir=STEP_ROOT / record.id,
-        )
+        self.exec_config = ExecConfig.of(settings, self.work_dir, parse_uids(settings.step_uids),
+                                         STEP_ROOT / record.id)
         self.record.isolation = describe(self.exec_config.step_uids)
         self._running: dict[str, Execution] = {}
         # Recent outcomes, told to a master that restarted (it may have missed them).

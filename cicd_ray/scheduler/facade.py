@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cicd_ray.config import PoolConfig
 from cicd_ray.records import (
+    ArtifactInput,
     AttemptRecord,
     RunRecord,
     StepOutcome,
@@ -27,9 +28,10 @@ from cicd_ray.states import StepState, WorkerState, move
 
 class Scheduler:
     def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
-                 lookahead: bool = True) -> None:
+                 lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3) -> None:
         self.pools = pools
         self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
+        self.artifact_run_max_bytes = artifact_run_max_bytes
         self._out = Decisions()
         self.book = RunBook(self._out)
         self.queues = ReadyQueues(pools, self.book.step)
@@ -132,9 +134,13 @@ class Scheduler:
         self.book.start(run, now)
         self._out.record(step)
         self._out.record(attempt)
+        run_steps = self.steps[run.id]
+        kept = sum(f.size for s in run_steps.values() for f in s.artifacts)
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
             source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
+            pipeline=run.pipeline, inputs=inputs_of(step, run_steps),
+            artifact_room_bytes=max(0, self.artifact_run_max_bytes - kept),
         )))
 
     def _end_attempt(self, attempt: AttemptRecord, state: StepState, now: float,
@@ -147,6 +153,7 @@ class Scheduler:
         step = self.steps[attempt.run_id][attempt.step]
         self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
         step.exit_code = attempt.exit_code
+        step.artifacts = attempt.artifacts
         pool = self.pools.get(attempt.pool)
         if infra and pool is not None and pool.spot:
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
@@ -281,6 +288,12 @@ class Scheduler:
 
     def queue_view(self, now: float) -> dict[str, dict]:
         return self.queues.view(now)
+
+
+def inputs_of(step: StepRecord, run_steps: dict[str, StepRecord]) -> list[ArtifactInput]:
+    """The artifacts a step is given: those of each step it needs, in the order of its needs."""
+    return [ArtifactInput(step=need, files=run_steps[need].artifacts)
+            for need in step.spec.needs if run_steps[need].artifacts]
 
 
 def new_attempt(step: StepRecord, worker: WorkerRecord, now: float) -> AttemptRecord:

@@ -1,0 +1,291 @@
+"""The artifact store: files kept from a step for the steps after it, caches, and the results
+that reused steps point at, behind one URL.
+
+`file:///var/lib/cicd-ray/artifacts` (the default: a folder under CICD_RAY_HOME) or
+`s3://bucket/prefix` (any S3-compatible store; credentials and endpoint from the standard AWS
+variables, e.g. a Kubernetes Secret's). fsspec gives both one interface (s3fs behind s3://):
+files are streamed, never held whole in memory.
+
+Layout under the root:
+    blobs/ab/abcdef...   one file's content, named by its SHA-256: stored once however many
+                         steps, runs and reused results point at it
+    caches/SCOPE/KEY     a cache entry (a tar), and KEY.used, touched when it is restored
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote, unquote
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from cicd_ray.errors import CicdError
+from cicd_ray.records import ArtifactFile, ArtifactInput
+
+CHUNK = 1 << 20
+USED = ".used"
+
+
+class ArtifactError(CicdError):
+    """An artifact could not be kept or handed over; the step fails with this reason."""
+
+
+def digest_of(src: BinaryIO) -> str:
+    """The SHA-256 of what `src` holds from where it is; it is left at its start again."""
+    h = hashlib.sha256()
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+    src.seek(0)
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = root.rstrip("/")
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    # --- blobs ----------------------------------------------------------------------------------
+
+    def _blob(self, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ArtifactError(f"{digest!r} is not a SHA-256 digest")
+        return f"{self.root}/blobs/{digest[:2]}/{digest}"
+
+    def has(self, digest: str) -> bool:
+        return self.fs.exists(self._blob(digest))
+
+    def put(self, src: BinaryIO, digest: str) -> None:
+        """Keep a file's content under its digest (once: a digest already stored is not
+        written again)."""
+        target = self._blob(digest)
+        if not self.fs.exists(target):
+            self._write(src, target)
+
+    def _write(self, src: BinaryIO, target: str) -> None:
+        if self._local:  # a reader never sees half a file: written aside, then renamed
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        else:  # an object store's upload appears whole or not at all (when it is closed)
+            with self.fs.open(target, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+
+    def fetch(self, digest: str, dest: Path) -> None:
+        """Copy a blob to `dest`, checking its digest on the way."""
+        h = hashlib.sha256()
+        with self.open(digest) as src, dest.open("wb") as out:
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != digest:
+            dest.unlink(missing_ok=True)
+            raise ArtifactError(f"stored file {digest[:12]} does not match its digest")
+
+    def open(self, digest: str):
+        """A blob to read (streamed)."""
+        try:
+            return self.fs.open(self._blob(digest), "rb")
+        except FileNotFoundError:
+            raise ArtifactError(f"stored file {digest[:12]} is no longer in the artifact "
+                                "store") from None
+
+    def digests(self) -> set[str]:
+        """Every blob stored."""
+        try:
+            paths = self.fs.find(f"{self.root}/blobs")
+        except FileNotFoundError:
+            return set()
+        return {p.rsplit("/", 1)[-1] for p in paths
+                if re.fullmatch(r"[0-9a-f]{64}", p.rsplit("/", 1)[-1])}
+
+    def delete(self, digests: set[str]) -> None:
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._blob(digest))
+
+    # --- cache entries -------------------------------------------------------------------------
+
+    def _entry(self, scope: str, key: str) -> str:
+        return f"{self.root}/caches/{quote(scope, safe='')}/{quote(key, safe='')}"
+
+    def cache_entries(self, scope: str | None = None) -> list[tuple[str, str, int, float]]:
+        """(scope, key, size, last used) of the entries of one scope (None: of every scope)."""
+        base = f"{self.root}/caches" + (f"/{quote(scope, safe='')}" if scope else "")
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return []
+        used = {p[: -len(USED)]: _mtime(info) for p, info in found.items() if p.endswith(USED)}
+        out = []
+        for path, info in found.items():
+            if path.endswith(USED) or path.endswith(".tmp"):
+                continue
+            scope_part, key_part = path.rsplit("/", 2)[-2:]
+            out.append((unquote(scope_part), unquote(key_part), int(info.get("size") or 0),
+                        max(_mtime(info), used.get(path, 0.0))))
+        return out
+
+    def put_cache(self, scope: str, key: str, path: Path) -> None:
+        with path.open("rb") as src:
+            self._write(src, self._entry(scope, key))
+
+    def fetch_cache(self, scope: str, key: str, dest: Path) -> None:
+        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.fs.get_file(self._entry(scope, key), str(tmp))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def touch_cache(self, scope: str, key: str) -> None:
+        """Note that an entry was used now (what least-recently-used eviction goes by)."""
+        path = self._entry(scope, key) + USED
+        if self._local:
+            Path(path).touch()
+        else:
+            self.fs.pipe_file(path, b"")
+
+    def delete_cache(self, scope: str, key: str) -> None:
+        for path in (self._entry(scope, key), self._entry(scope, key) + USED):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def evict_caches(self, cap_bytes: int) -> list[str]:
+        """Delete the least recently used entries until all of them fit in `cap_bytes`;
+        the keys deleted."""
+        entries = sorted(self.cache_entries(), key=lambda e: e[3])
+        total = sum(e[2] for e in entries)
+        gone = []
+        for scope, key, size, _ in entries:
+            if total <= cap_bytes:
+                break
+            self.delete_cache(scope, key)
+            total -= size
+            gone.append(key)
+        return gone
+
+
+def _mtime(info: dict) -> float:
+    """An entry's modification time, whatever the file system calls it."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+# --- a step's files --------------------------------------------------------------------------
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """`**` any number of folders, `*` and `?` within one name."""
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out.rstrip("/") + "$")
+
+
+def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
+    """(relative path, path) of the regular files under `root` that a pattern names, directly or
+    through a folder it names (`dist` and `dist/**` both give every file under dist). Links are
+    neither followed nor kept: a step cannot hand over what it could not read."""
+    regexes = [glob_regex(p) for p in patterns]
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel_folder = os.path.relpath(folder, root)
+        rel_folder = "" if rel_folder == "." else rel_folder + "/"
+        for name in sorted(files):
+            rel = rel_folder + name
+            path = Path(folder) / name
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            parts = rel.split("/")
+            prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+            if any(r.match(p) for r in regexes for p in prefixes):
+                yield rel, path
+
+
+def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: int,
+         room_bytes: int) -> list[ArtifactFile]:
+    """Store the files the patterns match; raises ArtifactError (naming the file and the
+    limit) when one is larger than `max_bytes` or all are larger than `room_bytes`."""
+    files = list(matching(workspace, patterns))
+    total = 0
+    for rel, path in files:
+        size = path.stat().st_size
+        total += size
+        if size > max_bytes:
+            raise ArtifactError(f"artifact {rel} is {size} bytes, more than the {max_bytes} "
+                                "allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)")
+        if total > room_bytes:
+            raise ArtifactError(f"the artifacts reach {total} bytes at {rel}, more than the "
+                                f"{room_bytes} left for this run (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)")
+    kept = []
+    for rel, path in files:
+        with _open_regular(path, rel) as src:
+            digest = digest_of(src)
+            store.put(src, digest)
+            kept.append(ArtifactFile(path=rel, size=os.fstat(src.fileno()).st_size,
+                                     digest=digest))
+    return kept
+
+
+def _open_regular(path: Path, rel: str) -> BinaryIO:
+    """The file, if it is still a regular file and no link (not swapped since it was found)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ArtifactError(f"artifact {rel}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"artifact {rel} is no longer a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def place_inputs(store: ArtifactStore, inputs: list[ArtifactInput], workspace: Path) -> list[str]:
+    """Put the needs' artifacts in the workspace at their paths; the log lines saying so."""
+    lines = []
+    for given in inputs:
+        size = 0
+        for f in given.files:
+            dest = workspace / f.path
+            if not dest.resolve().is_relative_to(workspace.resolve()):
+                raise ArtifactError(f"artifact path {f.path!r} of {given.step} leaves the "
+                                    "workspace")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)
+            store.fetch(f.digest, dest)
+            size += f.size
+        if given.files:
+            lines.append(f"[cicd-ray] artifacts of {given.step}: {len(given.files)} file(s), "
+                         f"{size} bytes\n")
+    return lines

@@ -1,0 +1,131 @@
+"""Builds that carry state, through the master's core and the real executor, in-process:
+artifacts handed to the steps that need them, caches restored and saved, limits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.store import run_view
+from cicd_ray.store.memory import MemoryStore
+from tests.unit.test_core import make, submitted
+
+BUILD = {"name": "build", "steps": [
+    {"name": "compile", "run": "mkdir -p dist/sub reports; echo bin > dist/app; "
+                               "echo deep > dist/sub/lib; echo '<x/>' > reports/t.xml; "
+                               "echo skip > reports/t.txt; ln -s /etc/hostname dist/link",
+     "artifacts": ["dist/**", "reports/*.xml"]},
+    {"name": "other", "run": "mkdir -p out; echo other > out/o", "artifacts": ["out"]},
+    {"name": "package", "needs": ["compile"],
+     "run": "cat dist/app dist/sub/lib reports/t.xml; test ! -e reports/t.txt; "
+            "test ! -e dist/link; test ! -e out/o && echo ok"}]}
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1,
+                                                                 cpus=2)})
+
+
+def steps_of(core, run_id):
+    view = run_view(core.store, run_id)
+    return view, {s.name: s for s in view.steps}
+
+
+def log_of(core, run_id, step):
+    attempt = [a for a in run_view(core.store, run_id).attempts if a.step == step][-1]
+    return core.store.read_log(attempt.id).decode()
+
+
+def test_a_step_gets_the_artifacts_of_the_steps_it_needs_and_no_others(settings):
+    core, driver = make(settings)
+    run_id = submitted(core.submit(BUILD))
+    driver.run_until_idle()
+    view, steps = steps_of(core, run_id)
+    assert view.run.state == "succeeded", [(s.name, s.reason) for s in view.steps]
+    assert log_of(core, run_id, "package").endswith("bin\ndeep\n<x/>\nok\n")
+    kept = {f.path: f for f in steps["compile"].artifacts}
+    assert sorted(kept) == ["dist/app", "dist/sub/lib", "reports/t.xml"]  # no link, no .txt
+    assert kept["dist/app"].size == 4 and len(kept["dist/app"].digest) == 64
+    attempt = next(a for a in view.attempts if a.step == "compile")
+    assert attempt.artifacts == steps["compile"].artifacts  # recorded on the attempt too
+    assert "artifacts of compile: 3 file(s)" in log_of(core, run_id, "package")
+
+
+def test_artifacts_over_a_limit_fail_the_step_with_the_reason(settings, tmp_path):
+    limited = settings.model_copy(update={"artifact_max_bytes": 1000})
+    core, driver = make(limited)
+    big = {"name": "big", "steps": [
+        {"name": "a", "run": "mkdir dist; head -c 2000 /dev/zero > dist/big",
+         "artifacts": ["dist"]},
+        {"name": "b", "needs": ["a"], "run": "true"}]}
+    run_id = submitted(core.submit(big))
+    driver.run_until_idle()
+    _, steps = steps_of(core, run_id)
+    assert steps["a"].state == "failed"
+    assert steps["a"].reason == ("artifacts not kept: artifact dist/big is 2000 bytes, more "
+                                 "than the 1000 allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)")
+    assert steps["b"].state == "skipped"
+    per_run = settings.model_copy(update={"artifact_run_max_bytes": 3000})
+    core, driver = make(per_run, store=MemoryStore())
+    two = {"name": "two", "steps": [
+        {"name": "a", "run": "head -c 2000 /dev/zero > f", "artifacts": ["f"]},
+        {"name": "b", "needs": ["a"], "run": "head -c 2000 /dev/zero > g", "artifacts": ["g"]}]}
+    run_id = submitted(core.submit(two))
+    driver.run_until_idle()
+    _, steps = steps_of(core, run_id)
+    assert steps["a"].state == "succeeded" and steps["b"].state == "failed"
+    assert "more than the 1000 left for this run" in steps["b"].reason
+
+
+CACHED = {"name": "cached", "steps": [{
+    "name": "deps", "env": {"FLAVOUR": "x"},
+    "cache": [{"key": "deps-${{ env.FLAVOUR }}-${{ hashFiles('lock') }}",
+               "paths": ["vendor", "~/.cache/tool"], "restore_keys": ["deps-${{ env.FLAVOUR }}-"]}],
+    "run": "echo $CICD_RUN_ID > lock-seen; ls vendor 2>/dev/null || echo empty; "
+           "mkdir -p vendor ~/.cache/tool; echo $CICD_RUN_ID > vendor/$CICD_RUN_ID; "
+           "echo t > ~/.cache/tool/t"}]}
+
+
+def test_a_cache_misses_then_hits_then_restores_a_partial_match(settings, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "lock").write_text("v1\n")
+    core, driver = make(settings)
+    from cicd_ray.source import snapshot
+
+    def run_with_lock(text):
+        (src / "lock").write_text(text)
+        source = snapshot(src, 10**7)
+        run_id = submitted(core.submit(CACHED, source=source))
+        driver.run_until_idle()
+        view = run_view(core.store, run_id)
+        assert view.run.state == "succeeded"
+        return run_id, view.attempts[-1].caches[0], log_of(core, run_id, "deps")
+
+    first, use, log = run_with_lock("v1\n")
+    assert use.result == "miss" and use.bytes_saved > 0 and "empty" in log
+    _, use, log = run_with_lock("v1\n")
+    assert use.result == "hit" and use.from_node and use.bytes_restored > 0
+    assert use.bytes_saved == 0  # an exact hit is not saved again
+    assert first in log
+    _, use, log = run_with_lock("v2\n")  # the lock changed: the newest deps-x-* entry
+    assert use.result == "partial" and use.restored_from.startswith("deps-x-")
+    assert use.key != use.restored_from and use.bytes_saved > 0
+    assert "partial" in log and f"cache {use.key}" in log
+
+
+def test_caches_are_evicted_least_recently_used_first_by_size(tmp_path):
+    from cicd_ray.artifacts import ArtifactStore
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    for i, key in enumerate(["a", "b", "c"]):
+        path = tmp_path / key
+        path.write_bytes(b"x" * 100)
+        store.put_cache("p", key, path)
+        os.utime(store.fs._strip_protocol(store._entry("p", key)), (1000 + i, 1000 + i))
+    store.touch_cache("p", "a")  # used just now: b is the least recently used
+    assert store.evict_caches(250) == ["b"]
+    assert sorted(k for _, k, _, _ in store.cache_entries("p")) == ["a", "c"]
