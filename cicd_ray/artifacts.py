@@ -106,13 +106,13 @@ class ArtifactStore:
             raise ArtifactError(f"stored file {digest[:12]} is no longer in the artifact "
                                 "store") from None
 
-    def digests(self) -> set[str]:
-        """Every blob stored."""
+    def digests(self) -> dict[str, float]:
+        """Every blob stored, with when it was written."""
         try:
-            paths = self.fs.find(f"{self.root}/blobs")
+            found = self.fs.find(f"{self.root}/blobs", detail=True)
         except FileNotFoundError:
-            return set()
-        return {p.rsplit("/", 1)[-1] for p in paths
+            return {}
+        return {p.rsplit("/", 1)[-1]: _mtime(info) for p, info in found.items()
                 if re.fullmatch(r"[0-9a-f]{64}", p.rsplit("/", 1)[-1])}
 
     def delete(self, digests: set[str]) -> None:

@@ -522,8 +522,10 @@ def gc(older_than: str | None = typer.Option(None, help="delete finished runs (w
                                     "nothing"),
        as_json: bool = AS_JSON):
     """Delete what is past retention from the store: finished runs with their steps, attempts
-    and logs, stopped workers' records, Idempotency-Keys older than a day, and source archives
-    no queued or running run needs. The master does this by itself every hour."""
+    and logs, stopped workers' records, Idempotency-Keys older than a day, source archives
+    no queued or running run needs, and artifacts no stored step or reusable result points at.
+    The master does this by itself every hour."""
+    from cicd_ray.artifacts import ArtifactStore
     from cicd_ray.retention import collect
     from cicd_ray.store import open_store
 
@@ -534,7 +536,8 @@ def gc(older_than: str | None = typer.Option(None, help="delete finished runs (w
     with _reported():
         store = open_store(settings.store_url)
         try:
-            done = collect(store, now, now - cutoff, dry_run=dry_run)
+            done = collect(store, now, now - cutoff, dry_run=dry_run,
+                           artifacts=ArtifactStore(settings.artifacts_url))
         finally:
             store.close()
     if as_json:
@@ -542,7 +545,8 @@ def gc(older_than: str | None = typer.Option(None, help="delete finished runs (w
         return
     verb = "would delete" if dry_run else "deleted"
     out.print(f"{verb} {done.runs} run(s) with their logs, {done.sources} source archive(s), "
-              f"{done.keys} idempotency key(s), {done.workers} worker record(s)")
+              f"{done.keys} idempotency key(s), {done.workers} worker record(s), "
+              f"{done.artifacts} artifact file(s)")
 
 
 @app.command()

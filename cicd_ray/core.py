@@ -66,7 +66,8 @@ class MasterCore:
         self.started_at = clock()
         self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s,
                                lookahead=settings.lookahead,
-                               artifact_run_max_bytes=settings.artifact_run_max_bytes)
+                               artifact_run_max_bytes=settings.artifact_run_max_bytes,
+                               results=store.get_result)
         self.events = EventLog(self.started_at)
         self.observers: list[Observer] = [self.events, *(observers or [])]
         self._effects = Effects()

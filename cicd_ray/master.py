@@ -17,6 +17,7 @@ import psutil
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.config import Settings
 from cicd_ray.core import MasterCore, request_digest
 from cicd_ray.errors import StoreError
@@ -224,7 +225,8 @@ class Master:
         try:
             done = await asyncio.to_thread(collect, self.core.store, now,
                                            self.settings.retention_days * 86400,
-                                           max_runs=RETENTION_MAX_RUNS)
+                                           max_runs=RETENTION_MAX_RUNS,
+                                           artifacts=ArtifactStore(self.settings.artifacts_url))
             if any(done.as_dict().values()):
                 log.warning("retention: deleted %s", done.as_dict())
         except Exception as e:  # retention is housekeeping: never a reason to stop

@@ -161,6 +161,15 @@ class KeyRecord(BaseModel):
     at: float = 0.0
 
 
+class ResultRecord(BaseModel):
+    """A success a step with `reuse: true` can take instead of running: by its key."""
+
+    key: str
+    origin: Origin
+    artifacts: list[ArtifactFile] = Field(default_factory=list)
+    at: float = 0.0
+
+
 class Changes(BaseModel):
     """A batch of records to write together, in one transaction, before acting on any of them."""
 
@@ -170,6 +179,7 @@ class Changes(BaseModel):
     workers: dict[str, WorkerRecord] = Field(default_factory=dict)
     logs: list[tuple[str, int, bytes]] = Field(default_factory=list)  # (attempt id, seq, data)
     idempotency: dict[str, KeyRecord] = Field(default_factory=dict)  # by Idempotency-Key
+    results: dict[str, ResultRecord] = Field(default_factory=dict)  # by step key
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -184,7 +194,7 @@ class Changes(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
-                    or self.idempotency)
+                    or self.idempotency or self.results)
 
 
 class StepTask(BaseModel):

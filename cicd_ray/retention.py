@@ -1,5 +1,6 @@
-"""What is stored is not forever: finished runs with their logs, source archives no run needs,
-Idempotency-Keys and the records of stopped workers are deleted once they are old.
+"""What is stored is not forever: finished runs with their logs (and the artifacts no other
+run or reusable result points at), source archives no run needs, Idempotency-Keys and the
+records of stopped workers are deleted once they are old.
 
 `collect` works on any `Store` with the time passed in; the master calls it periodically
 (CICD_RAY_RETENTION_DAYS, default 30; 0 keeps everything) and `cicd-ray gc` calls it on
@@ -11,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.errors import CicdError
 from cicd_ray.store.base import KEY_TTL_S, Store
 
@@ -26,6 +28,7 @@ class Collected:
     sources: int = 0
     keys: int = 0
     workers: int = 0
+    artifacts: int = 0  # files in the artifact store that nothing kept points at
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -41,7 +44,7 @@ def parse_duration(text: str) -> float:
 
 
 def collect(store: Store, now: float, older_than_s: float, dry_run: bool = False,
-            max_runs: int | None = None) -> Collected:
+            max_runs: int | None = None, artifacts: ArtifactStore | None = None) -> Collected:
     """Delete (or with `dry_run`, count) what is older than `older_than_s`: finished runs and
     their logs, stopped workers' records; Idempotency-Keys older than a day; source archives
     that no queued or running run needs. `max_runs` bounds one call's work."""
@@ -68,4 +71,18 @@ def collect(store: Store, now: float, older_than_s: float, dry_run: bool = False
         store.delete_sources(stale)
         store.delete_keys(keys)
         store.delete_workers(workers)
+    if artifacts is not None:
+        out.artifacts = _unreferenced(store, artifacts, now, dry_run)
     return out
+
+
+def _unreferenced(store: Store, artifacts: ArtifactStore, now: float, dry_run: bool) -> int:
+    """Files no stored step or result points at, older than the grace period (a step that
+    just kept one has not reported it yet): deleted, or counted on a dry run (which deletes
+    no run, so it counts those that are unreferenced already)."""
+    referenced = store.artifact_digests()
+    unused = {d for d, at in artifacts.digests().items()
+              if d not in referenced and at < now - SOURCE_GRACE_S}
+    if not dry_run:
+        artifacts.delete(unused)
+    return len(unused)

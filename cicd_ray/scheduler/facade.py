@@ -6,10 +6,16 @@ dispatches, kills, starts or stops anything.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
+
 from cicd_ray.config import PoolConfig
+from cicd_ray.keys import key_of, key_parts
 from cicd_ray.records import (
     ArtifactInput,
     AttemptRecord,
+    Origin,
+    ResultRecord,
     RunRecord,
     StepOutcome,
     StepRecord,
@@ -28,8 +34,10 @@ from cicd_ray.states import StepState, WorkerState, move
 
 class Scheduler:
     def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
-                 lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3) -> None:
+                 lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3,
+                 results: Callable[[str], ResultRecord | None] = lambda key: None) -> None:
         self.pools = pools
+        self.results = results  # the stored success of a step key, if any (step reuse)
         self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
         self.artifact_run_max_bytes = artifact_run_max_bytes
         self._out = Decisions()
@@ -65,8 +73,7 @@ class Scheduler:
         self._out.record(run)
         for s in steps:
             self._out.record(s)
-            if not s.spec.needs:
-                self.queues.push(run, s, now)
+        self._ready(run, [s for s in steps if not s.spec.needs], now)
 
     def cancel(self, run_id: str, now: float) -> RunRecord | None:
         """Cancel a run: queued steps at once, running steps once their worker kills them."""
@@ -86,8 +93,50 @@ class Scheduler:
 
     def _finish(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
         run = self.runs[step.run_id]
-        for ready in self.book.finish_step(step, state, now, reason):
-            self.queues.push(run, ready, now)
+        self._ready(run, self.book.finish_step(step, state, now, reason), now)
+
+    def _ready(self, run: RunRecord, ready: list[StepRecord], now: float) -> None:
+        """Steps whose needs are met: each gets its key; one that may reuse a stored success
+        with that key takes it (and its dependents come next), the others are queued. A
+        worklist: a chain of reused steps must not exhaust the stack."""
+        todo = deque(ready)
+        reused = False
+        while todo:
+            step = todo.popleft()
+            step.key_parts = key_parts(step.spec, run, inputs_of(step, self.steps[run.id]))
+            step.key = key_of(step.key_parts)
+            self._out.record(step)
+            found = self.results(step.key) if step.spec.reuse else None
+            if found is None:
+                self.queues.push(run, step, now)
+            else:
+                todo.extend(self._reuse(run, step, found, now))
+                reused = True
+        if reused:
+            self.book.finish_run_if_done(run.id, now)
+
+    def _reuse(self, run: RunRecord, step: StepRecord, found: ResultRecord,
+               now: float) -> list[StepRecord]:
+        """End a step as the success it reuses, with an attempt that ran nothing; returns the
+        dependents it made ready."""
+        origin = found.origin
+        move(step, StepState.RUNNING)
+        step.attempts += 1
+        attempt = AttemptRecord(
+            id=f"{run.id}/{step.name}/{step.attempts}", run_id=run.id, step=step.name,
+            number=step.attempts, worker_id="", queued_at=step.queued_at, started_at=now,
+            finished_at=now, exit_code=0, duration_s=0.0, artifacts=found.artifacts,
+            reused_from=origin)
+        move(attempt, StepState.SUCCEEDED)
+        step.current_attempt, step.started_at, step.exit_code = attempt.id, now, 0
+        step.artifacts, step.reused_from = found.artifacts, origin
+        self.book.start(run, now)
+        self._out.record(attempt)
+        note = (f"[cicd-ray] not run: reused the success of run {origin.run_id}, step "
+                f"{origin.step}, attempt {origin.attempt} (same key {step.key[:16]})\n")
+        self._out.changes.logs.append((attempt.id, 1, note.encode()))
+        reason = f"reused from run {origin.run_id} ({origin.step}, attempt {origin.attempt})"
+        return self.book.finish_step(step, StepState.SUCCEEDED, now, reason)
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -154,6 +203,11 @@ class Scheduler:
         self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
         step.exit_code = attempt.exit_code
         step.artifacts = attempt.artifacts
+        if state is StepState.SUCCEEDED and step.spec.reuse and step.key:
+            self._out.changes.results[step.key] = ResultRecord(
+                key=step.key, origin=Origin(run_id=step.run_id, step=step.name,
+                                            attempt=attempt.number),
+                artifacts=attempt.artifacts, at=now)
         pool = self.pools.get(attempt.pool)
         if infra and pool is not None and pool.spot:
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
@@ -232,7 +286,7 @@ class Scheduler:
             if s.state is StepState.RUNNING and s.current_attempt:
                 self._readopt_attempt(s, now, stored.get(s.current_attempt))
             elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
-                self.queues.push(run, s, now)
+                self._ready(run, [s], now)
         self.book.finish_run_if_done(run.id, now)
 
     def _readopt_attempt(self, step: StepRecord, now: float,

@@ -13,6 +13,7 @@ from cicd_ray.records import (
     AttemptRecord,
     Changes,
     KeyRecord,
+    ResultRecord,
     RunRecord,
     StepRecord,
     WorkerRecord,
@@ -59,13 +60,21 @@ class Store(Protocol):
     def next_run_seq(self) -> int:
         """A number larger than that of every run stored so far."""
 
+    def get_result(self, key: str) -> ResultRecord | None:
+        """The success stored for a step key (saved with `Changes.results`), if any."""
+
+    def artifact_digests(self) -> set[str]:
+        """The digest of every artifact a stored step or result points at (what the artifact
+        store must keep)."""
+
     # --- retention (see cicd_ray.retention) ---
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         """Runs in a terminal state that finished before `before`, oldest first."""
 
     def delete_runs(self, run_ids: list[str]) -> None:
-        """Runs with their steps, attempts and logs, in one transaction."""
+        """Runs with their steps, attempts, logs and the results they made, in one
+        transaction."""
 
     def list_sources(self) -> list[tuple[str, float]]:
         """(digest, stored at) of every source archive (0.0: stored before times were kept)."""

@@ -13,6 +13,7 @@ from cicd_ray.records import (
     AttemptRecord,
     Changes,
     KeyRecord,
+    ResultRecord,
     RunRecord,
     StepRecord,
     WorkerRecord,
@@ -30,6 +31,7 @@ class MemoryStore:
         self._logs: dict[str, dict[int, bytes]] = {}
         self._keys: dict[str, str] = {}
         self._sources: dict[str, tuple[bytes, float]] = {}
+        self._results: dict[str, str] = {}
 
     def save(self, changes: Changes) -> None:
         runs = {r.id: r.model_dump_json() for r in changes.runs.values()}
@@ -37,7 +39,9 @@ class MemoryStore:
         attempts = {a.id: a.model_dump_json() for a in changes.attempts.values()}
         workers = {w.id: w.model_dump_json() for w in changes.workers.values()}
         keys = {k: r.model_dump_json() for k, r in changes.idempotency.items()}
+        results = {k: r.model_dump_json() for k, r in changes.results.items()}
         with self._lock:
+            self._results.update(results)
             self._runs.update(runs)
             for run_id, name, data in steps:
                 self._steps.setdefault(run_id, {})[name] = data
@@ -109,6 +113,18 @@ class MemoryStore:
     def next_run_seq(self) -> int:
         return max((r.seq for r in self._all_runs()), default=0) + 1
 
+    def get_result(self, key: str) -> ResultRecord | None:
+        data = self._results.get(key)
+        return ResultRecord.model_validate_json(data) if data else None
+
+    def artifact_digests(self) -> set[str]:
+        with self._lock:
+            steps = [t for run in self._steps.values() for t in run.values()]
+            results = list(self._results.values())
+        return ({f.digest for t in steps for f in StepRecord.model_validate_json(t).artifacts}
+                | {f.digest for t in results
+                   for f in ResultRecord.model_validate_json(t).artifacts})
+
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         return [r for r in self._all_runs() if r.state.terminal
                 and (r.finished_at if r.finished_at is not None else r.created_at) < before
@@ -124,6 +140,10 @@ class MemoryStore:
                     self._logs.pop(attempt_id, None)
                 self._steps.pop(run_id, None)
                 self._runs.pop(run_id, None)
+            gone_results = [k for k, t in self._results.items()
+                            if ResultRecord.model_validate_json(t).origin.run_id in run_ids]
+            for key in gone_results:
+                self._results.pop(key)
 
     def list_sources(self) -> list[tuple[str, float]]:
         return [(d, at) for d, (_, at) in self._sources.items()]

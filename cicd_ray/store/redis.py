@@ -14,6 +14,7 @@ Keys, with the default prefix `cicd:`:
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 import redis
@@ -24,6 +25,7 @@ from cicd_ray.records import (
     AttemptRecord,
     Changes,
     KeyRecord,
+    ResultRecord,
     RunRecord,
     StepRecord,
     WorkerRecord,
@@ -76,6 +78,9 @@ class RedisStore:
             for key, record in changes.idempotency.items():
                 pipe.set(self._k("idem", key), record.model_dump_json(), nx=True,
                          ex=KEY_TTL_S)
+            for key, result in changes.results.items():
+                pipe.hset(self._k("results"), key, result.model_dump_json())
+                pipe.sadd(self._k("results", result.origin.run_id), key)
             pipe.execute()
 
         self._do(write)
@@ -162,6 +167,20 @@ class RedisStore:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
 
+    def get_result(self, key: str) -> ResultRecord | None:
+        raw = self._do(lambda: self._r.hget(self._k("results"), key))
+        return ResultRecord.model_validate_json(raw) if raw else None
+
+    def artifact_digests(self) -> set[str]:
+        def read() -> list[bytes]:
+            out = list(self._r.hvals(self._k("results")))
+            for key in self._r.scan_iter(match=self._k("steps", "*"), count=500):
+                out += self._r.hvals(key)
+            return out
+
+        return {f["digest"] for data in self._do(read)
+                for f in json.loads(data).get("artifacts", [])}
+
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         out: list[RunRecord] = []
         start = 0
@@ -181,11 +200,15 @@ class RedisStore:
 
     def delete_runs(self, run_ids: list[str]) -> None:
         def write():
-            attempts = {}
+            attempts, results = {}, {}
             for run_id in run_ids:
                 attempts[run_id] = self._r.hkeys(self._k("attempts", run_id))
+                results[run_id] = self._r.smembers(self._k("results", run_id))
             pipe = self._r.pipeline(transaction=True)
             for run_id in run_ids:
+                if results[run_id]:
+                    pipe.hdel(self._k("results"), *results[run_id])
+                pipe.delete(self._k("results", run_id))
                 for attempt_id in attempts[run_id]:
                     pipe.delete(self._k("log", attempt_id.decode()))
                 pipe.delete(self._k("run", run_id), self._k("steps", run_id),

@@ -6,6 +6,7 @@ writer; the CLI reads the same file (WAL lets readers in while the master writes
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ from cicd_ray.records import (
     AttemptRecord,
     Changes,
     KeyRecord,
+    ResultRecord,
     RunRecord,
     StepRecord,
     WorkerRecord,
@@ -44,6 +46,8 @@ CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NU
 CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS keys_at ON keys (at);
 CREATE TABLE IF NOT EXISTS source_times (digest TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, run_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
 """
 
 
@@ -102,6 +106,8 @@ class SqliteStore:
             ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
             ("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
              [(k, r.at, r.model_dump_json()) for k, r in changes.idempotency.items()]),
+            ("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
+             [(k, r.origin.run_id, r.model_dump_json()) for k, r in changes.results.items()]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -174,6 +180,15 @@ class SqliteStore:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
 
+    def get_result(self, key: str) -> ResultRecord | None:
+        rows = self._read("SELECT data FROM results WHERE key = ?", (key,))
+        return ResultRecord.model_validate_json(rows[0][0]) if rows else None
+
+    def artifact_digests(self) -> set[str]:
+        rows = self._read("SELECT data FROM steps WHERE data LIKE '%\"digest\"%' "
+                          "UNION ALL SELECT data FROM results")
+        return {f["digest"] for (data,) in rows for f in json.loads(data).get("artifacts", [])}
+
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         done = ",".join("?" * len(RUN_TERMINAL))
         rows = self._read(
@@ -189,6 +204,7 @@ class SqliteStore:
              ids),
             ("DELETE FROM attempts WHERE run_id = ?", ids),
             ("DELETE FROM steps WHERE run_id = ?", ids),
+            ("DELETE FROM results WHERE run_id = ?", ids),
             ("DELETE FROM runs WHERE id = ?", ids),
         ])
 

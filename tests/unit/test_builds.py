@@ -129,3 +129,34 @@ def test_caches_are_evicted_least_recently_used_first_by_size(tmp_path):
     store.touch_cache("p", "a")  # used just now: b is the least recently used
     assert store.evict_caches(250) == ["b"]
     assert sorted(k for _, k, _, _ in store.cache_entries("p")) == ["a", "c"]
+
+
+def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(settings, tmp_path):
+    evidence = tmp_path / "evidence"
+    pipeline = {"name": "reuse", "steps": [
+        {"name": "gen", "reuse": True, "artifacts": ["out"],
+         "run": f"echo ran >> {evidence}; mkdir out; echo made > out/f"},
+        {"name": "use", "needs": ["gen"], "reuse": True, "run": f"cat out/f >> {evidence}"}]}
+    core, driver = make(settings)
+    first = submitted(core.submit(pipeline))
+    driver.run_until_idle()
+    assert evidence.read_text() == "ran\nmade\n"
+    second = submitted(core.submit(pipeline))
+    driver.run_until_idle()
+    view, steps = steps_of(core, second)
+    assert view.run.state == "succeeded"
+    assert evidence.read_text() == "ran\nmade\n"  # neither step ran again
+    assert steps["gen"].reused_from.run_id == first and steps["gen"].reused_from.step == "gen"
+    assert steps["gen"].artifacts == steps_of(core, first)[1]["gen"].artifacts
+    assert steps["use"].reused_from.run_id == first
+    assert all(a.worker_id == "" and a.duration_s == 0 for a in view.attempts)
+    assert log_of(core, second, "gen").startswith(
+        f"[cicd-ray] not run: reused the success of run {first}, step gen, attempt 1")
+    changed = {**pipeline, "steps": [
+        {**pipeline["steps"][0], "run": pipeline["steps"][0]["run"] + "; echo v2 >> out/f"},
+        pipeline["steps"][1]]}
+    third = submitted(core.submit(changed))
+    driver.run_until_idle()
+    _, steps = steps_of(core, third)
+    assert steps["gen"].reused_from is None and steps["use"].reused_from is None
+    assert evidence.read_text() == "ran\nmade\nran\nmade\nv2\n"  # its input changed too

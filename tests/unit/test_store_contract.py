@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -207,7 +208,7 @@ def test_retention_deletes_old_finished_runs_with_their_logs_and_keeps_the_rest(
     assert [w.id for w in store.list_workers()] == ["live"]
     assert "old" not in [r.id for r in store.list_runs()]
     assert collect(store, now, older_than_s=7 * day).as_dict() == {
-        "runs": 0, "sources": 0, "keys": 0, "workers": 0}
+        "runs": 0, "sources": 0, "keys": 0, "workers": 0, "artifacts": 0}
 
 
 def test_the_sqlite_file_is_the_owners_alone(tmp_path):
@@ -235,3 +236,55 @@ def test_what_is_stored_is_a_copy_of_the_record_saved(store):
     assert store.get_run("r1").state is RunState.QUEUED
     store.get_run("r1").reason = "changed by a reader"
     assert store.get_run("r1").reason == ""
+
+
+def test_results_are_found_by_key_and_deleted_with_the_run_that_made_them(store):
+    from cicd_ray.records import ArtifactFile, Origin, ResultRecord
+
+    _finished_run(store, "maker", at=10.0)
+    _finished_run(store, "other", at=11.0)
+    kept = ArtifactFile(path="dist/app", size=3, digest="a" * 64)
+    changes = Changes()
+    changes.results["k1"] = ResultRecord(key="k1", origin=Origin(run_id="maker", step="s0",
+                                                                 attempt=1),
+                                         artifacts=[kept], at=10.0)
+    changes.results["k2"] = ResultRecord(key="k2", origin=Origin(run_id="other", step="s0",
+                                                                 attempt=1), at=11.0)
+    step = store.get_steps("other")[0]
+    step.artifacts = [ArtifactFile(path="x", size=1, digest="b" * 64)]
+    changes.add(step)
+    store.save(changes)
+    assert store.get_result("k1").artifacts == [kept]
+    assert store.get_result("k1").origin.run_id == "maker" and store.get_result("nope") is None
+    assert store.artifact_digests() == {"a" * 64, "b" * 64}
+    store.delete_runs(["maker"])
+    assert store.get_result("k1") is None and store.get_result("k2") is not None
+    assert store.artifact_digests() == {"b" * 64}
+
+
+def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_path):
+    import io
+
+    from cicd_ray.artifacts import ArtifactStore, digest_of
+    from cicd_ray.records import ArtifactFile
+    from cicd_ray.retention import collect
+
+    artifacts = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+    files = {}
+    for name in ("old-only", "shared", "recent-only"):
+        src = io.BytesIO(name.encode())
+        files[name] = ArtifactFile(path=name, size=len(name), digest=digest_of(src))
+        artifacts.put(src, files[name].digest)
+    day = 86400.0
+    _finished_run(store, "old", at=10 * day)
+    _finished_run(store, "recent", at=39 * day)
+    changes = Changes()
+    for run_id, names in (("old", ["old-only", "shared"]), ("recent", ["shared", "recent-only"])):
+        step = store.get_steps(run_id)[0]
+        step.artifacts = [files[n] for n in names]
+        changes.add(step)
+    store.save(changes)
+    now = time.time() + 2 * 3600  # the files are past the grace period for new ones
+    done = collect(store, now, older_than_s=now - 20 * day, artifacts=artifacts)
+    assert done.runs == 1 and done.artifacts == 1
+    assert set(artifacts.digests()) == {files["shared"].digest, files["recent-only"].digest}
