@@ -30,11 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
+from cicd_ray.artifacts import ArtifactStore
+from cicd_ray.buildroutes import build_routes
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError, StoreError
 from cicd_ray.events import parse_position
+from cicd_ray.explain import explain_answer
 from cicd_ray.gate import BodyLimit, Guard
-from cicd_ray.names import API, MASTER_NAME, NAMESPACE
+from cicd_ray.names import API, MASTER_NAME, NAMESPACE, RUN_ID
 from cicd_ray.protocol import (
     LOG_POLL_S,
     RUN_WAIT_S,
@@ -54,7 +57,6 @@ RETRY_AFTER_S = "2"
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 HEALTH_CACHE_S = 1.0
 EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
-RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 POSITION = r"^[0-9.]{1,30}:[0-9]{1,18}$"  # EPOCH:SEQ, as a wait answered it
 # A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
 RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
@@ -113,18 +115,25 @@ class _Reads:
     def __init__(self, master: MasterLink) -> None:
         self.master = master
         self._store: Store | None = None
+        self._artifacts: ArtifactStore | None = None
         self._looked = False
 
     async def call(self, method: str, *args: Any) -> Any:
         store = await self._open()
         if store is None:
             return await self.master.call(method, *args)
-        read = {"get_run": run_view, "list_runs": runs_page, "step_log": log_answer}[method]
+        read = {"get_run": run_view, "list_runs": runs_page, "step_log": log_answer,
+                "explain": explain_answer}[method]
         try:
             return await asyncio.to_thread(read, store, *args)
         except StoreError as e:
             raise HTTPException(503, detail=f"the store is not answering: {e}",
                                 headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    async def artifacts(self) -> ArtifactStore:
+        """The artifact store the master names (opened with this replica's credentials)."""
+        await self._open()
+        return self._artifacts
 
     async def _open(self) -> Store | None:
         if not self._looked:
@@ -133,6 +142,7 @@ class _Reads:
                 self._store = await asyncio.to_thread(open_reader, info["store"])
             except StoreError:
                 self._store = None
+            self._artifacts = await asyncio.to_thread(ArtifactStore, info["artifacts"])
             self._looked = True
         return self._store
 
@@ -158,6 +168,7 @@ def create_app(token_digests: list[str] | None = None, max_body_bytes: int | Non
     app.include_router(_run_routes(master, reads), dependencies=guarded)
     app.include_router(_log_routes(reads), dependencies=guarded)
     app.include_router(_cluster_routes(master), dependencies=guarded)
+    app.include_router(build_routes(master, reads), dependencies=guarded)
     return app
 
 

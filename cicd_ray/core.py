@@ -25,6 +25,7 @@ from cicd_ray.events import EventLog
 from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
 from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
+from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.source import resolve as resolve_ref
 from cicd_ray.spec import (
     GitSource,
@@ -118,6 +119,30 @@ class MasterCore:
         """`plan` and `accept` in one call (the shell splits them to plan in a thread)."""
         planned = self.plan(pipeline, env, source)
         return self.known_key(key, planned.request) or self.accept(planned, source, key)
+
+    def rerun(self, run_id: str, only_failed: bool = False) -> Reply | None:
+        """A new run of a finished run's pipeline, on the same commit (or snapshot) with the
+        same inputs, linked to it; with `only_failed`, its successes are carried over and only
+        the failed part runs (`failed_part`). None for an unknown run."""
+        old = self.store.get_run(run_id)
+        if old is None:
+            return None
+        if not old.state.terminal:
+            return Rejected(problems=[f"run {run_id} is still {old.state.value}: re-run it "
+                                      "once it has ended (or cancel it)"])
+        if old.source_digest and self.store.get_source(old.source_digest) is None:
+            return Rejected(problems=[f"run {run_id}'s source snapshot is no longer stored "
+                                      "(retention): submit the pipeline again"])
+        steps = self.store.get_steps(run_id)
+        again = failed_part(steps) if only_failed else {s.name for s in steps}
+        carried = {s.name: s for s in steps if s.name not in again}
+        now = self.clock()
+        run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=old.pipeline,
+                        created_at=now, source_digest=old.source_digest,
+                        source_git=old.source_git, commit=old.commit, rerun_of=old.id)
+        self.sched.submit(run, [s.spec for s in steps], now, carried)
+        self.commit()
+        return Submitted(run_id=run.id)
 
     def cancel(self, run_id: str) -> str | None:
         """Cancel a run; idempotent. The run's state, or None for an unknown run."""

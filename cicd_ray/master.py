@@ -22,6 +22,7 @@ from cicd_ray.config import Settings
 from cicd_ray.core import MasterCore, request_digest
 from cicd_ray.errors import StoreError
 from cicd_ray.events import parse_position
+from cicd_ray.explain import Explanation, explain_answer
 from cicd_ray.metrics import Metrics
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.protocol import RUN_WAIT_S, LogSlice, Missing, Reply, RunChange, RunView
@@ -81,7 +82,8 @@ class Master:
 
     async def ping(self) -> dict:
         return {"master": MASTER_NAME, "pid": os.getpid(), "started_at": self.started_at,
-                "pools": sorted(self.settings.pools), "store": self.settings.store_url}
+                "pools": sorted(self.settings.pools), "store": self.settings.store_url,
+                "artifacts": self.settings.artifacts_url}
 
     async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
                      source: tuple[str, bytes] | None = None,
@@ -102,8 +104,19 @@ class Master:
         """Cancel a run; idempotent. Returns the run's state, or None for an unknown run."""
         return self._guarded(self.core.cancel, run_id)
 
+    async def rerun(self, run_id: str, only_failed: bool = False) -> Reply | None:
+        """A new run of a finished one (of its failed part, with `only_failed`); None for an
+        unknown run."""
+        answer = self._guarded(self.core.rerun, run_id, only_failed)
+        self._wake.set()
+        return answer
+
     async def get_run(self, run_id: str) -> RunView | None:
         return run_view(self.core.store, run_id)
+
+    async def explain(self, run_id: str, step: str) -> Explanation | Missing:
+        """Why a step ran instead of being reused (see cicd_ray.explain)."""
+        return explain_answer(self.core.store, run_id, step)
 
     async def wait(self, run_id: str, after: str | None = None, timeout_s: float = RUN_WAIT_S,
                    until_end: bool = False) -> RunChange | None:

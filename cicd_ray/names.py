@@ -7,6 +7,7 @@ from __future__ import annotations
 NAMESPACE = "cicd"
 MASTER_NAME = "cicd-master"
 API = "/api/v1"  # the HTTP API's path prefix
+RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a run id as a URL may carry it
 
 
 def worker_actor_name(worker_id: str) -> str:

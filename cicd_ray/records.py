@@ -65,6 +65,7 @@ class RunRecord(BaseModel):
     source_git: GitSource | None = None
     commit: str | None = None  # the SHA source_git's ref named at submission, built by all steps
     cancel_requested: bool = False
+    rerun_of: str | None = None  # the run this one re-runs (same pipeline, commit and inputs)
 
 
 class StepRecord(BaseModel):

@@ -64,16 +64,22 @@ class Scheduler:
 
     # --- runs -------------------------------------------------------------------------------
 
-    def submit(self, run: RunRecord, planned: list[PlannedStep], now: float) -> None:
-        """Accept a new run (the caller has checked `check_fits`)."""
+    def submit(self, run: RunRecord, planned: list[PlannedStep], now: float,
+               carried: dict[str, StepRecord] | None = None) -> None:
+        """Accept a new run (the caller has checked `check_fits`). `carried`: successes of an
+        earlier run (by step name) taken over as they are, with their artifacts (a re-run of
+        the failed part)."""
         self._seq = max(self._seq, run.seq) + 1
         run.seq = self._seq
-        steps = [StepRecord(run_id=run.id, spec=p, queued_at=now) for p in planned]
+        steps = [carry(carried[p.name], run.id, now) if carried and p.name in carried
+                 else StepRecord(run_id=run.id, spec=p, queued_at=now) for p in planned]
         self.book.adopt(run, steps)
         self._out.record(run)
         for s in steps:
             self._out.record(s)
-        self._ready(run, [s for s in steps if not s.spec.needs], now)
+        self._ready(run, [s for s in steps if s.state is StepState.QUEUED
+                          and not self.book.unmet(run.id, s.name)], now)
+        self.book.finish_run_if_done(run.id, now)  # every step carried over
 
     def cancel(self, run_id: str, now: float) -> RunRecord | None:
         """Cancel a run: queued steps at once, running steps once their worker kills them."""
@@ -342,6 +348,17 @@ class Scheduler:
 
     def queue_view(self, now: float) -> dict[str, dict]:
         return self.queues.view(now)
+
+
+def carry(done: StepRecord, run_id: str, now: float) -> StepRecord:
+    """A success of an earlier run, as a step of `run_id` that does not run again."""
+    origin = done.carried_from or Origin(run_id=done.run_id, step=done.name,
+                                         attempt=done.attempts)
+    return StepRecord(
+        run_id=run_id, spec=done.spec, state=StepState.SUCCEEDED, queued_at=now,
+        started_at=now, finished_at=now, exit_code=done.exit_code, artifacts=done.artifacts,
+        key=done.key, key_parts=done.key_parts, carried_from=origin,
+        reason=f"carried over from run {origin.run_id}")
 
 
 def inputs_of(step: StepRecord, run_steps: dict[str, StepRecord]) -> list[ArtifactInput]:

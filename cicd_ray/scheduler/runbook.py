@@ -114,3 +114,20 @@ class RunBook:
             self._dependents.pop((run_id, name), None)
         self._open.pop(run_id, None)
         self.runs.pop(run_id, None)
+
+
+def failed_part(steps: list[StepRecord]) -> set[str]:
+    """What a re-run of the failed part runs: the steps that did not succeed (failed, timed
+    out, cancelled, skipped) and every step that needs one of them, however indirectly."""
+    dependents: dict[str, list[str]] = {}
+    for s in steps:
+        for need in s.spec.needs:
+            dependents.setdefault(need, []).append(s.name)
+    todo = [s.name for s in steps if s.state is not StepState.SUCCEEDED]
+    out: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(dependents.get(name, []))
+    return out

@@ -160,3 +160,64 @@ def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(setti
     _, steps = steps_of(core, third)
     assert steps["gen"].reused_from is None and steps["use"].reused_from is None
     assert evidence.read_text() == "ran\nmade\nran\nmade\nv2\n"  # its input changed too
+
+
+def test_explain_names_the_part_of_the_key_that_changed(settings):
+    from cicd_ray.explain import explain
+
+    steps = [{"name": "gen", "reuse": True, "artifacts": ["out"],
+              "run": "mkdir out; echo $LEVEL > out/f", "env": {"LEVEL": "1"}},
+             {"name": "use", "needs": ["gen"], "reuse": True, "run": "cat out/f"},
+             {"name": "plain", "run": "true"}]
+    core, driver = make(settings)
+    first = submitted(core.submit({"name": "ex", "steps": steps}))
+    driver.run_until_idle()
+    assert "no earlier success of step gen" in explain(core.store, first, "gen").summary
+    again = submitted(core.submit({"name": "ex", "steps": steps}))
+    driver.run_until_idle()
+    said = explain(core.store, again, "gen")
+    assert said.reused_from.run_id == first and said.summary.startswith("not run: reused")
+    plain = explain(core.store, again, "plain")
+    assert plain.changed == [] and "`reuse: true` would have reused it" in plain.summary
+    steps[0] = {**steps[0], "env": {"LEVEL": "2"}}
+    third = submitted(core.submit({"name": "ex", "steps": steps}))
+    driver.run_until_idle()
+    said = explain(core.store, third, "gen")
+    assert [(c.part, c.detail) for c in said.changed] == [("env", "variables changed LEVEL")]
+    assert said.compared_with.run_id == again  # the last success, itself a reuse
+    said = explain(core.store, third, "use")
+    assert [(c.part, c.detail) for c in said.changed] == [("inputs", "gen's out/f changed")]
+    assert "differs from run" in said.summary and "inputs" in said.summary
+
+
+def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_carried(
+        settings, tmp_path):
+    evidence, gate = tmp_path / "evidence", tmp_path / "gate"
+    pipeline = {"name": "again", "steps": [
+        {"name": "a", "run": f"echo a >> {evidence}; mkdir out; echo from-a > out/f",
+         "artifacts": ["out"]},
+        {"name": "b", "needs": ["a"], "run": f"echo b >> {evidence}; cat out/f; test -e {gate}"},
+        {"name": "c", "needs": ["b"], "run": f"echo c >> {evidence}"},
+        {"name": "d", "run": f"echo d >> {evidence}"}]}
+    core, driver = make(settings)
+    first = submitted(core.submit(pipeline))
+    driver.run_until_idle()
+    _, steps = steps_of(core, first)
+    assert {n: s.state.value for n, s in steps.items()} == {
+        "a": "succeeded", "b": "failed", "c": "skipped", "d": "succeeded"}
+    gate.touch()
+    evidence.write_text("")
+    second = submitted(core.rerun(first, only_failed=True))
+    driver.run_until_idle()
+    view, steps = steps_of(core, second)
+    assert view.run.state == "succeeded" and view.run.rerun_of == first
+    assert sorted(evidence.read_text().split()) == ["b", "c"]  # exactly the failed part
+    assert steps["a"].carried_from.run_id == first and steps["a"].reason == \
+        f"carried over from run {first}"
+    assert steps["a"].artifacts and "from-a" in log_of(core, second, "b")
+    assert {a.step for a in view.attempts} == {"b", "c"}
+    evidence.write_text("")
+    third = submitted(core.rerun(second))  # all of it
+    driver.run_until_idle()
+    assert sorted(evidence.read_text().split()) == ["a", "b", "c", "d"]
+    assert core.rerun("no-such-run") is None

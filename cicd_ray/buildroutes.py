@@ -1,0 +1,109 @@
+"""The HTTP routes of builds: a run's artifacts (listed, downloaded as a stream), why a step
+ran instead of being reused, and a re-run of a finished run (or of its failed part)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from cicd_ray.artifacts import CHUNK, ArtifactStore
+from cicd_ray.names import API, RUN_ID
+from cicd_ray.protocol import Missing, Rejected, RunView
+
+RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
+
+
+class RerunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    only_failed: bool = False
+
+
+def artifact_list(view: RunView, step: str | None = None) -> list[dict[str, Any]]:
+    """Every file a run's steps kept (or took over), with where to download it."""
+    out = []
+    for s in view.steps:
+        if step is not None and s.name != step:
+            continue
+        origin = s.reused_from or s.carried_from
+        for f in s.artifacts:
+            out.append({"step": s.name, "path": f.path, "size": f.size, "digest": f.digest,
+                        "url": f"{API}/runs/{view.run.id}/artifacts/{s.name}/{f.path}",
+                        "from_run": origin.run_id if origin else view.run.id})
+    return out
+
+
+def build_routes(master, reads) -> APIRouter:
+    """`master`: the API's link to the master; `reads`: its reads from the store."""
+    router = APIRouter(tags=["builds"])
+
+    async def view_of(run_id: str) -> RunView:
+        view = await reads.call("get_run", run_id)
+        if view is None:
+            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        return view
+
+    @router.get(f"{API}/runs/{{run_id}}/artifacts")
+    async def artifacts(run_id: RunId,
+                        step: Annotated[str | None, Query(max_length=500)] = None) -> dict:
+        """The files the run's steps kept (`artifacts:`), or one step's: path, size, SHA-256,
+        and the URL to download each (`from_run` names the run that made a reused or carried
+        over file)."""
+        view = await view_of(run_id)
+        if step is not None and step not in {s.name for s in view.steps}:
+            raise HTTPException(404, detail=f"run {run_id} has no step {step!r}")
+        return {"run_id": run_id, "artifacts": artifact_list(view, step)}
+
+    @router.get(f"{API}/runs/{{run_id}}/artifacts/{{step}}/{{path:path}}",
+                response_class=StreamingResponse,
+                responses={200: {"content": {"application/octet-stream": {}}}})
+    async def download(run_id: RunId, step: str, path: str):
+        """One artifact, streamed; `X-Artifact-Sha256` is its digest."""
+        view = await view_of(run_id)
+        found = next((f for f in artifact_list(view, step) if f["path"] == path), None)
+        if found is None:
+            raise HTTPException(404, detail=f"step {step!r} of run {run_id} kept no {path!r}")
+        store = await reads.artifacts()
+        name = path.rsplit("/", 1)[-1].replace('"', "")
+        return StreamingResponse(
+            _chunks(store, found["digest"]), media_type="application/octet-stream",
+            headers={"Content-Length": str(found["size"]),
+                     "Content-Disposition": f'attachment; filename="{name}"',
+                     "X-Artifact-Sha256": found["digest"]})
+
+    @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/explain")
+    async def explain(run_id: RunId, step: str) -> dict:
+        """Why the step ran instead of being reused: the parts of its key (script, env,
+        matrix, pool, source, inputs, outputs) that differ from the last success of the same
+        step of the same pipeline."""
+        answer = await reads.call("explain", run_id, step)
+        if isinstance(answer, Missing):
+            raise HTTPException(404, detail=answer.detail)
+        return answer.model_dump(mode="json")
+
+    @router.post(f"{API}/runs/{{run_id}}/rerun", status_code=201)
+    async def rerun(run_id: RunId, req: RerunRequest | None = None) -> dict:
+        """A new run of a finished run's pipeline on the same commit and inputs, linked to it
+        (`rerun_of`); with `only_failed`, its successes are carried over (with their
+        artifacts) and only the failed, timed-out, cancelled and skipped steps run, with the
+        steps that need them. 409 while the run has not ended."""
+        answer = await master.call("rerun", run_id, bool(req and req.only_failed))
+        if answer is None:
+            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        if isinstance(answer, Rejected):
+            raise HTTPException(409, detail="; ".join(answer.problems))
+        return {"run_id": answer.run_id, "url": f"{API}/runs/{answer.run_id}",
+                "rerun_of": run_id}
+
+    return router
+
+
+def _chunks(store: ArtifactStore, digest: str) -> Iterator[bytes]:
+    """A stored file a chunk at a time (Starlette reads a plain iterator in a thread)."""
+    with store.open(digest) as src:
+        while chunk := src.read(CHUNK):
+            yield chunk
