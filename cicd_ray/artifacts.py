@@ -23,13 +23,15 @@ import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cicd_ray.errors import CicdError
+from cicd_ray.names import API
+from cicd_ray.protocol import RunView
 from cicd_ray.records import ArtifactFile, ArtifactInput
 
 CHUNK = 1 << 20
@@ -289,3 +291,17 @@ def place_inputs(store: ArtifactStore, inputs: list[ArtifactInput], workspace: P
             lines.append(f"[cicd-ray] artifacts of {given.step}: {len(given.files)} file(s), "
                          f"{size} bytes\n")
     return lines
+
+
+def artifact_list(view: RunView, step: str | None = None) -> list[dict[str, Any]]:
+    """Every file a run's steps kept (or took over), with where to download it."""
+    out = []
+    for s in view.steps:
+        if step is not None and s.name != step:
+            continue
+        origin = s.reused_from or s.carried_from
+        for f in s.artifacts:
+            out.append({"step": s.name, "path": f.path, "size": f.size, "digest": f.digest,
+                        "url": f"{API}/runs/{view.run.id}/artifacts/{s.name}/{f.path}",
+                        "from_run": origin.run_id if origin else view.run.id})
+    return out

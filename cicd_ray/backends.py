@@ -10,8 +10,9 @@ from typing import Protocol
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, NotFound
+from cicd_ray.explain import Explanation, explain
 from cicd_ray.follow import follow
-from cicd_ray.protocol import LogSlice, Missing, RunChange, RunView
+from cicd_ray.protocol import LogSlice, Missing, Rejected, RunChange, RunView
 from cicd_ray.spec import PipelineSpec
 from cicd_ray.store import open_store, run_view, step_log
 
@@ -27,12 +28,21 @@ class Reader(Protocol):
     def workers(self, since: float | None = None) -> list[dict]:
         """Live workers and those stopped after `since` (default: lately)."""
 
+    def explain(self, run_id: str, step: str) -> Explanation:
+        """NotFound if the run or step is unknown."""
+
+    def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
+        """Save one of `artifact_list`'s files to `dest`."""
+
 
 class Runner(Reader, Protocol):
     def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
                env: dict[str, str]) -> str: ...
 
     def cancel(self, run_id: str) -> str: ...
+
+    def rerun(self, run_id: str, only_failed: bool) -> str:
+        """The new run's id."""
 
     def wait(self, run_id: str, after: str | None, timeout_s: float,
              until_end: bool = False) -> RunChange:
@@ -54,6 +64,7 @@ class StoreReader:
             raise CicdError(f"no runs yet: the store {settings.store_path} does not exist (set "
                             "CICD_RAY_HOME or CICD_RAY_STORE, or --url for a server)")
         self.store = open_store(settings.store_url)
+        self.settings = settings
 
     def view(self, run_id: str) -> RunView:
         view = run_view(self.store, run_id)
@@ -70,6 +81,12 @@ class StoreReader:
     def workers(self, since: float | None = None) -> list[dict]:
         return [w.model_dump(mode="json") for w in self.store.list_workers()
                 if since is None or w.stopped_at is None or w.stopped_at >= since]
+
+    def explain(self, run_id: str, step: str) -> Explanation:
+        return explain(self.store, run_id, step)
+
+    def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
+        _fetch(self.settings, artifact, dest)
 
 
 class RayRunner:
@@ -99,6 +116,22 @@ class RayRunner:
 
     def cancel(self, run_id: str) -> str:
         return _found(self._call(self.master.cancel.remote(run_id)), f"run {run_id!r}")
+
+    def rerun(self, run_id: str, only_failed: bool) -> str:
+        answer = _found(self._call(self.master.rerun.remote(run_id, only_failed)),
+                        f"run {run_id!r}")
+        if isinstance(answer, Rejected):
+            raise CicdError("; ".join(answer.problems))
+        return answer.run_id
+
+    def explain(self, run_id: str, step: str) -> Explanation:
+        answer = self._call(self.master.explain.remote(run_id, step))
+        if isinstance(answer, Missing):
+            raise NotFound(answer.detail)
+        return answer
+
+    def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
+        _fetch(self.settings, artifact, dest)
 
     def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
         return self._call(self.master.list_runs.remote(state, pipeline, limit, 0))
@@ -135,6 +168,15 @@ class HttpRunner:
     def cancel(self, run_id: str) -> str:
         return self.client.cancel(run_id)
 
+    def rerun(self, run_id: str, only_failed: bool) -> str:
+        return self.client.rerun(run_id, only_failed).id
+
+    def explain(self, run_id: str, step: str) -> Explanation:
+        return Explanation.model_validate(self.client.explain(run_id, step))
+
+    def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
+        self.client.download(run_id, artifact["step"], artifact["path"], dest)
+
     def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
         return self.client.list_runs(state, pipeline, limit)
 
@@ -143,6 +185,14 @@ class HttpRunner:
 
     def workers(self, since: float | None = None) -> list[dict]:
         return self.client.workers(since)
+
+
+def _fetch(settings: Settings, artifact: dict, dest: Path) -> None:
+    """An artifact straight from the artifact store the settings name."""
+    from cicd_ray.artifacts import ArtifactStore
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ArtifactStore(settings.artifacts_url).fetch(artifact["digest"], dest)
 
 
 def _found(answer, what: str):

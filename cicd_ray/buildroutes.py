@@ -4,14 +4,14 @@ ran instead of being reused, and a re-run of a finished run (or of its failed pa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from cicd_ray.artifacts import CHUNK, ArtifactStore
+from cicd_ray.artifacts import CHUNK, ArtifactStore, artifact_list
 from cicd_ray.names import API, RUN_ID
 from cicd_ray.protocol import Missing, Rejected, RunView
 
@@ -21,20 +21,6 @@ RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
 class RerunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     only_failed: bool = False
-
-
-def artifact_list(view: RunView, step: str | None = None) -> list[dict[str, Any]]:
-    """Every file a run's steps kept (or took over), with where to download it."""
-    out = []
-    for s in view.steps:
-        if step is not None and s.name != step:
-            continue
-        origin = s.reused_from or s.carried_from
-        for f in s.artifacts:
-            out.append({"step": s.name, "path": f.path, "size": f.size, "digest": f.digest,
-                        "url": f"{API}/runs/{view.run.id}/artifacts/{s.name}/{f.path}",
-                        "from_run": origin.run_id if origin else view.run.id})
-    return out
 
 
 def build_routes(master, reads) -> APIRouter:

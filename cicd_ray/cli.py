@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,38 +129,48 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     overrides = _parse_env(env)
-    embedded = False
-    runner: Runner | None = None
     try:
-        if url:
-            runner = HttpRunner(url)
-        else:
-            from cicd_ray import cluster
-            from cicd_ray.backends import RayRunner
-
-            settings = Settings.from_env()
-            embedded = cluster.connect(address, settings)
-            if embedded:
-                _warn_python(settings)
-            runner = RayRunner(cluster.ensure_master(settings), settings)
-        try:
-            run_id = runner.submit(spec, file, source, overrides)
-        except SpecError as e:
-            err.print(f"[red]{escape(str(e))}[/red]")
-            raise typer.Exit(EXIT_INVALID) from None
-        where = " (embedded local Ray)" if embedded else f" at {url}" if url else ""
-        out.print(f"run [bold]{run_id}[/bold] of {spec.name}{where}")
-        if not follow:
-            return
-        view = _follow_run(runner, run_id, timeout)
-        _print_summary(view, runner)
-        raise typer.Exit(EXIT_OK if view.run.state is RunState.SUCCEEDED else EXIT_FAILED)
+        with _connected(url, address) as (runner, embedded):
+            try:
+                run_id = runner.submit(spec, file, source, overrides)
+            except SpecError as e:
+                err.print(f"[red]{escape(str(e))}[/red]")
+                raise typer.Exit(EXIT_INVALID) from None
+            where = " (embedded local Ray)" if embedded else f" at {url}" if url else ""
+            out.print(f"run [bold]{run_id}[/bold] of {spec.name}{where}")
+            if follow:
+                _follow_to_end(runner, run_id, timeout)
     except CicdError as e:
         raise _fail(str(e)) from None
-    finally:
-        if embedded and runner is not None:
-            from cicd_ray import cluster
 
+
+def _follow_to_end(runner: Runner, run_id: str, timeout: float | None) -> None:
+    """Follow a run, print its summary, and exit with its outcome."""
+    view = _follow_run(runner, run_id, timeout)
+    _print_summary(view, runner)
+    raise typer.Exit(EXIT_OK if view.run.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+@contextmanager
+def _connected(url: str | None, address: str | None) -> Iterator[tuple[Runner, bool]]:
+    """A runner: the API (--url), a cluster (--address or RAY_ADDRESS), else an embedded local
+    Ray that ends with the command; and whether it is embedded."""
+    from cicd_ray import cluster
+
+    if url:
+        yield HttpRunner(url), False
+        return
+    from cicd_ray.backends import RayRunner
+
+    settings = Settings.from_env()
+    embedded = cluster.connect(address, settings)
+    if embedded:
+        _warn_python(settings)
+    runner = RayRunner(cluster.ensure_master(settings), settings)
+    try:
+        yield runner, embedded
+    finally:
+        if embedded:
             cluster.shutdown_embedded(runner.master)
 
 
@@ -273,7 +284,13 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
         out.print(escape(f"commit {run.commit} ({run.source_git.ref} of {run.source_git.git})"))
     elif run.source_digest:
         out.print(f"source snapshot sha256:{run.source_digest}")
+    if run.rerun_of:
+        out.print(f"a re-run of run {run.rerun_of}")
     out.print(_steps_table(view))
+    from cicd_ray.buildcli import build_notes
+
+    for line in build_notes(view):
+        out.print(escape(line))
     shared = sorted({a.runs_as for a in view.attempts if "worker's user" in a.runs_as})
     if shared:
         out.print(f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
@@ -330,19 +347,17 @@ def logs(run_id: str, step: str,
 @app.command()
 def cancel(run_id: str, url: str | None = URL, address: str | None = ADDRESS):
     """Cancel a run on a server (--url) or cluster (--address). Idempotent."""
-    if not url and not address:
-        raise _fail("cancel needs --url (or CICD_RAY_URL) or --address", EXIT_INVALID)
-    with _reported():
-        if url:
-            state = HttpRunner(url).cancel(run_id)
-        else:
-            from cicd_ray import cluster
-            from cicd_ray.backends import RayRunner
-
-            settings = Settings.from_env()
-            cluster.connect(address, settings)
-            state = RayRunner(cluster.ensure_master(settings), settings).cancel(run_id)
+    with _reported(), _control(url, address, "cancel") as (runner, _):
+        state = runner.cancel(run_id)
     out.print(f"run {run_id}: {_styled(state)}")
+
+
+def _control(url: str | None, address: str | None, command: str):
+    """Where a command that changes runs goes: the API (--url) or a cluster (--address); an
+    embedded cluster would end with the command."""
+    if not url and not address:
+        raise _fail(f"{command} needs --url (or CICD_RAY_URL) or --address", EXIT_INVALID)
+    return _connected(url, address)
 
 
 @app.command()
@@ -566,6 +581,11 @@ def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
     except CicdError as e:
         raise _fail(str(e)) from None
     sys.stdout.write(text)
+
+
+# The commands of builds (artifacts, explain, rerun) live in their own module; importing it
+# adds them to `app`.
+from cicd_ray import buildcli  # noqa: E402,F401
 
 
 def main() -> None:

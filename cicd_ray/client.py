@@ -12,6 +12,7 @@ HTTP errors become the project's exceptions with the server's message: 401 Unaut
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,44 @@ class Client:
         return LogSlice(attempt=int(number) if number else None,
                         state=response.headers.get("x-attempt-state", "queued"),
                         data=response.content, more=response.headers.get("x-more") == "true")
+
+    def artifacts(self, run_id: str, step: str | None = None) -> list[dict]:
+        """The files a run's steps kept: step, path, size, digest, url."""
+        params = {"step": step} if step else None
+        return self._request("GET", f"{API}/runs/{run_id}/artifacts",
+                             params=params).json()["artifacts"]
+
+    def download(self, run_id: str, step: str, path: str, dest: str | Path) -> Path:
+        """Save one artifact to `dest` (streamed), checking its SHA-256."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        try:
+            with self._http.stream("GET", f"{API}/runs/{run_id}/artifacts/{step}/{path}",
+                                   timeout=None) as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                with dest.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        digest.update(chunk)
+                        out.write(chunk)
+        except httpx.HTTPError as e:
+            raise MasterUnavailable(f"{self.url} stopped streaming: {e}") from None
+        if digest.hexdigest() != response.headers.get("x-artifact-sha256"):
+            dest.unlink(missing_ok=True)
+            raise ApiError(502, f"{path}: the download does not match its digest")
+        return dest
+
+    def explain(self, run_id: str, step: str) -> dict:
+        """Why a step ran instead of being reused (see `cicd-ray explain`)."""
+        return self._request("GET", f"{API}/runs/{run_id}/steps/{step}/explain").json()
+
+    def rerun(self, run_id: str, only_failed: bool = False) -> Run:
+        """A new run of a finished one; with `only_failed`, of its failed part."""
+        answer = self._request("POST", f"{API}/runs/{run_id}/rerun",
+                               json={"only_failed": only_failed}).json()
+        return self.run(answer["run_id"])
 
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""
