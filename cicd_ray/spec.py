@@ -298,7 +298,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
 
 
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "GitSource", "function-after"})
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "GitSource"})
 
 
 def _is_union_tag(part: object) -> bool:

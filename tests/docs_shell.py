@@ -70,6 +70,10 @@ EXAMPLES = {
                            "node)"):
         "another machine: a head and worker machines and a Redis named redis.internal; "
         "test_ha runs the same commands on one machine",
+    ("docs/operations.md", "cicd-ray artifacts RUN_ID                      # step, path, bytes, "
+                           "sha256"):
+        "RUN_ID stands for a user's; test_cli runs `artifacts --step --download`, `explain` "
+        "and `rerun --failed` on its own runs",
     ("docs/reliability.md", ".venv/bin/python bench/recovery.py --kills 5"):
         "a benchmark: minutes of kills, run by hand for the figures it prints",
     ("docs/reliability.md", ".venv/bin/python bench/ha.py --rounds 3"):

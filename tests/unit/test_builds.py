@@ -220,4 +220,5 @@ def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_c
     third = submitted(core.rerun(second))  # all of it
     driver.run_until_idle()
     assert sorted(evidence.read_text().split()) == ["a", "b", "c", "d"]
+    assert steps_of(core, third)[0].run.rerun_of == second
     assert core.rerun("no-such-run") is None

@@ -91,7 +91,24 @@ def test_env_overrides_win_and_are_checked():
      "steps[0] (-a).name: '-a' does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "tiemout": 5}]},
      "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
-     "pool, resources, timeout, retry, priority, interruptible"),
+     "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse"),
+    ({"name": "k", "steps": [{"name": "a", "run": "x", "artifacts": ["../etc/passwd"]}]},
+     "steps[0] (a).artifacts[0]: '../etc/passwd' must be a relative path inside the "
+     "workspace (no leading /, no ..)"),
+    ({"name": "k", "steps": [{"name": "a", "run": "x", "artifacts": ["/etc/passwd"]}]},
+     "steps[0] (a).artifacts[0]: '/etc/passwd' must be a relative path inside the workspace "
+     "(no leading /, no ..)"),
+    ({"name": "k", "steps": [{"name": "a", "run": "x", "cache": [
+        {"key": "k-${{ secrets.X }}", "paths": ["v"]}]}]},
+     "steps[0] (a).cache[0].key: 'k-${{ secrets.X }}': unknown expression 'secrets.X'; a key "
+     "may use hashFiles('GLOB', ...) and env.NAME"),
+    ({"name": "k", "steps": [{"name": "a", "run": "x", "cache": [
+        {"key": "k-${{ env.X", "paths": ["v"]}]}]},
+     "steps[0] (a).cache[0].key: 'k-${{ env.X': an expression is not closed: write "
+     "${{ ... }}"),
+    ({"name": "k", "steps": [{"name": "a", "run": "x", "cache": [{"key": "k", "paths": []}]}]},
+     "steps[0] (a).cache[0].paths: List should have at least 1 item after validation, not 0, "
+     "got []"),
     ({"name": "k", "stages": [], "steps": [{"name": "a", "run": "x"}]},
      "stages: unknown key; allowed keys are: name, source, env, defaults, steps"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "retry": {"max": 1, "when": "x"}}]},
