@@ -54,7 +54,8 @@ def digest_of(src: BinaryIO) -> str:
 class ArtifactStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        # No listings cache: another process's new entries must be seen at once.
+        self.fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
         self.root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
 

@@ -593,4 +593,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m cicd_ray.cli`, this file is __main__; the build commands register on
+    # the app of `cicd_ray.cli`, the module proper, so that is the one to run.
+    from cicd_ray.cli import main as main_of_the_module
+
+    main_of_the_module()

@@ -50,7 +50,7 @@ def test_validate_accepts_and_rejects_with_every_problem(cli, tmp_path):
     assert problems == [
         "name: 'Bad' does not match ^[a-z0-9][a-z0-9._-]{0,62}$",
         "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
-        "pool, resources, timeout, retry, priority, interruptible",
+        "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse",
     ]
 
 
@@ -77,6 +77,45 @@ def test_run_succeeds_then_status_runs_and_logs_work_without_a_cluster(cli):
     missing = cli("logs", run_id, "nope")
     assert missing.returncode == 1 and "has no step 'nope'" in missing.stderr
     assert cli("status", "no-such-run").returncode == 1
+    # package received build's artifact, and the run's files are there to download.
+    assert "all tests passed; packaging artifact" in cli("logs", run_id, "package").stdout
+    assert "build: 1 artifact(s), 9 bytes" in cli("status", run_id).stdout
+
+
+def test_artifacts_explain_and_rerun_of_the_failed_part(cli, tmp_path, shared_dir):
+    gate = shared_dir / "gate"  # where the steps' own users can see it
+    pipeline = write(tmp_path, "p.yaml", f"""
+name: part
+steps:
+  - name: build
+    run: mkdir -p dist && echo built > dist/app
+    artifacts: [dist/**]
+  - name: check
+    needs: [build]
+    run: cat dist/app && test -e {gate}
+""")
+    failed = cli("run", pipeline)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    run_id = failed.stdout.split()[1]
+    listed = cli("artifacts", run_id, "--step", "build", "--download", str(tmp_path / "dl"))
+    assert listed.returncode == 0, listed.stderr
+    assert "dist/app" in listed.stdout and (tmp_path / "dl/build/dist/app").read_text() == \
+        "built\n"
+    files = json.loads(cli("artifacts", run_id, "--json").stdout)["artifacts"]
+    assert [(f["step"], f["path"], f["size"]) for f in files] == [("build", "dist/app", 6)]
+    said = cli("explain", run_id, "check")
+    assert said.returncode == 0 and "no earlier success of step check" in said.stdout
+    gate.touch()
+    again = cli("rerun", run_id, "--failed")  # an embedded Ray, followed to the end
+    assert again.returncode == 0, again.stdout + again.stderr
+    new_id = again.stdout.splitlines()[0]
+    status = json.loads(cli("status", new_id, "--json").stdout)
+    assert status["run"]["rerun_of"] == run_id
+    assert [(s["spec"]["name"], s["state"], bool(s["carried_from"])) for s in status["steps"]] \
+        == [("build", "succeeded", True), ("check", "succeeded", False)]
+    assert f"a re-run of run {run_id}" in cli("status", new_id).stdout
+    unknown = cli("explain", run_id, "nope")
+    assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
 
 
 def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path):
