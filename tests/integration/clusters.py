@@ -69,6 +69,49 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     return url, proc
 
 
+class S3Server:
+    """moto's S3-compatible server in a process of its own on a free port, with one bucket:
+    `env` is what a process needs to use it (the standard AWS variables), `url` the artifact
+    store URL (CICD_RAY_ARTIFACTS)."""
+
+    BUCKET = "cicd-artifacts"
+
+    def __init__(self) -> None:
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.url = f"s3://{self.BUCKET}/ci"
+        self.env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p",
+                                      str(port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            assert self.proc.poll() is None, f"moto_server exited ({self.proc.returncode})"
+            try:
+                return httpx.get(self.endpoint, timeout=1).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, timeout_s=30)
+        self.client().create_bucket(Bucket=self.BUCKET)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+
+    def object_keys(self) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
 def cluster_env(tmp: Path, token: str, **extra: str) -> dict[str, str]:
     """The environment of a cluster's processes: none of the test process's own Ray or
     cicd-ray settings but the session's Ray folder (tests/conftest.py), this venv's commands
@@ -123,7 +166,7 @@ class Node:
         return _kill(self.processes())
 
 class HaCluster:
-    def __init__(self, tmp: Path, redis_url: str) -> None:
+    def __init__(self, tmp: Path, redis_url: str, **extra_env: str) -> None:
         self.tmp = tmp
         self.redis_url = redis_url
         host_port = redis_url.split("://", 1)[1].rsplit("/", 1)[0]
@@ -146,7 +189,7 @@ class HaCluster:
             CICD_RAY_MASTER_RESOURCES=json.dumps({MASTER_RESOURCE: 0.01}),
             CICD_RAY_HEARTBEAT_TIMEOUT_S="6", CICD_RAY_KILL_GRACE_S="1",
             # Raylets wait this long for a GCS that went away: more than a head restart.
-            RAY_gcs_rpc_server_reconnect_timeout_s="120",
+            RAY_gcs_rpc_server_reconnect_timeout_s="120", **extra_env,
         )
         self.http = api_client(self.url, self.token)
 

@@ -4,8 +4,10 @@ and restarted, the head replaced, a worker node removed, the master killed, on t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -13,19 +15,52 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.clusters import HaCluster
+from tests.integration.clusters import HaCluster, S3Server
 
 pytestmark = pytest.mark.fault
 
 
 @pytest.fixture(scope="module")
-def ha(tmp_path_factory, redis_url):
-    cluster = HaCluster(tmp_path_factory.mktemp("ha"), redis_url)
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory, redis_url, s3):
+    # Artifacts and caches in an S3-compatible store, as on a real cluster.
+    cluster = HaCluster(tmp_path_factory.mktemp("ha"), redis_url, CICD_RAY_ARTIFACTS=s3.url,
+                        **s3.env)
     try:
         cluster.start(nodes=2, cpus=2)
         yield cluster
     finally:
         cluster.stop()
+
+
+def test_an_artifact_made_on_one_node_is_used_on_another_through_s3(ha, s3):
+    run_id = ha.submit({"name": "handover", "steps": [
+        {"name": "make", "run": "mkdir -p dist; head -c 300000 /dev/urandom > dist/blob; "
+                                "sha256sum dist/blob | cut -c1-64", "artifacts": ["dist"]},
+        {"name": "use", "needs": ["make"], "matrix": {"n": ["1", "2", "3"]},
+         "run": "sha256sum dist/blob | cut -c1-64; sleep 1.5"}]})
+    view = ha.wait(run_id)
+    assert view["run"]["state"] == "succeeded", view
+    made = re.findall(r"^[0-9a-f]{64}$", ha.log(run_id, "make"), re.M)[0]
+    [kept] = next(s for s in view["steps"] if s["spec"]["name"] == "make")["artifacts"]
+    assert kept["digest"] == made and kept["size"] == 300000
+    assert f"blobs/{made[:2]}/{made}" in {k.removeprefix("ci/") for k in s3.object_keys()}
+    nodes = {w["id"]: w["node"] for w in ha.http.get("/api/v1/workers").json()["workers"]}
+    worker_of = {s["spec"]["name"]: s["worker_id"] for s in view["steps"]}
+    users = [name for name in worker_of if name.startswith("use[")]
+    for name in users:
+        assert re.findall(r"^[0-9a-f]{64}$", ha.log(run_id, name), re.M) == [made]
+    # Three steps at once fill the three workers: one of them is on the other node.
+    assert any(nodes[worker_of[n]] != nodes[worker_of["make"]] for n in users), worker_of
+    # The API replica on the head reads the same bucket for a download.
+    got = ha.http.get(f"/api/v1/runs/{run_id}/artifacts/make/dist/blob")
+    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == made
 
 
 def test_the_gcs_keeps_its_tables_in_redis_under_the_ha_namespace(ha):
