@@ -38,6 +38,9 @@ HEADER = """\
 """
 
 
+ARTIFACTS_SECRET = "cicd-ray-artifacts"
+
+
 def _env() -> list[dict]:
     """What the master and the API read, the same on every pod (Ray's processes inherit it)."""
     secret = {"name": "cicd-ray-secrets"}
@@ -58,6 +61,9 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
     size = {"cpu": str(cpus), "memory": f"{memory_mb}Mi"}
     container = {
         "name": name, "image": image, "env": _env(),
+        # The artifact store (CICD_RAY_ARTIFACTS, s3://...) and its credentials (AWS_*): pods
+        # share no disk, so every one of them reads and writes the same bucket.
+        "envFrom": [{"secretRef": {"name": ARTIFACTS_SECRET}}],
         "resources": {"requests": dict(size), "limits": dict(size)},
         "volumeMounts": [{"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True}],
         # Let Ray stop cleanly before the pod goes (KubeRay's recommendation).

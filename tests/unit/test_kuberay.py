@@ -199,6 +199,25 @@ def test_ray_token_authentication_is_on_with_the_token_from_a_secret():
     assert "--from-literal=auth_token=" in readme
 
 
+def test_every_pod_gets_the_artifact_store_from_a_secret():
+    """Pods share no disk: the master, the API and every worker read one bucket, named with
+    its credentials in a Secret the README makes (and secrets.example.yaml shows)."""
+    from cicd_ray.kuberay import ARTIFACTS_SECRET
+
+    cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": ARTIFACTS_SECRET}}], group
+    readme = (KUBERAY / "README.md").read_text()
+    assert f"kubectl create secret generic {ARTIFACTS_SECRET}" in readme
+    assert "--from-literal=CICD_RAY_ARTIFACTS=s3://" in readme
+    example = [d for d in yaml.safe_load_all((KUBERAY / "secrets.example.yaml").read_text())
+               if d["metadata"]["name"] == ARTIFACTS_SECRET]
+    assert set(example[0]["stringData"]) >= {"CICD_RAY_ARTIFACTS", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY"}
+
+
 def test_a_pool_s_nodes_taints_and_image_reach_its_worker_group():
     pools = load_pools(KUBERAY / "pools.yaml")
     groups = {g["groupName"]: g for g in
