@@ -71,12 +71,74 @@ function times(step, attempt) {
   return parts.join(" · ");
 }
 
+async function download(url, name) {
+  // A plain link cannot send the token: fetch the file, then save it from memory.
+  const blob = await (await api(url)).blob();
+  const link = el("a", {href: URL.createObjectURL(blob), download: name});
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+function source(run) {
+  if (run.commit) return `commit ${run.commit.slice(0, 12)} (${run.source_git?.ref ?? ""})`;
+  if (run.source_digest) return `source snapshot ${run.source_digest.slice(0, 12)}`;
+  return "";
+}
+
+function runHeader(run, meta) {
+  const parts = [source(run)];
+  if (run.rerun_of) parts.push(el("span", {}, "re-run of ", el("a", {href: `#/runs/${run.rerun_of}`}, run.rerun_of)));
+  const buttons = [];
+  const rerun = async (onlyFailed) => {
+    const response = await api(`/api/v1/runs/${run.id}/rerun`, {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({only_failed: onlyFailed})});
+    if (response.ok) location.hash = `#/runs/${(await response.json()).run_id}`;
+  };
+  if (["succeeded", "failed", "cancelled"].includes(run.state)) {
+    buttons.push(el("button", {id: "rerun", onclick: () => rerun(false)}, "Re-run"));
+    if (run.state !== "succeeded") {
+      buttons.push(el("button", {id: "rerun-failed", onclick: () => rerun(true)}, "Re-run failed steps"));
+    }
+  }
+  meta.replaceChildren(...parts.filter(Boolean).flatMap((p) => [p, " · "]).slice(0, -1), " ", ...buttons);
+}
+
+function stepDetails(runId, step, attempt, box) {
+  const rows = [];
+  const origin = step.reused_from || step.carried_from;
+  if (origin) {
+    rows.push(el("p", {class: "origin"}, step.reused_from ? "Reused from " : "Carried over from ",
+      el("a", {href: `#/runs/${origin.run_id}`}, origin.run_id), ` (${origin.step}, attempt ${origin.attempt})`));
+  }
+  for (const use of attempt?.caches ?? []) {
+    const restored = use.result === "miss" ? "" : ` from ${use.restored_from}, ${use.bytes_restored} bytes${use.from_node ? " (this node's copy)" : ""}`;
+    rows.push(el("p", {class: "cache"}, `cache ${use.key}: ${use.result}${restored}`,
+      use.bytes_saved ? `; saved ${use.bytes_saved} bytes` : "", use.note ? `; ${use.note}` : ""));
+  }
+  if (step.artifacts.length) {
+    rows.push(el("h3", {}, "Artifacts"), el("ul", {class: "artifacts"}, ...step.artifacts.map((f) => {
+      const url = `/api/v1/runs/${runId}/artifacts/${encodeURIComponent(step.spec.name)}/${f.path.split("/").map(encodeURIComponent).join("/")}`;
+      return el("li", {}, el("a", {href: url, "data-artifact": f.path, onclick: (e) => {
+        e.preventDefault(); download(url, f.path.split("/").pop()); }}, f.path), ` ${f.size} bytes`);
+    })));
+  }
+  const why = el("p", {class: "explain muted"});
+  rows.push(el("button", {id: "explain", onclick: async () => {
+    const said = await (await api(`/api/v1/runs/${runId}/steps/${encodeURIComponent(step.spec.name)}/explain`)).json();
+    why.replaceChildren(said.summary, ...said.changed.map((c) => el("div", {}, `${c.part}: ${c.detail}`)));
+  }}, "Why did it run?"), why);
+  box.replaceChildren(...rows);
+}
+
 function runPage(runId) {
   const title = el("h2");
+  const meta = el("p", {class: "meta muted"});
   const dag = el("div", {class: "dag"});
+  const details = el("section", {class: "details", id: "details"});
   const logTitle = el("h2", {class: "muted"}, "Select a step to see its log");
   const log = el("pre", {class: "log", id: "log"});
-  main.replaceChildren(title, dag, logTitle, log);
+  main.replaceChildren(title, meta, dag, details, logTitle, log);
   let selected = null;
   let following = null;  // AbortController of the log being followed
 
@@ -107,6 +169,7 @@ function runPage(runId) {
     const run = view.run;
     title.replaceChildren(`Run ${run.id} of ${run.pipeline} `, state(run.state),
       el("span", {class: "muted"}, ` ${run.reason || ""}`));
+    runHeader(run, meta);
     const last = {};
     view.attempts.forEach((a) => { last[a.step] = a; });
     const depth = depths(view.steps);
@@ -117,12 +180,20 @@ function runPage(runId) {
         class: `step ${step.state}${name === selected ? " selected" : ""}`, "data-step": name,
         "data-state": step.state, onclick: () => { follow(name, step.state); load(); }},
         el("div", {class: "name"}, name),
-        el("div", {}, state(step.state), step.attempts > 1 ? ` (attempt ${step.attempts})` : ""),
+        el("div", {}, state(step.state), step.attempts > 1 ? ` (attempt ${step.attempts})` : "",
+          step.reused_from ? el("span", {class: "badge"}, "reused") : "",
+          step.carried_from ? el("span", {class: "badge"}, "carried over") : ""),
         el("div", {class: "times"}, times(step, last[name]))));
     }
     dag.replaceChildren(...columns.map((c) => el("div", {class: "column"}, ...c)));
     const current = view.steps.find((s) => s.spec.name === selected);
-    if (current) logTitle.replaceChildren(`Log of ${selected} `, state(current.state));
+    if (current) {
+      logTitle.replaceChildren(`Log of ${selected} `, state(current.state));
+      if (details.dataset.shown !== `${selected}:${current.state}`) {
+        details.dataset.shown = `${selected}:${current.state}`;
+        stepDetails(runId, current, last[selected], details);
+      }
+    }
     if (selected === null) {
       const first = view.steps.find((s) => s.state === "running") || view.steps.find((s) => s.attempts);
       if (first) { follow(first.spec.name, first.state); load(); }

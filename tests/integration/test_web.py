@@ -72,3 +72,35 @@ def test_a_run_on_the_page(api, browser, shared_dir):
     page.click("#signout")
     expect(page.locator("#token")).to_be_visible()
     page.close()
+
+
+def test_a_build_s_artifacts_explain_and_rerun_on_the_page(api, browser, shared_dir):
+    gate = shared_dir / "gate"
+    r = httpx.post(f"{api}/api/v1/runs", headers={"Authorization": f"Bearer {API_TOKEN}"},
+                   json={"pipeline": {"name": "page-build", "steps": [
+                       {"name": "make", "run": "mkdir -p dist; echo made > dist/app",
+                        "artifacts": ["dist/**"]},
+                       {"name": "check", "needs": ["make"], "run": f"test -e {gate}"}]}})
+    run_id = r.json()["run_id"]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api}/")
+    page.fill("#token", API_TOKEN)
+    page.click("button[type=submit]")
+    page.goto(f"{api}/#/runs/{run_id}")
+    expect(page.locator("h2").first).to_contain_text("failed", timeout=60000)
+    page.locator(".step[data-step='make']").click()
+    link = page.locator("a[data-artifact='dist/app']")
+    expect(link).to_be_visible(timeout=15000)
+    with page.expect_download() as download:
+        link.click()
+    assert Path(download.value.path()).read_text() == "made\n"
+    assert download.value.suggested_filename == "app"
+    page.click("#explain")
+    expect(page.locator(".explain")).to_contain_text("no earlier success of step make")
+    gate.touch()
+    page.click("#rerun-failed")
+    expect(page.locator("h2").first).to_contain_text("succeeded", timeout=60000)
+    assert run_id not in page.locator("h2").first.inner_text()  # the new run's page
+    expect(page.locator(".meta")).to_contain_text(f"re-run of {run_id}")
+    expect(page.locator(".step[data-step='make'] .badge")).to_have_text("carried over")
+    page.close()
