@@ -258,8 +258,12 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
             done.stdout]
 
     assert sh("curl -s $CICD_RAY_URL/healthz")[0]["status"] == "ok"
+    from tests.unit.test_source import make_repo
+
+    git_dir = tmp_path / "git"
+    git_dir.mkdir()
     submitted = sh("curl -s -X POST $CICD_RAY_URL/api/v1/runs -H \"$H\" -H 'Idempotency-Key: "
-                   "build-4711' \\")
+                   "build-4711' \\", REPO=make_repo(git_dir))
     assert len(submitted) == 3 and all(s["run_id"] for s in submitted), submitted
     run, packed = submitted[0]["run_id"], submitted[1]["run_id"]
     with Client(server["url"], server["token"]) as client:
@@ -274,6 +278,17 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
     assert all(r["state"] == "failed" and r["pipeline"] == "hello" for r in listed["runs"])
     assert view["run"]["id"] == run and view["run"]["state"] == "succeeded"
     assert cancelled == {"run_id": run, "state": "succeeded"}  # cancel of an ended run
+    listed, explained, rerun = sh('curl -s $CICD_RAY_URL/api/v1/runs/$RUN/artifacts -H "$H"  '
+                                  "    # ?step=build for one step's", RUN=run)
+    assert [(f["step"], f["path"], f["size"]) for f in listed["artifacts"]] == [
+        ("build", "out/app.txt", 9)]
+    assert (work / "app.txt").read_text() == "artifact\n"
+    assert explained["step"] == "package" and explained["summary"].startswith("no earlier")
+    assert rerun["rerun_of"] == run
+    with Client(server["url"], server["token"]) as client:
+        again = client.run(rerun["run_id"]).wait(timeout=120)
+    assert again.state == "succeeded"  # everything carried over: the first run succeeded
+    assert all(s["carried_from"]["run_id"] == run for s in again.steps)
     workers, queue = sh('curl -s $CICD_RAY_URL/api/v1/workers -H "$H"')
     assert any(w["state"] == "ready" for w in workers["workers"])
     assert set(queue["pools"]) == {"default"}
