@@ -190,12 +190,14 @@ class Scheduler:
         self._out.record(step)
         self._out.record(attempt)
         run_steps = self.steps[run.id]
-        kept = sum(f.size for s in run_steps.values() for f in s.artifacts)
+        room = self.artifact_run_max_bytes
+        if step.spec.artifacts:  # what the run kept so far, counted only where it matters
+            room -= sum(f.size for s in run_steps.values() for f in s.artifacts)
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
             source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
             pipeline=run.pipeline, inputs=inputs_of(step, run_steps),
-            artifact_room_bytes=max(0, self.artifact_run_max_bytes - kept),
+            artifact_room_bytes=max(0, room),
         )))
 
     def _end_attempt(self, attempt: AttemptRecord, state: StepState, now: float,
