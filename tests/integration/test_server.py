@@ -283,7 +283,9 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
     assert [(f["step"], f["path"], f["size"]) for f in listed["artifacts"]] == [
         ("build", "out/app.txt", 9)]
     assert (work / "app.txt").read_text() == "artifact\n"
-    assert explained["step"] == "package" and explained["summary"].startswith("no earlier")
+    # Whatever ran before on this server, package has reuse off, and explain says so.
+    assert explained["step"] == "package" and explained["reuse"] is False
+    assert explained["summary"].endswith("reuse is off for this step (`reuse: true` turns it on)")
     assert rerun["rerun_of"] == run
     with Client(server["url"], server["token"]) as client:
         again = client.run(rerun["run_id"]).wait(timeout=120)
