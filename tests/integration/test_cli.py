@@ -118,6 +118,18 @@ steps:
     assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
 
 
+def test_a_git_ref_that_names_no_commit_exits_2_at_submission(cli, tmp_path):
+    from tests.unit.test_source import make_repo
+
+    url = make_repo(tmp_path)
+    pipeline = write(tmp_path, "git.yaml", f"name: git\nsource: {{git: '{url}', ref: nope}}\n"
+                     "steps:\n  - {name: a, run: 'true'}\n")
+    result = cli("run", pipeline)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "source.ref: 'nope' names no branch, tag or commit" in result.stderr
+    assert json.loads(cli("runs", "--json").stdout) == []  # nothing was stored
+
+
 def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path):
     path = write(tmp_path, "fail.yaml", "name: fail\nsteps:\n  - name: unit\n    run: |\n"
                  "      for i in $(seq 1 30); do echo \"case $i\"; done\n"
