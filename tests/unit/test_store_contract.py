@@ -265,16 +265,15 @@ def test_results_are_found_by_key_and_deleted_with_the_run_that_made_them(store)
 def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_path):
     import io
 
-    from cicd_ray.artifacts import ArtifactStore, digest_of
+    from cicd_ray.artifacts import ArtifactStore
     from cicd_ray.records import ArtifactFile
     from cicd_ray.retention import collect
 
     artifacts = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
     files = {}
     for name in ("old-only", "shared", "recent-only"):
-        src = io.BytesIO(name.encode())
-        files[name] = ArtifactFile(path=name, size=len(name), digest=digest_of(src))
-        artifacts.put(src, files[name].digest)
+        digest = artifacts.put(io.BytesIO(name.encode()))
+        files[name] = ArtifactFile(path=name, size=len(name), digest=digest)
     day = 86400.0
     _finished_run(store, "old", at=10 * day)
     _finished_run(store, "recent", at=39 * day)
