@@ -65,6 +65,10 @@ EXAMPLES = {
     ("docs/benchmarks.md", ".venv/bin/python bench/http_api.py --runs 500 --clients 20   # and "
                            "--clients 5; --runs 60 --clients 1"):
         "a benchmark: minutes of full load, run by hand for the figures it prints",
+    ("docs/benchmarks.md", ".venv/bin/python bench/builds.py          # --artifact-mib 200 "
+                           "--reuse-steps 20 --cache-mib 100 --parts 1,2,3,4"):
+        "a benchmark: minutes of full load and downloads from PyPI, run by hand for the "
+        "figures it prints",
     ("docs/benchmarks.md", ".venv/bin/python bench/autoscale.py --rounds 2"):
         "a benchmark: minutes of full load, run by hand for the figures it prints",
     ("docs/operations.md", "cicd-ray up --local-autoscaling pools.yaml --node-idle-timeout 30"):
