@@ -12,7 +12,6 @@ from collections.abc import Callable
 from cicd_ray.config import PoolConfig
 from cicd_ray.keys import key_of, key_parts
 from cicd_ray.records import (
-    ArtifactInput,
     AttemptRecord,
     Origin,
     ResultRecord,
@@ -23,6 +22,7 @@ from cicd_ray.records import (
     WorkerRecord,
 )
 from cicd_ray.retries import Cause, Verdict, verdict
+from cicd_ray.scheduler.builds import carry, inputs_of, reused
 from cicd_ray.scheduler.decisions import Decisions, Kill
 from cicd_ray.scheduler.lookahead import upcoming, workers_wanted
 from cicd_ray.scheduler.queues import ReadyQueues
@@ -125,23 +125,13 @@ class Scheduler:
                now: float) -> list[StepRecord]:
         """End a step as the success it reuses, with an attempt that ran nothing; returns the
         dependents it made ready."""
-        origin = found.origin
         move(step, StepState.RUNNING)
-        step.attempts += 1
-        attempt = AttemptRecord(
-            id=f"{run.id}/{step.name}/{step.attempts}", run_id=run.id, step=step.name,
-            number=step.attempts, worker_id="", queued_at=step.queued_at, started_at=now,
-            finished_at=now, exit_code=0, duration_s=0.0, artifacts=found.artifacts,
-            reused_from=origin)
-        move(attempt, StepState.SUCCEEDED)
-        step.current_attempt, step.started_at, step.exit_code = attempt.id, now, 0
-        step.artifacts, step.reused_from = found.artifacts, origin
+        attempt, note = reused(step, found, now)
         self.book.start(run, now)
         self._out.record(attempt)
-        note = (f"[cicd-ray] not run: reused the success of run {origin.run_id}, step "
-                f"{origin.step}, attempt {origin.attempt} (same key {step.key[:16]})\n")
         self._out.changes.logs.append((attempt.id, 1, note.encode()))
-        reason = f"reused from run {origin.run_id} ({origin.step}, attempt {origin.attempt})"
+        o = found.origin
+        reason = f"reused from run {o.run_id} ({o.step}, attempt {o.attempt})"
         return self.book.finish_step(step, StepState.SUCCEEDED, now, reason)
 
     # --- workers ----------------------------------------------------------------------------
@@ -350,23 +340,6 @@ class Scheduler:
 
     def queue_view(self, now: float) -> dict[str, dict]:
         return self.queues.view(now)
-
-
-def carry(done: StepRecord, run_id: str, now: float) -> StepRecord:
-    """A success of an earlier run, as a step of `run_id` that does not run again."""
-    origin = done.carried_from or Origin(run_id=done.run_id, step=done.name,
-                                         attempt=done.attempts)
-    return StepRecord(
-        run_id=run_id, spec=done.spec, state=StepState.SUCCEEDED, queued_at=now,
-        started_at=now, finished_at=now, exit_code=done.exit_code, artifacts=done.artifacts,
-        key=done.key, key_parts=done.key_parts, carried_from=origin,
-        reason=f"carried over from run {origin.run_id}")
-
-
-def inputs_of(step: StepRecord, run_steps: dict[str, StepRecord]) -> list[ArtifactInput]:
-    """The artifacts a step is given: those of each step it needs, in the order of its needs."""
-    return [ArtifactInput(step=need, files=run_steps[need].artifacts)
-            for need in step.spec.needs if run_steps[need].artifacts]
 
 
 def new_attempt(step: StepRecord, worker: WorkerRecord, now: float) -> AttemptRecord:
