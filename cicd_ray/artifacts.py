@@ -58,6 +58,8 @@ class ArtifactStore:
         self.fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
         self.root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:  # the workers' alone: a step reads only what it is given
+            Path(self.root).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # --- blobs ----------------------------------------------------------------------------------
 
@@ -72,12 +74,10 @@ class ArtifactStore:
     def put(self, src: BinaryIO) -> str:
         """Keep a file's content under its digest, once (a digest already stored is not
         written again); returns the digest."""
-        if not self._local:  # an object store's upload appears whole or not at all
+        if not self._local:
             digest = digest_of(src)
-            target = self._blob(digest)
-            if not self.fs.exists(target):
-                with self.fs.open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+            if not self.fs.exists(self._blob(digest)):
+                self._write(src, self._blob(digest))
             return digest
         # A folder: copied aside while hashed (one read), then renamed to its digest, so a
         # reader never sees half a file.

@@ -222,3 +222,16 @@ def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_c
     assert sorted(evidence.read_text().split()) == ["a", "b", "c", "d"]
     assert steps_of(core, third)[0].run.rerun_of == second
     assert core.rerun("no-such-run") is None
+
+
+def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
+    import io
+    import stat
+
+    from cicd_ray.artifacts import ArtifactStore
+
+    store = ArtifactStore(f"file://{tmp_path / 'shared' / 'artifacts'}")
+    digest = store.put(io.BytesIO(b"secret build output"))
+    root = tmp_path / "shared" / "artifacts"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700  # steps' users cannot enter it
+    assert store.has(digest) and set(store.digests()) == {digest}
