@@ -15,6 +15,7 @@ Layout under the root:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import re
@@ -228,34 +229,29 @@ def _mtime(info: dict) -> float:
 # --- a step's files --------------------------------------------------------------------------
 
 
-def glob_regex(pattern: str) -> re.Pattern:
-    """`**` any number of folders, `*` and `?` within one name."""
-    out = ""
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-        elif pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-        elif pattern[i] == "*":
-            out += "[^/]*"
-            i += 1
-        elif pattern[i] == "?":
-            out += "[^/]"
-            i += 1
+def glob_match(pattern: str, path: str) -> bool:
+    """Whether `path` (relative, with /) matches `pattern`: `**` any number of folders, `*`,
+    `?` and `[...]` within one name. Name by name, each with fnmatch (whose patterns cannot
+    backtrack without end), and the folders by a table: a hostile pattern costs a few
+    microseconds, not minutes."""
+    want = [p for p in pattern.strip("/").split("/") if p]
+    have = path.split("/")
+    # reach[j]: the first i names of the pattern can match the first j names of the path.
+    reach = [True] + [False] * len(have)
+    for part in want:
+        if part == "**":
+            for j in range(1, len(have) + 1):
+                reach[j] = reach[j] or reach[j - 1]
         else:
-            out += re.escape(pattern[i])
-            i += 1
-    return re.compile(out.rstrip("/") + "$")
+            reach = [False] + [reach[j] and fnmatch.fnmatchcase(have[j], part)
+                               for j in range(len(have))]
+    return reach[-1]
 
 
 def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
     """(relative path, path) of the regular files under `root` that a pattern names, directly or
     through a folder it names (`dist` and `dist/**` both give every file under dist). Links are
     neither followed nor kept: a step cannot hand over what it could not read."""
-    regexes = [glob_regex(p) for p in patterns]
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         rel_folder = os.path.relpath(folder, root)
@@ -267,7 +263,7 @@ def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
                 continue
             parts = rel.split("/")
             prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-            if any(r.match(p) for r in regexes for p in prefixes):
+            if any(glob_match(p, prefix) for p in patterns for prefix in prefixes):
                 yield rel, path
 
 

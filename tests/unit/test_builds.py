@@ -235,3 +235,27 @@ def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
     root = tmp_path / "shared" / "artifacts"
     assert stat.S_IMODE(root.stat().st_mode) == 0o700  # steps' users cannot enter it
     assert store.has(digest) and set(store.digests()) == {digest}
+
+
+@pytest.mark.parametrize("pattern, path, matches", [
+    ("dist/**", "dist/a/b.whl", True), ("dist/**", "dist", True), ("dist/**", "distx/a", False),
+    ("**/*.xml", "reports/unit.xml", True), ("**/*.xml", "unit.xml", True),
+    ("reports/*.xml", "reports/deep/unit.xml", False), ("a/**/b", "a/b", True),
+    ("a/**/b", "a/x/y/b", True), ("a?c", "abc", True), ("a?c", "a/c", False),
+    ("*.[ch]", "x.h", True), ("*.[ch]", "x.o", False),
+])
+def test_globs_match_as_documented(pattern, path, matches):
+    from cicd_ray.artifacts import glob_match
+
+    assert glob_match(pattern, path) is matches
+
+
+def test_a_hostile_glob_is_matched_within_50_ms():
+    import time
+
+    from cicd_ray.artifacts import glob_match
+
+    started = time.perf_counter()
+    assert not glob_match("*a" * 60 + "b", "a" * 250)
+    assert not glob_match("**/" * 80 + "x", "/".join(["d"] * 60))
+    assert time.perf_counter() - started < 0.05
