@@ -248,23 +248,41 @@ def glob_match(pattern: str, path: str) -> bool:
     return reach[-1]
 
 
+def could_hold(pattern: str, folder: str) -> bool:
+    """Whether something under `folder` (relative, with /) could match `pattern`: the walk
+    enters only such folders (`dist/**` never reads node_modules)."""
+    want = [p for p in pattern.strip("/").split("/") if p]
+    for i, name in enumerate(folder.split("/")):
+        if i >= len(want):
+            return False
+        if want[i] == "**":
+            return True
+        if not fnmatch.fnmatchcase(name, want[i]):
+            return False
+    return True
+
+
 def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
     """(relative path, path) of the regular files under `root` that a pattern names, directly or
-    through a folder it names (`dist` and `dist/**` both give every file under dist). Links are
-    neither followed nor kept: a step cannot hand over what it could not read."""
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        rel_folder = os.path.relpath(folder, root)
-        rel_folder = "" if rel_folder == "." else rel_folder + "/"
-        for name in sorted(files):
-            rel = rel_folder + name
-            path = Path(folder) / name
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue
-            parts = rel.split("/")
-            prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-            if any(glob_match(p, prefix) for p in patterns for prefix in prefixes):
-                yield rel, path
+    through a folder it names (`dist` and `dist/**` both give every file under dist), in path
+    order. Links are neither followed nor kept: a step cannot hand over what it could not
+    read."""
+    todo = [(root, "", False)]  # a folder, its relative path, whether a pattern named it
+    while todo:
+        folder, rel_folder, named = todo.pop()
+        with os.scandir(folder) as found:
+            entries = sorted(found, key=lambda e: e.name)
+        below = []
+        for entry in entries:
+            rel = f"{rel_folder}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                inside = named or any(glob_match(p, rel) for p in patterns)
+                if inside or any(could_hold(p, rel) for p in patterns):
+                    below.append((Path(entry.path), rel + "/", inside))
+            elif entry.is_file(follow_symlinks=False) and (
+                    named or any(glob_match(p, rel) for p in patterns)):
+                yield rel, Path(entry.path)
+        todo.extend(reversed(below))
 
 
 def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: int,

@@ -259,3 +259,17 @@ def test_a_hostile_glob_is_matched_within_50_ms():
     assert not glob_match("*a" * 60 + "b", "a" * 250)
     assert not glob_match("**/" * 80 + "x", "/".join(["d"] * 60))
     assert time.perf_counter() - started < 0.05
+
+
+def test_the_walk_enters_only_folders_a_pattern_could_name(tmp_path, monkeypatch):
+    from cicd_ray import artifacts
+
+    for folder in ("dist/sub", "node_modules/a/b", "reports"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "f.xml").write_text("x")
+    entered = []
+    scandir = os.scandir
+    monkeypatch.setattr(artifacts.os, "scandir", lambda p: entered.append(p) or scandir(p))
+    found = [rel for rel, _ in artifacts.matching(tmp_path, ["dist/**", "reports/*.xml"])]
+    assert found == ["dist/sub/f.xml", "reports/f.xml"]
+    assert not any("node_modules" in str(p) for p in entered)
