@@ -125,4 +125,7 @@ def _kept(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     home/, none landing outside it (links may point anywhere: a virtualenv's python does)."""
     if member.type not in KEPT_TYPES or not member.name.startswith(("ws/", "home/")):
         return None
-    return tarfile.tar_filter(member, dest)
+    try:
+        return tarfile.tar_filter(member, dest)
+    except tarfile.FilterError:  # a path out of the folder, or through a link out of it
+        return None

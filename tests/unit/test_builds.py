@@ -273,3 +273,44 @@ def test_the_walk_enters_only_folders_a_pattern_could_name(tmp_path, monkeypatch
     found = [rel for rel, _ in artifacts.matching(tmp_path, ["dist/**", "reports/*.xml"])]
     assert found == ["dist/sub/f.xml", "reports/f.xml"]
     assert not any("node_modules" in str(p) for p in entered)
+
+
+def test_a_hostile_cache_entry_lands_nothing_outside_the_attempt(tmp_path):
+    """An entry in the store is written by steps (or by whoever reaches the bucket): a path
+    with .., a link out and a file written through it, a device and a member outside ws/ and
+    home/ are all left out; a virtualenv's absolute link is kept as a link."""
+    import io
+    import tarfile
+
+    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.caches import NodeCaches
+    from cicd_ray.spec import CacheSpec
+
+    entry = tmp_path / "entry.tar"
+    with tarfile.open(entry, "w") as tar:
+        def add(name, data=b"x", **kw):
+            info = tarfile.TarInfo(name)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            info.size = len(data) if info.type == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if info.type == tarfile.REGTYPE else None)
+        add("ws/ok.txt", b"fine")
+        add("ws/../../escaped.txt")
+        add("ws/out", type=tarfile.SYMTYPE, linkname=str(tmp_path / "outside"))
+        add("ws/out/through.txt")
+        add("ws/dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("elsewhere.txt")
+        add("ws/.venv/bin/python", type=tarfile.SYMTYPE, linkname="/usr/bin/python3")
+    (tmp_path / "outside").mkdir()
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    store.put_cache("p", "k", entry)
+    root = tmp_path / "attempt"
+    (root / "ws").mkdir(parents=True)
+    caches = NodeCaches(store, tmp_path / "node", 10**9)
+    use = caches.restore("p", CacheSpec(key="k", paths=["x"]), root, {})
+    assert use.result == "hit"
+    assert (root / "ws/ok.txt").read_text() == "fine"
+    assert not (tmp_path / "escaped.txt").exists() and not (root.parent / "escaped.txt").exists()
+    assert list((tmp_path / "outside").iterdir()) == []
+    assert not (root / "ws/dev").exists() and not (root / "elsewhere.txt").exists()
+    assert os.readlink(root / "ws/.venv/bin/python") == "/usr/bin/python3"
