@@ -153,6 +153,13 @@ class ArtifactStore:
         return {p.rsplit("/", 1)[-1]: _mtime(info) for p, info in found.items()
                 if re.fullmatch(r"[0-9a-f]{64}", p.rsplit("/", 1)[-1])}
 
+    def leftovers(self, before: float) -> list[Path]:
+        """Files a worker killed mid-write left aside (a folder's `*.tmp`), older than
+        `before`; an object store has none: its uploads appear whole or not at all."""
+        if not self._local:
+            return []
+        return [p for p in Path(self.root).rglob("*.tmp") if p.stat().st_mtime < before]
+
     def delete(self, digests: set[str]) -> None:
         for digest in digests:
             with contextlib.suppress(FileNotFoundError):

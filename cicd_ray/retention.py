@@ -83,6 +83,9 @@ def _unreferenced(store: Store, artifacts: ArtifactStore, now: float, dry_run: b
     referenced = store.artifact_digests()
     unused = {d for d, at in artifacts.digests().items()
               if d not in referenced and at < now - SOURCE_GRACE_S}
+    leftovers = artifacts.leftovers(now - SOURCE_GRACE_S)
     if not dry_run:
         artifacts.delete(unused)
-    return len(unused)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+    return len(unused) + len(leftovers)

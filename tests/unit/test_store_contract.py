@@ -283,7 +283,9 @@ def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_p
         step.artifacts = [files[n] for n in names]
         changes.add(step)
     store.save(changes)
+    aside = tmp_path / "artifacts" / "blobs" / "new-0123.tmp"  # a worker died mid-write
+    aside.write_bytes(b"half")
     now = time.time() + 2 * 3600  # the files are past the grace period for new ones
     done = collect(store, now, older_than_s=now - 20 * day, artifacts=artifacts)
-    assert done.runs == 1 and done.artifacts == 1
+    assert done.runs == 1 and done.artifacts == 2 and not aside.exists()
     assert set(artifacts.digests()) == {files["shared"].digest, files["recent-only"].digest}
