@@ -80,19 +80,10 @@ class ArtifactStore:
             if not self.fs.exists(self._blob(digest)):
                 self._write(src, self._blob(digest))
             return digest
-        # A folder: copied aside while hashed (one read), then renamed to its digest, so a
-        # reader never sees half a file.
-        folder = Path(f"{self.root}/blobs")
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"new-{uuid.uuid4().hex}.tmp"
+        # A folder: copied aside while hashed (one read), then renamed to its digest.
+        tmp, digest = _aside(src, Path(f"{self.root}/blobs"), hashed=True)
+        target = Path(self._blob(digest))
         try:
-            h = hashlib.sha256()
-            with open(tmp, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-            digest = h.hexdigest()
-            target = Path(self._blob(digest))
             if not target.exists():
                 target.parent.mkdir(exist_ok=True)
                 os.replace(tmp, target)
@@ -102,14 +93,11 @@ class ArtifactStore:
 
     def _write(self, src: BinaryIO, target: str) -> None:
         if self._local:  # a reader never sees half a file: written aside, then renamed
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            tmp, _ = _aside(src, Path(target).parent)
             try:
-                with open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
                 os.replace(tmp, target)
             finally:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
         else:  # an object store's upload appears whole or not at all (when it is closed)
             with self.fs.open(target, "wb") as out:
                 shutil.copyfileobj(src, out, CHUNK)
@@ -225,6 +213,24 @@ class ArtifactStore:
             total -= size
             gone.append(key)
         return gone
+
+
+def _aside(src: BinaryIO, folder: Path, hashed: bool = False) -> tuple[Path, str]:
+    """`src` copied into a new file in `folder` (a `*.tmp` that retention sweeps if the
+    writer dies), and its SHA-256 when `hashed` (computed on the way: one read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"new-{uuid.uuid4().hex}.tmp"
+    h = hashlib.sha256() if hashed else None
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                if h is not None:
+                    h.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, h.hexdigest() if h is not None else ""
 
 
 def _mtime(info: dict) -> float:

@@ -125,10 +125,7 @@ class RayRunner:
         return answer.run_id
 
     def explain(self, run_id: str, step: str) -> Explanation:
-        answer = self._call(self.master.explain.remote(run_id, step))
-        if isinstance(answer, Missing):
-            raise NotFound(answer.detail)
-        return answer
+        return _present(self._call(self.master.explain.remote(run_id, step)))
 
     def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
         _fetch(self.settings, artifact, dest)
@@ -137,10 +134,7 @@ class RayRunner:
         return self._call(self.master.list_runs.remote(state, pipeline, limit, 0))
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> LogSlice:
-        answer = self._call(self.master.step_log.remote(run_id, step, attempt, offset))
-        if isinstance(answer, Missing):
-            raise NotFound(answer.detail)
-        return answer
+        return _present(self._call(self.master.step_log.remote(run_id, step, attempt, offset)))
 
     def workers(self, since: float | None = None) -> list[dict]:
         return self._call(self.master.workers.remote(since))
@@ -193,6 +187,13 @@ def _fetch(settings: Settings, artifact: dict, dest: Path) -> None:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     ArtifactStore(settings.artifacts_url).fetch(artifact["digest"], dest)
+
+
+def _present(answer):
+    """The master's answer, or NotFound naming what is missing."""
+    if isinstance(answer, Missing):
+        raise NotFound(answer.detail)
+    return answer
 
 
 def _found(answer, what: str):

@@ -155,11 +155,10 @@ def _follow_to_end(runner: Runner, run_id: str, timeout: float | None) -> None:
 def _connected(url: str | None, address: str | None) -> Iterator[tuple[Runner, bool]]:
     """A runner: the API (--url), a cluster (--address or RAY_ADDRESS), else an embedded local
     Ray that ends with the command; and whether it is embedded."""
-    from cicd_ray import cluster
-
-    if url:
+    if url:  # no Ray imported for the API
         yield HttpRunner(url), False
         return
+    from cicd_ray import cluster
     from cicd_ray.backends import RayRunner
 
     settings = Settings.from_env()

@@ -339,12 +339,12 @@ class Execution:
             raise ArtifactError("this worker has no artifact store")
         for line in place_inputs(store, task.inputs, self.workspace) if store else ():
             self._log.add(line.encode())
+        env = step_env(task, self.workspace, self.root / "tmp", self.root / "home")
         for cache in task.step.cache:
             use = CacheUse(key=cache.key)
             try:
                 if self.config.caches is None:
                     raise ArtifactError("this worker has no artifact store")
-                env = step_env(task, self.workspace, self.root / "tmp", self.root / "home")
                 use = self.config.caches.restore(task.pipeline, cache, self.root, env)
             except Exception as e:  # a cache saves time; without it the step still runs
                 use.note = f"not restored: {e}"
