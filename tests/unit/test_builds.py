@@ -314,3 +314,17 @@ def test_a_hostile_cache_entry_lands_nothing_outside_the_attempt(tmp_path):
     assert list((tmp_path / "outside").iterdir()) == []
     assert not (root / "ws/dev").exists() and not (root / "elsewhere.txt").exists()
     assert os.readlink(root / "ws/.venv/bin/python") == "/usr/bin/python3"
+
+
+def test_a_rerun_of_a_run_still_going_is_refused_and_changes_nothing(settings):
+    from cicd_ray.protocol import Rejected
+
+    core, driver = make(settings)
+    going = submitted(core.submit({"name": "going", "steps": [{"name": "a", "run": "true"}]}))
+    before = [r.id for r in core.store.list_runs()]
+    answer = core.rerun(going, only_failed=True)
+    assert isinstance(answer, Rejected)
+    assert answer.problems == [f"run {going} is still queued: re-run it once it has ended (or "
+                               "cancel it)"]
+    assert [r.id for r in core.store.list_runs()] == before
+    driver.run_until_idle()
