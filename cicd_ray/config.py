@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +24,8 @@ from cicd_ray import auth, yamldoc
 from cicd_ray.errors import CicdError, IsolationError, SettingsError, SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
 from cicd_ray.source import SOURCE_LIMIT_BYTES
-from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME
+from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME, WEBHOOK_URL
+from cicd_ray.webhooks import parse_allow
 
 # Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
 LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -195,7 +197,13 @@ class Settings(BaseModel):
     # Digests of the API's tokens (CICD_RAY_TOKENS, CICD_RAY_TOKENS_FILE,
     # CICD_RAY_TOKEN_DIGESTS; see cicd_ray.auth): never the tokens themselves.
     token_digests: list[str] = Field(default_factory=list)
-    # Where the Python client finds the API, and the token it presents.
+    # Notifications: the key that signs them, the internal hosts or networks they may go to
+    # (cicd_ray.webhooks), and a webhook told of the failed runs of pipelines without `notify:`.
+    webhook_secret: str = Field("", repr=False)
+    webhook_allow: list[str] = Field(default_factory=list)
+    notify_webhook: str | None = None
+    # Where the Python client finds the API, and the token it presents (also the base of the
+    # links to a run's page in notifications).
     url: str | None = None
     token: str = Field("", repr=False)
 
@@ -231,7 +239,9 @@ class Settings(BaseModel):
         values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None,
                                      "artifacts": env.get("CICD_RAY_ARTIFACTS") or None,
                                      "url": env.get("CICD_RAY_URL") or None,
-                                     "token": env.get("CICD_RAY_TOKEN", "")}
+                                     "token": env.get("CICD_RAY_TOKEN", ""),
+                                     "webhook_secret": env.get("CICD_RAY_WEBHOOK_SECRET", ""),
+                                     "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None}
         if env.get("CICD_RAY_POOLS"):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
         try:
@@ -261,6 +271,13 @@ class Settings(BaseModel):
 def _structured(env: dict[str, str]) -> dict[str, object]:
     """The variables with a shape of their own: master resources (JSON), step users."""
     values: dict[str, object] = {}
+    try:
+        values["webhook_allow"] = parse_allow(env.get("CICD_RAY_WEBHOOK_ALLOW", ""))
+    except ValueError as e:
+        raise SettingsError([f"CICD_RAY_WEBHOOK_ALLOW: {e}"]) from None
+    url = env.get("CICD_RAY_NOTIFY_WEBHOOK")
+    if url and not re.match(WEBHOOK_URL, url):
+        raise SettingsError([f"CICD_RAY_NOTIFY_WEBHOOK: {quote(url)} is not an http(s) URL"])
     if env.get("CICD_RAY_MASTER_RESOURCES"):
         try:
             values["master_resources"] = json.loads(env["CICD_RAY_MASTER_RESOURCES"])

@@ -26,16 +26,20 @@ from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
 from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
-from cicd_ray.source import resolve as resolve_ref
+from cicd_ray.source import resolve_ref
 from cicd_ray.spec import (
+    ConcurrencySpec,
     GitSource,
     PipelineSpec,
     PlannedStep,
     check_env_overrides,
+    expanded,
     parse_pipeline,
     plan,
 )
+from cicd_ray.states import RunState
 from cicd_ray.store import Store
+from cicd_ray.webhooks import refused_targets
 
 RECENT_S = 600.0  # stopped workers shown for this long
 Clock = Callable[[], float]
@@ -56,6 +60,8 @@ class Planned:
     problems: list[str]
     request: str  # digest of the request, compared when an Idempotency-Key is repeated
     commit: str | None = None  # the SHA a git source's ref named at submission
+    branch: str = ""  # the branch that ref named, if it named one
+    concurrency: ConcurrencySpec | None = None  # the run's group, expanded from its env
 
 
 class MasterCore:
@@ -106,7 +112,9 @@ class MasterCore:
         run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
                         created_at=now, source_digest=source[0] if source else None,
                         source_git=None if source else git,
-                        commit=None if source else planned.commit)
+                        commit=None if source else planned.commit,
+                        branch="" if source else planned.branch,
+                        concurrency=planned.concurrency, notify=spec.notify)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
@@ -137,9 +145,10 @@ class MasterCore:
         again = failed_part(steps) if only_failed else {s.name for s in steps}
         carried = {s.name: s for s in steps if s.name not in again}
         now = self.clock()
-        run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=old.pipeline,
-                        created_at=now, source_digest=old.source_digest,
-                        source_git=old.source_git, commit=old.commit, rerun_of=old.id)
+        run = old.model_copy(update=dict(
+            id=new_run_id(now), seq=self.store.next_run_seq(), state=RunState.QUEUED,
+            created_at=now, started_at=None, finished_at=None, reason="",
+            cancel_requested=False, admitted=False, rerun_of=old.id))
         self.sched.submit(run, [s.spec for s in steps], now, carried)
         self.commit()
         return Submitted(run_id=run.id)
@@ -239,27 +248,31 @@ class MasterCore:
 
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
                     settings: Settings, request: str | None = None,
-                    resolve: Callable[[str, str], str] = resolve_ref) -> Planned:
+                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref) -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
-    git source is pinned to (`resolve` asks the repository: the one step that is not pure)."""
+    git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
+    one step that is not pure)."""
     request = request or request_digest(pipeline, env, source)
     try:
         spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
+        problems = check_env_overrides(env)
+        steps = plan(spec, env) if not problems else []
+        group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
     except SpecError as e:
         return Planned(None, [], e.problems, request)
-    problems = check_env_overrides(env)
-    steps = plan(spec, env) if not problems else []
     problems += check_fits(steps, settings.pools)
+    problems += [f"notify[{i}].webhook: {why}" for i, why in
+                 refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")
-    commit = None
+    commit, branch = None, ""
     if not problems and source is None and isinstance(spec.source, GitSource):
         try:
-            commit = resolve(spec.source.git, spec.source.ref)
+            commit, branch = resolve(spec.source.git, spec.source.ref)
         except SourceError as e:
             problems.append(f"source.ref: {e}")
-    return Planned(spec, steps, problems, request, commit)
+    return Planned(spec, steps, problems, request, commit, branch, group)
 
 
 def request_digest(pipeline: dict | str, env: dict[str, str] | None,

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from cicd_ray.spec import GitSource, PlannedStep
+from cicd_ray.spec import ConcurrencySpec, GitSource, NotifySpec, PlannedStep
 from cicd_ray.states import Kind, RunState, StepState, WorkerState
 
 
@@ -50,6 +50,15 @@ class Origin(BaseModel):
     attempt: int
 
 
+class Approval(BaseModel):
+    """Who released or rejected a step waiting for approval, when and why."""
+
+    decision: Literal["approved", "rejected"]
+    by: str
+    at: float
+    comment: str = ""
+
+
 class RunRecord(BaseModel):
     kind: ClassVar[Kind] = "run"
 
@@ -66,6 +75,16 @@ class RunRecord(BaseModel):
     commit: str | None = None  # the SHA source_git's ref named at submission, built by all steps
     cancel_requested: bool = False
     rerun_of: str | None = None  # the run this one re-runs (same pipeline, commit and inputs)
+    branch: str = ""  # the branch its git source named ("" for a snapshot or a commit)
+    event: str = "manual"  # what started it: manual (API, CLI, client)
+    concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
+    admitted: bool = False  # its concurrency group let it in (kept: the order survives restarts)
+    notify: list[NotifySpec] = Field(default_factory=list)
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """What `if:` conditions read as run.NAME."""
+        return {"branch": self.branch, "event": self.event, "pipeline": self.pipeline}
 
 
 class StepRecord(BaseModel):
@@ -90,6 +109,10 @@ class StepRecord(BaseModel):
     key_parts: dict[str, str] = Field(default_factory=dict)
     reused_from: Origin | None = None  # not run: a success with the same key was reused
     carried_from: Origin | None = None  # not run: carried over from the run re-run
+    skipped_by_condition: bool = False  # its `if:` was false (not a need that failed)
+    admitted: bool = False  # its concurrency group let it in
+    waiting_since: float | None = None  # when it began waiting for approval
+    approval: Approval | None = None
 
     @property
     def name(self) -> str:

@@ -71,17 +71,30 @@ ABBREVIATED = re.compile(r"^[0-9a-fA-F]{4,40}$")
 
 
 def resolve(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> str:
-    """The commit SHA `ref` names in `url` now: the run is pinned to it, so every step and
-    retry builds the same commit however the branch moves. A branch, tag or HEAD is looked up
-    with `git ls-remote` (no clone); an abbreviated or full SHA by fetching the history's
+    """The commit SHA `ref` names in `url` now (see `resolve_ref`)."""
+    return resolve_ref(url, ref, timeout_s)[0]
+
+
+def resolve_ref(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> tuple[str, str]:
+    """The commit SHA `ref` names in `url` now, and the branch it names ("" for a tag or a
+    commit; HEAD names the branch it points at). The run is pinned to that commit, so every
+    step and retry builds the same one however the branch moves. A branch, tag or HEAD is looked
+    up with `git ls-remote` (no clone); an abbreviated or full SHA by fetching the history's
     commits only (no trees, no files). Raises SourceError when it names no commit."""
-    listing = _git(["ls-remote", "--", url, ref, f"{ref}^{{}}"], url, ref, timeout_s)
-    found = dict(reversed(line.split("\t", 1)) for line in listing.splitlines() if "\t" in line)
+    listing = _git(["ls-remote", "--symref", "--", url, ref, f"{ref}^{{}}"], url, ref,
+                   timeout_s)
+    lines = [line.split("\t", 1) for line in listing.splitlines() if "\t" in line]
+    found = {name: value for value, name in lines if not value.startswith("ref: ")}
+    # With --symref, "ref: refs/heads/main<TAB>HEAD" says which branch HEAD is.
+    head = next((v for v, name in lines if name == "HEAD" and v.startswith("ref: ")), "")
     for name in ("HEAD", f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", ref):
         if name == "HEAD" and ref != "HEAD":
             continue
         if COMMIT.match(found.get(name, "")):
-            return found[name]
+            if name == "HEAD":
+                return found[name], head.removeprefix("ref: refs/heads/") \
+                    if head.startswith("ref: refs/heads/") else ""
+            return found[name], ref if name == f"refs/heads/{ref}" else ""
     if ABBREVIATED.match(ref):
         with tempfile.TemporaryDirectory(prefix="cicd-resolve-") as tmp:
             _git(["init", "--quiet", "--bare", tmp], url, ref, timeout_s)
@@ -90,7 +103,7 @@ def resolve(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> str:
             sha = _git(["-C", tmp, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
                        url, ref, timeout_s, check=False).strip()
             if COMMIT.match(sha):
-                return sha
+                return sha, ""
     raise SourceError(f"{ref!r} names no branch, tag or commit of {url}")
 
 

@@ -157,6 +157,45 @@ class CacheSpec(_Model):
     restore_keys: Annotated[list[CacheKey], Field(max_length=16)] = Field(default_factory=list)
 
 
+def _condition(text: str) -> str:
+    from cicd_ray.conditions import ConditionError, parse
+
+    try:
+        parse(text)  # the step's matrix keys are checked with the whole step (_conditions)
+    except ConditionError as e:
+        raise ValueError(f"{quote(brief(text))}: {e}") from None
+    return text
+
+
+GROUP = r"^[A-Za-z0-9._${}/:-]{1,200}$"  # `${NAME}` expands from the run's env at submission
+
+
+class ConcurrencySpec(_Model):
+    """At most `limit` runs (or steps) of a group active at once, cluster-wide."""
+
+    group: Annotated[str, StringConstraints(pattern=GROUP)]
+    limit: int = Field(1, ge=1, le=1000)
+    cancel_in_progress: bool = False
+
+
+class ApprovalSpec(_Model):
+    """A person releases (or rejects) the step before it goes on."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=500)] = "Approve?"
+
+
+NotifyWhen = Literal["failed", "succeeded", "cancelled"]
+WEBHOOK_URL = r"^https?://[^\s/?#]+(/[^\s]*)?$"
+
+
+class NotifySpec(_Model):
+    """Where to POST a signed JSON document when a run ends in one of the `when` states."""
+
+    webhook: Annotated[str, StringConstraints(pattern=WEBHOOK_URL, max_length=2048)]
+    when: Annotated[list[NotifyWhen], Field(min_length=1)] = Field(
+        default_factory=lambda: ["failed"])
+
+
 class DefaultsSpec(_Model):
     timeout: float = Field(600, gt=0, le=MAX_TIMEOUT_S)
     pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] = "default"
@@ -165,8 +204,11 @@ class DefaultsSpec(_Model):
 
 
 class StepSpec(_Model):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     name: Annotated[str, StringConstraints(pattern=STEP_NAME)]
-    run: Annotated[str, StringConstraints(min_length=1)]
+    # Required, unless the step is only an approval.
+    run: Annotated[str, StringConstraints(min_length=1)] | None = None
     needs: list[str] = Field(default_factory=list)
     matrix: dict[Annotated[str, StringConstraints(pattern=MATRIX_KEY)], MatrixValues] = Field(
         default_factory=dict)
@@ -176,15 +218,21 @@ class StepSpec(_Model):
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     retry: RetrySpec | None = None
     priority: int = Field(0, ge=-1000, le=1000)
-    # May run on a spot pool standing in for its own (cheaper, can be taken away); an infra
-    # failure there sends the retry to its own pool.
-    interruptible: bool = False
+    # True: may run on a spot pool standing in for its own (cheaper, can be taken away); an
+    # infra failure there sends the retry to its own pool. False, written out: a newer run of
+    # its concurrency group with cancel_in_progress lets it finish.
+    interruptible: bool | None = None
     # Files kept after success and handed to the steps that need this one (globs).
     artifacts: Annotated[list[WorkspacePath], Field(max_length=64)] = Field(
         default_factory=list)
     cache: Annotated[list[CacheSpec], Field(max_length=8)] = Field(default_factory=list)
     # Skip the step when a success with the same inputs exists (see cicd_ray.keys).
     reuse: bool = False
+    # Run only when this holds (cicd_ray.conditions); default: every need succeeded.
+    if_: Annotated[str, StringConstraints(max_length=1000), AfterValidator(_condition)] | None \
+        = Field(None, alias="if")
+    concurrency: ConcurrencySpec | None = None
+    approval: ApprovalSpec | None = None
 
 
 class PipelineSpec(_Model):
@@ -192,6 +240,8 @@ class PipelineSpec(_Model):
     source: str | GitSource | None = None
     env: Env = Field(default_factory=dict)
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    concurrency: ConcurrencySpec | None = None
+    notify: Annotated[list[NotifySpec], Field(max_length=16)] = Field(default_factory=list)
     steps: Annotated[list[StepSpec], Field(min_length=1)]
 
 
@@ -201,7 +251,7 @@ class PlannedStep(BaseModel):
     name: str
     base: str
     index: int
-    run: str
+    run: str | None
     needs: list[str]
     matrix: dict[str, str]
     env: dict[str, str]
@@ -217,6 +267,10 @@ class PlannedStep(BaseModel):
     artifacts: list[str] = Field(default_factory=list)
     cache: list[CacheSpec] = Field(default_factory=list)
     reuse: bool = False
+    condition: str = ""  # `if:`; "" is success()
+    concurrency: ConcurrencySpec | None = None  # its group expanded from the step's env
+    approval: ApprovalSpec | None = None
+    let_finish: bool = False  # `interruptible: false` written out: cancel_in_progress spares it
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -292,6 +346,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def keys_of(model: type[BaseModel]) -> list[str]:
+    """The keys a model accepts, as written in YAML (`if`, not `if_`)."""
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
@@ -319,7 +378,7 @@ def _describe(error: ValidationError, doc: dict[str, Any]) -> list[str]:
         kind = err["type"]
         if kind == "extra_forbidden":
             model = _model_at(loc)
-            allowed = ", ".join(model.model_fields) if model else "see docs/pipelines.md"
+            allowed = ", ".join(keys_of(model)) if model else "see docs/pipelines.md"
             problems.append(f"{where}: unknown key; allowed keys are: {allowed}")
         elif kind == "missing":
             problems.append(f"{where}: required field is missing")
@@ -346,7 +405,8 @@ def check_graph(spec: PipelineSpec) -> list[str]:
     variants, and a run's needs grow with the product of its matrices.
     """
     counts = {step.name: _variant_count(step) for step in spec.steps}
-    problems = _duplicates(spec) + _reserved_env(spec) + _matrix_sizes(spec, counts)
+    problems = (_duplicates(spec) + _reserved_env(spec) + _matrix_sizes(spec, counts)
+                + _controls(spec))
     if problems:
         return problems  # too big to expand, or names that are not unique
     problems = _check_sizes(spec, counts) or _unknown_needs(spec)
@@ -373,6 +433,57 @@ def _reserved_env(spec: PipelineSpec) -> list[str]:
     return [f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved for "
             "cicd-ray; rename it"
             for where, env in places for key in env if key.startswith(RESERVED_ENV_PREFIX)]
+
+
+def _controls(spec: PipelineSpec) -> list[str]:
+    """Per step: something to do, a condition over its own matrix keys, group names that
+    expand."""
+    from cicd_ray.conditions import ConditionError, parse
+
+    problems = []
+    groups = [("concurrency.group", spec.concurrency)]
+    for i, step in enumerate(spec.steps):
+        where = f"steps[{i}] ({step.name})"
+        if step.run is None and step.approval is None:
+            problems.append(f"{where}: needs `run` (a script), `approval`, or both")
+        if step.if_ is not None:
+            try:
+                parse(step.if_, frozenset(step.matrix))
+            except ConditionError as e:
+                problems.append(f"{where}.if: {quote(brief(step.if_))}: {e}")
+        groups.append((f"{where}.concurrency.group", step.concurrency))
+    for where, concurrency in groups:
+        if concurrency is not None:
+            problems += [f"{where}: {p}" for p in _template_problems(concurrency.group)]
+    return problems
+
+
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _template_problems(template: str) -> list[str]:
+    rest = _VARIABLE.sub("", template)
+    problems = [f"${{{name}}} is not a variable name" for name in _VARIABLE.findall(template)
+                if not re.match(ENV_NAME, name)]
+    if "$" in rest or "{" in rest or "}" in rest:
+        problems.append(f"{quote(template)}: write a variable as ${{NAME}}")
+    return problems
+
+
+def expand(template: str, env: dict[str, str], where: str) -> str:
+    """`${NAME}` replaced from `env`; a name it does not set is a SpecError naming it."""
+    missing = [name for name in _VARIABLE.findall(template) if name not in env]
+    if missing:
+        raise SpecError([f"{where}: ${{{missing[0]}}} is not set in the run's env; set it in "
+                         "the pipeline's env or when submitting"])
+    return _VARIABLE.sub(lambda m: env[m.group(1)], template)
+
+
+def expanded(concurrency: ConcurrencySpec | None, env: dict[str, str],
+             where: str) -> ConcurrencySpec | None:
+    if concurrency is None:
+        return None
+    return concurrency.model_copy(update={"group": expand(concurrency.group, env, where)})
 
 
 def _matrix_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
@@ -469,7 +580,8 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
     """Expand matrices and apply defaults; the result is in file order, variants in order.
 
     Submission-time `env_overrides` win over the pipeline's and the steps' env: they are what
-    the person submitting asked for explicitly.
+    the person submitting asked for explicitly. A concurrency group naming a variable the env
+    does not set is a SpecError.
     """
     variants_of = {s.name: [full for full, _ in _variants(s)] for s in spec.steps}
     planned: list[PlannedStep] = []
@@ -485,12 +597,15 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
         for full, values in _variants(step):
             env = {**spec.env, **step.env, **(env_overrides or {})}
             env.update({f"MATRIX_{k.upper()}": v for k, v in values.items()})
+            group = expanded(step.concurrency, env, f"steps[{step.name}].concurrency.group")
             planned.append(PlannedStep(
                 name=full, base=step.name, index=len(planned), run=step.run, needs=needs,
                 matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
                 memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
                 retry_max=retry.max, retry_on=list(retry.on), retry_infra=retry.infra,
-                priority=step.priority, interruptible=step.interruptible,
+                priority=step.priority, interruptible=bool(step.interruptible),
                 artifacts=step.artifacts, cache=step.cache, reuse=step.reuse,
+                condition=step.if_ or "", concurrency=group, approval=step.approval,
+                let_finish=step.interruptible is False,
             ))
     return planned

@@ -16,6 +16,7 @@ Kind = Literal["run", "step", "attempt", "worker"]
 
 class StepState(str, Enum):
     QUEUED = "queued"
+    WAITING_APPROVAL = "waiting_approval"  # an `approval:` step, using no worker
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -60,7 +61,10 @@ MOVES: dict[Kind, dict[Enum, frozenset[Enum]]] = {
         _R.RUNNING: frozenset({_R.SUCCEEDED, _R.FAILED, _R.CANCELLED}),
     },
     "step": {
-        _S.QUEUED: frozenset({_S.RUNNING, _S.CANCELLED, _S.SKIPPED}),
+        _S.QUEUED: frozenset({_S.RUNNING, _S.CANCELLED, _S.SKIPPED, _S.WAITING_APPROVAL}),
+        # Released with a script to run (QUEUED) or without one (SUCCEEDED); rejected or not
+        # answered in time (FAILED); its run cancelled.
+        _S.WAITING_APPROVAL: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
         # RUNNING -> QUEUED is a retry: the attempt ended and another one will be made.
         _S.RUNNING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT,
                                _S.CANCELLED}),

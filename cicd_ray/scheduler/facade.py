@@ -24,6 +24,7 @@ from cicd_ray.records import (
 from cicd_ray.retries import Cause, Verdict, verdict
 from cicd_ray.scheduler.builds import carry, inputs_of, reused
 from cicd_ray.scheduler.decisions import Decisions, Kill
+from cicd_ray.scheduler.flow import Flow
 from cicd_ray.scheduler.lookahead import upcoming, workers_wanted
 from cicd_ray.scheduler.queues import ReadyQueues
 from cicd_ray.scheduler.runbook import RunBook
@@ -41,10 +42,12 @@ class Scheduler:
         self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
         self.artifact_run_max_bytes = artifact_run_max_bytes
         self._out = Decisions()
-        self.book = RunBook(self._out)
+        self.book = RunBook(self._out, ended=lambda record: self.flow.ended(record))
+        self.flow = Flow(self.book, self._out, self._replace)
         self.queues = ReadyQueues(pools, self.book.step)
         self.slots = Slots(pools, heartbeat_timeout_s, self._out)
         self.attempts: dict[str, AttemptRecord] = {}  # running, by id
+        self._stopping: set[str] = set()  # attempts killed by a cancel: they end cancelled
         self._seq = 0
 
     @property
@@ -77,38 +80,96 @@ class Scheduler:
         self._out.record(run)
         for s in steps:
             self._out.record(s)
-        self._ready(run, [s for s in steps if s.state is StepState.QUEUED
-                          and not self.book.unmet(run.id, s.name)], now)
+        if self.flow.admit_run(run, fresh=True, now=now):
+            self._start_run(run, now)
         self.book.finish_run_if_done(run.id, now)  # every step carried over
 
-    def cancel(self, run_id: str, now: float) -> RunRecord | None:
-        """Cancel a run: queued steps at once, running steps once their worker kills them."""
+    def _start_run(self, run: RunRecord, now: float) -> None:
+        """Take up the steps of a run (admitted by its concurrency group) whose needs ended."""
+        self._ready(run, [s for s in self.steps[run.id].values() if s.state is StepState.QUEUED
+                          and not self.book.unmet(run.id, s.name)], now)
+
+    def cancel(self, run_id: str, now: float, reason: str = "cancelled by request",
+               spare: bool = False) -> RunRecord | None:
+        """Cancel a run: its queued and waiting steps at once (but those whose `if:` still
+        holds, such as `always()`), its running steps once their worker kills them (`spare`:
+        not those marked `interruptible: false`)."""
         run = self.runs.get(run_id)
         if run is None or run.state.terminal or run.cancel_requested:
             return run
         run.cancel_requested = True
-        run.reason = "cancelled by request"
+        run.reason = reason
         self._out.record(run)
-        for step in self.steps[run_id].values():
-            if step.state is StepState.QUEUED:
+        for step in list(self.steps[run_id].values()):
+            if step.state is StepState.WAITING_APPROVAL or (
+                    step.state is StepState.QUEUED and not self.flow.still_wanted(step)):
                 self._finish(step, StepState.CANCELLED, now, reason="run cancelled")
-            elif step.state is StepState.RUNNING and step.current_attempt:
-                self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
+            elif step.state is StepState.RUNNING and not (spare and step.spec.let_finish):
+                self._stop(step)
         self.book.finish_run_if_done(run_id, now)
         return run
+
+    def _stop(self, step: StepRecord) -> None:
+        if step.current_attempt:
+            self._stopping.add(step.current_attempt)
+            self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
+
+    def _replace(self, member: str, reason: str, now: float) -> None:
+        """A newer member of a concurrency group with cancel_in_progress replaces this one."""
+        run_id, _, name = member.partition("/")
+        if not name:
+            self.cancel(run_id, now, reason=reason, spare=True)
+            return
+        step = self.book.step(run_id, name)
+        if step is None or step.state.terminal:
+            return
+        if step.state is StepState.RUNNING:
+            if not step.spec.let_finish:
+                self._stop(step)
+            return
+        self._finish(step, StepState.CANCELLED, now, reason=reason)
+        self.book.finish_run_if_done(run_id, now)
+
+    def approve(self, run_id: str, name: str, approved: bool, by: str, comment: str,
+                now: float) -> str | None:
+        """Answer a step waiting for approval; a problem (as text) when it is not waiting."""
+        step = self.book.step(run_id, name)
+        if step is None or step.state is not StepState.WAITING_APPROVAL:
+            state = step.state.value if step else "not active"
+            return f"step {name} of run {run_id} is not waiting for approval (it is {state})"
+        state, why = self.flow.answer(step, approved, by, comment, now)
+        if state is StepState.QUEUED:
+            move(step, StepState.QUEUED)
+            step.reason = why
+            self._out.record(step)
+            self._ready(self.runs[run_id], [step], now)
+        else:
+            self._finish(step, state, now, reason=why)
+            self.book.finish_run_if_done(run_id, now)
+        return None
 
     def _finish(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
         run = self.runs[step.run_id]
         self._ready(run, self.book.finish_step(step, state, now, reason), now)
 
     def _ready(self, run: RunRecord, ready: list[StepRecord], now: float) -> None:
-        """Steps whose needs are met: each gets its key; one that may reuse a stored success
-        with that key takes it (and its dependents come next), the others are queued. A
-        worklist: a chain of reused steps must not exhaust the stack."""
+        """Steps whose needs have ended: each passes its condition, approval and concurrency
+        group (`Flow.gate`), then gets its key; one that may reuse a stored success with that
+        key takes it (and its dependents come next), the others are queued. A worklist: a
+        chain of reused or skipped steps must not exhaust the stack."""
         todo = deque(ready)
-        reused = False
+        ended = False
         while todo:
             step = todo.popleft()
+            if step.state is not StepState.QUEUED:
+                continue  # ended meanwhile (a group's newer member replaced it)
+            gate = self.flow.gate(run, step, now)
+            if gate.skip is not None:
+                todo.extend(self.book.finish_step(step, gate.skip, now, gate.reason))
+                ended = True
+                continue
+            if not gate.go:
+                continue
             step.key_parts = key_parts(step.spec, run, inputs_of(step, self.steps[run.id]))
             step.key = key_of(step.key_parts)
             self._out.record(step)
@@ -117,8 +178,8 @@ class Scheduler:
                 self.queues.push(run, step, now)
             else:
                 todo.extend(self._reuse(run, step, found, now))
-                reused = True
-        if reused:
+                ended = True
+        if ended:
             self.book.finish_run_if_done(run.id, now)
 
     def _reuse(self, run: RunRecord, step: StepRecord, found: ResultRecord,
@@ -210,15 +271,19 @@ class Scheduler:
         if infra and pool is not None and pool.spot:
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
         run = self.runs[attempt.run_id]
-        if state not in (StepState.SUCCEEDED, StepState.CANCELLED) and not run.cancel_requested:
+        stopped = attempt.id in self._stopping  # killed by a cancel
+        self._stopping.discard(attempt.id)
+        if state not in (StepState.SUCCEEDED, StepState.CANCELLED) and not stopped \
+                and not run.cancel_requested:
             cause: Cause = "infra" if infra else (
                 "timeout" if state is StepState.TIMED_OUT else "failure")
             again = verdict(step.spec, cause, step.attempts, step.infra_retries)
             if again.retry:
                 self._requeue(step, attempt, again, reason, now)
                 return
-        final = StepState.CANCELLED if run.cancel_requested and state is not \
-            StepState.SUCCEEDED else state
+        final = StepState.CANCELLED if stopped and state is not StepState.SUCCEEDED else state
+        if stopped and step.reason.startswith("cancelled: "):
+            reason = step.reason  # replaced by a newer run of its concurrency group
         self._finish(step, final, now, reason=reason)
         self.book.finish_run_if_done(run.id, now)
 
@@ -234,7 +299,9 @@ class Scheduler:
     # --- the periodic decision ----------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Notice silent workers, keep pools at size, and place ready steps on free slots."""
+        """Take up what concurrency groups let in and the approvals that ran out, notice silent
+        workers, keep pools at size, and place ready steps on free slots."""
+        self._flow_tick(now)
         for worker_id, silent_s in self.slots.silent(now):
             self.worker_lost(worker_id, f"no heartbeat for {silent_s:.0f} s", now)
         self.slots.size(self._queued_cpu(), now)
@@ -246,6 +313,27 @@ class Scheduler:
                     pool, lambda s, ws=workers: self.slots.least_loaded(ws, s.spec),
                     lambda ws=workers: self.slots.any_room(ws)):
                 self._start_attempt(step, worker, now)
+
+    def _flow_tick(self, now: float) -> None:
+        for run_id, name in self.flow.overdue(now):
+            step = self.book.step(run_id, name)
+            timeout = f"no answer within {step.spec.timeout_s:g} s" if step else ""
+            self.approve(run_id, name, False, "(timeout)", timeout, now)
+        for member in self.flow.take_admitted():
+            run_id, _, name = member.partition("/")
+            run = self.runs.get(run_id)
+            if run is None or run.state.terminal:
+                continue
+            if not name:
+                run.admitted, run.reason = True, ""
+                self._out.record(run)
+                self._start_run(run, now)
+                continue
+            step = self.book.step(run_id, name)
+            if step is not None and step.state is StepState.QUEUED:
+                step.admitted, step.reason = True, ""
+                self._ready(run, [step], now)
+        self.flow.refresh()
 
     def _queued_cpu(self) -> dict[str, list[float]]:
         """Per pool, the CPUs of each step ready and waiting in it."""
@@ -268,6 +356,7 @@ class Scheduler:
         for s in steps:
             by_run.setdefault(s.run_id, []).append(s)
         self.slots.restore(workers, now)
+        self.flow.restore_places(runs, steps)
         for run in sorted(runs, key=lambda r: r.seq):
             self._seq = max(self._seq, run.seq)
             run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
@@ -280,9 +369,13 @@ class Scheduler:
     def _restore_run(self, run: RunRecord, run_steps: list[StepRecord],
                      stored: dict[str, AttemptRecord], now: float) -> None:
         self.book.adopt(run, run_steps)
+        if not self.flow.admit_run(run, fresh=False, now=now):
+            return  # waits its turn in its concurrency group, in the order stored
         for s in run_steps:
             if s.state is StepState.RUNNING and s.current_attempt:
                 self._readopt_attempt(s, now, stored.get(s.current_attempt))
+            elif s.state is StepState.WAITING_APPROVAL:
+                self.flow.gate(run, s, now)
             elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
                 self._ready(run, [s], now)
         self.book.finish_run_if_done(run.id, now)

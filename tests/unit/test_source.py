@@ -192,3 +192,15 @@ def test_resolve_pins_a_branch_a_tag_head_or_a_sha_to_its_commit(tmp_path):
     for missing in ("no-such-branch", "abcdef1"):
         with pytest.raises(SourceError, match=f"'{missing}' names no branch, tag or commit"):
             resolve(url, missing)
+
+
+def test_resolve_ref_names_the_branch_a_ref_names_and_no_other(tmp_path):
+    """What `if: run.branch == 'main'` reads: a branch, or the branch HEAD points at; a tag or
+    a commit names none."""
+    from cicd_ray.source import resolve_ref
+
+    url = make_repo(tmp_path)
+    main = resolve_ref(url, "main")
+    assert main[1] == "main" and resolve_ref(url, "HEAD") == main
+    assert resolve_ref(url, "v1")[1] == ""
+    assert resolve_ref(url, main[0]) == (main[0], "")

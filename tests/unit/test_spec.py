@@ -91,7 +91,8 @@ def test_env_overrides_win_and_are_checked():
      "steps[0] (-a).name: '-a' does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "tiemout": 5}]},
      "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
-     "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse"),
+     "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse, if, "
+        "concurrency, approval"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "artifacts": ["../etc/passwd"]}]},
      "steps[0] (a).artifacts[0]: '../etc/passwd' must be a relative path inside the "
      "workspace (no leading /, no ..)"),
@@ -110,7 +111,8 @@ def test_env_overrides_win_and_are_checked():
      "steps[0] (a).cache[0].paths: List should have at least 1 item after validation, not 0, "
      "got []"),
     ({"name": "k", "stages": [], "steps": [{"name": "a", "run": "x"}]},
-     "stages: unknown key; allowed keys are: name, source, env, defaults, steps"),
+     "stages: unknown key; allowed keys are: name, source, env, defaults, concurrency, notify, "
+     "steps"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "retry": {"max": 1, "when": "x"}}]},
      "steps[0] (a).retry.when: unknown key; allowed keys are: max, on, infra"),
     ({"name": "t", "steps": [{"name": "a", "run": "x", "timeout": "soon"}]},
@@ -122,7 +124,8 @@ def test_env_overrides_win_and_are_checked():
      "steps[0] (a).retry.on[0]: Input should be 'infra', 'failure' or 'timeout', got 'oops'"),
     ({"name": "e", "steps": []}, "steps: must list at least one step"),
     ({"name": "e"}, "steps: required field is missing"),
-    ({"name": "r", "steps": [{"name": "a"}]}, "steps[0] (a).run: required field is missing"),
+    ({"name": "r", "steps": [{"name": "a"}]},
+     "steps[0] (a): needs `run` (a script), `approval`, or both"),
     ({"name": "v", "env": {"CICD_RUN_ID": "x"}, "steps": [{"name": "a", "run": "x"}]},
      "env.CICD_RUN_ID: names starting with CICD_ are reserved for cicd-ray; rename it"),
     ("- just\n- a list\n",

@@ -21,6 +21,10 @@ S, R = StepState, RunState
 # move added or dropped there fails this table.
 ALLOWED = [  # a list: a set would merge (S.QUEUED, S.RUNNING) and (R.QUEUED, R.RUNNING)
     (S.QUEUED, S.RUNNING), (S.QUEUED, S.CANCELLED), (S.QUEUED, S.SKIPPED),
+    (S.QUEUED, S.WAITING_APPROVAL),
+    (S.WAITING_APPROVAL, S.QUEUED),  # approved, with a script to run
+    (S.WAITING_APPROVAL, S.SUCCEEDED), (S.WAITING_APPROVAL, S.FAILED),
+    (S.WAITING_APPROVAL, S.CANCELLED),
     (S.RUNNING, S.QUEUED),  # a retry
     (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.TIMED_OUT),
     (S.RUNNING, S.CANCELLED),
