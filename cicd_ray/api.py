@@ -36,6 +36,7 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError, StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.explain import explain_answer
+from cicd_ray.flowroutes import flow_routes
 from cicd_ray.gate import BodyLimit, Guard
 from cicd_ray.names import API, MASTER_NAME, NAMESPACE, RUN_ID
 from cicd_ray.protocol import (
@@ -169,6 +170,7 @@ def create_app(token_digests: list[str] | None = None, max_body_bytes: int | Non
     app.include_router(_log_routes(reads), dependencies=guarded)
     app.include_router(_cluster_routes(master), dependencies=guarded)
     app.include_router(build_routes(master, reads), dependencies=guarded)
+    app.include_router(flow_routes(master), dependencies=guarded)
     return app
 
 

@@ -44,6 +44,9 @@ class Runner(Reader, Protocol):
     def rerun(self, run_id: str, only_failed: bool) -> str:
         """The new run's id."""
 
+    def approve(self, run_id: str, step: str, approved: bool, by: str, comment: str) -> str:
+        """Answer a step waiting for approval; its new state."""
+
     def wait(self, run_id: str, after: str | None, timeout_s: float,
              until_end: bool = False) -> RunChange:
         """The master's long poll (see cicd_ray.follow)."""
@@ -124,6 +127,13 @@ class RayRunner:
             raise CicdError("; ".join(answer.problems))
         return answer.run_id
 
+    def approve(self, run_id: str, step: str, approved: bool, by: str, comment: str) -> str:
+        answer = _present(self._call(self.master.approve.remote(run_id, step, approved, by,
+                                                                comment)))
+        if isinstance(answer, Rejected):
+            raise CicdError("; ".join(answer.problems))
+        return answer
+
     def explain(self, run_id: str, step: str) -> Explanation:
         return _present(self._call(self.master.explain.remote(run_id, step)))
 
@@ -164,6 +174,9 @@ class HttpRunner:
 
     def rerun(self, run_id: str, only_failed: bool) -> str:
         return self.client.rerun(run_id, only_failed).id
+
+    def approve(self, run_id: str, step: str, approved: bool, by: str, comment: str) -> str:
+        return self.client.approve(run_id, step, approved, by, comment)["state"]
 
     def explain(self, run_id: str, step: str) -> Explanation:
         return Explanation.model_validate(self.client.explain(run_id, step))

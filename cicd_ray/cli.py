@@ -36,7 +36,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 LOG_TAIL_LINES = 20
 STATE_STYLE = {
     "queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red",
-    "timed_out": "red", "cancelled": "yellow", "skipped": "dim",
+    "timed_out": "red", "cancelled": "yellow", "skipped": "dim", "waiting_approval": "magenta",
 }
 
 URL = typer.Option(None, "--url", envvar="CICD_RAY_URL",
@@ -287,8 +287,9 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
         out.print(f"a re-run of run {run.rerun_of}")
     out.print(_steps_table(view))
     from cicd_ray.buildcli import build_notes
+    from cicd_ray.flowcli import flow_notes
 
-    for line in build_notes(view):
+    for line in build_notes(view) + flow_notes(view):
         out.print(escape(line))
     shared = sorted({a.runs_as for a in view.attempts if "worker's user" in a.runs_as})
     if shared:
@@ -584,7 +585,7 @@ def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
 
 # The commands of builds (artifacts, explain, rerun) live in their own module; importing it
 # adds them to `app`.
-from cicd_ray import buildcli  # noqa: E402,F401
+from cicd_ray import buildcli, flowcli  # noqa: E402,F401
 
 
 def main() -> None:

@@ -177,6 +177,12 @@ class Client:
                                json={"only_failed": only_failed}).json()
         return self.run(answer["run_id"])
 
+    def approve(self, run_id: str, step: str, approved: bool = True, by: str = "anonymous",
+                comment: str = "") -> dict:
+        """Release (or reject) a step waiting for approval: {run_id, step, state, decision}."""
+        return self._request("POST", f"{API}/runs/{run_id}/steps/{step}/approve",
+                             json={"reject": not approved, "by": by, "comment": comment}).json()
+
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""
         params = {"follow": "true", **({"attempt": attempt} if attempt else {})}

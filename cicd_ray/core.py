@@ -22,8 +22,16 @@ from typing import Protocol
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
-from cicd_ray.protocol import Conflict, Rejected, Reply, Submitted
-from cicd_ray.records import Changes, KeyRecord, RunRecord, StepOutcome, WorkerRecord
+from cicd_ray.outbox import Outbox
+from cicd_ray.protocol import Conflict, Missing, Rejected, Reply, Submitted
+from cicd_ray.records import (
+    Changes,
+    DeliveryRecord,
+    KeyRecord,
+    RunRecord,
+    StepOutcome,
+    WorkerRecord,
+)
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.source import resolve_ref
@@ -75,6 +83,7 @@ class MasterCore:
                                lookahead=settings.lookahead,
                                artifact_run_max_bytes=settings.artifact_run_max_bytes,
                                results=store.get_result)
+        self.outbox = Outbox(store, settings)
         self.events = EventLog(self.started_at)
         self.observers: list[Observer] = [self.events, *(observers or [])]
         self._effects = Effects()
@@ -162,6 +171,40 @@ class MasterCore:
         self.commit()
         return run.state.value
 
+    def approve(self, run_id: str, step: str, approved: bool, by: str,
+                comment: str = "") -> str | Rejected | Missing:
+        """Answer a step waiting for approval: the step's new state, Rejected when it is not
+        waiting, Missing for an unknown run or step."""
+        run = self.sched.runs.get(run_id)
+        if run is None:
+            stored = self.store.get_run(run_id)
+            if stored is None:
+                return Missing(detail=f"run {run_id!r} not found")
+            return Rejected(problems=[f"run {run_id} has ended ({stored.state.value}): "
+                                      "nothing of it waits for approval"])
+        if step not in self.sched.steps[run_id]:
+            return Missing(detail=f"run {run_id} has no step {step!r}")
+        problem = self.sched.approve(run_id, step, approved, by, comment, self.clock())
+        if problem:
+            return Rejected(problems=[problem])
+        self.commit()
+        record = self.sched.book.step(run_id, step) or next(
+            s for s in self.store.get_steps(run_id) if s.name == step)  # its run has ended
+        return record.state.value
+
+    # --- notifications -------------------------------------------------------------------------
+
+    def due_deliveries(self) -> list[DeliveryRecord]:
+        """Notifications to try now, marked `sending` in the store first."""
+        return self.outbox.take_due(self.clock())
+
+    def delivery_body(self, delivery: DeliveryRecord) -> bytes:
+        return self.outbox.body(delivery)
+
+    def delivery_done(self, delivery_id: str, status: int | None, error: str = "",
+                      final: bool = False) -> None:
+        self.outbox.settle(delivery_id, status, error, self.clock(), final)
+
     # --- workers -------------------------------------------------------------------------------
 
     def register(self, record: WorkerRecord, running: list[str] | None = None,
@@ -202,6 +245,8 @@ class MasterCore:
         decisions = self.sched.take()
         changes = decisions.changes
         changes.idempotency.update(idempotency or {})
+        if decisions.ended_runs:  # their notifications are recorded with their end
+            self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
         if changes:
             t0 = time.perf_counter()
             self.store.save(changes)
@@ -242,6 +287,7 @@ class MasterCore:
         running = {s.run_id for s in steps if s.current_attempt}
         attempts = [a for run_id in running for a in self.store.get_attempts(run_id)]
         self.sched.restore(runs, steps, self.store.list_workers(), self.clock(), attempts)
+        self.outbox.recover(self.clock())
         self.commit()
         return len(runs)
 

@@ -25,12 +25,21 @@ from cicd_ray.events import parse_position
 from cicd_ray.explain import Explanation, explain_answer
 from cicd_ray.metrics import Metrics
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
-from cicd_ray.protocol import RUN_WAIT_S, LogSlice, Missing, Reply, RunChange, RunView
-from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
+from cicd_ray.protocol import (
+    RUN_WAIT_S,
+    LogSlice,
+    Missing,
+    Rejected,
+    Reply,
+    RunChange,
+    RunView,
+)
+from cicd_ray.records import DeliveryRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
 from cicd_ray.scheduler import Effects
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import log_answer, open_store, run_view, runs_page
+from cicd_ray.webhooks import TargetRefused, send
 from cicd_ray.worker import start_worker, worker_bundle
 
 log = logging.getLogger(__name__)
@@ -65,6 +74,7 @@ class Master:
         self._requested: list[dict[str, float]] = []
         self._surveyed_at = 0.0
         self._collecting = False
+        self._delivering = False
         self.core = MasterCore(settings, open_store(settings.store_url), observers=[self.metrics])
         self.core.events.on_new = self._news.fire
         self.actors = WorkerActors(settings, self.core, self._guarded, self._wake)
@@ -108,6 +118,13 @@ class Master:
         """A new run of a finished one (of its failed part, with `only_failed`); None for an
         unknown run."""
         answer = self._guarded(self.core.rerun, run_id, only_failed)
+        self._wake.set()
+        return answer
+
+    async def approve(self, run_id: str, step: str, approved: bool, by: str,
+                      comment: str = "") -> str | Rejected | Missing:
+        """Release or reject a step waiting for approval (see MasterCore.approve)."""
+        answer = self._guarded(self.core.approve, run_id, step, approved, by, comment)
         self._wake.set()
         return answer
 
@@ -217,6 +234,11 @@ class Master:
 
     def _tick(self) -> None:
         self.core.tick()
+        if not self._delivering:
+            due = self.core.due_deliveries()
+            if due:
+                self._delivering = True
+                asyncio.get_running_loop().create_task(self._deliver(due))
         now = self.core.clock()
         # The loop ticks on every outcome; the gauges and the look-ahead scan the queue, so
         # they are refreshed at most once per TICK_INTERVAL_S rather than per outcome.
@@ -246,6 +268,26 @@ class Master:
             log.warning("retention pass failed: %s", e)
         finally:
             self._collecting = False
+
+    async def _deliver(self, due: list[DeliveryRecord]) -> None:
+        """Try the notifications due, each in a thread (a slow receiver holds up no other)."""
+        try:
+            await asyncio.gather(*(self._deliver_one(d) for d in due))
+        finally:
+            self._delivering = False
+
+    async def _deliver_one(self, d: DeliveryRecord) -> None:
+        try:
+            body = await asyncio.to_thread(self.core.delivery_body, d)
+            status = await asyncio.to_thread(send, d.url, body, self.settings.webhook_secret,
+                                             d.id, self.settings.webhook_allow)
+        except TargetRefused as e:
+            self._guarded(self.core.delivery_done, d.id, None, str(e), True)
+        except Exception as e:  # no answer: tried again later, within the delivery window
+            self._guarded(self.core.delivery_done, d.id, None, f"{type(e).__name__}: {e}")
+        else:
+            self._guarded(self.core.delivery_done, d.id, status,
+                          "" if 200 <= status < 300 else f"HTTP {status}")
 
     def _look_ahead(self) -> None:
         """Ask the autoscaler for the workers the next steps will need (a standing request,

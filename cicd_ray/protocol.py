@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from cicd_ray.records import AttemptRecord, RunRecord, StepRecord
+from cicd_ray.records import AttemptRecord, DeliveryRecord, RunRecord, StepRecord
 
 # How often a follower of a step's log asks for more (logs have no long poll).
 LOG_POLL_S = 0.25
@@ -65,6 +65,7 @@ class RunView(BaseModel):
     run: RunRecord
     steps: list[StepRecord]
     attempts: list[AttemptRecord]
+    deliveries: list[DeliveryRecord] = Field(default_factory=list)  # its notifications
 
     def attempts_of(self, step: str) -> list[AttemptRecord]:
         return [a for a in self.attempts if a.step == step]

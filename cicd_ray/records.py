@@ -194,6 +194,27 @@ class ResultRecord(BaseModel):
     at: float = 0.0
 
 
+DeliveryState = Literal["pending", "sending", "delivered", "failed", "interrupted"]
+OPEN_DELIVERY = ("pending", "sending")
+
+
+class DeliveryRecord(BaseModel):
+    """One notification of a run's end to one webhook: recorded with the run's end, marked
+    `sending` before each try, so it is made at most once across master restarts (a try a
+    restart interrupted is `interrupted`, not made again)."""
+
+    id: str  # "<run id>/<index of the target>"
+    run_id: str
+    url: str
+    state: DeliveryState = "pending"
+    created_at: float
+    next_at: float
+    attempts: int = 0
+    status_code: int | None = None
+    error: str = ""
+    finished_at: float | None = None
+
+
 class Changes(BaseModel):
     """A batch of records to write together, in one transaction, before acting on any of them."""
 
@@ -204,6 +225,7 @@ class Changes(BaseModel):
     logs: list[tuple[str, int, bytes]] = Field(default_factory=list)  # (attempt id, seq, data)
     idempotency: dict[str, KeyRecord] = Field(default_factory=dict)  # by Idempotency-Key
     results: dict[str, ResultRecord] = Field(default_factory=dict)  # by step key
+    deliveries: dict[str, DeliveryRecord] = Field(default_factory=dict)  # by id
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -218,7 +240,7 @@ class Changes(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
-                    or self.idempotency or self.results)
+                    or self.idempotency or self.results or self.deliveries)
 
 
 class StepTask(BaseModel):

@@ -47,6 +47,7 @@ class Decisions(Effects):
     """The effects, with the records to write before any of them is carried out."""
 
     changes: Changes = field(default_factory=Changes)
+    ended_runs: list[RunRecord] = field(default_factory=list)  # runs that ended in this batch
 
     def __bool__(self) -> bool:
         return bool(self.changes) or super().__bool__()
@@ -59,8 +60,8 @@ class Decisions(Effects):
 
     def drain(self) -> Decisions:
         """What was collected so far, leaving this batch empty (the parts keep writing to it)."""
-        out = Decisions(changes=self.changes)
+        out = Decisions(changes=self.changes, ended_runs=self.ended_runs)
         out.extend(self)
-        self.changes = Changes()
+        self.changes, self.ended_runs = Changes(), []
         self.start_workers, self.stop_workers, self.dispatch, self.kill = [], [], [], []
         return out

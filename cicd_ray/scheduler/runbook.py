@@ -144,6 +144,7 @@ class RunBook:
         move(run, state)
         run.finished_at = now
         self.out.record(run)
+        self.out.ended_runs.append(run)
         self._ended(run)
         self.forget(run.id)
 

@@ -12,6 +12,7 @@ from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.records import (
     AttemptRecord,
     Changes,
+    DeliveryRecord,
     KeyRecord,
     ResultRecord,
     RunRecord,
@@ -63,6 +64,9 @@ class Store(Protocol):
     def get_result(self, key: str) -> ResultRecord | None:
         """The success stored for a step key (saved with `Changes.results`), if any."""
 
+    def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
+        """A run's notifications; with no run, every one still pending or being sent."""
+
     def artifact_digests(self) -> set[str]:
         """The digest of every artifact a stored step or result points at (what the artifact
         store must keep)."""
@@ -96,7 +100,8 @@ def run_view(store: Store, run_id: str) -> RunView | None:
     run = store.get_run(run_id)
     if run is None:
         return None
-    return RunView(run=run, steps=store.get_steps(run_id), attempts=store.get_attempts(run_id))
+    return RunView(run=run, steps=store.get_steps(run_id), attempts=store.get_attempts(run_id),
+                   deliveries=store.get_deliveries(run_id))
 
 
 def runs_page(store: Store, state: str | None = None, pipeline: str | None = None,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 
 from cicd_ray.records import (
+    OPEN_DELIVERY,
     AttemptRecord,
     Changes,
+    DeliveryRecord,
     KeyRecord,
     ResultRecord,
     RunRecord,
@@ -32,6 +34,7 @@ class MemoryStore:
         self._keys: dict[str, str] = {}
         self._sources: dict[str, tuple[bytes, float]] = {}
         self._results: dict[str, str] = {}
+        self._deliveries: dict[str, str] = {}
 
     def save(self, changes: Changes) -> None:
         runs = {r.id: r.model_dump_json() for r in changes.runs.values()}
@@ -40,8 +43,10 @@ class MemoryStore:
         workers = {w.id: w.model_dump_json() for w in changes.workers.values()}
         keys = {k: r.model_dump_json() for k, r in changes.idempotency.items()}
         results = {k: r.model_dump_json() for k, r in changes.results.items()}
+        deliveries = {d.id: d.model_dump_json() for d in changes.deliveries.values()}
         with self._lock:
             self._results.update(results)
+            self._deliveries.update(deliveries)
             self._runs.update(runs)
             for run_id, name, data in steps:
                 self._steps.setdefault(run_id, {})[name] = data
@@ -113,6 +118,12 @@ class MemoryStore:
     def next_run_seq(self) -> int:
         return max((r.seq for r in self._all_runs()), default=0) + 1
 
+    def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
+        with self._lock:
+            found = [DeliveryRecord.model_validate_json(t) for t in self._deliveries.values()]
+        return sorted((d for d in found if d.run_id == run_id or (
+            run_id is None and d.state in OPEN_DELIVERY)), key=lambda d: d.id)
+
     def get_result(self, key: str) -> ResultRecord | None:
         data = self._results.get(key)
         return ResultRecord.model_validate_json(data) if data else None
@@ -140,6 +151,8 @@ class MemoryStore:
                     self._logs.pop(attempt_id, None)
                 self._steps.pop(run_id, None)
                 self._runs.pop(run_id, None)
+                for key in [k for k in self._deliveries if k.startswith(f"{run_id}/")]:
+                    self._deliveries.pop(key)
             gone_results = [k for k, t in self._results.items()
                             if ResultRecord.model_validate_json(t).origin.run_id in run_ids]
             for key in gone_results:

@@ -22,8 +22,10 @@ from pydantic import BaseModel
 
 from cicd_ray.errors import StoreError
 from cicd_ray.records import (
+    OPEN_DELIVERY,
     AttemptRecord,
     Changes,
+    DeliveryRecord,
     KeyRecord,
     ResultRecord,
     RunRecord,
@@ -81,6 +83,10 @@ class RedisStore:
             for key, result in changes.results.items():
                 pipe.hset(self._k("results"), key, result.model_dump_json())
                 pipe.sadd(self._k("results", result.origin.run_id), key)
+            for d in changes.deliveries.values():
+                pipe.hset(self._k("deliveries", d.run_id), d.id, d.model_dump_json())
+                if d.state in OPEN_DELIVERY:
+                    pipe.sadd(self._k("deliveries", "open"), d.run_id)
             pipe.execute()
 
         self._do(write)
@@ -167,6 +173,21 @@ class RedisStore:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
 
+    def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
+        def read() -> list[DeliveryRecord]:
+            runs = [run_id] if run_id else [
+                r.decode() for r in self._r.smembers(self._k("deliveries", "open"))]
+            out = []
+            for rid in runs:
+                found = [DeliveryRecord.model_validate_json(v)
+                         for v in self._r.hvals(self._k("deliveries", rid))]
+                if not run_id and not any(d.state in OPEN_DELIVERY for d in found):
+                    self._r.srem(self._k("deliveries", "open"), rid)  # all done: tidy the index
+                out += sorted(found, key=lambda d: d.id)
+            return out if run_id else [d for d in out if d.state in OPEN_DELIVERY]
+
+        return self._do(read)
+
     def get_result(self, key: str) -> ResultRecord | None:
         raw = self._do(lambda: self._r.hget(self._k("results"), key))
         return ResultRecord.model_validate_json(raw) if raw else None
@@ -212,7 +233,8 @@ class RedisStore:
                 for attempt_id in attempts[run_id]:
                     pipe.delete(self._k("log", attempt_id.decode()))
                 pipe.delete(self._k("run", run_id), self._k("steps", run_id),
-                            self._k("attempts", run_id))
+                            self._k("attempts", run_id), self._k("deliveries", run_id))
+                pipe.srem(self._k("deliveries", "open"), run_id)
                 pipe.zrem(self._k("runs"), run_id)
                 pipe.zrem(self._k("runs", "active"), run_id)
             pipe.execute()

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from cicd_ray.errors import StoreError
 from cicd_ray.records import (
+    OPEN_DELIVERY,
     AttemptRecord,
     Changes,
+    DeliveryRecord,
     KeyRecord,
     ResultRecord,
     RunRecord,
@@ -48,6 +50,10 @@ CREATE INDEX IF NOT EXISTS keys_at ON keys (at);
 CREATE TABLE IF NOT EXISTS source_times (digest TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, run_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY, run_id TEXT NOT NULL, open INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS deliveries_run ON deliveries (run_id);
+CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (open);
 """
 
 
@@ -108,6 +114,9 @@ class SqliteStore:
              [(k, r.at, r.model_dump_json()) for k, r in changes.idempotency.items()]),
             ("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
              [(k, r.origin.run_id, r.model_dump_json()) for k, r in changes.results.items()]),
+            ("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
+             [(d.id, d.run_id, int(d.state in OPEN_DELIVERY), d.model_dump_json())
+              for d in changes.deliveries.values()]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -180,6 +189,11 @@ class SqliteStore:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
 
+    def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
+        rows = (self._read("SELECT data FROM deliveries WHERE run_id = ? ORDER BY id", (run_id,))
+                if run_id else self._read("SELECT data FROM deliveries WHERE open = 1"))
+        return [DeliveryRecord.model_validate_json(r[0]) for r in rows]
+
     def get_result(self, key: str) -> ResultRecord | None:
         rows = self._read("SELECT data FROM results WHERE key = ?", (key,))
         return ResultRecord.model_validate_json(rows[0][0]) if rows else None
@@ -205,6 +219,7 @@ class SqliteStore:
             ("DELETE FROM attempts WHERE run_id = ?", ids),
             ("DELETE FROM steps WHERE run_id = ?", ids),
             ("DELETE FROM results WHERE run_id = ?", ids),
+            ("DELETE FROM deliveries WHERE run_id = ?", ids),
             ("DELETE FROM runs WHERE id = ?", ids),
         ])
 

@@ -181,3 +181,82 @@ def test_cancel_through_the_core(settings):
     assert core.store.get_run(run_id).state is RunState.CANCELLED
     assert [s.state for s in core.store.get_steps(run_id)] == [StepState.CANCELLED] * 2
     assert core.cancel(run_id) == "cancelled" and core.cancel("nope") is None
+
+
+# --- notifications: the outbox ----------------------------------------------------------------
+
+NOTIFIED = {"name": "notified", "notify": [
+    {"webhook": "https://hooks.example.com/ci", "when": ["failed"]},
+    {"webhook": "https://other.example.com/ci", "when": ["succeeded"]}],
+    "steps": [{"name": "a", "run": "echo out; exit 3"}]}
+
+
+def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    run_id = submitted(core.submit(NOTIFIED))
+    driver.run_until_idle()
+    view = run_view(store, run_id)
+    assert view.run.state is RunState.FAILED
+    # Only the target whose `when` names the run's end state.
+    assert [(d.url, d.state) for d in view.deliveries] == [("https://hooks.example.com/ci",
+                                                            "pending")]
+    body = core.delivery_body(view.deliveries[0])
+    import json
+
+    doc = json.loads(body)
+    assert (doc["run"], doc["pipeline"], doc["state"]) == (run_id, "notified", "failed")
+    assert doc["failed_steps"][0]["step"] == "a" and doc["failed_steps"][0]["exit_code"] == 3
+    assert doc["failed_steps"][0]["log_tail"][-1] == "out"
+
+
+def test_a_delivery_is_tried_with_backoff_and_at_most_once_across_restarts(settings):
+    clock = Clock(1000.0)
+    store = MemoryStore()
+    core, driver = make(settings, store, clock)
+    run_id = submitted(core.submit(NOTIFIED))
+    driver.run_until_idle()
+    [d] = core.due_deliveries()
+    assert store.get_deliveries(run_id)[0].state == "sending"  # before the request is made
+    assert core.due_deliveries() == []
+    core.delivery_done(d.id, None, "ConnectError: refused")
+    assert store.get_deliveries(run_id)[0].state == "pending"
+    assert store.get_deliveries(run_id)[0].next_at == 1001.0
+    clock.now = 1001.0
+    [d] = core.due_deliveries()
+    core.delivery_done(d.id, 503, "HTTP 503")
+    assert store.get_deliveries(run_id)[0].next_at == 1003.0  # 1 s, then 2 s
+    # The master dies during the third try: the new one does not make it again.
+    clock.now = 1003.0
+    core.due_deliveries()
+    again, _ = make(settings, store, clock)
+    [d] = store.get_deliveries(run_id)
+    assert d.state == "interrupted" and "not tried again" in d.error
+    assert again.due_deliveries() == []
+
+
+def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(settings):
+    clock = Clock(1000.0)
+    store = MemoryStore()
+    core, driver = make(settings, store, clock)
+    run_id = submitted(core.submit(NOTIFIED))
+    driver.run_until_idle()
+    again, driver = make(settings, store, clock)  # restarted between its end and the try
+    [d] = again.due_deliveries()
+    again.delivery_done(d.id, 200)
+    assert store.get_deliveries(run_id)[0].state == "delivered"
+    assert again.due_deliveries() == []
+    other = submitted(again.submit(NOTIFIED))
+    driver.run_until_idle()
+    tries = 0
+    while (due := again.due_deliveries()):
+        tries += 1
+        again.delivery_done(due[0].id, 500, "HTTP 500")
+        clock.now = store.get_deliveries(other)[0].next_at
+    [d] = store.get_deliveries(other)
+    assert d.state == "failed" and d.finished_at - d.created_at <= 900 and tries > 5
+    refused = submitted(again.submit(NOTIFIED))
+    driver.run_until_idle()
+    [d] = again.due_deliveries()
+    again.delivery_done(d.id, None, "10.0.0.1 is a private address", final=True)
+    assert store.get_deliveries(refused)[0].state == "failed"

@@ -262,6 +262,32 @@ def test_results_are_found_by_key_and_deleted_with_the_run_that_made_them(store)
     assert store.artifact_digests() == {"b" * 64}
 
 
+def test_deliveries_are_listed_per_run_open_ones_found_and_deleted_with_their_run(store):
+    from cicd_ray.records import DeliveryRecord
+
+    _finished_run(store, "r1", at=10.0)
+    _finished_run(store, "r2", at=11.0)
+
+    def delivery(run_id, i, state):
+        return DeliveryRecord(id=f"{run_id}/{i}", run_id=run_id, url=f"https://h/{i}",
+                              state=state, created_at=10.0, next_at=10.0)
+
+    changes = Changes()
+    for d in (delivery("r1", 0, "pending"), delivery("r1", 1, "delivered"),
+              delivery("r2", 0, "sending")):
+        changes.deliveries[d.id] = d
+    store.save(changes)
+    assert [d.id for d in store.get_deliveries("r1")] == ["r1/0", "r1/1"]
+    assert sorted(d.id for d in store.get_deliveries()) == ["r1/0", "r2/0"]
+    done = Changes()
+    done.deliveries["r2/0"] = delivery("r2", 0, "delivered")
+    store.save(done)
+    assert [d.id for d in store.get_deliveries()] == ["r1/0"]
+    assert store.get_deliveries("r2")[0].state == "delivered"
+    store.delete_runs(["r1"])
+    assert store.get_deliveries("r1") == [] and store.get_deliveries() == []
+
+
 def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_path):
     import io
 
