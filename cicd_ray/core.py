@@ -175,15 +175,17 @@ class MasterCore:
                 comment: str = "") -> str | Rejected | Missing:
         """Answer a step waiting for approval: the step's new state, Rejected when it is not
         waiting, Missing for an unknown run or step."""
-        run = self.sched.runs.get(run_id)
+        run = self.sched.runs.get(run_id) or self.store.get_run(run_id)
         if run is None:
-            stored = self.store.get_run(run_id)
-            if stored is None:
-                return Missing(detail=f"run {run_id!r} not found")
-            return Rejected(problems=[f"run {run_id} has ended ({stored.state.value}): "
-                                      "nothing of it waits for approval"])
-        if step not in self.sched.steps[run_id]:
+            return Missing(detail=f"run {run_id!r} not found")
+        active = run_id in self.sched.steps
+        names = self.sched.steps[run_id] if active else {
+            s.name for s in self.store.get_steps(run_id)}
+        if step not in names:
             return Missing(detail=f"run {run_id} has no step {step!r}")
+        if not active:
+            return Rejected(problems=[f"run {run_id} has ended ({run.state.value}): nothing "
+                                      "of it waits for approval"])
         problem = self.sched.approve(run_id, step, approved, by, comment, self.clock())
         if problem:
             return Rejected(problems=[problem])

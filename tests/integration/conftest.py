@@ -88,6 +88,7 @@ def harness(tmp_path_factory):
         pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
                "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1)},
         heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
+        webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
     )
     cluster.connect(settings=settings, num_cpus=8)
     master = cluster.ensure_master(settings)
@@ -95,6 +96,7 @@ def harness(tmp_path_factory):
     cluster.shutdown_embedded(master)
 
 
+WEBHOOK_SECRET = "webhook-secret-" + "w" * 16
 API_TOKEN = "test-token-" + "x" * 20
 OTHER_TOKEN = "other-token-" + "y" * 20
 API_BODY_LIMIT = 1024 * 1024
