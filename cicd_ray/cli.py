@@ -352,6 +352,16 @@ def cancel(run_id: str, url: str | None = URL, address: str | None = ADDRESS):
     out.print(f"run {run_id}: {_styled(state)}")
 
 
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
 def _control(url: str | None, address: str | None, command: str):
     """Where a command that changes runs goes: the API (--url) or a cluster (--address); an
     embedded cluster would end with the command."""
@@ -369,7 +379,7 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
         out.print_json(data=records)
         return
     table = Table("worker", "pool", "state", "cpus", "in use", "heartbeat", "cpu %", "mem MiB",
-                  "steps run as")
+                  "net out/s", "net in/s", "steps run as")
     now = time.time()
     for w in records:
         beat = w.get("last_heartbeat")
@@ -378,6 +388,8 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
                       f"{now - beat:.0f}s ago" if beat else "",
                       f"{w['cpu_percent']:.0f}" if w.get("cpu_percent") is not None else "",
                       f"{w['memory_used_mb']:.0f}" if w.get("memory_used_mb") else "",
+                      _bytes(w.get("net_sent_bytes_per_s")),
+                      _bytes(w.get("net_recv_bytes_per_s")),
                       escape(w.get("isolation", "")))
     out.print(table)
 

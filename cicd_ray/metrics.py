@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from cicd_ray.records import AttemptRecord, Changes, RunRecord
-from cicd_ray.states import StepState
+from cicd_ray.records import AttemptRecord, Changes, RunRecord, WorkerRecord
+from cicd_ray.states import StepState, WorkerState
 
 SECONDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 STORE_SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
@@ -20,7 +20,9 @@ NAMES = (
     "cicd_queued_steps", "cicd_oldest_queued_seconds", "cicd_wait_slot_seconds",
     "cicd_wait_capacity_seconds", "cicd_step_run_seconds", "cicd_step_outcomes_total",
     "cicd_runs_finished_total", "cicd_active_runs", "cicd_workers",
-    "cicd_master_transitions_total", "cicd_store_write_seconds",
+    "cicd_master_transitions_total", "cicd_store_write_seconds", "cicd_workers_lost_total",
+    "cicd_pool_max_workers", "cicd_master_started_at_seconds",
+    "cicd_worker_network_bytes_per_second",
 )
 
 
@@ -50,6 +52,15 @@ class Metrics:
                                    "changed (runs, steps, attempts, workers)")
         self.store_write = Histogram("cicd_store_write_seconds", "one batch written to the "
                                      "store", boundaries=STORE_SECONDS)
+        self.lost = Counter("cicd_workers_lost_total", "workers lost (died or went silent)",
+                            tag_keys=("pool",))
+        self.pool_max = Gauge("cicd_pool_max_workers", "the most workers a pool may have (its "
+                              "budget)", tag_keys=("pool",))
+        self.started = Gauge("cicd_master_started_at_seconds", "when the running master "
+                             "started (a change is a restart)")
+        self.network = Gauge("cicd_worker_network_bytes_per_second", "bytes a worker's node "
+                             "sent (out) or received (in) per second, at its last heartbeat",
+                             tag_keys=("pool", "worker", "direction"))
         self._worker_tags: set[tuple[str, str]] = set()
 
     def attempt_ended(self, attempt: AttemptRecord) -> None:
@@ -74,10 +85,24 @@ class Metrics:
         for run in changes.runs.values():
             if run.state.terminal:
                 self.run_ended(run)
+        for worker in changes.workers.values():
+            self.worker_changed(worker)
+
+    def worker_changed(self, worker: WorkerRecord) -> None:
+        if worker.state is WorkerState.LOST:
+            self.lost.inc(1, {"pool": worker.pool})
+        for direction, value in (("out", worker.net_sent_bytes_per_s),
+                                 ("in", worker.net_recv_bytes_per_s)):
+            if value is not None:
+                self.network.set(value, {"pool": worker.pool, "worker": worker.id,
+                                         "direction": direction})
 
     def snapshot(self, queue: dict[str, dict], active_runs: int,
-                 workers: dict[tuple[str, str], int]) -> None:
-        """The gauges, from the master's view: queue per pool, runs, workers per state."""
+                 workers: dict[tuple[str, str], int], pool_max: dict[str, int]) -> None:
+        """The gauges, from the master's view: queue per pool, runs, workers per state, the
+        pools' budgets."""
+        for pool, most in pool_max.items():
+            self.pool_max.set(most, {"pool": pool})
         for pool, view in queue.items():
             self.queued.set(view["queued"], {"pool": pool})
             self.oldest.set(view["oldest_wait_s"], {"pool": pool})

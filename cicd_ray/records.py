@@ -174,6 +174,11 @@ class WorkerRecord(BaseModel):
     cpu_percent: float | None = None
     memory_used_mb: float | None = None
     disk_used_percent: float | None = None
+    # The node's network: bytes sent and received in all, and per second lately.
+    net_sent_bytes: float | None = None
+    net_recv_bytes: float | None = None
+    net_sent_bytes_per_s: float | None = None
+    net_recv_bytes_per_s: float | None = None
     isolation: str = ""  # how its steps are kept apart (see cicd_ray.isolation)
 
 

@@ -49,6 +49,7 @@ class Worker:
         self._source_lock = threading.Lock()
         self._stop = threading.Event()
         self._process = psutil.Process()
+        self._net_last: tuple[float, int, int] | None = None
         self._master = None
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -161,7 +162,23 @@ class Worker:
             "cpu_percent": psutil.cpu_percent(interval=None),
             "memory_used_mb": round(rss / 2**20, 1),
             "disk_used_percent": psutil.disk_usage(str(self.work_dir)).percent,
+            **self._network(),
         }
+
+    def _network(self) -> dict[str, float]:
+        """The node's network bytes sent and received (its link is the workers' link), in
+        all and per second since the last heartbeat."""
+        counters = psutil.net_io_counters()
+        now = time.monotonic()
+        out = {"net_sent_bytes": float(counters.bytes_sent),
+               "net_recv_bytes": float(counters.bytes_recv)}
+        if self._net_last is not None:
+            then, sent, recv = self._net_last
+            elapsed = max(now - then, 1e-3)
+            out["net_sent_bytes_per_s"] = round(max(0, counters.bytes_sent - sent) / elapsed, 1)
+            out["net_recv_bytes_per_s"] = round(max(0, counters.bytes_recv - recv) / elapsed, 1)
+        self._net_last = (now, counters.bytes_sent, counters.bytes_recv)
+        return out
 
     def _heartbeat_loop(self) -> None:
         # A call stuck on a restarting master is given up well before it would count as silence.

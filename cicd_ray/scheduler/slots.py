@@ -54,6 +54,9 @@ def check_fits(steps: list[PlannedStep], pools: dict[str, PoolConfig]) -> list[s
     return problems
 
 
+NETWORK = ("net_sent_bytes", "net_recv_bytes", "net_sent_bytes_per_s", "net_recv_bytes_per_s")
+
+
 class Slots:
     def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float,
                  out: Decisions) -> None:
@@ -155,6 +158,8 @@ class Slots:
         worker.cpu_percent = usage.get("cpu_percent")
         worker.memory_used_mb = usage.get("memory_used_mb")
         worker.disk_used_percent = usage.get("disk_used_percent")
+        for name in NETWORK:
+            setattr(worker, name, usage.get(name))
         self.out.record(worker)
         return True
 

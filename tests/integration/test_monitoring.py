@@ -12,6 +12,7 @@ import httpx
 import ray
 
 from cicd_ray.metrics import NAMES
+from cicd_ray.names import NAMESPACE, worker_actor_name
 from tests.integration.conftest import API_TOKEN
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -152,6 +153,21 @@ def test_metrics_reach_the_prometheus_endpoint_with_the_run_s_counts(harness):
         before, "ray_cicd_step_run_seconds_count", pool="solo") == 3
     assert total(after, "ray_cicd_workers", pool="default", state="ready") == 2
     assert total(after, "ray_cicd_store_write_seconds_count") > 0
+    assert total(after, "ray_cicd_pool_max_workers", pool="solo") == 1
+    assert total(after, "ray_cicd_master_started_at_seconds") > 0
+    assert any(name == "ray_cicd_worker_network_bytes_per_second"
+               and ("direction", "in") in labels for name, labels in after)
+    # A worker lost is counted (what the CicdWorkersLost alert watches).
+    solo = next(w for w in harness.master_workers() if w["pool"] == "solo"
+                and w["state"] == "ready")
+    lost = total(after, "ray_cicd_workers_lost_total", pool="solo")
+    ray.kill(ray.get_actor(worker_actor_name(solo["id"]), namespace=NAMESPACE))
+    deadline = time.monotonic() + 60
+    while total(after, "ray_cicd_workers_lost_total", pool="solo") <= lost:
+        assert time.monotonic() < deadline, "the lost worker was never counted"
+        time.sleep(1)
+        after = scrape(port)
+    harness.steady()
     exported = {name.removeprefix("ray_") for name, _ in after}
     for name in NAMES:
         assert any(e == name or e.startswith(name + "_") for e in exported), name
