@@ -90,7 +90,7 @@ def validate(file: Path = typer.Argument(..., help="the pipeline file"), as_json
         else:
             err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
-    steps = plan(spec)
+    steps = plan(spec, strict=False)  # group variables may come with the submission's env
     if as_json:
         out.print_json(data={"valid": True, "name": spec.name, "steps": [s.name for s in steps]})
     else:

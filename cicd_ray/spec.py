@@ -470,20 +470,24 @@ def _template_problems(template: str) -> list[str]:
     return problems
 
 
-def expand(template: str, env: dict[str, str], where: str) -> str:
-    """`${NAME}` replaced from `env`; a name it does not set is a SpecError naming it."""
+def expand(template: str, env: dict[str, str], where: str, strict: bool = True) -> str:
+    """`${NAME}` replaced from `env`; a name it does not set is a SpecError naming it (left as
+    written when not `strict`: validating a file, before the env of a submission is known)."""
     missing = [name for name in _VARIABLE.findall(template) if name not in env]
+    if missing and not strict:
+        return _VARIABLE.sub(lambda m: env.get(m.group(1), m.group(0)), template)
     if missing:
         raise SpecError([f"{where}: ${{{missing[0]}}} is not set in the run's env; set it in "
                          "the pipeline's env or when submitting"])
     return _VARIABLE.sub(lambda m: env[m.group(1)], template)
 
 
-def expanded(concurrency: ConcurrencySpec | None, env: dict[str, str],
-             where: str) -> ConcurrencySpec | None:
+def expanded(concurrency: ConcurrencySpec | None, env: dict[str, str], where: str,
+             strict: bool = True) -> ConcurrencySpec | None:
     if concurrency is None:
         return None
-    return concurrency.model_copy(update={"group": expand(concurrency.group, env, where)})
+    return concurrency.model_copy(update={"group": expand(concurrency.group, env, where,
+                                                         strict)})
 
 
 def _matrix_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
@@ -576,12 +580,13 @@ def check_env_overrides(env: dict[str, str]) -> list[str]:
     return problems
 
 
-def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> list[PlannedStep]:
+def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,
+         strict: bool = True) -> list[PlannedStep]:
     """Expand matrices and apply defaults; the result is in file order, variants in order.
 
     Submission-time `env_overrides` win over the pipeline's and the steps' env: they are what
     the person submitting asked for explicitly. A concurrency group naming a variable the env
-    does not set is a SpecError.
+    does not set is a SpecError (unless not `strict`).
     """
     variants_of = {s.name: [full for full, _ in _variants(s)] for s in spec.steps}
     planned: list[PlannedStep] = []
@@ -597,7 +602,8 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None) -> lis
         for full, values in _variants(step):
             env = {**spec.env, **step.env, **(env_overrides or {})}
             env.update({f"MATRIX_{k.upper()}": v for k, v in values.items()})
-            group = expanded(step.concurrency, env, f"steps[{step.name}].concurrency.group")
+            group = expanded(step.concurrency, env, f"steps[{step.name}].concurrency.group",
+                             strict)
             planned.append(PlannedStep(
                 name=full, base=step.name, index=len(planned), run=step.run, needs=needs,
                 matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,

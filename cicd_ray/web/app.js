@@ -131,6 +131,48 @@ function stepDetails(runId, step, attempt, box) {
   box.replaceChildren(...rows);
 }
 
+const GROUP_WAIT = "waiting for concurrency group ";
+
+// What flow control says of a step on its card: skipped by its condition, waiting for its
+// concurrency group, waiting for approval (with the buttons that answer), or answered.
+function flow(runId, step, reload) {
+  if (step.skipped_by_condition) {
+    return [el("div", {class: "flow condition", "data-flow": "condition"}, step.reason)];
+  }
+  if (step.state === "queued" && step.reason.startsWith(GROUP_WAIT)) {
+    return [el("div", {class: "flow group", "data-flow": "group"}, step.reason)];
+  }
+  if (step.approval) {
+    const a = step.approval;
+    return [el("div", {class: `flow ${a.decision}`, "data-flow": a.decision},
+      `${a.decision} by ${a.by}${a.comment ? `: ${a.comment}` : ""}`)];
+  }
+  if (step.state !== "waiting_approval") return [];
+  const by = el("input", {name: "by", placeholder: "your name",
+    value: localStorage.getItem("cicd-name") ?? ""});
+  const comment = el("input", {name: "comment", placeholder: "comment"});
+  const said = el("div", {class: "error"});
+  const answer = async (reject) => {
+    localStorage.setItem("cicd-name", by.value);
+    const response = await api(`/api/v1/runs/${runId}/steps/${encodeURIComponent(step.spec.name)}/approve`, {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({reject, comment: comment.value, by: by.value || "anonymous"})});
+    if (!response.ok) said.textContent = (await response.json()).detail;
+    reload();
+  };
+  const box = el("div", {class: "flow approval", "data-flow": "approval"},
+    el("div", {}, step.spec.approval.prompt), by, comment,
+    el("button", {"data-answer": "approve", onclick: () => answer(false)}, "Approve"),
+    el("button", {"data-answer": "reject", onclick: () => answer(true)}, "Reject"), said);
+  box.addEventListener("click", (e) => e.stopPropagation());  // not a click on the card
+  return [box];
+}
+
+function deliveries(view) {
+  return view.deliveries.map((d) => el("div", {class: "delivery muted", "data-delivery": d.state},
+    `notification to ${d.url}: ${d.state}${d.status_code ? ` (HTTP ${d.status_code})` : ""}`));
+}
+
 function runPage(runId) {
   const title = el("h2");
   const meta = el("p", {class: "meta muted"});
@@ -170,6 +212,7 @@ function runPage(runId) {
     title.replaceChildren(`Run ${run.id} of ${run.pipeline} `, state(run.state),
       el("span", {class: "muted"}, ` ${run.reason || ""}`));
     runHeader(run, meta);
+    meta.append(...deliveries(view));
     const last = {};
     view.attempts.forEach((a) => { last[a.step] = a; });
     const depth = depths(view.steps);
@@ -183,7 +226,8 @@ function runPage(runId) {
         el("div", {}, state(step.state), step.attempts > 1 ? ` (attempt ${step.attempts})` : "",
           step.reused_from ? el("span", {class: "badge"}, "reused") : "",
           step.carried_from ? el("span", {class: "badge"}, "carried over") : ""),
-        el("div", {class: "times"}, times(step, last[name]))));
+        el("div", {class: "times"}, times(step, last[name])),
+        ...flow(runId, step, load)));
     }
     dag.replaceChildren(...columns.map((c) => el("div", {class: "column"}, ...c)));
     const current = view.steps.find((s) => s.spec.name === selected);

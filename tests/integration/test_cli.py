@@ -322,3 +322,28 @@ def test_run_starts_its_own_ray_whatever_ray_noted_last(cli, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(embedded local Ray)" in done.stdout and " succeeded" in done.stdout
+
+
+def test_approve_releases_a_waiting_step_and_status_shows_who(harness, api, cli):
+    from cicd_ray.states import StepState
+    from tests.integration.conftest import API_TOKEN
+
+    run_id = harness.submit({"name": "cli-approve", "steps": [
+        {"name": "gate", "approval": {"prompt": "Ship it?"}},
+        {"name": "ship", "needs": ["gate"], "run": "echo shipped"}]})
+    harness.wait_for_step(run_id, "gate", StepState.WAITING_APPROVAL)
+    remote = {"CICD_RAY_URL": api, "CICD_RAY_TOKEN": API_TOKEN}
+    waiting = cli("status", run_id, **remote)
+    assert "waiting_approval" in waiting.stdout
+    assert f"cicd-ray approve {run_id} gate" in " ".join(waiting.stdout.split())
+    nowhere = cli("approve", run_id, "gate")
+    assert nowhere.returncode == 2 and "approve needs --url" in nowhere.stderr + nowhere.stdout
+    done = cli("approve", run_id, "gate", "--comment", "looks good", "--by", "cli-user",
+               **remote)
+    assert done.returncode == 0, done.stderr
+    assert f"gate in run {run_id}: succeeded" in done.stdout
+    assert harness.wait(run_id)["run"]["state"] == "succeeded"
+    shown = " ".join(cli("status", run_id, **remote).stdout.split())
+    assert "gate: approved by cli-user at" in shown and ": looks good" in shown
+    again = cli("approve", run_id, "gate", **remote)
+    assert again.returncode != 0 and "has ended (succeeded)" in again.stdout + again.stderr

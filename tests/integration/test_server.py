@@ -294,6 +294,23 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
     workers, queue = sh('curl -s $CICD_RAY_URL/api/v1/workers -H "$H"')
     assert any(w["state"] == "ready" for w in workers["workers"])
     assert set(queue["pools"]) == {"default"}
+    gated = {"name": "release", "steps": [{"name": "production", "approval": {},
+                                          "run": "echo deployed"}]}
+    with Client(server["url"], server["token"]) as client:
+        waiting = [client.submit(gated) for _ in range(2)]
+        for r in waiting:
+            deadline = time.monotonic() + 60
+            while r.refresh().steps[0]["state"] != "waiting_approval":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        approved, rejected = sh("curl -s -X POST $CICD_RAY_URL/api/v1/runs/$RUN/steps/production/"
+                                "approve -H \"$H\" \\", RUN=waiting[0].id,
+                                OTHER=waiting[1].id)
+        assert (approved["state"], approved["decision"]) == ("queued", "approved")
+        assert (rejected["state"], rejected["decision"]) == ("failed", "rejected")
+        assert waiting[0].wait(timeout=120).state == "succeeded"
+        assert waiting[1].wait(timeout=120).state == "failed"
+        assert waiting[0].steps[0]["approval"]["by"] == "ann"
 
 
 def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):

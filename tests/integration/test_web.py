@@ -104,3 +104,51 @@ def test_a_build_s_artifacts_explain_and_rerun_on_the_page(api, browser, shared_
     expect(page.locator(".meta")).to_contain_text(f"re-run of {run_id}")
     expect(page.locator(".step[data-step='make'] .badge")).to_have_text("carried over")
     page.close()
+
+
+def test_flow_control_on_the_page(api, browser, shared_dir):
+    """Skipped by a condition, waiting for a concurrency group, waiting for approval: each
+    shown as such, and an approval answered with the page's buttons."""
+    gate = shared_dir / "gate"
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def submit(pipeline: dict) -> str:
+        r = httpx.post(f"{api}/api/v1/runs", headers=auth, json={"pipeline": pipeline})
+        assert r.status_code == 201, r.text
+        return r.json()["run_id"]
+
+    steps = [{"name": "hold", "concurrency": {"group": "page-group"},
+              "run": f"until [ -e {gate} ]; do sleep 0.1; done"},
+             {"name": "on-main", "if": "run.branch == 'main'", "run": "true"},
+             {"name": "release", "needs": ["hold"], "approval": {"prompt": "Ship to prod?"},
+              "run": "echo shipped"}]
+    first = submit({"name": "page-flow", "steps": steps})
+    second = submit({"name": "page-flow", "steps": steps})
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api}/")
+    page.fill("#token", API_TOKEN)
+    page.click("button[type=submit]")
+    page.goto(f"{api}/#/runs/{second}")
+    expect(page.locator(".step[data-step='hold'] [data-flow='group']")).to_contain_text(
+        "waiting for concurrency group page-group (1 ahead)", timeout=30000)
+    expect(page.locator(".step[data-step='on-main'] [data-flow='condition']")).to_have_text(
+        "if: run.branch == 'main' was false")
+    gate.touch()
+    page.goto(f"{api}/#/runs/{first}")
+    release = page.locator(".step[data-step='release']")
+    expect(release).to_have_attribute("data-state", "waiting_approval", timeout=30000)
+    expect(release.locator("[data-flow='approval']")).to_contain_text("Ship to prod?")
+    release.locator("input[name=by]").fill("page-user")
+    release.locator("input[name=comment]").fill("go")
+    release.locator("[data-answer='approve']").click()
+    expect(release).to_have_attribute("data-state", "succeeded", timeout=30000)
+    expect(release.locator("[data-flow='approved']")).to_have_text("approved by page-user: go")
+    page.goto(f"{api}/#/runs/{second}")
+    release = page.locator(".step[data-step='release']")
+    expect(release).to_have_attribute("data-state", "waiting_approval", timeout=30000)
+    release.locator("[data-answer='reject']").click()
+    expect(release).to_have_attribute("data-state", "failed", timeout=30000)
+    expect(page.locator("h2").first).to_contain_text("failed")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "web-flow.png"), full_page=True)
+    page.close()
