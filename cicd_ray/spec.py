@@ -185,7 +185,8 @@ class ApprovalSpec(_Model):
 
 
 NotifyWhen = Literal["failed", "succeeded", "cancelled"]
-WEBHOOK_URL = r"^https?://[^\s/?#]+(/[^\s]*)?$"
+# No user or password in it: the URL is stored and shown with the run.
+WEBHOOK_URL = r"^https?://[^\s/?#@]+(/[^\s]*)?$"
 
 
 class NotifySpec(_Model):

@@ -375,7 +375,7 @@ class Scheduler:
             if s.state is StepState.RUNNING and s.current_attempt:
                 self._readopt_attempt(s, now, stored.get(s.current_attempt))
             elif s.state is StepState.WAITING_APPROVAL:
-                self.flow.gate(run, s, now)
+                self.flow.resume_approval(run, s, now)
             elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
                 self._ready(run, [s], now)
         self.book.finish_run_if_done(run.id, now)

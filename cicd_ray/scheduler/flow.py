@@ -101,8 +101,9 @@ class Flow:
         """For a run being cancelled: whether a queued step may still run. One with a status
         function in its `if:` (`always()`, `cancelled()`) is decided once its needs have ended,
         then by its condition; any other is cancelled now."""
-        if settled_by_needs(step):
-            return False
+        run = self.book.runs[step.run_id]
+        if settled_by_needs(step) or (run.concurrency is not None and not run.admitted):
+            return False  # (a run still waiting for its group never started: nothing to clean)
         if self.book.unmet(step.run_id, step.name):
             return True  # decided when its needs end
         return holds(self._condition(step), self.book.facts(step))
@@ -120,6 +121,10 @@ class Flow:
         return Gate(skip=StepState.SKIPPED, reason=f"needs {', '.join(bad)} (not succeeded)")
 
     # --- approvals ----------------------------------------------------------------------------
+
+    def resume_approval(self, run: RunRecord, step: StepRecord, now: float) -> None:
+        """A restored step still waiting for approval: its deadline is kept again."""
+        self._await_approval(run, step, now)
 
     def _await_approval(self, run: RunRecord, step: StepRecord, now: float) -> None:
         if step.state is not StepState.WAITING_APPROVAL:

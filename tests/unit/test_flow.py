@@ -338,3 +338,20 @@ def test_scheduler_keeps_no_waiting_members_after_runs_end():
     dispatched(s, 0)
     finish(s, "d", now=1)
     assert s.flow.groups.members("g") == []
+
+
+def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
+    s = make()
+    group = {"group": "g"}
+    submit(s, [{"name": "d", "run": "x"}], concurrency=group)
+    submit(s, [{"name": "d", "run": "x"}, {"name": "cleanup", "if": "always()", "run": "x"}],
+           run_id="r2", seq=2, concurrency=group)
+    s.cancel("r2", 1.0)
+    assert ended(s, "r2").state is RunState.CANCELLED
+    assert s.flow.groups.members("g") == ["r1"]
+
+
+def test_a_webhook_url_with_credentials_is_refused():
+    with pytest.raises(SpecError, match="notify.0..webhook"):
+        parse_pipeline({"name": "p", "notify": [{"webhook": "https://user:pw@hooks.example/x"}],
+                        "steps": [{"name": "a", "run": "x"}]})
