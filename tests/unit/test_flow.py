@@ -352,6 +352,6 @@ def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
 
 
 def test_a_webhook_url_with_credentials_is_refused():
-    with pytest.raises(SpecError, match="notify.0..webhook"):
+    with pytest.raises(SpecError, match=r"notify\[0\]\.webhook"):
         parse_pipeline({"name": "p", "notify": [{"webhook": "https://user:pw@hooks.example/x"}],
                         "steps": [{"name": "a", "run": "x"}]})
