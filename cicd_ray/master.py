@@ -79,7 +79,6 @@ class Master:
         self.core.events.on_new = self._news.fire
         self.actors = WorkerActors(settings, self.core, self._guarded, self._wake)
         self.started_at = self.core.started_at
-        self.metrics.started.set(self.started_at)
         self._collect_at = self.started_at + RETENTION_FIRST_S
         if self.core.recovered:
             log.warning("master recovered %d active run(s) from the store", self.core.recovered)
@@ -250,7 +249,8 @@ class Master:
         for w in self.core.sched.workers.values():
             counts[(w.pool, w.state.value)] = counts.get((w.pool, w.state.value), 0) + 1
         self.metrics.snapshot(self.core.queue_view(), len(self.core.sched.runs), counts,
-                              {p.name: p.max_workers for p in self.settings.pools.values()})
+                              {p.name: p.max_workers for p in self.settings.pools.values()},
+                              self.started_at)
         self._look_ahead()
         if self.settings.retention_days and now >= self._collect_at and not self._collecting:
             self._collect_at = now + RETENTION_INTERVAL_S

@@ -98,9 +98,12 @@ class Metrics:
                                          "direction": direction})
 
     def snapshot(self, queue: dict[str, dict], active_runs: int,
-                 workers: dict[tuple[str, str], int], pool_max: dict[str, int]) -> None:
+                 workers: dict[tuple[str, str], int], pool_max: dict[str, int],
+                 started_at: float) -> None:
         """The gauges, from the master's view: queue per pool, runs, workers per state, the
-        pools' budgets."""
+        pools' budgets, when the master started (set again each time: a gauge set once, at
+        start, is not reliably exported)."""
+        self.started.set(started_at)
         for pool, most in pool_max.items():
             self.pool_max.set(most, {"pool": pool})
         for pool, view in queue.items():
