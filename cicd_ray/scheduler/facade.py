@@ -23,17 +23,19 @@ from cicd_ray.records import (
 )
 from cicd_ray.retries import Cause, Verdict, verdict
 from cicd_ray.scheduler.builds import carry, inputs_of, reused
-from cicd_ray.scheduler.decisions import Decisions, Kill
+from cicd_ray.scheduler.control import Control
+from cicd_ray.scheduler.decisions import Decisions
 from cicd_ray.scheduler.flow import Flow
 from cicd_ray.scheduler.lookahead import upcoming, workers_wanted
 from cicd_ray.scheduler.queues import ReadyQueues
+from cicd_ray.scheduler.recovery import Recovery
 from cicd_ray.scheduler.runbook import RunBook
 from cicd_ray.scheduler.slots import Slots
 from cicd_ray.spec import PlannedStep
 from cicd_ray.states import StepState, WorkerState, move
 
 
-class Scheduler:
+class Scheduler(Control, Recovery):
     def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
                  lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3,
                  results: Callable[[str], ResultRecord | None] = lambda key: None) -> None:
@@ -88,65 +90,6 @@ class Scheduler:
         """Take up the steps of a run (admitted by its concurrency group) whose needs ended."""
         self._ready(run, [s for s in self.steps[run.id].values() if s.state is StepState.QUEUED
                           and not self.book.unmet(run.id, s.name)], now)
-
-    def cancel(self, run_id: str, now: float, reason: str = "cancelled by request",
-               spare: bool = False) -> RunRecord | None:
-        """Cancel a run: its queued and waiting steps at once (but those whose `if:` still
-        holds, such as `always()`), its running steps once their worker kills them (`spare`:
-        not those marked `interruptible: false`)."""
-        run = self.runs.get(run_id)
-        if run is None or run.state.terminal or run.cancel_requested:
-            return run
-        run.cancel_requested = True
-        run.reason = reason
-        self._out.record(run)
-        for step in list(self.steps[run_id].values()):
-            if step.state is StepState.WAITING_APPROVAL or (
-                    step.state is StepState.QUEUED and not self.flow.still_wanted(step)):
-                self._finish(step, StepState.CANCELLED, now, reason="run cancelled")
-            elif step.state is StepState.RUNNING and not (spare and step.spec.let_finish):
-                self._stop(step)
-        self.book.finish_run_if_done(run_id, now)
-        return run
-
-    def _stop(self, step: StepRecord) -> None:
-        if step.current_attempt:
-            self._stopping.add(step.current_attempt)
-            self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
-
-    def _replace(self, member: str, reason: str, now: float) -> None:
-        """A newer member of a concurrency group with cancel_in_progress replaces this one."""
-        run_id, _, name = member.partition("/")
-        if not name:
-            self.cancel(run_id, now, reason=reason, spare=True)
-            return
-        step = self.book.step(run_id, name)
-        if step is None or step.state.terminal:
-            return
-        if step.state is StepState.RUNNING:
-            if not step.spec.let_finish:
-                self._stop(step)
-            return
-        self._finish(step, StepState.CANCELLED, now, reason=reason)
-        self.book.finish_run_if_done(run_id, now)
-
-    def approve(self, run_id: str, name: str, approved: bool, by: str, comment: str,
-                now: float) -> str | None:
-        """Answer a step waiting for approval; a problem (as text) when it is not waiting."""
-        step = self.book.step(run_id, name)
-        if step is None or step.state is not StepState.WAITING_APPROVAL:
-            state = step.state.value if step else "not active"
-            return f"step {name} of run {run_id} is not waiting for approval (it is {state})"
-        state, why = self.flow.answer(step, approved, by, comment, now)
-        if state is StepState.QUEUED:
-            move(step, StepState.QUEUED)
-            step.reason = why
-            self._out.record(step)
-            self._ready(self.runs[run_id], [step], now)
-        else:
-            self._finish(step, state, now, reason=why)
-            self.book.finish_run_if_done(run_id, now)
-        return None
 
     def _finish(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
         run = self.runs[step.run_id]
@@ -314,108 +257,9 @@ class Scheduler:
                     lambda ws=workers: self.slots.any_room(ws)):
                 self._start_attempt(step, worker, now)
 
-    def _flow_tick(self, now: float) -> None:
-        for run_id, name in self.flow.overdue(now):
-            step = self.book.step(run_id, name)
-            timeout = f"no answer within {step.spec.timeout_s:g} s" if step else ""
-            self.approve(run_id, name, False, "(timeout)", timeout, now)
-        for member in self.flow.take_admitted():
-            run_id, _, name = member.partition("/")
-            run = self.runs.get(run_id)
-            if run is None or run.state.terminal:
-                continue
-            if not name:
-                run.admitted, run.reason = True, ""
-                self._out.record(run)
-                self._start_run(run, now)
-                continue
-            step = self.book.step(run_id, name)
-            if step is not None and step.state is StepState.QUEUED:
-                step.admitted, step.reason = True, ""
-                self._ready(run, [step], now)
-        self.flow.refresh()
-
     def _queued_cpu(self) -> dict[str, list[float]]:
         """Per pool, the CPUs of each step ready and waiting in it."""
         return {pool: [s.spec.cpu for s in self.queues.waiting(pool)] for pool in self.pools}
-
-    # --- recovery -----------------------------------------------------------------------------
-
-    def restore(self, runs: list[RunRecord], steps: list[StepRecord],
-                workers: list[WorkerRecord], now: float,
-                attempts: list[AttemptRecord] = ()) -> None:
-        """Rebuild the view from the store after a master restart.
-
-        Workers must register again before they get work. An attempt that was running on a
-        worker the store knows stays running, waiting for that worker to register and say
-        whether it still runs it or finished it (`reconcile`); one whose worker is unknown is
-        ended as an infra failure, so its step is retried where its policy allows it.
-        """
-        stored = {a.id: a for a in attempts}
-        by_run: dict[str, list[StepRecord]] = {}
-        for s in steps:
-            by_run.setdefault(s.run_id, []).append(s)
-        self.slots.restore(workers, now)
-        self.flow.restore_places(runs, steps)
-        for run in sorted(runs, key=lambda r: r.seq):
-            self._seq = max(self._seq, run.seq)
-            run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
-            try:
-                self._restore_run(run, run_steps, stored, now)
-            except Exception as e:  # one run the master cannot take up must not stop it
-                self._abandon(run, f"could not be restored after a master restart: "
-                                   f"{type(e).__name__}: {e}", now)
-
-    def _restore_run(self, run: RunRecord, run_steps: list[StepRecord],
-                     stored: dict[str, AttemptRecord], now: float) -> None:
-        self.book.adopt(run, run_steps)
-        if not self.flow.admit_run(run, fresh=False, now=now):
-            return  # waits its turn in its concurrency group, in the order stored
-        for s in run_steps:
-            if s.state is StepState.RUNNING and s.current_attempt:
-                self._readopt_attempt(s, now, stored.get(s.current_attempt))
-            elif s.state is StepState.WAITING_APPROVAL:
-                self.flow.resume_approval(run, s, now)
-            elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
-                self._ready(run, [s], now)
-        self.book.finish_run_if_done(run.id, now)
-
-    def _readopt_attempt(self, step: StepRecord, now: float,
-                         stored: AttemptRecord | None) -> None:
-        attempt = stored or AttemptRecord(
-            id=step.current_attempt or "", run_id=step.run_id, step=step.name,
-            number=step.attempts, worker_id=step.worker_id or "", queued_at=step.queued_at,
-            started_at=step.started_at or now,
-        )
-        self.attempts[attempt.id] = attempt
-        if not self.slots.reserve(attempt.worker_id, attempt.id, step.spec):
-            self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                              reason="its worker was gone when the master restarted")
-            return
-        self.slots.unconfirmed(attempt.id)
-
-    def _abandon(self, run: RunRecord, reason: str, now: float) -> None:
-        """End a run as failed without touching its steps (the scheduler could not follow
-        them): it holds no slot, and its running attempts' reports are ignored."""
-        for attempt in [a for a in self.attempts.values() if a.run_id == run.id]:
-            del self.attempts[attempt.id]
-            step = self.book.step(run.id, attempt.step)
-            if step is not None:
-                self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
-        self.book.abandon(run, reason, now)
-
-    def reconcile(self, worker_id: str, running: list[str], finished: list[StepOutcome],
-                  now: float) -> None:
-        """A worker registered (again) and said what it runs and what it finished: apply the
-        results the master missed, and end as lost the attempts it no longer knows."""
-        for outcome in finished:
-            self.on_outcome(outcome, now)
-        for attempt_id in self.slots.unconfirmed_on(worker_id, running):
-            attempt = self.attempts.get(attempt_id)
-            if attempt is not None:
-                self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                                  reason=f"worker {worker_id} no longer ran it after the "
-                                         "master restarted")
 
     # --- look-ahead and views -----------------------------------------------------------------
 
