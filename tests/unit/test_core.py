@@ -260,3 +260,17 @@ def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(sett
     [d] = again.due_deliveries()
     again.delivery_done(d.id, None, "10.0.0.1 is a private address", final=True)
     assert store.get_deliveries(refused)[0].state == "failed"
+
+
+def test_the_server_s_default_webhook_hears_of_failed_runs_without_notify(tmp_path):
+    settings = Settings(home=tmp_path, notify_webhook="https://hooks.example.com/all",
+                        pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    failed = submitted(core.submit({"name": "f", "steps": [{"name": "a", "run": "exit 1"}]}))
+    ok = submitted(core.submit({"name": "o", "steps": [{"name": "a", "run": "true"}]}))
+    own = submitted(core.submit({**NOTIFIED, "name": "own"}))
+    driver.run_until_idle()
+    assert [d.url for d in store.get_deliveries(failed)] == ["https://hooks.example.com/all"]
+    assert store.get_deliveries(ok) == []
+    assert [d.url for d in store.get_deliveries(own)] == ["https://hooks.example.com/ci"]
