@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from cicd_ray.records import RunRecord, StepRecord
 from cicd_ray.scheduler.decisions import Decisions, Kill
+from cicd_ray.scheduler.flow import TIMEOUT_BY
 from cicd_ray.states import StepState, move
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class Control:
         for run_id, name in self.flow.overdue(now):
             step = self.book.step(run_id, name)
             timeout = f"no answer within {step.spec.timeout_s:g} s" if step else ""
-            self.approve(run_id, name, False, "(timeout)", timeout, now)
+            self.approve(run_id, name, False, TIMEOUT_BY, timeout, now)
         for member in self.flow.take_admitted():
             run_id, _, name = member.partition("/")
             run = self.runs.get(run_id)
