@@ -72,6 +72,9 @@ EXAMPLES = {
                            "--reuse-steps 20 --cache-mib 100 --parts 1,2,3,4"):
         "a benchmark: minutes of full load and downloads from PyPI, run by hand for the "
         "figures it prints",
+    ("docs/benchmarks.md", ".venv/bin/python bench/flow.py            # --runs 20 --repeats 3"):
+        "a benchmark on a cluster of its own, run by hand for the figures it prints; the "
+        "behaviour it times is tested in test_flow",
     ("docs/benchmarks.md", ".venv/bin/python bench/autoscale.py --rounds 2"):
         "a benchmark: minutes of full load, run by hand for the figures it prints",
     ("docs/operations.md", "cicd-ray up --local-autoscaling pools.yaml --node-idle-timeout 30"):
