@@ -214,6 +214,11 @@ class Settings(BaseModel):
         state["__dict__"] = {**state["__dict__"], "token": ""}
         return state
 
+    def for_workers(self) -> Settings:
+        """What workers are given: not the key that signs notifications (only the master
+        sends them; a step running as the worker's user could read its memory)."""
+        return self.model_copy(update={"webhook_secret": ""})
+
     @property
     def store_path(self) -> Path:
         return self.home / "cicd.sqlite3"

@@ -327,7 +327,7 @@ class WorkerActors:
     `guarded`, which also carries out what the core then commits."""
 
     def __init__(self, settings: Settings, core: MasterCore, guarded, wake: asyncio.Event) -> None:
-        self.settings = settings
+        self.settings = settings.for_workers()
         self.core = core
         self._guarded = guarded
         self._wake = wake

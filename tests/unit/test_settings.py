@@ -122,3 +122,21 @@ def test_switches(var, field):
         assert getattr(Settings.from_env({**home, var: text}), field) is value
     with pytest.raises(SettingsError, match=f"{var}: 'maybe': expected 1 or 0"):
         Settings.from_env({**home, var: "maybe"})
+
+
+def test_notification_settings_and_what_workers_are_given(tmp_path):
+    import pickle
+
+    settings = Settings.from_env({
+        "CICD_RAY_HOME": str(tmp_path), "CICD_RAY_WEBHOOK_SECRET": "sign-with-me",
+        "CICD_RAY_WEBHOOK_ALLOW": "127.0.0.1,10.0.0.0/8",
+        "CICD_RAY_NOTIFY_WEBHOOK": "https://hooks.example.com/all"})
+    assert settings.webhook_allow == ["127.0.0.1", "10.0.0.0/8"]
+    assert settings.notify_webhook == "https://hooks.example.com/all"
+    # The master signs with it (it travels to the master with the settings) ...
+    assert pickle.loads(pickle.dumps(settings)).webhook_secret == "sign-with-me"
+    assert "sign-with-me" not in repr(settings)
+    # ... the workers are not given it.
+    assert settings.for_workers().webhook_secret == ""
+    with pytest.raises(SettingsError, match="CICD_RAY_NOTIFY_WEBHOOK: 'ftp://x' is not an"):
+        Settings.from_env({"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_NOTIFY_WEBHOOK": "ftp://x"})
