@@ -200,6 +200,8 @@ class Settings(BaseModel):
     # Notifications: the key that signs them, the internal hosts or networks they may go to
     # (cicd_ray.webhooks), and a webhook told of the failed runs of pipelines without `notify:`.
     webhook_secret: str = Field("", repr=False)
+    # Where projects' secrets are: <dir>/<project>/<NAME>, read by workers (cicd_ray.secrets).
+    secrets_dir: Path | None = None
     webhook_allow: list[str] = Field(default_factory=list)
     notify_webhook: str | None = None
     # Where the Python client finds the API, and the token it presents (also the base of the
@@ -246,7 +248,8 @@ class Settings(BaseModel):
                                      "url": env.get("CICD_RAY_URL") or None,
                                      "token": env.get("CICD_RAY_TOKEN", ""),
                                      "webhook_secret": env.get("CICD_RAY_WEBHOOK_SECRET", ""),
-                                     "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None}
+                                     "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None,
+                                     "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None}
         if env.get("CICD_RAY_POOLS"):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
         try:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from cicd_ray import secrets
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
@@ -311,6 +312,9 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     problems += check_fits(steps, settings.pools)
     problems += [f"notify[{i}].webhook: {why}" for i, why in
                  refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
+    listed = {(s.base, name) for s in steps for name in s.secrets}  # variants list the same
+    problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
+                 for why in secrets.missing(settings.secrets_dir, "default", [name])]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")

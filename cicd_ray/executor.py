@@ -40,6 +40,7 @@ from cicd_ray.isolation import (
     usable_by_others,
 )
 from cicd_ray.records import ArtifactFile, CacheUse, StepOutcome, StepTask
+from cicd_ray.secrets import Masker, SecretError, read_all
 from cicd_ray.source import clone
 from cicd_ray.states import StepState
 
@@ -70,6 +71,7 @@ class ExecConfig:
     artifacts: ArtifactStore | None = None
     caches: NodeCaches | None = None
     artifact_max_bytes: int = 2 * 1024**3
+    secrets_dir: Path | None = None  # CICD_RAY_SECRETS_DIR: <project>/<NAME> files
 
     @classmethod
     def of(cls, settings: Settings, work_dir: Path, step_uids: range | None,
@@ -83,6 +85,7 @@ class ExecConfig:
             keep_workspace=settings.keep_workspaces, step_uids=step_uids, step_dir=step_dir,
             artifacts=store, artifact_max_bytes=settings.artifact_max_bytes,
             caches=NodeCaches(store, settings.work_dir / "caches", settings.cache_max_bytes),
+            secrets_dir=settings.secrets_dir,
         )
 
 
@@ -127,9 +130,10 @@ def _safe_name(text: str) -> str:
 
 
 def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
-             user: str | None = None) -> dict[str, str]:
-    """The environment a step sees: a few inherited basics, the pipeline's env, cicd-ray's own.
-    HOME and TMPDIR are the attempt's own; `user` names a step user of its own."""
+             user: str | None = None, secrets: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a step sees: a few inherited basics, the pipeline's env, the secrets it
+    lists, cicd-ray's own. HOME and TMPDIR are the attempt's own; `user` names a step user of
+    its own."""
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     # The worker's Python comes first, so `python` in a step is the one cicd-ray runs on.
     path = env.get("PATH", "/usr/bin:/bin")
@@ -141,6 +145,7 @@ def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
     if user:
         env["USER"] = env["LOGNAME"] = user
     env.update(task.step.env)
+    env.update(secrets or {})
     env.update({
         "CICD_RUN_ID": task.run_id,
         "CICD_STEP": task.step.name,
@@ -195,6 +200,7 @@ class Execution:
         self._wake_r, self._wake_w = os.pipe()
         self._wake_lock = threading.Lock()
         self._log = _LogBuffer(config.log_cap_bytes)
+        self._masker = Masker([])  # the step's secrets, once read
         self._peak_rss = 0
         self._identity: Identity | None = None
         self._kept: list[ArtifactFile] = []
@@ -211,7 +217,7 @@ class Execution:
         try:
             try:
                 proc = self._start()
-            except (OSError, SourceError, IsolationError, ArtifactError) as e:
+            except (OSError, SourceError, IsolationError, ArtifactError, SecretError) as e:
                 self._log.add(f"[cicd-ray] {e}\n".encode())
                 return self._outcome(StepState.FAILED, None, started, None,
                                      reason=f"could not start the step: {e}")
@@ -227,6 +233,8 @@ class Execution:
                 self._identity.release()
 
     def _start(self) -> subprocess.Popen:
+        secrets = read_all(self.config.secrets_dir, self.task.project, self.task.step.secrets)
+        self._masker = Masker(list(secrets.values()))
         if self.root.exists():
             shutil.rmtree(self.root)
         tmp, home = self.root / "tmp", self.root / "home"
@@ -257,7 +265,7 @@ class Execution:
             cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=step_env(self.task, self.workspace, tmp, home,
-                         STEP_USER if self._identity else None),
+                         STEP_USER if self._identity else None, secrets),
             start_new_session=True,  # its own process group: timeout and cancel kill it all
             **popen_user(uid),
         )
@@ -391,7 +399,7 @@ class Execution:
                 with contextlib.suppress(KeyError):
                     sel.unregister(fd)
                 return True
-            self._log.add(data)
+            self._log.add(self._masker.feed(data))  # before a byte leaves the worker
 
     def _drain_to_end(self, fd: int, sel: selectors.BaseSelector) -> None:
         if fd not in sel.get_map():
@@ -409,6 +417,7 @@ class Execution:
 
     def _outcome(self, state: StepState, code: int | None, started: float, usage,
                  reason: str = "") -> StepOutcome:
+        self._log.add(self._masker.flush())
         tail = self._log.take()
         return StepOutcome(
             attempt_id=self.task.attempt_id, run_id=self.task.run_id, step=self.task.step.name,

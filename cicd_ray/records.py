@@ -80,6 +80,7 @@ class RunRecord(BaseModel):
     concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
     admitted: bool = False  # its concurrency group let it in (kept: the order survives restarts)
     notify: list[NotifySpec] = Field(default_factory=list)
+    project: str = "default"  # whose secrets its steps get
 
     @property
     def variables(self) -> dict[str, str]:
@@ -259,6 +260,7 @@ class StepTask(BaseModel):
     source_git: GitSource | None = None
     commit: str | None = None  # the run's pinned commit, checked out instead of the ref
     pipeline: str = ""  # caches are kept per pipeline
+    project: str = "default"  # the secrets its step lists are this project's
     inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
     artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
     # Which master dispatched it: a worker whose master has changed since reports the outcome

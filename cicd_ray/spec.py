@@ -234,6 +234,8 @@ class StepSpec(_Model):
         = Field(None, alias="if")
     concurrency: ConcurrencySpec | None = None
     approval: ApprovalSpec | None = None
+    # The project's secrets it gets, as environment variables (cicd_ray.secrets).
+    secrets: Annotated[list[EnvName], Field(max_length=32)] = Field(default_factory=list)
 
 
 class PipelineSpec(_Model):
@@ -272,6 +274,7 @@ class PlannedStep(BaseModel):
     concurrency: ConcurrencySpec | None = None  # its group expanded from the step's env
     approval: ApprovalSpec | None = None
     let_finish: bool = False  # `interruptible: false` written out: cancel_in_progress spares it
+    secrets: list[str] = Field(default_factory=list)  # names only: values never leave workers
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -453,6 +456,11 @@ def _controls(spec: PipelineSpec) -> list[str]:
             except ConditionError as e:
                 problems.append(f"{where}.if: {quote(brief(step.if_))}: {e}")
         groups.append((f"{where}.concurrency.group", step.concurrency))
+        problems += [f"{where}.secrets: {name} is also in env; a secret must not be"
+                     for name in step.secrets if name in {**spec.env, **step.env}]
+        problems += [f"{where}.secrets: {name}: names starting with {RESERVED_ENV_PREFIX} "
+                     "are reserved for cicd-ray" for name in step.secrets
+                     if name.startswith(RESERVED_ENV_PREFIX)]
     for where, concurrency in groups:
         if concurrency is not None:
             problems += [f"{where}: {p}" for p in _template_problems(concurrency.group)]
@@ -613,6 +621,6 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,
                 priority=step.priority, interruptible=bool(step.interruptible),
                 artifacts=step.artifacts, cache=step.cache, reuse=step.reuse,
                 condition=step.if_ or "", concurrency=group, approval=step.approval,
-                let_finish=step.interruptible is False,
+                let_finish=step.interruptible is False, secrets=step.secrets,
             ))
     return planned

@@ -83,12 +83,16 @@ WORKER_SECRET = "worker-secret-" + "z" * 16
 def harness(tmp_path_factory):
     os.environ["CICD_TEST_WORKER_SECRET"] = WORKER_SECRET
     home = tmp_path_factory.mktemp("cicd-home")
+    secrets = tmp_path_factory.mktemp("secrets")  # 0700, root's: the workers read it
+    (secrets / "default").mkdir()
+    (secrets / "default" / "DEPLOY_KEY").write_text(DEPLOY_KEY + "\n")
     settings = Settings(
         home=home,
         pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
                "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1)},
         heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
         webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
+        secrets_dir=secrets,
     )
     cluster.connect(settings=settings, num_cpus=8)
     master = cluster.ensure_master(settings)
@@ -97,6 +101,7 @@ def harness(tmp_path_factory):
 
 
 WEBHOOK_SECRET = "webhook-secret-" + "w" * 16
+DEPLOY_KEY = "deploy-key-" + "k" * 24  # the default project's secret on the session cluster
 API_TOKEN = "test-token-" + "x" * 20
 OTHER_TOKEN = "other-token-" + "y" * 20
 API_BODY_LIMIT = 1024 * 1024

@@ -51,7 +51,7 @@ def test_validate_accepts_and_rejects_with_every_problem(cli, tmp_path):
         "name: 'Bad' does not match ^[a-z0-9][a-z0-9._-]{0,62}$",
         "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
         "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse, if, "
-        "concurrency, approval",
+        "concurrency, approval, secrets",
     ]
 
 

@@ -92,3 +92,34 @@ def test_workspaces_are_removed_and_the_step_root_stays_closed(harness):
     view = harness.run({"name": "tidy", "steps": [{"name": "a", "run": "touch x"}]})
     assert view["run"]["state"] == "succeeded"
     assert oct(STEP_ROOT.stat().st_mode & 0o777) == "0o711"
+
+
+def test_a_secret_is_masked_in_the_log_and_absent_from_every_view(harness, api):
+    import base64
+    import json
+
+    import httpx
+
+    from tests.integration.conftest import API_TOKEN, DEPLOY_KEY
+
+    folder = harness.settings.secrets_dir
+    view = harness.run({"name": "secret", "steps": [
+        {"name": "deploy", "secrets": ["DEPLOY_KEY"],
+         "run": 'echo "key: $DEPLOY_KEY"; printf %s "$DEPLOY_KEY" | base64; '
+                'for c in $(echo "$DEPLOY_KEY" | fold -w 8); do printf %s "$c"; sleep 0.05; '
+                'done; echo'},
+        {"name": "other", "run": f'echo "${{DEPLOY_KEY:-unset}}"; '
+                                 f'cat {folder}/default/DEPLOY_KEY 2>/dev/null || echo DENIED'}]})
+    assert view["run"]["state"] == "succeeded", view
+    run_id = view["run"]["id"]
+    assert harness.log(run_id, "deploy") == "key: ***\n***\n***\n"
+    assert harness.log(run_id, "other") == "unset\nDENIED\n"
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    seen = [httpx.get(f"{api}/api/v1/runs/{run_id}", headers=auth).text,
+            httpx.get(f"{api}/api/v1/runs?limit=50", headers=auth).text,
+            httpx.get(f"{api}/api/v1/runs/{run_id}/steps/deploy/log", headers=auth).text,
+            json.dumps(ray.get(harness.master.events.remote(0, None, 0.1)))]
+    for text in seen:
+        assert DEPLOY_KEY not in text and base64.b64encode(DEPLOY_KEY.encode()).decode() \
+            not in text
+    assert harness.step(view, "deploy")["spec"]["secrets"] == ["DEPLOY_KEY"]

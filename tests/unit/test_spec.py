@@ -92,7 +92,7 @@ def test_env_overrides_win_and_are_checked():
     ({"name": "k", "steps": [{"name": "a", "run": "x", "tiemout": 5}]},
      "steps[0] (a).tiemout: unknown key; allowed keys are: name, run, needs, matrix, env, "
      "pool, resources, timeout, retry, priority, interruptible, artifacts, cache, reuse, if, "
-        "concurrency, approval"),
+        "concurrency, approval, secrets"),
     ({"name": "k", "steps": [{"name": "a", "run": "x", "artifacts": ["../etc/passwd"]}]},
      "steps[0] (a).artifacts[0]: '../etc/passwd' must be a relative path inside the "
      "workspace (no leading /, no ..)"),
@@ -178,7 +178,8 @@ def test_git_credentials_are_never_stored(url, stored):
     spec = parse_pipeline({"name": "g", "source": {"git": url},
                            "steps": [{"name": "a", "run": "true"}]})
     assert spec.source.git == stored
-    assert "secret" not in spec.model_dump_json() and "TOKEN" not in spec.model_dump_json()
+    dumped = spec.model_dump_json()
+    assert ":secret@" not in dumped and "TOKEN" not in dumped
 
 
 def _one_step(**step) -> dict:

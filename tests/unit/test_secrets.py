@@ -1,0 +1,140 @@
+"""Secrets: read from files, refused when they cannot be masked, masked in the log stream
+(multi-line, base64, split across chunks), given only to the steps that list them, and absent
+from every record."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+
+import pytest
+
+from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.errors import SpecError
+from cicd_ray.secrets import Masker, SecretError, forms, missing, read
+from cicd_ray.spec import parse_pipeline
+from cicd_ray.store import run_view
+from cicd_ray.store.memory import MemoryStore
+from tests.unit.test_core import make, submitted
+
+TOKEN = "pypi-AgEIcHlwaS5vcmc-s3cr3t"
+KEY = "-----BEGIN KEY-----\nMIIEowIBAAKCAQEAvK3y\nq9fZ8sT2wLm0pQ\n-----END KEY-----"
+
+
+def masked(values, chunks):
+    m = Masker(values)
+    return b"".join(m.feed(c) for c in chunks) + m.flush()
+
+
+def test_every_form_of_a_value_is_masked():
+    b64 = base64.b64encode(TOKEN.encode())
+    text = f"token={TOKEN}; b64={b64.decode()}; nopad={b64.rstrip(b'=').decode()}\n".encode()
+    assert masked([TOKEN], [text]) == b"token=***; b64=***; nopad=***\n"
+    # Each line of a multi-line value, wherever it is printed.
+    out = masked([KEY], [f"key:\n{KEY}\nline again: MIIEowIBAAKCAQEAvK3y\n".encode()])
+    assert out == b"key:\n***\nline again: ***\n"
+    assert b"MIIEow" not in masked([KEY], [b"MIIEowIBAAKCAQEAvK3y"])
+    assert masked([], [b"nothing to mask"]) == b"nothing to mask"
+
+
+def test_a_value_split_across_chunks_is_masked_wherever_it_is_cut():
+    text = f"before {TOKEN} middle {TOKEN}{TOKEN} after\n".encode()
+    for cut in range(1, len(text)):
+        assert masked([TOKEN], [text[:cut], text[cut:]]) == \
+            b"before *** middle ****** after\n", cut
+    rng = random.Random(7)
+    for _ in range(200):  # many small reads, as a slow step prints
+        cuts = sorted(rng.sample(range(1, len(text)), 6))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert masked([TOKEN, KEY], chunks) == b"before *** middle ****** after\n"
+
+
+def test_what_is_held_back_is_only_what_could_start_a_secret():
+    m = Masker([TOKEN])
+    line = b"ordinary output, no secret at all\n"
+    assert m.feed(line) == line  # a live log does not wait for the next read
+    assert m.feed(b"almost: pypi-AgEI") == b"almost: "  # this may be the start of one
+    assert m.feed(b"cHlwaS5vcmc-s3cr3t!") == b"***!"
+    assert m.feed(b"pypi-Ag") == b"" and m.flush() == b"pypi-Ag"
+
+
+def test_a_secret_is_read_from_its_file_and_refused_when_short_or_missing(tmp_path):
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "TOKEN").write_text(TOKEN + "\n")
+    (tmp_path / "default" / "SHORT").write_text("abc\n")
+    assert read(tmp_path, "default", "TOKEN") == TOKEN  # one trailing newline dropped
+    with pytest.raises(SecretError, match="SHORT: shorter than 6 characters"):
+        read(tmp_path, "default", "SHORT")
+    with pytest.raises(SecretError, match="NOPE: project default has no such secret"):
+        read(tmp_path, "default", "NOPE")
+    assert missing(None, "default", ["TOKEN"]) == [
+        "TOKEN: no secrets are configured here (set CICD_RAY_SECRETS_DIR)"]
+    assert missing(tmp_path, "default", ["TOKEN"]) == []
+    assert TOKEN.encode() in forms(TOKEN)
+
+
+@pytest.mark.parametrize("step, problem", [
+    ({"name": "a", "run": "x", "env": {"T": "v"}, "secrets": ["T"]},
+     "steps[0] (a).secrets: T is also in env; a secret must not be"),
+    ({"name": "a", "run": "x", "secrets": ["CICD_X"]},
+     "steps[0] (a).secrets: CICD_X: names starting with CICD_ are reserved for cicd-ray"),
+    ({"name": "a", "run": "x", "secrets": ["not a name"]},
+     "steps[0] (a).secrets[0]: 'not a name' does not match ^[A-Za-z_][A-Za-z0-9_]*$"),
+])
+def test_bad_secret_names_are_refused_naming_the_step(step, problem):
+    with pytest.raises(SpecError) as err:
+        parse_pipeline({"name": "p", "steps": [step]})
+    assert err.value.problems == [problem]
+
+
+@pytest.fixture
+def settings(tmp_path):
+    secrets = tmp_path / "secrets"
+    (secrets / "default").mkdir(parents=True)
+    (secrets / "default" / "TOKEN").write_text(TOKEN)
+    (secrets / "default" / "KEY").write_text(KEY)
+    secrets.chmod(0o700)
+    return Settings(home=tmp_path / "home", secrets_dir=secrets,
+                    pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+
+
+def test_a_step_gets_only_the_secrets_it_lists_and_no_record_holds_them(settings):
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    run_id = submitted(core.submit({"name": "s", "steps": [
+        {"name": "uses", "secrets": ["TOKEN", "KEY"],
+         "run": 'echo "t=$TOKEN"; printf %s "$TOKEN" | base64; echo "$KEY"; '
+                'echo "${TOKEN:0:4}-partial"'},
+        {"name": "other", "run": 'echo "t=${TOKEN:-unset} k=${KEY:-unset}"'}]}))
+    driver.run_until_idle()
+    view = run_view(store, run_id)
+    assert view.run.state.value == "succeeded"
+    logs = {a.step: store.read_log(a.id) for a in view.attempts}
+    assert logs["uses"] == b"t=***\n***\n***\npypi-partial\n"
+    assert logs["other"] == b"t=unset k=unset\n"
+    everything = json.dumps(view.model_dump(mode="json")) + "".join(
+        json.dumps(e) for e in core.events.page(0, None)["events"])
+    for secret in (TOKEN, *KEY.splitlines()[1:3]):
+        assert secret not in everything
+    assert [s.spec.secrets for s in view.steps] == [["TOKEN", "KEY"], []]
+
+
+def test_a_secret_the_project_lacks_is_refused_at_submission(settings):
+    core, _ = make(settings)
+    reply = core.submit({"name": "s", "steps": [
+        {"name": "t", "matrix": {"py": ["3.11", "3.12"]}, "secrets": ["NOPE"], "run": "x"}]})
+    assert reply.problems == ["steps[t].secrets: NOPE: project default has no such secret (a "
+                              "file NOPE in CICD_RAY_SECRETS_DIR/default)"]
+
+
+def test_a_secret_gone_when_the_step_starts_fails_it_with_the_reason(settings):
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    run_id = submitted(core.submit({"name": "s", "steps": [
+        {"name": "t", "secrets": ["TOKEN"], "run": "true"}]}))
+    (settings.secrets_dir / "default" / "TOKEN").unlink()
+    driver.run_until_idle()
+    step = run_view(store, run_id).steps[0]
+    assert step.state.value == "failed"
+    assert "TOKEN: project default has no such secret" in step.reason
