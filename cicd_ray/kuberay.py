@@ -39,6 +39,8 @@ HEADER = """\
 
 
 ARTIFACTS_SECRET = "cicd-ray-artifacts"
+SECRETS_MOUNT = "/etc/cicd-ray/secrets"  # CICD_RAY_SECRETS_DIR: <project>/<NAME> files
+PROJECT_SECRET = "cicd-ray-project-default"  # the default project's secrets, one key each
 
 
 def _env() -> list[dict]:
@@ -53,6 +55,9 @@ def _env() -> list[dict]:
         {"name": "CICD_RAY_POOLS", "value": f"{POOLS_MOUNT}/pools.yaml"},
         {"name": "CICD_RAY_MASTER_RESOURCES", "value": json.dumps({CONTROL_RESOURCE: 0.01})},
         {"name": "CICD_RAY_HOME", "value": "/tmp/cicd-ray"},
+        {"name": "CICD_RAY_SECRETS_DIR", "value": SECRETS_MOUNT},
+        {"name": "CICD_RAY_WEBHOOK_SECRET",  # signs notifications (optional)
+         "valueFrom": {"secretKeyRef": {**secret, "key": "webhook-secret", "optional": True}}},
     ]
 
 
@@ -65,7 +70,9 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
         # share no disk, so every one of them reads and writes the same bucket.
         "envFrom": [{"secretRef": {"name": ARTIFACTS_SECRET}}],
         "resources": {"requests": dict(size), "limits": dict(size)},
-        "volumeMounts": [{"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True}],
+        "volumeMounts": [{"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True},
+                         {"name": "project-default", "mountPath": f"{SECRETS_MOUNT}/default",
+                          "readOnly": True}],
         # Let Ray stop cleanly before the pod goes (KubeRay's recommendation).
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
@@ -76,7 +83,10 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
 
 def _pod(container: dict, pool: PoolConfig | None = None) -> dict:
     spec: dict = {"containers": [container], "volumes": [
-        {"name": "pools", "configMap": {"name": "cicd-ray-pools"}}]}
+        {"name": "pools", "configMap": {"name": "cicd-ray-pools"}},
+        # Files only root (the worker) may read: steps run as users of their own.
+        {"name": "project-default", "secret": {"secretName": PROJECT_SECRET,
+                                               "defaultMode": 0o400, "optional": True}}]}
     if pool is not None and pool.node_selector:
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool is not None and pool.tolerations:

@@ -266,3 +266,21 @@ def test_the_readme_installs_the_operator_the_manifests_need():
     assert tuple(int(n) for n in KUBERAY_VERSION.split(".")) >= (1, 7, 1)
     cluster = crd_schema("RayService")["properties"]["spec"]["properties"]["rayClusterConfig"]
     assert {"authOptions", "gcsFaultToleranceOptions"} <= set(cluster["properties"])
+
+
+def test_every_pod_mounts_the_default_project_s_secrets_for_root_only():
+    from cicd_ray.kuberay import PROJECT_SECRET, SECRETS_MOUNT
+
+    cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CICD_RAY_SECRETS_DIR"]["value"] == SECRETS_MOUNT
+        assert env["CICD_RAY_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        [volume] = [v for v in pod["volumes"] if v["name"] == "project-default"]
+        assert volume["secret"] == {"secretName": PROJECT_SECRET, "defaultMode": 0o400,
+                                    "optional": True}
+        assert {"name": "project-default", "mountPath": f"{SECRETS_MOUNT}/default",
+                "readOnly": True} in container["volumeMounts"]
+    assert f"kubectl create secret generic {PROJECT_SECRET}" in (KUBERAY / "README.md").read_text()
