@@ -75,6 +75,9 @@ class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pipeline: str | dict[str, Any] = Field(description="the pipeline: YAML text or an object")
     env: dict[str, str] = Field(default_factory=dict, description="env overrides for every step")
+    secrets: dict[str, str] = Field(
+        default_factory=dict, description="the run's own secrets, given to the steps that list "
+        "them (`secrets:`), masked in logs, never stored with the run, deleted when it ends")
     source: ArchiveSource | GitSource | None = Field(
         None, description="an uploaded archive, or a repository the workers clone (this "
         "replaces the pipeline's own `source`)")
@@ -219,7 +222,7 @@ def _submit_routes(master: MasterLink, config: _Config) -> APIRouter:
         if problems:
             return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
-        answer = await master.call("submit", pipeline, req.env, source, key)
+        answer = await master.call("submit", pipeline, req.env, source, key, req.secrets)
         if isinstance(answer, Rejected):
             return _rejected(answer.problems)
         if isinstance(answer, Conflict):

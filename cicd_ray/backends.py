@@ -37,7 +37,7 @@ class Reader(Protocol):
 
 class Runner(Reader, Protocol):
     def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str]) -> str: ...
+               env: dict[str, str], secrets: dict[str, str] | None = None) -> str: ...
 
     def cancel(self, run_id: str) -> str: ...
 
@@ -103,11 +103,11 @@ class RayRunner:
         self._call = call
 
     def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str]) -> str:
+               env: dict[str, str], secrets: dict[str, str] | None = None) -> str:
         from cicd_ray import cluster
 
         return cluster.submit(self.master, spec, path.resolve().parent, source, env,
-                              self.settings)
+                              self.settings, secrets)
 
     def view(self, run_id: str) -> RunView:
         return _found(self._call(self.master.get_run.remote(run_id)), f"run {run_id!r}")
@@ -159,8 +159,8 @@ class HttpRunner:
         self.client = Client(url, token)
 
     def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str]) -> str:
-        return self.client.submit(path, source=source, env=env).id
+               env: dict[str, str], secrets: dict[str, str] | None = None) -> str:
+        return self.client.submit(path, source=source, env=env, secrets=secrets).id
 
     def view(self, run_id: str) -> RunView:
         return RunView.model_validate(self.client.run(run_id).view)

@@ -8,6 +8,7 @@ has ended, with no cluster). Exit codes: 0 succeeded, 1 failed or not found, 2 i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -65,6 +66,19 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+SECRET = typer.Option([], "--secret", "-s", help="NAME: a secret of the run's own, its value "
+                      "taken from this shell's variable NAME (never from the command line)")
+
+
+def _secrets_from_env(names: list[str]) -> dict[str, str]:
+    unset = [n for n in names if n not in os.environ]
+    if unset:
+        raise _fail(f"--secret {unset[0]}: set the variable {unset[0]} in this shell to the "
+                    "secret's value (e.g. read -s); it is not taken from the command line",
+                    EXIT_INVALID)
+    return {n: os.environ[n] for n in names}
+
+
 def _warn_python(settings: Settings) -> None:
     """Say it before the first step fails: steps with users of their own cannot run a Python
     under root's home."""
@@ -102,9 +116,10 @@ def run(file: Path = typer.Argument(..., help="the pipeline file"),
         source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
         address: str | None = ADDRESS, url: str | None = URL,
         env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
+        secret: list[str] = SECRET,
         timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
     """Run a pipeline and follow it to the end. Exit 0 succeeded, 1 failed, 2 invalid."""
-    _submit(file, source, address, url, env, follow=True, timeout=timeout)
+    _submit(file, source, address, url, env, follow=True, timeout=timeout, secrets=secret)
 
 
 @app.command()
@@ -112,27 +127,30 @@ def submit(file: Path = typer.Argument(..., help="the pipeline file"),
            source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
            address: str | None = ADDRESS, url: str | None = URL,
            env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
+           secret: list[str] = SECRET,
            follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
            timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
     """Submit a pipeline to a server (--url) or cluster (--address) and print its run id."""
     if not url and not address:
         raise _fail("submit needs --url (or CICD_RAY_URL) or --address: an embedded cluster "
                     "would end with the command; use `cicd-ray run` for that", EXIT_INVALID)
-    _submit(file, source, address, url, env, follow=follow, timeout=timeout)
+    _submit(file, source, address, url, env, follow=follow, timeout=timeout, secrets=secret)
 
 
 def _submit(file: Path, source: Path | None, address: str | None, url: str | None,
-            env: list[str], follow: bool, timeout: float | None) -> None:
+            env: list[str], follow: bool, timeout: float | None,
+            secrets: list[str] = ()) -> None:
     try:
         spec = load_pipeline(file, Settings.from_env().max_pipeline_bytes)
     except ProblemsError as e:
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     overrides = _parse_env(env)
+    own = _secrets_from_env(secrets)
     try:
         with _connected(url, address) as (runner, embedded):
             try:
-                run_id = runner.submit(spec, file, source, overrides)
+                run_id = runner.submit(spec, file, source, overrides, own)
             except SpecError as e:
                 err.print(f"[red]{escape(str(e))}[/red]")
                 raise typer.Exit(EXIT_INVALID) from None

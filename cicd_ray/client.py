@@ -74,11 +74,15 @@ class Client:
 
     def submit(self, pipeline: str | Path | dict, source: str | Path | None = None,
                env: dict[str, str] | None = None,
-               idempotency_key: str | None = None) -> Run:
+               idempotency_key: str | None = None,
+               secrets: dict[str, str] | None = None) -> Run:
         """Submit a pipeline: a file path, YAML text or a mapping. A file's `source:` folder
         (or `source`, given here) is packed and uploaded. Retries of this call with the same
-        `idempotency_key` return the same run."""
+        `idempotency_key` return the same run. `secrets`: the run's own, given to the steps
+        that list them, masked in logs, deleted when the run ends."""
         body: dict[str, Any] = {"env": env or {}}
+        if secrets:
+            body["secrets"] = secrets
         folder = None
         if isinstance(pipeline, Path) or (isinstance(pipeline, str) and _names_a_file(pipeline)):
             path = Path(pipeline)

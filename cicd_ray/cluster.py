@@ -63,12 +63,16 @@ def ensure_master(settings: Settings | None = None):
 
 
 def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Path | None = None,
-           env: dict[str, str] | None = None, settings: Settings | None = None) -> str:
-    """Snapshot the source, submit, and return the run id once the run is durable."""
+           env: dict[str, str] | None = None, settings: Settings | None = None,
+           secrets: dict[str, str] | None = None) -> str:
+    """Snapshot the source, submit, and return the run id once the run is durable.
+    `secrets`: the submission's own (given to the steps that list them, never stored with
+    the run)."""
     settings = settings or Settings.from_env()
     folder = source_folder(spec.source, pipeline_dir, source_dir)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
-    answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source))
+    answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source, None,
+                                       secrets or {}))
     if isinstance(answer, Rejected):
         raise SpecError(answer.problems, source=spec.name)
     return answer.run_id

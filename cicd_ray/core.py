@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cicd_ray import secrets
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
@@ -30,11 +29,13 @@ from cicd_ray.records import (
     DeliveryRecord,
     KeyRecord,
     RunRecord,
+    RunSecrets,
     StepOutcome,
     WorkerRecord,
 )
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
+from cicd_ray.secrets import missing, run_secret_problems
 from cicd_ray.source import resolve_ref
 from cicd_ray.spec import (
     ConcurrencySpec,
@@ -93,10 +94,12 @@ class MasterCore:
     # --- submissions ---------------------------------------------------------------------------
 
     def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
-             source: Source | None = None, request: str | None = None) -> Planned:
+             source: Source | None = None, request: str | None = None,
+             secrets: dict[str, str] | None = None) -> Planned:
         """Check and plan a submission; pure, so the shell runs it in a thread. `request`: its
-        digest, when the caller has it already."""
-        return plan_submission(pipeline, env or {}, source, self.settings, request)
+        digest, when the caller has it already; `secrets`: the submission's own."""
+        return plan_submission(pipeline, env or {}, source, self.settings, request,
+                               secrets=secrets or {})
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
@@ -108,7 +111,7 @@ class MasterCore:
         return Submitted(run_id=known.run_id, existing=True)
 
     def accept(self, planned: Planned, source: Source | None = None,
-               key: str | None = None) -> Reply:
+               key: str | None = None, secrets: dict[str, str] | None = None) -> Reply:
         """Store the run, then answer: it is durable before its id is returned."""
         if planned.problems:
             return Rejected(problems=planned.problems)
@@ -128,15 +131,19 @@ class MasterCore:
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
+        if secrets:  # stored apart, with the run, before its id is returned
+            self.sched.pending_changes().run_secrets[run.id] = RunSecrets(values=secrets)
         self.commit({key: KeyRecord(run_id=run.id, request=planned.request, at=now)}
                     if key else None)
         return Submitted(run_id=run.id)
 
     def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
-               source: Source | None = None, key: str | None = None) -> Reply:
+               source: Source | None = None, key: str | None = None,
+               secrets: dict[str, str] | None = None) -> Reply:
         """`plan` and `accept` in one call (the shell splits them to plan in a thread)."""
-        planned = self.plan(pipeline, env, source)
-        return self.known_key(key, planned.request) or self.accept(planned, source, key)
+        planned = self.plan(pipeline, env, source, secrets=secrets)
+        return self.known_key(key, planned.request) or self.accept(planned, source, key,
+                                                                   secrets)
 
     def rerun(self, run_id: str, only_failed: bool = False) -> Reply | None:
         """A new run of a finished run's pipeline, on the same commit (or snapshot) with the
@@ -250,6 +257,7 @@ class MasterCore:
         changes.idempotency.update(idempotency or {})
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
+            changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
         if changes:
             t0 = time.perf_counter()
             self.store.save(changes)
@@ -257,6 +265,10 @@ class MasterCore:
             for observer in self.observers:
                 observer.committed(changes, took_s, now)
         effects = decisions.effects()
+        for _, task in effects.dispatch:  # the run's own secrets the step lists, as handed out
+            if task.step.secrets:
+                own = self.store.get_run_secrets(task.run_id)
+                task.secret_values = {n: own[n] for n in task.step.secrets if n in own}
         self._effects.extend(effects)
         return effects
 
@@ -297,11 +309,13 @@ class MasterCore:
 
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
                     settings: Settings, request: str | None = None,
-                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref) -> Planned:
+                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
+                    secrets: dict[str, str] | None = None) -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
     git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
     one step that is not pure)."""
-    request = request or request_digest(pipeline, env, source)
+    secrets = secrets or {}
+    request = request or request_digest(pipeline, env, source, list(secrets))
     try:
         spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
         problems = check_env_overrides(env)
@@ -312,9 +326,11 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     problems += check_fits(steps, settings.pools)
     problems += [f"notify[{i}].webhook: {why}" for i, why in
                  refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
-    listed = {(s.base, name) for s in steps for name in s.secrets}  # variants list the same
+    problems += run_secret_problems(secrets)
+    listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
+              if name not in secrets}  # the submission's own
     problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
-                 for why in secrets.missing(settings.secrets_dir, "default", [name])]
+                 for why in missing(settings.secrets_dir, "default", [name])]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")
@@ -328,10 +344,14 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
 
 
 def request_digest(pipeline: dict | str, env: dict[str, str] | None,
-                   source: Source | None) -> str:
-    """What a repeated Idempotency-Key is compared by: the pipeline, env and source."""
-    text = json.dumps([pipeline, env or {}, source[0] if source else None], sort_keys=True,
-                      default=str)
+                   source: Source | None, secret_names: list[str] | None = None) -> str:
+    """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names
+    of the submission's own secrets (never their values: a digest of a short value could be
+    guessed back from the store)."""
+    parts = [pipeline, env or {}, source[0] if source else None]
+    if secret_names:  # (without any, the digest is what it was before secrets came)
+        parts.append(sorted(secret_names))
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -233,7 +233,9 @@ class Execution:
                 self._identity.release()
 
     def _start(self) -> subprocess.Popen:
-        secrets = read_all(self.config.secrets_dir, self.task.project, self.task.step.secrets)
+        own = self.task.secret_values  # the submission's own, else the project's
+        secrets = {**read_all(self.config.secrets_dir, self.task.project,
+                              [n for n in self.task.step.secrets if n not in own]), **own}
         self._masker = Masker(list(secrets.values()))
         if self.root.exists():
             shutil.rmtree(self.root)

@@ -97,16 +97,19 @@ class Master:
 
     async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
                      source: tuple[str, bytes] | None = None,
-                     idempotency_key: str | None = None) -> Reply:
+                     idempotency_key: str | None = None,
+                     secrets: dict[str, str] | None = None) -> Reply:
         """Validate, store, then answer. The run is durable in the store before its id is
-        returned; a submission repeated with its idempotency key answers with the first run."""
-        request = request_digest(pipeline, env, source)
+        returned; a submission repeated with its idempotency key answers with the first run.
+        `secrets`: the submission's own, stored apart from the run."""
+        request = request_digest(pipeline, env, source, list(secrets or {}))
         known = self.core.known_key(idempotency_key, request)
         if known is not None:
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
-        planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request)
-        answer = self._guarded(self.core.accept, planned, source, idempotency_key)
+        planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request,
+                                          secrets)
+        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return answer
 

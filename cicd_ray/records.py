@@ -221,6 +221,13 @@ class DeliveryRecord(BaseModel):
     finished_at: float | None = None
 
 
+class RunSecrets(BaseModel):
+    """A submission's own secrets: stored apart from the run (never in its record or view),
+    given to the steps that list them, deleted when the run ends."""
+
+    values: dict[str, str] = Field(default_factory=dict, repr=False)
+
+
 class Changes(BaseModel):
     """A batch of records to write together, in one transaction, before acting on any of them."""
 
@@ -232,6 +239,8 @@ class Changes(BaseModel):
     idempotency: dict[str, KeyRecord] = Field(default_factory=dict)  # by Idempotency-Key
     results: dict[str, ResultRecord] = Field(default_factory=dict)  # by step key
     deliveries: dict[str, DeliveryRecord] = Field(default_factory=dict)  # by id
+    run_secrets: dict[str, RunSecrets] = Field(default_factory=dict)  # by run id
+    drop_run_secrets: list[str] = Field(default_factory=list)  # of runs that ended
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -246,7 +255,8 @@ class Changes(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
-                    or self.idempotency or self.results or self.deliveries)
+                    or self.idempotency or self.results or self.deliveries or self.run_secrets
+                    or self.drop_run_secrets)
 
 
 class StepTask(BaseModel):
@@ -263,6 +273,9 @@ class StepTask(BaseModel):
     project: str = "default"  # the secrets its step lists are this project's
     inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
     artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
+    # The values of the run's own secrets this step lists (added by the core as it hands the
+    # task out; never stored with the task, which is not stored).
+    secret_values: dict[str, str] = Field(default_factory=dict, repr=False)
     # Which master dispatched it: a worker whose master has changed since reports the outcome
     # itself, as the call that would have carried it back has no one waiting on it.
     master_epoch: float = 0.0

@@ -23,6 +23,28 @@ class SecretError(CicdError):
     """A secret a step lists cannot be given to it."""
 
 
+MAX_RUN_SECRETS = 32
+MAX_SECRET_BYTES = 64 * 1024
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def run_secret_problems(values: dict[str, str]) -> list[str]:
+    """Problems with a submission's own secrets (never quoting a value)."""
+    if len(values) > MAX_RUN_SECRETS:
+        return [f"secrets: {len(values)} given, at most {MAX_RUN_SECRETS}"]
+    problems = []
+    for name, value in values.items():
+        if not _NAME.match(name) or name.startswith("CICD_"):
+            problems.append(f"secrets.{name[:64]}: not a variable name (letters, digits, _; "
+                            "not starting with CICD_)")
+        elif not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+            problems.append(f"secrets.{name}: shorter than {MIN_SECRET_CHARS} characters: "
+                            "masking it in logs would mask ordinary text")
+        elif len(value.encode()) > MAX_SECRET_BYTES:
+            problems.append(f"secrets.{name}: larger than {MAX_SECRET_BYTES} bytes")
+    return problems
+
+
 def secret_path(root: Path, project: str, name: str) -> Path:
     return root / project / name
 

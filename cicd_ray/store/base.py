@@ -64,6 +64,10 @@ class Store(Protocol):
     def get_result(self, key: str) -> ResultRecord | None:
         """The success stored for a step key (saved with `Changes.results`), if any."""
 
+    def get_run_secrets(self, run_id: str) -> dict[str, str]:
+        """A run's own secrets (saved with `Changes.run_secrets`, dropped with
+        `Changes.drop_run_secrets` or with the run); {} when it has none (any more)."""
+
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         """A run's notifications; with no run, every one still pending or being sent."""
 

@@ -35,6 +35,7 @@ class MemoryStore:
         self._sources: dict[str, tuple[bytes, float]] = {}
         self._results: dict[str, str] = {}
         self._deliveries: dict[str, str] = {}
+        self._run_secrets: dict[str, dict[str, str]] = {}
 
     def save(self, changes: Changes) -> None:
         runs = {r.id: r.model_dump_json() for r in changes.runs.values()}
@@ -47,6 +48,9 @@ class MemoryStore:
         with self._lock:
             self._results.update(results)
             self._deliveries.update(deliveries)
+            self._run_secrets.update({k: dict(v.values) for k, v in changes.run_secrets.items()})
+            for run_id in changes.drop_run_secrets:
+                self._run_secrets.pop(run_id, None)
             self._runs.update(runs)
             for run_id, name, data in steps:
                 self._steps.setdefault(run_id, {})[name] = data
@@ -118,6 +122,9 @@ class MemoryStore:
     def next_run_seq(self) -> int:
         return max((r.seq for r in self._all_runs()), default=0) + 1
 
+    def get_run_secrets(self, run_id: str) -> dict[str, str]:
+        return dict(self._run_secrets.get(run_id, {}))
+
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         with self._lock:
             found = [DeliveryRecord.model_validate_json(t) for t in self._deliveries.values()]
@@ -153,6 +160,7 @@ class MemoryStore:
                 self._runs.pop(run_id, None)
                 for key in [k for k in self._deliveries if k.startswith(f"{run_id}/")]:
                     self._deliveries.pop(key)
+                self._run_secrets.pop(run_id, None)
             gone_results = [k for k, t in self._results.items()
                             if ResultRecord.model_validate_json(t).origin.run_id in run_ids]
             for key in gone_results:

@@ -83,13 +83,21 @@ class RedisStore:
             for key, result in changes.results.items():
                 pipe.hset(self._k("results"), key, result.model_dump_json())
                 pipe.sadd(self._k("results", result.origin.run_id), key)
-            for d in changes.deliveries.values():
-                pipe.hset(self._k("deliveries", d.run_id), d.id, d.model_dump_json())
-                if d.state in OPEN_DELIVERY:
-                    pipe.sadd(self._k("deliveries", "open"), d.run_id)
+            self._outbox_and_secrets(pipe, changes)
             pipe.execute()
 
         self._do(write)
+
+    def _outbox_and_secrets(self, pipe, changes: Changes) -> None:
+        """Deliveries (with the index of runs that have open ones) and runs' own secrets."""
+        for run_id, secrets in changes.run_secrets.items():
+            pipe.set(self._k("run_secrets", run_id), json.dumps(secrets.values))
+        for run_id in changes.drop_run_secrets:
+            pipe.delete(self._k("run_secrets", run_id))
+        for d in changes.deliveries.values():
+            pipe.hset(self._k("deliveries", d.run_id), d.id, d.model_dump_json())
+            if d.state in OPEN_DELIVERY:
+                pipe.sadd(self._k("deliveries", "open"), d.run_id)
 
     def _runs(self, ids: list[bytes]) -> list[RunRecord]:
         if not ids:
@@ -173,6 +181,10 @@ class RedisStore:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
 
+    def get_run_secrets(self, run_id: str) -> dict[str, str]:
+        raw = self._do(lambda: self._r.get(self._k("run_secrets", run_id)))
+        return json.loads(raw) if raw else {}
+
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         def read() -> list[DeliveryRecord]:
             runs = [run_id] if run_id else [
@@ -233,7 +245,8 @@ class RedisStore:
                 for attempt_id in attempts[run_id]:
                     pipe.delete(self._k("log", attempt_id.decode()))
                 pipe.delete(self._k("run", run_id), self._k("steps", run_id),
-                            self._k("attempts", run_id), self._k("deliveries", run_id))
+                            self._k("attempts", run_id), self._k("deliveries", run_id),
+                            self._k("run_secrets", run_id))
                 pipe.srem(self._k("deliveries", "open"), run_id)
                 pipe.zrem(self._k("runs"), run_id)
                 pipe.zrem(self._k("runs", "active"), run_id)

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY, run_id TEXT NOT NULL, open INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_run ON deliveries (run_id);
 CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (open);
+CREATE TABLE IF NOT EXISTS run_secrets (run_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
@@ -117,6 +118,10 @@ class SqliteStore:
             ("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
              [(d.id, d.run_id, int(d.state in OPEN_DELIVERY), d.model_dump_json())
               for d in changes.deliveries.values()]),
+            ("INSERT OR REPLACE INTO run_secrets VALUES (?, ?)",
+             [(run_id, json.dumps(s.values)) for run_id, s in changes.run_secrets.items()]),
+            ("DELETE FROM run_secrets WHERE run_id = ?",
+             [(run_id,) for run_id in changes.drop_run_secrets]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -189,6 +194,10 @@ class SqliteStore:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
 
+    def get_run_secrets(self, run_id: str) -> dict[str, str]:
+        rows = self._read("SELECT data FROM run_secrets WHERE run_id = ?", (run_id,))
+        return json.loads(rows[0][0]) if rows else {}
+
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         rows = (self._read("SELECT data FROM deliveries WHERE run_id = ? ORDER BY id", (run_id,))
                 if run_id else self._read("SELECT data FROM deliveries WHERE open = 1"))
@@ -220,6 +229,7 @@ class SqliteStore:
             ("DELETE FROM steps WHERE run_id = ?", ids),
             ("DELETE FROM results WHERE run_id = ?", ids),
             ("DELETE FROM deliveries WHERE run_id = ?", ids),
+            ("DELETE FROM run_secrets WHERE run_id = ?", ids),
             ("DELETE FROM runs WHERE id = ?", ids),
         ])
 

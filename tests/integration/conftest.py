@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,3 +150,19 @@ def shared_dir():
     path.chmod(0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+CLI = [sys.executable, "-m", "cicd_ray.cli"]
+CLI_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["CICD_RAY_HOME"] = str(tmp_path / "home")
+
+    def call(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=CLI_ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=timeout)
+
+    return call

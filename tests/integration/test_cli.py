@@ -12,24 +12,11 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
 from cicd_ray.isolation import usable_by_others
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "cicd_ray.cli"]
-
-
-@pytest.fixture
-def cli(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["CICD_RAY_HOME"] = str(tmp_path / "home")
-
-    def call(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=timeout)
-
-    return call
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:

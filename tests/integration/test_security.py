@@ -123,3 +123,32 @@ def test_a_secret_is_masked_in_the_log_and_absent_from_every_view(harness, api):
         assert DEPLOY_KEY not in text and base64.b64encode(DEPLOY_KEY.encode()).decode() \
             not in text
     assert harness.step(view, "deploy")["spec"]["secrets"] == ["DEPLOY_KEY"]
+
+
+def test_a_run_s_own_secret_from_the_cli_is_masked_and_deleted_when_it_ends(harness, api, cli,
+                                                                            tmp_path):
+    import json
+
+    from cicd_ray.store import open_store
+    from tests.integration.conftest import API_TOKEN
+
+    pipeline = tmp_path / "own.yaml"
+    pipeline.write_text("name: own-secret\nsteps:\n  - name: use\n    secrets: [RELEASE_TOKEN]\n"
+                        "    run: echo \"token is $RELEASE_TOKEN\"\n")
+    value = "release-token-" + "q" * 20
+    remote = {"CICD_RAY_URL": api, "CICD_RAY_TOKEN": API_TOKEN}
+    unset = cli("submit", str(pipeline), "--secret", "RELEASE_TOKEN", **remote)
+    assert unset.returncode == 2 and "set the variable RELEASE_TOKEN" in unset.stderr + \
+        unset.stdout
+    done = cli("submit", str(pipeline), "--secret", "RELEASE_TOKEN", "--follow",
+               RELEASE_TOKEN=value, **remote)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert value not in done.stdout + done.stderr
+    run_id = done.stdout.split()[1]
+    assert harness.log(run_id, "use") == "token is ***\n"
+    assert value not in json.dumps(harness.view(run_id))
+    store = open_store(harness.settings.store_url)
+    try:
+        assert store.get_run_secrets(run_id) == {}
+    finally:
+        store.close()

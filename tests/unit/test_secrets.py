@@ -138,3 +138,41 @@ def test_a_secret_gone_when_the_step_starts_fails_it_with_the_reason(settings):
     step = run_view(store, run_id).steps[0]
     assert step.state.value == "failed"
     assert "TOKEN: project default has no such secret" in step.reason
+
+
+def test_a_run_s_own_secrets_reach_the_steps_that_list_them_and_go_when_it_ends(settings):
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    own = "run-scoped-value-" + "r" * 12
+    pipeline = {"name": "own", "steps": [
+        {"name": "deploy", "secrets": ["RUN_TOKEN", "TOKEN"],
+         "run": 'echo "own=$RUN_TOKEN project=$TOKEN"'},
+        {"name": "other", "needs": ["deploy"], "run": 'echo "${RUN_TOKEN:-unset}"'}]}
+    run_id = submitted(core.submit(pipeline, secrets={"RUN_TOKEN": own}, key="k1"))
+    assert store.get_run_secrets(run_id) == {"RUN_TOKEN": own}  # stored with the run
+    driver.run_until_idle()
+    view = run_view(store, run_id)
+    logs = {a.step: store.read_log(a.id) for a in view.attempts}
+    assert logs == {"deploy": b"own=*** project=***\n", "other": b"unset\n"}
+    assert store.get_run_secrets(run_id) == {}  # deleted when the run ended
+    stored = json.dumps(view.model_dump(mode="json")) + json.dumps(
+        store.get_key("k1").model_dump(mode="json"))
+    assert own not in stored
+    # A repeat with the same key is the same run, whatever the values; other names conflict.
+    assert core.submit(pipeline, secrets={"RUN_TOKEN": "another-value"}, key="k1").run_id \
+        == run_id
+    assert type(core.submit(pipeline, secrets={"OTHER": own}, key="k1")).__name__ == "Conflict"
+
+
+def test_a_run_s_own_secrets_are_checked_without_quoting_them(settings):
+    core, _ = make(settings)
+    reply = core.submit({"name": "own", "steps": [
+        {"name": "a", "secrets": ["MISSING"], "run": "true"}]},
+        secrets={"SHORT": "abc", "CICD_X": "long-enough-value", "bad name": "long-enough"})
+    assert reply.problems == [
+        "secrets.SHORT: shorter than 6 characters: masking it in logs would mask ordinary text",
+        "secrets.CICD_X: not a variable name (letters, digits, _; not starting with CICD_)",
+        "secrets.bad name: not a variable name (letters, digits, _; not starting with CICD_)",
+        "steps[a].secrets: MISSING: project default has no such secret (a file MISSING in "
+        "CICD_RAY_SECRETS_DIR/default)"]
+    assert "long-enough" not in json.dumps(reply.problems)

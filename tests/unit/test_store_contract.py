@@ -288,6 +288,21 @@ def test_deliveries_are_listed_per_run_open_ones_found_and_deleted_with_their_ru
     assert store.get_deliveries("r1") == [] and store.get_deliveries() == []
 
 
+def test_a_run_s_own_secrets_are_kept_apart_dropped_and_deleted_with_it(store):
+    from cicd_ray.records import RunSecrets
+
+    for run_id in ("r1", "r2"):
+        _finished_run(store, run_id, at=10.0)
+    store.save(Changes(run_secrets={"r1": RunSecrets(values={"A": "value-one"}),
+                                    "r2": RunSecrets(values={"B": "value-two"})}))
+    assert store.get_run_secrets("r1") == {"A": "value-one"}
+    assert "value-one" not in store.get_run("r1").model_dump_json()
+    store.save(Changes(drop_run_secrets=["r1"]))
+    assert store.get_run_secrets("r1") == {} and store.get_run_secrets("nope") == {}
+    store.delete_runs(["r2"])
+    assert store.get_run_secrets("r2") == {}
+
+
 def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_path):
     import io
 
