@@ -132,6 +132,8 @@ function stepDetails(runId, step, attempt, box) {
 }
 
 const GROUP_WAIT = "waiting for concurrency group ";
+// What was typed into an approval's fields, kept while the run's view is drawn again.
+const drafts = {};
 
 // What flow control says of a step on its card: skipped by its condition, waiting for its
 // concurrency group, waiting for approval (with the buttons that answer), or answered.
@@ -148,15 +150,19 @@ function flow(runId, step, reload) {
       `${a.decision} by ${a.by}${a.comment ? `: ${a.comment}` : ""}`)];
   }
   if (step.state !== "waiting_approval") return [];
-  const by = el("input", {name: "by", placeholder: "your name",
-    value: localStorage.getItem("cicd-name") ?? ""});
-  const comment = el("input", {name: "comment", placeholder: "comment"});
+  const key = `${runId}/${step.spec.name}`;
+  const draft = drafts[key] ??= {by: localStorage.getItem("cicd-name") ?? "", comment: ""};
+  const by = el("input", {name: "by", placeholder: "your name", value: draft.by,
+    oninput: () => { draft.by = by.value; }});
+  const comment = el("input", {name: "comment", placeholder: "comment", value: draft.comment,
+    oninput: () => { draft.comment = comment.value; }});
   const said = el("div", {class: "error"});
   const answer = async (reject) => {
-    localStorage.setItem("cicd-name", by.value);
+    localStorage.setItem("cicd-name", draft.by);
     const response = await api(`/api/v1/runs/${runId}/steps/${encodeURIComponent(step.spec.name)}/approve`, {
       method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({reject, comment: comment.value, by: by.value || "anonymous"})});
+      body: JSON.stringify({reject, comment: draft.comment, by: draft.by || "anonymous"})});
+    if (response.ok) delete drafts[key];
     if (!response.ok) said.textContent = (await response.json()).detail;
     reload();
   };
