@@ -218,7 +218,7 @@ class Execution:
             try:
                 proc = self._start()
             except (OSError, SourceError, IsolationError, ArtifactError, SecretError) as e:
-                self._log.add(f"[cicd-ray] {e}\n".encode())
+                self._note(f"[cicd-ray] {e}\n".encode())
                 return self._outcome(StepState.FAILED, None, started, None,
                                      reason=f"could not start the step: {e}")
             return self._follow(proc, started)
@@ -260,7 +260,7 @@ class Execution:
             self._identity = take_identity(self.config.step_uids, self.task.attempt)
             hand_over(self.root, self._identity.uid)
         elif os.geteuid() != 0:
-            self._log.add(SHARED_USER_NOTE.format(user=_user_name()).encode())
+            self._note(SHARED_USER_NOTE.format(user=_user_name()).encode())
         uid = self._identity.uid if self._identity else None
         return subprocess.Popen(
             command(str(script), self.task.step.memory_mb, uid),
@@ -348,7 +348,7 @@ class Execution:
         if task.inputs and store is None:
             raise ArtifactError("this worker has no artifact store")
         for line in place_inputs(store, task.inputs, self.workspace) if store else ():
-            self._log.add(line.encode())
+            self._note(line.encode())
         env = step_env(task, self.workspace, self.root / "tmp", self.root / "home")
         for cache in task.step.cache:
             use = CacheUse(key=cache.key)
@@ -359,7 +359,7 @@ class Execution:
             except Exception as e:  # a cache saves time; without it the step still runs
                 use.note = f"not restored: {e}"
             self._caches.append(use)
-            self._log.add(f"[cicd-ray] cache {use.key}: {_cache_line(use)}\n".encode())
+            self._note(f"[cicd-ray] cache {use.key}: {_cache_line(use)}\n".encode())
 
     def _keep(self) -> str:
         """After success: keep the artifacts (the reason the step fails when they cannot be
@@ -374,10 +374,10 @@ class Execution:
                 self._kept = keep(self.config.artifacts, self.workspace, task.step.artifacts,
                                   self.config.artifact_max_bytes, task.artifact_room_bytes)
             except (ArtifactError, OSError) as e:
-                self._log.add(f"[cicd-ray] artifacts not kept: {e}\n".encode())
+                self._note(f"[cicd-ray] artifacts not kept: {e}\n".encode())
                 return f"artifacts not kept: {e}"
             size = sum(f.size for f in self._kept)
-            self._log.add(f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n"
+            self._note(f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n"
                           .encode())
         for cache, use in zip(task.step.cache, self._caches, strict=False):
             try:
@@ -387,7 +387,7 @@ class Execution:
                 use.note = f"not saved: {e}"
             if use.bytes_saved or use.note:
                 saved = f"saved {use.bytes_saved} bytes" if use.bytes_saved else use.note
-                self._log.add(f"[cicd-ray] cache {use.key}: {saved}\n".encode())
+                self._note(f"[cicd-ray] cache {use.key}: {saved}\n".encode())
         return ""
 
     def _drain(self, fd: int, sel: selectors.BaseSelector) -> bool:
@@ -411,6 +411,11 @@ class Execution:
             sel.select(max(0.0, give_up - time.monotonic()))
             if self._drain(fd, sel):
                 return
+
+    def _note(self, data: bytes) -> None:
+        """A line of cicd-ray's own, after what the step printed so far (held back by the
+        masker or not), and masked too (an error may quote what the step was given)."""
+        self._log.add(self._masker.flush() + self._masker.feed(data) + self._masker.flush())
 
     def _flush(self) -> None:
         chunk = self._log.take()

@@ -176,3 +176,15 @@ def test_a_run_s_own_secrets_are_checked_without_quoting_them(settings):
         "steps[a].secrets: MISSING: project default has no such secret (a file MISSING in "
         "CICD_RAY_SECRETS_DIR/default)"]
     assert "long-enough" not in json.dumps(reply.problems)
+
+
+def test_cicd_ray_s_own_lines_come_after_what_the_step_printed_and_are_masked(settings):
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    run_id = submitted(core.submit({"name": "order", "steps": [
+        {"name": "a", "secrets": ["TOKEN"], "artifacts": ["d/f"],
+         "run": "mkdir d; echo x > d/f; printf 'ends with pypi-Ag'"}]}))
+    driver.run_until_idle()
+    [attempt] = run_view(store, run_id).attempts
+    log = store.read_log(attempt.id).decode()
+    assert log.startswith("ends with pypi-Ag[cicd-ray] artifacts kept: 1 file(s)"), log
