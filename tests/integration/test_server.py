@@ -92,6 +92,10 @@ def test_cli_against_the_server(server):
     assert "testing on python 3.12" in log.stdout
     workers = json.loads(cli("workers", "--json", **auth).stdout)
     assert {w["pool"] for w in workers if w["state"] == "ready"} == {"default"}
+    # Heartbeats carry the node's network as well as CPU, memory and disk.
+    assert all(w["net_recv_bytes"] > 0 and w["net_sent_bytes"] > 0 for w in workers
+               if w["state"] == "ready" and w["last_heartbeat"])
+    assert "net in/s" in cli("workers", COLUMNS="200", **auth).stdout
     bad = cli("submit", "pipelines/hello.yaml", **{**auth, "CICD_RAY_TOKEN": "wrong"})
     assert bad.returncode == 1 and "invalid token" in bad.stderr
 
