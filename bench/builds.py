@@ -28,13 +28,14 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
+from common import local_cluster
+
 from cicd_ray import cluster
 from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.config import Settings
 from cicd_ray.spec import parse_pipeline
 
 SECONDS = re.compile(r"^took ([0-9]+)e-3$", re.M)
@@ -212,24 +213,14 @@ def main() -> None:
     parser.add_argument("--parts", default="1,2,3,4", help="which of the four to run")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="cicd-bench-", dir="/var/tmp"))
-    home.chmod(0o755)
-    settings = Settings(home=home, pools={
-        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)})
-    cluster.connect(settings=settings, num_cpus=4)
-    master = cluster.ensure_master(settings)
-    bench = Bench(settings, master, home / "bench")
-    bench.work.mkdir()
-    try:
+    with local_cluster() as (settings, master, work):
+        bench = Bench(settings, master, work)
         parts = {"1": lambda: handover(bench, args.artifact_mib),
                  "2": lambda: reuse(bench, args.reuse_steps),
                  "3": lambda: cache(bench, args.cache_mib),
                  "4": lambda: project(bench, args.project)}
         for part in args.parts.split(","):
             parts[part.strip()]()
-    finally:
-        cluster.shutdown_embedded(master)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

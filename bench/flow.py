@@ -14,15 +14,15 @@ embedded local cluster:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from common import local_cluster
+
 from cicd_ray import cluster
 from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.config import Settings
 from cicd_ray.spec import parse_pipeline
 
 
@@ -87,21 +87,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="cicd-bench-", dir="/var/tmp"))
-    home.chmod(0o755)
-    settings = Settings(home=home, pools={
-        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)})
-    cluster.connect(settings=settings, num_cpus=4)
-    master = cluster.ensure_master(settings)
-    bench = Bench(settings, master, home / "bench")
-    bench.work.mkdir()
-    try:
-        bench.finish([bench.submit({"name": "warm-up", "steps": [{"name": "a", "run": "true"}]})])
+    with local_cluster() as (settings, master, work):
+        bench = Bench(settings, master, work)
+        bench.finish([bench.submit({"name": "warm-up",
+                                    "steps": [{"name": "a", "run": "true"}]})])
         group_handover(bench, args.runs, args.repeats)
         conditions(bench, args.runs, args.repeats)
-    finally:
-        cluster.shutdown_embedded(master)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

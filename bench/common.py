@@ -1,0 +1,32 @@
+"""What the benchmarks of builds and flow control share: one embedded local cluster with a
+pool of 2 workers x 2 CPUs, its home a fresh folder under /var/tmp (steps run as users of
+their own, who may enter it), removed afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cicd_ray import cluster
+from cicd_ray.config import PoolConfig, Settings
+
+
+@contextmanager
+def local_cluster() -> Iterator[tuple[Settings, object, Path]]:
+    """(settings, the master, a folder for the pipelines' files) of a cluster started here."""
+    home = Path(tempfile.mkdtemp(prefix="cicd-bench-", dir="/var/tmp"))
+    home.chmod(0o755)
+    settings = Settings(home=home, pools={
+        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)})
+    cluster.connect(settings=settings, num_cpus=4)
+    master = cluster.ensure_master(settings)
+    work = home / "bench"
+    work.mkdir()
+    try:
+        yield settings, master, work
+    finally:
+        cluster.shutdown_embedded(master)
+        shutil.rmtree(home, ignore_errors=True)
