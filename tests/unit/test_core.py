@@ -210,12 +210,19 @@ def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
     assert doc["failed_steps"][0]["log_tail"][-1] == "out"
 
 
-def test_a_delivery_is_tried_with_backoff_and_at_most_once_across_restarts(settings):
+def ended_notified_run(settings):
+    """A core whose run of NOTIFIED has failed, its notification pending: (clock, store,
+    core, run id)."""
     clock = Clock(1000.0)
     store = MemoryStore()
     core, driver = make(settings, store, clock)
     run_id = submitted(core.submit(NOTIFIED))
     driver.run_until_idle()
+    return clock, store, core, run_id
+
+
+def test_a_delivery_is_tried_with_backoff_and_at_most_once_across_restarts(settings):
+    clock, store, core, run_id = ended_notified_run(settings)
     [d] = core.due_deliveries()
     assert store.get_deliveries(run_id)[0].state == "sending"  # before the request is made
     assert core.due_deliveries() == []
@@ -236,11 +243,7 @@ def test_a_delivery_is_tried_with_backoff_and_at_most_once_across_restarts(setti
 
 
 def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(settings):
-    clock = Clock(1000.0)
-    store = MemoryStore()
-    core, driver = make(settings, store, clock)
-    run_id = submitted(core.submit(NOTIFIED))
-    driver.run_until_idle()
+    clock, store, _, run_id = ended_notified_run(settings)
     again, driver = make(settings, store, clock)  # restarted between its end and the try
     [d] = again.due_deliveries()
     again.delivery_done(d.id, 200)
