@@ -74,7 +74,7 @@ class Flow:
     def gate(self, run: RunRecord, step: StepRecord, now: float) -> Gate:
         """Decide the way on of a step whose needs have all ended (or whose approval came)."""
         decided = step.approval is not None or step.admitted
-        if not decided and not holds(self._condition(step), self.book.facts(step)):
+        if not decided and not self._holds(step):
             if run.cancel_requested:
                 return Gate(skip=StepState.CANCELLED, reason="run cancelled")
             return self._skip(step)
@@ -106,11 +106,11 @@ class Flow:
             return False  # (a run still waiting for its group never started: nothing to clean)
         if self.book.unmet(step.run_id, step.name):
             return True  # decided when its needs end
-        return holds(self._condition(step), self.book.facts(step))
+        return self._holds(step)
 
-    @staticmethod
-    def _condition(step: StepRecord):
-        return compiled(step.spec.condition or "success()")
+    def _holds(self, step: StepRecord) -> bool:
+        condition = compiled(step.spec.condition or "success()")
+        return holds(condition, self.book.facts(step, condition))
 
     def _skip(self, step: StepRecord) -> Gate:
         if step.spec.condition:

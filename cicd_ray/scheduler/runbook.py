@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cicd_ray.conditions import Facts, compiled
+from cicd_ray.conditions import Condition, Facts, compiled
 from cicd_ray.records import RunRecord, StepRecord
 from cicd_ray.scheduler.decisions import Decisions
 from cicd_ray.states import RunState, StepState, move
@@ -92,15 +92,18 @@ class RunBook:
                     ready.append(dependent)
         return ready
 
-    def facts(self, step: StepRecord) -> Facts:
-        """What the step's `if:` reads: its needs' and ancestors' states, env, matrix, run."""
+    def facts(self, step: StepRecord, condition: Condition) -> Facts:
+        """What the step's `if:` reads: its needs' and ancestors' states, env, matrix, run.
+        The ancestors are walked only for a condition that names `failure()`: every step is
+        decided this way, and a walk for each would make a long chain quadratic."""
         run = self.runs[step.run_id]
         run_steps = self.steps[step.run_id]
         needs = [run_steps[n] for n in step.spec.needs if n in run_steps]
         return Facts(
             success=all(n.state is StepState.SUCCEEDED for n in needs)
             and not run.cancel_requested,
-            failure=any(a.state in BAD for a in self._ancestors(step)),
+            failure="failure" in condition.statuses
+            and any(a.state in BAD for a in self._ancestors(step)),
             cancelled=run.cancel_requested, env=step.spec.env, matrix=step.spec.matrix,
             run=run.variables)
 
