@@ -25,7 +25,7 @@ class Control:
     book: RunBook
     flow: Flow
     _out: Decisions
-    _stopping: set[str]
+    _stopping: dict[str, str]
 
     def cancel(self, run_id: str, now: float, reason: str = "cancelled by request",
                spare: bool = False) -> RunRecord | None:
@@ -47,9 +47,10 @@ class Control:
         self.book.finish_run_if_done(run_id, now)
         return run
 
-    def _stop(self, step: StepRecord) -> None:
+    def _stop(self, step: StepRecord, reason: str = "") -> None:
+        """Kill the step's attempt; it ends cancelled, with `reason` if one is given."""
         if step.current_attempt:
-            self._stopping.add(step.current_attempt)
+            self._stopping[step.current_attempt] = reason
             self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
 
     def _replace(self, member: str, reason: str, now: float) -> None:
@@ -63,7 +64,7 @@ class Control:
             return
         if step.state is StepState.RUNNING:
             if not step.spec.let_finish:
-                self._stop(step)
+                self._stop(step, reason)
             return
         self._finish(step, StepState.CANCELLED, now, reason=reason)
         self.book.finish_run_if_done(run_id, now)

@@ -50,7 +50,9 @@ class Scheduler(Control, Recovery):
         self.queues = ReadyQueues(pools, self.book.step)
         self.slots = Slots(pools, heartbeat_timeout_s, self._out)
         self.attempts: dict[str, AttemptRecord] = {}  # running, by id
-        self._stopping: set[str] = set()  # attempts killed by a cancel: they end cancelled
+        # Attempts killed by a cancel (they end cancelled), with the reason to end them with
+        # ("": the worker's).
+        self._stopping: dict[str, str] = {}
         self._seq = 0
 
     @property
@@ -220,7 +222,7 @@ class Scheduler(Control, Recovery):
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
         run = self.runs[attempt.run_id]
         stopped = attempt.id in self._stopping  # killed by a cancel
-        self._stopping.discard(attempt.id)
+        reason = self._stopping.pop(attempt.id, "") or reason
         if state not in (StepState.SUCCEEDED, StepState.CANCELLED) and not stopped \
                 and not run.cancel_requested:
             cause: Cause = "infra" if infra else (
@@ -230,8 +232,6 @@ class Scheduler(Control, Recovery):
                 self._requeue(step, attempt, again, reason, now)
                 return
         final = StepState.CANCELLED if stopped and state is not StepState.SUCCEEDED else state
-        if stopped and step.reason.startswith("cancelled: "):
-            reason = step.reason  # replaced by a newer run of its concurrency group
         self._finish(step, final, now, reason=reason)
         self.book.finish_run_if_done(run.id, now)
 

@@ -374,3 +374,21 @@ def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch)
         dispatched(s, 0)
         finish(s, name)
     assert walks == ["d"] and states(s) is None  # d skipped, the run over
+
+
+def test_a_running_step_a_newer_run_s_step_replaces_ends_cancelled_saying_why():
+    s = make()
+    step = {"name": "deploy", "run": "x",
+            "concurrency": {"group": "prod", "cancel_in_progress": True}}
+    submit(s, [step])
+    assert dispatched(s, 0)[0] == [("w1", "deploy")]
+    submit(s, [step], run_id="r2", seq=2)
+    assert [k.attempt_id for k in s.take().kill] == ["r1/deploy/1"]
+    finish(s, "deploy", StepState.FAILED, now=1, code=-15)  # the kill
+    d = s.take()
+    old = d.changes.steps[("r1", "deploy")]
+    assert old.state is StepState.CANCELLED
+    assert old.reason == "cancelled: run r2 of concurrency group prod replaces it"
+    assert d.changes.runs["r1"].state is RunState.CANCELLED
+    assert [n for _, n in dispatched(s, 2)[0]] == ["deploy"]
+    assert s.steps["r2"]["deploy"].state is StepState.RUNNING
