@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from cicd_ray.errors import CicdError
+from cicd_ray.spec import ENV_NAME, RESERVED_ENV_PREFIX
 
 MIN_SECRET_CHARS = 6  # masking a shorter value would mask ordinary text
 MASK = b"***"
@@ -25,7 +26,6 @@ class SecretError(CicdError):
 
 MAX_RUN_SECRETS = 32
 MAX_SECRET_BYTES = 64 * 1024
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def run_secret_problems(values: dict[str, str]) -> list[str]:
@@ -34,7 +34,7 @@ def run_secret_problems(values: dict[str, str]) -> list[str]:
         return [f"secrets: {len(values)} given, at most {MAX_RUN_SECRETS}"]
     problems = []
     for name, value in values.items():
-        if not _NAME.match(name) or name.startswith("CICD_"):
+        if not re.match(ENV_NAME, name) or name.startswith(RESERVED_ENV_PREFIX):
             problems.append(f"secrets.{name[:64]}: not a variable name (letters, digits, _; "
                             "not starting with CICD_)")
         elif not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
@@ -52,11 +52,6 @@ def secret_path(root: Path, project: str, name: str) -> Path:
 def missing(root: Path | None, project: str, names: list[str]) -> list[str]:
     """Why each of `names` cannot be given (checked at submission): none configured, no such
     file, or a value too short to mask."""
-    if not names:
-        return []
-    if root is None:
-        return [f"{name}: no secrets are configured here (set CICD_RAY_SECRETS_DIR)"
-                for name in names]
     out = []
     for name in names:
         try:
