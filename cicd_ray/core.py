@@ -131,10 +131,12 @@ class MasterCore:
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
+        extra = Changes()
+        if key:
+            extra.idempotency[key] = KeyRecord(run_id=run.id, request=planned.request, at=now)
         if secrets:  # stored apart, with the run, before its id is returned
-            self.sched.pending_changes().run_secrets[run.id] = RunSecrets(values=secrets)
-        self.commit({key: KeyRecord(run_id=run.id, request=planned.request, at=now)}
-                    if key else None)
+            extra.run_secrets[run.id] = RunSecrets(values=secrets)
+        self.commit(extra)
         return Submitted(run_id=run.id)
 
     def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
@@ -249,12 +251,15 @@ class MasterCore:
 
     # --- committing ----------------------------------------------------------------------------
 
-    def commit(self, idempotency: dict[str, KeyRecord] | None = None) -> Effects:
-        """Write the scheduler's decisions, tell the observers, and return (and keep, for
+    def commit(self, extra: Changes | None = None) -> Effects:
+        """Write the scheduler's decisions (with `extra`: records that are not the scheduler's,
+        an Idempotency-Key, a run's own secrets), tell the observers, and return (and keep, for
         `take_effects`) what to carry out. StoreError: nothing was written nor is carried out."""
         decisions = self.sched.take()
         changes = decisions.changes
-        changes.idempotency.update(idempotency or {})
+        if extra is not None:
+            changes.idempotency.update(extra.idempotency)
+            changes.run_secrets.update(extra.run_secrets)
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]

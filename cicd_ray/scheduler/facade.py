@@ -13,7 +13,6 @@ from cicd_ray.config import PoolConfig
 from cicd_ray.keys import key_of, key_parts
 from cicd_ray.records import (
     AttemptRecord,
-    Changes,
     Origin,
     ResultRecord,
     RunRecord,
@@ -69,10 +68,6 @@ class Scheduler(Control, Recovery):
 
     def take(self) -> Decisions:
         return self._out.drain()
-
-    def pending_changes(self) -> Changes:
-        """The batch being collected, for the core to add what is not the scheduler's."""
-        return self._out.changes
 
     # --- runs -------------------------------------------------------------------------------
 
