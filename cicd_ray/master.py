@@ -291,8 +291,7 @@ class Master:
         except Exception as e:  # no answer: tried again later, within the delivery window
             self._guarded(self.core.delivery_done, d.id, None, f"{type(e).__name__}: {e}")
         else:
-            self._guarded(self.core.delivery_done, d.id, status,
-                          "" if 200 <= status < 300 else f"HTTP {status}")
+            self._guarded(self.core.delivery_done, d.id, status)
 
     def _look_ahead(self) -> None:
         """Ask the autoscaler for the workers the next steps will need (a standing request,

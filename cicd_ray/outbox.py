@@ -70,13 +70,13 @@ class Outbox:
 
     def settle(self, delivery_id: str, status: int | None, error: str, now: float,
                final: bool = False) -> None:
-        """A try ended with an HTTP status (None: no answer): delivered, tried again later
-        (with backoff, within the delivery window) or failed (at once when `final`: a target
-        refused)."""
+        """A try ended with an HTTP status (None: no answer, `error` says why): delivered,
+        tried again later (with backoff, within the delivery window) or failed (at once when
+        `final`: a target refused)."""
         d = self.open.get(delivery_id)
         if d is None:
             return
-        d.status_code, d.error = status, error[:500]
+        d.status_code, d.error = status, (error or (f"HTTP {status}" if status else ""))[:500]
         retry = not final if status is None else (status >= 500 or status in RETRY_STATUS)
         if status is not None and 200 <= status < 300:
             d.state, d.error = "delivered", ""
