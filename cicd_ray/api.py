@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 import ray
@@ -30,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
+from cicd_ray.access import Granted, caller, check_run, needs, not_found, scope, submit_project
 from cicd_ray.artifacts import ArtifactStore
+from cicd_ray.auth import Role
 from cicd_ray.buildroutes import build_routes
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError, StoreError
@@ -45,13 +48,22 @@ from cicd_ray.protocol import (
     Conflict,
     LogSlice,
     Missing,
+    OverQuota,
     Rejected,
     RunChange,
 )
 from cicd_ray.source import check_archive
 from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
-from cicd_ray.store import Store, log_answer, open_reader, run_view, runs_page
+from cicd_ray.store import (
+    Store,
+    audit_page,
+    log_answer,
+    open_reader,
+    run_project,
+    run_view,
+    runs_page,
+)
 
 MASTER_TIMEOUT_S = 10.0
 RETRY_AFTER_S = "2"
@@ -81,6 +93,9 @@ class SubmitRequest(BaseModel):
     source: ArchiveSource | GitSource | None = Field(
         None, description="an uploaded archive, or a repository the workers clone (this "
         "replaces the pipeline's own `source`)")
+    project: str | None = Field(
+        None, pattern=auth.PROJECT_NAME.pattern,
+        description="whose run it is: the token's project (an admin's token may name any)")
 
 
 class RunCreated(BaseModel):
@@ -127,7 +142,8 @@ class _Reads:
         if store is None:
             return await self.master.call(method, *args)
         read = {"get_run": run_view, "list_runs": runs_page, "step_log": log_answer,
-                "explain": explain_answer}[method]
+                "explain": explain_answer, "project_of": run_project,
+                "audit": audit_page}[method]
         try:
             return await asyncio.to_thread(read, store, *args)
         except StoreError as e:
@@ -151,29 +167,29 @@ class _Reads:
         return self._store
 
 
-def create_app(token_digests: list[str] | None = None, max_body_bytes: int | None = None,
+def create_app(grants: list[auth.Grant] | None = None, max_body_bytes: int | None = None,
                master: MasterLink | None = None) -> FastAPI:
-    """The FastAPI app. Tokens and the body limit default to this process's environment (see
-    `cicd_ray.auth`); the master defaults to the named actor."""
+    """The FastAPI app. Tokens' grants and the body limit default to this process's
+    environment (see `cicd_ray.auth`); the master defaults to the named actor."""
     # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
     app = FastAPI(title="cicd-ray", version="1", docs_url=None, redoc_url=None,
                   description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
                   "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.")
     master = master or MasterLink()
     reads = _Reads(master)
-    config = _Config(token_digests, max_body_bytes)
+    config = _Config(grants, max_body_bytes)
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(Guard, digests=config.digests)
+    app.add_middleware(Guard, grants=config.grants)
     # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
     guarded = [Depends(HTTPBearer(auto_error=False))]
     app.include_router(_page_routes(_Health(master)))
     app.include_router(_submit_routes(master, config), dependencies=guarded)
     app.include_router(_run_routes(master, reads), dependencies=guarded)
     app.include_router(_log_routes(reads), dependencies=guarded)
-    app.include_router(_cluster_routes(master), dependencies=guarded)
+    app.include_router(_cluster_routes(master, reads), dependencies=guarded)
     app.include_router(build_routes(master, reads), dependencies=guarded)
-    app.include_router(flow_routes(master), dependencies=guarded)
+    app.include_router(flow_routes(master, reads), dependencies=guarded)
     return app
 
 
@@ -208,13 +224,15 @@ def _submit_routes(master: MasterLink, config: _Config) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
     @router.post(f"{API}/runs", status_code=201, response_model=RunCreated,
-                 responses={200: {"model": RunCreated}})
-    async def submit(req: SubmitRequest, response: Response,
+                 responses={200: {"model": RunCreated}}, dependencies=[needs(Role.SUBMIT)])
+    async def submit(req: SubmitRequest, response: Response, grant: Granted,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
                      authorization: Annotated[str | None, Header(include_in_schema=False)] = None):
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
         `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
-        body; 413 past the body limit; 422 for an invalid pipeline."""
+        body; 413 past the body limit; 422 for an invalid pipeline; 429 when the project has
+        its quota of queued runs."""
+        project = submit_project(grant, req.project)
         limit = config.settings.max_pipeline_bytes
         pipeline, source = await _unpacked(req, limit)
         # Parsing and planning take time on a large document: off this replica's loop.
@@ -222,9 +240,12 @@ def _submit_routes(master: MasterLink, config: _Config) -> APIRouter:
         if problems:
             return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
-        answer = await master.call("submit", pipeline, req.env, source, key, req.secrets)
+        answer = await master.call("submit", pipeline, req.env, source, key, req.secrets,
+                                   caller(grant), project)
         if isinstance(answer, Rejected):
             return _rejected(answer.problems)
+        if isinstance(answer, OverQuota):
+            raise HTTPException(429, detail=answer.detail, headers={"Retry-After": "10"})
         if isinstance(answer, Conflict):
             raise HTTPException(409, detail=f"Idempotency-Key already used for run "
                                 f"{answer.run_id} with a different request; use a new key")
@@ -239,25 +260,26 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
     @router.get(f"{API}/runs")
-    async def list_runs(state: RunState | None = None,
+    async def list_runs(grant: Granted, state: RunState | None = None,
                         pipeline: Annotated[str | None, Query(max_length=63)] = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 50,
                         offset: Annotated[int, Query(ge=0)] = 0) -> dict:
-        """Runs, newest first, filtered by state and pipeline name, a page at a time."""
+        """Runs of the token's project (an admin's: of all), newest first, filtered by state
+        and pipeline name, a page at a time."""
         runs = await reads.call("list_runs", state.value if state else None, pipeline, limit,
-                                 offset)
+                                offset, scope(grant))
         return {"runs": runs, "limit": limit, "offset": offset}
 
     @router.get(f"{API}/runs/{{run_id}}")
-    async def get_run(run_id: RunId) -> dict:
+    async def get_run(run_id: RunId, grant: Granted) -> dict:
         """The run with every step (state, attempts, times, worker, exit code) and attempt."""
         view = await reads.call("get_run", run_id)
-        if view is None:
-            raise HTTPException(404, detail=f"run {run_id!r} not found")
+        if view is None or not grant.sees(view.run.project):
+            raise not_found(run_id)
         return view.model_dump(mode="json")
 
     @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
-    async def wait(run_id: RunId,
+    async def wait(run_id: RunId, grant: Granted,
                    after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
                    timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
                    until_end: bool = False):
@@ -265,29 +287,33 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
         earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
         `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
         from the position, read again."""
+        await check_run(reads, grant, run_id)
         change = await master.call("wait", run_id, after, timeout_s, until_end,
                                    timeout_s=timeout_s + MASTER_TIMEOUT_S)
         if change is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return change
 
-    @router.post(f"{API}/runs/{{run_id}}/cancel")
-    async def cancel(run_id: RunId) -> dict:
+    @router.post(f"{API}/runs/{{run_id}}/cancel", dependencies=[needs(Role.SUBMIT)])
+    async def cancel(run_id: RunId, grant: Granted) -> dict:
         """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
-        state = await master.call("cancel", run_id)
+        await check_run(reads, grant, run_id)
+        state = await master.call("cancel", run_id, caller(grant))
         if state is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return {"run_id": run_id, "state": state}
 
     @router.get(f"{API}/events", response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
+    async def events(grant: Granted,
+                     run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
                      last_event_id: Annotated[str | None, Header(max_length=64)] = None):
-        """Run and step state changes as Server-Sent Events (`event: run` or `step`, `data:`
-        JSON), from now on, or after `Last-Event-ID` when a client reconnects. `run_id` keeps
-        one run's. An `event: reset` says changes were missed (reload what you show)."""
+        """Run and step state changes of the token's project's runs (an admin's: of all) as
+        Server-Sent Events (`event: run` or `step`, `data:` JSON), from now on, or after
+        `Last-Event-ID` when a client reconnects. `run_id` keeps one run's. An `event: reset`
+        says changes were missed (reload what you show)."""
         epoch, after = parse_position(last_event_id)
-        return StreamingResponse(_event_stream(master, run_id, epoch, after),
+        return StreamingResponse(_event_stream(master, run_id, scope(grant), epoch, after),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
@@ -300,7 +326,7 @@ def _log_routes(reads: _Reads) -> APIRouter:
 
     @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", response_class=StreamingResponse,
                 responses={200: {"content": {"text/plain": {}}}})
-    async def step_log(run_id: RunId, step: str,
+    async def step_log(run_id: RunId, step: str, grant: Granted,
                        follow: bool = False, offset: Annotated[int, Query(ge=0)] = 0,
                        attempt: Annotated[int | None, Query(ge=1)] = None):
         """A step's log as text (its last attempt unless `attempt` is given), from byte `offset`.
@@ -309,6 +335,7 @@ def _log_routes(reads: _Reads) -> APIRouter:
         grow), so a client that lost the stream resumes with `offset` and it."""
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
+        await check_run(reads, grant, run_id)
         first = await reads.call("step_log", run_id, step, attempt, offset)
         if isinstance(first, Missing):
             raise HTTPException(404, detail=first.detail)
@@ -323,14 +350,25 @@ def _log_routes(reads: _Reads) -> APIRouter:
     return router
 
 
-def _cluster_routes(master: MasterLink) -> APIRouter:
+def _cluster_routes(master: MasterLink, reads: _Reads) -> APIRouter:
     router = APIRouter(tags=["cluster"])
 
     @router.get(f"{API}/workers")
-    async def workers(since: Annotated[float | None, Query(ge=0)] = None) -> dict:
+    async def workers(grant: Granted,
+                      since: Annotated[float | None, Query(ge=0)] = None) -> dict:
         """The live workers and those stopped since `since` (a Unix time; default: the last
-        10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory."""
-        return {"workers": await master.call("workers", since)}
+        10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory,
+        and the attempts each runs (of the token's project's runs; an admin's: all)."""
+        return {"workers": await master.call("workers", since, scope(grant))}
+
+    @router.get(f"{API}/audit", dependencies=[needs(Role.ADMIN)])
+    async def audit(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+        """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
+        token's id (the start of its digest) and project, the action, the run and its project,
+        the step. Admin tokens only."""
+        return {"audit": await reads.call("audit", limit, offset), "limit": limit,
+                "offset": offset}
 
     @router.get(f"{API}/queue")
     async def queue() -> dict:
@@ -419,8 +457,8 @@ def _with_git_source(pipeline: str | dict[str, Any], git: GitSource,
 class _Config:
     """The API's settings: given, or read from the environment where the app runs."""
 
-    def __init__(self, token_digests: list[str] | None, max_body_bytes: int | None) -> None:
-        self._digests = token_digests
+    def __init__(self, grants: list[auth.Grant] | None, max_body_bytes: int | None) -> None:
+        self._book = auth.TokenBook(grants) if grants is not None else None
         self._limit = max_body_bytes
         self._settings: Settings | None = None
 
@@ -430,10 +468,10 @@ class _Config:
             self._settings = Settings.from_env()
         return self._settings
 
-    def digests(self) -> list[str]:
-        if self._digests is None:
-            self._digests = self.settings.token_digests
-        return self._digests
+    def grants(self) -> list[auth.Grant]:
+        if self._book is None:
+            self._book = self.settings.token_book()
+        return self._book.grants()
 
     def max_body_bytes(self) -> int:
         if self._limit is None:
@@ -466,8 +504,8 @@ def _web_file(name: str) -> bytes:
     return (resources.files("cicd_ray") / "web" / name).read_bytes()
 
 
-async def _event_stream(master: MasterLink, run_id: str | None, epoch: float | None,
-                        after: int) -> AsyncIterator[bytes]:
+async def _event_stream(master: MasterLink, run_id: str | None, project: str | None,
+                        epoch: float | None, after: int) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
     while True:
         try:
@@ -488,7 +526,8 @@ async def _event_stream(master: MasterLink, run_id: str | None, epoch: float | N
         epoch = answer["epoch"]
         for event in events:
             after = event["seq"]
-            if run_id is None or event["run_id"] == run_id:
+            if (run_id is None or event["run_id"] == run_id) and (
+                    project is None or event.get("project", "default") == project):
                 yield (f"id: {epoch}:{after}\nevent: {event['kind']}\n"
                        f"data: {json.dumps(event)}\n\n").encode()
         if not events:
@@ -520,10 +559,13 @@ def check_config() -> Settings:
     return Settings.from_env()
 
 
-def build(token_digests: list[str], max_body_bytes: int | None = None):
-    """The Serve application with its configuration in the replicas' environment (digests of
-    the tokens only, never the tokens)."""
-    env = {auth.DIGESTS_ENV: ",".join(token_digests)}
+def build(grants: list[auth.Grant], tokens_file: Path | None = None,
+          max_body_bytes: int | None = None):
+    """The Serve application with its configuration in the replicas' environment (grants by
+    the tokens' digests, never the tokens; the tokens file they read again when it changes)."""
+    env = {auth.DIGESTS_ENV: ",".join(g.line for g in grants)}
+    if tokens_file is not None:
+        env["CICD_RAY_TOKENS_FILE"] = str(tokens_file)
     if max_body_bytes:
         env["CICD_RAY_MAX_BODY_BYTES"] = str(max_body_bytes)
     return ApiServer.options(ray_actor_options={

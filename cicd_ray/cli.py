@@ -615,7 +615,7 @@ def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
 
 # The commands of builds (artifacts, explain, rerun) live in their own module; importing it
 # adds them to `app`.
-from cicd_ray import buildcli, flowcli  # noqa: E402,F401
+from cicd_ray import buildcli, flowcli, tenantcli  # noqa: E402,F401
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
     print(run.state, run.logs("build"))
 
 HTTP errors become the project's exceptions with the server's message: 401 Unauthorized,
-404 NotFound, 422 SpecError (with the problems), 503 MasterUnavailable, others ApiError.
+404 NotFound, 422 SpecError (with the problems), 503 MasterUnavailable, others ApiError (403
+for a token whose role does not allow it, 429 for a project at its quota).
 """
 
 from __future__ import annotations
@@ -75,14 +76,17 @@ class Client:
     def submit(self, pipeline: str | Path | dict, source: str | Path | None = None,
                env: dict[str, str] | None = None,
                idempotency_key: str | None = None,
-               secrets: dict[str, str] | None = None) -> Run:
+               secrets: dict[str, str] | None = None, project: str | None = None) -> Run:
         """Submit a pipeline: a file path, YAML text or a mapping. A file's `source:` folder
         (or `source`, given here) is packed and uploaded. Retries of this call with the same
         `idempotency_key` return the same run. `secrets`: the run's own, given to the steps
-        that list them, masked in logs, deleted when the run ends."""
+        that list them, masked in logs, deleted when the run ends. `project`: whose run it is
+        (the token's project by default; only an admin's token may name another)."""
         body: dict[str, Any] = {"env": env or {}}
         if secrets:
             body["secrets"] = secrets
+        if project:
+            body["project"] = project
         folder = None
         if isinstance(pipeline, Path) or (isinstance(pipeline, str) and _names_a_file(pipeline)):
             path = Path(pipeline)
@@ -114,6 +118,11 @@ class Client:
 
     def queue(self) -> dict:
         return self._request("GET", f"{API}/queue").json()["pools"]
+
+    def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
+        """Who submitted, cancelled, re-ran, approved or rejected what (admin tokens)."""
+        params = {"limit": limit, "offset": offset}
+        return self._request("GET", f"{API}/audit", params=params).json()["audit"]
 
     def cancel(self, run_id: str) -> str:
         return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]

@@ -104,6 +104,31 @@ class PoolConfig(BaseModel):
         return self
 
 
+class ProjectConfig(BaseModel):
+    """A project's share of the fleet and its quotas (CICD_RAY_PROJECTS); a project not listed
+    has weight 1 and no quotas."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=auth.PROJECT_NAME.pattern)
+    weight: float = Field(1.0, gt=0, le=1000)  # its share of contended pools, relative
+    max_running_steps: int | None = Field(None, ge=1)  # more stay queued
+    max_queued_runs: int | None = Field(None, ge=1)  # more are refused (429)
+
+
+def load_projects(path: str | Path) -> dict[str, ProjectConfig]:
+    """Read a projects file: `projects: [{name: web, weight: 2, max_running_steps: 20,
+    max_queued_runs: 50}, ...]`."""
+    try:
+        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
+        items = doc.get("projects") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise SpecError(["projects: expected a list of projects"], source=str(path))
+        projects = [ProjectConfig.model_validate(item) for item in items]
+    except (OSError, ValidationError) as e:
+        raise SpecError([f"projects: {e}"], source=str(path)) from None
+    return {p.name: p for p in projects}
+
+
 def default_pools() -> dict[str, PoolConfig]:
     """One pool with a warm worker that grows to two under load."""
     return {"default": PoolConfig(name="default", min_workers=1, max_workers=2)}
@@ -141,7 +166,8 @@ ENV_NUMBERS = {
     "CICD_RAY_ARTIFACT_RUN_MAX_BYTES": "artifact_run_max_bytes",
     "CICD_RAY_CACHE_MAX_BYTES": "cache_max_bytes",
 }
-ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces"}
+ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces",
+                "CICD_RAY_FAIR_SHARE": "fair_share"}
 
 
 def _switch(var: str, text: str) -> bool:
@@ -194,9 +220,15 @@ class Settings(BaseModel):
     # The largest pipeline text and HTTP request body accepted.
     max_pipeline_bytes: int = Field(DEFAULT_MAX_PIPELINE_BYTES, ge=1)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    # Digests of the API's tokens (CICD_RAY_TOKENS, CICD_RAY_TOKENS_FILE,
-    # CICD_RAY_TOKEN_DIGESTS; see cicd_ray.auth): never the tokens themselves.
-    token_digests: list[str] = Field(default_factory=list)
+    # Projects' weights and quotas (CICD_RAY_PROJECTS), and whether contended pools are
+    # shared between projects by weight (CICD_RAY_FAIR_SHARE) or taken in submission order.
+    projects: dict[str, ProjectConfig] = Field(default_factory=dict)
+    fair_share: bool = True
+    # What the API's tokens may do, by their digests (CICD_RAY_TOKENS, CICD_RAY_TOKEN_DIGESTS;
+    # see cicd_ray.auth): never the tokens themselves; and the tokens file, which the API
+    # reads again when it changes (`token_book`).
+    token_grants: list[auth.Grant] = Field(default_factory=list)
+    tokens_file: Path | None = None
     # Notifications: the key that signs them, the internal hosts or networks they may go to
     # (cicd_ray.webhooks), and a webhook told of the failed runs of pipelines without `notify:`.
     webhook_secret: str = Field("", repr=False)
@@ -220,6 +252,9 @@ class Settings(BaseModel):
         """What workers are given: not the key that signs notifications (only the master
         sends them; a step running as the worker's user could read its memory)."""
         return self.model_copy(update={"webhook_secret": ""})
+
+    def token_book(self) -> auth.TokenBook:
+        return auth.TokenBook(self.token_grants, self.tokens_file)
 
     @property
     def store_path(self) -> Path:
@@ -249,11 +284,16 @@ class Settings(BaseModel):
                                      "token": env.get("CICD_RAY_TOKEN", ""),
                                      "webhook_secret": env.get("CICD_RAY_WEBHOOK_SECRET", ""),
                                      "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None,
-                                     "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None}
+                                     "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None,
+                                     "tokens_file": env.get("CICD_RAY_TOKENS_FILE") or None}
         if env.get("CICD_RAY_POOLS"):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
+        if env.get("CICD_RAY_PROJECTS"):
+            values["projects"] = load_projects(env["CICD_RAY_PROJECTS"])
         try:
-            values["token_digests"] = auth.configured_digests(env)
+            values["token_grants"] = auth.env_grants(env)
+            if env.get("CICD_RAY_TOKENS_FILE"):  # read here so that a bad one stops a start
+                auth.read_tokens_file(Path(env["CICD_RAY_TOKENS_FILE"]))
         except CicdError as e:
             raise SettingsError([str(e)]) from None
         for var, field in ENV_NUMBERS.items():

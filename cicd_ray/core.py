@@ -23,8 +23,10 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
 from cicd_ray.outbox import Outbox
-from cicd_ray.protocol import Conflict, Missing, Rejected, Reply, Submitted
+from cicd_ray.protocol import Conflict, Missing, OverQuota, Rejected, Reply, Submitted
 from cicd_ray.records import (
+    AuditRecord,
+    Caller,
     Changes,
     DeliveryRecord,
     KeyRecord,
@@ -35,6 +37,7 @@ from cicd_ray.records import (
 )
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
+from cicd_ray.scheduler.share import Share
 from cicd_ray.secrets import missing, run_secret_problems
 from cicd_ray.source import resolve_ref
 from cicd_ray.spec import (
@@ -72,6 +75,7 @@ class Planned:
     commit: str | None = None  # the SHA a git source's ref named at submission
     branch: str = ""  # the branch that ref named, if it named one
     concurrency: ConcurrencySpec | None = None  # the run's group, expanded from its env
+    project: str = "default"  # whose run it is
 
 
 class MasterCore:
@@ -84,7 +88,8 @@ class MasterCore:
         self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s,
                                lookahead=settings.lookahead,
                                artifact_run_max_bytes=settings.artifact_run_max_bytes,
-                               results=store.get_result)
+                               results=store.get_result,
+                               share=Share(settings.projects, settings.fair_share))
         self.outbox = Outbox(store, settings)
         self.events = EventLog(self.started_at)
         self.observers: list[Observer] = [self.events, *(observers or [])]
@@ -95,11 +100,12 @@ class MasterCore:
 
     def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
              source: Source | None = None, request: str | None = None,
-             secrets: dict[str, str] | None = None) -> Planned:
+             secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
         """Check and plan a submission; pure, so the shell runs it in a thread. `request`: its
-        digest, when the caller has it already; `secrets`: the submission's own."""
+        digest, when the caller has it already; `secrets`: the submission's own; `project`:
+        whose run it is to be."""
         return plan_submission(pipeline, env or {}, source, self.settings, request,
-                               secrets=secrets or {})
+                               secrets=secrets or {}, project=project)
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
@@ -111,12 +117,13 @@ class MasterCore:
         return Submitted(run_id=known.run_id, existing=True)
 
     def accept(self, planned: Planned, source: Source | None = None,
-               key: str | None = None, secrets: dict[str, str] | None = None) -> Reply:
+               key: str | None = None, secrets: dict[str, str] | None = None,
+               caller: Caller | None = None) -> Reply:
         """Store the run, then answer: it is durable before its id is returned."""
         if planned.problems:
             return Rejected(problems=planned.problems)
         # The same key may have been used while this one was planned.
-        answer = self.known_key(key, planned.request)
+        answer = self.known_key(key, planned.request) or self._over_quota(planned.project)
         if answer is not None:
             return answer
         now = self.clock()
@@ -127,11 +134,12 @@ class MasterCore:
                         source_git=None if source else git,
                         commit=None if source else planned.commit,
                         branch="" if source else planned.branch,
-                        concurrency=planned.concurrency, notify=spec.notify)
+                        concurrency=planned.concurrency, notify=spec.notify,
+                        project=planned.project)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
-        extra = Changes()
+        extra = Changes(audit=[self._audit(caller, "submit", run)])
         if key:
             extra.idempotency[key] = KeyRecord(run_id=run.id, request=planned.request, at=now)
         if secrets:  # stored apart, with the run, before its id is returned
@@ -141,13 +149,34 @@ class MasterCore:
 
     def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
                source: Source | None = None, key: str | None = None,
-               secrets: dict[str, str] | None = None) -> Reply:
+               secrets: dict[str, str] | None = None, caller: Caller | None = None,
+               project: str = "default") -> Reply:
         """`plan` and `accept` in one call (the shell splits them to plan in a thread)."""
-        planned = self.plan(pipeline, env, source, secrets=secrets)
+        planned = self.plan(pipeline, env, source, secrets=secrets, project=project)
         return self.known_key(key, planned.request) or self.accept(planned, source, key,
-                                                                   secrets)
+                                                                   secrets, caller)
 
-    def rerun(self, run_id: str, only_failed: bool = False) -> Reply | None:
+    def _over_quota(self, project: str) -> OverQuota | None:
+        config = self.settings.projects.get(project)
+        limit = config.max_queued_runs if config else None
+        if limit is None:
+            return None
+        queued = sum(1 for r in self.sched.runs.values()
+                     if r.project == project and r.state is RunState.QUEUED)
+        if queued < limit:
+            return None
+        return OverQuota(detail=f"project {project} has {queued} queued runs, its quota "
+                         f"(max_queued_runs: {limit}); submit again once some have started")
+
+    def _audit(self, caller: Caller | None, action: str, run: RunRecord, step: str = "",
+               detail: str = "") -> AuditRecord:
+        caller = caller or Caller()
+        return AuditRecord(at=self.clock(), action=action, run_id=run.id,
+                           run_project=run.project, token_id=caller.token_id,
+                           project=caller.project, step=step, detail=detail)
+
+    def rerun(self, run_id: str, only_failed: bool = False,
+              caller: Caller | None = None) -> Reply | None:
         """A new run of a finished run's pipeline, on the same commit (or snapshot) with the
         same inputs, linked to it; with `only_failed`, its successes are carried over and only
         the failed part runs (`failed_part`). None for an unknown run."""
@@ -160,6 +189,9 @@ class MasterCore:
         if old.source_digest and self.store.get_source(old.source_digest) is None:
             return Rejected(problems=[f"run {run_id}'s source snapshot is no longer stored "
                                       "(retention): submit the pipeline again"])
+        over = self._over_quota(old.project)
+        if over is not None:
+            return over
         steps = self.store.get_steps(run_id)
         again = failed_part(steps) if only_failed else {s.name for s in steps}
         carried = {s.name: s for s in steps if s.name not in again}
@@ -169,20 +201,21 @@ class MasterCore:
             created_at=now, started_at=None, finished_at=None, reason="",
             cancel_requested=False, admitted=False, rerun_of=old.id))
         self.sched.submit(run, [s.spec for s in steps], now, carried)
-        self.commit()
+        detail = f"of {old.id}" + (", only its failed part" if only_failed else "")
+        self.commit(Changes(audit=[self._audit(caller, "rerun", run, detail=detail)]))
         return Submitted(run_id=run.id)
 
-    def cancel(self, run_id: str) -> str | None:
+    def cancel(self, run_id: str, caller: Caller | None = None) -> str | None:
         """Cancel a run; idempotent. The run's state, or None for an unknown run."""
         run = self.sched.cancel(run_id, self.clock())
         if run is None:
             stored = self.store.get_run(run_id)
             return stored.state.value if stored else None
-        self.commit()
+        self.commit(Changes(audit=[self._audit(caller, "cancel", run)]))
         return run.state.value
 
     def approve(self, run_id: str, step: str, approved: bool, by: str,
-                comment: str = "") -> str | Rejected | Missing:
+                comment: str = "", caller: Caller | None = None) -> str | Rejected | Missing:
         """Answer a step waiting for approval: the step's new state, Rejected when it is not
         waiting, Missing for an unknown run or step."""
         run = self.sched.runs.get(run_id) or self.store.get_run(run_id)
@@ -199,7 +232,8 @@ class MasterCore:
         problem = self.sched.approve(run_id, step, approved, by, comment, self.clock())
         if problem:
             return Rejected(problems=[problem])
-        self.commit()
+        self.commit(Changes(audit=[self._audit(caller, "approve" if approved else "reject", run,
+                                               step, detail=f"by {by}")]))
         record = self.sched.book.step(run_id, step) or next(
             s for s in self.store.get_steps(run_id) if s.name == step)  # its run has ended
         return record.state.value
@@ -260,6 +294,7 @@ class MasterCore:
         if extra is not None:
             changes.idempotency.update(extra.idempotency)
             changes.run_secrets.update(extra.run_secrets)
+            changes.audit += extra.audit
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
@@ -284,16 +319,23 @@ class MasterCore:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def workers_view(self, since: float | None = None) -> list[dict]:
+    def workers_view(self, since: float | None = None, project: str | None = None) -> list[dict]:
         """The live workers and those stopped after `since` (default: the last RECENT_S), with
-        the slots in use from memory."""
+        the slots in use from memory; with a `project`, the attempts of other projects' runs
+        are not named (only counted in the CPUs in use)."""
         since = self.clock() - RECENT_S if since is None else since
         out = []
         for w in self.store.list_workers():
             if w.stopped_at is None or w.stopped_at >= since:
                 cpu, running = self.sched.worker_load(w.id)
+                if project is not None:
+                    running = [a for a in running if self._project_of(a) == project]
                 out.append({**w.model_dump(mode="json"), "cpus_in_use": cpu, "running": running})
         return out
+
+    def _project_of(self, attempt_id: str) -> str | None:
+        run = self.sched.runs.get(attempt_id.split("/", 1)[0])
+        return run.project if run else None
 
     def queue_view(self) -> dict[str, dict]:
         return self.sched.queue_view(self.clock())
@@ -315,7 +357,7 @@ class MasterCore:
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
                     settings: Settings, request: str | None = None,
                     resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
-                    secrets: dict[str, str] | None = None) -> Planned:
+                    secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
     git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
     one step that is not pure)."""
@@ -327,7 +369,7 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         steps = plan(spec, env) if not problems else []
         group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
     except SpecError as e:
-        return Planned(None, [], e.problems, request)
+        return Planned(None, [], e.problems, request, project=project)
     problems += check_fits(steps, settings.pools)
     problems += [f"notify[{i}].webhook: {why}" for i, why in
                  refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
@@ -335,7 +377,7 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
               if name not in secrets}  # the submission's own
     problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
-                 for why in missing(settings.secrets_dir, "default", [name])]
+                 for why in missing(settings.secrets_dir, project, [name])]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")
@@ -345,7 +387,7 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
             commit, branch = resolve(spec.source.git, spec.source.ref)
         except SourceError as e:
             problems.append(f"source.ref: {e}")
-    return Planned(spec, steps, problems, request, commit, branch, group)
+    return Planned(spec, steps, problems, request, commit, branch, group, project)
 
 
 def request_digest(pipeline: dict | str, env: dict[str, str] | None,

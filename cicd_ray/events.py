@@ -29,11 +29,11 @@ class EventLog:
     def committed(self, changes: Changes, took_s: float, now: float) -> None:
         # Steps first: a run that ends in this batch ended because of them.
         for step in changes.steps.values():
-            self._add("step", {"run_id": step.run_id, "step": step.name,
+            self._add("step", {"run_id": step.run_id, "project": step.project, "step": step.name,
                                "state": step.state.value, "attempts": step.attempts,
                                "worker_id": step.worker_id, "reason": step.reason}, now)
         for run in changes.runs.values():
-            self._add("run", {"run_id": run.id, "pipeline": run.pipeline,
+            self._add("run", {"run_id": run.id, "project": run.project, "pipeline": run.pipeline,
                               "state": run.state.value, "reason": run.reason}, now)
         if self.on_new is not None and (changes.steps or changes.runs):
             self.on_new()

@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
+from cicd_ray.access import Granted, caller, check_run, needs
+from cicd_ray.auth import Role
 from cicd_ray.buildroutes import RunId
 from cicd_ray.names import API
 from cicd_ray.protocol import Missing, Rejected
@@ -21,15 +23,19 @@ class ApproveRequest(BaseModel):
     by: Who = "anonymous"  # who answers, as recorded and shown
 
 
-def flow_routes(master) -> APIRouter:
+def flow_routes(master, reads) -> APIRouter:
     router = APIRouter(tags=["flow control"])
 
-    @router.post(f"{API}/runs/{{run_id}}/steps/{{step}}/approve")
-    async def approve(run_id: RunId, step: str, req: ApproveRequest | None = None) -> dict:
+    @router.post(f"{API}/runs/{{run_id}}/steps/{{step}}/approve",
+                 dependencies=[needs(Role.SUBMIT)])
+    async def approve(run_id: RunId, step: str, grant: Granted,
+                      req: ApproveRequest | None = None) -> dict:
         """Release (or, with `reject`, reject) a step waiting for approval; who, when and
         why are recorded on the step (`approval`). 409 when the step is not waiting."""
         req = req or ApproveRequest()
-        answer = await master.call("approve", run_id, step, not req.reject, req.by, req.comment)
+        await check_run(reads, grant, run_id)
+        answer = await master.call("approve", run_id, step, not req.reject, req.by, req.comment,
+                                   caller(grant))
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)
         if isinstance(answer, Rejected):

@@ -34,12 +34,12 @@ def _is_open(path: str) -> bool:
 
 class Guard:
     """Checks `Authorization` before anything else happens: a caller without a valid token
-    gets its 401 before a byte of its body is read, parsed or stored. Adds the security
-    headers to every answer."""
+    gets its 401 before a byte of its body is read, parsed or stored; a valid one's grant is
+    put in the request's state. Adds the security headers to every answer."""
 
-    def __init__(self, app, digests: Callable[[], list[str]]) -> None:
+    def __init__(self, app, grants: Callable[[], list[auth.Grant]]) -> None:
         self.app = app
-        self.digests = digests
+        self.grants = grants
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -54,13 +54,17 @@ class Guard:
         if not _is_open(scope["path"]):
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not auth.check(token.strip(), self.digests()):
+            grant = auth.match(token.strip(), self.grants()) if scheme.lower() == "bearer" \
+                else None
+            if grant is None:
                 reason = "missing" if not authorization else "invalid"
                 await JSONResponse(
                     {"detail": f"{reason} token: send 'Authorization: Bearer <token>'"},
                     status_code=401, headers={"WWW-Authenticate": "Bearer"},
                 )(scope, receive, with_headers)
                 return
+            # What the token may do, for the routes (cicd_ray.access): request.state.grant.
+            scope.setdefault("state", {})["grant"] = grant
         await self.app(scope, receive, with_headers)
 
 

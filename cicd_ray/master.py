@@ -34,11 +34,11 @@ from cicd_ray.protocol import (
     RunChange,
     RunView,
 )
-from cicd_ray.records import DeliveryRecord, StepOutcome, StepTask, WorkerRecord
+from cicd_ray.records import Caller, DeliveryRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
 from cicd_ray.scheduler import Effects
 from cicd_ray.states import StepState, WorkerState
-from cicd_ray.store import log_answer, open_store, run_view, runs_page
+from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
 from cicd_ray.webhooks import TargetRefused, send
 from cicd_ray.worker import start_worker, worker_bundle
 
@@ -98,36 +98,40 @@ class Master:
     async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
                      source: tuple[str, bytes] | None = None,
                      idempotency_key: str | None = None,
-                     secrets: dict[str, str] | None = None) -> Reply:
+                     secrets: dict[str, str] | None = None, caller: Caller | None = None,
+                     project: str = "default") -> Reply:
         """Validate, store, then answer. The run is durable in the store before its id is
         returned; a submission repeated with its idempotency key answers with the first run.
-        `secrets`: the submission's own, stored apart from the run."""
+        `secrets`: the submission's own, stored apart from the run; `caller`: who submits
+        (audited); `project`: whose run it is."""
         request = request_digest(pipeline, env, source, list(secrets or {}))
         known = self.core.known_key(idempotency_key, request)
         if known is not None:
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
         planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request,
-                                          secrets)
-        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets)
+                                          secrets, project)
+        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets,
+                               caller)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return answer
 
-    async def cancel(self, run_id: str) -> str | None:
+    async def cancel(self, run_id: str, caller: Caller | None = None) -> str | None:
         """Cancel a run; idempotent. Returns the run's state, or None for an unknown run."""
-        return self._guarded(self.core.cancel, run_id)
+        return self._guarded(self.core.cancel, run_id, caller)
 
-    async def rerun(self, run_id: str, only_failed: bool = False) -> Reply | None:
+    async def rerun(self, run_id: str, only_failed: bool = False,
+                    caller: Caller | None = None) -> Reply | None:
         """A new run of a finished one (of its failed part, with `only_failed`); None for an
         unknown run."""
-        answer = self._guarded(self.core.rerun, run_id, only_failed)
+        answer = self._guarded(self.core.rerun, run_id, only_failed, caller)
         self._wake.set()
         return answer
 
     async def approve(self, run_id: str, step: str, approved: bool, by: str,
-                      comment: str = "") -> str | Rejected | Missing:
+                      comment: str = "", caller: Caller | None = None) -> str | Rejected | Missing:
         """Release or reject a step waiting for approval (see MasterCore.approve)."""
-        answer = self._guarded(self.core.approve, run_id, step, approved, by, comment)
+        answer = self._guarded(self.core.approve, run_id, step, approved, by, comment, caller)
         self._wake.set()
         return answer
 
@@ -163,8 +167,15 @@ class Master:
         return self.core.store.read_log(attempt_id, offset)
 
     async def list_runs(self, state: str | None = None, pipeline: str | None = None,
-                        limit: int = 50, offset: int = 0) -> list[dict]:
-        return runs_page(self.core.store, state, pipeline, limit, offset)
+                        limit: int = 50, offset: int = 0,
+                        project: str | None = None) -> list[dict]:
+        return runs_page(self.core.store, state, pipeline, limit, offset, project)
+
+    async def project_of(self, run_id: str) -> str | None:
+        return run_project(self.core.store, run_id)
+
+    async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
+        return audit_page(self.core.store, limit, offset)
 
     async def step_log(self, run_id: str, step: str, attempt: int | None = None,
                        offset: int = 0) -> LogSlice | Missing:
@@ -174,9 +185,11 @@ class Master:
     async def queue(self) -> dict[str, dict]:
         return self.core.queue_view()
 
-    async def workers(self, since: float | None = None) -> list[dict]:
-        """The live workers and those stopped after `since` (default: lately)."""
-        return self.core.workers_view(since)
+    async def workers(self, since: float | None = None,
+                      project: str | None = None) -> list[dict]:
+        """The live workers and those stopped after `since` (default: lately); with a
+        `project`, only its attempts are named among those they run."""
+        return self.core.workers_view(since, project)
 
     async def stats(self) -> dict:
         return {

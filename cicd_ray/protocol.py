@@ -39,7 +39,14 @@ class Conflict(BaseModel):
     run_id: str
 
 
-Reply = Submitted | Rejected | Conflict
+class OverQuota(BaseModel):
+    """The project is at its quota of queued runs; nothing was stored (HTTP 429)."""
+
+    kind: Literal["over_quota"] = "over_quota"
+    detail: str
+
+
+Reply = Submitted | Rejected | Conflict | OverQuota
 
 
 class Missing(BaseModel):

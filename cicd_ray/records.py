@@ -80,7 +80,7 @@ class RunRecord(BaseModel):
     concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
     admitted: bool = False  # its concurrency group let it in (kept: the order survives restarts)
     notify: list[NotifySpec] = Field(default_factory=list)
-    project: str = "default"  # whose secrets its steps get
+    project: str = "default"  # whose it is: who may see it, whose secrets its steps get
 
     @property
     def variables(self) -> dict[str, str]:
@@ -93,6 +93,7 @@ class StepRecord(BaseModel):
 
     run_id: str
     spec: PlannedStep
+    project: str = "default"  # its run's (told with its events)
     state: StepState = StepState.QUEUED
     attempts: int = 0
     current_attempt: str | None = None
@@ -228,6 +229,31 @@ class RunSecrets(BaseModel):
     values: dict[str, str] = Field(default_factory=dict, repr=False)
 
 
+class Caller(BaseModel):
+    """Who asks the master to act: a token's id, its project and whether it is an admin's.
+    The default is the cluster itself (a client with Ray access: `--address`, a Ray job)."""
+
+    token_id: str = ""
+    project: str = "default"
+    admin: bool = True
+
+    def sees(self, project: str) -> bool:
+        return self.admin or project == self.project
+
+
+class AuditRecord(BaseModel):
+    """Who did what to which run: submitted, cancelled, approved, rejected, re-ran."""
+
+    at: float
+    action: str
+    run_id: str
+    run_project: str
+    token_id: str  # "" for the cluster itself
+    project: str  # the caller's
+    step: str = ""
+    detail: str = ""
+
+
 class Changes(BaseModel):
     """A batch of records to write together, in one transaction, before acting on any of them."""
 
@@ -241,6 +267,7 @@ class Changes(BaseModel):
     deliveries: dict[str, DeliveryRecord] = Field(default_factory=dict)  # by id
     run_secrets: dict[str, RunSecrets] = Field(default_factory=dict)  # by run id
     drop_run_secrets: list[str] = Field(default_factory=list)  # of runs that ended
+    audit: list[AuditRecord] = Field(default_factory=list)
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -256,7 +283,7 @@ class Changes(BaseModel):
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
                     or self.idempotency or self.results or self.deliveries or self.run_secrets
-                    or self.drop_run_secrets)
+                    or self.drop_run_secrets or self.audit)
 
 
 class StepTask(BaseModel):

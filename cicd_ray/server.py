@@ -136,21 +136,18 @@ def _join(address: str, own_head: bool):
                     log_to_driver=False)
 
 
-def _digests(settings: Settings) -> tuple[list[str], str | None]:
-    """The configured token digests; with none configured, a new token whose digest is kept in
-    $CICD_RAY_HOME/tokens (the token itself is returned to be shown once)."""
-    digests = settings.token_digests
-    if digests:
-        return digests, None
+def _tokens(settings: Settings) -> tuple[list[auth.Grant], Path | None, str | None]:
+    """The configured grants and tokens file; with neither, the file `up` keeps in
+    $CICD_RAY_HOME/tokens, made with a new admin token the first time (the token itself is
+    returned to be shown once). The replicas read the file again when it changes, so tokens
+    `cicd-ray token create` adds to it work at once."""
+    if settings.token_grants or settings.tokens_file:
+        return settings.token_grants, settings.tokens_file, None
     path = _tokens_file(settings)
     if path.exists():
-        return auth.configured_digests({"CICD_RAY_TOKENS_FILE": str(path)}), None
-    token = auth.new_token()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# digests of the API tokens created by `cicd-ray up`\n"
-                    f"{auth.digest(token)}\n")
-    path.chmod(0o600)
-    return [auth.digest(token)], token
+        return [], path, None
+    token, _ = auth.add_token(path, auth.Role.ADMIN, None)
+    return [], path, token
 
 
 def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
@@ -182,12 +179,12 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     gcs = ray.get_runtime_context().gcs_address
     dashboard = context.dashboard_url or ""
     ensure_master(settings)
-    digests, token = _digests(settings)
+    grants, tokens_file, token = _tokens(settings)
     from cicd_ray.api import build
 
     _check_serve_port(host, port)
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
-    serve.run(build(digests), name=SERVE_APP, route_prefix="/", blocking=False)
+    serve.run(build(grants, tokens_file), name=SERVE_APP, route_prefix="/", blocking=False)
     api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     _wait_healthy(api_url)
     state = {"address": gcs, "started_head": started_head, "api_url": api_url}

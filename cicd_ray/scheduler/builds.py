@@ -14,7 +14,8 @@ def carry(done: StepRecord, run_id: str, now: float) -> StepRecord:
     origin = done.carried_from or Origin(run_id=done.run_id, step=done.name,
                                          attempt=done.attempts)
     return StepRecord(
-        run_id=run_id, spec=done.spec, state=StepState.SUCCEEDED, queued_at=now,
+        run_id=run_id, spec=done.spec, project=done.project, state=StepState.SUCCEEDED,
+        queued_at=now,
         started_at=now, finished_at=now, exit_code=done.exit_code, artifacts=done.artifacts,
         key=done.key, key_parts=done.key_parts, carried_from=origin,
         reason=f"carried over from run {origin.run_id}")

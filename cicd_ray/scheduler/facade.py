@@ -6,7 +6,7 @@ dispatches, kills, starts or stops anything.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from cicd_ray.config import PoolConfig
@@ -30,6 +30,7 @@ from cicd_ray.scheduler.lookahead import upcoming, workers_wanted
 from cicd_ray.scheduler.queues import ReadyQueues
 from cicd_ray.scheduler.recovery import Recovery
 from cicd_ray.scheduler.runbook import RunBook
+from cicd_ray.scheduler.share import Share
 from cicd_ray.scheduler.slots import Slots
 from cicd_ray.spec import PlannedStep
 from cicd_ray.states import StepState, WorkerState, move
@@ -38,7 +39,8 @@ from cicd_ray.states import StepState, WorkerState, move
 class Scheduler(Control, Recovery):
     def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
                  lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3,
-                 results: Callable[[str], ResultRecord | None] = lambda key: None) -> None:
+                 results: Callable[[str], ResultRecord | None] = lambda key: None,
+                 share: Share | None = None) -> None:
         self.pools = pools
         self.results = results  # the stored success of a step key, if any (step reuse)
         self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
@@ -46,7 +48,7 @@ class Scheduler(Control, Recovery):
         self._out = Decisions()
         self.book = RunBook(self._out, ended=lambda record: self.flow.ended(record))
         self.flow = Flow(self.book, self._out, self._replace)
-        self.queues = ReadyQueues(pools, self.book.step)
+        self.queues = ReadyQueues(pools, self.book.step, share)
         self.slots = Slots(pools, heartbeat_timeout_s, self._out)
         self.attempts: dict[str, AttemptRecord] = {}  # running, by id
         # Attempts killed by a cancel (they end cancelled), with the reason to end them with
@@ -79,7 +81,8 @@ class Scheduler(Control, Recovery):
         self._seq = max(self._seq, run.seq) + 1
         run.seq = self._seq
         steps = [carry(carried[p.name], run.id, now) if carried and p.name in carried
-                 else StepRecord(run_id=run.id, spec=p, queued_at=now) for p in planned]
+                 else StepRecord(run_id=run.id, spec=p, queued_at=now, project=run.project)
+                 for p in planned]
         self.book.adopt(run, steps)
         self._out.record(run)
         for s in steps:
@@ -248,6 +251,8 @@ class Scheduler(Control, Recovery):
         for worker_id, silent_s in self.slots.silent(now):
             self.worker_lost(worker_id, f"no heartbeat for {silent_s:.0f} s", now)
         self.slots.size(self._queued_cpu(), now)
+        self.queues.share.running = Counter(self.runs[a.run_id].project
+                                            for a in self.attempts.values())
         for pool in self.queues.nonempty():
             workers = self.slots.ready_in(pool)
             if not workers:

@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.store.base import Store, log_answer, run_view, runs_page, step_log
+from cicd_ray.store.base import (
+    Store,
+    audit_page,
+    log_answer,
+    run_project,
+    run_view,
+    runs_page,
+    step_log,
+)
 from cicd_ray.store.sqlite import SqliteStore
 
-__all__ = ["SqliteStore", "Store", "log_answer", "open_reader", "open_store", "run_view",
-           "runs_page", "step_log"]
+__all__ = ["SqliteStore", "Store", "audit_page", "log_answer", "open_reader", "open_store",
+           "run_project", "run_view", "runs_page", "step_log"]
 
 
 def open_store(url: str | Path) -> Store:

@@ -11,6 +11,7 @@ from cicd_ray.errors import NotFound
 from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.records import (
     AttemptRecord,
+    AuditRecord,
     Changes,
     DeliveryRecord,
     KeyRecord,
@@ -31,8 +32,9 @@ class Store(Protocol):
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
-        """Newest first."""
+                  limit: int = 50, offset: int = 0,
+                  project: str | None = None) -> list[RunRecord]:
+        """Newest first; `project`: only that project's."""
 
     def active_runs(self) -> list[RunRecord]:
         """Runs not yet in a terminal state, oldest first (what a restarted master resumes)."""
@@ -70,6 +72,9 @@ class Store(Protocol):
 
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         """A run's notifications; with no run, every one still pending or being sent."""
+
+    def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        """Audit records (saved with `Changes.audit`), newest first."""
 
     def artifact_digests(self) -> set[str]:
         """The digest of every artifact a stored step or result points at (what the artifact
@@ -109,10 +114,20 @@ def run_view(store: Store, run_id: str) -> RunView | None:
 
 
 def runs_page(store: Store, state: str | None = None, pipeline: str | None = None,
-              limit: int = 50, offset: int = 0) -> list[dict]:
-    """A page of runs, newest first, JSON-ready."""
-    runs = store.list_runs(RunState(state) if state else None, pipeline, limit, offset)
+              limit: int = 50, offset: int = 0, project: str | None = None) -> list[dict]:
+    """A page of runs, newest first, JSON-ready; `project`: only that project's."""
+    runs = store.list_runs(RunState(state) if state else None, pipeline, limit, offset, project)
     return [r.model_dump(mode="json") for r in runs]
+
+
+def run_project(store: Store, run_id: str) -> str | None:
+    """The project a run belongs to; None for an unknown run."""
+    run = store.get_run(run_id)
+    return run.project if run else None
+
+
+def audit_page(store: Store, limit: int = 100, offset: int = 0) -> list[dict]:
+    return [a.model_dump(mode="json") for a in store.list_audit(limit, offset)]
 
 
 def log_answer(store: Store, run_id: str, step: str, attempt: int | None = None,

@@ -12,6 +12,7 @@ import threading
 from cicd_ray.records import (
     OPEN_DELIVERY,
     AttemptRecord,
+    AuditRecord,
     Changes,
     DeliveryRecord,
     KeyRecord,
@@ -36,6 +37,7 @@ class MemoryStore:
         self._results: dict[str, str] = {}
         self._deliveries: dict[str, str] = {}
         self._run_secrets: dict[str, dict[str, str]] = {}
+        self._audit: list[str] = []
 
     def save(self, changes: Changes) -> None:
         runs = {r.id: r.model_dump_json() for r in changes.runs.values()}
@@ -45,7 +47,9 @@ class MemoryStore:
         keys = {k: r.model_dump_json() for k, r in changes.idempotency.items()}
         results = {k: r.model_dump_json() for k, r in changes.results.items()}
         deliveries = {d.id: d.model_dump_json() for d in changes.deliveries.values()}
+        audit = [a.model_dump_json() for a in changes.audit]
         with self._lock:
+            self._audit += audit
             self._results.update(results)
             self._deliveries.update(deliveries)
             self._run_secrets.update({k: dict(v.values) for k, v in changes.run_secrets.items()})
@@ -71,10 +75,12 @@ class MemoryStore:
         return sorted((RunRecord.model_validate_json(t) for t in texts), key=lambda r: r.seq)
 
     def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
+                  limit: int = 50, offset: int = 0,
+                  project: str | None = None) -> list[RunRecord]:
         runs = [r for r in reversed(self._all_runs())
                 if (state is None or r.state is RunState(state))
-                and (pipeline is None or r.pipeline == pipeline)]
+                and (pipeline is None or r.pipeline == pipeline)
+                and (project is None or r.project == project)]
         return runs[offset:offset + limit]
 
     def active_runs(self) -> list[RunRecord]:
@@ -121,6 +127,11 @@ class MemoryStore:
 
     def next_run_seq(self) -> int:
         return max((r.seq for r in self._all_runs()), default=0) + 1
+
+    def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        with self._lock:
+            texts = self._audit[::-1][offset:offset + limit]
+        return [AuditRecord.model_validate_json(t) for t in texts]
 
     def get_run_secrets(self, run_id: str) -> dict[str, str]:
         return dict(self._run_secrets.get(run_id, {}))

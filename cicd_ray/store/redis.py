@@ -24,6 +24,7 @@ from cicd_ray.errors import StoreError
 from cicd_ray.records import (
     OPEN_DELIVERY,
     AttemptRecord,
+    AuditRecord,
     Changes,
     DeliveryRecord,
     KeyRecord,
@@ -89,7 +90,10 @@ class RedisStore:
         self._do(write)
 
     def _outbox_and_secrets(self, pipe, changes: Changes) -> None:
-        """Deliveries (with the index of runs that have open ones) and runs' own secrets."""
+        """Deliveries (with the index of runs that have open ones), runs' own secrets, audit
+        records (a list, newest first)."""
+        for record in changes.audit:
+            pipe.lpush(self._k("audit"), record.model_dump_json())
         for run_id, secrets in changes.run_secrets.items():
             pipe.set(self._k("run_secrets", run_id), json.dumps(secrets.values))
         for run_id in changes.drop_run_secrets:
@@ -110,7 +114,8 @@ class RedisStore:
         return RunRecord.model_validate_json(raw) if raw else None
 
     def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
+                  limit: int = 50, offset: int = 0,
+                  project: str | None = None) -> list[RunRecord]:
         # Newest first, filtered page by page (the filters are not indexed).
         wanted = RunState(state) if state is not None else None
         out: list[RunRecord] = []
@@ -122,7 +127,8 @@ class RedisStore:
                 break
             for run in self._runs(ids):
                 if (wanted is None or run.state is wanted) and (
-                        pipeline is None or run.pipeline == pipeline):
+                        pipeline is None or run.pipeline == pipeline) and (
+                        project is None or run.project == project):
                     if skipped < offset:
                         skipped += 1
                     elif len(out) < limit:
@@ -180,6 +186,10 @@ class RedisStore:
     def next_run_seq(self) -> int:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
+
+    def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        raw = self._do(lambda: self._r.lrange(self._k("audit"), offset, offset + limit - 1))
+        return [AuditRecord.model_validate_json(r) for r in raw]
 
     def get_run_secrets(self, run_id: str) -> dict[str, str]:
         raw = self._do(lambda: self._r.get(self._k("run_secrets", run_id)))

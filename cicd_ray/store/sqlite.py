@@ -16,6 +16,7 @@ from cicd_ray.errors import StoreError
 from cicd_ray.records import (
     OPEN_DELIVERY,
     AttemptRecord,
+    AuditRecord,
     Changes,
     DeliveryRecord,
     KeyRecord,
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_run ON deliveries (run_id);
 CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (open);
 CREATE TABLE IF NOT EXISTS run_secrets (run_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, data TEXT NOT NULL);
 """
 
 
@@ -122,6 +124,8 @@ class SqliteStore:
              [(run_id, json.dumps(s.values)) for run_id, s in changes.run_secrets.items()]),
             ("DELETE FROM run_secrets WHERE run_id = ?",
              [(run_id,) for run_id in changes.drop_run_secrets]),
+            ("INSERT INTO audit (data) VALUES (?)",
+             [(a.model_dump_json(),) for a in changes.audit]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -129,8 +133,12 @@ class SqliteStore:
         return RunRecord.model_validate_json(rows[0][0]) if rows else None
 
     def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[RunRecord]:
+                  limit: int = 50, offset: int = 0,
+                  project: str | None = None) -> list[RunRecord]:
         where, args = [], []
+        if project is not None:  # (records from before projects have none: the default)
+            where.append("COALESCE(json_extract(data, '$.project'), 'default') = ?")
+            args.append(project)
         if state is not None:
             where.append("state = ?")
             args.append(RunState(state).value)
@@ -193,6 +201,11 @@ class SqliteStore:
     def next_run_seq(self) -> int:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
+
+    def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        rows = self._read("SELECT data FROM audit ORDER BY seq DESC LIMIT ? OFFSET ?",
+                          (limit, offset))
+        return [AuditRecord.model_validate_json(r[0]) for r in rows]
 
     def get_run_secrets(self, run_id: str) -> dict[str, str]:
         rows = self._read("SELECT data FROM run_secrets WHERE run_id = ?", (run_id,))

@@ -18,7 +18,7 @@ TOKEN = "cicd_test-token"
 def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
          body: bytes = b"") -> tuple[int, dict[str, str], bytes, int]:
     """(status, headers, body, body messages the app asked for)."""
-    app = create_app(token_digests=[auth.digest(TOKEN)], max_body_bytes=1024)
+    app = create_app(grants=[auth.Grant(digest=auth.digest(TOKEN))], max_body_bytes=1024)
     asked = 0
     sent: list[dict] = []
 
@@ -111,5 +111,5 @@ def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
 
     check_config()  # nothing set: fine
     monkeypatch.setenv("CICD_RAY_TOKEN_DIGESTS", "REPLACE-WITH-SHA256-OF-YOUR-TOKEN")
-    with pytest.raises(CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\. is not a SHA-256"):
+    with pytest.raises(CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\.: expected a SHA-256"):
         check_config()

@@ -1,27 +1,86 @@
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
-from cicd_ray.auth import check, configured_digests, digest, new_token
+from cicd_ray.auth import (
+    Grant,
+    Role,
+    TokenBook,
+    add_token,
+    digest,
+    env_grants,
+    match,
+    new_token,
+    parse_grant,
+    read_tokens_file,
+)
 from cicd_ray.errors import CicdError
 
 
 def test_tokens_from_env_and_file(tmp_path):
-    t1, t2, t3 = new_token(), new_token(), new_token()
+    t1, t2, t3, t4 = new_token(), new_token(), new_token(), new_token()
     f = tmp_path / "tokens"
-    f.write_text(f"# ci tokens\n{digest(t2)}\n\n")
-    digests = configured_digests({"CICD_RAY_TOKENS": f" {t1} ,", "CICD_RAY_TOKENS_FILE": str(f),
-                                  "CICD_RAY_TOKEN_DIGESTS": digest(t3)})
-    assert all(check(t, digests) for t in (t1, t2, t3))
-    assert not check("wrong", digests)
-    assert not check("", digests) and not check(None, digests)
-    assert not check(t1, [])
+    f.write_text(f"# ci tokens\n{digest(t2)}\n\n{digest(t4)} role=read project=web\n")
+    grants = env_grants({"CICD_RAY_TOKENS": f" {t1} ,",
+                         "CICD_RAY_TOKEN_DIGESTS": f"{digest(t3)} role=submit project=ops"})
+    grants += read_tokens_file(f)
+    assert match(t1, grants) == Grant(digest=digest(t1), role=Role.ADMIN, project="default")
+    assert match(t2, grants).role is Role.ADMIN  # a bare digest: what files meant before roles
+    assert (match(t3, grants).role, match(t3, grants).project) == (Role.SUBMIT, "ops")
+    assert (match(t4, grants).role, match(t4, grants).project) == (Role.READ, "web")
+    assert match("wrong", grants) is None
+    assert match("", grants) is None and match(None, grants) is None
+    assert match(t1, []) is None
 
 
-def test_bad_tokens_file_names_the_line(tmp_path):
+@pytest.mark.parametrize("line, message", [
+    ("not-a-digest", "expected a SHA-256 hex digest"),
+    (f"{'a' * 64} role=owner project=web", "the roles are read, submit and admin"),
+    (f"{'a' * 64} role=read", "role=read needs a project"),
+    (f"{'a' * 64} role=read project=Web!", "project=Web!: a project's name"),
+    (f"{'a' * 64} role=read role=admin project=web", "each at most once"),
+    (f"{'a' * 64} owner=me", "'owner=me': expected role="),
+])
+def test_a_bad_grant_line_says_what_is_wrong(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grant(line)
     f = tmp_path / "tokens"
-    f.write_text("not-a-digest\n")
-    with pytest.raises(CicdError, match="line 1: expected a SHA-256 hex digest"):
-        configured_digests({"CICD_RAY_TOKENS_FILE": str(f)})
+    f.write_text(f"# first\n{line}\n")
+    with pytest.raises(CicdError, match=f"line 2: .*{message[:20]}"):
+        read_tokens_file(f)
+
+
+def test_an_unreadable_tokens_file_is_named(tmp_path):
     with pytest.raises(CicdError, match="cannot read it"):
-        configured_digests({"CICD_RAY_TOKENS_FILE": str(tmp_path / "missing")})
+        read_tokens_file(tmp_path / "missing")
+
+
+def test_roles_are_ordered_and_grants_see_their_project():
+    assert Role.ADMIN.allows(Role.SUBMIT) and Role.SUBMIT.allows(Role.READ)
+    assert not Role.READ.allows(Role.SUBMIT) and not Role.SUBMIT.allows(Role.ADMIN)
+    web = Grant(digest="a" * 64, role=Role.SUBMIT, project="web")
+    assert web.sees("web") and not web.sees("ops")
+    assert Grant(digest="b" * 64).sees("ops")  # admin
+    assert web.token_id == "a" * 12
+    assert parse_grant(web.line) == web
+
+
+def test_a_created_token_is_added_to_a_new_private_file_and_taken_up_live(tmp_path):
+    path = tmp_path / "sub" / "tokens"
+    book = TokenBook([], path)
+    assert book.grants() == []  # no file yet: nothing, no error
+    token, grant = add_token(path, Role.SUBMIT, "web")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert token not in path.read_text() and digest(token) in path.read_text()
+    assert match(token, book.grants()) == grant
+    second, _ = add_token(path, Role.ADMIN, None)
+    assert match(second, book.grants()).role is Role.ADMIN
+    assert match(token, book.grants()) == grant
+    # A broken edit leaves the last good grants in force.
+    path.write_text(path.read_text() + "garbage\n")
+    assert match(second, book.grants()) is not None
+    with pytest.raises(CicdError, match="--role read needs --project"):
+        add_token(path, Role.READ, None)

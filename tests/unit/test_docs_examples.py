@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cicd_ray.config import load_pools
+from cicd_ray.config import load_pools, load_projects
 from cicd_ray.yamldoc import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,14 @@ def test_documented_pools_file_loads(where, text, tmp_path):
     path = tmp_path / "pools.yaml"
     path.write_text(text, encoding="utf-8")
     assert load_pools(path), where
+
+
+@pytest.mark.parametrize("where, text",
+                         [b for b in blocks() if re.search(r"^projects:", b[1], re.M)])
+def test_documented_projects_file_loads(where, text, tmp_path):
+    path = tmp_path / "projects.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert load_projects(path), where
 
 
 @pytest.mark.parametrize("where, text", blocks(), ids=[w for w, _ in blocks()])

@@ -31,14 +31,16 @@ def answer(epoch=100.0, events=(), reset=False, gap=False) -> dict:
     return {"epoch": epoch, "events": list(events), "reset": reset, "gap": gap}
 
 
-def event(seq: int, run_id: str = "r1") -> dict:
-    return {"seq": seq, "kind": "step", "run_id": run_id, "state": "running"}
+def event(seq: int, run_id: str = "r1", project: str = "default") -> dict:
+    return {"seq": seq, "kind": "step", "run_id": run_id, "project": project,
+            "state": "running"}
 
 
-def read(master: Scripted, count: int, run_id=None, epoch=None, after=-1) -> list[bytes]:
+def read(master: Scripted, count: int, run_id=None, epoch=None, after=-1,
+         project=None) -> list[bytes]:
     async def take():
         out = []
-        stream = api._event_stream(master, run_id, epoch, after)
+        stream = api._event_stream(master, run_id, project, epoch, after)
         async for chunk in stream:
             out.append(chunk)
             if len(out) == count:
@@ -82,3 +84,12 @@ def test_one_run_s_events_only_and_a_silent_master_is_waited_for(monkeypatch):
     chunks = read(master, 3, run_id="r1", epoch=100.0, after=7)
     assert chunks[1] == b": the master is not answering; waiting\n\n"
     assert chunks[2].startswith(b"id: 100.0:9\n") and b'"run_id": "r1"' in chunks[2]
+
+
+def test_a_project_s_token_is_told_only_of_its_project_s_runs():
+    master = Scripted(answer(events=[event(8, "a", "ops"), event(9, "b", "web"),
+                                     event(10, "c", "ops")]))
+    chunks = read(master, 2, epoch=100.0, after=7, project="web")
+    assert chunks[1].startswith(b"id: 100.0:9\n") and b'"run_id": "b"' in chunks[1]
+    master = Scripted(answer(events=[event(8, "a", "ops")]), answer())
+    assert read(master, 2, epoch=100.0, after=7, project="web")[1] == b": keep-alive\n\n"

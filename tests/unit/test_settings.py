@@ -103,7 +103,7 @@ def test_tokens_url_and_token_are_settings(tmp_path):
 
     settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_TOKENS": "t1",
                                   "CICD_RAY_URL": "http://api:8000", "CICD_RAY_TOKEN": "t1"})
-    assert settings.token_digests == [auth.digest("t1")]
+    assert settings.token_grants == [auth.Grant(digest=auth.digest("t1"))]
     assert (settings.url, settings.token) == ("http://api:8000", "t1")
     assert "t1" not in repr(settings)  # the token never shows in a repr or a log line
     import pickle

@@ -1,0 +1,64 @@
+"""The `cicd-ray` commands of projects (added to cli's app): `token create`, which makes a
+token of a project and role, and `audit`, who did what (admin tokens)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cicd_ray import auth
+from cicd_ray.cli import AS_JSON, URL, _fail, _reported, app, out
+from cicd_ray.config import Settings
+from cicd_ray.errors import CicdError
+
+tokens = typer.Typer(no_args_is_help=True, help="API tokens: each of a project and a role.")
+app.add_typer(tokens, name="token")
+
+
+@tokens.command("create")
+def create(role: auth.Role = typer.Option(..., "--role", help="read: see runs, logs and "
+                                          "artifacts; submit: also start, cancel, re-run and "
+                                          "approve; admin: every project, and the audit"),
+           project: str | None = typer.Option(None, "--project", help="the project (not for "
+                                              "--role admin)"),
+           file: Path | None = typer.Option(None, "--file", help="the tokens file (default: "
+                                            "CICD_RAY_TOKENS_FILE, else the one `up` keeps "
+                                            "in CICD_RAY_HOME)")):
+    """Make a token: printed once, only its digest, project and role are kept (the file is
+    created 0600 if missing). A running API takes it up without a restart."""
+    if role is auth.Role.ADMIN and project:
+        raise _fail("--role admin is of every project: leave out --project", code=2)
+    settings = Settings.from_env()
+    path = file or settings.tokens_file or settings.home / "tokens"
+    try:
+        token, grant = auth.add_token(path, role, project)
+    except CicdError as e:
+        raise _fail(str(e), code=2) from None
+    scope = "every project" if role is auth.Role.ADMIN else f"project {grant.project}"
+    out.print(escape(f"a {role.value} token of {scope} (id {grant.token_id}), added to "
+                     f"{path}; it is shown only now:"))
+    print(token)
+
+
+@app.command()
+def audit(limit: int = typer.Option(50, min=1, max=1000, help="how many, newest first"),
+          url: str | None = URL, as_json: bool = AS_JSON):
+    """Who submitted, cancelled, re-ran, approved or rejected what (an admin token's view)."""
+    from cicd_ray.client import Client
+
+    with _reported():
+        records = Client(url).audit(limit)
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+    table = Table("at", "token", "project", "action", "run", "run's project", "step", "detail")
+    for r in records:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])),
+                      r["token_id"] or "(cluster)", r["project"], r["action"], r["run_id"],
+                      r["run_project"], escape(r["step"]), escape(r["detail"]))
+    out.print(table)
