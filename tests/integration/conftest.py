@@ -13,7 +13,7 @@ import ray
 
 from cicd_ray import cluster
 from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.config import PoolConfig, ProjectConfig, Settings
 from cicd_ray.spec import parse_pipeline
 from cicd_ray.states import StepState
 
@@ -88,6 +88,8 @@ def harness(tmp_path_factory):
     secrets = tmp_path_factory.mktemp("secrets")  # 0700, root's: the workers read it
     (secrets / "default").mkdir()
     (secrets / "default" / "DEPLOY_KEY").write_text(DEPLOY_KEY + "\n")
+    (secrets / "web").mkdir()
+    (secrets / "web" / "DEPLOY_KEY").write_text(WEB_DEPLOY_KEY + "\n")
     settings = Settings(
         home=home,
         pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
@@ -95,6 +97,7 @@ def harness(tmp_path_factory):
         heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
         webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
         secrets_dir=secrets,
+        projects={"capped": ProjectConfig(name="capped", max_queued_runs=1)},
     )
     cluster.connect(settings=settings, num_cpus=8)
     master = cluster.ensure_master(settings)
@@ -104,9 +107,22 @@ def harness(tmp_path_factory):
 
 WEBHOOK_SECRET = "webhook-secret-" + "w" * 16
 DEPLOY_KEY = "deploy-key-" + "k" * 24  # the default project's secret on the session cluster
+WEB_DEPLOY_KEY = "web-deploy-key-" + "q" * 20  # project web's
 API_TOKEN = "test-token-" + "x" * 20
 OTHER_TOKEN = "other-token-" + "y" * 20
+# Tokens of projects, in the API's tokens file (`api_tokens_file`), by name.
+PROJECT_TOKENS = {"web-read": ("read", "web"), "web-submit": ("submit", "web"),
+                  "ops-submit": ("submit", "ops"), "capped-submit": ("submit", "capped")}
+
+
+def project_token(name: str) -> str:
+    return f"token-of-{name}-" + "p" * 16
 API_BODY_LIMIT = 1024 * 1024
+
+
+def api_tokens_file(harness) -> Path:
+    """The tokens file the API reads (again when it changes): the projects' tokens."""
+    return harness.settings.home / "api-tokens"
 
 
 @pytest.fixture(scope="session")
@@ -118,13 +134,18 @@ def api(harness):
     from ray import serve
 
     from cicd_ray.api import build
-    from cicd_ray.auth import digest
+    from cicd_ray.auth import Grant, Role, digest
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tokens_file = api_tokens_file(harness)
+    tokens_file.write_text("".join(
+        Grant(digest=digest(project_token(name)), role=Role(role), project=project).line + "\n"
+        for name, (role, project) in PROJECT_TOKENS.items()))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build([digest(API_TOKEN), digest(OTHER_TOKEN)], max_body_bytes=API_BODY_LIMIT),
+    serve.run(build([Grant(digest=digest(API_TOKEN)), Grant(digest=digest(OTHER_TOKEN))],
+                    tokens_file, max_body_bytes=API_BODY_LIMIT),
               name="cicd", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -111,5 +111,6 @@ def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
 
     check_config()  # nothing set: fine
     monkeypatch.setenv("CICD_RAY_TOKEN_DIGESTS", "REPLACE-WITH-SHA256-OF-YOUR-TOKEN")
-    with pytest.raises(CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\.: expected a SHA-256"):
+    with pytest.raises(CicdError,
+                       match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\.: expected a SHA-256"):
         check_config()

@@ -10,6 +10,7 @@ import pytest
 from cicd_ray.errors import StoreError
 from cicd_ray.records import (
     AttemptRecord,
+    AuditRecord,
     Changes,
     KeyRecord,
     RunRecord,
@@ -48,9 +49,10 @@ def store(request, tmp_path):
     s.close()
 
 
-def a_run(store, run_id="r1", pipeline="p", state=RunState.QUEUED, n_steps=2):
+def a_run(store, run_id="r1", pipeline="p", state=RunState.QUEUED, n_steps=2,
+          project="default"):
     run = RunRecord(id=run_id, seq=store.next_run_seq(), pipeline=pipeline, created_at=1.0,
-                    state=state)
+                    state=state, project=project)
     spec = parse_pipeline({"name": pipeline, "steps": [
         {"name": f"s{i}", "run": "true"} for i in range(n_steps)]})
     steps = [StepRecord(run_id=run_id, spec=p, queued_at=1.0) for p in plan(spec)]
@@ -94,6 +96,30 @@ def test_list_runs_newest_first_filtered_and_paged(store):
     assert [r.id for r in store.list_runs(limit=1, offset=1)] == ["r2"]
     assert [r.id for r in store.active_runs()] == ["r3"]
     assert store.next_run_seq() == 4
+
+
+def test_runs_listed_by_project_and_the_audit_newest_first(store):
+    a_run(store, "r1", "alpha", project="web")
+    a_run(store, "r2", "alpha", project="ops")
+    a_run(store, "r3", "alpha", RunState.RUNNING, project="web")
+    assert [r.id for r in store.list_runs(project="web")] == ["r3", "r1"]
+    assert [r.id for r in store.list_runs(project="web", state=RunState.QUEUED)] == ["r1"]
+    assert [r.id for r in store.list_runs(project="web", limit=1, offset=1)] == ["r1"]
+    assert store.list_runs(project="nobody") == []
+    for n in range(3):
+        store.save(Changes(audit=[AuditRecord(at=n, action="submit", run_id=f"r{n + 1}",
+                                              run_project="web", token_id="t", project="web")]))
+    assert [a.run_id for a in store.list_audit()] == ["r3", "r2", "r1"]
+    assert [a.run_id for a in store.list_audit(limit=1, offset=1)] == ["r2"]
+
+
+def test_a_run_stored_before_projects_is_the_default_project_s(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    a_run(store, "old")
+    store._write([("UPDATE runs SET data = json_remove(data, '$.project')", [()])])
+    assert "project" not in store._read("SELECT data FROM runs")[0][0]
+    assert [r.id for r in store.list_runs(project="default")] == ["old"]
+    assert store.get_run("old").project == "default"
 
 
 def test_attempts_and_workers(store):
