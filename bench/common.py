@@ -15,12 +15,14 @@ from cicd_ray.config import PoolConfig, Settings
 
 
 @contextmanager
-def local_cluster() -> Iterator[tuple[Settings, object, Path]]:
-    """(settings, the master, a folder for the pipelines' files) of a cluster started here."""
+def local_cluster(**settings_of: object) -> Iterator[tuple[Settings, object, Path]]:
+    """(settings, the master, a folder for the pipelines' files) of a cluster started here;
+    `settings_of`: settings other than the defaults."""
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-", dir="/var/tmp"))
     home.chmod(0o755)
     settings = Settings(home=home, pools={
-        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)})
+        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)},
+        **settings_of)
     cluster.connect(settings=settings, num_cpus=4)
     master = cluster.ensure_master(settings)
     work = home / "bench"

@@ -41,6 +41,7 @@ from cicd_ray.events import parse_position
 from cicd_ray.explain import explain_answer
 from cicd_ray.flowroutes import flow_routes
 from cicd_ray.gate import BodyLimit, Guard
+from cicd_ray.hookroutes import hook_routes
 from cicd_ray.names import API, MASTER_NAME, NAMESPACE, RUN_ID
 from cicd_ray.protocol import (
     LOG_POLL_S,
@@ -190,6 +191,7 @@ def create_app(grants: list[auth.Grant] | None = None, max_body_bytes: int | Non
     app.include_router(_cluster_routes(master, reads), dependencies=guarded)
     app.include_router(build_routes(master, reads), dependencies=guarded)
     app.include_router(flow_routes(master, reads), dependencies=guarded)
+    app.include_router(hook_routes(master, config))
     return app
 
 
@@ -560,12 +562,18 @@ def check_config() -> Settings:
 
 
 def build(grants: list[auth.Grant], tokens_file: Path | None = None,
-          max_body_bytes: int | None = None):
+          max_body_bytes: int | None = None, settings: Settings | None = None):
     """The Serve application with its configuration in the replicas' environment (grants by
-    the tokens' digests, never the tokens; the tokens file they read again when it changes)."""
+    the tokens' digests, never the tokens; the tokens file they read again when it changes;
+    from `settings`, the repositories file and the secrets folder webhooks are checked
+    with)."""
     env = {auth.DIGESTS_ENV: ",".join(g.line for g in grants)}
     if tokens_file is not None:
         env["CICD_RAY_TOKENS_FILE"] = str(tokens_file)
+    if settings is not None and settings.repos_file is not None:
+        env["CICD_RAY_REPOS"] = str(settings.repos_file)
+    if settings is not None and settings.secrets_dir is not None:
+        env["CICD_RAY_SECRETS_DIR"] = str(settings.secrets_dir)
     if max_body_bytes:
         env["CICD_RAY_MAX_BODY_BYTES"] = str(max_body_bytes)
     return ApiServer.options(ray_actor_options={

@@ -23,6 +23,7 @@ from pydantic import (
 from cicd_ray import auth, yamldoc
 from cicd_ray.errors import CicdError, IsolationError, SettingsError, SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
+from cicd_ray.repos import RepoConfig, load_repos
 from cicd_ray.source import SOURCE_LIMIT_BYTES
 from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME, WEBHOOK_URL
 from cicd_ray.webhooks import parse_allow
@@ -224,6 +225,9 @@ class Settings(BaseModel):
     # shared between projects by weight (CICD_RAY_FAIR_SHARE) or taken in submission order.
     projects: dict[str, ProjectConfig] = Field(default_factory=dict)
     fair_share: bool = True
+    # The git repositories whose webhooks start runs (CICD_RAY_REPOS; cicd_ray.repos).
+    repos: dict[str, RepoConfig] = Field(default_factory=dict)
+    repos_file: Path | None = None
     # What the API's tokens may do, by their digests (CICD_RAY_TOKENS, CICD_RAY_TOKEN_DIGESTS;
     # see cicd_ray.auth): never the tokens themselves; and the tokens file, which the API
     # reads again when it changes (`token_book`).
@@ -290,6 +294,9 @@ class Settings(BaseModel):
             values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
         if env.get("CICD_RAY_PROJECTS"):
             values["projects"] = load_projects(env["CICD_RAY_PROJECTS"])
+        if env.get("CICD_RAY_REPOS"):
+            values["repos"] = load_repos(env["CICD_RAY_REPOS"])
+            values["repos_file"] = env["CICD_RAY_REPOS"]
         try:
             values["token_grants"] = auth.env_grants(env)
             if env.get("CICD_RAY_TOKENS_FILE"):  # read here so that a bad one stops a start

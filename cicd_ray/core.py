@@ -22,6 +22,7 @@ from typing import Protocol
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
+from cicd_ray.hooks import Trigger
 from cicd_ray.outbox import Outbox
 from cicd_ray.protocol import Conflict, Missing, OverQuota, Rejected, Reply, Submitted
 from cicd_ray.records import (
@@ -35,6 +36,7 @@ from cicd_ray.records import (
     StepOutcome,
     WorkerRecord,
 )
+from cicd_ray.repos import RepoConfig
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.scheduler.share import Share
@@ -47,6 +49,7 @@ from cicd_ray.spec import (
     PlannedStep,
     check_env_overrides,
     expanded,
+    load_yaml,
     parse_pipeline,
     plan,
 )
@@ -76,6 +79,9 @@ class Planned:
     branch: str = ""  # the branch that ref named, if it named one
     concurrency: ConcurrencySpec | None = None  # the run's group, expanded from its env
     project: str = "default"  # whose run it is
+    event: str = "manual"  # what started it (a webhook: push, pull_request)
+    pr: int | None = None
+    repo: str = ""  # the repository whose webhook started it
 
 
 class MasterCore:
@@ -107,6 +113,24 @@ class MasterCore:
         return plan_submission(pipeline, env or {}, source, self.settings, request,
                                secrets=secrets or {}, project=project)
 
+    def plan_trigger(self, repo: RepoConfig, trigger: Trigger, text: str,
+                     request: str | None) -> Planned:
+        """Plan the run a webhook asks for: the pipeline file's text, its source the
+        repository at the commit (pinned as it is, not looked up again)."""
+        try:
+            doc = load_yaml(text, max_bytes=self.settings.max_pipeline_bytes)
+        except SpecError as e:
+            return Planned(None, [], [f"{repo.pipeline}: {p}" for p in e.problems],
+                           request or "", project=repo.project)
+        if isinstance(doc, dict):
+            doc = {**doc, "source": {"git": repo.url, "ref": trigger.commit}}
+        planned = plan_submission(doc, {}, None, self.settings, request,
+                                  resolve=lambda url, ref: (trigger.commit, trigger.branch),
+                                  project=repo.project)
+        planned.event, planned.pr, planned.repo = trigger.event, trigger.pr, repo.name
+        planned.problems = [f"{repo.pipeline}: {p}" for p in planned.problems]
+        return planned
+
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
         known = self.store.get_key(key) if key else None
@@ -135,7 +159,8 @@ class MasterCore:
                         commit=None if source else planned.commit,
                         branch="" if source else planned.branch,
                         concurrency=planned.concurrency, notify=spec.notify,
-                        project=planned.project)
+                        project=planned.project, event=planned.event, pr=planned.pr,
+                        repo=planned.repo)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
@@ -144,6 +169,7 @@ class MasterCore:
             extra.idempotency[key] = KeyRecord(run_id=run.id, request=planned.request, at=now)
         if secrets:  # stored apart, with the run, before its id is returned
             extra.run_secrets[run.id] = RunSecrets(values=secrets)
+        self.outbox.record_status(run, extra, now)  # pending, for a repository's webhook run
         self.commit(extra)
         return Submitted(run_id=run.id)
 
@@ -247,6 +273,9 @@ class MasterCore:
     def delivery_body(self, delivery: DeliveryRecord) -> bytes:
         return self.outbox.body(delivery)
 
+    def delivery_headers(self, delivery: DeliveryRecord) -> dict[str, str]:
+        return self.outbox.headers(delivery)
+
     def delivery_done(self, delivery_id: str, status: int | None, error: str = "",
                       final: bool = False) -> None:
         self.outbox.settle(delivery_id, status, error, self.clock(), final)
@@ -295,6 +324,7 @@ class MasterCore:
             changes.idempotency.update(extra.idempotency)
             changes.run_secrets.update(extra.run_secrets)
             changes.audit += extra.audit
+            changes.deliveries.update(extra.deliveries)
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
@@ -399,6 +429,14 @@ def request_digest(pipeline: dict | str, env: dict[str, str] | None,
     if secret_names:  # (without any, the digest is what it was before secrets came)
         parts.append(sorted(secret_names))
     text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hook_key(repo: RepoConfig, trigger: Trigger) -> str | None:
+    """The key a webhook's delivery is remembered by (a redelivery carries the same id)."""
+    if not trigger.delivery:
+        return None
+    text = f"hook:{repo.provider}:{repo.name}:{trigger.delivery}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

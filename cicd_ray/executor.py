@@ -151,7 +151,12 @@ def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
         "CICD_STEP": task.step.name,
         "CICD_ATTEMPT": str(task.attempt),
         "CICD_WORKSPACE": str(workspace),
+        "CICD_COMMIT": task.commit or "",
+        "CICD_BRANCH": task.branch,
+        "CICD_EVENT": task.event,
     })
+    if task.pr is not None:
+        env["CICD_PR"] = str(task.pr)
     return env
 
 

@@ -24,8 +24,9 @@ SECURITY_HEADERS = [
      b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
      b"frame-ancestors 'none'; form-action 'self'"),
 ]
-# Served without a token: the page (it asks for one) and the health probe.
-OPEN_PATHS = frozenset({"/", "/healthz"})
+# Served without a token: the page (it asks for one), the health probe, and git hosts'
+# webhooks (a delivery carries its repository's signature instead, checked by its route).
+OPEN_PATHS = frozenset({"/", "/healthz", "/api/v1/hooks/github", "/api/v1/hooks/gitlab"})
 
 
 def _is_open(path: str) -> bool:

@@ -19,10 +19,11 @@ from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.config import Settings
-from cicd_ray.core import MasterCore, request_digest
-from cicd_ray.errors import StoreError
+from cicd_ray.core import MasterCore, hook_key, request_digest
+from cicd_ray.errors import SourceError, StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.explain import Explanation, explain_answer
+from cicd_ray.hooks import Trigger
 from cicd_ray.metrics import Metrics
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.protocol import (
@@ -37,6 +38,8 @@ from cicd_ray.protocol import (
 from cicd_ray.records import Caller, DeliveryRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
 from cicd_ray.scheduler import Effects
+from cicd_ray.secrets import SecretError
+from cicd_ray.source import file_at
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
 from cicd_ray.webhooks import TargetRefused, send
@@ -114,6 +117,30 @@ class Master:
         answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets,
                                caller)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
+        return answer
+
+    async def trigger(self, repo_name: str, trigger: Trigger) -> Reply:
+        """Start the run a git host's webhook asks for (see cicd_ray.hookroutes): the pipeline
+        file read from the repository at the commit, the run pinned to it, of the
+        repository's project. A redelivery (the same delivery id) answers with the first
+        run."""
+        repo = self.settings.repos.get(repo_name)
+        if repo is None:
+            return Rejected(problems=[f"repository {repo_name} is not in the master's "
+                                      "CICD_RAY_REPOS"])
+        key = hook_key(repo, trigger)
+        known = self.core.known_key(key, key) if key else None
+        if known is not None:
+            return known
+        try:
+            text = await asyncio.to_thread(file_at, repo.url, trigger.commit, repo.pipeline,
+                                           self.settings.max_pipeline_bytes)
+        except SourceError as e:
+            return Rejected(problems=[f"{repo.pipeline}: {e}"])
+        planned = await asyncio.to_thread(self.core.plan_trigger, repo, trigger, text, key)
+        caller = Caller(token_id=f"{repo.provider}-webhook", project=repo.project, admin=False)
+        answer = self._guarded(self.core.accept, planned, None, key, None, caller)
+        self._wake.set()
         return answer
 
     async def cancel(self, run_id: str, caller: Caller | None = None) -> str | None:
@@ -297,9 +324,11 @@ class Master:
     async def _deliver_one(self, d: DeliveryRecord) -> None:
         try:
             body = await asyncio.to_thread(self.core.delivery_body, d)
-            status = await asyncio.to_thread(send, d.url, body, self.settings.webhook_secret,
-                                             d.id, self.settings.webhook_allow)
-        except TargetRefused as e:
+            extra = await asyncio.to_thread(self.core.delivery_headers, d)
+            secret = self.settings.webhook_secret if d.kind == "notify" else ""
+            status = await asyncio.to_thread(send, d.url, body, secret, d.id,
+                                             self.settings.webhook_allow, extra=extra)
+        except (TargetRefused, SecretError) as e:
             self._guarded(self.core.delivery_done, d.id, None, str(e), True)
         except Exception as e:  # no answer: tried again later, within the delivery window
             self._guarded(self.core.delivery_done, d.id, None, f"{type(e).__name__}: {e}")

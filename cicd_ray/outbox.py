@@ -8,8 +8,10 @@ The HTTP request itself (`cicd_ray.webhooks.send`) is made by the master's shell
 
 from __future__ import annotations
 
+from cicd_ray import statuses
 from cicd_ray.config import Settings
 from cicd_ray.records import Changes, DeliveryRecord, RunRecord
+from cicd_ray.secrets import read
 from cicd_ray.spec import NotifySpec
 from cicd_ray.states import StepState
 from cicd_ray.store import Store
@@ -47,13 +49,33 @@ class Outbox:
             self.store.save(changes)
 
     def record_ends(self, runs: list[RunRecord], changes: Changes, now: float) -> None:
-        """Add the deliveries of runs that ended to the batch that ends them."""
+        """Add the deliveries of runs that ended to the batch that ends them: notifications,
+        and the commit status of a run a repository's webhook started."""
         for run in runs:
             for i, target in enumerate(targets(run, self.settings)):
                 d = DeliveryRecord(id=f"{run.id}/{i}", run_id=run.id, url=target.webhook,
                                    created_at=now, next_at=now)
                 changes.deliveries[d.id] = d
                 self.open[d.id] = d
+            self.record_status(run, changes, now, ended=True)
+
+    def record_status(self, run: RunRecord, changes: Changes, now: float,
+                      ended: bool = False) -> None:
+        """The commit status of a run its repository reports to (pending when it is accepted,
+        its outcome when it ends); a pending one not yet sent when the run ends is dropped."""
+        repo = self.settings.repos.get(run.repo)
+        if repo is None or repo.status_url is None or not run.commit:
+            return
+        if ended and (start := self.open.pop(f"{run.id}/status-start", None)) is not None:
+            start.state, start.finished_at = "failed", now
+            start.error = "not sent before the run ended; its end is reported instead"
+            changes.deliveries[start.id] = start
+        d = DeliveryRecord(
+            id=f"{run.id}/status-{'end' if ended else 'start'}", run_id=run.id, kind="status",
+            url=statuses.target(repo, run.commit), created_at=now, next_at=now,
+            status=statuses.word(repo.provider, run.state.value if ended else None))
+        changes.deliveries[d.id] = d
+        self.open[d.id] = d
 
     def take_due(self, now: float) -> list[DeliveryRecord]:
         """The deliveries due now, marked `sending` in the store before they are tried."""
@@ -92,6 +114,10 @@ class Outbox:
     def body(self, delivery: DeliveryRecord) -> bytes:
         """The document for a delivery, from what the store holds of its run."""
         run = self.store.get_run(delivery.run_id)
+        if delivery.kind == "status":
+            repo = self.settings.repos[run.repo]
+            return statuses.document(repo.provider, delivery.status, run.id, run.pipeline,
+                                     self._page(run.id))
         failed = []
         for step in self.store.get_steps(delivery.run_id):
             if step.state not in (StepState.FAILED, StepState.TIMED_OUT):
@@ -99,6 +125,17 @@ class Outbox:
             log = self.store.read_log(step.current_attempt) if step.current_attempt else b""
             failed.append({"step": step.name, "state": step.state.value, "reason": step.reason,
                            "exit_code": step.exit_code, "log_tail": log_tail(log)})
+        return document(run.model_dump(mode="json"), failed, self._page(run.id))
+
+    def headers(self, delivery: DeliveryRecord) -> dict[str, str]:
+        """A commit status's credentials: the repository's `status_token`, a secret of its
+        project, read now (never stored with the delivery). SecretError when it is missing."""
+        if delivery.kind != "status":
+            return {}
+        repo = self.settings.repos[self.store.get_run(delivery.run_id).repo]
+        token = read(self.settings.secrets_dir, repo.project, repo.status_token or "")
+        return statuses.headers(repo.provider, token)
+
+    def _page(self, run_id: str) -> str:
         base = (self.settings.url or "").rstrip("/")
-        page = f"{base}/#/runs/{delivery.run_id}" if base else ""
-        return document(run.model_dump(mode="json"), failed, page)
+        return f"{base}/#/runs/{run_id}" if base else ""

@@ -76,7 +76,9 @@ class RunRecord(BaseModel):
     cancel_requested: bool = False
     rerun_of: str | None = None  # the run this one re-runs (same pipeline, commit and inputs)
     branch: str = ""  # the branch its git source named ("" for a snapshot or a commit)
-    event: str = "manual"  # what started it: manual (API, CLI, client)
+    event: str = "manual"  # what started it: manual (API, CLI, client), push, pull_request
+    pr: int | None = None  # the pull (merge) request that started it
+    repo: str = ""  # the repository (CICD_RAY_REPOS) whose webhook started it: told its status
     concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
     admitted: bool = False  # its concurrency group let it in (kept: the order survives restarts)
     notify: list[NotifySpec] = Field(default_factory=list)
@@ -210,9 +212,11 @@ class DeliveryRecord(BaseModel):
     `sending` before each try, so it is made at most once across master restarts (a try a
     restart interrupted is `interrupted`, not made again)."""
 
-    id: str  # "<run id>/<index of the target>"
+    id: str  # "<run id>/<index of the target>", "<run id>/status-start", "<run id>/status-end"
     run_id: str
     url: str
+    kind: Literal["notify", "status"] = "notify"  # a webhook of its end; a commit status
+    status: str = ""  # the commit status it sets, in the host's word
     state: DeliveryState = "pending"
     created_at: float
     next_at: float
@@ -298,6 +302,9 @@ class StepTask(BaseModel):
     commit: str | None = None  # the run's pinned commit, checked out instead of the ref
     pipeline: str = ""  # caches are kept per pipeline
     project: str = "default"  # the secrets its step lists are this project's
+    branch: str = ""  # the run's, for the step's environment (CICD_BRANCH, CICD_EVENT, CICD_PR)
+    event: str = "manual"
+    pr: int | None = None
     inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
     artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
     # The values of the run's own secrets this step lists (added by the core as it hands the

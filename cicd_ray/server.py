@@ -184,7 +184,8 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
 
     _check_serve_port(host, port)
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
-    serve.run(build(grants, tokens_file), name=SERVE_APP, route_prefix="/", blocking=False)
+    serve.run(build(grants, tokens_file, settings=settings), name=SERVE_APP, route_prefix="/",
+              blocking=False)
     api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     _wait_healthy(api_url)
     state = {"address": gcs, "started_head": started_head, "api_url": api_url}

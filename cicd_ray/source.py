@@ -107,6 +107,37 @@ def resolve_ref(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> tuple[s
     raise SourceError(f"{ref!r} names no branch, tag or commit of {url}")
 
 
+def file_at(url: str, commit: str, path: str, limit_bytes: int,
+            timeout_s: float = GIT_TIMEOUT_S) -> str:
+    """The text of the file `path` in `url` at `commit` (a full SHA): fetched alone where the
+    host serves a commit by its SHA, else with the branches' history. SourceError when the
+    commit or the file is not there, or the file is over `limit_bytes`."""
+    with tempfile.TemporaryDirectory(prefix="cicd-file-") as tmp:
+        _git(["init", "--quiet", "--bare", tmp], url, commit, timeout_s)
+        _git(["-C", tmp, "fetch", "--quiet", "--depth=1", "--", url, commit], url, commit,
+             timeout_s, check=False)
+        if not _has(tmp, commit):
+            _git(["-C", tmp, "fetch", "--quiet", "--", url, "+refs/heads/*:refs/heads/*",
+                  "+refs/pull/*/head:refs/pull/*", "+refs/merge-requests/*/head:refs/mr/*"],
+                 url, commit, timeout_s, check=False)
+            if not _has(tmp, commit):
+                raise SourceError(f"{url} has no commit {commit}")
+        size = _git(["-C", tmp, "cat-file", "-s", f"{commit}:{path}"], url, commit, timeout_s,
+                    check=False).strip()
+        if not size.isdigit():
+            raise SourceError(f"{url} has no file {path} at commit {commit[:12]}")
+        if int(size) > limit_bytes:
+            raise SourceError(f"{path} at commit {commit[:12]} is {size} bytes, more than the "
+                              f"{limit_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)")
+        return _git(["-C", tmp, "show", f"{commit}:{path}"], url, commit, timeout_s)
+
+
+def _has(repo: str, commit: str) -> bool:
+    done = subprocess.run(["git", "-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"],
+                          capture_output=True, timeout=GIT_TIMEOUT_S)
+    return done.returncode == 0
+
+
 def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = True) -> str:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password
     try:

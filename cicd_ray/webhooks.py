@@ -144,8 +144,9 @@ def next_try(attempts: int, first_at: float, now: float) -> float | None:
 
 
 def send(url: str, body: bytes, secret: str, delivery_id: str, allow: list[str],
-         resolve: Resolver = _getaddrinfo) -> int:
-    """POST the body to the checked address of `url`; the HTTP status. TargetRefused for a
+         resolve: Resolver = _getaddrinfo, extra: dict[str, str] | None = None) -> int:
+    """POST the body to the checked address of `url`, signed with `secret` (if any), with the
+    `extra` headers (a commit status's credentials); the HTTP status. TargetRefused for a
     refused target, OSError-like httpx errors for a failed request."""
     import httpx
 
@@ -159,6 +160,7 @@ def send(url: str, body: bytes, secret: str, delivery_id: str, allow: list[str],
                "User-Agent": "cicd-ray", DELIVERY_HEADER: delivery_id}
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)
+    headers.update(extra or {})
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     with httpx.Client(timeout=SEND_TIMEOUT_S, follow_redirects=False) as client:
         response = client.post(pinned, content=body, headers=headers, extensions=extensions)

@@ -36,6 +36,8 @@ RUN_HERE = {
     ("docs/api.md", "curl -s -X POST $CICD_RAY_URL/api/v1/runs/$RUN/steps/production/approve "
                     "-H \"$H\" \\"):
         "tests/integration/test_server.py::test_the_api_guide_s_commands_run_as_written",
+    ("docs/api.md", 'curl -s "$CICD_RAY_URL/api/v1/audit?limit=20" -H "$H"'):
+        "tests/integration/test_server.py::test_the_api_guide_s_commands_run_as_written",
     ("docs/operations.md", "cicd-ray gc --older-than 7d --dry-run   # would delete 12 run(s) "
                            "with their logs, 3 source archive(s), ..."):
         "tests/integration/test_cli.py::test_gc_deletes_finished_runs_and_their_logs",

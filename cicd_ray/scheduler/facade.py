@@ -195,7 +195,8 @@ class Scheduler(Control, Recovery):
         self._out.dispatch.append((worker.id, StepTask(
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
             source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
-            pipeline=run.pipeline, project=run.project, inputs=inputs_of(step, run_steps),
+            pipeline=run.pipeline, project=run.project, branch=run.branch, event=run.event,
+            pr=run.pr, inputs=inputs_of(step, run_steps),
             artifact_room_bytes=max(0, room),
         )))
 

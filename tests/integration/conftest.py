@@ -14,6 +14,7 @@ import ray
 from cicd_ray import cluster
 from cicd_ray.backends import RayRunner, follow_run
 from cicd_ray.config import PoolConfig, ProjectConfig, Settings
+from cicd_ray.repos import load_repos
 from cicd_ray.spec import parse_pipeline
 from cicd_ray.states import StepState
 
@@ -90,6 +91,9 @@ def harness(tmp_path_factory):
     (secrets / "default" / "DEPLOY_KEY").write_text(DEPLOY_KEY + "\n")
     (secrets / "web").mkdir()
     (secrets / "web" / "DEPLOY_KEY").write_text(WEB_DEPLOY_KEY + "\n")
+    (secrets / "web" / "HOOK_SECRET").write_text(HOOK_SECRET)
+    (secrets / "web" / "STATUS_TOKEN").write_text(STATUS_TOKEN)
+    git_host = GitHost(tmp_path_factory.mktemp("git"))
     settings = Settings(
         home=home,
         pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
@@ -98,16 +102,48 @@ def harness(tmp_path_factory):
         webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
         secrets_dir=secrets,
         projects={"capped": ProjectConfig(name="capped", max_queued_runs=1)},
+        repos=load_repos(git_host.repos_file), repos_file=git_host.repos_file,
     )
     cluster.connect(settings=settings, num_cpus=8)
     master = cluster.ensure_master(settings)
-    yield Harness(master, settings, tmp_path_factory.mktemp("pipelines"))
+    harness = Harness(master, settings, tmp_path_factory.mktemp("pipelines"))
+    harness.git_host = git_host
+    yield harness
     cluster.shutdown_embedded(master)
 
 
 WEBHOOK_SECRET = "webhook-secret-" + "w" * 16
 DEPLOY_KEY = "deploy-key-" + "k" * 24  # the default project's secret on the session cluster
 WEB_DEPLOY_KEY = "web-deploy-key-" + "q" * 20  # project web's
+HOOK_SECRET = "hook-secret-" + "h" * 20  # project web's: signs acme/web-app's webhooks
+STATUS_TOKEN = "status-token-" + "s" * 20  # project web's: for acme/web-app's commit statuses
+
+
+class GitHost:
+    """Where the session's repository acme/web-app lives (a bare repository a test fills) and
+    the port of the stand-in for its host's status API (a test serves it), as the
+    repositories file the master and the API read names them."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        self.bare = folder / "web-app.git"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.status_port = s.getsockname()[1]
+        self.repos_file = folder / "repos.yaml"
+        self.repos_file.write_text(f"""\
+repositories:
+  - name: acme/web-app
+    url: file://{self.bare}
+    provider: github
+    project: web
+    webhook_secret: HOOK_SECRET
+    pipeline: .cicd-ray.yaml
+    branches: ["main", "release/*"]
+    status_url: http://127.0.0.1:{self.status_port}
+    status_token: STATUS_TOKEN
+""")
 API_TOKEN = "test-token-" + "x" * 20
 OTHER_TOKEN = "other-token-" + "y" * 20
 # Tokens of projects, in the API's tokens file (`api_tokens_file`), by name.
@@ -145,7 +181,7 @@ def api(harness):
         for name, (role, project) in PROJECT_TOKENS.items()))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build([Grant(digest=digest(API_TOKEN)), Grant(digest=digest(OTHER_TOKEN))],
-                    tokens_file, max_body_bytes=API_BODY_LIMIT),
+                    tokens_file, max_body_bytes=API_BODY_LIMIT, settings=harness.settings),
               name="cicd", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -3,6 +3,7 @@ user runs them: separate processes on one machine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -315,6 +316,13 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
         assert waiting[0].wait(timeout=120).state == "succeeded"
         assert waiting[1].wait(timeout=120).state == "failed"
         assert waiting[0].steps[0]["approval"]["by"] == "ann"
+    [audit] = sh('curl -s "$CICD_RAY_URL/api/v1/audit?limit=20" -H "$H"')
+    token_id = hashlib.sha256(server["token"].encode()).hexdigest()[:12]
+    answered = [(r["action"], r["run_id"], r["step"], r["token_id"]) for r in audit["audit"]
+                if r["action"] in ("approve", "reject")]
+    assert answered == [("reject", waiting[1].id, "production", token_id),
+                        ("approve", waiting[0].id, "production", token_id)]
+    assert (audit["limit"], audit["offset"]) == (20, 0)
 
 
 def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):

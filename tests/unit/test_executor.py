@@ -42,6 +42,15 @@ def test_success_environment_and_clean_workspace(tmp_path, monkeypatch):
     assert list((tmp_path / "work").iterdir()) == []  # removed after the attempt
 
 
+def test_the_run_s_trigger_is_in_the_environment(tmp_path):
+    script = 'echo "[$CICD_EVENT] [$CICD_BRANCH] [$CICD_COMMIT] [${CICD_PR-none}]"'
+    manual = task(script)
+    assert execute(tmp_path, manual)[1] == "[manual] [] [] [none]\n"
+    hooked = manual.model_copy(update={"event": "pull_request", "branch": "fix", "pr": 7,
+                                       "commit": "c" * 40})
+    assert execute(tmp_path, hooked)[1] == f"[pull_request] [fix] [{'c' * 40}] [7]\n"
+
+
 def test_failure_is_an_outcome_with_exit_code(tmp_path):
     outcome, log, _ = execute(tmp_path, task("echo before\nfalse\necho never"))
     assert outcome.state is StepState.FAILED and outcome.exit_code == 1

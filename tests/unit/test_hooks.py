@@ -1,0 +1,151 @@
+"""Git hosts' webhooks, the pure parts: signatures (good, bad, missing, replayed), the events
+that start a run and those that do not, the repositories file, commit statuses' words."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from cicd_ray import statuses
+from cicd_ray.core import hook_key
+from cicd_ray.errors import SpecError
+from cicd_ray.hooks import Trigger, repository_names, trigger, verified
+from cicd_ray.repos import RepoConfig, find, load_repos
+
+SECRET = "hook-secret-value"
+SHA = "a" * 40
+REPO = RepoConfig(name="acme/web-app", url="https://github.com/acme/web-app.git",
+                  provider="github", project="web", webhook_secret="HOOK",
+                  branches=["main", "release/*"], status_url="https://api.github.com",
+                  status_token="TOKEN")
+
+
+def signed(body: bytes, secret: str = SECRET) -> dict[str, str]:
+    return {"x-hub-signature-256":
+            "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
+
+
+def test_github_signatures_good_bad_and_missing():
+    body = b'{"ref": "refs/heads/main"}'
+    assert verified("github", SECRET, body, signed(body))
+    assert not verified("github", SECRET, body, signed(body, "another-secret"))
+    assert not verified("github", SECRET, body + b" ", signed(body))  # the body changed
+    assert not verified("github", SECRET, body, {})
+    assert not verified("github", SECRET, body, {"x-hub-signature-256": "sha256="})
+    assert not verified("github", "", body, signed(body, ""))  # no secret: nothing verifies
+
+
+def test_gitlab_tokens_good_bad_and_missing():
+    assert verified("gitlab", SECRET, b"{}", {"x-gitlab-token": SECRET})
+    assert not verified("gitlab", SECRET, b"{}", {"x-gitlab-token": SECRET + "x"})
+    assert not verified("gitlab", SECRET, b"{}", {})
+
+
+def test_a_replayed_delivery_has_the_key_of_the_first():
+    # A replay carries a valid signature; it is the delivery id that makes it start nothing.
+    first = Trigger("push", "main", SHA, "delivery-1")
+    assert hook_key(REPO, first) == hook_key(REPO, Trigger("push", "main", SHA, "delivery-1"))
+    assert hook_key(REPO, first) != hook_key(REPO, Trigger("push", "main", SHA, "delivery-2"))
+    other = REPO.model_copy(update={"name": "acme/api"})
+    assert hook_key(other, first) != hook_key(REPO, first)
+    assert hook_key(REPO, Trigger("push", "main", SHA, "")) is None
+
+
+@pytest.mark.parametrize("provider, headers, payload, wanted", [
+    ("github", {"x-github-event": "push", "x-github-delivery": "d1"},
+     {"ref": "refs/heads/main", "after": SHA}, Trigger("push", "main", SHA, "d1")),
+    ("github", {"x-github-event": "push"}, {"ref": "refs/tags/v1", "after": SHA},
+     "a push of 'refs/tags/v1', not of a branch"),
+    ("github", {"x-github-event": "push"}, {"ref": "refs/heads/main", "after": "0" * 40},
+     "a push that deleted the branch"),
+    ("github", {"x-github-event": "pull_request", "x-github-delivery": "d2"},
+     {"action": "synchronize", "number": 7,
+      "pull_request": {"head": {"sha": SHA, "ref": "feature"}}},
+     Trigger("pull_request", "feature", SHA, "d2", 7)),
+    ("github", {"x-github-event": "pull_request"}, {"action": "closed", "number": 7},
+     "pull request action 'closed'"),
+    ("github", {"x-github-event": "ping"}, {}, "event 'ping'"),
+    ("gitlab", {"x-gitlab-event": "Push Hook", "x-gitlab-event-uuid": "g1"},
+     {"ref": "refs/heads/main", "after": SHA}, Trigger("push", "main", SHA, "g1")),
+    ("gitlab", {"x-gitlab-event": "Merge Request Hook", "x-gitlab-event-uuid": "g2"},
+     {"object_attributes": {"action": "open", "iid": 3, "source_branch": "fix",
+                            "last_commit": {"id": SHA}}},
+     Trigger("pull_request", "fix", SHA, "g2", 3)),
+    ("gitlab", {"x-gitlab-event": "Merge Request Hook"},
+     {"object_attributes": {"action": "open", "iid": 3}},
+     "a pull request event without its head commit, branch and number"),
+    ("gitlab", {"x-gitlab-event": "Issue Hook"}, {}, "event 'Issue Hook'"),
+])
+def test_which_events_start_a_run(provider, headers, payload, wanted):
+    assert trigger(provider, headers, payload) == wanted
+
+
+def test_an_event_finds_its_repository_by_full_name_or_clone_url():
+    repos = {REPO.name: REPO}
+    names = repository_names("github", {"repository": {
+        "full_name": "Acme/Web-App", "clone_url": "https://github.com/acme/web-app.git"}})
+    assert find(repos, "github", names) is REPO
+    assert find(repos, "github", ["https://github.com/acme/web-app"]) is REPO
+    assert find(repos, "gitlab", names) is None  # another provider's
+    assert find(repos, "github", ["acme/other"]) is None
+    assert repository_names("gitlab", {"project": {"path_with_namespace": "g/p"}}) == ["g/p"]
+    assert REPO.builds("main") and REPO.builds("release/1.2") and not REPO.builds("feature")
+
+
+def test_the_repositories_file_loads_and_bad_ones_are_named(tmp_path):
+    f = tmp_path / "repos.yaml"
+    f.write_text("repositories:\n  - {name: acme/x, url: 'https://h/acme/x.git', "
+                 "provider: github, webhook_secret: HOOK}\n")
+    repo = load_repos(f)["acme/x"]
+    assert (repo.project, repo.pipeline, repo.branches) == ("default", ".cicd-ray.yaml", ["*"])
+    for bad, message in [
+            ("{name: a, url: u, provider: bitbucket, webhook_secret: H}", "provider"),
+            ("{name: a, url: u, provider: github, webhook_secret: H, pipeline: ../x.yaml}",
+             "without . or .."),
+            ("{name: a, url: u, provider: github, webhook_secret: H, status_url: "
+             "'https://api'}", "status_url and status_token go together"),
+            ("{name: a, url: u, provider: github}", "webhook_secret")]:
+        f.write_text(f"repositories:\n  - {bad}\n")
+        with pytest.raises(SpecError, match=message):
+            load_repos(f)
+
+
+def test_commit_statuses_in_each_host_s_words():
+    assert statuses.target(REPO, SHA) == f"https://api.github.com/repos/acme/web-app/statuses/{SHA}"
+    lab = REPO.model_copy(update={"provider": "gitlab", "status_url": "https://gl/api/v4"})
+    assert statuses.target(lab, SHA) == f"https://gl/api/v4/projects/acme%2Fweb-app/statuses/{SHA}"
+    assert [statuses.word("github", s) for s in (None, "succeeded", "failed", "cancelled")] == [
+        "pending", "success", "failure", "error"]
+    assert [statuses.word("gitlab", s) for s in (None, "succeeded", "failed", "cancelled")] == [
+        "pending", "success", "failed", "canceled"]
+    assert statuses.headers("gitlab", "tok") == {"PRIVATE-TOKEN": "tok"}
+
+
+def test_a_webhook_run_s_statuses_are_recorded_with_its_start_and_its_end(tmp_path):
+    from cicd_ray.config import Settings
+    from cicd_ray.core import MasterCore
+    from cicd_ray.records import Caller
+    from cicd_ray.store.memory import MemoryStore
+
+    core = MasterCore(Settings(home=tmp_path, repos={REPO.name: REPO}), MemoryStore(),
+                      clock=lambda: 1000.0)
+    hook = Trigger("pull_request", "feature", SHA, "d1", 7)
+    planned = core.plan_trigger(REPO, hook, "name: p\nsteps:\n  - {name: a, run: 'true'}\n",
+                                "k1")
+    run_id = core.accept(planned, None, "k1", None, Caller(project="web", admin=False)).run_id
+    run = core.store.get_run(run_id)
+    assert (run.commit, run.branch, run.event, run.pr, run.project, run.repo) == (
+        SHA, "feature", "pull_request", 7, "web", "acme/web-app")
+    assert run.source_git.ref == SHA and run.source_git.git == REPO.url
+    [start] = core.store.get_deliveries(run_id)
+    assert (start.kind, start.status, start.state) == ("status", "pending", "pending")
+    assert start.url == f"https://api.github.com/repos/acme/web-app/statuses/{SHA}"
+    core.cancel(run_id)  # ended before the pending status went: its end is reported instead
+    by_id = {d.id: d for d in core.store.get_deliveries(run_id)}
+    assert by_id[f"{run_id}/status-start"].state == "failed"
+    assert (by_id[f"{run_id}/status-end"].status, by_id[f"{run_id}/status-end"].state) == (
+        "error", "pending")
+    bad = core.plan_trigger(REPO, hook, "name: p\nsteps: [{name: a, tiemout: 3}]\n", "k2")
+    assert bad.problems[0].startswith(".cicd-ray.yaml: steps[0] (a)")
