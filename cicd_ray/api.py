@@ -53,6 +53,7 @@ from cicd_ray.protocol import (
     Rejected,
     RunChange,
 )
+from cicd_ray.schedroutes import schedule_routes
 from cicd_ray.source import check_archive
 from cicd_ray.spec import GitSource, check_env_overrides, load_yaml, parse_pipeline
 from cicd_ray.states import RunState
@@ -191,6 +192,7 @@ def create_app(grants: list[auth.Grant] | None = None, max_body_bytes: int | Non
     app.include_router(_cluster_routes(master, reads), dependencies=guarded)
     app.include_router(build_routes(master, reads), dependencies=guarded)
     app.include_router(flow_routes(master, reads), dependencies=guarded)
+    app.include_router(schedule_routes(master), dependencies=guarded)
     app.include_router(hook_routes(master, config))
     return app
 

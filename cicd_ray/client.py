@@ -119,6 +119,23 @@ class Client:
     def queue(self) -> dict:
         return self._request("GET", f"{API}/queue").json()["pools"]
 
+    def schedules(self) -> list[dict]:
+        """The token's project's schedules, with their next and last slots."""
+        return self._request("GET", f"{API}/schedules").json()["schedules"]
+
+    def add_schedule(self, name: str, cron: str, pipeline: str | dict | None = None,
+                     **options: Any) -> dict:
+        """A schedule: a `pipeline` of its own (YAML text or a mapping) or, with
+        `repository=`, a repository's pipeline file at `ref=`; also `timezone=`, `env=`,
+        `missed=` ("latest" or "skip")."""
+        body = {"name": name, "cron": cron, **options}
+        if pipeline is not None:
+            body["pipeline"] = pipeline
+        return self._request("POST", f"{API}/schedules", json=body).json()
+
+    def delete_schedule(self, name: str) -> None:
+        self._request("DELETE", f"{API}/schedules/{name}")
+
     def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
         """Who submitted, cancelled, re-ran, approved or rejected what (admin tokens)."""
         params = {"limit": limit, "offset": offset}

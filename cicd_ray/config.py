@@ -23,7 +23,8 @@ from pydantic import (
 from cicd_ray import auth, yamldoc
 from cicd_ray.errors import CicdError, IsolationError, SettingsError, SpecError, quote
 from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
-from cicd_ray.repos import RepoConfig, load_repos
+from cicd_ray.repos import RepoConfig, load_repos, load_schedules
+from cicd_ray.schedules import ScheduleSpec
 from cicd_ray.source import SOURCE_LIMIT_BYTES
 from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME, WEBHOOK_URL
 from cicd_ray.webhooks import parse_allow
@@ -228,6 +229,7 @@ class Settings(BaseModel):
     # The git repositories whose webhooks start runs (CICD_RAY_REPOS; cicd_ray.repos).
     repos: dict[str, RepoConfig] = Field(default_factory=dict)
     repos_file: Path | None = None
+    schedules: list[ScheduleSpec] = Field(default_factory=list)  # the same file's
     # What the API's tokens may do, by their digests (CICD_RAY_TOKENS, CICD_RAY_TOKEN_DIGESTS;
     # see cicd_ray.auth): never the tokens themselves; and the tokens file, which the API
     # reads again when it changes (`token_book`).
@@ -297,6 +299,7 @@ class Settings(BaseModel):
         if env.get("CICD_RAY_REPOS"):
             values["repos"] = load_repos(env["CICD_RAY_REPOS"])
             values["repos_file"] = env["CICD_RAY_REPOS"]
+            values["schedules"] = load_schedules(env["CICD_RAY_REPOS"], values["repos"])
         try:
             values["token_grants"] = auth.env_grants(env)
             if env.get("CICD_RAY_TOKENS_FILE"):  # read here so that a bad one stops a start

@@ -40,6 +40,7 @@ from cicd_ray.repos import RepoConfig
 from cicd_ray.scheduler import Effects, Scheduler, check_fits
 from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.scheduler.share import Share
+from cicd_ray.schedules import ScheduleRecord, ScheduleSpec
 from cicd_ray.secrets import missing, run_secret_problems
 from cicd_ray.source import resolve_ref
 from cicd_ray.spec import (
@@ -55,6 +56,7 @@ from cicd_ray.spec import (
 )
 from cicd_ray.states import RunState
 from cicd_ray.store import Store
+from cicd_ray.timetable import Timetable
 from cicd_ray.webhooks import refused_targets
 
 RECENT_S = 600.0  # stopped workers shown for this long
@@ -82,6 +84,7 @@ class Planned:
     event: str = "manual"  # what started it (a webhook: push, pull_request)
     pr: int | None = None
     repo: str = ""  # the repository whose webhook started it
+    scheduled_for: float | None = None  # the slot of the schedule that started it
 
 
 class MasterCore:
@@ -97,6 +100,7 @@ class MasterCore:
                                results=store.get_result,
                                share=Share(settings.projects, settings.fair_share))
         self.outbox = Outbox(store, settings)
+        self.timetable = Timetable(store, settings)
         self.events = EventLog(self.started_at)
         self.observers: list[Observer] = [self.events, *(observers or [])]
         self._effects = Effects()
@@ -142,8 +146,9 @@ class MasterCore:
 
     def accept(self, planned: Planned, source: Source | None = None,
                key: str | None = None, secrets: dict[str, str] | None = None,
-               caller: Caller | None = None) -> Reply:
-        """Store the run, then answer: it is durable before its id is returned."""
+               caller: Caller | None = None, schedule: ScheduleRecord | None = None) -> Reply:
+        """Store the run, then answer: it is durable before its id is returned. `schedule`:
+        the schedule whose slot started it, written with it (each slot: exactly one run)."""
         if planned.problems:
             return Rejected(problems=planned.problems)
         # The same key may have been used while this one was planned.
@@ -160,7 +165,7 @@ class MasterCore:
                         branch="" if source else planned.branch,
                         concurrency=planned.concurrency, notify=spec.notify,
                         project=planned.project, event=planned.event, pr=planned.pr,
-                        repo=planned.repo)
+                        repo=planned.repo, scheduled_for=planned.scheduled_for)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
@@ -170,6 +175,10 @@ class MasterCore:
         if secrets:  # stored apart, with the run, before its id is returned
             extra.run_secrets[run.id] = RunSecrets(values=secrets)
         self.outbox.record_status(run, extra, now)  # pending, for a repository's webhook run
+        if schedule is not None:
+            schedule.last_run, schedule.last_error = run.id, ""
+            extra.schedules[schedule.id] = schedule
+            self.timetable.fired(schedule)
         self.commit(extra)
         return Submitted(run_id=run.id)
 
@@ -264,6 +273,70 @@ class MasterCore:
             s for s in self.store.get_steps(run_id) if s.name == step)  # its run has ended
         return record.state.value
 
+    # --- schedules -----------------------------------------------------------------------------
+
+    def due_schedules(self) -> list[tuple[ScheduleRecord, float]]:
+        """The schedules with a slot to start now (missed slots skipped are written here)."""
+        due, skipped = self.timetable.due(self.clock())
+        if skipped:
+            self.commit(skipped)
+        return due
+
+    def plan_schedule(self, record: ScheduleRecord, slot: float, pipeline: str | dict,
+                      commit: str | None = None, branch: str = "") -> Planned:
+        """Plan a slot's run: a repository's pipeline file (its text, read at `commit`) or the
+        schedule's own pipeline, with the schedule's env."""
+        resolve = resolve_ref
+        if record.repository:
+            repo = self.settings.repos[record.repository]
+            try:
+                doc = load_yaml(pipeline, max_bytes=self.settings.max_pipeline_bytes)
+            except SpecError as e:
+                return Planned(None, [], e.problems, "", project=record.project)
+            pipeline = {**doc, "source": {"git": repo.url, "ref": commit}} \
+                if isinstance(doc, dict) else doc
+            resolve = lambda url, ref: (commit, branch)  # noqa: E731 (read with the file)
+        planned = plan_submission(pipeline, record.env, None, self.settings,
+                                  f"schedule:{record.id}:{slot}", resolve=resolve,
+                                  project=record.project)
+        planned.event, planned.scheduled_for, planned.repo = "schedule", slot, record.repository
+        return planned
+
+    def fire(self, record: ScheduleRecord, slot: float, planned: Planned) -> Reply:
+        """Start a slot's run and write the slot with it; a slot whose run cannot start is
+        written with why (it is not tried again)."""
+        current = self.timetable.schedules.get(record.id)
+        if current is None or current.last_slot >= slot:  # deleted, or fired meanwhile
+            self.timetable.fired(record)
+            return Rejected(problems=[f"schedule {record.id}: slot {slot} is not due"])
+        updated = current.model_copy(update={"last_slot": slot})
+        caller = Caller(token_id="schedule", project=record.project, admin=False)
+        answer = self.accept(planned, caller=caller, schedule=updated)
+        if not isinstance(answer, Submitted):
+            updated.last_error = ("; ".join(answer.problems) if isinstance(answer, Rejected)
+                                  else getattr(answer, "detail", str(answer)))[:1000]
+            self.timetable.fired(updated)
+            self.commit(Changes(schedules={updated.id: updated}))
+        return answer
+
+    def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
+        try:
+            record = self.timetable.add(spec, project, self.clock())
+        except SpecError as e:
+            return Rejected(problems=e.problems)
+        self.commit(Changes(schedules={record.id: record}))
+        return next(v for v in self.timetable.view(project, self.clock())
+                    if v["id"] == record.id)
+
+    def delete_schedule(self, project: str, name: str) -> bool:
+        """False when the project has no such schedule made through the API."""
+        record = self.timetable.schedules.get(f"{project}/{name}")
+        if record is None or record.origin != "api":
+            return False
+        del self.timetable.schedules[record.id]
+        self.commit(Changes(drop_schedules=[record.id]))
+        return True
+
     # --- notifications -------------------------------------------------------------------------
 
     def due_deliveries(self) -> list[DeliveryRecord]:
@@ -325,6 +398,8 @@ class MasterCore:
             changes.run_secrets.update(extra.run_secrets)
             changes.audit += extra.audit
             changes.deliveries.update(extra.deliveries)
+            changes.schedules.update(extra.schedules)
+            changes.drop_schedules += extra.drop_schedules
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
@@ -380,7 +455,7 @@ class MasterCore:
         attempts = [a for run_id in running for a in self.store.get_attempts(run_id)]
         self.sched.restore(runs, steps, self.store.list_workers(), self.clock(), attempts)
         self.outbox.recover(self.clock())
-        self.commit()
+        self.commit(self.timetable.sync(self.clock()))
         return len(runs)
 
 

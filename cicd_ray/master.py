@@ -19,8 +19,8 @@ from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.config import Settings
-from cicd_ray.core import MasterCore, hook_key, request_digest
-from cicd_ray.errors import SourceError, StoreError
+from cicd_ray.core import MasterCore, Planned, hook_key, request_digest
+from cicd_ray.errors import CicdError, SourceError, StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.explain import Explanation, explain_answer
 from cicd_ray.hooks import Trigger
@@ -38,8 +38,9 @@ from cicd_ray.protocol import (
 from cicd_ray.records import Caller, DeliveryRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
 from cicd_ray.scheduler import Effects
+from cicd_ray.schedules import ScheduleRecord, ScheduleSpec
 from cicd_ray.secrets import SecretError
-from cicd_ray.source import file_at
+from cicd_ray.source import file_at, resolve_ref
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
 from cicd_ray.webhooks import TargetRefused, send
@@ -238,6 +239,35 @@ class Master:
             await self._news.wait(timeout_s)
         return self.core.events.page(after, epoch)
 
+    async def schedules(self, project: str | None = None) -> list[dict]:
+        """The schedules (of `project`; None: all) with their next and last slots."""
+        return self.core.timetable.view(project, self.core.clock())
+
+    async def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
+        return self._guarded(self.core.add_schedule, spec, project)
+
+    async def delete_schedule(self, project: str, name: str) -> bool:
+        return self._guarded(self.core.delete_schedule, project, name)
+
+    async def _fire(self, record: ScheduleRecord, slot: float) -> None:
+        """Start a schedule's slot: its pipeline read (a repository's file at its ref's
+        commit now) and planned in threads, then the run and the slot written together."""
+        try:
+            planned = await asyncio.to_thread(self._plan_slot, record, slot)
+        except Exception as e:  # a git host down, a file gone: written as the slot's error
+            why = str(e) if isinstance(e, CicdError) else f"{type(e).__name__}: {e}"
+            planned = Planned(None, [], [why], "", project=record.project)
+        self._guarded(self.core.fire, record, slot, planned)
+        self._wake.set()
+
+    def _plan_slot(self, record: ScheduleRecord, slot: float) -> Planned:
+        if not record.repository:
+            return self.core.plan_schedule(record, slot, record.pipeline)
+        repo = self.settings.repos[record.repository]
+        commit, branch = resolve_ref(repo.url, record.ref)
+        text = file_at(repo.url, commit, repo.pipeline, self.settings.max_pipeline_bytes)
+        return self.core.plan_schedule(record, slot, text, commit, branch)
+
     # --- API for workers -----------------------------------------------------------------------
 
     async def register(self, record: WorkerRecord, running: list[str] | None = None,
@@ -277,6 +307,8 @@ class Master:
 
     def _tick(self) -> None:
         self.core.tick()
+        for record, slot in self.core.due_schedules():
+            asyncio.get_running_loop().create_task(self._fire(record, slot))
         if not self._delivering:
             due = self.core.due_deliveries()
             if due:

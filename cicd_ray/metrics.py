@@ -76,8 +76,10 @@ class Metrics:
 
     def committed(self, changes: Changes, took_s: float, now: float) -> None:
         """An observer of the master's commits: what changed, and how long the write took."""
-        self.transitions.inc(len(changes.runs) + len(changes.steps) + len(changes.attempts)
-                             + len(changes.workers))
+        moved = len(changes.runs) + len(changes.steps) + len(changes.attempts) + len(
+            changes.workers)
+        if moved:  # (a batch may hold only a schedule's slot, deliveries, audit records)
+            self.transitions.inc(moved)
         self.store_write.observe(took_s)
         for attempt in changes.attempts.values():
             if attempt.state is not StepState.RUNNING:

@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
+from cicd_ray.schedules import ScheduleRecord
 from cicd_ray.spec import ConcurrencySpec, GitSource, NotifySpec, PlannedStep
 from cicd_ray.states import Kind, RunState, StepState, WorkerState
 
@@ -76,7 +77,9 @@ class RunRecord(BaseModel):
     cancel_requested: bool = False
     rerun_of: str | None = None  # the run this one re-runs (same pipeline, commit and inputs)
     branch: str = ""  # the branch its git source named ("" for a snapshot or a commit)
-    event: str = "manual"  # what started it: manual (API, CLI, client), push, pull_request
+    event: str = "manual"  # what started it: manual (API, CLI, client), push, pull_request,
+    # schedule
+    scheduled_for: float | None = None  # the slot of the schedule that started it
     pr: int | None = None  # the pull (merge) request that started it
     repo: str = ""  # the repository (CICD_RAY_REPOS) whose webhook started it: told its status
     concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
@@ -272,6 +275,8 @@ class Changes(BaseModel):
     run_secrets: dict[str, RunSecrets] = Field(default_factory=dict)  # by run id
     drop_run_secrets: list[str] = Field(default_factory=list)  # of runs that ended
     audit: list[AuditRecord] = Field(default_factory=list)
+    schedules: dict[str, ScheduleRecord] = Field(default_factory=dict)  # by id
+    drop_schedules: list[str] = Field(default_factory=list)  # ids
 
     def add(self, record: RunRecord | StepRecord | AttemptRecord | WorkerRecord) -> None:
         # Keyed, so a record changed twice in one batch is written once, in its last state.
@@ -287,7 +292,8 @@ class Changes(BaseModel):
     def __bool__(self) -> bool:
         return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
                     or self.idempotency or self.results or self.deliveries or self.run_secrets
-                    or self.drop_run_secrets or self.audit)
+                    or self.drop_run_secrets or self.audit or self.schedules
+                    or self.drop_schedules)
 
 
 class StepTask(BaseModel):

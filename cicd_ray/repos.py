@@ -31,6 +31,7 @@ from pydantic import (
 from cicd_ray import yamldoc
 from cicd_ray.auth import DEFAULT_PROJECT, PROJECT_NAME
 from cicd_ray.errors import SpecError
+from cicd_ray.schedules import ScheduleSpec
 from cicd_ray.spec import ENV_NAME, WEBHOOK_URL
 
 SecretName = Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=128)]
@@ -91,6 +92,30 @@ def load_repos(path: str | Path) -> dict[str, RepoConfig]:
     if missing:
         raise SpecError(missing, source=str(path))
     return {r.name: r for r in repos}
+
+
+def load_schedules(path: str | Path, repos: dict[str, RepoConfig]) -> list[ScheduleSpec]:
+    """The repositories file's `schedules:` (none without one): each runs a listed
+    repository's pipeline file at its `ref`, as a run of the repository's project."""
+    try:
+        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
+        items = doc.get("schedules", []) if isinstance(doc, dict) else []
+        if not isinstance(items, list):
+            raise SpecError(["schedules: expected a list of schedules"], source=str(path))
+        schedules = [ScheduleSpec.model_validate(item) for item in items]
+    except (OSError, ValidationError) as e:
+        raise SpecError([f"schedules: {e}"], source=str(path)) from None
+    problems = [f"schedules ({s.name}).repository: {s.repository!r} is not one of the "
+                f"repositories: {', '.join(sorted(repos)) or '(none)'}"
+                for s in schedules if s.repository not in repos]
+    problems += [f"schedules ({s.name}): a schedule here runs its repository's pipeline "
+                 "file; `pipeline:` is for schedules made through the API"
+                 for s in schedules if s.pipeline]
+    if len({s.name for s in schedules}) != len(schedules):
+        problems.append("schedules: a name is listed twice")
+    if problems:
+        raise SpecError(problems, source=str(path))
+    return schedules
 
 
 def find(repos: dict[str, RepoConfig], provider: str, names: list[str]) -> RepoConfig | None:

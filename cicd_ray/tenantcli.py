@@ -1,5 +1,6 @@
 """The `cicd-ray` commands of projects (added to cli's app): `token create`, which makes a
-token of a project and role, and `audit`, who did what (admin tokens)."""
+token of a project and role, `schedules`, the project's cron schedules, and `audit`, who did
+what (admin tokens)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,32 @@ def create(role: auth.Role = typer.Option(..., "--role", help="read: see runs, l
 
 
 @app.command()
+def schedules(url: str | None = URL, as_json: bool = AS_JSON):
+    """The cron schedules of your token's project (an admin's: all), with their next and
+    last runs."""
+    from cicd_ray.client import Client
+
+    with _reported():
+        listed = Client(url).schedules()
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return
+    table = Table("schedule", "project", "cron", "time zone", "runs", "next", "last run",
+                  "last error")
+    for s in listed:
+        runs = f"{s['repository']}@{s['ref']}" if s["repository"] else "(its own pipeline)"
+        table.add_row(escape(s["name"]), s["project"], escape(s["cron"]), s["timezone"],
+                      escape(runs), _when(s["next_at"]),
+                      f"{s['last_run']} ({_when(s['last_slot'])})" if s["last_run"] else "-",
+                      escape(s["last_error"][:80]))
+    out.print(table)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+@app.command()
 def audit(limit: int = typer.Option(50, min=1, max=1000, help="how many, newest first"),
           url: str | None = URL, as_json: bool = AS_JSON):
     """Who submitted, cancelled, re-ran, approved or rejected what (an admin token's view)."""
@@ -58,7 +85,7 @@ def audit(limit: int = typer.Option(50, min=1, max=1000, help="how many, newest 
         return
     table = Table("at", "token", "project", "action", "run", "run's project", "step", "detail")
     for r in records:
-        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])),
+        table.add_row(_when(r["at"]),
                       r["token_id"] or "(cluster)", r["project"], r["action"], r["run_id"],
                       r["run_project"], escape(r["step"]), escape(r["detail"]))
     out.print(table)

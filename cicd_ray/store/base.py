@@ -17,6 +17,7 @@ from cicd_ray.records import (
     KeyRecord,
     ResultRecord,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     WorkerRecord,
 )
@@ -75,6 +76,10 @@ class Store(Protocol):
 
     def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         """Audit records (saved with `Changes.audit`), newest first."""
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule (saved with `Changes.schedules`, deleted with `drop_schedules`),
+        by id."""
 
     def artifact_digests(self) -> set[str]:
         """The digest of every artifact a stored step or result points at (what the artifact

@@ -18,6 +18,7 @@ from cicd_ray.records import (
     KeyRecord,
     ResultRecord,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     WorkerRecord,
 )
@@ -38,6 +39,7 @@ class MemoryStore:
         self._deliveries: dict[str, str] = {}
         self._run_secrets: dict[str, dict[str, str]] = {}
         self._audit: list[str] = []
+        self._schedules: dict[str, str] = {}
 
     def save(self, changes: Changes) -> None:
         runs = {r.id: r.model_dump_json() for r in changes.runs.values()}
@@ -48,8 +50,12 @@ class MemoryStore:
         results = {k: r.model_dump_json() for k, r in changes.results.items()}
         deliveries = {d.id: d.model_dump_json() for d in changes.deliveries.values()}
         audit = [a.model_dump_json() for a in changes.audit]
+        schedules = {i: s.model_dump_json() for i, s in changes.schedules.items()}
         with self._lock:
             self._audit += audit
+            self._schedules.update(schedules)
+            for schedule_id in changes.drop_schedules:
+                self._schedules.pop(schedule_id, None)
             self._results.update(results)
             self._deliveries.update(deliveries)
             self._run_secrets.update({k: dict(v.values) for k, v in changes.run_secrets.items()})
@@ -127,6 +133,11 @@ class MemoryStore:
 
     def next_run_seq(self) -> int:
         return max((r.seq for r in self._all_runs()), default=0) + 1
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        with self._lock:
+            texts = [self._schedules[k] for k in sorted(self._schedules)]
+        return [ScheduleRecord.model_validate_json(t) for t in texts]
 
     def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         with self._lock:

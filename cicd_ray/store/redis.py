@@ -30,6 +30,7 @@ from cicd_ray.records import (
     KeyRecord,
     ResultRecord,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     WorkerRecord,
 )
@@ -94,6 +95,10 @@ class RedisStore:
         records (a list, newest first)."""
         for record in changes.audit:
             pipe.lpush(self._k("audit"), record.model_dump_json())
+        for schedule_id, schedule in changes.schedules.items():
+            pipe.hset(self._k("schedules"), schedule_id, schedule.model_dump_json())
+        for schedule_id in changes.drop_schedules:
+            pipe.hdel(self._k("schedules"), schedule_id)
         for run_id, secrets in changes.run_secrets.items():
             pipe.set(self._k("run_secrets", run_id), json.dumps(secrets.values))
         for run_id in changes.drop_run_secrets:
@@ -186,6 +191,9 @@ class RedisStore:
     def next_run_seq(self) -> int:
         top = self._do(lambda: self._r.zrevrange(self._k("runs"), 0, 0, withscores=True))
         return int(top[0][1]) + 1 if top else 1
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        return sorted(self._hash(self._k("schedules"), ScheduleRecord), key=lambda s: s.id)
 
     def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         raw = self._do(lambda: self._r.lrange(self._k("audit"), offset, offset + limit - 1))

@@ -22,6 +22,7 @@ from cicd_ray.records import (
     KeyRecord,
     ResultRecord,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     WorkerRecord,
 )
@@ -57,6 +58,7 @@ CREATE INDEX IF NOT EXISTS deliveries_run ON deliveries (run_id);
 CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (open);
 CREATE TABLE IF NOT EXISTS run_secrets (run_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
@@ -126,6 +128,9 @@ class SqliteStore:
              [(run_id,) for run_id in changes.drop_run_secrets]),
             ("INSERT INTO audit (data) VALUES (?)",
              [(a.model_dump_json(),) for a in changes.audit]),
+            ("INSERT OR REPLACE INTO schedules VALUES (?, ?)",
+             [(i, s.model_dump_json()) for i, s in changes.schedules.items()]),
+            ("DELETE FROM schedules WHERE id = ?", [(i,) for i in changes.drop_schedules]),
         ])
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -201,6 +206,10 @@ class SqliteStore:
     def next_run_seq(self) -> int:
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM runs")
         return int(rows[0][0]) + 1
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        rows = self._read("SELECT data FROM schedules ORDER BY id")
+        return [ScheduleRecord.model_validate_json(r[0]) for r in rows]
 
     def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         rows = self._read("SELECT data FROM audit ORDER BY seq DESC LIMIT ? OFFSET ?",

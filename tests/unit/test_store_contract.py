@@ -113,6 +113,23 @@ def test_runs_listed_by_project_and_the_audit_newest_first(store):
     assert [a.run_id for a in store.list_audit(limit=1, offset=1)] == ["r2"]
 
 
+def test_schedules_are_kept_replaced_and_dropped(store):
+    from cicd_ray.schedules import ScheduleRecord
+
+    def schedule(project: str, last: float) -> ScheduleRecord:
+        return ScheduleRecord(name="nightly", cron="0 2 * * *", project=project,
+                              created_at=1.0, last_slot=last, pipeline={"name": "p"})
+
+    store.save(Changes(schedules={"web/nightly": schedule("web", 1.0),
+                                  "ops/nightly": schedule("ops", 1.0)}))
+    store.save(Changes(schedules={"web/nightly": schedule("web", 7.0)}))
+    assert [(s.id, s.last_slot) for s in store.list_schedules()] == [
+        ("ops/nightly", 1.0), ("web/nightly", 7.0)]
+    assert store.list_schedules()[0].pipeline == {"name": "p"}
+    store.save(Changes(drop_schedules=["ops/nightly"]))
+    assert [s.id for s in store.list_schedules()] == ["web/nightly"]
+
+
 def test_a_run_stored_before_projects_is_the_default_project_s(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite3")
     a_run(store, "old")
