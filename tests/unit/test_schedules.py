@@ -147,7 +147,7 @@ schedules:
                                     provider="github", project="web", webhook_secret="HOOK")}
     settings = Settings(home=tmp_path, repos=repos, schedules=load_schedules(f, repos))
     store = MemoryStore()
-    core = MasterCore(settings, store, clock=Clock(500.0))
+    MasterCore(settings, store, clock=Clock(500.0))
     [s] = store.list_schedules()
     assert (s.id, s.origin, s.last_slot, s.ref, s.missed) == ("web/nightly", "file", 500.0,
                                                               "main", "skip")
