@@ -600,14 +600,15 @@ def kuberay(pools: Path = typer.Argument(..., exists=True, dir_okay=False,
             image: str = typer.Option("registry.example.com/cicd-ray:0.1.0",
                                       help="the image built from kuberay/Dockerfile")):
     """Print the KubeRay manifests (a ConfigMap with the pools, the RayService) for a pools
-    file: `cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`."""
+    file (and the projects it lists): `cicd-ray kuberay kuberay/pools.yaml >
+    kuberay/rayservice.yaml`."""
     import ray
 
-    from cicd_ray.kuberay import render
+    from cicd_ray.kuberay import projects_of, render
 
     try:
         text = render(load_pools(pools), pools.read_text(encoding="utf-8"), image,
-                      ray.__version__)
+                      ray.__version__, projects_of(pools))
     except CicdError as e:
         raise _fail(str(e)) from None
     sys.stdout.write(text)

@@ -292,20 +292,7 @@ class Settings(BaseModel):
                                      "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None,
                                      "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None,
                                      "tokens_file": env.get("CICD_RAY_TOKENS_FILE") or None}
-        if env.get("CICD_RAY_POOLS"):
-            values["pools"] = load_pools(env["CICD_RAY_POOLS"])  # SpecError names the file
-        if env.get("CICD_RAY_PROJECTS"):
-            values["projects"] = load_projects(env["CICD_RAY_PROJECTS"])
-        if env.get("CICD_RAY_REPOS"):
-            values["repos"] = load_repos(env["CICD_RAY_REPOS"])
-            values["repos_file"] = env["CICD_RAY_REPOS"]
-            values["schedules"] = load_schedules(env["CICD_RAY_REPOS"], values["repos"])
-        try:
-            values["token_grants"] = auth.env_grants(env)
-            if env.get("CICD_RAY_TOKENS_FILE"):  # read here so that a bad one stops a start
-                auth.read_tokens_file(Path(env["CICD_RAY_TOKENS_FILE"]))
-        except CicdError as e:
-            raise SettingsError([str(e)]) from None
+        values.update(_files(env))
         for var, field in ENV_NUMBERS.items():
             if env.get(var):
                 values[field] = env[var]
@@ -324,6 +311,31 @@ class Settings(BaseModel):
                 problems.append(f"{variables.get(field, field)}: {quote(error.get('input'))}: "
                                 f"{error['msg']}")
             raise SettingsError(problems) from None
+
+
+def _files(env: dict[str, str]) -> dict[str, object]:
+    """The settings read from files the variables name: pools, projects, repositories (and
+    their schedules), tokens. SpecError or SettingsError names the file and the problem."""
+    values: dict[str, object] = {}
+    if env.get("CICD_RAY_POOLS"):
+        values["pools"] = load_pools(env["CICD_RAY_POOLS"])
+    if env.get("CICD_RAY_PROJECTS"):
+        values["projects"] = load_projects(env["CICD_RAY_PROJECTS"])
+    if env.get("CICD_RAY_REPOS"):
+        values["repos_file"] = env["CICD_RAY_REPOS"]
+        if os.path.lexists(env["CICD_RAY_REPOS"]):  # (not there: no repositories)
+            values["repos"] = repos = load_repos(env["CICD_RAY_REPOS"])
+            values["schedules"] = load_schedules(env["CICD_RAY_REPOS"], repos)
+    try:
+        values["token_grants"] = auth.env_grants(env)
+        tokens = env.get("CICD_RAY_TOKENS_FILE")
+        # Read here so that a bad one stops a start; one not there (yet) holds no tokens
+        # (`token create` makes it; the API reads it once it is there).
+        if tokens and os.path.lexists(tokens):
+            auth.read_tokens_file(Path(tokens))
+    except CicdError as e:
+        raise SettingsError([str(e)]) from None
+    return values
 
 
 def _structured(env: dict[str, str]) -> dict[str, object]:

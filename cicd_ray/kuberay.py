@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import yaml
 
-from cicd_ray.config import PoolConfig
+from cicd_ray.config import PoolConfig, ProjectConfig
 from cicd_ray.errors import SpecError
 
 # The KubeRay operator (Helm chart kuberay/kuberay-operator) these manifests need: the v1.7
@@ -41,12 +42,23 @@ HEADER = """\
 ARTIFACTS_SECRET = "cicd-ray-artifacts"
 SECRETS_MOUNT = "/etc/cicd-ray/secrets"  # CICD_RAY_SECRETS_DIR: <project>/<NAME> files
 PROJECT_SECRET = "cicd-ray-project-default"  # the default project's secrets, one key each
+# The API's tokens file (`cicd-ray token create --file`), a Secret with the key `tokens`; the
+# repositories file (webhooks, schedules), a ConfigMap with the key `repos.yaml`. Both
+# optional: without them, no project tokens and no repositories.
+TOKENS_SECRET, TOKENS_MOUNT = "cicd-ray-tokens", "/etc/cicd-ray/tokens"
+REPOS_CONFIG_MAP, REPOS_MOUNT = "cicd-ray-repos", "/etc/cicd-ray/repos"
 
 
-def _env() -> list[dict]:
+def project_secret(project: str) -> str:
+    return f"cicd-ray-project-{project}"
+
+
+def _env(projects: dict[str, ProjectConfig]) -> list[dict]:
     """What the master and the API read, the same on every pod (Ray's processes inherit it)."""
     secret = {"name": "cicd-ray-secrets"}
-    return [
+    with_projects = [{"name": "CICD_RAY_PROJECTS", "value": f"{POOLS_MOUNT}/pools.yaml"}] \
+        if projects else []
+    return [*with_projects,
         {"name": "REDIS_PASSWORD",
          "valueFrom": {"secretKeyRef": {**secret, "key": "redis-password"}}},
         {"name": "CICD_RAY_STORE", "value": "redis://:$(REDIS_PASSWORD)@cicd-redis:6379/1"},
@@ -58,21 +70,30 @@ def _env() -> list[dict]:
         {"name": "CICD_RAY_SECRETS_DIR", "value": SECRETS_MOUNT},
         {"name": "CICD_RAY_WEBHOOK_SECRET",  # signs notifications (optional)
          "valueFrom": {"secretKeyRef": {**secret, "key": "webhook-secret", "optional": True}}},
+        {"name": "CICD_RAY_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens"},
+        {"name": "CICD_RAY_REPOS", "value": f"{REPOS_MOUNT}/repos.yaml"},
     ]
 
 
+def _projects(projects: dict[str, ProjectConfig]) -> list[str]:
+    """The projects whose secrets every pod mounts: `default`, and those the file lists."""
+    return ["default", *sorted(p for p in projects if p != "default")]
+
+
 def _container(name: str, image: str, cpus: int, memory_mb: int,
-               ports: list[dict] | None = None) -> dict:
+               projects: dict[str, ProjectConfig], ports: list[dict] | None = None) -> dict:
     size = {"cpu": str(cpus), "memory": f"{memory_mb}Mi"}
     container = {
-        "name": name, "image": image, "env": _env(),
+        "name": name, "image": image, "env": _env(projects),
         # The artifact store (CICD_RAY_ARTIFACTS, s3://...) and its credentials (AWS_*): pods
         # share no disk, so every one of them reads and writes the same bucket.
         "envFrom": [{"secretRef": {"name": ARTIFACTS_SECRET}}],
         "resources": {"requests": dict(size), "limits": dict(size)},
         "volumeMounts": [{"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True},
-                         {"name": "project-default", "mountPath": f"{SECRETS_MOUNT}/default",
-                          "readOnly": True}],
+                         {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True},
+                         {"name": "repos", "mountPath": REPOS_MOUNT, "readOnly": True},
+                         *({"name": f"project-{p}", "mountPath": f"{SECRETS_MOUNT}/{p}",
+                            "readOnly": True} for p in _projects(projects))],
         # Let Ray stop cleanly before the pod goes (KubeRay's recommendation).
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
@@ -81,12 +102,17 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
     return container
 
 
-def _pod(container: dict, pool: PoolConfig | None = None) -> dict:
+def _pod(container: dict, projects: dict[str, ProjectConfig],
+         pool: PoolConfig | None = None) -> dict:
+    # Secrets' files only root (the worker) may read: steps run as users of their own.
     spec: dict = {"containers": [container], "volumes": [
         {"name": "pools", "configMap": {"name": "cicd-ray-pools"}},
-        # Files only root (the worker) may read: steps run as users of their own.
-        {"name": "project-default", "secret": {"secretName": PROJECT_SECRET,
-                                               "defaultMode": 0o400, "optional": True}}]}
+        {"name": "tokens", "secret": {"secretName": TOKENS_SECRET, "defaultMode": 0o400,
+                                      "optional": True}},
+        {"name": "repos", "configMap": {"name": REPOS_CONFIG_MAP, "optional": True}},
+        *({"name": f"project-{p}", "secret": {"secretName": project_secret(p),
+                                               "defaultMode": 0o400, "optional": True}}
+          for p in _projects(projects))]}
     if pool is not None and pool.node_selector:
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool is not None and pool.tolerations:
@@ -95,7 +121,8 @@ def _pod(container: dict, pool: PoolConfig | None = None) -> dict:
 
 
 def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str, float],
-           min_replicas: int, max_replicas: int, pool: PoolConfig | None = None) -> dict:
+           min_replicas: int, max_replicas: int, projects: dict[str, ProjectConfig],
+           pool: PoolConfig | None = None) -> dict:
     return {
         "groupName": name, "replicas": min_replicas, "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
@@ -103,12 +130,14 @@ def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str
                            "resources": json.dumps(json.dumps(
                                {k: int(v) if float(v).is_integer() else v
                                 for k, v in resources.items()}))},
-        "template": _pod(_container("ray-worker", image, cpus, memory_mb,
-                                    [{"containerPort": METRICS_PORT, "name": "metrics"}]), pool),
+        "template": _pod(_container("ray-worker", image, cpus, memory_mb, projects,
+                                    [{"containerPort": METRICS_PORT, "name": "metrics"}]),
+                         projects, pool),
     }
 
 
-def pool_group(pool: PoolConfig, image: str) -> dict:
+def pool_group(pool: PoolConfig, image: str,
+               projects: dict[str, ProjectConfig] | None = None) -> dict:
     if not pool.resources:
         raise SpecError([f"pools ({pool.name}).resources: a pool on KubeRay needs a custom "
                          f"resource of its own, such as {{pool-{pool.name}: 1}}, so that its "
@@ -117,11 +146,15 @@ def pool_group(pool: PoolConfig, image: str) -> dict:
     # brings the pods; a floor of pods of its own could sit beside them, empty. A pool with an
     # image of its own (a build environment: a JDK, a GPU toolchain) runs it in its pods.
     return _group(f"pool-{pool.name}", pool.image or image, math.ceil(pool.cpus),
-                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers, pool)
+                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers,
+                  projects or {}, pool)
 
 
 def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
-              ray_version: str, idle_timeout_s: int = 60, api_replicas: int = 2) -> list[dict]:
+              ray_version: str, idle_timeout_s: int = 60, api_replicas: int = 2,
+              projects: dict[str, ProjectConfig] | None = None) -> list[dict]:
+    """`projects`: those the pools file lists (`projects:`), whose secrets every pod mounts."""
+    projects = projects or {}
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"},
@@ -150,11 +183,12 @@ def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
                 },
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod(_container("ray-head", image, 2, 4096, head_ports)),
+                    "template": _pod(_container("ray-head", image, 2, 4096, projects,
+                                                head_ports), projects),
                 },
                 "workerGroupSpecs": [
-                    _group("control", image, 1, 2048, {CONTROL_RESOURCE: 1}, 1, 1),
-                    *(pool_group(p, image) for p in pools.values()),
+                    _group("control", image, 1, 2048, {CONTROL_RESOURCE: 1}, 1, 1, projects),
+                    *(pool_group(p, image, projects) for p in pools.values()),
                 ],
             },
         },
@@ -172,6 +206,16 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
     "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
-def render(pools: dict[str, PoolConfig], pools_text: str, image: str, ray_version: str) -> str:
-    docs = manifests(pools, pools_text, image, ray_version)
+def projects_of(path) -> dict[str, ProjectConfig]:
+    """The projects a pools file lists (`projects:`), if it lists any."""
+    from cicd_ray import yamldoc
+    from cicd_ray.config import load_projects
+
+    doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path))
+    return load_projects(path) if isinstance(doc, dict) and "projects" in doc else {}
+
+
+def render(pools: dict[str, PoolConfig], pools_text: str, image: str, ray_version: str,
+           projects: dict[str, ProjectConfig] | None = None) -> str:
+    docs = manifests(pools, pools_text, image, ray_version, projects=projects)
     return HEADER + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=100)

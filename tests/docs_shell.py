@@ -58,6 +58,10 @@ EXAMPLES = {
         "--follow, recommend, cost, gc and down on free ports",
     ("docs/api.md", "cicd-ray up --port 8000"):
         "port 8000 stands for a user's; test_server runs up and down on free ports",
+    ("docs/api.md", "curl -s -X POST $CICD_RAY_URL/api/v1/schedules -H \"$H\" -H 'Content-Type: "
+                    "application/json' \\"):
+        "a 2 a.m. schedule would wait for the night; test_schedules makes one of every 5 s "
+        "through the same route, lists it (API and `cicd-ray schedules`) and deletes it",
     ("docs/api.md", 'curl -N $CICD_RAY_URL/api/v1/events -H "$H"'):
         "streams until interrupted; test_monitoring reads the stream, test_event_stream its "
         "format",

@@ -84,3 +84,18 @@ def test_a_created_token_is_added_to_a_new_private_file_and_taken_up_live(tmp_pa
     assert match(second, book.grants()) is not None
     with pytest.raises(CicdError, match="--role read needs --project"):
         add_token(path, Role.READ, None)
+
+
+def test_a_tokens_file_not_there_yet_holds_no_tokens_and_a_bad_one_stops_a_start(tmp_path):
+    from cicd_ray.config import Settings
+    from cicd_ray.errors import SettingsError
+
+    path = tmp_path / "tokens"
+    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
+                                  "CICD_RAY_TOKENS_FILE": str(path)})
+    assert settings.tokens_file == path and settings.token_book().grants() == []
+    token, grant = add_token(path, Role.READ, "web")  # made later: taken up
+    assert match(token, settings.token_book().grants()) == grant
+    path.write_text("not-a-digest\n")
+    with pytest.raises(SettingsError, match="line 1: expected a SHA-256 hex digest"):
+        Settings.from_env({"CICD_RAY_TOKENS_FILE": str(path)})

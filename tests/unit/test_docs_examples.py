@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cicd_ray.config import load_pools, load_projects
+from cicd_ray.repos import load_repos, load_schedules
 from cicd_ray.yamldoc import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +60,16 @@ def test_documented_projects_file_loads(where, text, tmp_path):
     path = tmp_path / "projects.yaml"
     path.write_text(text, encoding="utf-8")
     assert load_projects(path), where
+
+
+@pytest.mark.parametrize("where, text",
+                         [b for b in blocks() if re.search(r"^repositories:", b[1], re.M)])
+def test_documented_repositories_file_loads(where, text, tmp_path):
+    path = tmp_path / "repos.yaml"
+    path.write_text(text, encoding="utf-8")
+    repos = load_repos(path)
+    assert repos, where
+    load_schedules(path, repos)
 
 
 @pytest.mark.parametrize("where, text", blocks(), ids=[w for w, _ in blocks()])

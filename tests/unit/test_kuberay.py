@@ -14,9 +14,9 @@ import pytest
 import ray
 import yaml
 
-from cicd_ray.config import PoolConfig, load_pools
+from cicd_ray.config import PoolConfig, load_pools, load_projects
 from cicd_ray.errors import SpecError
-from cicd_ray.kuberay import pool_group, render
+from cicd_ray.kuberay import pool_group, projects_of, render
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "kuberay"
@@ -103,7 +103,8 @@ def test_the_rayservice_is_generated_from_the_pools_file():
     image = next(c["image"] for _, d in manifests() if d["kind"] == "RayService"
                  for c in d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
                      "containers"])
-    fresh = render(load_pools(pools_file), pools_file.read_text(), image, ray.__version__)
+    fresh = render(load_pools(pools_file), pools_file.read_text(), image, ray.__version__,
+                   projects_of(pools_file))
     assert committed == fresh, ("kuberay/rayservice.yaml is stale: run "
                                 "`cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`")
 
@@ -266,6 +267,41 @@ def test_the_readme_installs_the_operator_the_manifests_need():
     assert tuple(int(n) for n in KUBERAY_VERSION.split(".")) >= (1, 7, 1)
     cluster = crd_schema("RayService")["properties"]["spec"]["properties"]["rayClusterConfig"]
     assert {"authOptions", "gcsFaultToleranceOptions"} <= set(cluster["properties"])
+
+
+def test_every_pod_mounts_the_tokens_the_repositories_and_each_project_s_secrets():
+    from cicd_ray.kuberay import (
+        REPOS_CONFIG_MAP,
+        REPOS_MOUNT,
+        SECRETS_MOUNT,
+        TOKENS_MOUNT,
+        TOKENS_SECRET,
+        manifests,
+    )
+
+    pools_file = KUBERAY / "pools.yaml"
+    projects = projects_of(pools_file)
+    assert set(projects) == {"web"}  # the example lists one
+    service = manifests(load_pools(pools_file), "", "img:1", "2.60.0", projects=projects)[1]
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["CICD_RAY_TOKENS_FILE"] == f"{TOKENS_MOUNT}/tokens"
+        assert env["CICD_RAY_REPOS"] == f"{REPOS_MOUNT}/repos.yaml"
+        assert env["CICD_RAY_PROJECTS"] == "/etc/cicd-ray/pools.yaml"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tokens"]["secret"] == {"secretName": TOKENS_SECRET, "defaultMode": 0o400,
+                                               "optional": True}
+        assert volumes["repos"]["configMap"] == {"name": REPOS_CONFIG_MAP, "optional": True}
+        assert volumes["project-web"]["secret"]["secretName"] == "cicd-ray-project-web"
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["project-web"] == f"{SECRETS_MOUNT}/web"
+    readme = (KUBERAY / "README.md").read_text()
+    assert f"kubectl create secret generic {TOKENS_SECRET}" in readme
+    assert f"kubectl create configmap {REPOS_CONFIG_MAP}" in readme
+    assert load_projects(pools_file)["web"].weight == 2
 
 
 def test_every_pod_mounts_the_default_project_s_secrets_for_root_only():
