@@ -120,15 +120,7 @@ class ProjectConfig(BaseModel):
 def load_projects(path: str | Path) -> dict[str, ProjectConfig]:
     """Read a projects file: `projects: [{name: web, weight: 2, max_running_steps: 20,
     max_queued_runs: 50}, ...]`."""
-    try:
-        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
-        items = doc.get("projects") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            raise SpecError(["projects: expected a list of projects"], source=str(path))
-        projects = [ProjectConfig.model_validate(item) for item in items]
-    except (OSError, ValidationError) as e:
-        raise SpecError([f"projects: {e}"], source=str(path)) from None
-    return {p.name: p for p in projects}
+    return {p.name: p for p in yamldoc.load_list(path, "projects", ProjectConfig)}
 
 
 def default_pools() -> dict[str, PoolConfig]:
@@ -138,14 +130,7 @@ def default_pools() -> dict[str, PoolConfig]:
 
 def load_pools(path: str | Path) -> dict[str, PoolConfig]:
     """Read a pools file: `pools: [{name: default, workers: 2, cpus: 2, memory_mb: 4096}, ...]`."""
-    try:
-        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
-        items = doc.get("pools") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            raise SpecError(["pools: expected a list of pools"], source=str(path))
-        pools = [PoolConfig.model_validate(item) for item in items]
-    except (OSError, ValidationError) as e:
-        raise SpecError([f"pools: {e}"], source=str(path)) from None
+    pools = yamldoc.load_list(path, "pools", PoolConfig)
     names = {p.name for p in pools}
     unknown = [f"pools ({p.name}).spot_for: unknown pool {n!r}; the pools are: "
                f"{', '.join(sorted(names))}" for p in pools for n in p.spot_for if n not in names]

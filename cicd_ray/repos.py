@@ -24,7 +24,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     field_validator,
 )
 
@@ -77,14 +76,7 @@ def _plain(name: str) -> str:
 
 def load_repos(path: str | Path) -> dict[str, RepoConfig]:
     """Read a repositories file; SpecError names what is wrong."""
-    try:
-        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
-        items = doc.get("repositories") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            raise SpecError(["repositories: expected a list of repositories"], source=str(path))
-        repos = [RepoConfig.model_validate(item) for item in items]
-    except (OSError, ValidationError) as e:
-        raise SpecError([f"repositories: {e}"], source=str(path)) from None
+    repos = yamldoc.load_list(path, "repositories", RepoConfig)
     if len({r.name for r in repos}) != len(repos):
         raise SpecError(["repositories: a name is listed twice"], source=str(path))
     missing = [f"repositories ({r.name}): status_url and status_token go together"
@@ -97,14 +89,7 @@ def load_repos(path: str | Path) -> dict[str, RepoConfig]:
 def load_schedules(path: str | Path, repos: dict[str, RepoConfig]) -> list[ScheduleSpec]:
     """The repositories file's `schedules:` (none without one): each runs a listed
     repository's pipeline file at its `ref`, as a run of the repository's project."""
-    try:
-        doc = yamldoc.load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
-        items = doc.get("schedules", []) if isinstance(doc, dict) else []
-        if not isinstance(items, list):
-            raise SpecError(["schedules: expected a list of schedules"], source=str(path))
-        schedules = [ScheduleSpec.model_validate(item) for item in items]
-    except (OSError, ValidationError) as e:
-        raise SpecError([f"schedules: {e}"], source=str(path)) from None
+    schedules = yamldoc.load_list(path, "schedules", ScheduleSpec, required=False)
     problems = [f"schedules ({s.name}).repository: {s.repository!r} is not one of the "
                 f"repositories: {', '.join(sorted(repos)) or '(none)'}"
                 for s in schedules if s.repository not in repos]

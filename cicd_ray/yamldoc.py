@@ -15,11 +15,15 @@ and so are documents nested too deep or with too many values, before anything is
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from cicd_ray.errors import SpecError, brief
+
+M = TypeVar("M", bound=BaseModel)
 
 MAX_DEPTH = 32  # mappings and lists inside each other; a pipeline needs about 6
 MAX_NODES = 200_000  # scalars, mappings and lists in one document
@@ -145,3 +149,17 @@ def _where(event: yaml.Event) -> str:
     mark = event.start_mark
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(document)"
 
+
+
+def load_list(path: str | Path, key: str, model: type[M], required: bool = True) -> list[M]:
+    """The items of a settings file's list `key` (pools, projects, repositories, schedules),
+    each validated by `model`; with `required` off, no `key` is an empty list. SpecError
+    names the file and what is wrong."""
+    try:
+        doc = load(Path(path).read_text(encoding="utf-8"), source=str(path)) or {}
+        items = doc.get(key, None if required else []) if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise SpecError([f"{key}: expected a list of {key}"], source=str(path))
+        return [model.model_validate(item) for item in items]
+    except (OSError, ValidationError) as e:
+        raise SpecError([f"{key}: {e}"], source=str(path)) from None
