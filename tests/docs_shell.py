@@ -81,6 +81,10 @@ EXAMPLES = {
     ("docs/benchmarks.md", ".venv/bin/python bench/flow.py            # --runs 20 --repeats 3"):
         "a benchmark on a cluster of its own, run by hand for the figures it prints; the "
         "behaviour it times is tested in test_flow",
+    ("docs/benchmarks.md", ".venv/bin/python bench/share.py           # --steps 1000 "
+                           "--step-s 0.2"):
+        "a benchmark on clusters of its own (a minute), run by hand for the figures it "
+        "prints; fair share's order is tested in test_projects (unit)",
     ("docs/benchmarks.md", ".venv/bin/python bench/autoscale.py --rounds 2"):
         "a benchmark: minutes of full load, run by hand for the figures it prints",
     ("docs/operations.md", "cicd-ray up --local-autoscaling pools.yaml --node-idle-timeout 30"):
