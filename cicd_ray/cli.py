@@ -297,6 +297,7 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
         return
     run = view.run
     out.print(f"run {run.id} of {run.pipeline}: {_styled(run.state.value)} {escape(run.reason)}")
+    out.print(escape(f"project {run.project}; started by {_trigger(run)}"))
     if run.commit and run.source_git:
         out.print(escape(f"commit {run.commit} ({run.source_git.ref} of {run.source_git.git})"))
     elif run.source_digest:
@@ -313,6 +314,18 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
     if shared:
         out.print(f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
                   "read what their worker can (see docs/security.md)")
+
+
+def _trigger(run) -> str:
+    """What started a run, in words: `manual`, `push to main of acme/app`, ..."""
+    if run.event == "push":
+        return f"a push to {run.branch} of {run.repo}"
+    if run.event == "pull_request":
+        return f"pull request {run.pr} ({run.branch}) of {run.repo}"
+    if run.event == "schedule":
+        slot = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.scheduled_for or 0))
+        return f"a schedule (its slot of {slot})"
+    return "hand (API, CLI or client)"
 
 
 def _steps_table(view: RunView) -> Table:

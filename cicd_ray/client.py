@@ -207,11 +207,13 @@ class Client:
                                json={"only_failed": only_failed}).json()
         return self.run(answer["run_id"])
 
-    def approve(self, run_id: str, step: str, approved: bool = True, by: str = "anonymous",
+    def approve(self, run_id: str, step: str, approved: bool = True, by: str | None = None,
                 comment: str = "") -> dict:
-        """Release (or reject) a step waiting for approval: {run_id, step, state, decision}."""
+        """Release (or reject) a step waiting for approval: {run_id, step, state, decision}.
+        `by`: who answers (default: the token's id)."""
+        body = {"reject": not approved, "comment": comment, **({"by": by} if by else {})}
         return self._request("POST", f"{API}/runs/{run_id}/steps/{step}/approve",
-                             json={"reject": not approved, "by": by, "comment": comment}).json()
+                             json=body).json()
 
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""

@@ -51,7 +51,8 @@ def flow_notes(view: RunView) -> list[str]:
             lines.append(f"{s.name}: {a.decision} by {a.by} at {_at(a.at)}"
                          + (f": {a.comment}" if a.comment else ""))
     for d in view.deliveries:
-        said = f"notification to {d.url}: {d.state} after {d.attempts} tr" \
+        what = f"commit status {d.status}" if d.kind == "status" else "notification"
+        said = f"{what} to {d.url}: {d.state} after {d.attempts} tr" \
                f"{'y' if d.attempts == 1 else 'ies'}"
         if d.status_code is not None:
             said += f" (HTTP {d.status_code})"

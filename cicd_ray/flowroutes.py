@@ -20,7 +20,7 @@ class ApproveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reject: bool = False
     comment: Annotated[str, StringConstraints(max_length=1000)] = ""
-    by: Who = "anonymous"  # who answers, as recorded and shown
+    by: Who | None = None  # who answers, as recorded and shown (default: the token's id)
 
 
 def flow_routes(master, reads) -> APIRouter:
@@ -34,7 +34,8 @@ def flow_routes(master, reads) -> APIRouter:
         why are recorded on the step (`approval`). 409 when the step is not waiting."""
         req = req or ApproveRequest()
         await check_run(reads, grant, run_id)
-        answer = await master.call("approve", run_id, step, not req.reject, req.by, req.comment,
+        by = req.by or f"token {grant.token_id}"
+        answer = await master.call("approve", run_id, step, not req.reject, by, req.comment,
                                    caller(grant))
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)

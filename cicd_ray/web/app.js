@@ -161,7 +161,7 @@ function flow(runId, step, reload) {
     localStorage.setItem("cicd-name", draft.by);
     const response = await api(`/api/v1/runs/${runId}/steps/${encodeURIComponent(step.spec.name)}/approve`, {
       method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({reject, comment: draft.comment, by: draft.by || "anonymous"})});
+      body: JSON.stringify({reject, comment: draft.comment, by: draft.by || null})});
     if (response.ok) delete drafts[key];
     if (!response.ok) said.textContent = (await response.json()).detail;
     reload();

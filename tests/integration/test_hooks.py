@@ -105,7 +105,7 @@ def push(sha: str, branch: str = "main") -> dict:
 
 
 def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
-        api, repo, status_api):
+        api, repo, status_api, cli):
     first, _ = repo
     hook = f"{api}/api/v1/hooks/github"
     with httpx.Client(headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30) as admin:
@@ -140,6 +140,18 @@ def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
         (f"/repos/acme/web-app/statuses/{first}", "success")]
     assert all(h["Authorization"] == f"Bearer {STATUS_TOKEN}" for _, h, _ in status_api.calls)
     assert status_api.calls[1][2]["context"] == "cicd-ray/web-app"
+    deadline = time.monotonic() + 30
+    while True:  # the second status is recorded delivered once its answer is in
+        shown = cli("status", run_id, "--url", api, CICD_RAY_TOKEN=API_TOKEN)
+        assert shown.returncode == 0, shown.stderr
+        if "commit status success" in shown.stdout and ": delivered" in shown.stdout.split(
+                "commit status success")[1].splitlines()[0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    text = " ".join(shown.stdout.split())
+    assert "project web; started by a push to main of acme/web-app" in text
+    assert f"commit status pending to http://127.0.0.1:{status_api.server.server_port}" in text
+    assert "commit status success to" in text and "delivered after 1 try" in text
 
 
 def test_bad_or_missing_signatures_start_nothing_and_other_events_are_ignored(api, repo):

@@ -90,9 +90,13 @@ def test_another_project_s_run_is_not_found_through_any_route(api):
         assert state_of(ops, run_id, "gate") == "waiting_approval"  # nothing was done to it
         assert run_id not in [r["id"] for r in web.get("/api/v1/runs").json()["runs"]]
         assert run_id in [r["id"] for r in ops.get("/api/v1/runs").json()["runs"]]
-        approved = ops.post(f"/api/v1/runs/{run_id}/steps/gate/approve", json={"by": "ops"})
+        approved = ops.post(f"/api/v1/runs/{run_id}/steps/gate/approve", json={})
         assert approved.status_code == 200, approved.text
         until(lambda: state_of(ops, run_id) == "succeeded")
+        gate = next(s for s in ops.get(f"/api/v1/runs/{run_id}").json()["steps"]
+                    if s["spec"]["name"] == "gate")
+    token_id = hashlib.sha256(project_token("ops-submit").encode()).hexdigest()[:12]
+    assert gate["approval"]["by"] == f"token {token_id}"  # no name given: the token's id
 
 
 def test_the_events_stream_and_workers_list_show_only_the_caller_s_project(api):

@@ -152,3 +152,31 @@ def test_flow_control_on_the_page(api, browser, shared_dir):
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "web-flow.png"), full_page=True)
     page.close()
+
+
+def test_the_page_shows_only_the_token_s_project(api, browser):
+    from tests.integration.conftest import project_token
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api}/")
+    page.fill("#token", project_token("web-read"))
+    page.click("button[type=submit]")
+    expect(page.locator("#live")).to_have_class("live on", timeout=15000)
+
+    def submit(token_name: str, name: str) -> str:
+        answer = httpx.post(f"{api}/api/v1/runs", json={"pipeline": {"name": name, "steps": [
+            {"name": "s", "run": "echo hi"}]}},
+            headers={"Authorization": f"Bearer {project_token(token_name)}"})
+        assert answer.status_code == 201, answer.text
+        return answer.json()["run_id"]
+
+    theirs = submit("ops-submit", "ops-on-the-page")
+    ours = submit("web-submit", "web-on-the-page")
+    # Told by the event stream: its own project's run comes, the other project's never does.
+    expect(page.locator(f"tr[data-run='{ours}']")).to_be_visible(timeout=15000)
+    expect(page.locator(f"tr[data-run='{ours}']")).to_contain_text("succeeded", timeout=30000)
+    assert page.locator(f"tr[data-run='{theirs}']").count() == 0
+    page.reload()  # and the list as loaded holds it neither
+    expect(page.locator(f"tr[data-run='{ours}']")).to_be_visible(timeout=15000)
+    assert page.locator(f"tr[data-run='{theirs}']").count() == 0
+    page.close()
