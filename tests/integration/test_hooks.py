@@ -144,8 +144,8 @@ def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
     while True:  # the second status is recorded delivered once its answer is in
         shown = cli("status", run_id, "--url", api, CICD_RAY_TOKEN=API_TOKEN)
         assert shown.returncode == 0, shown.stderr
-        if "commit status success" in shown.stdout and ": delivered" in shown.stdout.split(
-                "commit status success")[1].splitlines()[0] or time.monotonic() > deadline:
+        if ("commit status success" in shown.stdout and ": delivered" in shown.stdout.split(
+                "commit status success")[1].splitlines()[0]) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     text = " ".join(shown.stdout.split())
