@@ -121,18 +121,26 @@ class MasterCore:
                      request: str | None) -> Planned:
         """Plan the run a webhook asks for: the pipeline file's text, its source the
         repository at the commit (pinned as it is, not looked up again)."""
+        planned = self._from_repository(repo, text, trigger.commit, trigger.branch, {},
+                                        request, repo.project)
+        planned.event, planned.pr = trigger.event, trigger.pr
+        return planned
+
+    def _from_repository(self, repo: RepoConfig, text: str, commit: str, branch: str,
+                         env: dict[str, str], request: str | None, project: str) -> Planned:
+        """Plan a repository's pipeline file (its text) to build `commit`; problems name the
+        file."""
         try:
             doc = load_yaml(text, max_bytes=self.settings.max_pipeline_bytes)
         except SpecError as e:
             return Planned(None, [], [f"{repo.pipeline}: {p}" for p in e.problems],
-                           request or "", project=repo.project)
+                           request or "", project=project)
         if isinstance(doc, dict):
-            doc = {**doc, "source": {"git": repo.url, "ref": trigger.commit}}
-        planned = plan_submission(doc, {}, None, self.settings, request,
-                                  resolve=lambda url, ref: (trigger.commit, trigger.branch),
-                                  project=repo.project)
-        planned.event, planned.pr, planned.repo = trigger.event, trigger.pr, repo.name
+            doc = {**doc, "source": {"git": repo.url, "ref": commit}}
+        planned = plan_submission(doc, env, None, self.settings, request,
+                                  resolve=lambda url, ref: (commit, branch), project=project)
         planned.problems = [f"{repo.pipeline}: {p}" for p in planned.problems]
+        planned.repo = repo.name
         return planned
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
@@ -286,20 +294,15 @@ class MasterCore:
                       commit: str | None = None, branch: str = "") -> Planned:
         """Plan a slot's run: a repository's pipeline file (its text, read at `commit`) or the
         schedule's own pipeline, with the schedule's env."""
-        resolve = resolve_ref
+        request = f"schedule:{record.id}:{slot}"
         if record.repository:
-            repo = self.settings.repos[record.repository]
-            try:
-                doc = load_yaml(pipeline, max_bytes=self.settings.max_pipeline_bytes)
-            except SpecError as e:
-                return Planned(None, [], e.problems, "", project=record.project)
-            pipeline = {**doc, "source": {"git": repo.url, "ref": commit}} \
-                if isinstance(doc, dict) else doc
-            resolve = lambda url, ref: (commit, branch)  # noqa: E731 (read with the file)
-        planned = plan_submission(pipeline, record.env, None, self.settings,
-                                  f"schedule:{record.id}:{slot}", resolve=resolve,
-                                  project=record.project)
-        planned.event, planned.scheduled_for, planned.repo = "schedule", slot, record.repository
+            planned = self._from_repository(self.settings.repos[record.repository], pipeline,
+                                            commit or "", branch, record.env, request,
+                                            record.project)
+        else:
+            planned = plan_submission(pipeline, record.env, None, self.settings, request,
+                                      project=record.project)
+        planned.event, planned.scheduled_for = "schedule", slot
         return planned
 
     def fire(self, record: ScheduleRecord, slot: float, planned: Planned) -> Reply:

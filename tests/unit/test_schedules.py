@@ -158,3 +158,23 @@ schedules:
     f.write_text(f.read_text().replace("acme/app, ref", "acme/other, ref"))
     with pytest.raises(Exception, match="'acme/other' is not one of the repositories"):
         load_schedules(f, repos)
+
+
+def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp_path):
+    repos = {"acme/app": RepoConfig(name="acme/app", url="file:///srv/app.git",
+                                    provider="github", project="web", webhook_secret="HOOK")}
+    settings = Settings(home=tmp_path, repos=repos, schedules=[ScheduleSpec(
+        name="nightly", repository="acme/app", ref="main", cron="0 2 * * *",
+        env={"SUITE": "full"})])
+    core = MasterCore(settings, MemoryStore(), clock=Clock(500.0))
+    record = core.timetable.schedules["web/nightly"]
+    planned = core.plan_schedule(record, 7200.0, "name: app\nsteps:\n  - {name: t, run: 'true'}\n",
+                                 "c" * 40, "main")
+    assert planned.problems == []
+    assert (planned.commit, planned.branch, planned.repo, planned.event, planned.project) == (
+        "c" * 40, "main", "acme/app", "schedule", "web")
+    assert planned.spec.source.git == "file:///srv/app.git"
+    assert planned.steps[0].env["SUITE"] == "full"
+    broken = core.plan_schedule(record, 7200.0, "name: app\nsteps: [{name: t, tiemout: 1}]\n",
+                                "c" * 40, "main")
+    assert broken.problems[0].startswith(".cicd-ray.yaml: steps[0] (t)")
