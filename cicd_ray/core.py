@@ -11,19 +11,14 @@ that turns effects into Ray calls; cicd_ray.inline carries them out in-process f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from cicd_ray.config import Settings
-from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.events import EventLog
-from cicd_ray.hooks import Trigger
 from cicd_ray.outbox import Outbox
+from cicd_ray.planning import Planned, Source, new_run_id, plan_submission
 from cicd_ray.protocol import Conflict, Missing, OverQuota, Rejected, Reply, Submitted
 from cicd_ray.records import (
     AuditRecord,
@@ -36,32 +31,20 @@ from cicd_ray.records import (
     StepOutcome,
     WorkerRecord,
 )
-from cicd_ray.repos import RepoConfig
-from cicd_ray.scheduler import Effects, Scheduler, check_fits
+from cicd_ray.scheduler import Effects, Scheduler
 from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.scheduler.share import Share
-from cicd_ray.schedules import ScheduleRecord, ScheduleSpec
-from cicd_ray.secrets import missing, run_secret_problems
-from cicd_ray.source import resolve_ref
+from cicd_ray.schedules import ScheduleRecord
 from cicd_ray.spec import (
-    ConcurrencySpec,
     GitSource,
-    PipelineSpec,
-    PlannedStep,
-    check_env_overrides,
-    expanded,
-    load_yaml,
-    parse_pipeline,
-    plan,
 )
+from cicd_ray.starts import CoreStarts
 from cicd_ray.states import RunState
 from cicd_ray.store import Store
 from cicd_ray.timetable import Timetable
-from cicd_ray.webhooks import refused_targets
 
 RECENT_S = 600.0  # stopped workers shown for this long
 Clock = Callable[[], float]
-Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
 
 
 class Observer(Protocol):
@@ -69,25 +52,8 @@ class Observer(Protocol):
         """Called after each batch is written, with what it changed."""
 
 
-@dataclass
-class Planned:
-    """A submission checked and planned (pure work, done off the master's loop)."""
 
-    spec: PipelineSpec | None
-    steps: list[PlannedStep]
-    problems: list[str]
-    request: str  # digest of the request, compared when an Idempotency-Key is repeated
-    commit: str | None = None  # the SHA a git source's ref named at submission
-    branch: str = ""  # the branch that ref named, if it named one
-    concurrency: ConcurrencySpec | None = None  # the run's group, expanded from its env
-    project: str = "default"  # whose run it is
-    event: str = "manual"  # what started it (a webhook: push, pull_request)
-    pr: int | None = None
-    repo: str = ""  # the repository whose webhook started it
-    scheduled_for: float | None = None  # the slot of the schedule that started it
-
-
-class MasterCore:
+class MasterCore(CoreStarts):
     def __init__(self, settings: Settings, store: Store, clock: Clock = time.time,
                  observers: list[Observer] | None = None) -> None:
         self.settings = settings
@@ -116,32 +82,6 @@ class MasterCore:
         whose run it is to be."""
         return plan_submission(pipeline, env or {}, source, self.settings, request,
                                secrets=secrets or {}, project=project)
-
-    def plan_trigger(self, repo: RepoConfig, trigger: Trigger, text: str,
-                     request: str | None) -> Planned:
-        """Plan the run a webhook asks for: the pipeline file's text, its source the
-        repository at the commit (pinned as it is, not looked up again)."""
-        planned = self._from_repository(repo, text, trigger.commit, trigger.branch, {},
-                                        request, repo.project)
-        planned.event, planned.pr = trigger.event, trigger.pr
-        return planned
-
-    def _from_repository(self, repo: RepoConfig, text: str, commit: str, branch: str,
-                         env: dict[str, str], request: str | None, project: str) -> Planned:
-        """Plan a repository's pipeline file (its text) to build `commit`; problems name the
-        file."""
-        try:
-            doc = load_yaml(text, max_bytes=self.settings.max_pipeline_bytes)
-        except SpecError as e:
-            return Planned(None, [], [f"{repo.pipeline}: {p}" for p in e.problems],
-                           request or "", project=project)
-        if isinstance(doc, dict):
-            doc = {**doc, "source": {"git": repo.url, "ref": commit}}
-        planned = plan_submission(doc, env, None, self.settings, request,
-                                  resolve=lambda url, ref: (commit, branch), project=project)
-        planned.problems = [f"{repo.pipeline}: {p}" for p in planned.problems]
-        planned.repo = repo.name
-        return planned
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
@@ -281,65 +221,6 @@ class MasterCore:
             s for s in self.store.get_steps(run_id) if s.name == step)  # its run has ended
         return record.state.value
 
-    # --- schedules -----------------------------------------------------------------------------
-
-    def due_schedules(self) -> list[tuple[ScheduleRecord, float]]:
-        """The schedules with a slot to start now (missed slots skipped are written here)."""
-        due, skipped = self.timetable.due(self.clock())
-        if skipped:
-            self.commit(skipped)
-        return due
-
-    def plan_schedule(self, record: ScheduleRecord, slot: float, pipeline: str | dict,
-                      commit: str | None = None, branch: str = "") -> Planned:
-        """Plan a slot's run: a repository's pipeline file (its text, read at `commit`) or the
-        schedule's own pipeline, with the schedule's env."""
-        request = f"schedule:{record.id}:{slot}"
-        if record.repository:
-            planned = self._from_repository(self.settings.repos[record.repository], pipeline,
-                                            commit or "", branch, record.env, request,
-                                            record.project)
-        else:
-            planned = plan_submission(pipeline, record.env, None, self.settings, request,
-                                      project=record.project)
-        planned.event, planned.scheduled_for = "schedule", slot
-        return planned
-
-    def fire(self, record: ScheduleRecord, slot: float, planned: Planned) -> Reply:
-        """Start a slot's run and write the slot with it; a slot whose run cannot start is
-        written with why (it is not tried again)."""
-        current = self.timetable.schedules.get(record.id)
-        if current is None or current.last_slot >= slot:  # deleted, or fired meanwhile
-            self.timetable.fired(record)
-            return Rejected(problems=[f"schedule {record.id}: slot {slot} is not due"])
-        updated = current.model_copy(update={"last_slot": slot})
-        caller = Caller(token_id="schedule", project=record.project, admin=False)
-        answer = self.accept(planned, caller=caller, schedule=updated)
-        if not isinstance(answer, Submitted):
-            updated.last_error = ("; ".join(answer.problems) if isinstance(answer, Rejected)
-                                  else getattr(answer, "detail", str(answer)))[:1000]
-            self.timetable.fired(updated)
-            self.commit(Changes(schedules={updated.id: updated}))
-        return answer
-
-    def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
-        try:
-            record = self.timetable.add(spec, project, self.clock())
-        except SpecError as e:
-            return Rejected(problems=e.problems)
-        self.commit(Changes(schedules={record.id: record}))
-        return next(v for v in self.timetable.view(project, self.clock())
-                    if v["id"] == record.id)
-
-    def delete_schedule(self, project: str, name: str) -> bool:
-        """False when the project has no such schedule made through the API."""
-        record = self.timetable.schedules.get(f"{project}/{name}")
-        if record is None or record.origin != "api":
-            return False
-        del self.timetable.schedules[record.id]
-        self.commit(Changes(drop_schedules=[record.id]))
-        return True
-
     # --- notifications -------------------------------------------------------------------------
 
     def due_deliveries(self) -> list[DeliveryRecord]:
@@ -460,63 +341,3 @@ class MasterCore:
         self.outbox.recover(self.clock())
         self.commit(self.timetable.sync(self.clock()))
         return len(runs)
-
-
-def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
-                    settings: Settings, request: str | None = None,
-                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
-                    secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
-    """(spec, planned steps, problems) of a submission, its request digest, and the commit its
-    git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
-    one step that is not pure)."""
-    secrets = secrets or {}
-    request = request or request_digest(pipeline, env, source, list(secrets))
-    try:
-        spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
-        problems = check_env_overrides(env)
-        steps = plan(spec, env) if not problems else []
-        group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
-    except SpecError as e:
-        return Planned(None, [], e.problems, request, project=project)
-    problems += check_fits(steps, settings.pools)
-    problems += [f"notify[{i}].webhook: {why}" for i, why in
-                 refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
-    problems += run_secret_problems(secrets)
-    listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
-              if name not in secrets}  # the submission's own
-    problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
-                 for why in missing(settings.secrets_dir, project, [name])]
-    if source is not None and len(source[1]) > settings.source_limit_bytes:
-        problems.append(f"source: {len(source[1])} bytes is more than the "
-                        f"{settings.source_limit_bytes} byte limit")
-    commit, branch = None, ""
-    if not problems and source is None and isinstance(spec.source, GitSource):
-        try:
-            commit, branch = resolve(spec.source.git, spec.source.ref)
-        except SourceError as e:
-            problems.append(f"source.ref: {e}")
-    return Planned(spec, steps, problems, request, commit, branch, group, project)
-
-
-def request_digest(pipeline: dict | str, env: dict[str, str] | None,
-                   source: Source | None, secret_names: list[str] | None = None) -> str:
-    """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names
-    of the submission's own secrets (never their values: a digest of a short value could be
-    guessed back from the store)."""
-    parts = [pipeline, env or {}, source[0] if source else None]
-    if secret_names:  # (without any, the digest is what it was before secrets came)
-        parts.append(sorted(secret_names))
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def hook_key(repo: RepoConfig, trigger: Trigger) -> str | None:
-    """The key a webhook's delivery is remembered by (a redelivery carries the same id)."""
-    if not trigger.delivery:
-        return None
-    text = f"hook:{repo.provider}:{repo.name}:{trigger.delivery}"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def new_run_id(now: float) -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]

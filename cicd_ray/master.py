@@ -19,13 +19,13 @@ from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.config import Settings
-from cicd_ray.core import MasterCore, Planned, hook_key, request_digest
-from cicd_ray.errors import CicdError, SourceError, StoreError
+from cicd_ray.core import MasterCore
+from cicd_ray.errors import StoreError
 from cicd_ray.events import parse_position
 from cicd_ray.explain import Explanation, explain_answer
-from cicd_ray.hooks import Trigger
 from cicd_ray.metrics import Metrics
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
+from cicd_ray.planning import request_digest
 from cicd_ray.protocol import (
     RUN_WAIT_S,
     LogSlice,
@@ -38,9 +38,8 @@ from cicd_ray.protocol import (
 from cicd_ray.records import Caller, DeliveryRecord, StepOutcome, StepTask, WorkerRecord
 from cicd_ray.retention import collect
 from cicd_ray.scheduler import Effects
-from cicd_ray.schedules import ScheduleRecord, ScheduleSpec
 from cicd_ray.secrets import SecretError
-from cicd_ray.source import file_at, resolve_ref
+from cicd_ray.starts import MasterStarts
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
 from cicd_ray.webhooks import TargetRefused, send
@@ -69,7 +68,7 @@ class _Signal:
             await asyncio.wait_for(self._event.wait(), timeout=max(0.0, timeout_s))
 
 
-class Master:
+class Master(MasterStarts):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -118,30 +117,6 @@ class Master:
         answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets,
                                caller)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
-        return answer
-
-    async def trigger(self, repo_name: str, trigger: Trigger) -> Reply:
-        """Start the run a git host's webhook asks for (see cicd_ray.hookroutes): the pipeline
-        file read from the repository at the commit, the run pinned to it, of the
-        repository's project. A redelivery (the same delivery id) answers with the first
-        run."""
-        repo = self.settings.repos.get(repo_name)
-        if repo is None:
-            return Rejected(problems=[f"repository {repo_name} is not in the master's "
-                                      "CICD_RAY_REPOS"])
-        key = hook_key(repo, trigger)
-        known = self.core.known_key(key, key) if key else None
-        if known is not None:
-            return known
-        try:
-            text = await asyncio.to_thread(file_at, repo.url, trigger.commit, repo.pipeline,
-                                           self.settings.max_pipeline_bytes)
-        except SourceError as e:
-            return Rejected(problems=[f"{repo.pipeline}: {e}"])
-        planned = await asyncio.to_thread(self.core.plan_trigger, repo, trigger, text, key)
-        caller = Caller(token_id=f"{repo.provider}-webhook", project=repo.project, admin=False)
-        answer = self._guarded(self.core.accept, planned, None, key, None, caller)
-        self._wake.set()
         return answer
 
     async def cancel(self, run_id: str, caller: Caller | None = None) -> str | None:
@@ -238,35 +213,6 @@ class Master:
         if not self.core.events.has_news(after, epoch):
             await self._news.wait(timeout_s)
         return self.core.events.page(after, epoch)
-
-    async def schedules(self, project: str | None = None) -> list[dict]:
-        """The schedules (of `project`; None: all) with their next and last slots."""
-        return self.core.timetable.view(project, self.core.clock())
-
-    async def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
-        return self._guarded(self.core.add_schedule, spec, project)
-
-    async def delete_schedule(self, project: str, name: str) -> bool:
-        return self._guarded(self.core.delete_schedule, project, name)
-
-    async def _fire(self, record: ScheduleRecord, slot: float) -> None:
-        """Start a schedule's slot: its pipeline read (a repository's file at its ref's
-        commit now) and planned in threads, then the run and the slot written together."""
-        try:
-            planned = await asyncio.to_thread(self._plan_slot, record, slot)
-        except Exception as e:  # a git host down, a file gone: written as the slot's error
-            why = str(e) if isinstance(e, CicdError) else f"{type(e).__name__}: {e}"
-            planned = Planned(None, [], [why], "", project=record.project)
-        self._guarded(self.core.fire, record, slot, planned)
-        self._wake.set()
-
-    def _plan_slot(self, record: ScheduleRecord, slot: float) -> Planned:
-        if not record.repository:
-            return self.core.plan_schedule(record, slot, record.pipeline)
-        repo = self.settings.repos[record.repository]
-        commit, branch = resolve_ref(repo.url, record.ref)
-        text = file_at(repo.url, commit, repo.pipeline, self.settings.max_pipeline_bytes)
-        return self.core.plan_schedule(record, slot, text, commit, branch)
 
     # --- API for workers -----------------------------------------------------------------------
 

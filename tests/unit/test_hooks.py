@@ -9,9 +9,9 @@ import hmac
 import pytest
 
 from cicd_ray import statuses
-from cicd_ray.core import hook_key
 from cicd_ray.errors import SpecError
 from cicd_ray.hooks import Trigger, repository_names, trigger, verified
+from cicd_ray.planning import hook_key
 from cicd_ray.repos import RepoConfig, find, load_repos
 
 SECRET = "hook-secret-value"

@@ -88,7 +88,7 @@ def test_a_bad_api_setting_stops_the_api_at_its_start(monkeypatch):
 
 def test_the_pipeline_limit_reaches_every_reader(tmp_path):
     """CICD_RAY_MAX_PIPELINE_BYTES, read into the settings, bounds what the core plans."""
-    from cicd_ray.core import plan_submission
+    from cicd_ray.planning import plan_submission
 
     settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
                                   "CICD_RAY_MAX_PIPELINE_BYTES": "64"})

@@ -1,0 +1,113 @@
+"""A submission checked and planned, pure (the master runs it off its loop): the pipeline
+parsed and expanded, its env, pools, notifications, secrets and source checked, its git ref
+pinned to a commit; the digest a repeated Idempotency-Key is compared by; the key a webhook's
+delivery is remembered by; run ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import SourceError, SpecError
+from cicd_ray.hooks import Trigger
+from cicd_ray.repos import RepoConfig
+from cicd_ray.scheduler import check_fits
+from cicd_ray.secrets import missing, run_secret_problems
+from cicd_ray.source import resolve_ref
+from cicd_ray.spec import (
+    ConcurrencySpec,
+    GitSource,
+    PipelineSpec,
+    PlannedStep,
+    check_env_overrides,
+    expanded,
+    parse_pipeline,
+    plan,
+)
+from cicd_ray.webhooks import refused_targets
+
+Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
+
+
+@dataclass
+class Planned:
+    """A submission checked and planned (pure work, done off the master's loop)."""
+
+    spec: PipelineSpec | None
+    steps: list[PlannedStep]
+    problems: list[str]
+    request: str  # digest of the request, compared when an Idempotency-Key is repeated
+    commit: str | None = None  # the SHA a git source's ref named at submission
+    branch: str = ""  # the branch that ref named, if it named one
+    concurrency: ConcurrencySpec | None = None  # the run's group, expanded from its env
+    project: str = "default"  # whose run it is
+    event: str = "manual"  # what started it (a webhook: push, pull_request)
+    pr: int | None = None
+    repo: str = ""  # the repository whose webhook started it
+    scheduled_for: float | None = None  # the slot of the schedule that started it
+
+
+def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
+                    settings: Settings, request: str | None = None,
+                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
+                    secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
+    """(spec, planned steps, problems) of a submission, its request digest, and the commit its
+    git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
+    one step that is not pure)."""
+    secrets = secrets or {}
+    request = request or request_digest(pipeline, env, source, list(secrets))
+    try:
+        spec = parse_pipeline(pipeline, max_bytes=settings.max_pipeline_bytes)
+        problems = check_env_overrides(env)
+        steps = plan(spec, env) if not problems else []
+        group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
+    except SpecError as e:
+        return Planned(None, [], e.problems, request, project=project)
+    problems += check_fits(steps, settings.pools)
+    problems += [f"notify[{i}].webhook: {why}" for i, why in
+                 refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
+    problems += run_secret_problems(secrets)
+    listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
+              if name not in secrets}  # the submission's own
+    problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
+                 for why in missing(settings.secrets_dir, project, [name])]
+    if source is not None and len(source[1]) > settings.source_limit_bytes:
+        problems.append(f"source: {len(source[1])} bytes is more than the "
+                        f"{settings.source_limit_bytes} byte limit")
+    commit, branch = None, ""
+    if not problems and source is None and isinstance(spec.source, GitSource):
+        try:
+            commit, branch = resolve(spec.source.git, spec.source.ref)
+        except SourceError as e:
+            problems.append(f"source.ref: {e}")
+    return Planned(spec, steps, problems, request, commit, branch, group, project)
+
+
+def request_digest(pipeline: dict | str, env: dict[str, str] | None,
+                   source: Source | None, secret_names: list[str] | None = None) -> str:
+    """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names
+    of the submission's own secrets (never their values: a digest of a short value could be
+    guessed back from the store)."""
+    parts = [pipeline, env or {}, source[0] if source else None]
+    if secret_names:  # (without any, the digest is what it was before secrets came)
+        parts.append(sorted(secret_names))
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hook_key(repo: RepoConfig, trigger: Trigger) -> str | None:
+    """The key a webhook's delivery is remembered by (a redelivery carries the same id)."""
+    if not trigger.delivery:
+        return None
+    text = f"hook:{repo.provider}:{repo.name}:{trigger.delivery}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_run_id(now: float) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
