@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cicd_ray import auth
-from cicd_ray.access import Granted, caller, check_run, needs, not_found, scope, submit_project
+from cicd_ray.access import Granted, caller, needs, not_found, run_scope, scope, submit_project
 from cicd_ray.artifacts import ArtifactStore
 from cicd_ray.auth import Role
 from cicd_ray.buildroutes import build_routes
@@ -184,14 +184,15 @@ def create_app(grants: list[auth.Grant] | None = None, max_body_bytes: int | Non
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Guard, grants=config.grants)
     # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
-    guarded = [Depends(HTTPBearer(auto_error=False))]
+    # A route naming a run sees it only if it is of the caller's project (cicd_ray.access).
+    guarded = [Depends(HTTPBearer(auto_error=False)), run_scope(reads)]
     app.include_router(_page_routes(_Health(master)))
     app.include_router(_submit_routes(master, config), dependencies=guarded)
     app.include_router(_run_routes(master, reads), dependencies=guarded)
     app.include_router(_log_routes(reads), dependencies=guarded)
     app.include_router(_cluster_routes(master, reads), dependencies=guarded)
     app.include_router(build_routes(master, reads), dependencies=guarded)
-    app.include_router(flow_routes(master, reads), dependencies=guarded)
+    app.include_router(flow_routes(master), dependencies=guarded)
     app.include_router(schedule_routes(master), dependencies=guarded)
     app.include_router(hook_routes(master, config))
     return app
@@ -275,15 +276,15 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
         return {"runs": runs, "limit": limit, "offset": offset}
 
     @router.get(f"{API}/runs/{{run_id}}")
-    async def get_run(run_id: RunId, grant: Granted) -> dict:
+    async def get_run(run_id: RunId) -> dict:
         """The run with every step (state, attempts, times, worker, exit code) and attempt."""
         view = await reads.call("get_run", run_id)
-        if view is None or not grant.sees(view.run.project):
+        if view is None:
             raise not_found(run_id)
         return view.model_dump(mode="json")
 
     @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
-    async def wait(run_id: RunId, grant: Granted,
+    async def wait(run_id: RunId,
                    after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
                    timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
                    until_end: bool = False):
@@ -291,7 +292,6 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
         earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
         `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
         from the position, read again."""
-        await check_run(reads, grant, run_id)
         change = await master.call("wait", run_id, after, timeout_s, until_end,
                                    timeout_s=timeout_s + MASTER_TIMEOUT_S)
         if change is None:
@@ -301,7 +301,6 @@ def _run_routes(master: MasterLink, reads: _Reads) -> APIRouter:
     @router.post(f"{API}/runs/{{run_id}}/cancel", dependencies=[needs(Role.SUBMIT)])
     async def cancel(run_id: RunId, grant: Granted) -> dict:
         """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
-        await check_run(reads, grant, run_id)
         state = await master.call("cancel", run_id, caller(grant))
         if state is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
@@ -330,7 +329,7 @@ def _log_routes(reads: _Reads) -> APIRouter:
 
     @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", response_class=StreamingResponse,
                 responses={200: {"content": {"text/plain": {}}}})
-    async def step_log(run_id: RunId, step: str, grant: Granted,
+    async def step_log(run_id: RunId, step: str,
                        follow: bool = False, offset: Annotated[int, Query(ge=0)] = 0,
                        attempt: Annotated[int | None, Query(ge=1)] = None):
         """A step's log as text (its last attempt unless `attempt` is given), from byte `offset`.
@@ -339,7 +338,6 @@ def _log_routes(reads: _Reads) -> APIRouter:
         grow), so a client that lost the stream resumes with `offset` and it."""
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
-        await check_run(reads, grant, run_id)
         first = await reads.call("step_log", run_id, step, attempt, offset)
         if isinstance(first, Missing):
             raise HTTPException(404, detail=first.detail)

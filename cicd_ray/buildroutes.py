@@ -11,9 +11,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from cicd_ray.access import Granted, caller, check_run, needs, not_found
+from cicd_ray.access import Granted, caller, needs, not_found
 from cicd_ray.artifacts import CHUNK, ArtifactStore, artifact_list
-from cicd_ray.auth import Grant, Role
+from cicd_ray.auth import Role
 from cicd_ray.names import API, RUN_ID
 from cicd_ray.protocol import Missing, OverQuota, Rejected, RunView
 
@@ -29,19 +29,19 @@ def build_routes(master, reads) -> APIRouter:
     """`master`: the API's link to the master; `reads`: its reads from the store."""
     router = APIRouter(tags=["builds"])
 
-    async def view_of(run_id: str, grant: Grant) -> RunView:
+    async def view_of(run_id: str) -> RunView:
         view = await reads.call("get_run", run_id)
-        if view is None or not grant.sees(view.run.project):
+        if view is None:
             raise not_found(run_id)
         return view
 
     @router.get(f"{API}/runs/{{run_id}}/artifacts")
-    async def artifacts(run_id: RunId, grant: Granted,
+    async def artifacts(run_id: RunId,
                         step: Annotated[str | None, Query(max_length=500)] = None) -> dict:
         """The files the run's steps kept (`artifacts:`), or one step's: path, size, SHA-256,
         and the URL to download each (`from_run` names the run that made a reused or carried
         over file)."""
-        view = await view_of(run_id, grant)
+        view = await view_of(run_id)
         if step is not None and step not in {s.name for s in view.steps}:
             raise HTTPException(404, detail=f"run {run_id} has no step {step!r}")
         return {"run_id": run_id, "artifacts": artifact_list(view, step)}
@@ -49,9 +49,9 @@ def build_routes(master, reads) -> APIRouter:
     @router.get(f"{API}/runs/{{run_id}}/artifacts/{{step}}/{{path:path}}",
                 response_class=StreamingResponse,
                 responses={200: {"content": {"application/octet-stream": {}}}})
-    async def download(run_id: RunId, step: str, path: str, grant: Granted):
+    async def download(run_id: RunId, step: str, path: str):
         """One artifact, streamed; `X-Artifact-Sha256` is its digest."""
-        view = await view_of(run_id, grant)
+        view = await view_of(run_id)
         found = next((f for f in artifact_list(view, step) if f["path"] == path), None)
         if found is None:
             raise HTTPException(404, detail=f"step {step!r} of run {run_id} kept no {path!r}")
@@ -64,11 +64,10 @@ def build_routes(master, reads) -> APIRouter:
                      "X-Artifact-Sha256": found["digest"]})
 
     @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/explain")
-    async def explain(run_id: RunId, step: str, grant: Granted) -> dict:
+    async def explain(run_id: RunId, step: str) -> dict:
         """Why the step ran instead of being reused: the parts of its key (script, env,
         matrix, pool, source, inputs, outputs) that differ from the last success of the same
         step of the same pipeline."""
-        await check_run(reads, grant, run_id)
         answer = await reads.call("explain", run_id, step)
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)
@@ -81,7 +80,6 @@ def build_routes(master, reads) -> APIRouter:
         (`rerun_of`); with `only_failed`, its successes are carried over (with their
         artifacts) and only the failed, timed-out, cancelled and skipped steps run, with the
         steps that need them. 409 while the run has not ended."""
-        await check_run(reads, grant, run_id)
         answer = await master.call("rerun", run_id, bool(req and req.only_failed),
                                    caller(grant))
         _refused(answer, run_id)
