@@ -149,3 +149,22 @@ def test_a_webhook_run_s_statuses_are_recorded_with_its_start_and_its_end(tmp_pa
         "error", "pending")
     bad = core.plan_trigger(REPO, hook, "name: p\nsteps: [{name: a, tiemout: 3}]\n", "k2")
     assert bad.problems[0].startswith(".cicd-ray.yaml: steps[0] (a)")
+
+
+def test_the_webhook_route_refuses_bad_and_hostile_bodies_at_once():
+    import json
+    import time
+
+    from tests.unit.test_api_guard import call
+
+    hook = "/api/v1/hooks/github"
+    t0 = time.monotonic()
+    status, _, body, _ = call(hook, "POST", body=b"[" * 1020)  # nested past the parser's depth
+    assert status == 400 and "nests too deep" in json.loads(body)["detail"]
+    assert time.monotonic() - t0 < 1
+    assert call(hook, "POST", body=b"not json")[0] == 400
+    assert call(hook, "POST", body=b"[1, 2]")[0] == 400  # not an object
+    assert call(hook, "POST", body=b"{" + b" " * 2000 + b"}")[0] == 413  # over the body limit
+    status, _, body, _ = call(hook, "POST", body=json.dumps(
+        {"repository": {"full_name": "acme/unknown"}}).encode())
+    assert status == 404 and "acme/unknown" in json.loads(body)["detail"]
