@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import os
 import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
@@ -30,6 +31,7 @@ from urllib.parse import quote, unquote
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cicd_ray import beneath
 from cicd_ray.errors import CicdError
 from cicd_ray.names import API
 from cicd_ray.protocol import RunView
@@ -200,10 +202,11 @@ class ArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
 
-    def evict_caches(self, cap_bytes: int) -> list[str]:
-        """Delete the least recently used entries until all of them fit in `cap_bytes`;
-        the keys deleted."""
-        entries = sorted(self.cache_entries(), key=lambda e: e[3])
+    def evict_caches(self, cap_bytes: int, prefix: str = "") -> list[str]:
+        """Delete the least recently used entries of the scopes starting `prefix` (a
+        project's: `web/`) until they fit in `cap_bytes`; the keys deleted."""
+        entries = sorted((e for e in self.cache_entries() if e[0].startswith(prefix)),
+                         key=lambda e: e[3])
         total = sum(e[2] for e in entries)
         gone = []
         for scope, key, size, _ in entries:
@@ -275,37 +278,44 @@ def could_hold(pattern: str, folder: str) -> bool:
     return True
 
 
-def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
-    """(relative path, path) of the regular files under `root` that a pattern names, directly or
-    through a folder it names (`dist` and `dist/**` both give every file under dist), in path
-    order. Links are neither followed nor kept: a step cannot hand over what it could not
-    read."""
-    todo = [(root, "", False)]  # a folder, its relative path, whether a pattern named it
-    while todo:
-        folder, rel_folder, named = todo.pop()
-        with os.scandir(folder) as found:
-            entries = sorted(found, key=lambda e: e.name)
-        below = []
-        for entry in entries:
-            rel = f"{rel_folder}{entry.name}"
-            if entry.is_dir(follow_symlinks=False):
-                inside = named or any(glob_match(p, rel) for p in patterns)
-                if inside or any(could_hold(p, rel) for p in patterns):
-                    below.append((Path(entry.path), rel + "/", inside))
-            elif entry.is_file(follow_symlinks=False) and (
-                    named or any(glob_match(p, rel) for p in patterns)):
-                yield rel, Path(entry.path)
-        todo.extend(reversed(below))
+def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Callable[[], BinaryIO]]]:
+    """(relative path, opener) of the regular files under `root` that a pattern names,
+    directly or through a folder it names (`dist` and `dist/**` both give every file under
+    dist), in path order. Links are neither followed nor kept: `root` and every name under it
+    are opened one at a time without following a link (`beneath`), so a step that swapped a
+    folder for a link to `/` hands over nothing outside its workspace."""
+    top = beneath.open_folder(root)
+    try:
+        todo = [("", False)]  # a folder's relative path, whether a pattern named it
+        while todo:
+            rel_folder, named = todo.pop()
+            below = []
+            for name, info in beneath.listing(top, rel_folder):
+                rel = f"{rel_folder}{name}"
+                if stat.S_ISDIR(info.st_mode):
+                    inside = named or any(glob_match(p, rel) for p in patterns)
+                    if inside or any(could_hold(p, rel) for p in patterns):
+                        below.append((rel + "/", inside))
+                elif stat.S_ISREG(info.st_mode) and (
+                        named or any(glob_match(p, rel) for p in patterns)):
+                    yield rel, functools.partial(_open_regular, root, rel)
+            todo.extend(reversed(below))
+    finally:
+        os.close(top)
 
 
 def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: int,
          room_bytes: int) -> list[ArtifactFile]:
     """Store the files the patterns match; raises ArtifactError (naming the file and the
     limit) when one is larger than `max_bytes` or all are larger than `room_bytes`."""
-    files = list(matching(workspace, patterns))
+    try:
+        files = list(matching(workspace, patterns))
+    except beneath.LinkRefused as e:
+        raise ArtifactError(f"artifacts: {e}") from None
     total = 0
-    for rel, path in files:
-        size = path.stat().st_size
+    for rel, opener in files:
+        with opener() as src:
+            size = os.fstat(src.fileno()).st_size
         total += size
         if size > max_bytes:
             raise ArtifactError(f"artifact {rel} is {size} bytes, more than the {max_bytes} "
@@ -314,24 +324,23 @@ def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: 
             raise ArtifactError(f"the artifacts reach {total} bytes at {rel}, more than the "
                                 f"{room_bytes} left for this run (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)")
     kept = []
-    for rel, path in files:
-        with _open_regular(path, rel) as src:
+    for rel, opener in files:
+        with opener() as src:
             digest = store.put(src)
             kept.append(ArtifactFile(path=rel, size=os.fstat(src.fileno()).st_size,
                                      digest=digest))
     return kept
 
 
-def _open_regular(path: Path, rel: str) -> BinaryIO:
-    """The file, if it is still a regular file and no link (not swapped since it was found)."""
+def _open_regular(root: Path, rel: str) -> BinaryIO:
+    """The file, if it is still a regular file reached through no link (not swapped since it
+    was found)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return beneath.open_file(root, rel)
+    except beneath.LinkRefused as e:
+        raise ArtifactError(f"artifact {e}") from None
     except OSError as e:
         raise ArtifactError(f"artifact {rel}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ArtifactError(f"artifact {rel} is no longer a regular file")
-    return os.fdopen(fd, "rb")
 
 
 def place_inputs(store: ArtifactStore, inputs: list[ArtifactInput], workspace: Path) -> list[str]:

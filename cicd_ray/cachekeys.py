@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from typing import BinaryIO
 
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}")
 HASH_FILES = re.compile(r"^hashFiles\(\s*('[^']+'(?:\s*,\s*'[^']+')*)\s*\)$")
@@ -43,8 +43,8 @@ def check_template(text: str) -> str | None:
 
 
 def expand(text: str, env: dict[str, str],
-           files: Callable[[list[str]], Iterable[tuple[str, Path]]]) -> str:
-    """The key `text` names for this step: `files(globs)` gives the (path, file) pairs
+           files: Callable[[list[str]], Iterable[tuple[str, Callable[[], BinaryIO]]]]) -> str:
+    """The key `text` names for this step: `files(globs)` gives the (path, opener) pairs
     a hashFiles(...) covers."""
 
     def one(match: re.Match) -> str:
@@ -54,9 +54,9 @@ def expand(text: str, env: dict[str, str],
             return env.get(named.group(1), "")
         globs = re.findall(r"'([^']+)'", inner)
         digest = hashlib.sha256()
-        for rel, path in sorted(files(globs)):
+        for rel, opener in sorted(files(globs), key=lambda found: found[0]):
             digest.update(rel.encode() + b"\0")
-            with path.open("rb") as f:
+            with opener() as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
             digest.update(b"\0")

@@ -258,14 +258,17 @@ class Execution:
                   self.workspace)
         else:
             self.workspace.mkdir()
-        self._bring_in()
+        self._place_inputs()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
         if self._isolated:
             self._identity = take_identity(self.config.step_uids, self.task.attempt)
             hand_over(self.root, self._identity.uid)
+            os.chown(script, 0, self._identity.uid)  # the step reads it; it is root's
+            script.chmod(0o640)
         elif os.geteuid() != 0:
             self._note(SHARED_USER_NOTE.format(user=_user_name()).encode())
+        self._restore_caches()
         uid = self._identity.uid if self._identity else None
         return subprocess.Popen(
             command(str(script), self.task.step.memory_mb, uid),
@@ -347,20 +350,26 @@ class Execution:
 
     # --- artifacts and caches ----------------------------------------------------------------
 
-    def _bring_in(self) -> None:
-        """The needs' artifacts and the step's caches, into the workspace before it starts."""
+    def _place_inputs(self) -> None:
+        """The needs' artifacts, into the workspace before it is handed over."""
         task, store = self.task, self.config.artifacts
         if task.inputs and store is None:
             raise ArtifactError("this worker has no artifact store")
         for line in place_inputs(store, task.inputs, self.workspace) if store else ():
             self._note(line.encode())
+
+    def _restore_caches(self) -> None:
+        """The step's caches, unpacked as its user once its folders are its own."""
+        task = self.task
         env = step_env(task, self.workspace, self.root / "tmp", self.root / "home")
+        uid = self._identity.uid if self._identity else None
+        _, scopes = cache_scopes(task)
         for cache in task.step.cache:
             use = CacheUse(key=cache.key)
             try:
                 if self.config.caches is None:
                     raise ArtifactError("this worker has no artifact store")
-                use = self.config.caches.restore(task.pipeline, cache, self.root, env)
+                use = self.config.caches.restore(scopes, cache, self.root, env, uid)
             except Exception as e:  # a cache saves time; without it the step still runs
                 use.note = f"not restored: {e}"
             self._caches.append(use)
@@ -384,10 +393,13 @@ class Execution:
             size = sum(f.size for f in self._kept)
             self._note(f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n"
                           .encode())
+        scope, _ = cache_scopes(task)
         for cache, use in zip(task.step.cache, self._caches, strict=False):
             try:
-                if self.config.caches is not None:
-                    self.config.caches.save(task.pipeline, cache, use, self.root)
+                if scope is None:
+                    use.note = "not saved: a fork's pull request saves no cache"
+                elif self.config.caches is not None:
+                    self.config.caches.save(scope, cache, use, self.root, task.project)
             except Exception as e:
                 use.note = f"not saved: {e}"
             if use.bytes_saved or use.note:
@@ -441,6 +453,17 @@ class Execution:
                      else f"{_user_name()} (the worker's user)"),
             artifacts=self._kept if state is StepState.SUCCEEDED else [], caches=self._caches,
         )
+
+
+def cache_scopes(task: StepTask) -> tuple[str | None, list[str]]:
+    """Where a step's caches are saved (None: nowhere) and restored from, in order: a
+    project's own, per pipeline. A pull request's run restores from its own scope, then from
+    the branches' (its base), and saves only to its own; a fork's saves nothing."""
+    base = f"{task.project}/{task.pipeline}"
+    if task.pr is None:
+        return base, [base]
+    own = f"{base}/pr-{task.pr}"
+    return (None if task.fork else own), [own, base]
 
 
 def _cache_line(use: CacheUse) -> str:

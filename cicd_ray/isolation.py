@@ -67,9 +67,15 @@ def command(script: str, memory_mb: int, uid: int | None) -> list[str]:
     bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script,
             str(address_space_kib(memory_mb)), str(MAX_PROCESSES if uid is not None else 0),
             "uid" if uid is not None else "shared"]
-    if uid is None or SETPRIV is None:
-        return bash
-    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *bash]
+    return bash if uid is None else as_user(uid, bash)
+
+
+def as_user(uid: int, argv: list[str]) -> list[str]:
+    """`argv` run as `uid` (its group alone) through setpriv; where setpriv is not there,
+    Popen drops to the user itself (`popen_user`)."""
+    if SETPRIV is None:
+        return argv
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
 
 
 def popen_user(uid: int | None) -> dict:
@@ -184,13 +190,28 @@ def sweep(uids: range) -> int:
     return killed
 
 
+HANDED_OVER = ("ws", "home", "tmp")  # what of an attempt's folder is the step user's
+
+
 def hand_over(root: Path, uid: int) -> None:
-    """Make the attempt's folder the step user's own, and nobody else's."""
-    for folder, dirs, files in os.walk(root):
-        os.lchown(folder, uid, uid)
+    """Make the attempt's ws/, home/ and tmp/ the step user's own, and nobody else's. The
+    attempt's folder itself stays root's (entered by the step's group alone: 0710), so the
+    step cannot put a link where `ws` was: what the worker reads after the step starts from
+    a folder the step could not change (`beneath`)."""
+    os.chown(root, 0, uid)
+    root.chmod(0o710)
+    for top in HANDED_OVER:
+        chown_tree(root / top, uid)  # before the step: nothing moves under it yet
+        (root / top).chmod(0o700)
+
+
+def chown_tree(folder: Path, uid: int) -> None:
+    """`folder` and all under it to `uid` (and its group), links changed themselves, never
+    followed: only for a tree no process of another user is changing now."""
+    for top, dirs, files in os.walk(folder):
+        os.lchown(top, uid, uid)
         for name in (*dirs, *files):
-            os.lchown(os.path.join(folder, name), uid, uid)
-    root.chmod(0o700)
+            os.lchown(os.path.join(top, name), uid, uid)
 
 
 def open_for_steps(folder: Path) -> None:

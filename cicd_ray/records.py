@@ -311,6 +311,7 @@ class StepTask(BaseModel):
     branch: str = ""  # the run's, for the step's environment (CICD_BRANCH, CICD_EVENT, CICD_PR)
     event: str = "manual"
     pr: int | None = None
+    fork: bool = False  # a pull request from another repository: no secrets, no cache saves
     inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
     artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
     # The values of the run's own secrets this step lists (added by the core as it hands the

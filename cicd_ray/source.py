@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cicd_ray.errors import SourceError, SpecError
+from cicd_ray.isolation import as_user, chown_tree, popen_user
 
 GIT_TIMEOUT_S = 600.0
 
@@ -165,6 +166,31 @@ DEFAULT_UNPACKED_LIMIT_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_MAX_MEMBERS = 100_000
 
 
+MAX_NAME_BYTES = 255  # one name of a path (NAME_MAX)
+MAX_PATH_BYTES = 1024  # a member's whole path, or a link's target
+
+
+def member_problem(member: tarfile.TarInfo) -> str:
+    """Why a member may not be unpacked, or "". Checked before anything is extracted and
+    whatever Python's own filter says: a link may not point out of the folder (absolute, or
+    through `..`), and no name may be long enough to overflow a path (CVE-2025-4517: on
+    Pythons before 3.11.13, a chain of links with 247-character names defeats tarfile's
+    `data` filter)."""
+    name = member.name
+    if member.issparse():
+        return f"{name!r} is a sparse file; sparse members are not accepted"
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        return f"{name[:80]!r} is a device, pipe or other special file"
+    for label, path in (("name", name), ("link target", member.linkname)):
+        if len(path.encode()) > MAX_PATH_BYTES:
+            return f"{name[:80]!r}: its {label} is over {MAX_PATH_BYTES} bytes"
+        if any(len(part.encode()) > MAX_NAME_BYTES for part in path.split("/")):
+            return f"{name[:80]!r}: its {label} has a name over {MAX_NAME_BYTES} bytes"
+        if path.startswith("/") or ".." in path.split("/"):
+            return f"{name[:80]!r}: its {label} {path[:80]!r} leaves the folder (absolute, or ..)"
+    return ""
+
+
 def check_archive(data: bytes, limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
                   max_members: int = DEFAULT_MAX_MEMBERS) -> list[tarfile.TarInfo]:
     """The archive's members, once it is known to unpack within bounds: a gzip'd tar of a few
@@ -175,9 +201,9 @@ def check_archive(data: bytes, limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             for member in tar:
-                if member.issparse():
-                    raise SourceError(f"source archive: {member.name!r} is a sparse file; "
-                                      "sparse members are not accepted")
+                problem = member_problem(member)
+                if problem:
+                    raise SourceError(f"source archive: {problem}")
                 total += member.size
                 members.append(member)
                 if len(members) > max_members:
@@ -197,8 +223,10 @@ def unpack(data: bytes, dest: Path, digest: str | None = None,
     matches and it is known to fit (`check_archive`).
 
     Several workers on a node share one cache folder: each unpacks into a folder of its own and
-    renames it into place; whoever loses the race drops its copy. The "data" filter refuses
-    members that would land outside the folder.
+    renames it into place; whoever loses the race drops its copy. Every member was checked
+    (`member_problem`); the "data" filter refuses members that would land outside the folder
+    as well. A root worker unpacks as an unprivileged user (`unpack_as_nobody`), so an archive
+    that got past both still writes nowhere that user could not.
     """
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise SourceError(f"source snapshot {digest[:12]}: its content does not match its digest")
@@ -206,8 +234,11 @@ def unpack(data: bytes, dest: Path, digest: str | None = None,
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(tmp, filter="data")
+        if os.geteuid() == 0:
+            unpack_as_nobody(data, tmp)
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                tar.extractall(tmp, filter="data")
         try:
             tmp.rename(dest)
         except OSError:
@@ -215,3 +246,28 @@ def unpack(data: bytes, dest: Path, digest: str | None = None,
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+NOBODY = 65534  # the unprivileged user a root worker unpacks sources as
+UNPACK_TIMEOUT_S = 600.0
+
+
+def unpack_as_nobody(data: bytes, folder: Path) -> None:
+    """Unpack a checked archive into `folder` (new, empty, root's) as `nobody` with the
+    system's tar, then give the files to root: made by a user who can write nowhere else, and
+    taken back with lchown (no link followed) once that user's tar has ended."""
+    os.chown(folder, NOBODY, NOBODY)
+    try:
+        done = subprocess.run(
+            as_user(NOBODY, ["tar", "--extract", "--gzip", "--file=-", "--no-same-owner",
+                             "--no-same-permissions"]),
+            # Entered as root before the user drops: the folders above may be closed to it.
+            cwd=folder, input=data, capture_output=True, timeout=UNPACK_TIMEOUT_S,
+            **popen_user(NOBODY))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SourceError(f"source archive: tar did not finish: {e}") from None
+    finally:
+        chown_tree(folder, 0)  # nobody's tar has ended: nothing moves under it
+    if done.returncode != 0:
+        raise SourceError("source archive: tar could not unpack it: "
+                          f"{done.stderr.decode(errors='replace').strip()[-300:]}")

@@ -307,7 +307,7 @@ def test_a_hostile_cache_entry_lands_nothing_outside_the_attempt(tmp_path):
     root = tmp_path / "attempt"
     (root / "ws").mkdir(parents=True)
     caches = NodeCaches(store, tmp_path / "node", 10**9)
-    use = caches.restore("p", CacheSpec(key="k", paths=["x"]), root, {})
+    use = caches.restore(["p"], CacheSpec(key="k", paths=["x"]), root, {})
     assert use.result == "hit"
     assert (root / "ws/ok.txt").read_text() == "fine"
     assert not (tmp_path / "escaped.txt").exists() and not (root.parent / "escaped.txt").exists()
@@ -328,3 +328,38 @@ def test_a_rerun_of_a_run_still_going_is_refused_and_changes_nothing(settings):
                                "cancel it)"]
     assert [r.id for r in core.store.list_runs()] == before
     driver.run_until_idle()
+
+
+def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tmp_path):
+    """Issue 24, item 3: project b's pipeline of the same name neither restores project a's
+    entry nor saves where a restores from; a pull request's run restores its base's entry
+    and saves to its own scope; a fork's saves nothing."""
+    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.caches import NodeCaches
+    from cicd_ray.spec import CacheSpec
+    from tests.unit.test_executor import execute, task
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    caches = NodeCaches(store, tmp_path / "node", 10**9)
+
+    def run(project, pr=None, fork=False, attempt=1):
+        t = task("cat d/who 2>/dev/null || echo none; mkdir -p d; echo $WHO > d/who",
+                 env={"WHO": f"{project}-{pr}"}, attempt=attempt)
+        t.step.cache = [CacheSpec(key="deps", paths=["d"])]
+        t.project, t.pipeline, t.pr, t.fork = project, "build", pr, fork
+        outcome, log, _ = execute(tmp_path, t, artifacts=store, caches=caches)
+        return outcome.caches[0], log.splitlines()[1]
+
+    use, seen = run("a")
+    assert use.result == "miss" and use.bytes_saved and seen == "none"
+    use, seen = run("b")  # same pipeline name, another project: a miss, not a's entry
+    assert use.result == "miss" and seen == "none"
+    use, seen = run("a", pr=7)  # restores the branches' entry, saves nothing over it
+    assert use.result == "hit" and seen == "a-None"
+    assert sorted(scope for scope, *_ in store.cache_entries()) == ["a/build", "b/build"]
+    use, seen = run("a", pr=8, fork=True, attempt=2)
+    assert use.result == "hit" and seen == "a-None"
+    store.delete_cache("a/build", "deps")
+    use, seen = run("a", pr=9, fork=True, attempt=3)
+    assert use.result == "miss" and "a fork's pull request saves no cache" in use.note
+    assert sorted(scope for scope, *_ in store.cache_entries()) == ["b/build"]

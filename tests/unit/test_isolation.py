@@ -59,13 +59,15 @@ def living_step_processes() -> list[psutil.Process]:
 
 def test_a_step_runs_as_its_own_user_with_its_own_home_and_tmp(tmp_path):
     outcome, log = run_isolated(tmp_path, task(
-        'id -u; echo "$HOME $TMPDIR $USER"; touch "$HOME/x" "$TMPDIR/y"; stat -c %a "$HOME/.."'))
+        'id -u; echo "$HOME $TMPDIR $USER"; touch "$HOME/x" "$TMPDIR/y"; '
+        'stat -c "%a %u" "$HOME" "$HOME/.."'))
     assert outcome.state is StepState.SUCCEEDED, log
-    uid, paths, mode = log.splitlines()
+    uid, paths, home_mode, root_mode = log.splitlines()
     assert int(uid) in parse_uids(UIDS) and outcome.runs_as == f"uid {uid}"
     home, tmp, user = paths.split()
     assert home.endswith("/home") and tmp.endswith("/tmp") and user == "cicd-step"
-    assert mode == "700"
+    # Its home is its own; the attempt's folder above stays root's, entered by its group alone.
+    assert home_mode == f"700 {uid}" and root_mode == "710 0"
 
 
 def test_a_step_cannot_reach_the_worker_root_or_another_attempt(tmp_path, monkeypatch):
@@ -192,3 +194,62 @@ def test_a_step_root_someone_else_made_is_refused(tmp_path, monkeypatch):
             isolation.open_for_steps(planted / "w1")
     finally:
         subprocess.run(["rm", "-rf", str(planted)], check=False)
+
+
+# --- root never follows a path a step could have touched (issue 24, items 1 and 3) ----------
+
+
+@pytest.fixture()
+def root_only(tmp_path):
+    """A root-only folder with a token in it, outside every attempt (as the worker's own
+    files are: /proc/<pid>/environ, ~/.ray/auth_token, the secrets folder)."""
+    folder = Path(f"/var/tmp/cicd-root-only-{os.getpid()}-{tmp_path.name}")
+    folder.mkdir(mode=0o700)
+    (folder / "token").write_text("TOPSECRET-of-the-worker\n")
+    (folder / "token").chmod(0o600)
+    yield folder
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+def stored_bytes(store_dir: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in store_dir.rglob("*") if p.is_file())
+
+
+def keeping_task(run: str, artifacts=(), cache=None):
+    t = task(run)
+    t.step.artifacts = list(artifacts)
+    t.step.cache = [cache] if cache else []
+    t.project, t.pipeline, t.artifact_room_bytes = "web", "p", 10**6
+    return t
+
+
+def test_a_step_swapping_its_workspace_for_a_link_to_root_keeps_nothing_outside(
+        tmp_path, root_only):
+    from cicd_ray.artifacts import ArtifactStore
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    rel = str(root_only / "token").lstrip("/")
+    outcome, log = run_isolated(tmp_path, keeping_task(
+        '(cd .. && mv ws ws.old && ln -s / ws) 2>&1 || echo "could not swap"', artifacts=[rel]),
+        artifacts=store)
+    assert b"TOPSECRET" not in stored_bytes(tmp_path / "store")
+    assert all(f.path != rel for f in outcome.artifacts)
+    assert "could not swap" in log  # the attempt's folder is root's: ws cannot be replaced
+
+
+def test_artifacts_and_a_cache_path_through_a_link_are_not_followed(tmp_path, root_only):
+    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.caches import NodeCaches
+    from cicd_ray.spec import CacheSpec
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    caches = NodeCaches(store, tmp_path / "node", 10**9)
+    outcome, log = run_isolated(tmp_path, keeping_task(
+        f"ln -s {root_only} p; mkdir -p dist; ln -s {root_only}/token dist/t; echo ok > mine",
+        artifacts=["p/token", "dist/**", "mine"], cache=CacheSpec(key="k", paths=["p/token"])),
+        artifacts=store, caches=caches)
+    assert outcome.state is StepState.SUCCEEDED, log
+    assert [f.path for f in outcome.artifacts] == ["mine"]
+    assert "not saved" in log and "links are not followed" in log
+    assert b"TOPSECRET" not in stored_bytes(tmp_path / "store")
+    assert store.cache_entries() == []

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +206,90 @@ def test_resolve_ref_names_the_branch_a_ref_names_and_no_other(tmp_path):
     assert main[1] == "main" and resolve_ref(url, "HEAD") == main
     assert resolve_ref(url, "v1")[1] == ""
     assert resolve_ref(url, main[0]) == (main[0], "")
+
+
+def _links_archive(links: list[tuple[str, str, bytes | None]]) -> bytes:
+    """A .tar.gz of (name, link target, data): a link when data is None, else a file."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, target, data in links:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = (tarfile.DIRTYPE, "") if target == "/" \
+                    else (tarfile.SYMTYPE, target)
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue())
+
+
+def crafted_cve_2025_4517(target: Path) -> bytes:
+    """The shape of CVE-2025-4517's archive (a 1.4 KB archive wrote a chosen absolute path as
+    root on Python 3.11.7): a chain of links to folders with 247-character names, whose
+    resolved path overflows PATH_MAX, so the `data` filter checks a path the kernel never
+    uses; then a link through the chain and `..` to the target's folder, and a file through
+    it."""
+    long = "d" * 247
+    steps = "abcdefghijklmnop"
+    members, path = [], ""
+    for step in steps:
+        members.append((f"{path}{long}", "/", None))  # a folder
+        members.append((f"{path}{step}", long, None))
+        path = f"{path}{long}/"
+    chain = "/".join(steps)
+    members.append((chain, "../" * len(steps), None))
+    members.append(("escape", f"{chain}/" + "../" * 32 + str(target.parent).lstrip("/"), None))
+    members.append((f"escape/{target.name}", "", b"written as root"))
+    return _links_archive(members)
+
+
+def test_a_crafted_archive_is_refused_before_anything_is_unpacked(tmp_path):
+    """Issue 24, item 2: links out of the folder and overlong names are refused by
+    check_archive, whatever Python's own filter would have made of them."""
+    from cicd_ray.errors import SourceError
+    from cicd_ray.source import check_archive, unpack
+
+    target = tmp_path / "outside" / "pwned"
+    target.parent.mkdir()
+    crafted = crafted_cve_2025_4517(target)
+    assert len(crafted) < 2048
+    with pytest.raises(SourceError, match=r"over 1024 bytes|over 255 bytes|leaves the folder"):
+        check_archive(crafted)
+    with pytest.raises(SourceError):
+        unpack(crafted, tmp_path / "out")
+    assert not target.exists() and not (tmp_path / "out").exists()
+    for members, problem in [
+        ([("up", "../../etc", None)], r"link target '../../etc' leaves the folder"),
+        ([("abs", "/etc/passwd", None)], r"link target '/etc/passwd' leaves the folder"),
+        ([("a/../../x", "", b"x")], r"name 'a/../../x' leaves the folder"),
+        ([("n" * 256, "", b"x")], "has a name over 255 bytes"),
+        ([("/".join(["n" * 200] * 6), "", b"x")], "is over 1024 bytes"),
+    ]:
+        with pytest.raises(SourceError, match=problem):
+            check_archive(_links_archive(members))
+    fine = _links_archive([("dir", "/", None), ("dir/f", "", b"ok"), ("dir/l", "f", None)])
+    unpack(fine, tmp_path / "fine")
+    assert (tmp_path / "fine" / "dir" / "l").read_text() == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root unpacks as nobody; CI runs as root")
+def test_a_root_worker_unpacks_as_nobody_and_keeps_the_files_as_root(tmp_path):
+    from cicd_ray.source import unpack
+
+    _, data = snapshot(_tree(tmp_path / "src"), limit_bytes=10**6)
+    dest = tmp_path / "out"
+    unpack(data, dest)
+    owners = {p.lstat().st_uid for p in [dest, *dest.rglob("*")]}
+    assert owners == {0} and (dest / "pkg" / "a.py").read_text() == "print(1)\n"
+
+
+def _tree(src: Path) -> Path:
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("print(1)\n")
+    (src / "link").symlink_to("pkg/a.py")
+    return src
