@@ -14,6 +14,7 @@ Layout under the root:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fnmatch
 import functools
@@ -26,7 +27,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -158,11 +158,11 @@ class ArtifactStore:
     # --- cache entries -------------------------------------------------------------------------
 
     def _entry(self, scope: str, key: str) -> str:
-        return f"{self.root}/caches/{quote(scope, safe='')}/{quote(key, safe='')}"
+        return f"{self.root}/caches/{_name(scope)}/{_name(key)}"
 
     def cache_entries(self, scope: str | None = None) -> list[tuple[str, str, int, float]]:
         """(scope, key, size, last used) of the entries of one scope (None: of every scope)."""
-        base = f"{self.root}/caches" + (f"/{quote(scope, safe='')}" if scope else "")
+        base = f"{self.root}/caches" + (f"/{_name(scope)}" if scope else "")
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
@@ -173,8 +173,9 @@ class ArtifactStore:
             if path.endswith(USED) or path.endswith(".tmp"):
                 continue
             scope_part, key_part = path.rsplit("/", 2)[-2:]
-            out.append((unquote(scope_part), unquote(key_part), int(info.get("size") or 0),
-                        max(_mtime(info), used.get(path, 0.0))))
+            with contextlib.suppress(ValueError):  # not an entry's name: not an entry
+                out.append((_unname(scope_part), _unname(key_part),
+                            int(info.get("size") or 0), max(_mtime(info), used.get(path, 0.0))))
         return out
 
     def put_cache(self, scope: str, key: str, path: Path) -> None:
@@ -216,6 +217,16 @@ class ArtifactStore:
             total -= size
             gone.append(key)
         return gone
+
+
+def _name(text: str) -> str:
+    """A scope or key as one name in the store: base64url, so that no character of it (a `/`
+    in `web/build`, or its %-escape, which an S3 server decodes) splits it."""
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _unname(name: str) -> str:
+    return base64.urlsafe_b64decode(name.encode()).decode()
 
 
 def _aside(src: BinaryIO, folder: Path, hashed: bool = False) -> tuple[Path, str]:

@@ -152,6 +152,8 @@ ENV_NUMBERS = {
     "CICD_RAY_ARTIFACT_MAX_BYTES": "artifact_max_bytes",
     "CICD_RAY_ARTIFACT_RUN_MAX_BYTES": "artifact_run_max_bytes",
     "CICD_RAY_CACHE_MAX_BYTES": "cache_max_bytes",
+    "CICD_RAY_SCHEDULE_MIN_INTERVAL_S": "schedule_min_interval_s",
+    "CICD_RAY_MAX_SCHEDULES": "max_schedules_per_project",
 }
 ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces",
                 "CICD_RAY_FAIR_SHARE": "fair_share"}
@@ -215,6 +217,10 @@ class Settings(BaseModel):
     repos: dict[str, RepoConfig] = Field(default_factory=dict)
     repos_file: Path | None = None
     schedules: list[ScheduleSpec] = Field(default_factory=list)  # the same file's
+    # Schedules made through the API: the shortest interval between slots, and how many one
+    # project may have.
+    schedule_min_interval_s: float = Field(60.0, ge=0)
+    max_schedules_per_project: int = Field(100, ge=1)
     # What the API's tokens may do, by their digests (CICD_RAY_TOKENS, CICD_RAY_TOKEN_DIGESTS;
     # see cicd_ray.auth): never the tokens themselves; and the tokens file, which the API
     # reads again when it changes (`token_book`).

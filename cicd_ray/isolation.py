@@ -195,11 +195,12 @@ HANDED_OVER = ("ws", "home", "tmp")  # what of an attempt's folder is the step u
 
 def hand_over(root: Path, uid: int) -> None:
     """Make the attempt's ws/, home/ and tmp/ the step user's own, and nobody else's. The
-    attempt's folder itself stays root's (entered by the step's group alone: 0710), so the
-    step cannot put a link where `ws` was: what the worker reads after the step starts from
-    a folder the step could not change (`beneath`)."""
+    attempt's folder itself stays root's (read and entered by the step's group alone, 0750:
+    its tar opens it to restore caches), so the step cannot put a link where `ws` was: what
+    the worker reads after the step starts from a folder the step could not change
+    (`beneath`)."""
     os.chown(root, 0, uid)
-    root.chmod(0o710)
+    root.chmod(0o750)
     for top in HANDED_OVER:
         chown_tree(root / top, uid)  # before the step: nothing moves under it yet
         (root / top).chmod(0o700)

@@ -10,11 +10,12 @@ down through them): `missed: latest` runs the latest of them once; `missed: skip
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from cicd_ray.auth import PROJECT_NAME
@@ -86,6 +87,25 @@ def next_slot(spec: ScheduleSpec, after: float) -> float:
 def latest_slot(spec: ScheduleSpec, now: float) -> float:
     """The last slot at or before `now`."""
     return croniter(spec.cron, _at(now + 0.001, spec.timezone)).get_prev(float)
+
+
+SAMPLE_SLOTS = 16  # slots looked at for a schedule's shortest interval
+
+
+def fires_problem(spec: ScheduleSpec, now: float, min_interval_s: float) -> str:
+    """Why a schedule cannot be made, or "": its expression must name a slot that comes
+    (`0 0 30 2 *` is valid to croniter and never fires) and its slots must be at least
+    `min_interval_s` apart."""
+    try:
+        it = croniter(spec.cron, _at(now, spec.timezone))
+        slots = [it.get_next(float) for _ in range(SAMPLE_SLOTS)]
+    except (CroniterError, ValueError, OverflowError) as e:
+        return f"cron: {spec.cron!r} never fires ({e})"
+    gap = min(b - a for a, b in itertools.pairwise(slots))
+    if gap < min_interval_s:
+        return (f"cron: {spec.cron!r} fires every {gap:g} s; schedules may fire at most every "
+                f"{min_interval_s:g} s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)")
+    return ""
 
 
 def due(record: ScheduleRecord, now: float) -> tuple[float | None, float]:

@@ -89,9 +89,11 @@ class CoreStarts:
             self.commit(Changes(schedules={updated.id: updated}))
         return answer
 
-    def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
+    def add_schedule(self, spec: ScheduleSpec, project: str,
+                     problems: list[str] | None = None) -> dict | Rejected:
+        """Make a schedule; `problems`: what `Timetable.check` found (None: checked here)."""
         try:
-            record = self.timetable.add(spec, project, self.clock())
+            record = self.timetable.add(spec, project, self.clock(), problems)
         except SpecError as e:
             return Rejected(problems=e.problems)
         self.commit(Changes(schedules={record.id: record}))
@@ -103,7 +105,7 @@ class CoreStarts:
         record = self.timetable.schedules.get(f"{project}/{name}")
         if record is None or record.origin != "api":
             return False
-        del self.timetable.schedules[record.id]
+        self.timetable.remove(record.id)
         self.commit(Changes(drop_schedules=[record.id]))
         return True
 
@@ -140,7 +142,10 @@ class MasterStarts:
         return self.core.timetable.view(project, self.core.clock())
 
     async def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
-        return self._guarded(self.core.add_schedule, spec, project)
+        # Parsing its pipeline and the cron arithmetic happen in a thread: the loop goes on.
+        problems = await asyncio.to_thread(self.core.timetable.check, spec, project,
+                                           self.core.clock())
+        return self._guarded(self.core.add_schedule, spec, project, problems)
 
     async def delete_schedule(self, project: str, name: str) -> bool:
         return self._guarded(self.core.delete_schedule, project, name)

@@ -65,7 +65,8 @@ def test_a_second_run_hits_the_cache_and_a_reused_step_runs_no_process(harness, 
     assert second["run"]["state"] == "succeeded", second
     assert sorted(evidence.read_text().split()) == ["deps", "deps", "gen"]  # gen ran once
     deps = [a for a in second["attempts"] if a["step"] == "deps"][-1]
-    assert deps["caches"][0]["result"] == "hit" and deps["caches"][0]["bytes_restored"] > 0
+    assert deps["caches"][0]["result"] == "hit" and deps["caches"][0]["bytes_restored"] > 0, (
+        harness.log(second["run"]["id"], "deps"))
     assert "lib" in harness.log(second["run"]["id"], "deps")
     gen = harness.step(second, "gen")
     assert gen["reused_from"]["run_id"] == first["run"]["id"]

@@ -66,3 +66,14 @@ def test_a_schedule_fires_once_per_slot_across_a_master_sigkill(harness, api, cl
     # Every slot from the first to the last started its run: the one the master was down for
     # too (missed: latest), once.
     assert slots == [slots[0] + i * EVERY for i in range(len(slots))], slots
+
+
+def test_a_never_firing_cron_is_refused_and_the_master_still_answers(api):
+    """Issue 24, item 4: `0 0 30 2 *` crash-looped every master once stored."""
+    spec = {"name": "never", "cron": "0 0 30 2 *", "pipeline": {
+        "name": "never", "steps": [{"name": "a", "run": "true"}]}}
+    with client(api, "web-submit") as web:
+        refused = web.post("/api/v1/schedules", json=spec)
+        assert refused.status_code == 422 and "never fires" in refused.text, refused.text
+        assert web.get("/api/v1/schedules").status_code == 200
+        assert web.get("/healthz").status_code == 200

