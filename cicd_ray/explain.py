@@ -1,5 +1,7 @@
 """`explain`: why a step ran instead of being reused, part by part of its key (cicd_ray.keys),
-against the last success of the same step of the same pipeline before its run.
+against the last success of the same step of the same pipeline of the same project before
+its run (another project's runs are never read). It looks back over at most LOOKBACK_RUNS
+runs: each costs a read of its steps.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from cicd_ray.records import Origin, RunRecord, StepRecord
 from cicd_ray.states import StepState
 from cicd_ray.store.base import Store
 
-LOOKBACK_RUNS = 200  # how far back the last success is looked for
+LOOKBACK_RUNS = 50  # how far back the last success is looked for
 PAGE = 50
 
 
@@ -80,7 +82,7 @@ def _reuse_note(step: StepRecord) -> str:
 
 def _last_success(store: Store, run: RunRecord, name: str) -> tuple[RunRecord, StepRecord] | None:
     for offset in range(0, LOOKBACK_RUNS, PAGE):
-        page = store.list_runs(None, run.pipeline, PAGE, offset)
+        page = store.list_runs(None, run.pipeline, PAGE, offset, project=run.project)
         for other in page:
             if other.seq >= run.seq:
                 continue
@@ -100,6 +102,8 @@ def _changes(store: Store, run: RunRecord, step: StepRecord, steps: dict[str, St
         "env": lambda: _dict_difference(then_spec.env, now_spec.env, "variable"),
         "matrix": lambda: _dict_difference(then_spec.matrix, now_spec.matrix, "value"),
         "pool": lambda: f"pool {then_spec.pool} -> {now_spec.pool}",
+        "project": lambda: f"project {before_run.project} -> {run.project}",
+        "secrets": lambda: f"secrets {sorted(then_spec.secrets)} -> {sorted(now_spec.secrets)}",
         "source": lambda: f"{source_of(before_run)} -> {source_of(run)}",
         "inputs": lambda: _input_difference(
             {s.name: s for s in store.get_steps(before_run.id)}, steps, now_spec.needs),

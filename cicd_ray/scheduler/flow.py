@@ -36,6 +36,15 @@ GO, WAIT = Gate(go=True), Gate()
 Replace = Callable[[str, str, float], None]
 
 
+GroupKey = tuple[str, str]  # (project, group): a group is its project's alone
+
+
+def group_key(project: str, c: ConcurrencySpec) -> GroupKey:
+    """Concurrency groups are per project: another project's `deploy` (or a fork's pull
+    request of it) neither waits for, blocks nor cancels this one's."""
+    return (project, c.group)
+
+
 def waiting_reason(group: str, ahead: int) -> str:
     return f"waiting for concurrency group {group} ({ahead} ahead)"
 
@@ -58,14 +67,15 @@ class Flow:
         c = run.concurrency
         if c is None or run.admitted:
             return True
+        key = group_key(run.project, c)
         if fresh and c.cancel_in_progress:
-            self._replace_older(c, run.id, f"run {run.id}", now)
-        if self.groups.ask(c.group, run.id, (run.seq, -1), c.limit):
+            self._replace_older(key, run.id, f"run {run.id}", now)
+        if self.groups.ask(key, run.id, (run.seq, -1), c.limit):
             run.admitted = True
             run.reason = ""
         else:
-            run.reason = waiting_reason(c.group, self.groups.ahead(c.group, run.id))
-            self._touched.add(c.group)
+            run.reason = waiting_reason(c.group, self.groups.ahead(key, run.id))
+            self._touched.add(key)
         self.out.record(run)
         return run.admitted
 
@@ -84,16 +94,16 @@ class Flow:
         c = step.spec.concurrency
         if c is None or step.admitted:
             return GO
-        member = f"{run.id}/{step.name}"
-        if c.cancel_in_progress and member not in self.groups.members(c.group):
-            self._replace_older(c, member, f"run {run.id}", now)
-        if self.groups.ask(c.group, member, (run.seq, step.spec.index), c.limit):
+        member, key = f"{run.id}/{step.name}", group_key(run.project, c)
+        if c.cancel_in_progress and member not in self.groups.members(key):
+            self._replace_older(key, member, f"run {run.id}", now)
+        if self.groups.ask(key, member, (run.seq, step.spec.index), c.limit):
             step.admitted = True
             step.reason = ""
             self.out.record(step)
             return GO
-        step.reason = waiting_reason(c.group, self.groups.ahead(c.group, member))
-        self._touched.add(c.group)
+        step.reason = waiting_reason(c.group, self.groups.ahead(key, member))
+        self._touched.add(key)
         self.out.record(step)
         return WAIT
 
@@ -156,20 +166,21 @@ class Flow:
 
     # --- groups -------------------------------------------------------------------------------
 
-    def _replace_older(self, c: ConcurrencySpec, newer: str, by: str, now: float) -> None:
-        for member in self.groups.members(c.group):
+    def _replace_older(self, key: GroupKey, newer: str, by: str, now: float) -> None:
+        for member in self.groups.members(key):
             if member != newer:
-                self.replace(member, f"cancelled: {by} of concurrency group {c.group} "
+                self.replace(member, f"cancelled: {by} of concurrency group {key[1]} "
                                      "replaces it", now)
 
     def restore_places(self, runs: list[RunRecord], steps: list[StepRecord]) -> None:
         """Before a restored master takes up runs: the places granted, whatever the count."""
         for run in runs:
             if run.concurrency is not None and run.admitted:
-                self.groups.hold(run.concurrency.group, run.id)
+                self.groups.hold(group_key(run.project, run.concurrency), run.id)
         for s in steps:
             if s.spec.concurrency is not None and s.admitted and not s.state.terminal:
-                self.groups.hold(s.spec.concurrency.group, f"{s.run_id}/{s.name}")
+                self.groups.hold(group_key(s.project, s.spec.concurrency),
+                                 f"{s.run_id}/{s.name}")
 
     def ended(self, record: RunRecord | StepRecord) -> None:
         """A run or step ended (the run book says so): its place goes to the next in line."""
@@ -179,8 +190,9 @@ class Flow:
             c, member = record.spec.concurrency, f"{record.run_id}/{record.name}"
             self.forget_approval(record)
         if c is not None:
-            self.admitted += self.groups.leave(c.group, member)
-            self._touched.add(c.group)
+            key = group_key(record.project, c)
+            self.admitted += self.groups.leave(key, member)
+            self._touched.add(key)
 
     def take_admitted(self) -> list[str]:
         out, self.admitted = self.admitted, []
@@ -193,7 +205,7 @@ class Flow:
                 record = self._record(member)
                 if record is None:
                     continue
-                reason = waiting_reason(group, self.groups.ahead(group, member))
+                reason = waiting_reason(group[1], self.groups.ahead(group, member))
                 if record.reason != reason:
                     record.reason = reason
                     self.out.record(record)

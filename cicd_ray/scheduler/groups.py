@@ -1,5 +1,5 @@
-"""Concurrency groups: at most `limit` members of a group active at once, cluster-wide; the
-others wait in the order they came (a run's submission order, then a step's place in its run).
+"""Concurrency groups: at most `limit` members of a group active at once (a group is named by
+any hashable key: the flow's is (project, name)); the others wait in the order they came (a run's submission order, then a step's place in its run).
 
 A member is a run (`run_id`) or a step (`run_id/step`). Pure bookkeeping: the facade decides
 what admitting or cancelling a member means.
@@ -8,6 +8,7 @@ what admitting or cancelling a member means.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 Order = tuple[int, int]  # (run seq, step index; -1 for a run itself)
@@ -21,15 +22,15 @@ class _Group:
 
 class Groups:
     def __init__(self) -> None:
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[Hashable, _Group] = {}
 
-    def hold(self, group: str, member: str) -> None:
+    def hold(self, group: Hashable, member: str) -> None:
         """Take a place already granted (restored from the store), whatever the count."""
         g = self._groups.setdefault(group, _Group())
         if member not in g.active:
             g.active.append(member)
 
-    def ask(self, group: str, member: str, order: Order, limit: int) -> bool:
+    def ask(self, group: Hashable, member: str, order: Order, limit: int) -> bool:
         """True when `member` is admitted now; otherwise it waits its turn."""
         g = self._groups.setdefault(group, _Group())
         if member in g.active:
@@ -38,7 +39,7 @@ class Groups:
             bisect.insort(g.waiting, (order, member, limit))
         return member in self._admit(g)
 
-    def leave(self, group: str, member: str) -> list[str]:
+    def leave(self, group: Hashable, member: str) -> list[str]:
         """`member` ended (or gave up waiting); returns the members admitted in its place."""
         g = self._groups.get(group)
         if g is None:
@@ -59,7 +60,7 @@ class Groups:
             out.append(member)
         return out
 
-    def ahead(self, group: str, member: str) -> int:
+    def ahead(self, group: Hashable, member: str) -> int:
         """How many members of the group are before a waiting one (active ones included)."""
         g = self._groups.get(group)
         if g is None:
@@ -69,11 +70,11 @@ class Groups:
                 return len(g.active) + i
         return 0
 
-    def waiting(self, group: str) -> list[str]:
+    def waiting(self, group: Hashable) -> list[str]:
         g = self._groups.get(group)
         return [m for _, m, _ in g.waiting] if g else []
 
-    def members(self, group: str) -> list[str]:
+    def members(self, group: Hashable) -> list[str]:
         """Active and waiting members."""
         g = self._groups.get(group)
         return [*g.active, *(m for _, m, _ in g.waiting)] if g else []

@@ -363,3 +363,26 @@ def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tm
     use, seen = run("a", pr=9, fork=True, attempt=3)
     assert use.result == "miss" and "a fork's pull request saves no cache" in use.note
     assert sorted(scope for scope, *_ in store.cache_entries()) == ["b/build"]
+
+
+def test_reuse_and_explain_never_cross_projects(settings, tmp_path):
+    """Issue 24, items 5 and 6: project b's run of a pipeline of the same name neither reuses
+    project a's stored success (nor gets its artifact) nor has `explain` read a's runs."""
+    from cicd_ray.explain import explain
+
+    evidence = tmp_path / "evidence"
+    pipeline = {"name": "same", "steps": [
+        {"name": "gen", "reuse": True, "artifacts": ["out"],
+         "run": f"echo ran >> {evidence}; mkdir out; echo $CICD_RUN_ID > out/f"}]}
+    core, driver = make(settings)
+    first = submitted(core.submit(pipeline, project="a"))
+    driver.run_until_idle()
+    other = submitted(core.submit(pipeline, project="b"))
+    driver.run_until_idle()
+    _, steps = steps_of(core, other)
+    assert steps["gen"].reused_from is None and evidence.read_text() == "ran\nran\n"
+    said = explain(core.store, other, "gen")
+    assert said.compared_with is None and first not in said.summary
+    again = submitted(core.submit(pipeline, project="a"))  # a's own success is still reused
+    driver.run_until_idle()
+    assert steps_of(core, again)[1]["gen"].reused_from.run_id == first

@@ -100,10 +100,12 @@ def test_the_loader_names_the_step_and_column_of_a_bad_condition(step, problem):
 # --- conditions in the scheduler --------------------------------------------------------------
 
 
-def submit(s, steps, run_id="r1", now=0.0, seq=0, branch="main", concurrency=None, **extra):
+def submit(s, steps, run_id="r1", now=0.0, seq=0, branch="main", concurrency=None,
+           project="default", **extra):
     spec = parse_pipeline({"name": "p", "steps": steps, **extra})
     run = RunRecord(id=run_id, pipeline="p", created_at=now, seq=seq, branch=branch,
-                    concurrency=ConcurrencySpec(**concurrency) if concurrency else None)
+                    concurrency=ConcurrencySpec(**concurrency) if concurrency else None,
+                    project=project)
     s.submit(run, plan(spec), now)
     return run
 
@@ -337,7 +339,7 @@ def test_scheduler_keeps_no_waiting_members_after_runs_end():
     submit(s, [{"name": "d", "run": "x"}], concurrency={"group": "g"})
     dispatched(s, 0)
     finish(s, "d", now=1)
-    assert s.flow.groups.members("g") == []
+    assert s.flow.groups.members(("default", "g")) == []
 
 
 def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
@@ -348,7 +350,7 @@ def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
            run_id="r2", seq=2, concurrency=group)
     s.cancel("r2", 1.0)
     assert ended(s, "r2").state is RunState.CANCELLED
-    assert s.flow.groups.members("g") == ["r1"]
+    assert s.flow.groups.members(("default", "g")) == ["r1"]
 
 
 def test_a_webhook_url_with_credentials_is_refused():
@@ -392,3 +394,20 @@ def test_a_running_step_a_newer_run_s_step_replaces_ends_cancelled_saying_why():
     assert d.changes.runs["r1"].state is RunState.CANCELLED
     assert [n for _, n in dispatched(s, 2)[0]] == ["deploy"]
     assert s.steps["r2"]["deploy"].state is StepState.RUNNING
+
+
+def test_concurrency_groups_are_a_projects_own():
+    """Issue 24, item 7: project ops' `deploy` group (cancel_in_progress) neither cancels nor
+    holds up project web's step of a group of the same name; within a project it holds."""
+    s = make()
+    group = {"group": "deploy", "cancel_in_progress": True}
+    submit(s, [{"name": "d", "run": "x", "concurrency": group}], project="web")
+    submit(s, [{"name": "d", "run": "x", "concurrency": group}], run_id="r2", seq=2,
+           project="ops")
+    submit(s, [{"name": "d", "run": "x"}], run_id="r4", seq=4, concurrency={"group": "deploy"},
+           project="web")
+    s.tick(0.0)
+    assert s.steps["r1"]["d"].admitted and s.steps["r2"]["d"].admitted
+    assert not any(step.state.terminal for steps in s.steps.values() for step in steps.values())
+    assert not s.runs["r4"].admitted  # web's run waits for web's step r1/d
+    assert s.runs["r4"].reason == "waiting for concurrency group deploy (1 ahead)"
