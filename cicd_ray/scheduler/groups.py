@@ -1,5 +1,6 @@
 """Concurrency groups: at most `limit` members of a group active at once (a group is named by
-any hashable key: the flow's is (project, name)); the others wait in the order they came (a run's submission order, then a step's place in its run).
+any hashable key: the flow's is (project, name)); the others wait in the order they came (a
+run's submission order, then a step's place in its run).
 
 A member is a run (`run_id`) or a step (`run_id/step`). Pure bookkeeping: the facade decides
 what admitting or cancelling a member means.
