@@ -26,11 +26,17 @@ SECURITY_HEADERS = [
 ]
 # Served without a token: the page (it asks for one), the health probe, and git hosts'
 # webhooks (a delivery carries its repository's signature instead, checked by its route).
-OPEN_PATHS = frozenset({"/", "/healthz", "/api/v1/hooks/github", "/api/v1/hooks/gitlab"})
+OPEN_PATHS = frozenset({"/", "/healthz"})
+OPEN_PREFIXES = ("/ui/", "/api/v1/hooks/")
 
 
-def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith("/ui/")
+def _is_open(scope) -> bool:
+    """Whether the request's path is open, read below the app's mount point: behind a Serve
+    `route_prefix` (or any proxy setting `root_path`) the paths arrive with the prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 class Guard:
@@ -52,7 +58,7 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        if not _is_open(scope["path"]):
+        if not _is_open(scope):
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = authorization.partition(" ")
             grant = auth.match(token.strip(), self.grants()) if scheme.lower() == "bearer" \

@@ -1,8 +1,10 @@
-"""The HTTP routes git hosts call: `POST /api/v1/hooks/github` and `/api/v1/hooks/gitlab`.
-No bearer token: the delivery must carry the repository's secret (its signature, checked
-before anything is done). A push or a pull (merge) request of a repository in
-CICD_RAY_REPOS starts a run of the pipeline file in the repository at that commit; a
-redelivery starts nothing new; other events are answered 202 and ignored."""
+"""The HTTP routes git hosts call: `POST /api/v1/hooks/github/{owner}/{repo}` and
+`/api/v1/hooks/gitlab/{group}/{project}`. No bearer token: the delivery must carry the
+repository's secret. The repository is named by the URL, so its secret is known before a
+byte of the body is parsed: the body (at most HOOK_MAX_BYTES, GitHub's own cap on a
+delivery) is verified as raw bytes, and only a signed one is parsed. A push or a pull (merge)
+request of a repository in CICD_RAY_REPOS starts a run of the pipeline file in the repository
+at that commit; a redelivery starts nothing new; other events are answered 202 and ignored."""
 
 from __future__ import annotations
 
@@ -19,38 +21,65 @@ from cicd_ray.protocol import Rejected, Submitted
 from cicd_ray.repos import find
 from cicd_ray.secrets import SecretError, read
 
+HOOK_MAX_BYTES = 25 * 1024 * 1024  # GitHub caps a delivery's payload at 25 MB
+UNSIGNED = ("the delivery's signature does not match the webhook secret of a repository "
+            "at this URL")
+
+
+async def _body(request: Request) -> bytes:
+    """The raw body, refused (413) once past HOOK_MAX_BYTES, however it is sent."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > HOOK_MAX_BYTES:
+        raise HTTPException(413, detail=f"a webhook delivery is at most {HOOK_MAX_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > HOOK_MAX_BYTES:
+            raise HTTPException(413, detail=f"a webhook delivery is at most {HOOK_MAX_BYTES} "
+                                "bytes")
+    return bytes(body)
+
 
 def hook_routes(master, config) -> APIRouter:
     router = APIRouter(tags=["webhooks"])
 
-    @router.post(f"{API}/hooks/{{provider}}", status_code=201)
-    async def hook(provider: Literal["github", "gitlab"], request: Request):
-        """A git host's delivery: 401 without the repository's signature (nothing is done),
-        404 for a repository CICD_RAY_REPOS does not list, 202 for an event that starts
-        nothing (the reason in `ignored`), 201 with the run started (200 for a redelivery:
-        the run the first delivery started), 422 when the pipeline file cannot be used."""
+    @router.post(f"{API}/hooks/{{provider}}", status_code=410, include_in_schema=False)
+    async def old_hook(provider: str):
+        """The route before the repository was in the URL: it had to parse unsigned bodies
+        to find the repository. Gone; the answer says where to point the webhook."""
+        raise HTTPException(410, detail=f"point the webhook at {API}/hooks/{provider}/"
+                            "OWNER/REPO (the repository's name as in CICD_RAY_REPOS)")
+
+    @router.post(f"{API}/hooks/{{provider}}/{{name:path}}", status_code=201)
+    async def hook(provider: Literal["github", "gitlab"], name: str, request: Request):
+        """A git host's delivery for the repository `name` (`owner/repo`): 401 without the
+        repository's signature, and for a repository CICD_RAY_REPOS does not list (nothing
+        is done, nothing is told); 413 over 25 MB; 400 for a signed body that is no JSON
+        object, or names another repository; 202 for an event that starts nothing (the
+        reason in `ignored`), 201 with the run started (200 for a redelivery: the run the
+        first delivery started), 422 when the pipeline file cannot be used."""
         settings = config.settings
-        body = await request.body()
-        try:
+        repo = find(settings.repos, provider, [name])
+        body = await _body(request)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        secret = ""
+        if repo is not None:
+            try:
+                secret = await asyncio.to_thread(read, settings.secrets_dir, repo.project,
+                                                 repo.webhook_secret)
+            except SecretError:
+                secret = ""  # nothing verifies: 401, as for a wrong signature
+        if repo is None or not hooks.verified(provider, secret, body, headers):
+            raise HTTPException(401, detail=UNSIGNED)
+        try:  # signed by the repository's secret: now, and only now, it is parsed
             payload = await asyncio.to_thread(json.loads, body)
         except (ValueError, RecursionError):
             raise HTTPException(400, detail="the body is not JSON (or nests too deep)") from None
         if not isinstance(payload, dict):
             raise HTTPException(400, detail="the body is not a JSON object")
-        names = hooks.repository_names(provider, payload)
-        repo = find(settings.repos, provider, names)
-        if repo is None:
-            raise HTTPException(404, detail=f"no {provider} repository named "
-                                f"{names[0] if names else '(none)'} in CICD_RAY_REPOS")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        try:
-            secret = await asyncio.to_thread(read, settings.secrets_dir, repo.project,
-                                             repo.webhook_secret)
-        except SecretError:
-            secret = ""  # nothing verifies: 401, as for a wrong signature
-        if not hooks.verified(provider, secret, body, headers):
-            raise HTTPException(401, detail="the delivery's signature does not match the "
-                                "repository's webhook secret")
+        if not repo.matches(hooks.repository_names(provider, payload)):
+            raise HTTPException(400, detail=f"the delivery is of another repository than "
+                                f"{repo.name}")
         trigger = hooks.trigger(provider, headers, payload)
         if isinstance(trigger, str):
             return JSONResponse({"ignored": trigger}, status_code=202)

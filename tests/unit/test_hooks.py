@@ -157,14 +157,105 @@ def test_the_webhook_route_refuses_bad_and_hostile_bodies_at_once():
 
     from tests.unit.test_api_guard import call
 
-    hook = "/api/v1/hooks/github"
+    hook = "/api/v1/hooks/github/acme/web-app"
     t0 = time.monotonic()
-    status, _, body, _ = call(hook, "POST", body=b"[" * 1020)  # nested past the parser's depth
-    assert status == 400 and "nests too deep" in json.loads(body)["detail"]
+    for body in (b"[" * 1020, b"not json", b"[1, 2]"):  # unsigned: refused before parsing
+        assert call(hook, "POST", body=body)[0] == 401
     assert time.monotonic() - t0 < 1
-    assert call(hook, "POST", body=b"not json")[0] == 400
-    assert call(hook, "POST", body=b"[1, 2]")[0] == 400  # not an object
     assert call(hook, "POST", body=b"{" + b" " * 2000 + b"}")[0] == 413  # over the body limit
-    status, _, body, _ = call(hook, "POST", body=json.dumps(
+    status, _, body, _ = call("/api/v1/hooks/github/acme/unknown", "POST", body=json.dumps(
         {"repository": {"full_name": "acme/unknown"}}).encode())
-    assert status == 404 and "acme/unknown" in json.loads(body)["detail"]
+    assert status == 401 and "acme/unknown" not in json.loads(body)["detail"]  # not told
+    status, _, body, _ = call("/api/v1/hooks/github", "POST", body=b"{}")
+    assert status == 410 and "/api/v1/hooks/github/OWNER/REPO" in json.loads(body)["detail"]
+
+
+def test_open_paths_stay_open_behind_a_route_prefix():
+    """Issue 24, item 26: behind Serve's `route_prefix` the paths arrive with the prefix
+    (`root_path`); the health probe and the webhooks stay open, the rest still needs a token."""
+    import asyncio
+
+    from cicd_ray import auth
+    from cicd_ray.api import create_app
+
+    app = create_app(grants=[auth.Grant(digest=auth.digest("t" * 40))], max_body_bytes=1024)
+
+    def status(path: str) -> tuple[int, bytes]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST" if "hooks" in path else "GET", "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "root_path": "/cicd",
+                 "query_string": b"", "headers": [(b"content-length", b"2")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        asyncio.run(app(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return next(m for m in sent if m["type"] == "http.response.start")["status"], body
+
+    code, body = status("/cicd/api/v1/hooks/github/acme/web-app")
+    assert code == 401 and b"signature" in body  # the route's own answer, not the door's
+    code, body = status("/cicd/api/v1/runs")
+    assert code == 401 and b"token" in body
+    assert status("/cicd/healthz")[0] != 401
+
+
+def test_an_unsigned_20_mb_body_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """Issue 24, item 10: the repository is in the URL, so its secret is known first; the
+    body is verified as raw bytes and never parsed unsigned (it was, at 27x its size)."""
+    import asyncio
+    import json
+    import time
+
+    from cicd_ray import auth, hookroutes
+    from cicd_ray.api import create_app
+
+    (tmp_path / "secrets" / "web").mkdir(parents=True)
+    (tmp_path / "secrets" / "web" / "HOOK").write_text(SECRET)
+    (tmp_path / "repos.yaml").write_text(
+        "repositories:\n  - {name: acme/web-app, url: 'https://github.com/acme/web-app.git', "
+        "provider: github, project: web, webhook_secret: HOOK}\n")
+    for name, value in {"CICD_RAY_HOME": tmp_path / "home", "CICD_RAY_REPOS":
+                        tmp_path / "repos.yaml", "CICD_RAY_SECRETS_DIR": tmp_path / "secrets"
+                        }.items():
+        monkeypatch.setenv(name, str(value))
+    parsed, real_loads = [], json.loads
+    monkeypatch.setattr(hookroutes.json, "loads", lambda b: parsed.append(len(b)) or
+                        real_loads(b))
+    app = create_app(grants=[auth.Grant(digest=auth.digest("t" * 40))],
+                     max_body_bytes=64 * 2**20)
+
+    def post(path: str, body: bytes, headers: dict[str, str]) -> int:
+        sent: list[dict] = []
+        chunks = [body[i:i + 2**20] for i in range(0, len(body), 2**20)] or [b""]
+
+        async def receive():
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80),
+                 "headers": [*raw, (b"content-length", str(len(body)).encode())]}
+        asyncio.run(app(scope, receive, send))
+        return next(m for m in sent if m["type"] == "http.response.start")["status"]
+
+    hook = "/api/v1/hooks/github/acme/web-app"
+    huge = b'{"a": [' + b"[1]," * (5 * 2**20) + b"1]}"  # 20 MiB
+    t0 = time.monotonic()
+    assert post(hook, huge, {"x-github-event": "push"}) == 401
+    assert time.monotonic() - t0 < 1 and parsed == []
+    assert post(hook, b" " * (hookroutes.HOOK_MAX_BYTES + 1), {}) == 413
+    small = json.dumps({"zen": "hi", "repository": {"full_name": "acme/web-app"}}).encode()
+    assert post(hook, small, {"x-github-event": "ping", **signed(small)}) == 202
+    assert parsed == [len(small)]  # the signed one, and only it, was parsed
