@@ -26,7 +26,12 @@ from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
 from cicd_ray.repos import RepoConfig, load_repos, load_schedules
 from cicd_ray.schedules import ScheduleSpec
 from cicd_ray.source import SOURCE_LIMIT_BYTES
-from cicd_ray.spec import DEFAULT_MAX_PIPELINE_BYTES, PIPELINE_NAME, WEBHOOK_URL
+from cicd_ray.spec import (
+    DEFAULT_MAX_PIPELINE_BYTES,
+    DEFAULT_MAX_PLANNED_BYTES,
+    PIPELINE_NAME,
+    WEBHOOK_URL,
+)
 from cicd_ray.webhooks import parse_allow
 
 # Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
@@ -148,6 +153,7 @@ ENV_NUMBERS = {
     "CICD_RAY_RETENTION_DAYS": "retention_days",
     "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES": "source_unpacked_limit_bytes",
     "CICD_RAY_MAX_PIPELINE_BYTES": "max_pipeline_bytes",
+    "CICD_RAY_MAX_PLANNED_BYTES": "max_planned_bytes",
     "CICD_RAY_MAX_BODY_BYTES": "max_body_bytes",
     "CICD_RAY_ARTIFACT_MAX_BYTES": "artifact_max_bytes",
     "CICD_RAY_ARTIFACT_RUN_MAX_BYTES": "artifact_run_max_bytes",
@@ -208,6 +214,7 @@ class Settings(BaseModel):
     lookahead: bool = True
     # The largest pipeline text and HTTP request body accepted.
     max_pipeline_bytes: int = Field(DEFAULT_MAX_PIPELINE_BYTES, ge=1)
+    max_planned_bytes: int = Field(DEFAULT_MAX_PLANNED_BYTES, ge=1)  # a run's steps, planned
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     # Projects' weights and quotas (CICD_RAY_PROJECTS), and whether contended pools are
     # shared between projects by weight (CICD_RAY_FAIR_SHARE) or taken in submission order.

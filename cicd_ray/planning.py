@@ -29,6 +29,7 @@ from cicd_ray.spec import (
     expanded,
     parse_pipeline,
     plan,
+    planned_bytes,
 )
 from cicd_ray.webhooks import refused_targets
 
@@ -69,6 +70,12 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
     except SpecError as e:
         return Planned(None, [], e.problems, request, project=project)
+    if planned_bytes(steps) > settings.max_planned_bytes:
+        problems.append(f"steps: the planned steps' scripts and envs come to "
+                        f"{planned_bytes(steps)} bytes, more than the "
+                        f"{settings.max_planned_bytes} a run may have "
+                        "(CICD_RAY_MAX_PLANNED_BYTES): set large variables once, or in fewer "
+                        "steps")
     problems += check_fits(steps, settings.pools)
     problems += [f"notify[{i}].webhook: {why}" for i, why in
                  refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]

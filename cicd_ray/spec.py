@@ -8,6 +8,7 @@ resolved to full names. Every problem is reported at once, each naming its field
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,10 +39,16 @@ MAX_MATRIX_VARIANTS = 256
 MAX_PLANNED_STEPS = 5_000  # steps of one run, matrix variants included
 MAX_NEED_EDGES = 100_000  # needs of one run once matrices are expanded (a 256 x 256 fan-in fits)
 DEFAULT_MAX_PIPELINE_BYTES = 1024 * 1024
+# A step's environment: one value, and all of one step's (the pipeline's, the step's and the
+# submission's together). Every planned step carries its env: without a cap a 1 MiB env
+# times 5,000 steps is 5 GiB in the store.
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_ENV_BYTES = 128 * 1024
+DEFAULT_MAX_PLANNED_BYTES = 64 * 1024 * 1024  # a run's planned steps, scripts and envs
 
 RetryOn = Literal["infra", "failure", "timeout"]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME)]
-Env = dict[EnvName, Annotated[str, Field(strict=True)]]
+Env = dict[EnvName, Annotated[str, Field(strict=True, max_length=MAX_ENV_VALUE_BYTES)]]
 
 
 def _matrix_values(values: object) -> object:
@@ -305,6 +312,10 @@ def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
         doc = load_yaml(doc, source=source, max_bytes=max_bytes)
     else:
         yamldoc.check_shape(doc, source=source)
+        size = len(json.dumps(doc, default=str).encode())  # as text, it had the same limit
+        if size > max_bytes:
+            raise SpecError([f"(document): {size} bytes as JSON is more than the {max_bytes} "
+                             "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"], source=source)
     if not isinstance(doc, dict):
         got = type(doc).__name__ if doc is not None else "an empty document"
         raise SpecError(
@@ -409,8 +420,8 @@ def check_graph(spec: PipelineSpec) -> list[str]:
     variants, and a run's needs grow with the product of its matrices.
     """
     counts = {step.name: _variant_count(step) for step in spec.steps}
-    problems = (_duplicates(spec) + _reserved_env(spec) + _matrix_sizes(spec, counts)
-                + _controls(spec))
+    problems = (_duplicates(spec) + _reserved_env(spec) + _env_sizes(spec)
+                + _matrix_sizes(spec, counts) + _controls(spec))
     if problems:
         return problems  # too big to expand, or names that are not unique
     problems = _check_sizes(spec, counts) or _unknown_needs(spec)
@@ -428,6 +439,16 @@ def _duplicates(spec: PipelineSpec) -> list[str]:
             problems.append(f"steps[{i}] ({step.name}).name: duplicate step name, "
                             f"already used by steps[{seen[step.name]}]")
         seen.setdefault(step.name, i)
+    return problems
+
+
+def _env_sizes(spec: PipelineSpec) -> list[str]:
+    problems = []
+    for i, step in enumerate(spec.steps):
+        size = env_bytes({**spec.env, **step.env})
+        if size > MAX_ENV_BYTES:
+            problems.append(f"steps[{i}] ({step.name}).env: with the pipeline's env, {size} "
+                            f"bytes is more than the {MAX_ENV_BYTES} a step's env may have")
     return problems
 
 
@@ -586,7 +607,22 @@ def check_env_overrides(env: dict[str, str]) -> list[str]:
             problems.append(f"env.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved")
         if not isinstance(value, str):
             problems.append(f"env.{key}: values must be strings, got {value!r}")
+        elif len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            problems.append(f"env.{key}: {len(value.encode())} bytes is more than the "
+                            f"{MAX_ENV_VALUE_BYTES} a value may have")
+    if not problems and env_bytes(env) > MAX_ENV_BYTES:
+        problems.append(f"env: {env_bytes(env)} bytes is more than the {MAX_ENV_BYTES} an "
+                        "env may have")
     return problems
+
+
+def env_bytes(env: dict[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+
+
+def planned_bytes(steps: list[PlannedStep]) -> int:
+    """What a run's planned steps weigh in the store (their scripts and envs)."""
+    return sum(len(s.run.encode()) + env_bytes(s.env) for s in steps)
 
 
 def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,

@@ -206,3 +206,37 @@ def test_any_parsed_document_is_answered_in_bounds(doc):
 @given(_yaml_bits)
 def test_any_yaml_text_is_answered_in_bounds(text):
     _bounded(text)
+
+
+def test_the_amplification_request_is_refused_by_a_named_limit_and_stores_nothing(tmp_path):
+    """Issue 24, item 9: a request of about a megabyte stored 4.9 GiB (its env copied into
+    each of 5,000 planned steps; a pipeline sent as a JSON object skipped the byte limit)."""
+    import json
+
+    from cicd_ray.config import Settings
+    from cicd_ray.core import MasterCore
+    from cicd_ray.protocol import Rejected
+    from cicd_ray.store.memory import MemoryStore
+
+    core = MasterCore(Settings(home=tmp_path), MemoryStore(), clock=lambda: 0.0)
+    matrix = {"a": [f"v{i}" for i in range(16)], "b": [f"w{i}" for i in range(16)]}
+    fat = {f"V{i}": "x" * 30_000 for i in range(4)}  # 120 KB: within a step's env
+    wide = {"name": "amp", "env": fat, "steps": [{"name": f"s{j}", "run": "true",
+                                                  "matrix": matrix} for j in range(4)]}
+    t0 = time.monotonic()
+    answer = core.submit(wide)
+    assert isinstance(answer, Rejected) and time.monotonic() - t0 < 5
+    assert "(CICD_RAY_MAX_PLANNED_BYTES)" in answer.problems[0]
+    big_value = core.submit({"name": "amp", "steps": [{"name": "s", "run": "true"}]},
+                            env={"BIG": "x" * 2**20})
+    assert big_value.problems == ["env.BIG: 1048576 bytes is more than the 32768 a value may "
+                                  "have"]
+    too_much = core.submit({"name": "amp", "env": {f"V{i}": "x" * 30_000 for i in range(5)},
+                            "steps": [{"name": "s", "run": "true"}]})
+    assert "more than the 131072 a step's env may have" in too_much.problems[0]
+    as_object = {"name": "amp", "steps": [{"name": f"s{i}", "run": "x" * 20_000}
+                                          for i in range(60)]}  # 1.2 MB as JSON
+    assert len(json.dumps(as_object)) > 2**20
+    refused = core.submit(as_object)
+    assert "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)" in refused.problems[0]
+    assert core.store.list_runs() == []
