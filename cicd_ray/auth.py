@@ -7,13 +7,15 @@ constant time. Tokens are never logged.
 
 A tokens file (CICD_RAY_TOKENS_FILE) holds a grant a line: `<digest> role=<role>
 project=<project>`; a bare digest is an admin token (what files written before projects
-existed meant). Tokens in CICD_RAY_TOKENS are admin tokens of the `default` project.
+existed meant), a digest with a project and no role a `read` token of it (never more than
+the line says). Tokens in CICD_RAY_TOKENS are admin tokens of the `default` project.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cicd_ray.errors import CicdError
 
+log = logging.getLogger(__name__)
 HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULT_PROJECT = "default"
@@ -87,7 +90,9 @@ def parse_grant(text: str) -> Grant:
             raise ValueError(f"{field!r}: expected role=<read|submit|admin> or project=<name>, "
                              "each at most once")
         values[name] = value
-    role = values.get("role", Role.ADMIN.value)
+    # No role: a bare digest is an admin's (files from before projects); one that names a
+    # project reads it, and no more.
+    role = values.get("role", Role.READ.value if "project" in values else Role.ADMIN.value)
     if role not in {r.value for r in Role}:
         raise ValueError(f"role={role}: the roles are read, submit and admin")
     project = values.get("project", DEFAULT_PROJECT)
@@ -95,7 +100,7 @@ def parse_grant(text: str) -> Grant:
         raise ValueError(f"project={project}: a project's name is lowercase letters, digits, "
                          "'.', '_' and '-' (at most 63)")
     if role != Role.ADMIN.value and "project" not in values:
-        raise ValueError(f"role={role} needs a project=<name>")
+        raise ValueError(f"role={role} needs a project=<name>")  # (role= was given)
     return Grant(digest=first, role=Role(role), project=project)
 
 
@@ -143,8 +148,10 @@ def match(presented: str | None, grants: list[Grant]) -> Grant | None:
 
 class TokenBook:
     """The grants an API replica checks: fixed ones, and a tokens file read again when it
-    changes (a token `cicd-ray token create` adds works without a restart). A file that
-    becomes unreadable or malformed leaves the last good grants in force."""
+    changes (a token `cicd-ray token create` adds works without a restart; removing a line
+    revokes it). A file that disappears, becomes unreadable or malformed grants nothing until
+    it is fixed, and says so in the log: a revocation by deleting or breaking the file must
+    not leave the old grants in force."""
 
     def __init__(self, fixed: list[Grant], path: Path | None = None) -> None:
         self.fixed = fixed
@@ -161,17 +168,20 @@ class TokenBook:
     def _reload(self) -> None:
         try:
             st = os.stat(self.path)
+            seen: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except OSError:
-            return
-        seen = (st.st_mtime_ns, st.st_size)
+            seen = None
         if seen == self._seen:
             return
         with self._lock:
+            self._seen = seen
             try:
-                self._from_file = read_tokens_file(self.path)
-                self._seen = seen
-            except CicdError:
-                pass  # half-written or broken: keep the last good grants
+                self._from_file = read_tokens_file(self.path) if seen else []
+                if seen is None:
+                    log.info("tokens file %s is not there: it grants nothing", self.path)
+            except CicdError as e:
+                self._from_file = []
+                log.error("%s: every token of the file is refused until it is fixed", e)
 
 
 def add_token(path: Path, role: Role, project: str | None) -> tuple[str, Grant]:

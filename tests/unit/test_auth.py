@@ -79,9 +79,18 @@ def test_a_created_token_is_added_to_a_new_private_file_and_taken_up_live(tmp_pa
     second, _ = add_token(path, Role.ADMIN, None)
     assert match(second, book.grants()).role is Role.ADMIN
     assert match(token, book.grants()) == grant
-    # A broken edit leaves the last good grants in force.
-    path.write_text(path.read_text() + "garbage\n")
+    # Issue 24, item 15: a broken file, or one deleted, grants nothing (it revokes), and
+    # says so; fixed, it grants again.
+    good = path.read_text()
+    path.write_text(good + "garbage\n")
+    assert match(second, book.grants()) is None
+    path.write_text(good)
     assert match(second, book.grants()) is not None
+    path.unlink()
+    assert match(second, book.grants()) is None and match(token, book.grants()) is None
+    # A digest with a project and no role reads that project: never an admin.
+    assert parse_grant("c" * 64 + " project=web") == Grant(digest="c" * 64, role=Role.READ,
+                                                           project="web")
     with pytest.raises(CicdError, match="--role read needs --project"):
         add_token(path, Role.READ, None)
 
