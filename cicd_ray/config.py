@@ -120,6 +120,8 @@ class ProjectConfig(BaseModel):
     weight: float = Field(1.0, gt=0, le=1000)  # its share of contended pools, relative
     max_running_steps: int | None = Field(None, ge=1)  # more stay queued
     max_queued_runs: int | None = Field(None, ge=1)  # more are refused (429)
+    # The pools its steps may name (empty: every pool). Checked at submission: 422.
+    pools: list[str] = Field(default_factory=list)
 
 
 def load_projects(path: str | Path) -> dict[str, ProjectConfig]:

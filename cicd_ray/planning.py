@@ -77,6 +77,7 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
                         "(CICD_RAY_MAX_PLANNED_BYTES): set large variables once, or in fewer "
                         "steps")
     problems += check_fits(steps, settings.pools)
+    problems += pool_problems(steps, settings, project)
     problems += [f"notify[{i}].webhook: {why}" for i, why in
                  refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
     problems += run_secret_problems(secrets)
@@ -94,6 +95,17 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         except SourceError as e:
             problems.append(f"source.ref: {e}")
     return Planned(spec, steps, problems, request, commit, branch, group, project)
+
+
+def pool_problems(steps: list[PlannedStep], settings: Settings, project: str) -> list[str]:
+    """Steps naming a pool their project may not use (the projects file's `pools:`)."""
+    config = settings.projects.get(project)
+    allowed = config.pools if config is not None else []
+    if not allowed:
+        return []
+    named = sorted({(s.base, s.pool) for s in steps if s.pool not in allowed})
+    return [f"steps[{base}].pool: project {project} may not use pool {pool}; its pools are "
+            f"{', '.join(allowed)}" for base, pool in named]
 
 
 def request_digest(pipeline: dict | str, env: dict[str, str] | None,

@@ -161,3 +161,24 @@ def test_a_projects_file_loads_and_a_bad_one_is_named(tmp_path):
     f.write_text("projects:\n  - {name: web, quota: 3}\n")
     with pytest.raises(SpecError, match="quota"):
         load_projects(f)
+
+
+def test_a_project_uses_only_the_pools_it_is_given(tmp_path):
+    """Issue 24, item 12: `pools:` in the projects file, enforced at submission."""
+    from cicd_ray.config import PoolConfig
+    from cicd_ray.protocol import Rejected
+
+    settings = Settings(home=tmp_path, projects={"web": ProjectConfig(name="web",
+                                                                      pools=["default"])},
+                        pools={"default": PoolConfig(name="default"),
+                               "gpu": PoolConfig(name="gpu")})
+    c = MasterCore(settings, MemoryStore(), clock=lambda: 1000.0)
+    costly = {"name": "p", "steps": [{"name": "a", "run": "x", "pool": "gpu"},
+                                     {"name": "b", "run": "x"}]}
+    refused = c.submit(costly, project="web")
+    assert isinstance(refused, Rejected)
+    assert refused.problems == ["steps[a].pool: project web may not use pool gpu; its pools "
+                                "are default"]
+    assert c.store.list_runs() == []
+    assert isinstance(c.submit(PIPELINE, project="web"), Submitted)
+    assert isinstance(c.submit(costly, project="ops"), Submitted)  # not listed: every pool
