@@ -113,7 +113,7 @@ class MasterCore(CoreStarts):
                         branch="" if source else planned.branch,
                         concurrency=planned.concurrency, notify=spec.notify,
                         project=planned.project, event=planned.event, pr=planned.pr,
-                        repo=planned.repo, scheduled_for=planned.scheduled_for)
+                        fork=planned.fork, repo=planned.repo, scheduled_for=planned.scheduled_for)
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)

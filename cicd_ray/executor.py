@@ -239,8 +239,12 @@ class Execution:
 
     def _start(self) -> subprocess.Popen:
         own = self.task.secret_values  # the submission's own, else the project's
-        secrets = {**read_all(self.config.secrets_dir, self.task.project,
-                              [n for n in self.task.step.secrets if n not in own]), **own}
+        listed = [n for n in self.task.step.secrets if n not in own]
+        if self.task.fork and listed:  # a fork's pull request: written by an outsider
+            self._note(f"[cicd-ray] a pull request from a fork gets no secrets: "
+                       f"{', '.join(listed)} not set\n".encode())
+            listed = []
+        secrets = {**read_all(self.config.secrets_dir, self.task.project, listed), **own}
         self._masker = Masker(list(secrets.values()))
         if self.root.exists():
             shutil.rmtree(self.root)

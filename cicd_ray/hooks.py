@@ -20,6 +20,11 @@ class Trigger:
     commit: str
     delivery: str  # the host's id of this delivery (a redelivery has the same)
     pr: int | None = None
+    # A pull request from another repository (a fork): its run takes the pipeline file of
+    # the base branch (`base_commit`, or else `base_branch`'s head), no secrets, saves no cache.
+    fork: bool = False
+    base_branch: str = ""
+    base_commit: str = ""
 
 
 def verified(provider: str, secret: str, body: bytes, headers: dict[str, str]) -> bool:
@@ -65,21 +70,31 @@ def trigger(provider: str, headers: dict[str, str], payload: dict) -> Trigger | 
         pr = payload.get("pull_request") or {}
         if payload.get("action") not in ("opened", "synchronize", "reopened"):
             return f"pull request action {payload.get('action')!r}"
-        head = pr.get("head") or {}
-        return _request(head.get("sha"), head.get("ref"), payload.get("number"), delivery)
+        head, base = pr.get("head") or {}, pr.get("base") or {}
+        head_repo = (head.get("repo") or {}).get("full_name")
+        fork = head_repo is None or head_repo != (base.get("repo") or {}).get("full_name")
+        return _request(head.get("sha"), head.get("ref"), payload.get("number"), delivery,
+                        fork, base.get("ref"), base.get("sha"))
     if kind == "Merge Request Hook":
         attrs = payload.get("object_attributes") or {}
         if attrs.get("action") not in ("open", "update", "reopen"):
             return f"merge request action {attrs.get('action')!r}"
         last = attrs.get("last_commit") or {}
-        return _request(last.get("id"), attrs.get("source_branch"), attrs.get("iid"), delivery)
+        fork = attrs.get("source_project_id") != attrs.get("target_project_id")
+        return _request(last.get("id"), attrs.get("source_branch"), attrs.get("iid"), delivery,
+                        fork, attrs.get("target_branch"), None)
     return f"event {kind or '(none)'!r}"
 
 
-def _request(commit: object, branch: object, number: object, delivery: str) -> Trigger | str:
+def _request(commit: object, branch: object, number: object, delivery: str, fork: bool,
+             base_branch: object, base_commit: object) -> Trigger | str:
     if not _sha(commit) or not isinstance(branch, str) or not isinstance(number, int):
         return "a pull request event without its head commit, branch and number"
-    return Trigger("pull_request", branch, commit, delivery, number)
+    if fork and not (_sha(base_commit) or (isinstance(base_branch, str) and base_branch)):
+        return "a fork's pull request event without its base branch"
+    return Trigger("pull_request", branch, commit, delivery, number, fork,
+                   base_branch if isinstance(base_branch, str) else "",
+                   base_commit if _sha(base_commit) else "")
 
 
 def _sha(value: object) -> bool:

@@ -50,6 +50,7 @@ class Planned:
     project: str = "default"  # whose run it is
     event: str = "manual"  # what started it (a webhook: push, pull_request)
     pr: int | None = None
+    fork: bool = False  # a fork's pull request: no secrets, no cache saves
     repo: str = ""  # the repository whose webhook started it
     scheduled_for: float | None = None  # the slot of the schedule that started it
 

@@ -81,6 +81,7 @@ class RunRecord(BaseModel):
     # schedule
     scheduled_for: float | None = None  # the slot of the schedule that started it
     pr: int | None = None  # the pull (merge) request that started it
+    fork: bool = False  # that request came from another repository: no secrets, no cache saves
     repo: str = ""  # the repository (CICD_RAY_REPOS) whose webhook started it: told its status
     concurrency: ConcurrencySpec | None = None  # its group expanded from the run's env
     admitted: bool = False  # its concurrency group let it in (kept: the order survives restarts)

@@ -64,6 +64,10 @@ def source_folder(spec_source: object, pipeline_dir: Path,
 def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S) -> None:
     """Clone `url` into `dest` and check out `ref` (a branch, tag or commit)."""
     _git(["clone", "--quiet", "--", url, str(dest)], url, ref, timeout_s)
+    if COMMIT.match(ref) and not _has(str(dest), ref):
+        # A commit on no branch (a fork's pull request: the host keeps it under
+        # refs/pull/N/head): fetched by its SHA.
+        _git(["-C", str(dest), "fetch", "--quiet", "origin", ref], url, ref, timeout_s)
     _git(["-C", str(dest), "checkout", "--quiet", "--detach", ref], url, ref, timeout_s)
 
 

@@ -20,6 +20,16 @@ from cicd_ray.source import file_at, resolve_ref
 from cicd_ray.spec import load_yaml
 
 
+def pipeline_file(repo: RepoConfig, trigger: Trigger, max_bytes: int) -> str:
+    """The pipeline file a webhook's run follows: the one at its commit; for a fork's pull
+    request, the base branch's (the fork's own file is the fork author's to write: it could
+    list the project's secrets or caches)."""
+    commit = trigger.commit
+    if trigger.fork:
+        commit = trigger.base_commit or resolve_ref(repo.url, trigger.base_branch)[0]
+    return file_at(repo.url, commit, repo.pipeline, max_bytes)
+
+
 class CoreStarts:
     """A part of `MasterCore` (it works on the core's settings, timetable, accept, commit)."""
 
@@ -29,7 +39,7 @@ class CoreStarts:
         repository at the commit (pinned as it is, not looked up again)."""
         planned = self._from_repository(repo, text, trigger.commit, trigger.branch, {},
                                         request, repo.project)
-        planned.event, planned.pr = trigger.event, trigger.pr
+        planned.event, planned.pr, planned.fork = trigger.event, trigger.pr, trigger.fork
         return planned
 
     def _from_repository(self, repo: RepoConfig, text: str, commit: str, branch: str,
@@ -127,7 +137,7 @@ class MasterStarts:
         if known is not None:
             return known
         try:
-            text = await asyncio.to_thread(file_at, repo.url, trigger.commit, repo.pipeline,
+            text = await asyncio.to_thread(pipeline_file, repo, trigger,
                                            self.settings.max_pipeline_bytes)
         except SourceError as e:
             return Rejected(problems=[f"{repo.pipeline}: {e}"])

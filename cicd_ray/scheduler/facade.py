@@ -196,7 +196,7 @@ class Scheduler(Control, Recovery):
             run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
             source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
             pipeline=run.pipeline, project=run.project, branch=run.branch, event=run.event,
-            pr=run.pr, inputs=inputs_of(step, run_steps),
+            pr=run.pr, fork=run.fork, inputs=inputs_of(step, run_steps),
             artifact_room_bytes=max(0, room),
         )))
 

@@ -62,8 +62,20 @@ def test_a_replayed_delivery_has_the_key_of_the_first():
      "a push that deleted the branch"),
     ("github", {"x-github-event": "pull_request", "x-github-delivery": "d2"},
      {"action": "synchronize", "number": 7,
-      "pull_request": {"head": {"sha": SHA, "ref": "feature"}}},
-     Trigger("pull_request", "feature", SHA, "d2", 7)),
+      "pull_request": {"head": {"sha": SHA, "ref": "feature", "repo": {"full_name": "a/b"}},
+                       "base": {"sha": "b" * 40, "ref": "main", "repo": {"full_name": "a/b"}}}},
+     Trigger("pull_request", "feature", SHA, "d2", 7, False, "main", "b" * 40)),
+    # Issue 24, item 11: a pull request from a fork is marked, with its base.
+    ("github", {"x-github-event": "pull_request", "x-github-delivery": "d3"},
+     {"action": "opened", "number": 8,
+      "pull_request": {"head": {"sha": SHA, "ref": "main", "repo": {"full_name": "evil/b"}},
+                       "base": {"sha": "b" * 40, "ref": "main", "repo": {"full_name": "a/b"}}}},
+     Trigger("pull_request", "main", SHA, "d3", 8, True, "main", "b" * 40)),
+    ("gitlab", {"x-gitlab-event": "Merge Request Hook", "x-gitlab-event-uuid": "g3"},
+     {"object_attributes": {"action": "open", "iid": 4, "source_branch": "fix",
+                            "target_branch": "main", "source_project_id": 9,
+                            "target_project_id": 1, "last_commit": {"id": SHA}}},
+     Trigger("pull_request", "fix", SHA, "g3", 4, True, "main", "")),
     ("github", {"x-github-event": "pull_request"}, {"action": "closed", "number": 7},
      "pull request action 'closed'"),
     ("github", {"x-github-event": "ping"}, {}, "event 'ping'"),
@@ -72,7 +84,7 @@ def test_a_replayed_delivery_has_the_key_of_the_first():
     ("gitlab", {"x-gitlab-event": "Merge Request Hook", "x-gitlab-event-uuid": "g2"},
      {"object_attributes": {"action": "open", "iid": 3, "source_branch": "fix",
                             "last_commit": {"id": SHA}}},
-     Trigger("pull_request", "fix", SHA, "g2", 3)),
+     Trigger("pull_request", "fix", SHA, "g2", 3, False, "", "")),
     ("gitlab", {"x-gitlab-event": "Merge Request Hook"},
      {"object_attributes": {"action": "open", "iid": 3}},
      "a pull request event without its head commit, branch and number"),
@@ -259,3 +271,52 @@ def test_an_unsigned_20_mb_body_is_refused_before_it_is_parsed(tmp_path, monkeyp
     small = json.dumps({"zen": "hi", "repository": {"full_name": "acme/web-app"}}).encode()
     assert post(hook, small, {"x-github-event": "ping", **signed(small)}) == 202
     assert parsed == [len(small)]  # the signed one, and only it, was parsed
+
+
+def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_path):
+    """Issue 24, item 11: the fork's own pipeline file is never read (the base branch's is),
+    its run is marked `fork`, and its steps get none of the project's secrets."""
+    import subprocess
+
+    from cicd_ray.config import PoolConfig, Settings
+    from cicd_ray.records import Caller
+    from cicd_ray.starts import pipeline_file
+    from cicd_ray.store import run_view
+    from tests.unit.test_core import make
+
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    git("init", "-q", "-b", "main", cwd=work)
+    (work / ".cicd-ray.yaml").write_text(
+        "name: base\nsteps:\n  - {name: a, run: 'echo key=$KEY', secrets: [KEY]}\n")
+    git("add", ".", cwd=work)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base", cwd=work)
+    base = git("rev-parse", "HEAD", cwd=work)
+    (work / ".cicd-ray.yaml").write_text("name: evil\nsteps:\n  - {name: a, run: 'env'}\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "fork", cwd=work)
+    head = git("rev-parse", "HEAD", cwd=work)
+    (tmp_path / "secrets" / "web").mkdir(parents=True)
+    (tmp_path / "secrets" / "web" / "KEY").write_text("the-project-key")
+    repo = REPO.model_copy(update={"url": f"file://{work}", "pipeline": ".cicd-ray.yaml"})
+    settings = Settings(home=tmp_path / "home", repos={repo.name: repo},
+                        secrets_dir=tmp_path / "secrets",
+                        pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    hook = Trigger("pull_request", "main", head, "d9", 8, True, "main", base)
+    text = pipeline_file(repo, hook, settings.max_pipeline_bytes)
+    assert "name: base" in text  # the base branch's file, not the fork's
+    core, driver = make(settings)
+    planned = core.plan_trigger(repo, hook, text, "k9")
+    answer = core.accept(planned, None, "k9", None, Caller(project="web", admin=False))
+    assert not planned.problems, planned.problems
+    assert core.store.get_run(answer.run_id).fork
+    driver.run_until_idle()
+    view = run_view(core.store, answer.run_id)
+    assert view.run.state == "succeeded"
+    attempt = view.attempts[-1]
+    log = core.store.read_log(attempt.id).decode()
+    assert "the-project-key" not in log and "key=\n" in log
+    assert "a pull request from a fork gets no secrets: KEY not set" in log
