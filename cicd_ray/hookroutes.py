@@ -16,14 +16,63 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from cicd_ray import hooks
+from cicd_ray.errors import SourceError
 from cicd_ray.names import API
 from cicd_ray.protocol import Rejected, Submitted
-from cicd_ray.repos import find
+from cicd_ray.repos import RepoConfig, find
 from cicd_ray.secrets import SecretError, read
+from cicd_ray.source import resolve_ref
 
 HOOK_MAX_BYTES = 25 * 1024 * 1024  # GitHub caps a delivery's payload at 25 MB
+HEAD_TIMEOUT_S = 30.0  # asking the host for a branch's head
 UNSIGNED = ("the delivery's signature does not match the webhook secret of a repository "
             "at this URL")
+
+
+async def _signed_payload(settings, provider: str, repo: RepoConfig | None, body: bytes,
+                          headers: dict[str, str]) -> dict:
+    """The delivery's payload, once its raw body is known to be signed with the repository's
+    secret (401 otherwise, and for a repository not listed: nothing is parsed unsigned)."""
+    secret = ""
+    if repo is not None:
+        try:
+            secret = await asyncio.to_thread(read, settings.secrets_dir, repo.project,
+                                             repo.webhook_secret)
+        except SecretError:
+            secret = ""  # nothing verifies: 401, as for a wrong signature
+    if repo is None or not hooks.verified(provider, secret, body, headers):
+        raise HTTPException(401, detail=UNSIGNED)
+    try:  # signed by the repository's secret: now, and only now, it is parsed
+        payload = await asyncio.to_thread(json.loads, body)
+    except (ValueError, RecursionError):
+        raise HTTPException(400, detail="the body is not JSON (or nests too deep)") from None
+    if not isinstance(payload, dict):
+        raise HTTPException(400, detail="the body is not a JSON object")
+    if not repo.matches(hooks.repository_names(provider, payload)):
+        raise HTTPException(400, detail=f"the delivery is of another repository than "
+                            f"{repo.name}")
+    return payload
+
+
+async def _ignored(repo: RepoConfig, trigger: hooks.Trigger) -> str:
+    """Why a push starts nothing (a branch not built, a commit no longer its head), or ""."""
+    if trigger.event != "push":
+        return ""
+    if not repo.builds(trigger.branch):
+        return f"branch {trigger.branch} is not one of {', '.join(repo.branches)}"
+    return await asyncio.to_thread(_not_head, repo.url, trigger.branch, trigger.commit)
+
+
+def _not_head(url: str, branch: str, commit: str) -> str:
+    """Why a push is stale (its commit is no longer its branch's head: a replayed delivery,
+    or one overtaken by a later push, whose own delivery builds the head), or ""."""
+    try:
+        head, _ = resolve_ref(url, branch, timeout_s=HEAD_TIMEOUT_S)
+    except SourceError:
+        return ""  # the host cannot say now: the run reads the file at the commit, or fails
+    if head == commit:
+        return ""
+    return f"commit {commit[:12]} is no longer the head of branch {branch} ({head[:12]} is)"
 
 
 async def _body(request: Request) -> bytes:
@@ -62,30 +111,11 @@ def hook_routes(master, config) -> APIRouter:
         repo = find(settings.repos, provider, [name])
         body = await _body(request)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        secret = ""
-        if repo is not None:
-            try:
-                secret = await asyncio.to_thread(read, settings.secrets_dir, repo.project,
-                                                 repo.webhook_secret)
-            except SecretError:
-                secret = ""  # nothing verifies: 401, as for a wrong signature
-        if repo is None or not hooks.verified(provider, secret, body, headers):
-            raise HTTPException(401, detail=UNSIGNED)
-        try:  # signed by the repository's secret: now, and only now, it is parsed
-            payload = await asyncio.to_thread(json.loads, body)
-        except (ValueError, RecursionError):
-            raise HTTPException(400, detail="the body is not JSON (or nests too deep)") from None
-        if not isinstance(payload, dict):
-            raise HTTPException(400, detail="the body is not a JSON object")
-        if not repo.matches(hooks.repository_names(provider, payload)):
-            raise HTTPException(400, detail=f"the delivery is of another repository than "
-                                f"{repo.name}")
+        payload = await _signed_payload(settings, provider, repo, body, headers)
         trigger = hooks.trigger(provider, headers, payload)
-        if isinstance(trigger, str):
-            return JSONResponse({"ignored": trigger}, status_code=202)
-        if trigger.event == "push" and not repo.builds(trigger.branch):
-            return JSONResponse({"ignored": f"branch {trigger.branch} is not one of "
-                                 f"{', '.join(repo.branches)}"}, status_code=202)
+        ignored = trigger if isinstance(trigger, str) else await _ignored(repo, trigger)
+        if ignored:
+            return JSONResponse({"ignored": ignored}, status_code=202)
         answer = await master.call("trigger", repo.name, trigger, timeout_s=120.0)
         if isinstance(answer, Rejected):
             return JSONResponse({"detail": "; ".join(answer.problems),

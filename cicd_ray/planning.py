@@ -121,11 +121,12 @@ def request_digest(pipeline: dict | str, env: dict[str, str] | None,
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def hook_key(repo: RepoConfig, trigger: Trigger) -> str | None:
-    """The key a webhook's delivery is remembered by (a redelivery carries the same id)."""
-    if not trigger.delivery:
-        return None
-    text = f"hook:{repo.provider}:{repo.name}:{trigger.delivery}"
+def hook_key(repo: RepoConfig, trigger: Trigger) -> str:
+    """The key a webhook's delivery is remembered by (for a day, as an Idempotency-Key): what
+    it asks for (the repository, event, branch, commit and pull request), not its delivery id,
+    so a redelivery, and a captured body replayed with a new delivery id, start nothing new."""
+    text = (f"hook:{repo.provider}:{repo.name}:{trigger.event}:{trigger.branch}:"
+            f"{trigger.commit}:{trigger.pr}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -133,7 +133,7 @@ class MasterStarts:
             return Rejected(problems=[f"repository {repo_name} is not in the master's "
                                       "CICD_RAY_REPOS"])
         key = hook_key(repo, trigger)
-        known = self.core.known_key(key, key) if key else None
+        known = self.core.known_key(key, key)
         if known is not None:
             return known
         try:

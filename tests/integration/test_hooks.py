@@ -106,16 +106,24 @@ def push(sha: str, branch: str = "main") -> dict:
 
 def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
         api, repo, status_api, cli):
-    first, _ = repo
+    stale, head = repo  # main is at the second commit: the one a push builds
     hook = f"{api}/api/v1/hooks/github/acme/web-app"
     with httpx.Client(headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30) as admin:
         before = len(admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app",
                                                                "limit": 500}).json()["runs"])
-        body, headers = delivery("push", push(first))
+        body, headers = delivery("push", push(stale))  # overtaken, or a replay: ignored
+        ignored = httpx.post(hook, content=body, headers=headers, timeout=60)
+        assert ignored.status_code == 202, ignored.text
+        assert "no longer the head of branch main" in ignored.json()["ignored"]
+        body, headers = delivery("push", push(head))
         started = httpx.post(hook, content=body, headers=headers, timeout=60)
         assert started.status_code == 201, started.text
         run_id = started.json()["run_id"]
         again = httpx.post(hook, content=body, headers=headers, timeout=60)  # a redelivery
+        assert again.status_code == 200 and again.json()["run_id"] == run_id
+        # The captured body replayed with a new delivery id (signature intact): the same run.
+        replayed = {**headers, "X-GitHub-Delivery": str(uuid.uuid4())}
+        again = httpx.post(hook, content=body, headers=replayed, timeout=60)
         assert again.status_code == 200 and again.json()["run_id"] == run_id
         deadline = time.monotonic() + 90
         while (view := admin.get(f"{api}/api/v1/runs/{run_id}").json())["run"]["state"] in (
@@ -127,17 +135,17 @@ def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
                                                          "limit": 500}).json()["runs"]
     assert view["run"]["state"] == "succeeded", view
     assert (view["run"]["commit"], view["run"]["branch"], view["run"]["event"],
-            view["run"]["project"]) == (first, "main", "push", "web")
-    assert f"branch=main commit={first} event=push" in log
-    assert "version one" in log  # the pushed commit, though main is at the second now
+            view["run"]["project"]) == (head, "main", "push", "web")
+    assert f"branch=main commit={head} event=push" in log
+    assert "version two" in log  # the pushed commit
     assert len(runs) == before + 1  # the redelivery started nothing
     deadline = time.monotonic() + 30
     while len(status_api.calls) < 2:
         assert time.monotonic() < deadline, status_api.calls
         time.sleep(0.1)
     assert [(path, body["state"]) for path, _, body in status_api.calls] == [
-        (f"/repos/acme/web-app/statuses/{first}", "pending"),
-        (f"/repos/acme/web-app/statuses/{first}", "success")]
+        (f"/repos/acme/web-app/statuses/{head}", "pending"),
+        (f"/repos/acme/web-app/statuses/{head}", "success")]
     assert all(h["Authorization"] == f"Bearer {STATUS_TOKEN}" for _, h, _ in status_api.calls)
     assert status_api.calls[1][2]["context"] == "cicd-ray/web-app"
     deadline = time.monotonic() + 30

@@ -44,13 +44,16 @@ def test_gitlab_tokens_good_bad_and_missing():
 
 
 def test_a_replayed_delivery_has_the_key_of_the_first():
-    # A replay carries a valid signature; it is the delivery id that makes it start nothing.
+    """Issue 24, item 14: a replay carries a valid signature; what it asks for (repository,
+    event, branch, commit), not its delivery id, makes it start nothing new."""
     first = Trigger("push", "main", SHA, "delivery-1")
     assert hook_key(REPO, first) == hook_key(REPO, Trigger("push", "main", SHA, "delivery-1"))
-    assert hook_key(REPO, first) != hook_key(REPO, Trigger("push", "main", SHA, "delivery-2"))
+    assert hook_key(REPO, first) == hook_key(REPO, Trigger("push", "main", SHA, "delivery-2"))
+    assert hook_key(REPO, first) == hook_key(REPO, Trigger("push", "main", SHA, ""))
     other = REPO.model_copy(update={"name": "acme/api"})
     assert hook_key(other, first) != hook_key(REPO, first)
-    assert hook_key(REPO, Trigger("push", "main", SHA, "")) is None
+    assert hook_key(REPO, first) != hook_key(REPO, Trigger("push", "main", "b" * 40, "d"))
+    assert hook_key(REPO, first) != hook_key(REPO, Trigger("push", "dev", SHA, "d"))
 
 
 @pytest.mark.parametrize("provider, headers, payload, wanted", [
