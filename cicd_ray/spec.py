@@ -622,7 +622,7 @@ def env_bytes(env: dict[str, str]) -> int:
 
 def planned_bytes(steps: list[PlannedStep]) -> int:
     """What a run's planned steps weigh in the store (their scripts and envs)."""
-    return sum(len(s.run.encode()) + env_bytes(s.env) for s in steps)
+    return sum(len((s.run or "").encode()) + env_bytes(s.env) for s in steps)
 
 
 def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,
