@@ -10,8 +10,10 @@ worker that runs the step, and only for the secrets the step lists.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 from cicd_ray.errors import CicdError
 from cicd_ray.spec import ENV_NAME, RESERVED_ENV_PREFIX
@@ -82,14 +84,27 @@ def read_all(root: Path | None, project: str, names: list[str]) -> dict[str, str
     return {name: read(root, project, name) for name in names}
 
 
+# base64 characters of (k prefix bytes + value) that the prefix touches, for k = 0, 1, 2
+PREFIX_CHARS = (0, 2, 3)
+
+
 def forms(value: str) -> set[bytes]:
-    """What is masked of a value: the value, each of its lines long enough to mask, and its
-    base64 forms (standard and URL-safe, with and without padding)."""
+    """What is masked of a value: the value, each of its lines long enough to mask, its
+    URL-encoded and JSON-escaped forms, and its base64 forms (standard and URL-safe) wherever
+    it starts in what is encoded: at a multiple of 3 bytes, or 1 or 2 after (an HTTP Basic
+    `user:secret`, a secret inside a larger encoded blob); each cut to the characters the
+    value alone decides."""
     raw = value.encode()
-    out = {raw}
+    out = {raw, quote(value, safe="").encode(), quote_plus(value).encode(),
+           json.dumps(value)[1:-1].encode(), json.dumps(value, ensure_ascii=False)[1:-1].encode()}
     out |= {line.encode() for line in value.splitlines() if len(line) >= MIN_SECRET_CHARS}
-    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        encoded = encode(raw)
         out |= {encoded, encoded.rstrip(b"=")}
+        for k, lead in enumerate(PREFIX_CHARS):
+            whole = encode(b"\0" * k + raw)[: 4 * ((k + len(raw)) // 3)][lead:]
+            if len(whole) >= MIN_SECRET_CHARS:
+                out.add(whole)
     return {f for f in out if f}
 
 
@@ -131,6 +146,12 @@ class Masker:
             if any(p.startswith(rest[-k:]) for p in self._patterns):
                 return k
         return 0
+
+    def text(self, text: str) -> str:
+        """A whole text (a reason, a file's name) with every form masked."""
+        if self._re is None:
+            return text
+        return self._re.sub(MASK, text.encode()).decode(errors="replace")
 
     def flush(self) -> bytes:
         if self._re is None:

@@ -38,6 +38,39 @@ def test_every_form_of_a_value_is_masked():
     assert masked([], [b"nothing to mask"]) == b"nothing to mask"
 
 
+def test_basic_auth_url_json_and_embedded_base64_forms_are_masked():
+    """Issue 24, item 16: HTTP Basic (`user:secret` in base64), URL-encoded and JSON-escaped
+    forms, and base64 of a blob holding the value at offsets 1 and 2, all leaked."""
+    secret = 'p@ss/w"rd+Ωmega=42'
+    basic = base64.b64encode(f"deploy:{secret}".encode()).decode()
+    url = "https://h/?p=p%40ss%2Fw%22rd%2B%CE%A9mega%3D42"
+    as_json = json.dumps({"password": secret})
+    for offset in (1, 2, 4, 5):
+        blob = base64.b64encode(b"x" * offset + secret.encode() + b"tail-bytes").decode()
+        out = masked([secret], [f"blob={blob}\n".encode()]).decode()
+        assert "***" in out and not _decodes_to_secret(out, secret), (offset, out)
+    for text in (f"Authorization: Basic {basic}", url, as_json,
+                 as_json.encode().decode("unicode_escape", errors="ignore")):
+        out = masked([secret], [text.encode()]).decode(errors="replace")
+        assert "***" in out, text
+    header = masked([secret], [f"Authorization: Basic {basic}".encode()]).decode()
+    assert "***" in header and not _decodes_to_secret(header, secret)
+    assert masked([secret], [b"p%40ss%2Fw%22rd%2B%CE%A9mega%3D42"]) == b"***"
+    assert masked([secret], [json.dumps(secret).encode()]) == b'"***"'
+
+
+def _decodes_to_secret(text: str, secret: str) -> bool:
+    import re as _re
+
+    for word in _re.findall(r"[A-Za-z0-9+/=*]{8,}", text):
+        try:
+            if secret.encode() in base64.b64decode(word.replace("*", "") + "==="):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def test_a_value_split_across_chunks_is_masked_wherever_it_is_cut():
     text = f"before {TOKEN} middle {TOKEN}{TOKEN} after\n".encode()
     for cut in range(1, len(text)):
@@ -188,3 +221,23 @@ def test_cicd_ray_s_own_lines_come_after_what_the_step_printed_and_are_masked(se
     [attempt] = run_view(store, run_id).attempts
     log = store.read_log(attempt.id).decode()
     assert log.startswith("ends with pypi-Ag[cicd-ray] artifacts kept: 1 file(s)"), log
+
+
+def test_a_step_s_reason_and_kept_file_names_are_masked(tmp_path):
+    """Issue 24, item 16: the reason a step ended and the paths of the files it kept were
+    stored as they were, secret or not."""
+    from cicd_ray.artifacts import ArtifactStore
+    from tests.unit.test_executor import execute, task
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    t = task('touch "$TOKEN.txt"; head -c 100 /dev/zero > "big-$TOKEN.bin"')
+    t.step.secrets, t.secret_values = ["TOKEN"], {"TOKEN": TOKEN}
+    t.step.artifacts, t.artifact_room_bytes = ["*.txt"], 10**6
+    outcome, log, _ = execute(tmp_path, t, artifacts=store)
+    assert [f.path for f in outcome.artifacts] == ["***.txt"]
+    t = task('head -c 100 /dev/zero > "big-$TOKEN.bin"', attempt=2)
+    t.step.secrets, t.secret_values = ["TOKEN"], {"TOKEN": TOKEN}
+    t.step.artifacts, t.artifact_room_bytes = ["*.bin"], 10**6
+    outcome, log, _ = execute(tmp_path, t, artifacts=store, artifact_max_bytes=10)
+    assert outcome.state.value == "failed" and "big-***.bin" in outcome.reason
+    assert TOKEN not in outcome.reason and TOKEN not in log
