@@ -30,11 +30,13 @@ from cicd_ray.errors import IsolationError, SourceError
 from cicd_ray.isolation import (
     STEP_ROOT,
     Identity,
+    clean_user,
     command,
     hand_over,
     isolating,
     kill_user,
     open_for_steps,
+    pid_namespaces,
     popen_user,
     take_identity,
     usable_by_others,
@@ -235,6 +237,9 @@ class Execution:
             if not self.config.keep_workspace:
                 shutil.rmtree(self.root, ignore_errors=True)
             if self._identity is not None:
+                if not pid_namespaces():  # (in its own namespace, its end ended them all)
+                    kill_user(self._identity.uid)
+                clean_user(self._identity.uid)  # nothing of it outlives the attempt
                 self._identity.release()
 
     def _start(self) -> subprocess.Popen:
@@ -266,7 +271,7 @@ class Execution:
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
         if self._isolated:
-            self._identity = take_identity(self.config.step_uids, self.task.attempt)
+            self._identity = take_identity(self.config.step_uids, self.task.project)
             hand_over(self.root, self._identity.uid)
             os.chown(script, 0, self._identity.uid)  # the step reads it; it is root's
             script.chmod(0o640)
@@ -452,10 +457,13 @@ class Execution:
             state=state, exit_code=code, duration_s=round(time.monotonic() - started, 4),
             peak_memory_mb=round(self._peak_rss / 2**20, 2) if self._peak_rss else None,
             cpu_time_s=round(usage.ru_utime + usage.ru_stime, 4) if usage else None,
-            reason=reason, log_seq=tail[0] if tail else 0, log_tail=tail[1] if tail else b"",
+            reason=self._masker.text(reason), log_seq=tail[0] if tail else 0,
+            log_tail=tail[1] if tail else b"",
             runs_as=(f"uid {self._identity.uid}" if self._identity
                      else f"{_user_name()} (the worker's user)"),
-            artifacts=self._kept if state is StepState.SUCCEEDED else [], caches=self._caches,
+            artifacts=([f.model_copy(update={"path": self._masker.text(f.path)})
+                        for f in self._kept] if state is StepState.SUCCEEDED else []),
+            caches=self._caches,
         )
 
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import signal
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cicd_ray.beneath import remove_owned
 from cicd_ray.errors import IsolationError
 
 DEFAULT_STEP_UIDS = "200000-201023"
@@ -51,7 +54,7 @@ PREAMBLE = r"""
 if [ "$3" = uid ]; then
   kill -KILL -1 2>/dev/null || true
   umask 077
-  trap 'kill -KILL -1 2>/dev/null' EXIT
+  trap 'kill -KILL -1 2>/dev/null || true' EXIT
 fi
 ulimit -c 0
 [ "$1" = 0 ] || ulimit -v "$1" || exit 125
@@ -63,11 +66,33 @@ SETPRIV = shutil.which("setpriv")  # util-linux: drops to a user after a cheap v
 
 
 def command(script: str, memory_mb: int, uid: int | None) -> list[str]:
-    """How a step's bash is started: as `uid` (setpriv, when it is there) with the preamble."""
+    """How a step's bash is started: as `uid` (setpriv, when it is there) with the preamble,
+    in a PID namespace of its own where the machine allows one (`pid_namespaces`)."""
     bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script,
             str(address_space_kib(memory_mb)), str(MAX_PROCESSES if uid is not None else 0),
             "uid" if uid is not None else "shared"]
-    return bash if uid is None else as_user(uid, bash)
+    if uid is None:
+        return bash
+    return [*UNSHARE, *as_user(uid, bash)] if pid_namespaces() else as_user(uid, bash)
+
+
+# A PID namespace (and a /proc of its own) per step: it sees only its own processes, not
+# another project's command lines (`--password=...`); when its bash ends, every process in it
+# ends with it, `setsid` escapees too. --kill-child: a worker killed takes the step along.
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
+
+
+@functools.lru_cache(maxsize=1)
+def pid_namespaces() -> bool:
+    """Whether steps get a PID namespace each: root with setpriv and util-linux's unshare,
+    allowed to make namespaces (a Kubernetes pod without CAP_SYS_ADMIN is not)."""
+    if os.geteuid() != 0 or SETPRIV is None or shutil.which("unshare") is None:
+        return False
+    try:
+        done = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def as_user(uid: int, argv: list[str]) -> list[str]:
@@ -117,7 +142,8 @@ def isolating(uids: range | None) -> bool:
 def describe(uids: range | None) -> str:
     """How this process's steps are kept apart, for `cicd-ray workers` and the API."""
     if isolating(uids):
-        return f"a user per step ({uids.start}-{uids.stop - 1})"
+        hidden = ", a PID namespace per step" if pid_namespaces() else ""
+        return f"a user per step ({uids.start}-{uids.stop - 1}{hidden})"
     if os.geteuid() == 0:
         return "none: CICD_RAY_STEP_UIDS=off, steps run as root"
     return "shared: the worker is not root, steps run as its user"
@@ -135,15 +161,51 @@ def _try_lock(uid: int) -> int | None:
     return fd
 
 
-def take_identity(uids: range, start_hint: int = 0) -> Identity:
-    """A user id of the range no other attempt on this machine holds now."""
+def take_identity(uids: range, project: str = "default") -> Identity:
+    """A user id of the range that no other attempt on this machine holds now, and that no
+    other project's step has used on it: each lock file names the project whose user it is,
+    so a uid, once a project's, stays that project's (what one project's step left behind
+    under its uid, another's never runs as). The scan starts at a place of the project's
+    own, where its users gather. Only when every free user is another project's is one taken
+    over: everything it owns in the shared places is deleted first."""
     count = len(uids)
+    start = int(hashlib.sha256(project.encode()).hexdigest()[:8], 16) % count
+    spare = None
     for i in range(count):
-        uid = uids[(start_hint + i) % count]
+        uid = uids[(start + i) % count]
         fd = _try_lock(uid)
-        if fd is not None:
+        if fd is None:
+            continue
+        owner = os.pread(fd, 128, 0).decode(errors="replace")
+        if owner in ("", project):
+            if owner == "":
+                os.pwrite(fd, project.encode(), 0)
+            if spare is not None:
+                os.close(spare[1])
             return Identity(uid=uid, lock_fd=fd)
-    raise IsolationError(f"all {count} step users of CICD_RAY_STEP_UIDS are in use")
+        if spare is None:
+            spare = (uid, fd)
+        else:
+            os.close(fd)
+    if spare is None:
+        raise IsolationError(f"all {count} step users of CICD_RAY_STEP_UIDS are in use")
+    uid, fd = spare
+    kill_user(uid)
+    clean_user(uid)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, project.encode(), 0)
+    return Identity(uid=uid, lock_fd=fd)
+
+
+# What every user may write to: what a step leaves there (a file in /dev/shm, a socket in
+# /tmp) is deleted when its attempt ends.
+SHARED_PLACES = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+
+
+def clean_user(uid: int) -> int:
+    """Delete what `uid` owns at the top of the shared places (found by owner, removed
+    through descriptors, no link followed); how many entries went."""
+    return remove_owned(SHARED_PLACES, uid)
 
 
 SWEEP_INTERVAL_S = 5.0  # one sweep per machine this often, whichever worker gets to it
@@ -204,6 +266,21 @@ def hand_over(root: Path, uid: int) -> None:
     for top in HANDED_OVER:
         chown_tree(root / top, uid)  # before the step: nothing moves under it yet
         (root / top).chmod(0o700)
+
+
+def private_folder(path: Path) -> Path:
+    """`path` made, with every folder above it that is not there yet, 0700: the worker's
+    alone (CICD_RAY_HOME, the store's and the artifacts' folders; `mkdir(parents=True,
+    mode=...)` gives the parents it makes the umask's 0755)."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            folder.mkdir(mode=0o700)
+    return path
 
 
 def chown_tree(folder: Path, uid: int) -> None:

@@ -166,7 +166,7 @@ def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
     from cicd_ray.isolation import sweep, take_identity
 
     users = parse_uids(UIDS)
-    held = take_identity(users, start_hint=5)
+    held = take_identity(users, "default")
     orphan_uid = users[(users.index(held.uid) + 1) % len(users)]
     orphan = subprocess.Popen(["sleep", "300"], user=orphan_uid, group=orphan_uid,
                               extra_groups=[], start_new_session=True)
@@ -253,3 +253,34 @@ def test_artifacts_and_a_cache_path_through_a_link_are_not_followed(tmp_path, ro
     assert "not saved" in log and "links are not followed" in log
     assert b"TOPSECRET" not in stored_bytes(tmp_path / "store")
     assert store.cache_entries() == []
+
+
+def test_another_project_s_step_finds_nothing_of_this_one_s(tmp_path):
+    """Issue 24, item 8: a file left in /dev/shm or /tmp by one project's step, and a
+    `--password=` in its command line, were read by another project's step. Now each project
+    has step users of its own, what a user owns in the shared places goes when its attempt
+    ends, and a step sees only its own processes (a PID namespace each, where the machine
+    allows: it does here, as root)."""
+    from cicd_ray.isolation import pid_namespaces
+
+    tag = f"cicd-leak-{os.getpid()}"
+    mine = task(f"id -u; echo hush > /dev/shm/{tag}; echo hush > /tmp/{tag}; "
+                "(exec -a 'deploy --password=hunter2-xyz' sleep 4) & sleep 0.2; id -u >&2")
+    mine.project = "alpha"
+    box = {}
+    runner = threading.Thread(target=lambda: box.setdefault("a", run_isolated(tmp_path, mine)))
+    runner.start()
+    time.sleep(1.0)
+    probe = task(f"id -u; cat /dev/shm/{tag} /tmp/{tag} 2>/dev/null || true; "
+                 "grep -a -h -o 'password=[^ ]*' /proc/[0-9]*/cmdline 2>/dev/null || true; "
+                 "ps -eo args | grep -c '[h]unter2' || true", attempt=2)
+    probe.project = "beta"
+    _, log = run_isolated(tmp_path, probe)
+    runner.join()
+    alpha_uid = box["a"][1].split()[0]
+    beta_uid, *rest = log.split()
+    assert pid_namespaces()
+    assert alpha_uid != beta_uid and rest == ["0"], log  # nothing read, no process seen
+    assert not os.path.exists(f"/dev/shm/{tag}") and not os.path.exists(f"/tmp/{tag}")
+    _, log = run_isolated(tmp_path, mine)
+    assert log.split()[0] == alpha_uid  # alpha's user stays alpha's
