@@ -42,7 +42,7 @@ from cicd_ray.secrets import SecretError
 from cicd_ray.starts import MasterStarts
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
-from cicd_ray.webhooks import TargetRefused, send
+from cicd_ray.webhooks import TargetRefused, project_key, send
 from cicd_ray.worker import start_worker, worker_bundle
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,11 @@ class Master(MasterStarts):
         try:
             body = await asyncio.to_thread(self.core.delivery_body, d)
             extra = await asyncio.to_thread(self.core.delivery_headers, d)
-            secret = self.settings.webhook_secret if d.kind == "notify" else ""
-            status = await asyncio.to_thread(send, d.url, body, secret, d.id,
+            key = ""
+            if d.kind == "notify" and self.settings.webhook_secret:  # the run's project's key
+                run = await asyncio.to_thread(self.core.store.get_run, d.run_id)
+                key = project_key(self.settings.webhook_secret, run.project)
+            status = await asyncio.to_thread(send, d.url, body, key, d.id,
                                              self.settings.webhook_allow, extra=extra)
         except (TargetRefused, SecretError) as e:
             self._guarded(self.core.delivery_done, d.id, None, str(e), True)

@@ -125,7 +125,7 @@ class Outbox:
             log = self.store.read_log(step.current_attempt) if step.current_attempt else b""
             failed.append({"step": step.name, "state": step.state.value, "reason": step.reason,
                            "exit_code": step.exit_code, "log_tail": log_tail(log)})
-        return document(run.model_dump(mode="json"), failed, self._page(run.id))
+        return document(run.model_dump(mode="json"), failed, self._page(run.id), delivery.id)
 
     def headers(self, delivery: DeliveryRecord) -> dict[str, str]:
         """A commit status's credentials: the repository's `status_token`, a secret of its

@@ -22,6 +22,8 @@ from cicd_ray.errors import CicdError
 
 SIGNATURE_HEADER = "X-Cicd-Signature-256"
 DELIVERY_HEADER = "X-Cicd-Delivery"
+TIMESTAMP_HEADER = "X-Cicd-Timestamp"
+MAX_AGE_S = 300.0  # a receiver refuses a signature older than this (a replay)
 SEND_TIMEOUT_S = 10.0
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 60.0
@@ -64,8 +66,26 @@ def _allowed(host: str, address: Address | None, allow: list[str]) -> bool:
     return False
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: IPv4 in the last 32 bits
+
+
 def _internal(address: Address) -> bool:
-    return not address.is_global or address.is_multicast
+    """Internal itself, or an IPv6 address that carries an internal IPv4 one (NAT64, 6to4,
+    mapped, Teredo): a translator on the way would deliver to that."""
+    if not address.is_global or address.is_multicast:
+        return True
+    return any(_internal(inner) for inner in _embedded(address))
+
+
+def _embedded(address: Address) -> list[ipaddress.IPv4Address]:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo:
+        found += list(address.teredo)
+    if address in NAT64:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
 
 
 def _literal(host: str) -> Address | None:
@@ -112,20 +132,35 @@ def checked_address(url: str, allow: list[str], resolve: Resolver = _getaddrinfo
     return str(addresses[0])
 
 
-def sign(body: bytes, secret: str) -> str:
-    """`sha256=<hex>`: HMAC-SHA256 of the body under the shared secret."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def project_key(secret: str, project: str) -> str:
+    """The key a project's notifications are signed with: HMAC-SHA256 of the project's name
+    under CICD_RAY_WEBHOOK_SECRET, in hex. Each project's receivers hold their own key: one
+    cannot sign (or check) another's."""
+    return hmac.new(secret.encode(), f"cicd-ray notify {project}".encode(),
+                    hashlib.sha256).hexdigest()
 
 
-def verify(body: bytes, secret: str, header: str) -> bool:
-    """For receivers (and tests): the header matches the body, compared in constant time."""
-    return hmac.compare_digest(sign(body, secret), header or "")
+def sign(body: bytes, key: str, timestamp: int) -> str:
+    """`sha256=<hex>`: HMAC-SHA256 of `<timestamp>.<body>` under the project's key (the body
+    names the project, the run and the delivery)."""
+    signed = f"{timestamp}.".encode() + body
+    return "sha256=" + hmac.new(key.encode(), signed, hashlib.sha256).hexdigest()
 
 
-def document(run: dict, failed: list[dict], page_url: str) -> bytes:
-    """The JSON POSTed: run, pipeline, state, commit, reason, failed steps with their log
-    tails' last lines, and a link to the run's page."""
-    body = {"run": run["id"], "pipeline": run["pipeline"], "state": run["state"],
+def verify(body: bytes, key: str, header: str, timestamp: str, now: float,
+           max_age_s: float = MAX_AGE_S) -> bool:
+    """For receivers (and tests): the signature matches the body and its timestamp, compared
+    in constant time, and the timestamp is recent (a captured delivery replayed later fails)."""
+    if not timestamp.isdigit() or abs(now - int(timestamp)) > max_age_s:
+        return False
+    return hmac.compare_digest(sign(body, key, int(timestamp)), header or "")
+
+
+def document(run: dict, failed: list[dict], page_url: str, delivery_id: str) -> bytes:
+    """The JSON POSTed: its project, delivery id, run, pipeline, state, commit, reason, failed
+    steps with their log tails' last lines, and a link to the run's page."""
+    body = {"project": run.get("project", "default"), "delivery": delivery_id,
+            "run": run["id"], "pipeline": run["pipeline"], "state": run["state"],
             "commit": run.get("commit"), "branch": run.get("branch", ""),
             "reason": run.get("reason", ""), "failed_steps": failed,
             "url": page_url}
@@ -143,11 +178,15 @@ def next_try(attempts: int, first_at: float, now: float) -> float | None:
     return at if at - first_at <= DELIVERY_WINDOW_S else None
 
 
-def send(url: str, body: bytes, secret: str, delivery_id: str, allow: list[str],
-         resolve: Resolver = _getaddrinfo, extra: dict[str, str] | None = None) -> int:
-    """POST the body to the checked address of `url`, signed with `secret` (if any), with the
-    `extra` headers (a commit status's credentials); the HTTP status. TargetRefused for a
-    refused target, OSError-like httpx errors for a failed request."""
+def send(url: str, body: bytes, key: str, delivery_id: str, allow: list[str],
+         resolve: Resolver = _getaddrinfo, extra: dict[str, str] | None = None,
+         now: float | None = None) -> int:
+    """POST the body to the checked address of `url`, signed with the project's `key` (if
+    any) and the time, with the `extra` headers (a commit status's credentials); the HTTP
+    status. TargetRefused for a refused target, OSError-like httpx errors for a failed
+    request."""
+    import time
+
     import httpx
 
     address = checked_address(url, allow, resolve)
@@ -158,8 +197,10 @@ def send(url: str, body: bytes, secret: str, delivery_id: str, allow: list[str],
     pinned = urlunsplit((parts.scheme, host_port, parts.path or "/", parts.query, ""))
     headers = {"Content-Type": "application/json", "Host": parts.netloc.rsplit("@", 1)[-1],
                "User-Agent": "cicd-ray", DELIVERY_HEADER: delivery_id}
-    if secret:
-        headers[SIGNATURE_HEADER] = sign(body, secret)
+    if key:
+        stamp = int(time.time() if now is None else now)
+        headers[TIMESTAMP_HEADER] = str(stamp)
+        headers[SIGNATURE_HEADER] = sign(body, key, stamp)
     headers.update(extra or {})
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     with httpx.Client(timeout=SEND_TIMEOUT_S, follow_redirects=False) as client:

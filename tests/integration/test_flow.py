@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from cicd_ray.states import StepState
-from cicd_ray.webhooks import verify
+from cicd_ray.webhooks import project_key, verify
 from tests.integration.conftest import API_TOKEN, WEBHOOK_SECRET
 from tests.integration.test_builds import shared_file
 
@@ -200,10 +200,16 @@ def test_a_notification_is_signed_and_delivered_once_across_a_master_sigkill(har
         receiver.stop()
     assert len(receiver.received) == 1
     headers, body = receiver.received[0]
-    assert verify(body, WEBHOOK_SECRET, headers["X-Cicd-Signature-256"])
+    web_key = project_key(WEBHOOK_SECRET, "default")  # the run's project's own key
+    assert verify(body, web_key, headers["X-Cicd-Signature-256"],
+                  headers["X-Cicd-Timestamp"], now=time.time())
+    assert not verify(body, project_key(WEBHOOK_SECRET, "web"),
+                      headers["X-Cicd-Signature-256"], headers["X-Cicd-Timestamp"],
+                      now=time.time())
     assert headers["X-Cicd-Delivery"] == f"{run_id}/0"
     doc = json.loads(body)
     assert (doc["run"], doc["pipeline"], doc["state"]) == (run_id, "flow-notify", "failed")
+    assert (doc["project"], doc["delivery"]) == ("default", f"{run_id}/0")
     assert doc["failed_steps"][0]["log_tail"] == ["AssertionError: 2 != 3"]
     shown = http.get(f"/api/v1/runs/{run_id}").json()["deliveries"][0]
     assert shown["state"] == "delivered" and shown["status_code"] == 204

@@ -14,19 +14,29 @@ from cicd_ray.webhooks import (
     checked_address,
     next_try,
     parse_allow,
+    project_key,
     refused_targets,
     sign,
     verify,
 )
 
 
-def test_the_signature_is_hmac_sha256_of_the_body_as_documented():
-    body = b'{"run": "r1"}'
-    expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert sign(body, "s3cret") == f"sha256={expected}"
-    assert verify(body, "s3cret", f"sha256={expected}")
-    assert not verify(body + b" ", "s3cret", f"sha256={expected}")
-    assert not verify(body, "other", f"sha256={expected}") and not verify(body, "s3cret", "")
+def test_the_signature_is_hmac_sha256_of_the_time_and_body_under_the_project_s_key():
+    """Issue 24, item 20: a key per project (derived from CICD_RAY_WEBHOOK_SECRET), over a
+    timestamp and a body that names the project, the run and the delivery."""
+    body = b'{"delivery": "r1/0", "project": "web", "run": "r1"}'
+    key = project_key("s3cret", "web")
+    assert key == hmac.new(b"s3cret", b"cicd-ray notify web", hashlib.sha256).hexdigest()
+    assert key != project_key("s3cret", "ops")
+    expected = hmac.new(key.encode(), b"1000." + body, hashlib.sha256).hexdigest()
+    assert sign(body, key, 1000) == f"sha256={expected}"
+    assert verify(body, key, f"sha256={expected}", "1000", now=1010)
+    assert not verify(body, key, f"sha256={expected}", "1000", now=1000 + 301)  # a replay
+    assert not verify(body, key, f"sha256={expected}", "1001", now=1010)
+    assert not verify(body + b" ", key, f"sha256={expected}", "1000", now=1010)
+    assert not verify(body, project_key("s3cret", "ops"), f"sha256={expected}", "1000",
+                      now=1010)
+    assert not verify(body, key, "", "1000", now=1010)
 
 
 @pytest.mark.parametrize("url, refused", [
@@ -38,6 +48,11 @@ def test_the_signature_is_hmac_sha256_of_the_body_as_documented():
     ("http://169.254.169.254/latest/meta-data", True),  # a cloud's metadata endpoint
     ("http://[::1]:9000/x", True),
     ("http://192.168.1.5/x", True),
+    # Issue 24, item 22: IPv6 forms that carry an internal IPv4 address.
+    ("http://[64:ff9b::a9fe:a9fe]/x", True),  # NAT64 of 169.254.169.254
+    ("http://[2002:a00:1::1]/x", True),  # 6to4 of 10.0.0.1
+    ("http://[::ffff:127.0.0.1]/x", True),
+    ("http://[64:ff9b::808:808]/x", False),  # NAT64 of a public address
     ("http://8.8.8.8/x", False),
 ])
 def test_loopback_and_private_targets_are_refused_at_submission(url, refused):
