@@ -84,6 +84,10 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     problems += run_secret_problems(secrets)
     listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
               if name not in secrets}  # the submission's own
+    control = control_secrets(settings, project)
+    problems += [f"steps[{base}].secrets: {name} is {control[name]}: the control plane's, "
+                 "never a step's" for base, name in sorted(listed) if name in control]
+    listed = {(base, name) for base, name in listed if name not in control}
     problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
                  for why in missing(settings.secrets_dir, project, [name])]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
@@ -96,6 +100,18 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         except SourceError as e:
             problems.append(f"source.ref: {e}")
     return Planned(spec, steps, problems, request, commit, branch, group, project)
+
+
+def control_secrets(settings: Settings, project: str) -> dict[str, str]:
+    """The project's secrets the control plane uses (a repository's webhook secret, its
+    status token), by name, with what each is: no step may list them."""
+    out = {}
+    for repo in settings.repos.values():
+        if repo.project == project:
+            out[repo.webhook_secret] = f"the webhook secret of repository {repo.name}"
+            if repo.status_token:
+                out[repo.status_token] = f"the status token of repository {repo.name}"
+    return out
 
 
 def pool_problems(steps: list[PlannedStep], settings: Settings, project: str) -> list[str]:

@@ -323,3 +323,32 @@ def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_pat
     log = core.store.read_log(attempt.id).decode()
     assert "the-project-key" not in log and "key=\n" in log
     assert "a pull request from a fork gets no secrets: KEY not set" in log
+
+
+def test_a_step_cannot_list_the_control_plane_s_secrets(tmp_path):
+    """Issue 24, item 19: a repository's webhook secret and status token were ordinary
+    project secrets: any step of the project could list them (and forge deliveries)."""
+    from cicd_ray.config import Settings
+    from cicd_ray.core import MasterCore
+    from cicd_ray.protocol import Rejected
+    from cicd_ray.store.memory import MemoryStore
+
+    (tmp_path / "secrets" / "web").mkdir(parents=True)
+    for name in ("HOOK", "TOKEN", "DEPLOY_KEY"):
+        (tmp_path / "secrets" / "web" / name).write_text(f"{name.lower()}-value-123")
+    core = MasterCore(Settings(home=tmp_path, repos={REPO.name: REPO},
+                               secrets_dir=tmp_path / "secrets"), MemoryStore(),
+                      clock=lambda: 1000.0)
+    answer = core.submit({"name": "p", "steps": [
+        {"name": "leak", "run": "echo $HOOK $TOKEN", "secrets": ["HOOK", "TOKEN"]},
+        {"name": "fine", "run": "true", "secrets": ["DEPLOY_KEY"]}]}, project="web")
+    assert isinstance(answer, Rejected)
+    assert answer.problems == [
+        "steps[leak].secrets: HOOK is the webhook secret of repository acme/web-app: the "
+        "control plane's, never a step's",
+        "steps[leak].secrets: TOKEN is the status token of repository acme/web-app: the "
+        "control plane's, never a step's"]
+    assert core.store.list_runs() == []
+    fine = core.submit({"name": "p", "steps": [{"name": "fine", "run": "true",
+                                                "secrets": ["DEPLOY_KEY"]}]}, project="web")
+    assert not isinstance(fine, Rejected)
