@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cicd_ray import beneath
 from cicd_ray.errors import CicdError
+from cicd_ray.isolation import private_folder
 from cicd_ray.names import API
 from cicd_ray.protocol import RunView
 from cicd_ray.records import ArtifactFile, ArtifactInput
@@ -62,7 +63,7 @@ class ArtifactStore:
         self.root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:  # the workers' alone: a step reads only what it is given
-            Path(self.root).mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_folder(Path(self.root))
 
     # --- blobs ----------------------------------------------------------------------------------
 

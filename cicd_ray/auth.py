@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from cicd_ray.errors import CicdError
+from cicd_ray.isolation import private_folder
 
 log = logging.getLogger(__name__)
 HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -194,7 +195,7 @@ def add_token(path: Path, role: Role, project: str | None) -> tuple[str, Grant]:
                         "'.', '_' and '-' (at most 63)")
     token = new_token()
     grant = Grant(digest=digest(token), role=role, project=project or DEFAULT_PROJECT)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)  # (CICD_RAY_HOME, when it is made here first)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
         if f.tell() == 0:

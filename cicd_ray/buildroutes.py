@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
@@ -56,11 +57,10 @@ def build_routes(master, reads) -> APIRouter:
         if found is None:
             raise HTTPException(404, detail=f"step {step!r} of run {run_id} kept no {path!r}")
         store = await reads.artifacts()
-        name = path.rsplit("/", 1)[-1].replace('"', "")
         return StreamingResponse(
             _chunks(store, found["digest"]), media_type="application/octet-stream",
             headers={"Content-Length": str(found["size"]),
-                     "Content-Disposition": f'attachment; filename="{name}"',
+                     "Content-Disposition": disposition(path.rsplit("/", 1)[-1]),
                      "X-Artifact-Sha256": found["digest"]})
 
     @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/explain")
@@ -104,3 +104,11 @@ def _chunks(store: ArtifactStore, digest: str) -> Iterator[bytes]:
     with store.open(digest) as src:
         while chunk := src.read(CHUNK):
             yield chunk
+
+
+def disposition(name: str) -> str:
+    """`Content-Disposition` for a kept file of any name (RFC 6266): a plain ASCII fallback
+    with no quote, backslash or control character, and the exact name as `filename*`
+    (UTF-8, percent-encoded). A name with CR or LF once made the header, and the answer, fail."""
+    plain = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"

@@ -30,6 +30,7 @@ from cicd_ray import auth
 from cicd_ray.cluster import ensure_master
 from cicd_ray.config import Settings, load_pools
 from cicd_ray.errors import CicdError
+from cicd_ray.isolation import private_folder
 from cicd_ray.localcluster import autoscaler_config
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 
@@ -211,7 +212,7 @@ def _own_head(settings: Settings, head_cpus: int, head: dict, ray_port: int | No
     if local_autoscaling is not None:
         ray_port = ray_port or _free_port()
         config = settings.home / "autoscaler.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(config.parent)
         config.write_text(yaml.safe_dump(autoscaler_config(
             settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
             node_idle_timeout_s)))

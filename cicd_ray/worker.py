@@ -19,7 +19,15 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from cicd_ray.config import PoolConfig, Settings
 from cicd_ray.executor import ExecConfig, Execution, tree_rss
-from cicd_ray.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep, sweep_due
+from cicd_ray.isolation import (
+    STEP_ROOT,
+    describe,
+    isolating,
+    parse_uids,
+    private_folder,
+    sweep,
+    sweep_due,
+)
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
@@ -157,7 +165,7 @@ class Worker:
 
     def _usage(self) -> dict[str, float]:
         rss = tree_rss(self._process)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.work_dir)
         return {
             "cpu_percent": psutil.cpu_percent(interval=None),
             "memory_used_mb": round(rss / 2**20, 1),

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
+from cicd_ray.isolation import private_folder
 from cicd_ray.records import (
     OPEN_DELIVERY,
     AttemptRecord,
@@ -67,7 +68,7 @@ class SqliteStore:
         self.path = Path(path)
         try:
             # A new home is the owner's alone, and so is the file: it holds every run's record.
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_folder(self.path.parent)
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,

@@ -108,3 +108,17 @@ def test_a_tokens_file_not_there_yet_holds_no_tokens_and_a_bad_one_stops_a_start
     path.write_text("not-a-digest\n")
     with pytest.raises(SettingsError, match="line 1: expected a SHA-256 hex digest"):
         Settings.from_env({"CICD_RAY_TOKENS_FILE": str(path)})
+
+
+def test_cicd_ray_home_and_the_folders_made_under_it_are_private(tmp_path):
+    """Issue 24, item 25: `mkdir(parents=True, mode=0o700)` made CICD_RAY_HOME 0755."""
+    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.sqlite import SqliteStore
+
+    for home, make in [
+            (tmp_path / "a" / "home", lambda h: ArtifactStore(f"file://{h / 'artifacts'}")),
+            (tmp_path / "b" / "home", lambda h: SqliteStore(h / "cicd.sqlite3")),
+            (tmp_path / "c" / "home", lambda h: add_token(h / "tokens", Role.ADMIN, None))]:
+        make(home)
+        for folder in (home.parent, home):
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder

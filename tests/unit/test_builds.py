@@ -386,3 +386,15 @@ def test_reuse_and_explain_never_cross_projects(settings, tmp_path):
     again = submitted(core.submit(pipeline, project="a"))  # a's own success is still reused
     driver.run_until_idle()
     assert steps_of(core, again)[1]["gen"].reused_from.run_id == first
+
+
+def test_a_kept_file_of_any_name_downloads_with_an_rfc_6266_disposition():
+    """Issue 24, item 24: a name with CR/LF broke the header (a 500)."""
+    from cicd_ray.buildroutes import disposition
+
+    assert disposition("report.xml") == (
+        "attachment; filename=\"report.xml\"; filename*=UTF-8''report.xml")
+    odd = disposition('a"b\r\nX-Evil: 1\\é.txt')
+    assert "\r" not in odd and "\n" not in odd
+    assert odd == ("attachment; filename=\"a_b__X-Evil: 1__.txt\"; "
+                   "filename*=UTF-8''a%22b%0D%0AX-Evil%3A%201%5C%C3%A9.txt")
