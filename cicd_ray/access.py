@@ -44,7 +44,7 @@ def needs(role: Role):
 def caller(grant: Grant) -> Caller:
     """The grant as the master records who acted."""
     return Caller(token_id=grant.token_id, project=grant.project,
-                  admin=grant.role is Role.ADMIN)
+                  admin=grant.role is Role.ADMIN, api=True)
 
 
 def scope(grant: Grant) -> str | None:

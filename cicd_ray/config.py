@@ -241,6 +241,9 @@ class Settings(BaseModel):
     # Where projects' secrets are: <dir>/<project>/<NAME>, read by workers (cicd_ray.secrets).
     secrets_dir: Path | None = None
     webhook_allow: list[str] = Field(default_factory=list)
+    # What git sources submitted through the API may name beyond public hosts: internal
+    # hosts or networks, and `file` for local repositories (CICD_RAY_GIT_ALLOW).
+    git_allow: list[str] = Field(default_factory=list)
     notify_webhook: str | None = None
     # Where the Python client finds the API, and the token it presents (also the base of the
     # links to a run's page in notifications).
@@ -341,10 +344,12 @@ def _files(env: dict[str, str]) -> dict[str, object]:
 def _structured(env: dict[str, str]) -> dict[str, object]:
     """The variables with a shape of their own: master resources (JSON), step users."""
     values: dict[str, object] = {}
-    try:
-        values["webhook_allow"] = parse_allow(env.get("CICD_RAY_WEBHOOK_ALLOW", ""))
-    except ValueError as e:
-        raise SettingsError([f"CICD_RAY_WEBHOOK_ALLOW: {e}"]) from None
+    for var, field in (("CICD_RAY_WEBHOOK_ALLOW", "webhook_allow"),
+                       ("CICD_RAY_GIT_ALLOW", "git_allow")):
+        try:
+            values[field] = parse_allow(env.get(var, ""))
+        except ValueError as e:
+            raise SettingsError([f"{var}: {e}"]) from None
     url = env.get("CICD_RAY_NOTIFY_WEBHOOK")
     if url and not re.match(WEBHOOK_URL, url):
         raise SettingsError([f"CICD_RAY_NOTIFY_WEBHOOK: {quote(url)} is not an http(s) URL"])

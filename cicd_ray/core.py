@@ -76,12 +76,15 @@ class MasterCore(CoreStarts):
 
     def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
              source: Source | None = None, request: str | None = None,
-             secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
+             secrets: dict[str, str] | None = None, project: str = "default",
+             from_api: bool = False) -> Planned:
         """Check and plan a submission; pure, so the shell runs it in a thread. `request`: its
         digest, when the caller has it already; `secrets`: the submission's own; `project`:
-        whose run it is to be."""
+        whose run it is to be; `from_api`: sent through the HTTP API (its git source must name
+        a public host, or one CICD_RAY_GIT_ALLOW lists)."""
         return plan_submission(pipeline, env or {}, source, self.settings, request,
-                               secrets=secrets or {}, project=project)
+                               secrets=secrets or {}, project=project,
+                               git_allow=self.settings.git_allow if from_api else None)
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""

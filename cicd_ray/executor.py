@@ -243,35 +243,13 @@ class Execution:
                 self._identity.release()
 
     def _start(self) -> subprocess.Popen:
-        own = self.task.secret_values  # the submission's own, else the project's
-        listed = [n for n in self.task.step.secrets if n not in own]
-        if self.task.fork and listed:  # a fork's pull request: written by an outsider
-            self._note(f"[cicd-ray] a pull request from a fork gets no secrets: "
-                       f"{', '.join(listed)} not set\n".encode())
-            listed = []
-        secrets = {**read_all(self.config.secrets_dir, self.task.project, listed), **own}
-        self._masker = Masker(list(secrets.values()))
-        if self.root.exists():
-            shutil.rmtree(self.root)
-        tmp, home = self.root / "tmp", self.root / "home"
-        if self._isolated:
-            open_for_steps(self.root.parent)
-        tmp.mkdir(parents=True)
-        home.mkdir()
-        for private in (tmp, home):  # the step's own, whoever it runs as
-            private.chmod(0o700)
-        if self.source_dir is not None:
-            shutil.copytree(self.source_dir, self.workspace, symlinks=True)
-        elif self.task.source_git is not None:
-            clone(self.task.source_git.git, self.task.commit or self.task.source_git.ref,
-                  self.workspace)
-        else:
-            self.workspace.mkdir()
+        secrets = self._secrets()
+        tmp, home = self._folders()
+        self._bring_source(home)
         self._place_inputs()
         script = self.root / "step.sh"
         script.write_text(self.task.step.run, encoding="utf-8")
-        if self._isolated:
-            self._identity = take_identity(self.config.step_uids, self.task.project)
+        if self._identity is not None:
             hand_over(self.root, self._identity.uid)
             os.chown(script, 0, self._identity.uid)  # the step reads it; it is root's
             script.chmod(0o640)
@@ -358,6 +336,55 @@ class Execution:
         return self._outcome(StepState.FAILED, code, started, usage, reason=f"exit code {code}")
 
     # --- artifacts and caches ----------------------------------------------------------------
+
+    def _secrets(self) -> dict[str, str]:
+        """The values of the secrets the step lists (a fork's pull request gets none of the
+        project's); the masker learns them before anything is logged."""
+        own = self.task.secret_values  # the submission's own, else the project's
+        listed = [n for n in self.task.step.secrets if n not in own]
+        if self.task.fork and listed:  # a fork's pull request: written by an outsider
+            self._note(f"[cicd-ray] a pull request from a fork gets no secrets: "
+                       f"{', '.join(listed)} not set\n".encode())
+            listed = []
+        secrets = {**read_all(self.config.secrets_dir, self.task.project, listed), **own}
+        self._masker = Masker(list(secrets.values()))
+        return secrets
+
+    def _folders(self) -> tuple[Path, Path]:
+        """The attempt's folder with its tmp/ and home/ (and its user, when it has one)."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        tmp, home = self.root / "tmp", self.root / "home"
+        if self._isolated:
+            open_for_steps(self.root.parent)
+        tmp.mkdir(parents=True)
+        home.mkdir()
+        for private in (tmp, home):  # the step's own, whoever it runs as
+            private.chmod(0o700)
+        if self._isolated:
+            self._identity = take_identity(self.config.step_uids, self.task.project)
+            os.chown(self.root, 0, self._identity.uid)  # entered by its user from now on
+            self.root.chmod(0o750)
+        return tmp, home
+
+    def _bring_source(self, home: Path) -> None:
+        """The workspace with the run's source: the snapshot copied, or the repository
+        cloned at its commit, as the step's user when it has one."""
+        if self.source_dir is not None:
+            shutil.copytree(self.source_dir, self.workspace, symlinks=True)
+            return
+        self.workspace.mkdir()
+        git = self.task.source_git
+        if git is None:
+            return
+        # A local repository (file://: an operator's or the cluster's own caller's, never
+        # accepted through the API) is the worker's to read; a step's user cannot.
+        local = git.git.startswith("file://")
+        uid = self._identity.uid if self._identity and not local else None
+        if uid is not None:
+            for folder in (self.workspace, home):
+                os.chown(folder, uid, uid)
+        clone(git.git, self.task.commit or git.ref, self.workspace, uid=uid, home=home)
 
     def _place_inputs(self) -> None:
         """The needs' artifacts, into the workspace before it is handed over."""

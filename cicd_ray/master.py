@@ -113,7 +113,7 @@ class Master(MasterStarts):
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
         planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request,
-                                          secrets, project)
+                                          secrets, project, bool(caller and caller.api))
         answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets,
                                caller)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import SourceError, SpecError
@@ -31,7 +32,7 @@ from cicd_ray.spec import (
     plan,
     planned_bytes,
 )
-from cicd_ray.webhooks import refused_targets
+from cicd_ray.webhooks import TargetRefused, checked_host, refused_targets
 
 Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
 
@@ -58,10 +59,12 @@ class Planned:
 def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
                     settings: Settings, request: str | None = None,
                     resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
-                    secrets: dict[str, str] | None = None, project: str = "default") -> Planned:
+                    secrets: dict[str, str] | None = None, project: str = "default",
+                    git_allow: list[str] | None = None) -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
     git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
-    one step that is not pure)."""
+    one step that is not pure). `git_allow`: for a submission through the API, what its git
+    source may name beyond public hosts (None: anything, the cluster's own callers)."""
     secrets = secrets or {}
     request = request or request_digest(pipeline, env, source, list(secrets))
     try:
@@ -93,6 +96,8 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(f"source: {len(source[1])} bytes is more than the "
                         f"{settings.source_limit_bytes} byte limit")
+    if git_allow is not None and source is None and isinstance(spec.source, GitSource):
+        problems += git_source_problems(spec.source.git, git_allow)
     commit, branch = None, ""
     if not problems and source is None and isinstance(spec.source, GitSource):
         try:
@@ -100,6 +105,33 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         except SourceError as e:
             problems.append(f"source.ref: {e}")
     return Planned(spec, steps, problems, request, commit, branch, group, project)
+
+
+def git_source_problems(url: str, allow: list[str]) -> list[str]:
+    """Why a git source sent through the API may not be fetched: a local repository (`file://`:
+    the machine's own files, read by the master and the workers) unless CICD_RAY_GIT_ALLOW
+    lists `file`, or a host that is (or resolves to) an internal address it does not list,
+    checked like a notification's target. Checked before git is asked anything."""
+    if url.startswith("file://"):
+        if "file" in allow:
+            return []
+        return [f"source.git: {url}: local repositories are not accepted through the API "
+                "(CICD_RAY_GIT_ALLOW=file allows them)"]
+    host, port = git_host(url)
+    try:
+        checked_host(host, port, allow)
+    except TargetRefused as e:
+        return [f"source.git: {e} (CICD_RAY_GIT_ALLOW)"]
+    return []
+
+
+def git_host(url: str) -> tuple[str, int]:
+    """The host and port a git URL reaches: https://h/..., ssh://u@h:p/..., git@h:path."""
+    if "://" not in url:  # scp-like: user@host:path
+        return url.split("@", 1)[-1].split(":", 1)[0], 22
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80, "ssh": 22, "git": 9418}.get(parts.scheme, 443)
+    return parts.hostname or "", parts.port or default
 
 
 def control_secrets(settings: Settings, project: str) -> dict[str, str]:

@@ -244,6 +244,7 @@ class Caller(BaseModel):
     token_id: str = ""
     project: str = "default"
     admin: bool = True
+    api: bool = False  # came through the HTTP API: its git sources are checked (CICD_RAY_GIT_ALLOW)
 
     def sees(self, project: str) -> bool:
         return self.admin or project == self.project

@@ -20,8 +20,10 @@ from pathlib import Path
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.isolation import as_user, chown_tree, popen_user
 
-GIT_TIMEOUT_S = 600.0
-
+GIT_TIMEOUT_S = 600.0  # a clone on a worker
+LOOKUP_TIMEOUT_S = 60.0  # a ref looked up, a file read (on the master, at submission)
+MAX_GIT_OUTPUT_BYTES = 16 * 1024 * 1024  # what git may print (a ref list, a file) before it
+# is refused: a server's 177 MiB ref list took the master to 783 MiB
 
 # Never worth copying into a build: version control, virtual environments, caches.
 EXCLUDED_NAMES = frozenset({
@@ -61,26 +63,30 @@ def source_folder(spec_source: object, pipeline_dir: Path,
     return pipeline_dir / spec_source if isinstance(spec_source, str) else None
 
 
-def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S) -> None:
-    """Clone `url` into `dest` and check out `ref` (a branch, tag or commit)."""
-    _git(["clone", "--quiet", "--", url, str(dest)], url, ref, timeout_s)
-    if COMMIT.match(ref) and not _has(str(dest), ref):
+def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S,
+          uid: int | None = None, home: Path | None = None) -> None:
+    """Clone `url` into `dest` (empty) and check out `ref` (a branch, tag or commit): as the
+    step's user `uid` when it has one (with `home` as its HOME), so nothing the repository
+    holds (a hook, a submodule, a link) is written or read as root."""
+    run = {"uid": uid, "home": home}
+    _git(["clone", "--quiet", "--", url, str(dest)], url, ref, timeout_s, **run)
+    if COMMIT.match(ref) and not _has(str(dest), ref, **run):
         # A commit on no branch (a fork's pull request: the host keeps it under
         # refs/pull/N/head): fetched by its SHA.
-        _git(["-C", str(dest), "fetch", "--quiet", "origin", ref], url, ref, timeout_s)
-    _git(["-C", str(dest), "checkout", "--quiet", "--detach", ref], url, ref, timeout_s)
+        _git(["-C", str(dest), "fetch", "--quiet", "origin", ref], url, ref, timeout_s, **run)
+    _git(["-C", str(dest), "checkout", "--quiet", "--detach", ref], url, ref, timeout_s, **run)
 
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 ABBREVIATED = re.compile(r"^[0-9a-fA-F]{4,40}$")
 
 
-def resolve(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> str:
+def resolve(url: str, ref: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> str:
     """The commit SHA `ref` names in `url` now (see `resolve_ref`)."""
     return resolve_ref(url, ref, timeout_s)[0]
 
 
-def resolve_ref(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> tuple[str, str]:
+def resolve_ref(url: str, ref: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> tuple[str, str]:
     """The commit SHA `ref` names in `url` now, and the branch it names ("" for a tag or a
     commit; HEAD names the branch it points at). The run is pinned to that commit, so every
     step and retry builds the same one however the branch moves. A branch, tag or HEAD is looked
@@ -113,7 +119,7 @@ def resolve_ref(url: str, ref: str, timeout_s: float = GIT_TIMEOUT_S) -> tuple[s
 
 
 def file_at(url: str, commit: str, path: str, limit_bytes: int,
-            timeout_s: float = GIT_TIMEOUT_S) -> str:
+            timeout_s: float = LOOKUP_TIMEOUT_S) -> str:
     """The text of the file `path` in `url` at `commit` (a full SHA): fetched alone where the
     host serves a commit by its SHA, else with the branches' history. SourceError when the
     commit or the file is not there, or the file is over `limit_bytes`."""
@@ -137,23 +143,49 @@ def file_at(url: str, commit: str, path: str, limit_bytes: int,
         return _git(["-C", tmp, "show", f"{commit}:{path}"], url, commit, timeout_s)
 
 
-def _has(repo: str, commit: str) -> bool:
-    done = subprocess.run(["git", "-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"],
-                          capture_output=True, timeout=GIT_TIMEOUT_S)
-    return done.returncode == 0
-
-
-def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = True) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password
+def _has(repo: str, commit: str, uid: int | None = None, home: Path | None = None) -> bool:
     try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        _git(["-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"], repo, commit,
+             LOOKUP_TIMEOUT_S, uid=uid, home=home)
+    except SourceError:
+        return False
+    return True
+
+
+def hardening(url: str) -> list[str]:
+    """git's own settings for every command: no `ext::` transport, and no local files (a
+    submodule or a redirect pointing at the machine's own repositories) unless the URL is
+    itself a local one an operator allowed."""
+    local = "always" if url.startswith("file://") else "never"
+    return ["-c", f"protocol.file.allow={local}", "-c", "protocol.ext.allow=never"]
+
+
+def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = True,
+         uid: int | None = None, home: Path | None = None) -> str:
+    """Run git (as `uid`, when given) and return what it printed: at most
+    MAX_GIT_OUTPUT_BYTES, kept in a file meanwhile, so a hostile server's flood costs disk
+    for a moment, never the caller's memory."""
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # never wait for a password
+    if home is not None:
+        env["HOME"] = str(home)
+    command = ["git", *hardening(url), *args]
+    try:
+        with tempfile.TemporaryFile() as out:
+            done = subprocess.run(as_user(uid, command) if uid is not None else command,
+                                  stdout=out, stderr=subprocess.PIPE, timeout=timeout_s,
+                                  env=env, **popen_user(uid))
+            size = out.tell()
+            out.seek(0)
+            printed = out.read(MAX_GIT_OUTPUT_BYTES).decode(errors="replace")
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SourceError(f"`git {args[0]}` did not finish: {e}") from None
+    if size > MAX_GIT_OUTPUT_BYTES:
+        raise SourceError(f"`git {args[0]}` of {url} printed {size} bytes, more than the "
+                          f"{MAX_GIT_OUTPUT_BYTES} accepted")
     if done.returncode != 0 and check:
         raise SourceError(f"git could not fetch {url} at {ref}: "
-                          f"{done.stderr.strip()[-1000:]}")
-    return done.stdout
+                          f"{done.stderr.decode(errors='replace').strip()[-1000:]}")
+    return printed
 
 
 def _walk(root: Path):

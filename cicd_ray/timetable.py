@@ -15,9 +15,10 @@ import heapq
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError
+from cicd_ray.planning import git_source_problems
 from cicd_ray.records import Changes
 from cicd_ray.schedules import ScheduleRecord, ScheduleSpec, due, fires_problem, next_slot
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.spec import GitSource, parse_pipeline
 from cicd_ray.store import Store
 
 
@@ -122,7 +123,10 @@ class Timetable:
             problems.append("a schedule runs a `pipeline` or a `repository`'s pipeline file")
         else:
             try:
-                parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes)
+                parsed = parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes)
+                if isinstance(parsed.source, GitSource):  # made through the API: checked so
+                    problems += [f"pipeline: {p}" for p in  # (its slots plan it later)
+                                 git_source_problems(parsed.source.git, self.settings.git_allow)]
             except SpecError as e:
                 problems += [f"pipeline: {p}" for p in e.problems]
         problem = fires_problem(spec, now, self.settings.schedule_min_interval_s)

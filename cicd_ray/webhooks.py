@@ -117,8 +117,14 @@ def _getaddrinfo(host: str, port: int) -> list[str]:
 def checked_address(url: str, allow: list[str], resolve: Resolver = _getaddrinfo) -> str:
     """The address to send to: the URL's host resolved, each address it has checked."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    return checked_host(parts.hostname or "", port, allow, resolve)
+
+
+def checked_host(host: str, port: int, allow: list[str],
+                 resolve: Resolver = _getaddrinfo) -> str:
+    """The address to reach `host` at: each address it has checked (a notification's, a git
+    source's submitted through the API); TargetRefused for an internal one not allowed."""
     try:
         addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolve(host, port)]
     except (OSError, ValueError) as e:

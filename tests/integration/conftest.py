@@ -100,6 +100,7 @@ def harness(tmp_path_factory):
                "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1)},
         heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
         schedule_min_interval_s=1,  # test_schedules fires every 5 s
+        git_allow=["file"],  # the tests' repositories are local ones
         webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
         secrets_dir=secrets,
         projects={"capped": ProjectConfig(name="capped", max_queued_runs=1)},

@@ -13,7 +13,7 @@ import ray
 
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.states import StepState
-from tests.waiting import all_gone
+from tests.waiting import all_gone, pids_in
 
 pytestmark = pytest.mark.fault
 
@@ -56,11 +56,7 @@ def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, 
         f'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600 & echo $! >> {pids}; '
         f'setsid sleep 601 & echo $! >> {pids}; sleep 602; fi; echo "attempt $CICD_ATTEMPT"')}]})
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
-    deadline = time.monotonic() + 30
-    while len(pids.read_text().split() if pids.exists() else []) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    orphans = [int(p) for p in pids.read_text().split()]
+    orphans = pids_in(pids, 2)
     assert all(psutil.pid_exists(p) for p in orphans)
     ray.kill(ray.get_actor(worker_actor_name(step["worker_id"]), namespace=NAMESPACE))
     view = harness.wait(run_id, timeout_s=60)

@@ -64,15 +64,18 @@ def test_retry_on_failure_keeps_each_attempts_log(harness):
 
 def test_timeout_kills_step_and_its_background_children(harness, shared_dir):
     pids = shared_dir / "pids"
-    view = harness.run({"name": "slow", "steps": [{
+    run_id = harness.submit({"name": "slow", "steps": [{
         "name": "hang", "timeout": 2,
         "run": f"sleep 600 & echo $! >> {pids}\n(sleep 601 & echo $! >> {pids}; wait) &\n"
                "echo waiting; sleep 602",
     }]})
+    running = pids_in(pids, 2)  # as the test sees them, while they run
+    assert len(running) >= 2
+    view = harness.wait(run_id)
     step = harness.step(view, "hang")
     assert (view["run"]["state"], step["state"]) == ("failed", "timed_out")
     assert step["reason"] == "timed out after 2 s"
-    assert all_gone(pids_in(pids, 2))
+    assert all_gone(running)
 
 
 def test_growing_log_is_readable_while_the_step_runs(harness):

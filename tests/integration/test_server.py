@@ -25,7 +25,8 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("up-home")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "CICD_RAY_"))}
-    env.update(CICD_RAY_HOME=str(home), PATH=f"{BIN}:{env['PATH']}")
+    env.update(CICD_RAY_HOME=str(home), PATH=f"{BIN}:{env['PATH']}",
+               CICD_RAY_GIT_ALLOW="file")  # the guide's $REPO is a local repository
 
     def cli(*args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env={**env, **extra},

@@ -293,3 +293,72 @@ def _tree(src: Path) -> Path:
     (src / "pkg" / "a.py").write_text("print(1)\n")
     (src / "link").symlink_to("pkg/a.py")
     return src
+
+
+def test_git_sources_through_the_api_name_public_hosts_only(tmp_path, monkeypatch):
+    """Issue 24, item 13: any host and `file://` were accepted through the API, fetched as
+    root; git ran with no transport limits and unbounded output on the master."""
+    from cicd_ray.config import Settings
+    from cicd_ray.core import MasterCore
+    from cicd_ray.errors import SourceError
+    from cicd_ray.planning import git_source_problems
+    from cicd_ray.source import hardening, resolve_ref
+    from cicd_ray.store.memory import MemoryStore
+
+    url = make_repo(tmp_path)
+    assert git_source_problems(url, []) == [
+        f"source.git: {url}: local repositories are not accepted through the API "
+        "(CICD_RAY_GIT_ALLOW=file allows them)"]
+    assert git_source_problems(url, ["file"]) == []
+    for internal in ("https://127.0.0.1/a.git", "ssh://git@10.1.2.3:2222/a.git",
+                     "git@localhost:a.git", "https://[64:ff9b::a9fe:a9fe]/a.git"):
+        [problem] = git_source_problems(internal, [])
+        assert "loopback or private address" in problem and "CICD_RAY_GIT_ALLOW" in problem
+    assert git_source_problems("https://127.0.0.1/a.git", ["127.0.0.1"]) == []
+    assert git_source_problems("https://8.8.8.8/a.git", []) == []
+    core = MasterCore(Settings(home=tmp_path / "home"), MemoryStore(), clock=lambda: 0.0)
+    doc = {"name": "g", "source": {"git": url, "ref": "main"},
+           "steps": [{"name": "a", "run": "true"}]}
+    assert "not accepted through the API" in core.plan(doc, from_api=True).problems[0]
+    assert core.plan(doc).problems == []  # the cluster's own caller (run --address, a job)
+    assert hardening("https://h/a.git")[:2] == ["-c", "protocol.file.allow=never"]
+    assert "protocol.ext.allow=never" in hardening(url)
+    monkeypatch.setattr("cicd_ray.source.MAX_GIT_OUTPUT_BYTES", 40)
+    with pytest.raises(SourceError, match=r"printed \d+ bytes, more than the 40 accepted"):
+        resolve_ref(url, "HEAD")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a step's user exists for root; CI runs as root")
+def test_a_network_repository_is_cloned_as_the_step_s_user(tmp_path):
+    """Issue 24, item 13: cloned as root before; now nothing of it is written as root."""
+    import socket
+    import time
+
+    from cicd_ray.source import clone
+
+    url = make_repo(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = url.removeprefix("file://").rsplit("/", 1)[0]
+    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all",
+                               f"--base-path={base}", f"--port={port}",
+                               "--listen=127.0.0.1", base],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        dest, home = Path("/var/tmp") / f"cicd-clone-{os.getpid()}", tmp_path / "h"
+        for folder in (dest, home):
+            folder.mkdir()
+            os.chown(folder, 211000, 211000)
+        for _ in range(50):  # the daemon takes a moment to listen
+            try:
+                clone(f"git://127.0.0.1:{port}/repo.git", "v1", dest, uid=211000, home=home)
+                break
+            except Exception:
+                time.sleep(0.1)
+        owners = {p.lstat().st_uid for p in [dest, *dest.rglob("*")]}
+        assert owners == {211000} and (dest / "README").read_text() == "version one\n"
+    finally:
+        daemon.kill()
+        daemon.wait()
+        subprocess.run(["rm", "-rf", f"/var/tmp/cicd-clone-{os.getpid()}"], check=False)
