@@ -70,6 +70,9 @@ class MasterCore(CoreStarts):
         self.events = EventLog(self.started_at)
         self.observers: list[Observer] = [self.events, *(observers or [])]
         self._effects = Effects()
+        # Runs holding secrets of their own, and the names: dropped once no step that lists
+        # one can run again (not only when the run ends).
+        self._own_secrets: dict[str, set[str]] = {}
         self.recovered = self._recover()
 
     # --- submissions ---------------------------------------------------------------------------
@@ -290,6 +293,9 @@ class MasterCore(CoreStarts):
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
+        changes.drop_run_secrets += self._secrets_no_longer_needed(changes.drop_run_secrets)
+        for run_id, values in extra.run_secrets.items() if extra is not None else ():
+            self._own_secrets[run_id] = set(values.values)  # looked at from the next commit
         if changes:
             t0 = time.perf_counter()
             self.store.save(changes)
@@ -303,6 +309,19 @@ class MasterCore(CoreStarts):
                 task.secret_values = {n: own[n] for n in task.step.secrets if n in own}
         self._effects.extend(effects)
         return effects
+
+    def _secrets_no_longer_needed(self, dropped: list[str]) -> list[str]:
+        """Runs whose own secrets no step will be given any more: every step that lists one
+        has ended (a retry would still need them; a run that ended drops them anyway)."""
+        out = []
+        for run_id, names in list(self._own_secrets.items()):
+            steps = self.sched.steps.get(run_id)
+            if run_id in dropped or steps is None:
+                del self._own_secrets[run_id]
+            elif all(s.state.terminal for s in steps.values() if names & set(s.spec.secrets)):
+                del self._own_secrets[run_id]
+                out.append(run_id)
+        return out
 
     def take_effects(self) -> Effects:
         """The effects committed since the last call, for the shell to carry out."""
@@ -341,6 +360,10 @@ class MasterCore(CoreStarts):
         running = {s.run_id for s in steps if s.current_attempt}
         attempts = [a for run_id in running for a in self.store.get_attempts(run_id)]
         self.sched.restore(runs, steps, self.store.list_workers(), self.clock(), attempts)
+        for run in runs:  # (a run's own secrets, as the store still holds them)
+            own = self.store.get_run_secrets(run.id)
+            if own:
+                self._own_secrets[run.id] = set(own)
         self.outbox.recover(self.clock())
         self.commit(self.timetable.sync(self.clock()))
         return len(runs)

@@ -232,7 +232,8 @@ class DeliveryRecord(BaseModel):
 
 class RunSecrets(BaseModel):
     """A submission's own secrets: stored apart from the run (never in its record or view),
-    given to the steps that list them, deleted when the run ends."""
+    given to the steps that list them, deleted once every step that lists one has ended (at
+    the latest when the run ends)."""
 
     values: dict[str, str] = Field(default_factory=dict, repr=False)
 

@@ -241,3 +241,24 @@ def test_a_step_s_reason_and_kept_file_names_are_masked(tmp_path):
     outcome, log, _ = execute(tmp_path, t, artifacts=store, artifact_max_bytes=10)
     assert outcome.state.value == "failed" and "big-***.bin" in outcome.reason
     assert TOKEN not in outcome.reason and TOKEN not in log
+
+
+def test_a_run_s_own_secrets_go_once_no_step_that_lists_them_can_run(settings):
+    """Issue 24, item 23: they stayed in the store until the whole run ended."""
+    store = MemoryStore()
+    core, driver = make(settings, store)
+    pipeline = {"name": "own", "steps": [
+        {"name": "deploy", "secrets": ["RUN_TOKEN"], "run": "true"},
+        {"name": "long", "needs": ["deploy"], "run": "true"}]}
+    run_id = submitted(core.submit(pipeline, secrets={"RUN_TOKEN": "value-" + "v" * 12}))
+    while not any(o.step == "deploy" for o in driver.outcomes):
+        driver.carry_out()
+        if driver.pending:
+            driver.run_next()
+        else:
+            core.tick()
+    core.tick()  # the outcome is taken up
+    assert store.get_run(run_id).state.value == "running"  # `long` is still to run
+    assert store.get_run_secrets(run_id) == {}
+    driver.run_until_idle()
+    assert store.get_run(run_id).state.value == "succeeded"
