@@ -20,7 +20,7 @@ class ApproveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reject: bool = False
     comment: Annotated[str, StringConstraints(max_length=1000)] = ""
-    by: Who | None = None  # who answers, as recorded and shown (default: the token's id)
+    by: Who | None = None  # a name the caller gives: kept with the comment, not as who answered
 
 
 def flow_routes(master) -> APIRouter:
@@ -33,8 +33,10 @@ def flow_routes(master) -> APIRouter:
         """Release (or, with `reject`, reject) a step waiting for approval; who, when and
         why are recorded on the step (`approval`). 409 when the step is not waiting."""
         req = req or ApproveRequest()
-        by = req.by or f"token {grant.token_id}"
-        answer = await master.call("approve", run_id, step, not req.reject, by, req.comment,
+        # Who answered is the token, always: a name typed in is the caller's word, not proof.
+        by = f"token {grant.token_id}"
+        comment = f"({req.by}) {req.comment}".strip() if req.by else req.comment
+        answer = await master.call("approve", run_id, step, not req.reject, by, comment,
                                    caller(grant))
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)

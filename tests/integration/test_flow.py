@@ -4,6 +4,7 @@ real HTTP server, signed, delivered once across a master SIGKILL."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -129,11 +130,14 @@ def test_an_approval_is_released_over_http_and_another_rejected(harness, http, s
     done = harness.wait(released)
     assert done["run"]["state"] == "succeeded"
     approval = harness.step(done, "production")["approval"]
-    assert (approval["decision"], approval["by"], approval["comment"]) == ("approved", "ann",
-                                                                           "release 1.2")
+    # Issue 24, item 21: who answered is the token; the name typed is kept in the comment.
+    token_id = hashlib.sha256(API_TOKEN.encode()).hexdigest()[:12]
+    assert (approval["decision"], approval["by"], approval["comment"]) == (
+        "approved", f"token {token_id}", "(ann) release 1.2")
     failed = harness.wait(rejected)
     assert failed["run"]["state"] == "failed"
-    assert harness.step(failed, "production")["reason"] == "rejected by bob: freeze"
+    assert harness.step(failed, "production")["reason"] == (
+        f"rejected by token {token_id}: (bob) freeze")
     assert evidence.read_text() == f"deployed {released}\n"
     again = http.post(url, json={})
     assert again.status_code == 409 and "has ended (succeeded)" in again.json()["detail"]

@@ -316,7 +316,9 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
         assert (rejected["state"], rejected["decision"]) == ("failed", "rejected")
         assert waiting[0].wait(timeout=120).state == "succeeded"
         assert waiting[1].wait(timeout=120).state == "failed"
-        assert waiting[0].steps[0]["approval"]["by"] == "ann"
+        token_id = hashlib.sha256(server["token"].encode()).hexdigest()[:12]
+        assert waiting[0].steps[0]["approval"]["by"] == f"token {token_id}"
+        assert waiting[0].steps[0]["approval"]["comment"] == "(ann) release 1.4"
     [audit] = sh('curl -s "$CICD_RAY_URL/api/v1/audit?limit=20" -H "$H"')
     token_id = hashlib.sha256(server["token"].encode()).hexdigest()[:12]
     answered = [(r["action"], r["run_id"], r["step"], r["token_id"]) for r in audit["audit"]
