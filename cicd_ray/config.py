@@ -151,6 +151,8 @@ ENV_NUMBERS = {
     "CICD_RAY_HEARTBEAT_INTERVAL_S": "heartbeat_interval_s",
     "CICD_RAY_HEARTBEAT_TIMEOUT_S": "heartbeat_timeout_s",
     "CICD_RAY_LOG_CAP_BYTES": "log_cap_bytes",
+    "CICD_RAY_LOG_RUN_MAX_BYTES": "log_run_max_bytes",
+    "CICD_RAY_MAX_QUEUED_RUNS": "max_queued_runs",
     "CICD_RAY_KILL_GRACE_S": "kill_grace_s",
     "CICD_RAY_RETENTION_DAYS": "retention_days",
     "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES": "source_unpacked_limit_bytes",
@@ -185,6 +187,9 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(15.0, gt=0)
     log_cap_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    log_run_max_bytes: int = Field(1024**3, ge=1)  # all of one run's logs (cicd_ray.budgets)
+    # A project's runs not yet started, unless the projects file gives it its own quota.
+    max_queued_runs: int = Field(1000, ge=1)
     log_flush_interval_s: float = Field(0.25, gt=0)
     kill_grace_s: float = Field(3.0, ge=0)
     keep_workspaces: bool = False

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from cicd_ray.budgets import LogBudget
 from cicd_ray.config import Settings
 from cicd_ray.events import EventLog
 from cicd_ray.outbox import Outbox
@@ -73,6 +74,7 @@ class MasterCore(CoreStarts):
         # Runs holding secrets of their own, and the names: dropped once no step that lists
         # one can run again (not only when the run ends).
         self._own_secrets: dict[str, set[str]] = {}
+        self.log_budget = LogBudget(settings.log_run_max_bytes)
         self.recovered = self._recover()
 
     # --- submissions ---------------------------------------------------------------------------
@@ -145,11 +147,16 @@ class MasterCore(CoreStarts):
         return self.known_key(key, planned.request) or self.accept(planned, source, key,
                                                                    secrets, caller)
 
+    def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
+        """A chunk of a running attempt's log, stored as far as its run's budget allows."""
+        kept = self.log_budget.admit(attempt_id, data)
+        if kept:
+            self.store.append_log(attempt_id, seq, kept)
+
     def _over_quota(self, project: str) -> OverQuota | None:
         config = self.settings.projects.get(project)
-        limit = config.max_queued_runs if config else None
-        if limit is None:
-            return None
+        limit = config.max_queued_runs if config and config.max_queued_runs else \
+            self.settings.max_queued_runs
         queued = sum(1 for r in self.sched.runs.values()
                      if r.project == project and r.state is RunState.QUEUED)
         if queued < limit:
@@ -290,8 +297,12 @@ class MasterCore(CoreStarts):
             changes.deliveries.update(extra.deliveries)
             changes.schedules.update(extra.schedules)
             changes.drop_schedules += extra.drop_schedules
+        changes.logs = [(a, seq, kept) for a, seq, data in changes.logs
+                        if (kept := self.log_budget.admit(a, data))]
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
+            for run in decisions.ended_runs:
+                self.log_budget.forget(run.id)
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
         changes.drop_run_secrets += self._secrets_no_longer_needed(changes.drop_run_secrets)
         for run_id, values in extra.run_secrets.items() if extra is not None else ():

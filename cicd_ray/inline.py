@@ -67,7 +67,7 @@ class InlineDriver:
     def execute(self, task: StepTask) -> StepOutcome:
         """Run an attempt, its log going to the store, without reporting its outcome."""
         source = self._source(task.source_digest) if task.source_digest else None
-        ship = lambda seq, data: self.core.store.append_log(task.attempt_id, seq, data)  # noqa: E731
+        ship = lambda seq, data: self.core.append_log(task.attempt_id, seq, data)  # noqa: E731
         return Execution(task, self.config, source, ship).run()
 
     def report(self, outcome: StepOutcome) -> bool:

@@ -237,7 +237,7 @@ class Master(MasterStarts):
         return True
 
     async def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
-        self.core.store.append_log(attempt_id, seq, data)
+        self.core.append_log(attempt_id, seq, data)
 
     async def get_source(self, digest: str) -> bytes | None:
         return self.core.store.get_source(digest)

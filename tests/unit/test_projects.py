@@ -182,3 +182,39 @@ def test_a_project_uses_only_the_pools_it_is_given(tmp_path):
     assert c.store.list_runs() == []
     assert isinstance(c.submit(PIPELINE, project="web"), Submitted)
     assert isinstance(c.submit(costly, project="ops"), Submitted)  # not listed: every pool
+
+
+def test_every_project_has_a_queued_runs_quota_by_default(tmp_path):
+    """Issue 24, item 18: quotas were off unless the projects file set them."""
+    c = MasterCore(Settings(home=tmp_path, max_queued_runs=2), MemoryStore(),
+                   clock=lambda: 1000.0)
+    for _ in range(2):
+        assert isinstance(c.submit(PIPELINE, project="unlisted"), Submitted)
+    refused = c.submit(PIPELINE, project="unlisted")
+    assert isinstance(refused, OverQuota) and "(max_queued_runs: 2)" in refused.detail
+
+
+def test_a_run_s_logs_stop_at_its_budget_with_a_line_saying_so(tmp_path):
+    """Issue 24, item 18: each attempt was capped, a run was not (5 MiB x 21 attempts x
+    5,000 steps)."""
+    from cicd_ray.budgets import LogBudget
+    from cicd_ray.config import PoolConfig
+    from cicd_ray.store import run_view
+    from tests.unit.test_core import make
+
+    budget = LogBudget(100)
+    assert budget.admit("r/a/1", b"x" * 60) == b"x" * 60
+    cut = budget.admit("r/b/1", b"y" * 60)
+    assert cut.startswith(b"y" * 40 + b"\n[cicd-ray] log dropped: this run's logs reached 100")
+    assert budget.admit("r/b/1", b"more") == b"" and budget.admit("other/a/1", b"z") == b"z"
+    settings = Settings(home=tmp_path, log_run_max_bytes=2000,
+                        pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    core, driver = make(settings)
+    steps = [{"name": f"s{i}", "run": "head -c 1500 /dev/zero | tr '\\\\0' x"} for i in range(3)]
+    run_id = core.submit({"name": "loud", "steps": steps}).run_id
+    driver.run_until_idle()
+    view = run_view(core.store, run_id)
+    logs = [core.store.read_log(a.id) for a in view.attempts]
+    assert sum(len(x) for x in logs) < 2000 + 3 * 200
+    assert sum(b"(CICD_RAY_LOG_RUN_MAX_BYTES)" in x for x in logs) == 2
+    assert view.run.state.value == "succeeded"
