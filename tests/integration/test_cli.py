@@ -331,6 +331,7 @@ def test_approve_releases_a_waiting_step_and_status_shows_who(harness, api, cli)
     assert f"gate in run {run_id}: succeeded" in done.stdout
     assert harness.wait(run_id)["run"]["state"] == "succeeded"
     shown = " ".join(cli("status", run_id, **remote).stdout.split())
-    assert "gate: approved by cli-user at" in shown and ": looks good" in shown
+    # Through the API, who answered is the token; the name given goes before the comment.
+    assert "gate: approved by token " in shown and ": (cli-user) looks good" in shown
     again = cli("approve", run_id, "gate", **remote)
     assert again.returncode != 0 and "has ended (succeeded)" in again.stdout + again.stderr
