@@ -436,7 +436,7 @@ class _Health:
 def _check(pipeline: str | dict[str, Any], env: dict[str, str], limit: int) -> list[str]:
     """The problems this replica can see without the master (which also checks pools)."""
     try:
-        parse_pipeline(pipeline, max_bytes=limit)
+        parse_pipeline(pipeline, max_bytes=limit, measure_objects=True)
     except SpecError as e:
         return e.problems
     return check_env_overrides(env)

@@ -306,13 +306,18 @@ def load_yaml(text: str, source: str = "pipeline",
 
 
 def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
-                   max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> PipelineSpec:
-    """Validate a pipeline given as YAML text or as an already-parsed mapping."""
+                   max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES,
+                   measure_objects: bool = False) -> PipelineSpec:
+    """Validate a pipeline given as YAML text or as an already-parsed mapping. With
+    `measure_objects` (a mapping sent by a client: the API's), the mapping is held to
+    `max_bytes` as compact JSON too; the cluster's own callers send a loaded model's dump,
+    whose defaults spelled out weigh more than the text they came from."""
     if isinstance(doc, str):
         doc = load_yaml(doc, source=source, max_bytes=max_bytes)
     else:
         yamldoc.check_shape(doc, source=source)
-        size = len(json.dumps(doc, default=str).encode())  # as text, it had the same limit
+        size = len(json.dumps(doc, default=str, separators=(",", ":")).encode()) \
+            if measure_objects else 0
         if size > max_bytes:
             raise SpecError([f"(document): {size} bytes as JSON is more than the {max_bytes} "
                              "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"], source=source)

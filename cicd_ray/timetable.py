@@ -123,7 +123,8 @@ class Timetable:
             problems.append("a schedule runs a `pipeline` or a `repository`'s pipeline file")
         else:
             try:
-                parsed = parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes)
+                parsed = parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes,
+                                        measure_objects=True)
                 if isinstance(parsed.source, GitSource):  # made through the API: checked so
                     problems += [f"pipeline: {p}" for p in  # (its slots plan it later)
                                  git_source_problems(parsed.source.git, self.settings.git_allow)]

@@ -237,6 +237,8 @@ def test_the_amplification_request_is_refused_by_a_named_limit_and_stores_nothin
     as_object = {"name": "amp", "steps": [{"name": f"s{i}", "run": "x" * 20_000}
                                           for i in range(60)]}  # 1.2 MB as JSON
     assert len(json.dumps(as_object)) > 2**20
-    refused = core.submit(as_object)
-    assert "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)" in refused.problems[0]
+    from cicd_ray.api import _check  # what the API's submit route checks a body with
+
+    [refused] = _check(as_object, {}, 2**20)
+    assert "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)" in refused
     assert core.store.list_runs() == []
