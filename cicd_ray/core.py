@@ -304,7 +304,8 @@ class MasterCore(CoreStarts):
             for run in decisions.ended_runs:
                 self.log_budget.forget(run.id)
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
-        changes.drop_run_secrets += self._secrets_no_longer_needed(changes.drop_run_secrets)
+        changes.drop_run_secrets += self._secrets_no_longer_needed(
+            changes.drop_run_secrets, {run_id for run_id, _ in changes.steps})
         for run_id, values in extra.run_secrets.items() if extra is not None else ():
             self._own_secrets[run_id] = set(values.values)  # looked at from the next commit
         if changes:
@@ -321,12 +322,13 @@ class MasterCore(CoreStarts):
         self._effects.extend(effects)
         return effects
 
-    def _secrets_no_longer_needed(self, dropped: list[str]) -> list[str]:
+    def _secrets_no_longer_needed(self, dropped: list[str], touched: set[str]) -> list[str]:
         """Runs whose own secrets no step will be given any more: every step that lists one
-        has ended (a retry would still need them; a run that ended drops them anyway)."""
+        has ended (a retry would still need them; a run that ended drops them anyway). Only
+        the runs whose steps this batch changed are looked at: a commit stays cheap."""
         out = []
-        for run_id, names in list(self._own_secrets.items()):
-            steps = self.sched.steps.get(run_id)
+        for run_id in touched.union(dropped) & self._own_secrets.keys():
+            names, steps = self._own_secrets[run_id], self.sched.steps.get(run_id)
             if run_id in dropped or steps is None:
                 del self._own_secrets[run_id]
             elif all(s.state.terminal for s in steps.values() if names & set(s.spec.secrets)):

@@ -74,9 +74,10 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         group = expanded(spec.concurrency, {**spec.env, **env}, "concurrency.group")
     except SpecError as e:
         return Planned(None, [], e.problems, request, project=project)
-    if planned_bytes(steps) > settings.max_planned_bytes:
+    weight = planned_bytes(steps)
+    if weight > settings.max_planned_bytes:
         problems.append(f"steps: the planned steps' scripts and envs come to "
-                        f"{planned_bytes(steps)} bytes, more than the "
+                        f"{weight} bytes, more than the "
                         f"{settings.max_planned_bytes} a run may have "
                         "(CICD_RAY_MAX_PLANNED_BYTES): set large variables once, or in fewer "
                         "steps")

@@ -316,11 +316,12 @@ def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
         doc = load_yaml(doc, source=source, max_bytes=max_bytes)
     else:
         yamldoc.check_shape(doc, source=source)
-        size = len(json.dumps(doc, default=str, separators=(",", ":")).encode()) \
-            if measure_objects else 0
-        if size > max_bytes:
-            raise SpecError([f"(document): {size} bytes as JSON is more than the {max_bytes} "
-                             "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"], source=source)
+        if measure_objects:
+            size = len(json.dumps(doc, default=str, separators=(",", ":")).encode())
+            if size > max_bytes:
+                raise SpecError([f"(document): {size} bytes as JSON is more than the "
+                                 f"{max_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"],
+                                source=source)
     if not isinstance(doc, dict):
         got = type(doc).__name__ if doc is not None else "an empty document"
         raise SpecError(
@@ -612,11 +613,11 @@ def check_env_overrides(env: dict[str, str]) -> list[str]:
             problems.append(f"env.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved")
         if not isinstance(value, str):
             problems.append(f"env.{key}: values must be strings, got {value!r}")
-        elif len(value.encode()) > MAX_ENV_VALUE_BYTES:
-            problems.append(f"env.{key}: {len(value.encode())} bytes is more than the "
+        elif (size := len(value.encode())) > MAX_ENV_VALUE_BYTES:
+            problems.append(f"env.{key}: {size} bytes is more than the "
                             f"{MAX_ENV_VALUE_BYTES} a value may have")
-    if not problems and env_bytes(env) > MAX_ENV_BYTES:
-        problems.append(f"env: {env_bytes(env)} bytes is more than the {MAX_ENV_BYTES} an "
+    if not problems and (total := env_bytes(env)) > MAX_ENV_BYTES:
+        problems.append(f"env: {total} bytes is more than the {MAX_ENV_BYTES} an "
                         "env may have")
     return problems
 

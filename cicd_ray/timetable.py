@@ -125,9 +125,10 @@ class Timetable:
             try:
                 parsed = parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes,
                                         measure_objects=True)
-                if isinstance(parsed.source, GitSource):  # made through the API: checked so
-                    problems += [f"pipeline: {p}" for p in  # (its slots plan it later)
-                                 git_source_problems(parsed.source.git, self.settings.git_allow)]
+                if isinstance(parsed.source, GitSource):  # made through the API: checked now,
+                    found = git_source_problems(parsed.source.git,  # as its slots are not
+                                                self.settings.git_allow)
+                    problems += [f"pipeline: {p}" for p in found]
             except SpecError as e:
                 problems += [f"pipeline: {p}" for p in e.problems]
         problem = fires_problem(spec, now, self.settings.schedule_min_interval_s)
