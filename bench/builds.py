@@ -33,10 +33,10 @@ from pathlib import Path
 
 from common import local_cluster
 
-from cicd_ray import cluster
-from cicd_ray.backends import RayRunner, follow_run
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
 from cicd_ray.config import Settings
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.pipeline.load import parse_pipeline
 
 SECONDS = re.compile(r"^took ([0-9]+)e-3$", re.M)
 
@@ -49,7 +49,7 @@ class Bench:
     def run(self, doc: dict, source: Path | None = None, ok: bool = True):
         """(wall seconds from submission to the end, the final view)."""
         t0 = time.perf_counter()
-        run_id = cluster.submit(self.master, parse_pipeline(doc), self.work, source, None,
+        run_id = session.submit(self.master, parse_pipeline(doc), self.work, source, None,
                                 self.settings)
         view = follow_run(self.runner, run_id)
         took = time.perf_counter() - t0

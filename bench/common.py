@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cicd_ray import cluster
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.cluster import session
+from cicd_ray.config import Settings
+from cicd_ray.pools import PoolConfig
 
 
 @contextmanager
@@ -23,12 +24,12 @@ def local_cluster(**settings_of: object) -> Iterator[tuple[Settings, object, Pat
     settings = Settings(home=home, pools={
         "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)},
         **settings_of)
-    cluster.connect(settings=settings, num_cpus=4)
-    master = cluster.ensure_master(settings)
+    session.connect(settings=settings, num_cpus=4)
+    master = session.ensure_master(settings)
     work = home / "bench"
     work.mkdir()
     try:
         yield settings, master, work
     finally:
-        cluster.shutdown_embedded(master)
+        session.shutdown_embedded(master)
         shutil.rmtree(home, ignore_errors=True)

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import ray
 
-from cicd_ray import cluster
-from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, Settings
-from cicd_ray.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
-from cicd_ray.spec import MAX_PLANNED_STEPS, parse_pipeline
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
+from cicd_ray.config import Settings
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pipeline.model import MAX_PLANNED_STEPS
+from cicd_ray.pools import PoolConfig
+from cicd_ray.worker.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
 
 
 @ray.remote(num_cpus=1)
@@ -37,7 +39,7 @@ def plain_step() -> int:
 
 def run_pipeline(master, settings: Settings, doc: dict) -> float:
     t0 = time.perf_counter()
-    run_id = cluster.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
+    run_id = session.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
     view = follow_run(RayRunner(master, settings), run_id)
     took = time.perf_counter() - t0
     state = view.run.state.value
@@ -76,8 +78,8 @@ def main() -> None:
         "parked": PoolConfig(name="parked", workers=0, cpus=1, memory_mb=0),
     })
     # Workers hold their slots as CPUs; plain tasks get as many CPUs of their own.
-    cluster.connect(settings=settings, num_cpus=2 * args.slots)
-    master = cluster.ensure_master(settings)
+    session.connect(settings=settings, num_cpus=2 * args.slots)
+    master = session.ensure_master(settings)
     for d in (fan_out(args.slots * 4), chain(3)):  # warm up: workers registered, code loaded
         run_pipeline(master, settings, d)
     ray.get([plain_step.remote() for _ in range(args.slots * 4)])
@@ -104,7 +106,7 @@ def main() -> None:
               "steps": [{"name": f"q{i}", "run": "true",
                          "resources": {"cpu": 1, "memory_mb": 0}} for i in range(args.queued)]}
     t0 = time.perf_counter()
-    run_id = cluster.submit(master, parse_pipeline(queued), Path("."), None, None, settings)
+    run_id = session.submit(master, parse_pipeline(queued), Path("."), None, None, settings)
     submit_s = time.perf_counter() - t0
     stats = ray.get(master.stats.remote())
     ray.get(master.cancel.remote(run_id))
@@ -121,7 +123,7 @@ def main() -> None:
     print(f"master memory: {rss_before:.0f} MiB idle, {stats['rss_mb']:.0f} MiB with "
           f"{stats['queued'].get('parked', 0)} steps queued "
           f"(+{stats['rss_mb'] - rss_before:.0f} MiB); submitting them took {submit_s:.2f}s")
-    cluster.shutdown_embedded(master)
+    session.shutdown_embedded(master)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from common import local_cluster
 
-from cicd_ray import cluster
-from cicd_ray.backends import RayRunner, follow_run
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
 from cicd_ray.config import Settings
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.pipeline.load import parse_pipeline
 
 
 class Bench:
@@ -32,7 +32,7 @@ class Bench:
         self.runner = RayRunner(master, settings)
 
     def submit(self, doc: dict, env: dict | None = None) -> str:
-        return cluster.submit(self.master, parse_pipeline(doc), self.work, None, env,
+        return session.submit(self.master, parse_pipeline(doc), self.work, None, env,
                               self.settings)
 
     def finish(self, run_ids: list[str]) -> None:

@@ -29,11 +29,12 @@ import httpx
 import ray
 from ray import serve
 
-from cicd_ray import cluster
-from cicd_ray.api import build
-from cicd_ray.auth import digest
-from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.api.serve import build
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
+from cicd_ray.config import Settings
+from cicd_ray.pools import PoolConfig
+from cicd_ray.tokens import digest
 
 TOKEN = "bench-token-" + "0" * 20
 PIPELINE = ("name: bench-http\nsteps:\n  - name: s\n    run: date +%s.%N\n"
@@ -94,8 +95,8 @@ def main() -> None:
 
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-http-")), pools={
         "default": PoolConfig(name="default", workers=4, cpus=1, memory_mb=0)})
-    cluster.connect(settings=settings, num_cpus=6)
-    master = cluster.ensure_master(settings)
+    session.connect(settings=settings, num_cpus=6)
+    master = session.ensure_master(settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -140,7 +141,7 @@ def main() -> None:
     print(f"{'ratio':16}{'':>8}{http[1] / base[1]:>12.2f}{http[2] / base[2]:>12.2f}"
           f"{http[3] / base[3]:>14.2f}")
     serve.shutdown()
-    cluster.shutdown_embedded(master)
+    session.shutdown_embedded(master)
 
 
 if __name__ == "__main__":

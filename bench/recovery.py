@@ -19,12 +19,12 @@ from pathlib import Path
 
 import ray
 
-from cicd_ray import cluster
-from cicd_ray.backends import RayRunner, follow_run
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
 from cicd_ray.config import Settings
-from cicd_ray.master import Master
+from cicd_ray.master.actor import Master
 from cicd_ray.names import NAMESPACE
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.pipeline.load import parse_pipeline
 
 
 def until_answers(handle, not_pid: int | None = None) -> float:
@@ -45,10 +45,10 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=5)
     args = parser.parse_args()
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-recovery-")))
-    cluster.connect(settings=settings, num_cpus=6)
-    master = cluster.ensure_master(settings)
+    session.connect(settings=settings, num_cpus=6)
+    master = session.ensure_master(settings)
     doc = {"name": "survive", "steps": [{"name": "long", "run": f"sleep {3 * args.kills + 5}"}]}
-    run_id = cluster.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
+    run_id = session.submit(master, parse_pipeline(doc), Path("."), None, None, settings)
     while ray.get(master.get_run.remote(run_id)).steps[0].state.value != "running":
         time.sleep(0.05)
 
@@ -80,7 +80,7 @@ def main() -> None:
     step = view["steps"][0]
     print(f"the run: {view['run']['state']}, its step ran {step['attempts']} time(s) "
           f"through {args.kills} master restarts")
-    cluster.shutdown_embedded(master)
+    session.shutdown_embedded(master)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from cicd_ray.errors import (
 )
 from cicd_ray.follow import follow
 from cicd_ray.names import API
+from cicd_ray.pipeline.load import load_pipeline
 from cicd_ray.protocol import LogSlice, RunChange
 from cicd_ray.source import SOURCE_LIMIT_BYTES, snapshot, source_folder
-from cicd_ray.spec import load_pipeline
 
 
 class Client:

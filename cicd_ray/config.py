@@ -9,142 +9,26 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
-    model_validator,
 )
 
-from cicd_ray import auth, yamldoc
-from cicd_ray.errors import CicdError, IsolationError, SettingsError, SpecError, quote
-from cicd_ray.isolation import DEFAULT_STEP_UIDS, parse_uids
-from cicd_ray.repos import RepoConfig, load_repos, load_schedules
-from cicd_ray.schedules import ScheduleSpec
-from cicd_ray.source import SOURCE_LIMIT_BYTES
-from cicd_ray.spec import (
+from cicd_ray import tokens
+from cicd_ray.errors import CicdError, IsolationError, SettingsError, quote
+from cicd_ray.notify.webhooks import parse_allow
+from cicd_ray.pipeline.model import (
     DEFAULT_MAX_PIPELINE_BYTES,
     DEFAULT_MAX_PLANNED_BYTES,
-    PIPELINE_NAME,
     WEBHOOK_URL,
 )
-from cicd_ray.webhooks import parse_allow
-
-# Kubernetes label keys ([prefix/]name) and values, for a pool's node_selector and tolerations.
-LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
-LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY, max_length=317)]
-LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE)]
-
-
-class Toleration(BaseModel):
-    """A Kubernetes toleration for a pool's pods (the taint of the nodes it should run on)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: LabelKey | None = None
-    operator: Literal["Equal", "Exists"] = "Equal"
-    value: LabelValue | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    tolerationSeconds: int | None = Field(None, ge=0)  # Kubernetes' own name
-
-
-class PoolConfig(BaseModel):
-    """One pool of identical worker actors, sized from its queue. Steps name their pool."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)]
-    cpus: float = Field(2.0, gt=0, le=1024, description="CPUs of one worker")
-    memory_mb: int = Field(4096, ge=0, description="memory of one worker")
-    # Custom Ray resources each worker asks for, e.g. {"pool-linux": 1}: only nodes started
-    # with them (`ray start --resources`, a KubeRay worker group's rayStartParams) take it.
-    resources: dict[str, float] = Field(default_factory=dict)
-    slots: int | None = Field(None, ge=1, description="most steps a worker runs at once "
-                              "(unset: as many as its CPUs and memory fit)")
-    workers: int | None = Field(None, ge=0, le=1000, description="a fixed size: sets "
-                                "min_workers and max_workers")
-    min_workers: int = Field(0, ge=0, le=1000)
-    max_workers: int = Field(2, ge=0, le=1000)
-    scale_up_step: int = Field(4, ge=1, description="most workers started at once")
-    cooldown_s: float = Field(5.0, ge=0, description="time between two scale-ups")
-    window_s: float = Field(60.0, ge=0, description="scale down only below the highest "
-                            "need seen over this long")
-    idle_timeout_s: float = Field(60.0, ge=0, description="a worker idle this long may go")
-    target_utilization: float = Field(1.0, gt=0, le=1, description="the share of a worker's "
-                                      "CPUs the sizer plans to fill")
-    price_per_hour: float = Field(0.0, ge=0, description="what a worker costs an hour")
-    budget_per_hour: float | None = Field(None, ge=0, description="the most the pool may "
-                                          "spend an hour")
-    spot: bool = Field(False, description="workers on interruptible capacity")
-    spot_for: list[str] = Field(default_factory=list, description="a spot pool: the pools "
-                                "whose steps marked interruptible it may run")
-    priority: int = Field(0, description="a higher-priority pool gets room first when the "
-                          "cluster is full")
-    # On KubeRay (cicd-ray kuberay): the pool's worker group runs on nodes with these labels,
-    # tolerating these taints, from this image (default: the cluster's).
-    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    image: Annotated[str, StringConstraints(pattern=r"^[^\s]{1,512}$")] | None = None
-
-    @model_validator(mode="after")
-    def _sizes(self) -> PoolConfig:
-        if self.workers is not None:
-            given = {f: getattr(self, f) for f in ("min_workers", "max_workers")
-                     if f in self.model_fields_set}
-            if any(v != self.workers for v in given.values()):
-                raise ValueError(f"pool {self.name!r}: give either workers (a fixed size) or "
-                                 "min_workers and max_workers, not both")
-            self.min_workers = self.max_workers = self.workers
-        elif "max_workers" not in self.model_fields_set:
-            self.max_workers = max(self.max_workers, self.min_workers)
-        if self.spot_for and not self.spot:
-            raise ValueError(f"pool {self.name!r}: spot_for is for spot pools; add spot: true")
-        if self.min_workers > self.max_workers:
-            raise ValueError(f"pool {self.name!r}: min_workers {self.min_workers} is more than "
-                             f"max_workers {self.max_workers}")
-        return self
-
-
-class ProjectConfig(BaseModel):
-    """A project's share of the fleet and its quotas (CICD_RAY_PROJECTS); a project not listed
-    has weight 1 and no quotas."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=auth.PROJECT_NAME.pattern)
-    weight: float = Field(1.0, gt=0, le=1000)  # its share of contended pools, relative
-    max_running_steps: int | None = Field(None, ge=1)  # more stay queued
-    max_queued_runs: int | None = Field(None, ge=1)  # more are refused (429)
-    # The pools its steps may name (empty: every pool). Checked at submission: 422.
-    pools: list[str] = Field(default_factory=list)
-
-
-def load_projects(path: str | Path) -> dict[str, ProjectConfig]:
-    """Read a projects file: `projects: [{name: web, weight: 2, max_running_steps: 20,
-    max_queued_runs: 50}, ...]`."""
-    return {p.name: p for p in yamldoc.load_list(path, "projects", ProjectConfig)}
-
-
-def default_pools() -> dict[str, PoolConfig]:
-    """One pool with a warm worker that grows to two under load."""
-    return {"default": PoolConfig(name="default", min_workers=1, max_workers=2)}
-
-
-def load_pools(path: str | Path) -> dict[str, PoolConfig]:
-    """Read a pools file: `pools: [{name: default, workers: 2, cpus: 2, memory_mb: 4096}, ...]`."""
-    pools = yamldoc.load_list(path, "pools", PoolConfig)
-    names = {p.name for p in pools}
-    unknown = [f"pools ({p.name}).spot_for: unknown pool {n!r}; the pools are: "
-               f"{', '.join(sorted(names))}" for p in pools for n in p.spot_for if n not in names]
-    if unknown:
-        raise SpecError(unknown, source=str(path))
-    return {p.name: p for p in pools}
-
+from cicd_ray.pools import PoolConfig, ProjectConfig, default_pools, load_pools, load_projects
+from cicd_ray.source import SOURCE_LIMIT_BYTES
+from cicd_ray.triggers.cron import ScheduleSpec
+from cicd_ray.triggers.repositories import RepoConfig, load_repos, load_schedules
+from cicd_ray.worker.isolation import DEFAULT_STEP_UIDS, parse_uids
 
 # The settings read from the environment as numbers, and as on/off switches.
 ENV_NUMBERS = {
@@ -165,6 +49,8 @@ ENV_NUMBERS = {
     "CICD_RAY_SCHEDULE_MIN_INTERVAL_S": "schedule_min_interval_s",
     "CICD_RAY_MAX_SCHEDULES": "max_schedules_per_project",
 }
+
+
 ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces",
                 "CICD_RAY_FAIR_SHARE": "fair_share"}
 
@@ -187,7 +73,8 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(15.0, gt=0)
     log_cap_bytes: int = Field(5 * 1024 * 1024, ge=1)
-    log_run_max_bytes: int = Field(1024**3, ge=1)  # all of one run's logs (cicd_ray.budgets)
+    # All of one run's logs (cicd_ray.master.logbudget).
+    log_run_max_bytes: int = Field(1024**3, ge=1)
     # A project's runs not yet started, unless the projects file gives it its own quota.
     max_queued_runs: int = Field(1000, ge=1)
     log_flush_interval_s: float = Field(0.25, gt=0)
@@ -200,7 +87,7 @@ class Settings(BaseModel):
     # Numeric users for steps when the worker is root ("off": the worker's user); see isolation.
     step_uids: str = DEFAULT_STEP_UIDS
     # Finished runs (with logs), stopped workers and unneeded sources older than this are
-    # deleted by the master (0: kept forever); see cicd_ray.retention.
+    # deleted by the master (0: kept forever); see cicd_ray.store.retention.
     retention_days: float = Field(30.0, ge=0)
 
     store: str | None = None  # a store URL; None: the SQLite file under `home`
@@ -227,7 +114,8 @@ class Settings(BaseModel):
     # shared between projects by weight (CICD_RAY_FAIR_SHARE) or taken in submission order.
     projects: dict[str, ProjectConfig] = Field(default_factory=dict)
     fair_share: bool = True
-    # The git repositories whose webhooks start runs (CICD_RAY_REPOS; cicd_ray.repos).
+    # The git repositories whose webhooks start runs (CICD_RAY_REPOS;
+    # cicd_ray.triggers.repositories).
     repos: dict[str, RepoConfig] = Field(default_factory=dict)
     repos_file: Path | None = None
     schedules: list[ScheduleSpec] = Field(default_factory=list)  # the same file's
@@ -236,12 +124,13 @@ class Settings(BaseModel):
     schedule_min_interval_s: float = Field(60.0, ge=0)
     max_schedules_per_project: int = Field(100, ge=1)
     # What the API's tokens may do, by their digests (CICD_RAY_TOKENS, CICD_RAY_TOKEN_DIGESTS;
-    # see cicd_ray.auth): never the tokens themselves; and the tokens file, which the API
+    # see cicd_ray.tokens): never the tokens themselves; and the tokens file, which the API
     # reads again when it changes (`token_book`).
-    token_grants: list[auth.Grant] = Field(default_factory=list)
+    token_grants: list[tokens.Grant] = Field(default_factory=list)
     tokens_file: Path | None = None
     # Notifications: the key that signs them, the internal hosts or networks they may go to
-    # (cicd_ray.webhooks), and a webhook told of the failed runs of pipelines without `notify:`.
+    # (cicd_ray.notify.webhooks), and a webhook told of the failed runs of pipelines without
+    # `notify:`.
     webhook_secret: str = Field("", repr=False)
     # Where projects' secrets are: <dir>/<project>/<NAME>, read by workers (cicd_ray.secrets).
     secrets_dir: Path | None = None
@@ -267,8 +156,8 @@ class Settings(BaseModel):
         sends them; a step running as the worker's user could read its memory)."""
         return self.model_copy(update={"webhook_secret": ""})
 
-    def token_book(self) -> auth.TokenBook:
-        return auth.TokenBook(self.token_grants, self.tokens_file)
+    def token_book(self) -> tokens.TokenBook:
+        return tokens.TokenBook(self.token_grants, self.tokens_file)
 
     @property
     def store_path(self) -> Path:
@@ -335,12 +224,12 @@ def _files(env: dict[str, str]) -> dict[str, object]:
             values["repos"] = repos = load_repos(env["CICD_RAY_REPOS"])
             values["schedules"] = load_schedules(env["CICD_RAY_REPOS"], repos)
     try:
-        values["token_grants"] = auth.env_grants(env)
-        tokens = env.get("CICD_RAY_TOKENS_FILE")
+        values["token_grants"] = tokens.env_grants(env)
+        tokens_file = env.get("CICD_RAY_TOKENS_FILE")
         # Read here so that a bad one stops a start; one not there (yet) holds no tokens
         # (`token create` makes it; the API reads it once it is there).
-        if tokens and os.path.lexists(tokens):
-            auth.read_tokens_file(Path(tokens))
+        if tokens_file and os.path.lexists(tokens_file):
+            tokens.read_tokens_file(Path(tokens_file))
     except CicdError as e:
         raise SettingsError([str(e)]) from None
     return values

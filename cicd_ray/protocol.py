@@ -5,10 +5,12 @@ docstring. They serialise to the JSON the HTTP API answers with.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from cicd_ray import tokens
+from cicd_ray.pipeline.model import GitSource
 from cicd_ray.records import AttemptRecord, DeliveryRecord, RunRecord, StepRecord
 
 # How often a follower of a step's log asks for more (logs have no long poll).
@@ -85,3 +87,30 @@ class RunChange(BaseModel):
     run_id: str
     state: str
     position: str
+
+
+class ArchiveSource(BaseModel):
+    """A directory packed as a gzip'd tar, base64-encoded (what `cicd-ray submit` sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+    archive: str = Field(description="base64 of a .tar.gz of the source directory")
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str | dict[str, Any] = Field(description="the pipeline: YAML text or an object")
+    env: dict[str, str] = Field(default_factory=dict, description="env overrides for every step")
+    secrets: dict[str, str] = Field(
+        default_factory=dict, description="the run's own secrets, given to the steps that list "
+        "them (`secrets:`), masked in logs, never stored with the run, deleted when it ends")
+    source: ArchiveSource | GitSource | None = Field(
+        None, description="an uploaded archive, or a repository the workers clone (this "
+        "replaces the pipeline's own `source`)")
+    project: str | None = Field(
+        None, pattern=tokens.PROJECT_NAME.pattern,
+        description="whose run it is: the token's project (an admin's token may name any)")
+
+
+class RunCreated(BaseModel):
+    run_id: str
+    url: str

@@ -10,9 +10,9 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from cicd_ray.schedules import ScheduleRecord
-from cicd_ray.spec import ConcurrencySpec, GitSource, NotifySpec, PlannedStep
+from cicd_ray.pipeline.model import ConcurrencySpec, GitSource, NotifySpec, PlannedStep
 from cicd_ray.states import Kind, RunState, StepState, WorkerState
+from cicd_ray.triggers.cron import ScheduleRecord
 
 
 class ArtifactFile(BaseModel):
@@ -112,7 +112,8 @@ class StepRecord(BaseModel):
     spot_evicted: bool = False  # an attempt on a spot pool was lost: no more spot for it
     infra_retries: int = 0  # attempts lost with their worker and retried automatically
     artifacts: list[ArtifactFile] = Field(default_factory=list)  # of the attempt that succeeded
-    # What determines its result (cicd_ray.keys): the key, and a digest per part for `explain`.
+    # What determines its result (cicd_ray.scheduler.reuse): the key, and a digest per part
+    # for `explain`.
     key: str = ""
     key_parts: dict[str, str] = Field(default_factory=dict)
     reused_from: Origin | None = None  # not run: a success with the same key was reused
@@ -187,7 +188,7 @@ class WorkerRecord(BaseModel):
     net_recv_bytes: float | None = None
     net_sent_bytes_per_s: float | None = None
     net_recv_bytes_per_s: float | None = None
-    isolation: str = ""  # how its steps are kept apart (see cicd_ray.isolation)
+    isolation: str = ""  # how its steps are kept apart (see cicd_ray.worker.isolation)
 
 
 class KeyRecord(BaseModel):

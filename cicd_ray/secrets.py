@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 from cicd_ray.errors import CicdError
-from cicd_ray.spec import ENV_NAME, RESERVED_ENV_PREFIX
+from cicd_ray.pipeline.model import ENV_NAME, RESERVED_ENV_PREFIX
 
 MIN_SECRET_CHARS = 6  # masking a shorter value would mask ordinary text
 MASK = b"***"

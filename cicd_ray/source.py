@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cicd_ray.errors import SourceError, SpecError
-from cicd_ray.isolation import as_user, chown_tree, popen_user
+from cicd_ray.ownership import as_user, chown_tree, popen_user
 
 GIT_TIMEOUT_S = 600.0  # a clone on a worker
 LOOKUP_TIMEOUT_S = 60.0  # a ref looked up, a file read (on the master, at submission)

@@ -61,7 +61,7 @@ def host_pids(pids: Iterable[int]) -> list[int]:
             continue
         if len(chain) > 1 and int(chain[-1]) in wanted:
             nested.setdefault(int(chain[-1]), []).append(proc.pid)
-    from cicd_ray.isolation import pid_namespaces
+    from cicd_ray.worker.isolation import pid_namespaces
 
     for pid in wanted:  # in namespaces, a pid no process has any more is one that ended
         found += nested.get(pid, [] if pid_namespaces() else [pid])

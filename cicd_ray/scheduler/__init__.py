@@ -2,12 +2,12 @@
 
 `Scheduler` is a facade over parts with one reason to change each: the runs' DAG state
 (`runbook`), the ready queues (`queues`), the workers and their slots (`slots`); the retry rule
-(`cicd_ray.retries`) and pool sizing (`cicd_ray.sizing`) are pure functions it consults. What it
-decides is collected in `Decisions` for the master to write, then carry out.
+(`retries`) and pool sizing (`sizing`) are pure functions it consults. What it decides is
+collected in `Decisions` for the master to write, then carry out.
 """
 
 from cicd_ray.scheduler.decisions import Decisions, Effects, Kill
-from cicd_ray.scheduler.facade import Scheduler
+from cicd_ray.scheduler.policy import Scheduler
 from cicd_ray.scheduler.slots import check_fits
 
 __all__ = ["Decisions", "Effects", "Kill", "Scheduler", "check_fits"]

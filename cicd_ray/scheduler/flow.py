@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cicd_ray.conditions import compiled, holds
+from cicd_ray.pipeline.conditions import compiled, holds
+from cicd_ray.pipeline.model import ConcurrencySpec
 from cicd_ray.records import Approval, RunRecord, StepRecord
 from cicd_ray.scheduler.decisions import Decisions
 from cicd_ray.scheduler.groups import Groups
 from cicd_ray.scheduler.runbook import RunBook, settled_by_needs
-from cicd_ray.spec import ConcurrencySpec
 from cicd_ray.states import StepState, move
 
 TIMEOUT_BY = "(timeout)"  # who "rejects" an approval no one answered in time

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from cicd_ray.config import PoolConfig
+from cicd_ray.pools import PoolConfig
 from cicd_ray.records import AttemptRecord
 from cicd_ray.scheduler.runbook import RunBook
-from cicd_ray.sizing import WorkerView, workers_needed
+from cicd_ray.scheduler.sizing import WorkerView, workers_needed
 from cicd_ray.states import StepState
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from cicd_ray.config import PoolConfig
+from cicd_ray.pools import PoolConfig
 from cicd_ray.records import RunRecord, StepRecord
 from cicd_ray.scheduler.share import Share
 from cicd_ray.states import StepState

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cicd_ray.conditions import Condition, Facts, compiled
+from cicd_ray.pipeline.conditions import Condition, Facts, compiled
 from cicd_ray.records import RunRecord, StepRecord
 from cicd_ray.scheduler.decisions import Decisions
 from cicd_ray.states import RunState, StepState, move

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from cicd_ray.config import ProjectConfig
+from cicd_ray.pools import ProjectConfig
 
 
 @dataclass

@@ -8,11 +8,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from cicd_ray.config import PoolConfig
+from cicd_ray.pipeline.model import PlannedStep
+from cicd_ray.pools import PoolConfig
 from cicd_ray.records import WorkerRecord
 from cicd_ray.scheduler.decisions import Decisions
-from cicd_ray.sizing import PoolMemory, WorkerView, preempt, size_pool
-from cicd_ray.spec import PlannedStep
+from cicd_ray.scheduler.sizing import PoolMemory, WorkerView, preempt, size_pool
 from cicd_ray.states import WorkerState, move
 
 # A worker that has waited this long to be placed means the cluster is full (a new node takes
@@ -220,7 +220,7 @@ class Slots:
         return views
 
     def size(self, queued_cpu: dict[str, list[float]], now: float) -> None:
-        """Start and retire workers per pool from its queue (see cicd_ray.sizing)."""
+        """Start and retire workers per pool from its queue (see cicd_ray.scheduler.sizing)."""
         views = self.views()
         for worker_id in preempt(self.pools, views, now, PREEMPT_AFTER_S):
             self.let_go(worker_id, WorkerState.STOPPED,

@@ -85,7 +85,7 @@ class Store(Protocol):
         """The digest of every artifact a stored step or result points at (what the artifact
         store must keep)."""
 
-    # --- retention (see cicd_ray.retention) ---
+    # --- retention (see cicd_ray.store.retention) ---
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         """Runs in a terminal state that finished before `before`, oldest first."""

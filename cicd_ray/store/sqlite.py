@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.isolation import private_folder
+from cicd_ray.ownership import private_folder
 from cicd_ray.records import (
     OPEN_DELIVERY,
     AttemptRecord,

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from cicd_ray import cluster
-from cicd_ray.backends import RayRunner, follow_run
-from cicd_ray.config import PoolConfig, ProjectConfig, Settings
-from cicd_ray.repos import load_repos
-from cicd_ray.spec import parse_pipeline
+from cicd_ray.cli.connect import RayRunner, follow_run
+from cicd_ray.cluster import session
+from cicd_ray.config import Settings
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pools import PoolConfig, ProjectConfig
 from cicd_ray.states import StepState
+from cicd_ray.triggers.repositories import load_repos
 
 
 class Harness:
@@ -26,7 +27,7 @@ class Harness:
         self.tmp = tmp
 
     def submit(self, doc: dict, source: Path | None = None, env: dict | None = None) -> str:
-        return cluster.submit(self.master, parse_pipeline(doc), self.tmp, source, env,
+        return session.submit(self.master, parse_pipeline(doc), self.tmp, source, env,
                               self.settings)
 
     def wait(self, run_id: str, timeout_s: float = 90) -> dict:
@@ -106,12 +107,12 @@ def harness(tmp_path_factory):
         projects={"capped": ProjectConfig(name="capped", max_queued_runs=1)},
         repos=load_repos(git_host.repos_file), repos_file=git_host.repos_file,
     )
-    cluster.connect(settings=settings, num_cpus=8)
-    master = cluster.ensure_master(settings)
+    session.connect(settings=settings, num_cpus=8)
+    master = session.ensure_master(settings)
     harness = Harness(master, settings, tmp_path_factory.mktemp("pipelines"))
     harness.git_host = git_host
     yield harness
-    cluster.shutdown_embedded(master)
+    session.shutdown_embedded(master)
 
 
 WEBHOOK_SECRET = "webhook-secret-" + "w" * 16
@@ -171,8 +172,8 @@ def api(harness):
     import httpx
     from ray import serve
 
-    from cicd_ray.api import build
-    from cicd_ray.auth import Grant, Role, digest
+    from cicd_ray.api.serve import build
+    from cicd_ray.tokens import Grant, Role, digest
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from cicd_ray.isolation import usable_by_others
+from cicd_ray.worker.isolation import usable_by_others
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "cicd_ray.cli"]

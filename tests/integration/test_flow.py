@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from cicd_ray.notify.webhooks import project_key, verify
 from cicd_ray.states import StepState
-from cicd_ray.webhooks import project_key, verify
 from tests.integration.conftest import API_TOKEN, WEBHOOK_SECRET
 from tests.integration.test_builds import shared_file
 

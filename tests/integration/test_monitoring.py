@@ -11,7 +11,7 @@ import time
 import httpx
 import ray
 
-from cicd_ray.metrics import NAMES
+from cicd_ray.master.metrics import NAMES
 from cicd_ray.names import NAMESPACE, worker_actor_name
 from tests.integration.conftest import API_TOKEN
 

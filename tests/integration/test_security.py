@@ -11,8 +11,8 @@ from pathlib import Path
 
 import ray
 
-from cicd_ray.isolation import STEP_ROOT
 from cicd_ray.states import StepState
+from cicd_ray.worker.isolation import STEP_ROOT
 from tests.integration.conftest import WORKER_SECRET
 from tests.unit.test_yaml_and_limits import chain
 
@@ -83,7 +83,7 @@ def test_a_3000_step_chain_fails_at_its_head_and_the_master_goes_on(harness):
 
 
 def _as_dict(text: str) -> dict:
-    from cicd_ray.yamldoc import load
+    from cicd_ray.pipeline.yamldoc import load
 
     return load(text)
 

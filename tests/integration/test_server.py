@@ -332,7 +332,7 @@ def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):
     """deploy/serve-config.yaml through Ray's `serve deploy` (last here: it replaces the API
     `up` deployed), with its placeholder replaced by a token's digest as its comment says:
     that token works, the one `up` made does not, /healthz answers."""
-    from cicd_ray.auth import digest, new_token
+    from cicd_ray.tokens import digest, new_token
 
     token = new_token()
     shipped = (ROOT / "deploy/serve-config.yaml").read_text()

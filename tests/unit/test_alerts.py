@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from cicd_ray.metrics import NAMES
+from cicd_ray.master.metrics import NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "kuberay" / "alerts.yaml"

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from cicd_ray import auth
-from cicd_ray.api import create_app
+from cicd_ray import tokens
+from cicd_ray.api.application import create_app
 
 TOKEN = "cicd_test-token"
 
@@ -18,7 +18,7 @@ TOKEN = "cicd_test-token"
 def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
          body: bytes = b"") -> tuple[int, dict[str, str], bytes, int]:
     """(status, headers, body, body messages the app asked for)."""
-    app = create_app(grants=[auth.Grant(digest=auth.digest(TOKEN))], max_body_bytes=1024)
+    app = create_app(grants=[tokens.Grant(digest=tokens.digest(TOKEN))], max_body_bytes=1024)
     asked = 0
     sent: list[dict] = []
 
@@ -80,7 +80,7 @@ def test_an_oversized_body_with_a_token_is_413():
 
 
 def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
-    from cicd_ray import api
+    from cicd_ray.api import application as api
 
     class Master:
         calls = 0
@@ -106,7 +106,7 @@ def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
 
 def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
     """Not a 500 on every request: the replica does not start, and says why."""
-    from cicd_ray.api import check_config
+    from cicd_ray.api.serve import check_config
     from cicd_ray.errors import CicdError
 
     check_config()  # nothing set: fine

@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from cicd_ray.auth import (
+from cicd_ray.errors import CicdError
+from cicd_ray.tokens import (
     Grant,
     Role,
     TokenBook,
@@ -17,7 +18,6 @@ from cicd_ray.auth import (
     parse_grant,
     read_tokens_file,
 )
-from cicd_ray.errors import CicdError
 
 
 def test_tokens_from_env_and_file(tmp_path):
@@ -112,7 +112,7 @@ def test_a_tokens_file_not_there_yet_holds_no_tokens_and_a_bad_one_stops_a_start
 
 def test_cicd_ray_home_and_the_folders_made_under_it_are_private(tmp_path):
     """Issue 24, item 25: `mkdir(parents=True, mode=0o700)` made CICD_RAY_HOME 0755."""
-    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.blobs import ArtifactStore
     from cicd_ray.store.sqlite import SqliteStore
 
     for home, make in [

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.config import Settings
+from cicd_ray.pools import PoolConfig
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from tests.unit.test_core import make, submitted
@@ -118,7 +119,7 @@ def test_a_cache_misses_then_hits_then_restores_a_partial_match(settings, tmp_pa
 
 
 def test_caches_are_evicted_least_recently_used_first_by_size(tmp_path):
-    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.blobs import ArtifactStore
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     for i, key in enumerate(["a", "b", "c"]):
@@ -163,7 +164,7 @@ def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(setti
 
 
 def test_explain_names_the_part_of_the_key_that_changed(settings):
-    from cicd_ray.explain import explain
+    from cicd_ray.reads.explain import explain
 
     steps = [{"name": "gen", "reuse": True, "artifacts": ["out"],
               "run": "mkdir out; echo $LEVEL > out/f", "env": {"LEVEL": "1"}},
@@ -228,7 +229,7 @@ def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
     import io
     import stat
 
-    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.blobs import ArtifactStore
 
     store = ArtifactStore(f"file://{tmp_path / 'shared' / 'artifacts'}")
     digest = store.put(io.BytesIO(b"secret build output"))
@@ -245,7 +246,7 @@ def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
     ("*.[ch]", "x.h", True), ("*.[ch]", "x.o", False),
 ])
 def test_globs_match_as_documented(pattern, path, matches):
-    from cicd_ray.artifacts import glob_match
+    from cicd_ray.worker.artifacts import glob_match
 
     assert glob_match(pattern, path) is matches
 
@@ -253,7 +254,7 @@ def test_globs_match_as_documented(pattern, path, matches):
 def test_a_hostile_glob_is_matched_within_50_ms():
     import time
 
-    from cicd_ray.artifacts import glob_match
+    from cicd_ray.worker.artifacts import glob_match
 
     started = time.perf_counter()
     assert not glob_match("*a" * 60 + "b", "a" * 250)
@@ -262,7 +263,7 @@ def test_a_hostile_glob_is_matched_within_50_ms():
 
 
 def test_the_walk_enters_only_folders_a_pattern_could_name(tmp_path, monkeypatch):
-    from cicd_ray import artifacts
+    from cicd_ray.worker import artifacts
 
     for folder in ("dist/sub", "node_modules/a/b", "reports"):
         (tmp_path / folder).mkdir(parents=True)
@@ -282,9 +283,9 @@ def test_a_hostile_cache_entry_lands_nothing_outside_the_attempt(tmp_path):
     import io
     import tarfile
 
-    from cicd_ray.artifacts import ArtifactStore
-    from cicd_ray.caches import NodeCaches
-    from cicd_ray.spec import CacheSpec
+    from cicd_ray.pipeline.model import CacheSpec
+    from cicd_ray.store.blobs import ArtifactStore
+    from cicd_ray.worker.caches import NodeCaches
 
     entry = tmp_path / "entry.tar"
     with tarfile.open(entry, "w") as tar:
@@ -334,9 +335,9 @@ def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tm
     """Issue 24, item 3: project b's pipeline of the same name neither restores project a's
     entry nor saves where a restores from; a pull request's run restores its base's entry
     and saves to its own scope; a fork's saves nothing."""
-    from cicd_ray.artifacts import ArtifactStore
-    from cicd_ray.caches import NodeCaches
-    from cicd_ray.spec import CacheSpec
+    from cicd_ray.pipeline.model import CacheSpec
+    from cicd_ray.store.blobs import ArtifactStore
+    from cicd_ray.worker.caches import NodeCaches
     from tests.unit.test_executor import execute, task
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
@@ -368,7 +369,7 @@ def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tm
 def test_reuse_and_explain_never_cross_projects(settings, tmp_path):
     """Issue 24, items 5 and 6: project b's run of a pipeline of the same name neither reuses
     project a's stored success (nor gets its artifact) nor has `explain` read a's runs."""
-    from cicd_ray.explain import explain
+    from cicd_ray.reads.explain import explain
 
     evidence = tmp_path / "evidence"
     pipeline = {"name": "same", "steps": [
@@ -390,7 +391,7 @@ def test_reuse_and_explain_never_cross_projects(settings, tmp_path):
 
 def test_a_kept_file_of_any_name_downloads_with_an_rfc_6266_disposition():
     """Issue 24, item 24: a name with CR/LF broke the header (a 500)."""
-    from cicd_ray.buildroutes import disposition
+    from cicd_ray.api.builds import disposition
 
     assert disposition("report.xml") == (
         "attachment; filename=\"report.xml\"; filename*=UTF-8''report.xml")

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from cicd_ray.config import PoolConfig, Settings
-from cicd_ray.core import MasterCore
+from cicd_ray.config import Settings
 from cicd_ray.errors import StoreError
-from cicd_ray.inline import InlineDriver
+from cicd_ray.master.core import MasterCore
+from cicd_ray.pools import PoolConfig
 from cicd_ray.protocol import Conflict, Rejected, Submitted
 from cicd_ray.states import RunState, StepState
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
+from cicd_ray.testing.inline import InlineDriver
 
 CHAIN = {"name": "chain", "steps": [
     {"name": "a", "run": "echo from-a"},

@@ -17,6 +17,6 @@ def test_serve_config_is_valid_and_points_at_the_app():
     module, _, attr = app.import_path.partition(":")
     built = getattr(importlib.import_module(module), attr)
     assert type(built).__name__ == "Application"
-    from cicd_ray.api import ApiServer
+    from cicd_ray.api.serve import ApiServer
 
     assert [d.name for d in app.deployments] == [ApiServer.name]

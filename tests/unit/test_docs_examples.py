@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cicd_ray.config import load_pools, load_projects
-from cicd_ray.repos import load_repos, load_schedules
-from cicd_ray.yamldoc import load
+from cicd_ray.pipeline.yamldoc import load
+from cicd_ray.pools import load_pools, load_projects
+from cicd_ray.triggers.repositories import load_repos, load_schedules
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "kuberay/README.md"]
@@ -93,9 +93,10 @@ def table_keys(path: Path, heading: str) -> list[str]:
 @pytest.mark.parametrize("heading, model", [("Top level", "PipelineSpec"), ("A step", "StepSpec")])
 def test_the_pipeline_reference_lists_every_key(heading, model):
     """docs/pipelines.md's tables name exactly the keys the loader accepts, in its order."""
-    from cicd_ray import spec
+    from cicd_ray.pipeline import load
+    from cicd_ray.pipeline import model as models
 
-    keys = spec.keys_of(getattr(spec, model))
+    keys = load.keys_of(getattr(models, model))
     assert table_keys(ROOT / "docs/pipelines.md", heading) == keys
 
 

@@ -1,5 +1,5 @@
 """The event stream's wire format (Server-Sent Events), driven by a scripted master: the pure
-unit is `api._event_stream`, which turns the master's answers into bytes."""
+unit is `runs._event_stream`, which turns the master's answers into bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from fastapi import HTTPException
 
-from cicd_ray import api
+from cicd_ray.api import runs
 
 
 class Scripted:
@@ -40,7 +40,7 @@ def read(master: Scripted, count: int, run_id=None, epoch=None, after=-1,
          project=None) -> list[bytes]:
     async def take():
         out = []
-        stream = api._event_stream(master, run_id, project, epoch, after)
+        stream = runs._event_stream(master, run_id, project, epoch, after)
         async for chunk in stream:
             out.append(chunk)
             if len(out) == count:
@@ -55,7 +55,7 @@ def test_the_stream_opens_with_a_retry_hint_and_a_new_client_starts_from_now():
     assert chunks[0] == b"retry: 2000\n\n"
     assert chunks[1] == b": keep-alive\n\n"  # the past is not sent to a new client
     assert chunks[2].startswith(b"id: 100.0:6\nevent: step\ndata: {")
-    assert master.asked == [(0, None, 0.0), (5, 100.0, api.EVENT_WAIT_S)]
+    assert master.asked == [(0, None, 0.0), (5, 100.0, runs.EVENT_WAIT_S)]
 
 
 def test_a_quiet_stream_sends_keep_alives():
@@ -78,7 +78,7 @@ def test_missed_changes_are_announced_with_a_reset_event(case):
 
 
 def test_one_run_s_events_only_and_a_silent_master_is_waited_for(monkeypatch):
-    monkeypatch.setattr(api, "RETRY_AFTER_S", "0")
+    monkeypatch.setattr(runs, "RETRY_AFTER_S", "0")
     down = HTTPException(503, detail="the master is not answering")
     master = Scripted(down, answer(events=[event(8, "other"), event(9, "r1")]))
     chunks = read(master, 3, run_id="r1", epoch=100.0, after=7)

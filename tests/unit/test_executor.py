@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from cicd_ray.executor import ExecConfig, Execution
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.records import StepTask
-from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import StepState
+from cicd_ray.worker.execution import ExecConfig, Execution
 from tests.waiting import all_gone, pids_in
 
 

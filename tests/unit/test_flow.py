@@ -7,12 +7,14 @@ import time
 
 import pytest
 
-from cicd_ray.conditions import ConditionError, Facts, holds, parse
 from cicd_ray.errors import SpecError
+from cicd_ray.pipeline.conditions import ConditionError, Facts, holds, parse
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pipeline.model import ConcurrencySpec
 from cicd_ray.records import RunRecord, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.groups import Groups
-from cicd_ray.spec import ConcurrencySpec, parse_pipeline, plan
 from cicd_ray.states import RunState, StepState
 from tests.unit.test_scheduler import dispatched, finish, make
 

@@ -8,11 +8,11 @@ import hmac
 
 import pytest
 
-from cicd_ray import statuses
 from cicd_ray.errors import SpecError
-from cicd_ray.hooks import Trigger, repository_names, trigger, verified
-from cicd_ray.planning import hook_key
-from cicd_ray.repos import RepoConfig, find, load_repos
+from cicd_ray.master.admission import hook_key
+from cicd_ray.notify import statuses
+from cicd_ray.triggers.githosts import Trigger, repository_names, trigger, verified
+from cicd_ray.triggers.repositories import RepoConfig, find, load_repos
 
 SECRET = "hook-secret-value"
 SHA = "a" * 40
@@ -140,7 +140,7 @@ def test_commit_statuses_in_each_host_s_words():
 
 def test_a_webhook_run_s_statuses_are_recorded_with_its_start_and_its_end(tmp_path):
     from cicd_ray.config import Settings
-    from cicd_ray.core import MasterCore
+    from cicd_ray.master.core import MasterCore
     from cicd_ray.records import Caller
     from cicd_ray.store.memory import MemoryStore
 
@@ -190,10 +190,10 @@ def test_open_paths_stay_open_behind_a_route_prefix():
     (`root_path`); the health probe and the webhooks stay open, the rest still needs a token."""
     import asyncio
 
-    from cicd_ray import auth
-    from cicd_ray.api import create_app
+    from cicd_ray import tokens
+    from cicd_ray.api.application import create_app
 
-    app = create_app(grants=[auth.Grant(digest=auth.digest("t" * 40))], max_body_bytes=1024)
+    app = create_app(grants=[tokens.Grant(digest=tokens.digest("t" * 40))], max_body_bytes=1024)
 
     def status(path: str) -> tuple[int, bytes]:
         sent: list[dict] = []
@@ -227,8 +227,9 @@ def test_an_unsigned_20_mb_body_is_refused_before_it_is_parsed(tmp_path, monkeyp
     import json
     import time
 
-    from cicd_ray import auth, hookroutes
-    from cicd_ray.api import create_app
+    from cicd_ray import tokens
+    from cicd_ray.api import hooks
+    from cicd_ray.api.application import create_app
 
     (tmp_path / "secrets" / "web").mkdir(parents=True)
     (tmp_path / "secrets" / "web" / "HOOK").write_text(SECRET)
@@ -240,9 +241,9 @@ def test_an_unsigned_20_mb_body_is_refused_before_it_is_parsed(tmp_path, monkeyp
                         }.items():
         monkeypatch.setenv(name, str(value))
     parsed, real_loads = [], json.loads
-    monkeypatch.setattr(hookroutes.json, "loads", lambda b: parsed.append(len(b)) or
+    monkeypatch.setattr(hooks.json, "loads", lambda b: parsed.append(len(b)) or
                         real_loads(b))
-    app = create_app(grants=[auth.Grant(digest=auth.digest("t" * 40))],
+    app = create_app(grants=[tokens.Grant(digest=tokens.digest("t" * 40))],
                      max_body_bytes=64 * 2**20)
 
     def post(path: str, body: bytes, headers: dict[str, str]) -> int:
@@ -270,7 +271,7 @@ def test_an_unsigned_20_mb_body_is_refused_before_it_is_parsed(tmp_path, monkeyp
     t0 = time.monotonic()
     assert post(hook, huge, {"x-github-event": "push"}) == 401
     assert time.monotonic() - t0 < 1 and parsed == []
-    assert post(hook, b" " * (hookroutes.HOOK_MAX_BYTES + 1), {}) == 413
+    assert post(hook, b" " * (hooks.HOOK_MAX_BYTES + 1), {}) == 413
     small = json.dumps({"zen": "hi", "repository": {"full_name": "acme/web-app"}}).encode()
     assert post(hook, small, {"x-github-event": "ping", **signed(small)}) == 202
     assert parsed == [len(small)]  # the signed one, and only it, was parsed
@@ -281,9 +282,10 @@ def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_pat
     its run is marked `fork`, and its steps get none of the project's secrets."""
     import subprocess
 
-    from cicd_ray.config import PoolConfig, Settings
+    from cicd_ray.config import Settings
+    from cicd_ray.master.starts import pipeline_file
+    from cicd_ray.pools import PoolConfig
     from cicd_ray.records import Caller
-    from cicd_ray.starts import pipeline_file
     from cicd_ray.store import run_view
     from tests.unit.test_core import make
 
@@ -329,7 +331,7 @@ def test_a_step_cannot_list_the_control_plane_s_secrets(tmp_path):
     """Issue 24, item 19: a repository's webhook secret and status token were ordinary
     project secrets: any step of the project could list them (and forge deliveries)."""
     from cicd_ray.config import Settings
-    from cicd_ray.core import MasterCore
+    from cicd_ray.master.core import MasterCore
     from cicd_ray.protocol import Rejected
     from cicd_ray.store.memory import MemoryStore
 

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from cicd_ray.errors import IsolationError
-from cicd_ray.executor import ExecConfig, Execution
-from cicd_ray.isolation import STEP_ROOT, address_space_kib, parse_uids
 from cicd_ray.states import StepState
+from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.isolation import STEP_ROOT, address_space_kib, parse_uids
 from tests.unit.test_executor import task
 
 if os.geteuid() != 0 and os.environ.get("CI"):
@@ -126,12 +126,12 @@ def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
     """The worker (a process running the executor, no Ray here to kill its children) is
     SIGKILLed mid-step: its step's user is no longer held, and a sweep, which every other
     worker on the machine makes every few seconds, kills all it left, setsid escapees too."""
-    from cicd_ray.isolation import pid_namespaces, sweep
+    from cicd_ray.worker.isolation import pid_namespaces, sweep
 
     worker = textwrap.dedent(f"""
         from pathlib import Path
-        from cicd_ray.executor import ExecConfig, Execution
-        from cicd_ray.isolation import parse_uids
+        from cicd_ray.worker.execution import ExecConfig, Execution
+        from cicd_ray.worker.isolation import parse_uids
         from tests.unit.test_executor import task
         cfg = ExecConfig(work_dir=Path({str(tmp_path / 'work')!r}),
                          step_uids=parse_uids({UIDS!r}),
@@ -164,7 +164,7 @@ def test_step_uids_setting():
 
 
 def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
-    from cicd_ray.isolation import sweep, take_identity
+    from cicd_ray.worker.isolation import sweep, take_identity
 
     users = parse_uids(UIDS)
     held = take_identity(users, "default")
@@ -184,7 +184,7 @@ def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
 
 
 def test_a_step_root_someone_else_made_is_refused(tmp_path, monkeypatch):
-    from cicd_ray import isolation
+    from cicd_ray.worker import isolation
 
     planted = Path("/var/tmp") / f"cicd-test-planted-{os.getpid()}"
     planted.mkdir()
@@ -226,7 +226,7 @@ def keeping_task(run: str, artifacts=(), cache=None):
 
 def test_a_step_swapping_its_workspace_for_a_link_to_root_keeps_nothing_outside(
         tmp_path, root_only):
-    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.blobs import ArtifactStore
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     rel = str(root_only / "token").lstrip("/")
@@ -239,9 +239,9 @@ def test_a_step_swapping_its_workspace_for_a_link_to_root_keeps_nothing_outside(
 
 
 def test_artifacts_and_a_cache_path_through_a_link_are_not_followed(tmp_path, root_only):
-    from cicd_ray.artifacts import ArtifactStore
-    from cicd_ray.caches import NodeCaches
-    from cicd_ray.spec import CacheSpec
+    from cicd_ray.pipeline.model import CacheSpec
+    from cicd_ray.store.blobs import ArtifactStore
+    from cicd_ray.worker.caches import NodeCaches
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     caches = NodeCaches(store, tmp_path / "node", 10**9)
@@ -262,7 +262,7 @@ def test_another_project_s_step_finds_nothing_of_this_one_s(tmp_path):
     has step users of its own, what a user owns in the shared places goes when its attempt
     ends, and a step sees only its own processes (a PID namespace each, where the machine
     allows: it does here, as root)."""
-    from cicd_ray.isolation import pid_namespaces
+    from cicd_ray.worker.isolation import pid_namespaces
 
     tag = f"cicd-leak-{os.getpid()}"
     mine = task(f"id -u; echo hush > /dev/shm/{tag}; echo hush > /tmp/{tag}; "

@@ -14,9 +14,9 @@ import pytest
 import ray
 import yaml
 
-from cicd_ray.config import PoolConfig, load_pools, load_projects
+from cicd_ray.cluster.kuberay import pool_group, projects_of, render
 from cicd_ray.errors import SpecError
-from cicd_ray.kuberay import pool_group, projects_of, render
+from cicd_ray.pools import PoolConfig, load_pools, load_projects
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "kuberay"
@@ -148,7 +148,7 @@ def test_redis_keeps_its_data():
 
 
 def test_the_grafana_dashboard_queries_only_metrics_that_exist():
-    from cicd_ray.metrics import NAMES
+    from cicd_ray.master.metrics import NAMES
 
     dashboard = json.loads((KUBERAY / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -157,7 +157,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist():
     for name in queried:
         # Prometheus names: ours with Ray's `ray_` prefix, histograms as _bucket/_sum/_count.
         base = re.sub(r"_(bucket|sum|count)$", "", name)
-        assert base in NAMES, f"the dashboard queries {name}, which cicd_ray.metrics lacks"
+        assert base in NAMES, f"the dashboard queries {name}, which cicd_ray.master.metrics lacks"
     assert set(NAMES) <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}, \
         "a metric is on no panel"
 
@@ -166,7 +166,7 @@ def test_the_kuberay_command_puts_the_image_on_every_pod():
     """`cicd-ray kuberay POOLS --image IMAGE`, as a user runs it."""
     from typer.testing import CliRunner
 
-    from cicd_ray.cli import app
+    from cicd_ray.cli.root import app
 
     done = CliRunner().invoke(app, ["kuberay", str(KUBERAY / "pools.yaml"),
                                     "--image", "registry.test/team/ci:9.9"])
@@ -183,13 +183,13 @@ def test_the_kuberay_command_puts_the_image_on_every_pod():
 
 
 def _rayservice(pools: dict) -> dict:
-    from cicd_ray.kuberay import manifests as generate
+    from cicd_ray.cluster.kuberay import manifests as generate
 
     return generate(pools, "", "img:1", "2.60.0")[1]
 
 
 def test_ray_token_authentication_is_on_with_the_token_from_a_secret():
-    from cicd_ray.kuberay import RAY_TOKEN_SECRET
+    from cicd_ray.cluster.kuberay import RAY_TOKEN_SECRET
 
     cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_SECRET}
@@ -203,7 +203,7 @@ def test_ray_token_authentication_is_on_with_the_token_from_a_secret():
 def test_every_pod_gets_the_artifact_store_from_a_secret():
     """Pods share no disk: the master, the API and every worker read one bucket, named with
     its credentials in a Secret the README makes (and secrets.example.yaml shows)."""
-    from cicd_ray.kuberay import ARTIFACTS_SECRET
+    from cicd_ray.cluster.kuberay import ARTIFACTS_SECRET
 
     cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
@@ -259,7 +259,7 @@ def test_the_readme_installs_the_operator_the_manifests_need():
     """One version: kuberay/README.md installs (and pulls the CRDs of) KUBERAY_VERSION, the
     v1.7 line whose CRDs these tests validate against (they know authOptions and
     gcsFaultToleranceOptions, which the 1.1 line did not)."""
-    from cicd_ray.kuberay import KUBERAY_VERSION
+    from cicd_ray.cluster.kuberay import KUBERAY_VERSION
 
     readme = (KUBERAY / "README.md").read_text()
     named = re.findall(r"kuberay/kuberay-operator --version (\S+)", readme)
@@ -270,7 +270,7 @@ def test_the_readme_installs_the_operator_the_manifests_need():
 
 
 def test_every_pod_mounts_the_tokens_the_repositories_and_each_project_s_secrets():
-    from cicd_ray.kuberay import (
+    from cicd_ray.cluster.kuberay import (
         REPOS_CONFIG_MAP,
         REPOS_MOUNT,
         SECRETS_MOUNT,
@@ -305,7 +305,7 @@ def test_every_pod_mounts_the_tokens_the_repositories_and_each_project_s_secrets
 
 
 def test_every_pod_mounts_the_default_project_s_secrets_for_root_only():
-    from cicd_ray.kuberay import PROJECT_SECRET, SECRETS_MOUNT
+    from cicd_ray.cluster.kuberay import PROJECT_SECRET, SECRETS_MOUNT
 
     cluster = _rayservice(load_pools(KUBERAY / "pools.yaml"))["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

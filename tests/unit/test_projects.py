@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from cicd_ray.config import PoolConfig, ProjectConfig, Settings, load_projects
-from cicd_ray.core import MasterCore
+from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError
+from cicd_ray.master.core import MasterCore
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pools import PoolConfig, ProjectConfig, load_projects
 from cicd_ray.protocol import OverQuota, Submitted
 from cicd_ray.records import Caller, RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.share import Share
-from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import StepState
 from cicd_ray.store.memory import MemoryStore
 
@@ -165,7 +167,7 @@ def test_a_projects_file_loads_and_a_bad_one_is_named(tmp_path):
 
 def test_a_project_uses_only_the_pools_it_is_given(tmp_path):
     """Issue 24, item 12: `pools:` in the projects file, enforced at submission."""
-    from cicd_ray.config import PoolConfig
+    from cicd_ray.pools import PoolConfig
     from cicd_ray.protocol import Rejected
 
     settings = Settings(home=tmp_path, projects={"web": ProjectConfig(name="web",
@@ -197,8 +199,8 @@ def test_every_project_has_a_queued_runs_quota_by_default(tmp_path):
 def test_a_run_s_logs_stop_at_its_budget_with_a_line_saying_so(tmp_path):
     """Issue 24, item 18: each attempt was capped, a run was not (5 MiB x 21 attempts x
     5,000 steps)."""
-    from cicd_ray.budgets import LogBudget
-    from cicd_ray.config import PoolConfig
+    from cicd_ray.master.logbudget import LogBudget
+    from cicd_ray.pools import PoolConfig
     from cicd_ray.store import run_view
     from tests.unit.test_core import make
 

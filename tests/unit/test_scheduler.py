@@ -6,11 +6,12 @@ import time
 
 import pytest
 
-from cicd_ray.config import PoolConfig
 from cicd_ray.errors import InvalidTransition, SpecError
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pools import PoolConfig
 from cicd_ray.records import RunRecord, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
-from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import RunState, StepState, WorkerState
 
 
@@ -347,8 +348,8 @@ def test_interruptible_steps_go_to_the_spot_pool_and_come_back_after_an_eviction
 
 
 def test_spot_for_must_name_pools_and_be_on_a_spot_pool(tmp_path):
-    from cicd_ray.config import load_pools
     from cicd_ray.errors import SpecError
+    from cicd_ray.pools import load_pools
 
     path = tmp_path / "pools.yaml"
     path.write_text("pools: [{name: s, spot: true, spot_for: [nope]}]")
@@ -393,7 +394,7 @@ def test_a_lost_worker_is_retried_automatically_without_retry_settings():
     ("infra", 1, 0, 5, ["infra"], 0, True, "infra"),
 ])
 def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retry, why):
-    from cicd_ray.retries import verdict
+    from cicd_ray.scheduler.retries import verdict
 
     spec = plan(parse_pipeline({"name": "p", "steps": [
         {"name": "a", "run": "x", "retry": {"max": rmax, "on": on, "infra": budget}}]}))[0]

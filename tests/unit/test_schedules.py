@@ -11,12 +11,12 @@ import pytest
 from pydantic import ValidationError
 
 from cicd_ray.config import Settings
-from cicd_ray.core import MasterCore
+from cicd_ray.master.core import MasterCore
 from cicd_ray.protocol import Rejected, Submitted
 from cicd_ray.records import Changes
-from cicd_ray.repos import RepoConfig, load_schedules
-from cicd_ray.schedules import ScheduleRecord, ScheduleSpec, due, next_slot
 from cicd_ray.store.memory import MemoryStore
+from cicd_ray.triggers.cron import ScheduleRecord, ScheduleSpec, due, next_slot
+from cicd_ray.triggers.repositories import RepoConfig, load_schedules
 
 HOUR = 3600.0
 

@@ -10,10 +10,11 @@ import random
 
 import pytest
 
-from cicd_ray.config import PoolConfig, Settings
+from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pools import PoolConfig
 from cicd_ray.secrets import Masker, SecretError, forms, missing, read
-from cicd_ray.spec import parse_pipeline
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from tests.unit.test_core import make, submitted
@@ -226,7 +227,7 @@ def test_cicd_ray_s_own_lines_come_after_what_the_step_printed_and_are_masked(se
 def test_a_step_s_reason_and_kept_file_names_are_masked(tmp_path):
     """Issue 24, item 16: the reason a step ended and the paths of the files it kept were
     stored as they were, secret or not."""
-    from cicd_ray.artifacts import ArtifactStore
+    from cicd_ray.store.blobs import ArtifactStore
     from tests.unit.test_executor import execute, task
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")

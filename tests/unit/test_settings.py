@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from cicd_ray.cluster.up import Ha
 from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, SettingsError
-from cicd_ray.server import Ha
 
 
 def test_master_resources_from_the_environment():
@@ -45,11 +45,11 @@ def test_bad_ha_urls_say_what_is_accepted(url):
 
 
 def test_a_bad_proxy_location_is_refused_before_anything_starts(tmp_path):
-    from cicd_ray import server
+    from cicd_ray.cluster import up
 
     with pytest.raises(CicdError, match="--proxy-location 'Everywhere': expected one of "
                                         "EveryNode, HeadOnly, Disabled"):
-        server.up(Settings(home=tmp_path), proxy_location="Everywhere")
+        up.up(Settings(home=tmp_path), proxy_location="Everywhere")
     assert not (tmp_path / "up.json").exists()
 
 
@@ -79,7 +79,7 @@ def test_every_number_setting_is_parsed_and_a_bad_one_is_named(var, good, field,
 
 
 def test_a_bad_api_setting_stops_the_api_at_its_start(monkeypatch):
-    from cicd_ray.api import check_config
+    from cicd_ray.api.serve import check_config
 
     monkeypatch.setenv("CICD_RAY_MAX_BODY_BYTES", "lots")
     with pytest.raises(SettingsError, match="CICD_RAY_MAX_BODY_BYTES: 'lots'"):
@@ -88,7 +88,7 @@ def test_a_bad_api_setting_stops_the_api_at_its_start(monkeypatch):
 
 def test_the_pipeline_limit_reaches_every_reader(tmp_path):
     """CICD_RAY_MAX_PIPELINE_BYTES, read into the settings, bounds what the core plans."""
-    from cicd_ray.planning import plan_submission
+    from cicd_ray.master.admission import plan_submission
 
     settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
                                   "CICD_RAY_MAX_PIPELINE_BYTES": "64"})
@@ -99,11 +99,11 @@ def test_the_pipeline_limit_reaches_every_reader(tmp_path):
 
 
 def test_tokens_url_and_token_are_settings(tmp_path):
-    from cicd_ray import auth
+    from cicd_ray import tokens
 
     settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_TOKENS": "t1",
                                   "CICD_RAY_URL": "http://api:8000", "CICD_RAY_TOKEN": "t1"})
-    assert settings.token_grants == [auth.Grant(digest=auth.digest("t1"))]
+    assert settings.token_grants == [tokens.Grant(digest=tokens.digest("t1"))]
     assert (settings.url, settings.token) == ("http://api:8000", "t1")
     assert "t1" not in repr(settings)  # the token never shows in a repr or a log line
     import pickle

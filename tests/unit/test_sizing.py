@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from cicd_ray.config import PoolConfig, load_pools
 from cicd_ray.errors import SpecError
-from cicd_ray.sizing import PoolMemory, WorkerView, cap, preempt, size_pool, workers_needed
+from cicd_ray.pools import PoolConfig, load_pools
+from cicd_ray.scheduler.sizing import (
+    PoolMemory,
+    WorkerView,
+    cap,
+    preempt,
+    size_pool,
+    workers_needed,
+)
 
 
 def pool(**kw) -> PoolConfig:

@@ -299,9 +299,9 @@ def test_git_sources_through_the_api_name_public_hosts_only(tmp_path, monkeypatc
     """Issue 24, item 13: any host and `file://` were accepted through the API, fetched as
     root; git ran with no transport limits and unbounded output on the master."""
     from cicd_ray.config import Settings
-    from cicd_ray.core import MasterCore
     from cicd_ray.errors import SourceError
-    from cicd_ray.planning import git_source_problems
+    from cicd_ray.master.admission import git_source_problems
+    from cicd_ray.master.core import MasterCore
     from cicd_ray.source import hardening, resolve_ref
     from cicd_ray.store.memory import MemoryStore
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cicd_ray.errors import SpecError
-from cicd_ray.spec import check_env_overrides, load_pipeline, parse_pipeline, plan
+from cicd_ray.pipeline.graph import check_env_overrides, plan
+from cicd_ray.pipeline.load import load_pipeline, parse_pipeline
 
 
 def problems_of(doc) -> list[str]:

@@ -8,6 +8,8 @@ import uuid
 import pytest
 
 from cicd_ray.errors import StoreError
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.records import (
     AttemptRecord,
     AuditRecord,
@@ -17,7 +19,6 @@ from cicd_ray.records import (
     StepRecord,
     WorkerRecord,
 )
-from cicd_ray.spec import parse_pipeline, plan
 from cicd_ray.states import RunState, StepState, WorkerState
 from cicd_ray.store import SqliteStore, open_store
 from cicd_ray.store.memory import MemoryStore
@@ -114,7 +115,7 @@ def test_runs_listed_by_project_and_the_audit_newest_first(store):
 
 
 def test_schedules_are_kept_replaced_and_dropped(store):
-    from cicd_ray.schedules import ScheduleRecord
+    from cicd_ray.triggers.cron import ScheduleRecord
 
     def schedule(project: str, last: float) -> ScheduleRecord:
         return ScheduleRecord(name="nightly", cron="0 2 * * *", project=project,
@@ -220,7 +221,7 @@ def _finished_run(store, run_id: str, at: float, state=RunState.SUCCEEDED) -> No
 
 
 def test_retention_deletes_old_finished_runs_with_their_logs_and_keeps_the_rest(store):
-    from cicd_ray.retention import collect
+    from cicd_ray.store.retention import collect
 
     day = 86400.0
     _finished_run(store, "old", at=10 * day)
@@ -265,7 +266,7 @@ def test_the_sqlite_file_is_the_owners_alone(tmp_path):
 
 def test_durations():
     from cicd_ray.errors import CicdError
-    from cicd_ray.retention import parse_duration
+    from cicd_ray.store.retention import parse_duration
 
     assert [parse_duration(t) for t in ("7d", "12h", "30m", "90s", "100", "1w")] == [
         7 * 86400, 12 * 3600, 1800, 90, 100, 7 * 86400]
@@ -349,9 +350,9 @@ def test_a_run_s_own_secrets_are_kept_apart_dropped_and_deleted_with_it(store):
 def test_retention_deletes_the_artifacts_nothing_points_at_any_more(store, tmp_path):
     import io
 
-    from cicd_ray.artifacts import ArtifactStore
     from cicd_ray.records import ArtifactFile
-    from cicd_ray.retention import collect
+    from cicd_ray.store.blobs import ArtifactStore
+    from cicd_ray.store.retention import collect
 
     artifacts = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
     files = {}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cicd_ray.config import PoolConfig
-from cicd_ray.usage import percentile, pipeline_costs, pool_costs, recommend
+from cicd_ray.pools import PoolConfig
+from cicd_ray.reads.usage import percentile, pipeline_costs, pool_costs, recommend
 
 
 def view(pipeline: str, steps: dict[str, dict], attempts: list[dict]) -> dict:

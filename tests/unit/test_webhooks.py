@@ -9,7 +9,7 @@ import pytest
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import SettingsError
-from cicd_ray.webhooks import (
+from cicd_ray.notify.webhooks import (
     TargetRefused,
     checked_address,
     next_try,

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cicd_ray.errors import SpecError
-from cicd_ray.spec import MAX_NEED_EDGES, MAX_PLANNED_STEPS, parse_pipeline, plan
-from cicd_ray.yamldoc import MAX_DEPTH, load
+from cicd_ray.pipeline.graph import plan
+from cicd_ray.pipeline.load import parse_pipeline
+from cicd_ray.pipeline.model import MAX_NEED_EDGES, MAX_PLANNED_STEPS
+from cicd_ray.pipeline.yamldoc import MAX_DEPTH, load
 
 
 def problems_of(doc) -> list[str]:
@@ -214,7 +216,7 @@ def test_the_amplification_request_is_refused_by_a_named_limit_and_stores_nothin
     import json
 
     from cicd_ray.config import Settings
-    from cicd_ray.core import MasterCore
+    from cicd_ray.master.core import MasterCore
     from cicd_ray.protocol import Rejected
     from cicd_ray.store.memory import MemoryStore
 
@@ -237,7 +239,7 @@ def test_the_amplification_request_is_refused_by_a_named_limit_and_stores_nothin
     as_object = {"name": "amp", "steps": [{"name": f"s{i}", "run": "x" * 20_000}
                                           for i in range(60)]}  # 1.2 MB as JSON
     assert len(json.dumps(as_object)) > 2**20
-    from cicd_ray.api import _check  # what the API's submit route checks a body with
+    from cicd_ray.api.runs import _check  # what the API's submit route checks a body with
 
     [refused] = _check(as_object, {}, 2**20)
     assert "byte limit (CICD_RAY_MAX_PIPELINE_BYTES)" in refused

@@ -1,0 +1,129 @@
+"""The HTTP API's app: `create_app()` builds the FastAPI app from its routers (one module per
+resource), its middleware and its link to the master. It holds no state. Writes go to the
+master; reads of runs and logs come from the store itself (the master names it), so they go on
+while the master restarts or the GCS is down. A pipeline is validated here too, so bad input
+gets its 422 even when the master cannot answer. Nothing here imports Ray: `cicd_ray.api.serve`
+wraps the app in a Serve deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+
+from cicd_ray import tokens
+from cicd_ray.api.builds import build_routes
+from cicd_ray.api.cluster import cluster_routes
+from cicd_ray.api.dependencies import (
+    RETRY_AFTER_S,
+    ApiConfig,
+    run_scope,
+)
+from cicd_ray.api.flow import flow_routes
+from cicd_ray.api.hooks import hook_routes
+from cicd_ray.api.logs import log_routes
+from cicd_ray.api.middleware import BodyLimit, Guard
+from cicd_ray.api.reads import Reads
+from cicd_ray.api.runs import run_routes, submit_routes
+from cicd_ray.api.schedules import schedule_routes
+
+if TYPE_CHECKING:
+    from cicd_ray.api.serve import MasterLink
+
+WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+HEALTH_CACHE_S = 1.0
+
+
+def create_app(grants: list[tokens.Grant] | None = None, max_body_bytes: int | None = None,
+               master: MasterLink | None = None) -> FastAPI:
+    """The FastAPI app. Tokens' grants and the body limit default to this process's
+    environment (see `cicd_ray.tokens`); the master defaults to the named actor."""
+    # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
+    app = FastAPI(title="cicd-ray", version="1", docs_url=None, redoc_url=None,
+                  description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
+                  "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.")
+    if master is None:
+        from cicd_ray.api.serve import MasterLink  # the named actor: Ray, on a replica
+
+        master = MasterLink()
+    reads = Reads(master)
+    config = ApiConfig(grants, max_body_bytes)
+    # The outermost layer is added last: the token is checked before the body is counted.
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Guard, grants=config.grants)
+    # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
+    # A route naming a run sees it only if it is of the caller's project
+    # (cicd_ray.api.dependencies).
+    guarded = [Depends(HTTPBearer(auto_error=False)), run_scope(reads)]
+    app.include_router(page_routes(_Health(master)))
+    app.include_router(submit_routes(master, config), dependencies=guarded)
+    app.include_router(run_routes(master, reads), dependencies=guarded)
+    app.include_router(log_routes(reads), dependencies=guarded)
+    app.include_router(cluster_routes(master, reads), dependencies=guarded)
+    app.include_router(build_routes(master, reads), dependencies=guarded)
+    app.include_router(flow_routes(master), dependencies=guarded)
+    app.include_router(schedule_routes(master), dependencies=guarded)
+    app.include_router(hook_routes(master, config))
+    return app
+
+
+def page_routes(health: _Health) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def page() -> Response:
+        """The web page (no token needed to load it; it asks for one)."""
+        return Response(_web_file("index.html"), media_type="text/html; charset=utf-8")
+
+    @router.get("/ui/{name}", include_in_schema=False)
+    async def page_file(name: str) -> Response:
+        if name not in WEB_TYPES:
+            raise HTTPException(404, detail=f"no file {name!r}")
+        return Response(_web_file(name), media_type=WEB_TYPES[name],
+                        headers={"Cache-Control": "no-cache"})
+
+    @router.get("/healthz", tags=["health"])
+    async def healthz() -> JSONResponse:
+        """No authentication: says whether the master answers (asked at most once a second,
+        however many probes come)."""
+        ok, body = await health.check()
+        if not ok:
+            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(body)
+
+    return router
+
+
+class _Health:
+    """The master's health, asked at most once per HEALTH_CACHE_S, however many probes come."""
+
+    def __init__(self, master: MasterLink) -> None:
+        self.master = master
+        self._answer: tuple[bool, dict] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> tuple[bool, dict]:
+        async with self._lock:
+            if self._answer is None or time.monotonic() - self._at > HEALTH_CACHE_S:
+                try:
+                    info = await self.master.call("ping")
+                    self._answer = (True, {"status": "ok", "master": True,
+                                           "pools": info["pools"]})
+                except HTTPException as e:
+                    self._answer = (False, {"status": "degraded", "master": False,
+                                            "detail": e.detail})
+                self._at = time.monotonic()
+            return self._answer
+
+
+def _web_file(name: str) -> bytes:
+    return (resources.files("cicd_ray") / "web" / name).read_bytes()
