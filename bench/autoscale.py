@@ -31,11 +31,16 @@ pools:
   - {name: default, cpus: 2, memory_mb: 512, min_workers: 1, max_workers: 5,
      scale_up_step: 4, cooldown_s: 1, window_s: 5, idle_timeout_s: 3}
 """
-PIPELINE = {"name": "two-stage", "steps": [
-    {"name": "build", "run": "sleep 10", "resources": {"cpu": 2}},
-    *({"name": f"test{i}", "needs": ["build"], "run": "sleep 5", "resources": {"cpu": 2}}
-      for i in range(4)),
-]}
+PIPELINE = {
+    "name": "two-stage",
+    "steps": [
+        {"name": "build", "run": "sleep 10", "resources": {"cpu": 2}},
+        *(
+            {"name": f"test{i}", "needs": ["build"], "run": "sleep 5", "resources": {"cpu": 2}}
+            for i in range(4)
+        ),
+    ],
+}
 
 
 def wait_until(check, timeout_s: float) -> None:
@@ -48,8 +53,12 @@ def wait_until(check, timeout_s: float) -> None:
 
 def one_round(cluster: LocalAutoscaling) -> dict[str, float]:
     """Stage two's figures, from a cluster back at its one warm worker."""
-    wait_until(lambda: [w["state"] for w in cluster.live_workers()] == ["ready"]
-               and cluster.raylets() == 2, 180)
+    wait_until(
+        lambda: (
+            [w["state"] for w in cluster.live_workers()] == ["ready"] and cluster.raylets() == 2
+        ),
+        180,
+    )
     r = cluster.http.post("/api/v1/runs", json={"pipeline": PIPELINE})
     r.raise_for_status()
     run_id = r.json()["run_id"]
@@ -63,9 +72,11 @@ def one_round(cluster: LocalAutoscaling) -> dict[str, float]:
     assert view["run"]["state"] == "succeeded", view["run"]
     tests = [a for a in view["attempts"] if a["step"].startswith("test")]
     build = next(a for a in view["attempts"] if a["step"] == "build")
-    return {"capacity": statistics.mean(a["wait_capacity_s"] for a in tests),
-            "wait": statistics.mean(a["wait_capacity_s"] + a["wait_slot_s"] for a in tests),
-            "span": max(a["finished_at"] for a in tests) - build["finished_at"]}
+    return {
+        "capacity": statistics.mean(a["wait_capacity_s"] for a in tests),
+        "wait": statistics.mean(a["wait_capacity_s"] + a["wait_slot_s"] for a in tests),
+        "span": max(a["finished_at"] for a in tests) - build["finished_at"],
+    }
 
 
 def measure(lookahead: bool, rounds: int) -> list[dict[str, float]]:
@@ -84,12 +95,16 @@ def main() -> None:
     args = parser.parse_args()
     off = measure(False, args.rounds)
     on = measure(True, args.rounds)
-    print(f"stage two of a two-stage pipeline, medians of {args.rounds} round(s) "
-          "(4 tests x 2 CPUs x 5 s after a 10 s build; a node per worker)")
+    print(
+        f"stage two of a two-stage pipeline, medians of {args.rounds} round(s) "
+        "(4 tests x 2 CPUs x 5 s after a 10 s build; a node per worker)"
+    )
     print(f"{'':32}{'off':>8}{'on':>8}{'on/off':>8}")
-    for key, label in (("capacity", "mean wait for capacity (s)"),
-                       ("wait", "mean wait, capacity + slot (s)"),
-                       ("span", "span, build end to last test (s)")):
+    for key, label in (
+        ("capacity", "mean wait for capacity (s)"),
+        ("wait", "mean wait, capacity + slot (s)"),
+        ("span", "span, build end to last test (s)"),
+    ):
         a = statistics.median(r[key] for r in off)
         b = statistics.median(r[key] for r in on)
         print(f"{label:32}{a:8.2f}{b:8.2f}{b / a if a else float('nan'):8.2f}")

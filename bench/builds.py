@@ -49,15 +49,18 @@ class Bench:
     def run(self, doc: dict, source: Path | None = None, ok: bool = True):
         """(wall seconds from submission to the end, the final view)."""
         t0 = time.perf_counter()
-        run_id = session.submit(self.master, parse_pipeline(doc), self.work, source, None,
-                                self.settings)
+        run_id = session.submit(
+            self.master, parse_pipeline(doc), self.work, source, None, self.settings
+        )
         view = follow_run(self.runner, run_id)
         took = time.perf_counter() - t0
         if ok and view.run.state.value != "succeeded":
             failed = [s for s in view.steps if s.state.value == "failed"]
             for s in failed:
-                print(f"--- {s.name}: {s.reason}\n" + "\n".join(
-                    self.log(view, s.name).splitlines()[-30:]))
+                print(
+                    f"--- {s.name}: {s.reason}\n"
+                    + "\n".join(self.log(view, s.name).splitlines()[-30:])
+                )
             raise SystemExit(f"benchmark run {run_id} ended {view.run.state.value}")
         return took, view
 
@@ -79,10 +82,17 @@ def timing(body: str) -> str:
 
 
 def handover(bench: Bench, mib: int, repeats: int = 3) -> None:
-    doc = {"name": "bench-handover", "steps": [
-        {"name": "make", "artifacts": ["big"],
-         "run": timing(f"head -c {mib}M /dev/urandom > big")},
-        {"name": "take", "needs": ["make"], "run": timing("test -s big")}]}
+    doc = {
+        "name": "bench-handover",
+        "steps": [
+            {
+                "name": "make",
+                "artifacts": ["big"],
+                "run": timing(f"head -c {mib}M /dev/urandom > big"),
+            },
+            {"name": "take", "needs": ["make"], "run": timing("test -s big")},
+        ],
+    }
     bench.run(doc)  # warm-up: workers up
     src, copy = bench.work / "big", bench.work / "big.copy"
     subprocess.run(["head", "-c", f"{mib}M", "/dev/urandom"], stdout=src.open("wb"), check=True)
@@ -100,39 +110,61 @@ def handover(bench: Bench, mib: int, repeats: int = 3) -> None:
     src.unlink()
     keep_s, place_s, cp_s = (statistics.median(x) for x in (keeps, places, cps))
     total = keep_s + place_s
-    print(f"1. handover of a {mib} MiB artifact (medians of {repeats}): kept in {keep_s:.2f} s "
-          f"+ placed in {place_s:.2f} s = {total:.2f} s; cp of the same file {cp_s:.2f} s; "
-          f"ratio {total / cp_s:.2f}")
+    print(
+        f"1. handover of a {mib} MiB artifact (medians of {repeats}): kept in {keep_s:.2f} s "
+        f"+ placed in {place_s:.2f} s = {total:.2f} s; cp of the same file {cp_s:.2f} s; "
+        f"ratio {total / cp_s:.2f}"
+    )
 
 
 def reuse(bench: Bench, steps: int) -> None:
     layers = 4
     per_layer = steps // layers
-    doc = {"name": "bench-reuse", "defaults": {"resources": {"cpu": 0.5, "memory_mb": 0}},
-           "steps": []}
+    doc = {
+        "name": "bench-reuse",
+        "defaults": {"resources": {"cpu": 0.5, "memory_mb": 0}},
+        "steps": [],
+    }
     for layer in range(layers):
         for i in range(per_layer):
             needs = [f"l{layer - 1}s{j}" for j in range(per_layer)] if layer else []
-            doc["steps"].append({
-                "name": f"l{layer}s{i}", "needs": needs, "reuse": True, "artifacts": ["out"],
-                "run": f"mkdir -p out; python3 -c 'sum(range(3_000_000))'; "
-                       f"echo {layer}-{i} > out/l{layer}s{i}"})
+            doc["steps"].append(
+                {
+                    "name": f"l{layer}s{i}",
+                    "needs": needs,
+                    "reuse": True,
+                    "artifacts": ["out"],
+                    "run": f"mkdir -p out; python3 -c 'sum(range(3_000_000))'; "
+                    f"echo {layer}-{i} > out/l{layer}s{i}",
+                }
+            )
     first, _ = bench.run(doc)
     second, view = bench.run(doc)
     reused = sum(1 for s in view.steps if s.reused_from)
-    print(f"2. {len(doc['steps'])} steps with reuse: true: first run {first:.2f} s, second run "
-          f"{second:.2f} s ({reused} reused); ratio {second / first:.3f}")
+    print(
+        f"2. {len(doc['steps'])} steps with reuse: true: first run {first:.2f} s, second run "
+        f"{second:.2f} s ({reused} reused); ratio {second / first:.3f}"
+    )
 
 
 def cache(bench: Bench, mib: int) -> None:
     files = 1600
     size = mib * 2**20 // files
-    make = (f"python3 -c \"import os, random\nos.makedirs('content', exist_ok=True)\n"
-            f"for i in range({files}):\n"
-            f"    open(f'content/f{{i}}', 'wb').write(random.randbytes({size}))\"")
-    doc = {"name": "bench-cache", "steps": [{
-        "name": "build", "cache": [{"key": "content-v1", "paths": ["content"]}],
-        "run": timing(f"[ -d content ] || {make}")}]}
+    make = (
+        f"python3 -c \"import os, random\nos.makedirs('content', exist_ok=True)\n"
+        f"for i in range({files}):\n"
+        f"    open(f'content/f{{i}}', 'wb').write(random.randbytes({size}))\""
+    )
+    doc = {
+        "name": "bench-cache",
+        "steps": [
+            {
+                "name": "build",
+                "cache": [{"key": "content-v1", "paths": ["content"]}],
+                "run": timing(f"[ -d content ] || {make}"),
+            }
+        ],
+    }
     _, cold = bench.run(doc)
     create_s = bench.timed(cold, "build")
     _, warm = bench.run(doc)
@@ -140,15 +172,19 @@ def cache(bench: Bench, mib: int) -> None:
     assert use.result == "hit" and use.from_node, use
     restore_s = bench.duration(warm, "build") - bench.timed(warm, "build")
     save_s = bench.duration(cold, "build") - create_s
-    print(f"3. a {mib} MiB cache ({files} files): created in {create_s:.2f} s (saved after in "
-          f"{save_s:.2f} s), restored on a warm worker in {restore_s:.2f} s from its node's "
-          f"copy; ratio {restore_s / create_s:.2f}")
+    print(
+        f"3. a {mib} MiB cache ({files} files): created in {create_s:.2f} s (saved after in "
+        f"{save_s:.2f} s), restored on a warm worker in {restore_s:.2f} s from its node's "
+        f"copy; ratio {restore_s / create_s:.2f}"
+    )
 
 
 # The tests of the project that depend on this machine's time zone data, left out on both sides.
-DESELECT = ("tests/test_tzfile.py::test_gettz_local_abbreviation_without_time_zone_data "
-            "tests/test_tzpath_data.py::test_dst_matches_tzdata_zi "
-            "tests/test_tz.py::test_gettz_link")
+DESELECT = (
+    "tests/test_tzfile.py::test_gettz_local_abbreviation_without_time_zone_data "
+    "tests/test_tzpath_data.py::test_dst_matches_tzdata_zi "
+    "tests/test_tz.py::test_gettz_link"
+)
 TEST_DEPS = "pytest pytest-cov hypothesis freezegun attrs"
 SHARD_PLUGIN = """import os, zlib
 
@@ -164,8 +200,22 @@ def pytest_collection_modifyitems(config, items):
 def project(bench: Bench, spec: str) -> None:
     src = bench.work / "project"
     download = bench.work / "sdist"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--no-binary", ":all:", "-d", str(download), spec], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(download),
+            spec,
+        ],
+        check=True,
+    )
     [archive] = list(download.glob("*.tar.gz"))
     with tarfile.open(archive) as tar:
         tar.extractall(download, filter="data")
@@ -173,35 +223,66 @@ def project(bench: Bench, spec: str) -> None:
     shutil.move(str(unpacked), src)
     deselect = " ".join(f"--deselect {t}" for t in DESELECT.split())
     pytest = f"python -m pytest -q -p no:cacheprovider {deselect}"
-    plain = {"name": "bench-plain", "steps": [{
-        "name": "plain", "resources": {"cpu": 2, "memory_mb": 0},
-        "run": f"python3 -m venv .venv\n. .venv/bin/activate\npip install -q . {TEST_DEPS}\n"
-               f"{pytest} tests"}]}
-    sharded = {"name": "bench-sharded", "steps": [
-        {"name": "deps", "reuse": True, "artifacts": ["deps/**"],
-         "cache": [{"key": "pip-${{ hashFiles('pyproject.toml', 'requirements-dev.txt') }}",
-                    "paths": ["~/.cache/pip"], "restore_keys": ["pip-"]}],
-         "run": f"python3 -m pip install -q --target deps . {TEST_DEPS}"},
-        {"name": "shard", "needs": ["deps"], "matrix": {"n": ["0", "1", "2", "3"]},
-         "resources": {"cpu": 1, "memory_mb": 0},
-         # Every fourth test by a digest of its id: shards of equal size whatever the files.
-         "run": f"cat > shard.py <<'EOF'\n{SHARD_PLUGIN}EOF\n"
+    plain = {
+        "name": "bench-plain",
+        "steps": [
+            {
+                "name": "plain",
+                "resources": {"cpu": 2, "memory_mb": 0},
+                "run": f"python3 -m venv .venv\n. .venv/bin/activate\npip install -q . "
+                "{TEST_DEPS}\n"
+                f"{pytest} tests",
+            }
+        ],
+    }
+    sharded = {
+        "name": "bench-sharded",
+        "steps": [
+            {
+                "name": "deps",
+                "reuse": True,
+                "artifacts": ["deps/**"],
+                "cache": [
+                    {
+                        "key": "pip-${{ hashFiles('pyproject.toml', 'requirements-dev.txt') }}",
+                        "paths": ["~/.cache/pip"],
+                        "restore_keys": ["pip-"],
+                    }
+                ],
+                "run": f"python3 -m pip install -q --target deps . {TEST_DEPS}",
+            },
+            {
+                "name": "shard",
+                "needs": ["deps"],
+                "matrix": {"n": ["0", "1", "2", "3"]},
+                "resources": {"cpu": 1, "memory_mb": 0},
+                # Every fourth test by a digest of its id: shards of equal size whatever the files.
+                "run": f"cat > shard.py <<'EOF'\n{SHARD_PLUGIN}EOF\n"
                 f"PYTHONPATH=deps:. {pytest.replace('python -m', 'python3 -m')} -p shard "
-                "tests"}]}
+                "tests",
+            },
+        ],
+    }
     plain_s, plain_view = bench.run(plain, source=src)
     first_s, _ = bench.run(sharded, source=src)
     second_s, view = bench.run(sharded, source=src)
-    counts = [re.findall(r"(\d+) passed", bench.log(view, s.name)) for s in view.steps
-              if s.name.startswith("shard")]
+    counts = [
+        re.findall(r"(\d+) passed", bench.log(view, s.name))
+        for s in view.steps
+        if s.name.startswith("shard")
+    ]
     passed = sum(int(c[-1]) for c in counts if c)
     plain_passed = int(re.findall(r"(\d+) passed", bench.log(plain_view, "plain"))[-1])
-    shards = ", ".join(f"{bench.duration(view, s.name):.1f}" for s in view.steps
-                       if s.name.startswith("shard"))
-    print(f"4. {spec}: {plain_passed} tests passed in the plain sequence (venv, install, "
-          f"pytest) in {plain_s:.1f} s; four shards ({passed} passed) with the dependencies "
-          f"built once: first run {first_s:.1f} s, second run {second_s:.1f} s "
-          f"(deps {'reused' if view.steps[0].reused_from else 'ran'}; shards {shards} s); "
-          f"ratio second/plain {second_s / plain_s:.2f}")
+    shards = ", ".join(
+        f"{bench.duration(view, s.name):.1f}" for s in view.steps if s.name.startswith("shard")
+    )
+    print(
+        f"4. {spec}: {plain_passed} tests passed in the plain sequence (venv, install, "
+        f"pytest) in {plain_s:.1f} s; four shards ({passed} passed) with the dependencies "
+        f"built once: first run {first_s:.1f} s, second run {second_s:.1f} s "
+        f"(deps {'reused' if view.steps[0].reused_from else 'ran'}; shards {shards} s); "
+        f"ratio second/plain {second_s / plain_s:.2f}"
+    )
 
 
 def main() -> None:
@@ -215,10 +296,12 @@ def main() -> None:
 
     with local_cluster() as (settings, master, work):
         bench = Bench(settings, master, work)
-        parts = {"1": lambda: handover(bench, args.artifact_mib),
-                 "2": lambda: reuse(bench, args.reuse_steps),
-                 "3": lambda: cache(bench, args.cache_mib),
-                 "4": lambda: project(bench, args.project)}
+        parts = {
+            "1": lambda: handover(bench, args.artifact_mib),
+            "2": lambda: reuse(bench, args.reuse_steps),
+            "3": lambda: cache(bench, args.cache_mib),
+            "4": lambda: project(bench, args.project),
+        }
         for part in args.parts.split(","):
             parts[part.strip()]()
 

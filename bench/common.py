@@ -21,9 +21,11 @@ def local_cluster(**settings_of: object) -> Iterator[tuple[Settings, object, Pat
     `settings_of`: settings other than the defaults."""
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-", dir="/var/tmp"))
     home.chmod(0o755)
-    settings = Settings(home=home, pools={
-        "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)},
-        **settings_of)
+    settings = Settings(
+        home=home,
+        pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=4096)},
+        **settings_of,
+    )
     session.connect(settings=settings, num_cpus=4)
     master = session.ensure_master(settings)
     work = home / "bench"

@@ -49,16 +49,23 @@ def run_pipeline(master, settings: Settings, doc: dict) -> float:
 
 
 def fan_out(n: int) -> dict:
-    return {"name": "bench-fan-out",
-            "steps": [{"name": f"s{i}", "run": "true", "resources": {"cpu": 1, "memory_mb": 0}}
-                      for i in range(n)]}
+    return {
+        "name": "bench-fan-out",
+        "steps": [
+            {"name": f"s{i}", "run": "true", "resources": {"cpu": 1, "memory_mb": 0}}
+            for i in range(n)
+        ],
+    }
 
 
 def chain(n: int) -> dict:
     steps = [{"name": "s0", "run": "true"}]
     steps += [{"name": f"s{i}", "run": "true", "needs": [f"s{i - 1}"]} for i in range(1, n)]
-    return {"name": "bench-chain", "defaults": {"resources": {"cpu": 1, "memory_mb": 0}},
-            "steps": steps}
+    return {
+        "name": "bench-chain",
+        "defaults": {"resources": {"cpu": 1, "memory_mb": 0}},
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -68,15 +75,22 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=MAX_PLANNED_STEPS)
     parser.add_argument("--slots", type=int, default=4, help="CPUs for each side")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side")
-    parser.add_argument("--step-uids", default=DEFAULT_STEP_UIDS,
-                        help="users of their own for steps when run as root, or off")
+    parser.add_argument(
+        "--step-uids",
+        default=DEFAULT_STEP_UIDS,
+        help="users of their own for steps when run as root, or off",
+    )
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-"))
-    settings = Settings(home=home, step_uids=args.step_uids, pools={
-        "default": PoolConfig(name="default", workers=args.slots, cpus=1, memory_mb=0),
-        "parked": PoolConfig(name="parked", workers=0, cpus=1, memory_mb=0),
-    })
+    settings = Settings(
+        home=home,
+        step_uids=args.step_uids,
+        pools={
+            "default": PoolConfig(name="default", workers=args.slots, cpus=1, memory_mb=0),
+            "parked": PoolConfig(name="parked", workers=0, cpus=1, memory_mb=0),
+        },
+    )
     # Workers hold their slots as CPUs; plain tasks get as many CPUs of their own.
     session.connect(settings=settings, num_cpus=2 * args.slots)
     master = session.ensure_master(settings)
@@ -102,27 +116,40 @@ def main() -> None:
     ratios = sorted(c / p for c, p in zip(cicd_fans, plain_fans, strict=True))
 
     rss_before = ray.get(master.stats.remote())["rss_mb"]
-    queued = {"name": "bench-queued", "defaults": {"pool": "parked"},
-              "steps": [{"name": f"q{i}", "run": "true",
-                         "resources": {"cpu": 1, "memory_mb": 0}} for i in range(args.queued)]}
+    queued = {
+        "name": "bench-queued",
+        "defaults": {"pool": "parked"},
+        "steps": [
+            {"name": f"q{i}", "run": "true", "resources": {"cpu": 1, "memory_mb": 0}}
+            for i in range(args.queued)
+        ],
+    }
     t0 = time.perf_counter()
     run_id = session.submit(master, parse_pipeline(queued), Path("."), None, None, settings)
     submit_s = time.perf_counter() - t0
     stats = ray.get(master.stats.remote())
     ray.get(master.cancel.remote(run_id))
 
-    print(f"cicd-ray dispatch benchmark (ray {ray.__version__}, {args.slots} slots each side, "
-          f"best of {args.repeats}; steps isolated: {describe(parse_uids(args.step_uids))})")
+    print(
+        f"cicd-ray dispatch benchmark (ray {ray.__version__}, {args.slots} slots each side, "
+        f"best of {args.repeats}; steps isolated: {describe(parse_uids(args.step_uids))})"
+    )
     print(f"{'':32}{'cicd-ray':>12}{'plain ray':>12}{'ratio':>8}")
-    print(f"{f'{args.steps} independent true steps':32}{cicd_fan:>11.2f}s{plain_fan:>11.2f}s"
-          f"{cicd_fan / plain_fan:>8.2f}")
+    print(
+        f"{f'{args.steps} independent true steps':32}{cicd_fan:>11.2f}s{plain_fan:>11.2f}s"
+        f"{cicd_fan / plain_fan:>8.2f}"
+    )
     print(f"{'  ratio of each repeat':32}{'':24}{' '.join(f'{r:.2f}' for r in ratios):>8}")
     per_cicd, per_plain = cicd_chain / args.chain * 1000, plain_chain / args.chain * 1000
-    print(f"{f'{args.chain}-step chain, per step':32}{per_cicd:>10.1f}ms{per_plain:>10.1f}ms"
-          f"{per_cicd / per_plain:>8.2f}")
-    print(f"master memory: {rss_before:.0f} MiB idle, {stats['rss_mb']:.0f} MiB with "
-          f"{stats['queued'].get('parked', 0)} steps queued "
-          f"(+{stats['rss_mb'] - rss_before:.0f} MiB); submitting them took {submit_s:.2f}s")
+    print(
+        f"{f'{args.chain}-step chain, per step':32}{per_cicd:>10.1f}ms{per_plain:>10.1f}ms"
+        f"{per_cicd / per_plain:>8.2f}"
+    )
+    print(
+        f"master memory: {rss_before:.0f} MiB idle, {stats['rss_mb']:.0f} MiB with "
+        f"{stats['queued'].get('parked', 0)} steps queued "
+        f"(+{stats['rss_mb'] - rss_before:.0f} MiB); submitting them took {submit_s:.2f}s"
+    )
     session.shutdown_embedded(master)
 
 

@@ -32,8 +32,7 @@ class Bench:
         self.runner = RayRunner(master, settings)
 
     def submit(self, doc: dict, env: dict | None = None) -> str:
-        return session.submit(self.master, parse_pipeline(doc), self.work, None, env,
-                              self.settings)
+        return session.submit(self.master, parse_pipeline(doc), self.work, None, env, self.settings)
 
     def finish(self, run_ids: list[str]) -> None:
         for run_id in run_ids:
@@ -43,11 +42,18 @@ class Bench:
 
 
 def group_handover(bench: Bench, runs: int, repeats: int) -> None:
-    group = {"name": "bench-group", "concurrency": {"group": "bench-${ROUND}"},
-             "steps": [{"name": "deploy", "run": "true"}]}
-    chain = {"name": "bench-chain", "steps": [
-        {"name": f"s{i}", "run": "true", **({"needs": [f"s{i - 1}"]} if i else {})}
-        for i in range(runs)]}
+    group = {
+        "name": "bench-group",
+        "concurrency": {"group": "bench-${ROUND}"},
+        "steps": [{"name": "deploy", "run": "true"}],
+    }
+    chain = {
+        "name": "bench-chain",
+        "steps": [
+            {"name": f"s{i}", "run": "true", **({"needs": [f"s{i - 1}"]} if i else {})}
+            for i in range(runs)
+        ],
+    }
     grouped, chained = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -57,20 +63,34 @@ def group_handover(bench: Bench, runs: int, repeats: int) -> None:
         bench.finish([bench.submit(chain)])
         chained.append(time.perf_counter() - t0)
     g, c = statistics.median(grouped), statistics.median(chained)
-    print(f"1. {runs} runs of a group of limit 1, one after another: {g:.2f} s; one run of "
-          f"{runs} chained steps: {c:.2f} s; ratio {g / c:.2f} (medians of {repeats}; "
-          f"{', '.join(f'{x:.2f}' for x in grouped)} against "
-          f"{', '.join(f'{x:.2f}' for x in chained)})")
+    print(
+        f"1. {runs} runs of a group of limit 1, one after another: {g:.2f} s; one run of "
+        f"{runs} chained steps: {c:.2f} s; ratio {g / c:.2f} (medians of {repeats}; "
+        f"{', '.join(f'{x:.2f}' for x in grouped)} against "
+        f"{', '.join(f'{x:.2f}' for x in chained)})"
+    )
 
 
 def conditions(bench: Bench, steps: int, repeats: int) -> None:
-    plain = {"name": "bench-plain", "steps": [{"name": "root", "run": "true"}] + [
-        {"name": f"s{i}", "needs": ["root"], "run": "true"} for i in range(steps)]}
-    guarded = {"name": "bench-if", "env": {"TARGET": "prod"},
-               "steps": [{"name": "root", "run": "true"}] + [
-                   {"name": f"s{i}", "needs": ["root"], "run": "true",
-                    "if": "success() && (env.TARGET == 'prod' || run.branch == 'main')"}
-                   for i in range(steps)]}
+    plain = {
+        "name": "bench-plain",
+        "steps": [{"name": "root", "run": "true"}]
+        + [{"name": f"s{i}", "needs": ["root"], "run": "true"} for i in range(steps)],
+    }
+    guarded = {
+        "name": "bench-if",
+        "env": {"TARGET": "prod"},
+        "steps": [{"name": "root", "run": "true"}]
+        + [
+            {
+                "name": f"s{i}",
+                "needs": ["root"],
+                "run": "true",
+                "if": "success() && (env.TARGET == 'prod' || run.branch == 'main')",
+            }
+            for i in range(steps)
+        ],
+    }
     with_if, without = [], []
     for _ in range(repeats):
         for doc, out in ((guarded, with_if), (plain, without)):
@@ -78,8 +98,10 @@ def conditions(bench: Bench, steps: int, repeats: int) -> None:
             bench.finish([bench.submit(doc)])
             out.append(time.perf_counter() - t0)
     a, b = statistics.median(with_if), statistics.median(without)
-    print(f"2. a {steps}-step fan-out with an `if:` on every step: {a:.2f} s; without: "
-          f"{b:.2f} s; ratio {a / b:.2f} (medians of {repeats})")
+    print(
+        f"2. a {steps}-step fan-out with an `if:` on every step: {a:.2f} s; without: "
+        f"{b:.2f} s; ratio {a / b:.2f} (medians of {repeats})"
+    )
 
 
 def main() -> None:
@@ -89,8 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     with local_cluster() as (settings, master, work):
         bench = Bench(settings, master, work)
-        bench.finish([bench.submit({"name": "warm-up",
-                                    "steps": [{"name": "a", "run": "true"}]})])
+        bench.finish([bench.submit({"name": "warm-up", "steps": [{"name": "a", "run": "true"}]})])
         group_handover(bench, args.runs, args.repeats)
         conditions(bench, args.runs, args.repeats)
 

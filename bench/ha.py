@@ -64,8 +64,17 @@ def main() -> None:
     try:
         ha.start(nodes=2, cpus=2)
         settle(ha)
-        figures: dict[str, list[float]] = {k: [] for k in (
-            "master", "gcs+master", "submit-gcs-up", "submit-gcs-down", "head-api", "head-run")}
+        figures: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "master",
+                "gcs+master",
+                "submit-gcs-up",
+                "submit-gcs-down",
+                "head-api",
+                "head-run",
+            )
+        }
         for _ in range(args.rounds):
             t0 = time.monotonic()
             kill_master(ha)
@@ -103,14 +112,19 @@ def main() -> None:
 
     print(f"rounds: {args.rounds} (medians; all values {figures})")
     print(f"master killed -> a new run's step running:        {med('master'):6.2f} s")
-    print(f"GCS restarted (it and the master were killed) -> step running: "
-          f"{med('gcs+master'):6.2f} s  (ratio to the master alone: "
-          f"{med('gcs+master') / med('master'):.2f})")
-    print(f"submit -> step running, GCS up:                    "
-          f"{med('submit-gcs-up') * 1e3:6.0f} ms")
-    print(f"submit -> step running, GCS down:                  "
-          f"{med('submit-gcs-down') * 1e3:6.0f} ms  (ratio "
-          f"{med('submit-gcs-down') / med('submit-gcs-up'):.2f})")
+    print(
+        f"GCS restarted (it and the master were killed) -> step running: "
+        f"{med('gcs+master'):6.2f} s  (ratio to the master alone: "
+        f"{med('gcs+master') / med('master'):.2f})"
+    )
+    print(
+        f"submit -> step running, GCS up:                    {med('submit-gcs-up') * 1e3:6.0f} ms"
+    )
+    print(
+        f"submit -> step running, GCS down:                  "
+        f"{med('submit-gcs-down') * 1e3:6.0f} ms  (ratio "
+        f"{med('submit-gcs-down') / med('submit-gcs-up'):.2f})"
+    )
     print(f"head killed -> `up --ha` replaced it, API answers: {med('head-api'):6.2f} s")
     print(f"head killed -> a new run's step running:           {med('head-run'):6.2f} s")
 

@@ -37,8 +37,10 @@ from cicd_ray.pools import PoolConfig
 from cicd_ray.tokens import digest
 
 TOKEN = "bench-token-" + "0" * 20
-PIPELINE = ("name: bench-http\nsteps:\n  - name: s\n    run: date +%s.%N\n"
-            "    resources: {cpu: 1, memory_mb: 0}\n")
+PIPELINE = (
+    "name: bench-http\nsteps:\n  - name: s\n    run: date +%s.%N\n"
+    "    resources: {cpu: 1, memory_mb: 0}\n"
+)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,8 +95,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     args = parser.parse_args()
 
-    settings = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-http-")), pools={
-        "default": PoolConfig(name="default", workers=4, cpus=1, memory_mb=0)})
+    settings = Settings(
+        home=Path(tempfile.mkdtemp(prefix="cicd-bench-http-")),
+        pools={"default": PoolConfig(name="default", workers=4, cpus=1, memory_mb=0)},
+    )
     session.connect(settings=settings, num_cpus=6)
     master = session.ensure_master(settings)
     with socket.socket() as s:
@@ -110,8 +114,9 @@ def main() -> None:
 
     def over_http() -> str:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=url, timeout=60,
-                                        headers={"Authorization": f"Bearer {TOKEN}"})
+            local.client = httpx.Client(
+                base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
+            )
         r = local.client.post("/api/v1/runs", json={"pipeline": PIPELINE})
         r.raise_for_status()
         return r.json()["run_id"]
@@ -127,19 +132,31 @@ def main() -> None:
         results, errors = drive(args.runs, args.clients, fn)
         wall = time.perf_counter() - t0
         latencies = [r[2] for r in results]
-        rows[name] = (errors, pct(latencies, 0.5), pct(latencies, 0.99),
-                      statistics.median(starts(master, results)), len(results) / wall)
+        rows[name] = (
+            errors,
+            pct(latencies, 0.5),
+            pct(latencies, 0.99),
+            statistics.median(starts(master, results)),
+            len(results) / wall,
+        )
 
-    print(f"cicd-ray HTTP submission benchmark ({args.runs} one-step runs, {args.clients} "
-          f"clients, ray {ray.__version__})")
-    print(f"{'':16}{'errors':>8}{'submit p50':>12}{'submit p99':>12}{'to start p50':>14}"
-          f"{'runs/s':>9}")
+    print(
+        f"cicd-ray HTTP submission benchmark ({args.runs} one-step runs, {args.clients} "
+        f"clients, ray {ray.__version__})"
+    )
+    print(
+        f"{'':16}{'errors':>8}{'submit p50':>12}{'submit p99':>12}{'to start p50':>14}{'runs/s':>9}"
+    )
     for name, (errors, p50, p99, start, rate) in rows.items():
-        print(f"{name:16}{errors:>8}{p50 * 1000:>10.1f}ms{p99 * 1000:>10.1f}ms"
-              f"{start * 1000:>12.1f}ms{rate:>9.0f}")
+        print(
+            f"{name:16}{errors:>8}{p50 * 1000:>10.1f}ms{p99 * 1000:>10.1f}ms"
+            f"{start * 1000:>12.1f}ms{rate:>9.0f}"
+        )
     http, base = rows["HTTP (Serve)"], rows["in-process"]
-    print(f"{'ratio':16}{'':>8}{http[1] / base[1]:>12.2f}{http[2] / base[2]:>12.2f}"
-          f"{http[3] / base[3]:>14.2f}")
+    print(
+        f"{'ratio':16}{'':>8}{http[1] / base[1]:>12.2f}{http[2] / base[2]:>12.2f}"
+        f"{http[3] / base[3]:>14.2f}"
+    )
     serve.shutdown()
     session.shutdown_embedded(master)
 

@@ -63,8 +63,11 @@ def main() -> None:
     for i in range(args.kills):
         other = Settings(home=Path(tempfile.mkdtemp(prefix="cicd-bench-cold-")), pools={})
         t0 = time.perf_counter()
-        fresh = ray.remote(Master).options(name=f"cold-{i}", namespace=NAMESPACE,
-                                           num_cpus=0, max_restarts=-1).remote(other)
+        fresh = (
+            ray.remote(Master)
+            .options(name=f"cold-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
+            .remote(other)
+        )
         until_answers(fresh)
         colds.append(time.perf_counter() - t0)
         ray.kill(fresh)
@@ -72,14 +75,20 @@ def main() -> None:
     view = follow_run(RayRunner(master, settings), run_id).model_dump(mode="json")
     print(f"cicd-ray master recovery ({args.kills} kills, ray {ray.__version__})")
     print(f"{'':34}{'median':>10}{'max':>10}")
-    print(f"{'killed -> answering again':34}{statistics.median(restarts):>9.2f}s"
-          f"{max(restarts):>9.2f}s")
-    print(f"{'cold start -> answering (baseline)':34}{statistics.median(colds):>9.2f}s"
-          f"{max(colds):>9.2f}s")
+    print(
+        f"{'killed -> answering again':34}{statistics.median(restarts):>9.2f}s"
+        f"{max(restarts):>9.2f}s"
+    )
+    print(
+        f"{'cold start -> answering (baseline)':34}{statistics.median(colds):>9.2f}s"
+        f"{max(colds):>9.2f}s"
+    )
     print(f"{'ratio':34}{statistics.median(restarts) / statistics.median(colds):>10.2f}")
     step = view["steps"][0]
-    print(f"the run: {view['run']['state']}, its step ran {step['attempts']} time(s) "
-          f"through {args.kills} master restarts")
+    print(
+        f"the run: {view['run']['state']}, its step ran {step['attempts']} time(s) "
+        f"through {args.kills} master restarts"
+    )
     session.shutdown_embedded(master)
 
 

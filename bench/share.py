@@ -23,8 +23,9 @@ from cicd_ray.records import Caller
 
 
 def submit(master, doc: dict, project: str) -> str:
-    answer = ray.get(master.submit.remote(doc, {}, None, None, {},
-                                          Caller(project=project, admin=False), project))
+    answer = ray.get(
+        master.submit.remote(doc, {}, None, None, {}, Caller(project=project, admin=False), project)
+    )
     assert isinstance(answer, Submitted), answer
     return answer.run_id
 
@@ -38,17 +39,26 @@ def wait_of_b(fair: bool, steps: int, step_s: float) -> tuple[float, int]:
     """(B's wait in seconds, how many of A's steps had started by then)."""
     with local_cluster(fair_share=fair) as (_, master, _):
         submit(master, {"name": "warm-up", "steps": [{"name": "a", "run": "true"}]}, "a")
-        big = submit(master, {"name": "big", "steps": [
-            {"name": f"s{i}", "run": f"sleep {step_s}"} for i in range(steps)]}, "a")
-        while sum(s.state.value == "running" for s in
-                  ray.get(master.get_run.remote(big)).steps) < 4:
+        big = submit(
+            master,
+            {
+                "name": "big",
+                "steps": [{"name": f"s{i}", "run": f"sleep {step_s}"} for i in range(steps)],
+            },
+            "a",
+        )
+        while (
+            sum(s.state.value == "running" for s in ray.get(master.get_run.remote(big)).steps) < 4
+        ):
             time.sleep(0.01)
         t0 = time.time()
         small = submit(master, {"name": "fix", "steps": [{"name": "fix", "run": "true"}]}, "b")
         while (fix := step_of(master, small, "fix")).started_at is None:
             time.sleep(0.01)
-        ahead = sum(s.started_at is not None and s.started_at <= fix.started_at
-                    for s in ray.get(master.get_run.remote(big)).steps)
+        ahead = sum(
+            s.started_at is not None and s.started_at <= fix.started_at
+            for s in ray.get(master.get_run.remote(big)).steps
+        )
         ray.get(master.cancel.remote(big))
         return fix.started_at - t0, ahead
 
@@ -60,10 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     on, ahead_on = wait_of_b(True, args.steps, args.step_s)
     off, ahead_off = wait_of_b(False, args.steps, args.step_s)
-    print(f"project B's one-step run behind project A's {args.steps} steps of "
-          f"{args.step_s:g} s on 4 slots: B waited {on:.2f} s with fair share "
-          f"({ahead_on} of A's steps started before it), {off:.2f} s without "
-          f"({ahead_off} of A's steps started before it); ratio {off / on:.0f}x")
+    print(
+        f"project B's one-step run behind project A's {args.steps} steps of "
+        f"{args.step_s:g} s on 4 slots: B waited {on:.2f} s with fair share "
+        f"({ahead_on} of A's steps started before it), {off:.2f} s without "
+        f"({ahead_off} of A's steps started before it); ratio {off / on:.0f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -39,16 +39,18 @@ from cicd_ray.source import SOURCE_LIMIT_BYTES, snapshot, source_folder
 
 
 class Client:
-    def __init__(self, url: str | None = None, token: str | None = None,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0
+    ) -> None:
         if not url or not token:
             settings = Settings.from_env()
             url, token = url or settings.url, token or settings.token
         if not url:
             raise CicdError("no API URL: pass url= or set CICD_RAY_URL (cicd-ray up prints it)")
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"}
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -73,10 +75,15 @@ class Client:
         response = self._http.get("/healthz")
         return response.json()
 
-    def submit(self, pipeline: str | Path | dict, source: str | Path | None = None,
-               env: dict[str, str] | None = None,
-               idempotency_key: str | None = None,
-               secrets: dict[str, str] | None = None, project: str | None = None) -> Run:
+    def submit(
+        self,
+        pipeline: str | Path | dict,
+        source: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        secrets: dict[str, str] | None = None,
+        project: str | None = None,
+    ) -> Run:
         """Submit a pipeline: a file path, YAML text or a mapping. A file's `source:` folder
         (or `source`, given here) is packed and uploaded. Retries of this call with the same
         `idempotency_key` return the same run. `secrets`: the run's own, given to the steps
@@ -106,10 +113,23 @@ class Client:
     def run(self, run_id: str) -> Run:
         return Run(self, self._request("GET", f"{API}/runs/{run_id}").json())
 
-    def list_runs(self, state: str | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[dict]:
-        params = {k: v for k, v in {"state": state, "pipeline": pipeline, "limit": limit,
-                                    "offset": offset}.items() if v is not None}
+    def list_runs(
+        self,
+        state: str | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict]:
+        params = {
+            k: v
+            for k, v in {
+                "state": state,
+                "pipeline": pipeline,
+                "limit": limit,
+                "offset": offset,
+            }.items()
+            if v is not None
+        }
         return self._request("GET", f"{API}/runs", params=params).json()["runs"]
 
     def workers(self, since: float | None = None) -> list[dict]:
@@ -123,8 +143,9 @@ class Client:
         """The token's project's schedules, with their next and last slots."""
         return self._request("GET", f"{API}/schedules").json()["schedules"]
 
-    def add_schedule(self, name: str, cron: str, pipeline: str | dict | None = None,
-                     **options: Any) -> dict:
+    def add_schedule(
+        self, name: str, cron: str, pipeline: str | dict | None = None, **options: Any
+    ) -> dict:
         """A schedule: a `pipeline` of its own (YAML text or a mapping) or, with
         `repository=`, a repository's pipeline file at `ref=`; also `timezone=`, `env=`,
         `missed=` ("latest" or "skip")."""
@@ -144,36 +165,54 @@ class Client:
     def cancel(self, run_id: str) -> str:
         return self._request("POST", f"{API}/runs/{run_id}/cancel").json()["state"]
 
-    def wait(self, run_id: str, after: str | None = None, timeout_s: float = 30.0,
-             until_end: bool = False) -> RunChange:
+    def wait(
+        self,
+        run_id: str,
+        after: str | None = None,
+        timeout_s: float = 30.0,
+        until_end: bool = False,
+    ) -> RunChange:
         """The long poll: once the run changed since `after` (a position from an earlier
         answer) or ended (with `until_end`: once it ended), or after `timeout_s`; without
         `after`, at once."""
-        params = {"timeout_s": timeout_s, **({"after": after} if after else {}),
-                  **({"until_end": "true"} if until_end else {})}
-        return RunChange.model_validate(self._request(
-            "GET", f"{API}/runs/{run_id}/wait", params=params,
-            timeout=self._http.timeout.read + timeout_s).json())
+        params = {
+            "timeout_s": timeout_s,
+            **({"after": after} if after else {}),
+            **({"until_end": "true"} if until_end else {}),
+        }
+        return RunChange.model_validate(
+            self._request(
+                "GET",
+                f"{API}/runs/{run_id}/wait",
+                params=params,
+                timeout=self._http.timeout.read + timeout_s,
+            ).json()
+        )
 
     def log(self, run_id: str, step: str, attempt: int | None = None, offset: int = 0) -> str:
         return self.log_slice(run_id, step, attempt, offset).data.decode(errors="replace")
 
-    def log_slice(self, run_id: str, step: str, attempt: int | None = None,
-                  offset: int = 0) -> LogSlice:
+    def log_slice(
+        self, run_id: str, step: str, attempt: int | None = None, offset: int = 0
+    ) -> LogSlice:
         """The log from `offset`, with the attempt, its state and whether more can come (the
         response's X-Attempt, X-Attempt-State and X-More headers)."""
         params = {"offset": offset, **({"attempt": attempt} if attempt else {})}
         response = self._request("GET", f"{API}/runs/{run_id}/steps/{step}/log", params=params)
         number = response.headers.get("x-attempt")
-        return LogSlice(attempt=int(number) if number else None,
-                        state=response.headers.get("x-attempt-state", "queued"),
-                        data=response.content, more=response.headers.get("x-more") == "true")
+        return LogSlice(
+            attempt=int(number) if number else None,
+            state=response.headers.get("x-attempt-state", "queued"),
+            data=response.content,
+            more=response.headers.get("x-more") == "true",
+        )
 
     def artifacts(self, run_id: str, step: str | None = None) -> list[dict]:
         """The files a run's steps kept: step, path, size, digest, url."""
         params = {"step": step} if step else None
-        return self._request("GET", f"{API}/runs/{run_id}/artifacts",
-                             params=params).json()["artifacts"]
+        return self._request("GET", f"{API}/runs/{run_id}/artifacts", params=params).json()[
+            "artifacts"
+        ]
 
     def download(self, run_id: str, step: str, path: str, dest: str | Path) -> Path:
         """Save one artifact to `dest` (streamed), checking its SHA-256."""
@@ -181,8 +220,9 @@ class Client:
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         try:
-            with self._http.stream("GET", f"{API}/runs/{run_id}/artifacts/{step}/{path}",
-                                   timeout=None) as response:
+            with self._http.stream(
+                "GET", f"{API}/runs/{run_id}/artifacts/{step}/{path}", timeout=None
+            ) as response:
                 if response.is_error:
                     response.read()
                     _raise_for(response)
@@ -203,24 +243,31 @@ class Client:
 
     def rerun(self, run_id: str, only_failed: bool = False) -> Run:
         """A new run of a finished one; with `only_failed`, of its failed part."""
-        answer = self._request("POST", f"{API}/runs/{run_id}/rerun",
-                               json={"only_failed": only_failed}).json()
+        answer = self._request(
+            "POST", f"{API}/runs/{run_id}/rerun", json={"only_failed": only_failed}
+        ).json()
         return self.run(answer["run_id"])
 
-    def approve(self, run_id: str, step: str, approved: bool = True, by: str | None = None,
-                comment: str = "") -> dict:
+    def approve(
+        self,
+        run_id: str,
+        step: str,
+        approved: bool = True,
+        by: str | None = None,
+        comment: str = "",
+    ) -> dict:
         """Release (or reject) a step waiting for approval: {run_id, step, state, decision}.
         `by`: who answers (default: the token's id)."""
         body = {"reject": not approved, "comment": comment, **({"by": by} if by else {})}
-        return self._request("POST", f"{API}/runs/{run_id}/steps/{step}/approve",
-                             json=body).json()
+        return self._request("POST", f"{API}/runs/{run_id}/steps/{step}/approve", json=body).json()
 
     def follow_log(self, run_id: str, step: str, attempt: int | None = None) -> Iterator[str]:
         """Yield the log as it is written until the attempt ends."""
         params = {"follow": "true", **({"attempt": attempt} if attempt else {})}
         try:
-            with self._http.stream("GET", f"{API}/runs/{run_id}/steps/{step}/log",
-                                   params=params, timeout=None) as response:
+            with self._http.stream(
+                "GET", f"{API}/runs/{run_id}/steps/{step}/log", params=params, timeout=None
+            ) as response:
                 if response.is_error:
                     response.read()
                     _raise_for(response)
@@ -254,8 +301,13 @@ class Run:
 
     def wait(self, timeout: float | None = None) -> Run:
         """Until the run ends (TimeoutError past `timeout` seconds), by the server's long poll."""
-        self.view = follow(lambda run_id: self.client.run(run_id).view, self.client.wait,
-                           self.id, lambda view: view["run"]["state"], timeout_s=timeout)
+        self.view = follow(
+            lambda run_id: self.client.run(run_id).view,
+            self.client.wait,
+            self.id,
+            lambda view: view["run"]["state"],
+            timeout_s=timeout,
+        )
         return self
 
     def logs(self, step: str, follow: bool = False, attempt: int | None = None):

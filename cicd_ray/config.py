@@ -51,8 +51,11 @@ ENV_NUMBERS = {
 }
 
 
-ENV_SWITCHES = {"CICD_RAY_LOOKAHEAD": "lookahead", "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces",
-                "CICD_RAY_FAIR_SHARE": "fair_share"}
+ENV_SWITCHES = {
+    "CICD_RAY_LOOKAHEAD": "lookahead",
+    "CICD_RAY_KEEP_WORKSPACES": "keep_workspaces",
+    "CICD_RAY_FAIR_SHARE": "fair_share",
+}
 
 
 def _switch(var: str, text: str) -> bool:
@@ -181,14 +184,17 @@ class Settings(BaseModel):
         each malformed variable."""
         env = dict(os.environ if env is None else env)
         home = Path(env.get("CICD_RAY_HOME") or Path.home() / ".cicd-ray").expanduser()
-        values: dict[str, object] = {"home": home, "store": env.get("CICD_RAY_STORE") or None,
-                                     "artifacts": env.get("CICD_RAY_ARTIFACTS") or None,
-                                     "url": env.get("CICD_RAY_URL") or None,
-                                     "token": env.get("CICD_RAY_TOKEN", ""),
-                                     "webhook_secret": env.get("CICD_RAY_WEBHOOK_SECRET", ""),
-                                     "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None,
-                                     "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None,
-                                     "tokens_file": env.get("CICD_RAY_TOKENS_FILE") or None}
+        values: dict[str, object] = {
+            "home": home,
+            "store": env.get("CICD_RAY_STORE") or None,
+            "artifacts": env.get("CICD_RAY_ARTIFACTS") or None,
+            "url": env.get("CICD_RAY_URL") or None,
+            "token": env.get("CICD_RAY_TOKEN", ""),
+            "webhook_secret": env.get("CICD_RAY_WEBHOOK_SECRET", ""),
+            "notify_webhook": env.get("CICD_RAY_NOTIFY_WEBHOOK") or None,
+            "secrets_dir": env.get("CICD_RAY_SECRETS_DIR") or None,
+            "tokens_file": env.get("CICD_RAY_TOKENS_FILE") or None,
+        }
         values.update(_files(env))
         for var, field in ENV_NUMBERS.items():
             if env.get(var):
@@ -205,8 +211,9 @@ class Settings(BaseModel):
             problems = []
             for error in e.errors():
                 field = str(error["loc"][0]) if error["loc"] else ""
-                problems.append(f"{variables.get(field, field)}: {quote(error.get('input'))}: "
-                                f"{error['msg']}")
+                problems.append(
+                    f"{variables.get(field, field)}: {quote(error.get('input'))}: {error['msg']}"
+                )
             raise SettingsError(problems) from None
 
 
@@ -238,8 +245,10 @@ def _files(env: dict[str, str]) -> dict[str, object]:
 def _structured(env: dict[str, str]) -> dict[str, object]:
     """The variables with a shape of their own: master resources (JSON), step users."""
     values: dict[str, object] = {}
-    for var, field in (("CICD_RAY_WEBHOOK_ALLOW", "webhook_allow"),
-                       ("CICD_RAY_GIT_ALLOW", "git_allow")):
+    for var, field in (
+        ("CICD_RAY_WEBHOOK_ALLOW", "webhook_allow"),
+        ("CICD_RAY_GIT_ALLOW", "git_allow"),
+    ):
         try:
             values[field] = parse_allow(env.get(var, ""))
         except ValueError as e:
@@ -251,8 +260,12 @@ def _structured(env: dict[str, str]) -> dict[str, object]:
         try:
             values["master_resources"] = json.loads(env["CICD_RAY_MASTER_RESOURCES"])
         except ValueError as e:
-            raise SettingsError([f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
-                                 'such as {"cicd-control": 0.01}']) from None
+            raise SettingsError(
+                [
+                    f"CICD_RAY_MASTER_RESOURCES: {e}; expected a JSON object "
+                    'such as {"cicd-control": 0.01}'
+                ]
+            ) from None
     if env.get("CICD_RAY_STEP_UIDS"):
         try:
             parse_uids(env["CICD_RAY_STEP_UIDS"])

@@ -30,7 +30,7 @@ class ProblemsError(CicdError):
     MAX_PROBLEMS = 50  # a hostile document can have millions; the first ones say enough
 
     def __init__(self, problems: list[str], source: str) -> None:
-        self.problems = list(problems[:self.MAX_PROBLEMS])
+        self.problems = list(problems[: self.MAX_PROBLEMS])
         if len(problems) > self.MAX_PROBLEMS:
             self.problems.append(f"... and {len(problems) - self.MAX_PROBLEMS} more problem(s)")
         self.source = source

@@ -42,7 +42,8 @@ class _Outage:
                 now = time.monotonic()
                 self.silent_since = self.silent_since or now
                 if now - self.silent_since > MASTER_OUTAGE_S or (
-                        self.deadline is not None and now > self.deadline):
+                    self.deadline is not None and now > self.deadline
+                ):
                     raise
                 time.sleep(RETRY_S)
                 continue
@@ -50,9 +51,14 @@ class _Outage:
             return answer
 
 
-def follow(view: Callable[[str], V], wait: Wait, run_id: str, state_of: Callable[[V], str],
-           on_update: Callable[[V], None] | None = None,
-           timeout_s: float | None = None) -> V:
+def follow(
+    view: Callable[[str], V],
+    wait: Wait,
+    run_id: str,
+    state_of: Callable[[V], str],
+    on_update: Callable[[V], None] | None = None,
+    timeout_s: float | None = None,
+) -> V:
     """The run's final view, calling `on_update` with each view on the way (at most one per
     VIEW_INTERVAL_S: the changes in between come together). Without `on_update`, only the end
     is waited for. TimeoutError past `timeout_s`; MasterUnavailable after MASTER_OUTAGE_S of
@@ -67,8 +73,11 @@ def follow(view: Callable[[str], V], wait: Wait, run_id: str, state_of: Callable
         if RunState(state_of(current)).terminal:
             return current
         if on_update is not None:  # let the changes of a busy run come together
-            time.sleep(VIEW_INTERVAL_S if deadline is None else
-                       max(0.0, min(VIEW_INTERVAL_S, deadline - time.monotonic())))
+            time.sleep(
+                VIEW_INTERVAL_S
+                if deadline is None
+                else max(0.0, min(VIEW_INTERVAL_S, deadline - time.monotonic()))
+            )
         left = RUN_WAIT_S if deadline is None else deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"run {run_id} still {state_of(current)} after {timeout_s} s")

@@ -101,14 +101,20 @@ class SubmitRequest(BaseModel):
     pipeline: str | dict[str, Any] = Field(description="the pipeline: YAML text or an object")
     env: dict[str, str] = Field(default_factory=dict, description="env overrides for every step")
     secrets: dict[str, str] = Field(
-        default_factory=dict, description="the run's own secrets, given to the steps that list "
-        "them (`secrets:`), masked in logs, never stored with the run, deleted when it ends")
+        default_factory=dict,
+        description="the run's own secrets, given to the steps that list "
+        "them (`secrets:`), masked in logs, never stored with the run, deleted when it ends",
+    )
     source: ArchiveSource | GitSource | None = Field(
-        None, description="an uploaded archive, or a repository the workers clone (this "
-        "replaces the pipeline's own `source`)")
+        None,
+        description="an uploaded archive, or a repository the workers clone (this "
+        "replaces the pipeline's own `source`)",
+    )
     project: str | None = Field(
-        None, pattern=tokens.PROJECT_NAME.pattern,
-        description="whose run it is: the token's project (an admin's token may name any)")
+        None,
+        pattern=tokens.PROJECT_NAME.pattern,
+        description="whose run it is: the token's project (an admin's token may name any)",
+    )
 
 
 class RunCreated(BaseModel):

@@ -294,10 +294,21 @@ class Changes(BaseModel):
             self.workers[record.id] = record
 
     def __bool__(self) -> bool:
-        return bool(self.runs or self.steps or self.attempts or self.workers or self.logs
-                    or self.idempotency or self.results or self.deliveries or self.run_secrets
-                    or self.drop_run_secrets or self.audit or self.schedules
-                    or self.drop_schedules)
+        return bool(
+            self.runs
+            or self.steps
+            or self.attempts
+            or self.workers
+            or self.logs
+            or self.idempotency
+            or self.results
+            or self.deliveries
+            or self.run_secrets
+            or self.drop_run_secrets
+            or self.audit
+            or self.schedules
+            or self.drop_schedules
+        )
 
 
 class StepTask(BaseModel):

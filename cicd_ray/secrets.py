@@ -37,11 +37,15 @@ def run_secret_problems(values: dict[str, str]) -> list[str]:
     problems = []
     for name, value in values.items():
         if not re.match(ENV_NAME, name) or name.startswith(RESERVED_ENV_PREFIX):
-            problems.append(f"secrets.{name[:64]}: not a variable name (letters, digits, _; "
-                            "not starting with CICD_)")
+            problems.append(
+                f"secrets.{name[:64]}: not a variable name (letters, digits, _; "
+                "not starting with CICD_)"
+            )
         elif not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
-            problems.append(f"secrets.{name}: shorter than {MIN_SECRET_CHARS} characters: "
-                            "masking it in logs would mask ordinary text")
+            problems.append(
+                f"secrets.{name}: shorter than {MIN_SECRET_CHARS} characters: "
+                "masking it in logs would mask ordinary text"
+            )
         elif len(value.encode()) > MAX_SECRET_BYTES:
             problems.append(f"secrets.{name}: larger than {MAX_SECRET_BYTES} bytes")
     return problems
@@ -71,12 +75,16 @@ def read(root: Path | None, project: str, name: str) -> str:
     try:
         value = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        raise SecretError(f"{name}: project {project} has no such secret (a file "
-                          f"{name} in CICD_RAY_SECRETS_DIR/{project})") from None
+        raise SecretError(
+            f"{name}: project {project} has no such secret (a file "
+            f"{name} in CICD_RAY_SECRETS_DIR/{project})"
+        ) from None
     value = value[:-1] if value.endswith("\n") else value
     if len(value) < MIN_SECRET_CHARS:
-        raise SecretError(f"{name}: shorter than {MIN_SECRET_CHARS} characters: masking it "
-                          "in logs would mask ordinary text")
+        raise SecretError(
+            f"{name}: shorter than {MIN_SECRET_CHARS} characters: masking it "
+            "in logs would mask ordinary text"
+        )
     return value
 
 
@@ -95,8 +103,13 @@ def forms(value: str) -> set[bytes]:
     `user:secret`, a secret inside a larger encoded blob); each cut to the characters the
     value alone decides."""
     raw = value.encode()
-    out = {raw, quote(value, safe="").encode(), quote_plus(value).encode(),
-           json.dumps(value)[1:-1].encode(), json.dumps(value, ensure_ascii=False)[1:-1].encode()}
+    out = {
+        raw,
+        quote(value, safe="").encode(),
+        quote_plus(value).encode(),
+        json.dumps(value)[1:-1].encode(),
+        json.dumps(value, ensure_ascii=False)[1:-1].encode(),
+    }
     out |= {line.encode() for line in value.splitlines() if len(line) >= MIN_SECRET_CHARS}
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
         encoded = encode(raw)
@@ -115,8 +128,7 @@ class Masker:
 
     def __init__(self, values: list[str]) -> None:
         self._patterns = sorted({f for v in values for f in forms(v)}, key=len, reverse=True)
-        self._re = (re.compile(b"|".join(map(re.escape, self._patterns)))
-                    if self._patterns else None)
+        self._re = re.compile(b"|".join(map(re.escape, self._patterns))) if self._patterns else None
         self._longest = max(map(len, self._patterns), default=0)
         self._buf = b""
 
@@ -126,10 +138,10 @@ class Masker:
         buf = self._buf + data
         out, at, cut = [], 0, len(buf)
         for m in self._re.finditer(buf):
-            if self._could_grow(buf[m.start():]):
+            if self._could_grow(buf[m.start() :]):
                 cut = m.start()  # a longer form may match with what comes next
                 break
-            out += [buf[at:m.start()], MASK]
+            out += [buf[at : m.start()], MASK]
             at = m.end()
         else:
             cut = len(buf) - self._started(buf[at:])

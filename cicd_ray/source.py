@@ -26,10 +26,21 @@ MAX_GIT_OUTPUT_BYTES = 16 * 1024 * 1024  # what git may print (a ref list, a fil
 # is refused: a server's 177 MiB ref list took the master to 783 MiB
 
 # Never worth copying into a build: version control, virtual environments, caches.
-EXCLUDED_NAMES = frozenset({
-    ".git", ".hg", ".svn", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache",
-    ".mypy_cache", "node_modules", ".tox",
-})
+EXCLUDED_NAMES = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        ".venv",
+        "venv",
+        "__pycache__",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".mypy_cache",
+        "node_modules",
+        ".tox",
+    }
+)
 
 
 def snapshot(directory: str | Path, limit_bytes: int) -> tuple[str, bytes]:
@@ -48,14 +59,19 @@ def snapshot(directory: str | Path, limit_bytes: int) -> tuple[str, bytes]:
             else:
                 tar.addfile(info)
             if raw.tell() > limit_bytes:
-                raise SpecError([f"source: {root} is larger than the {limit_bytes} byte limit; "
-                                 "exclude build outputs or point source at a smaller folder"])
+                raise SpecError(
+                    [
+                        f"source: {root} is larger than the {limit_bytes} byte limit; "
+                        "exclude build outputs or point source at a smaller folder"
+                    ]
+                )
     data = gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
     return hashlib.sha256(data).hexdigest(), data
 
 
-def source_folder(spec_source: object, pipeline_dir: Path,
-                  override: str | Path | None = None) -> Path | None:
+def source_folder(
+    spec_source: object, pipeline_dir: Path, override: str | Path | None = None
+) -> Path | None:
     """The folder to snapshot: an explicit override, else the pipeline's `source:` folder
     (relative to the pipeline file), else none (no source, or a git source the workers clone)."""
     if override is not None:
@@ -63,8 +79,14 @@ def source_folder(spec_source: object, pipeline_dir: Path,
     return pipeline_dir / spec_source if isinstance(spec_source, str) else None
 
 
-def clone(url: str, ref: str, dest: Path, timeout_s: float = GIT_TIMEOUT_S,
-          uid: int | None = None, home: Path | None = None) -> None:
+def clone(
+    url: str,
+    ref: str,
+    dest: Path,
+    timeout_s: float = GIT_TIMEOUT_S,
+    uid: int | None = None,
+    home: Path | None = None,
+) -> None:
     """Clone `url` into `dest` (empty) and check out `ref` (a branch, tag or commit): as the
     step's user `uid` when it has one (with `home` as its HOME), so nothing the repository
     holds (a hook, a submodule, a link) is written or read as root."""
@@ -92,8 +114,7 @@ def resolve_ref(url: str, ref: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> tupl
     step and retry builds the same one however the branch moves. A branch, tag or HEAD is looked
     up with `git ls-remote` (no clone); an abbreviated or full SHA by fetching the history's
     commits only (no trees, no files). Raises SourceError when it names no commit."""
-    listing = _git(["ls-remote", "--symref", "--", url, ref, f"{ref}^{{}}"], url, ref,
-                   timeout_s)
+    listing = _git(["ls-remote", "--symref", "--", url, ref, f"{ref}^{{}}"], url, ref, timeout_s)
     lines = [line.split("\t", 1) for line in listing.splitlines() if "\t" in line]
     found = {name: value for value, name in lines if not value.startswith("ref: ")}
     # With --symref, "ref: refs/heads/main<TAB>HEAD" says which branch HEAD is.
@@ -103,50 +124,99 @@ def resolve_ref(url: str, ref: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> tupl
             continue
         if COMMIT.match(found.get(name, "")):
             if name == "HEAD":
-                return found[name], head.removeprefix("ref: refs/heads/") \
-                    if head.startswith("ref: refs/heads/") else ""
+                return found[name], head.removeprefix("ref: refs/heads/") if head.startswith(
+                    "ref: refs/heads/"
+                ) else ""
             return found[name], ref if name == f"refs/heads/{ref}" else ""
     if ABBREVIATED.match(ref):
         with tempfile.TemporaryDirectory(prefix="cicd-resolve-") as tmp:
             _git(["init", "--quiet", "--bare", tmp], url, ref, timeout_s)
-            _git(["-C", tmp, "fetch", "--quiet", "--filter=tree:0", "--", url,
-                  "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], url, ref, timeout_s)
-            sha = _git(["-C", tmp, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
-                       url, ref, timeout_s, check=False).strip()
+            _git(
+                [
+                    "-C",
+                    tmp,
+                    "fetch",
+                    "--quiet",
+                    "--filter=tree:0",
+                    "--",
+                    url,
+                    "+refs/heads/*:refs/heads/*",
+                    "+refs/tags/*:refs/tags/*",
+                ],
+                url,
+                ref,
+                timeout_s,
+            )
+            sha = _git(
+                ["-C", tmp, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                url,
+                ref,
+                timeout_s,
+                check=False,
+            ).strip()
             if COMMIT.match(sha):
                 return sha, ""
     raise SourceError(f"{ref!r} names no branch, tag or commit of {url}")
 
 
-def file_at(url: str, commit: str, path: str, limit_bytes: int,
-            timeout_s: float = LOOKUP_TIMEOUT_S) -> str:
+def file_at(
+    url: str, commit: str, path: str, limit_bytes: int, timeout_s: float = LOOKUP_TIMEOUT_S
+) -> str:
     """The text of the file `path` in `url` at `commit` (a full SHA): fetched alone where the
     host serves a commit by its SHA, else with the branches' history. SourceError when the
     commit or the file is not there, or the file is over `limit_bytes`."""
     with tempfile.TemporaryDirectory(prefix="cicd-file-") as tmp:
         _git(["init", "--quiet", "--bare", tmp], url, commit, timeout_s)
-        _git(["-C", tmp, "fetch", "--quiet", "--depth=1", "--", url, commit], url, commit,
-             timeout_s, check=False)
+        _git(
+            ["-C", tmp, "fetch", "--quiet", "--depth=1", "--", url, commit],
+            url,
+            commit,
+            timeout_s,
+            check=False,
+        )
         if not _has(tmp, commit):
-            _git(["-C", tmp, "fetch", "--quiet", "--", url, "+refs/heads/*:refs/heads/*",
-                  "+refs/pull/*/head:refs/pull/*", "+refs/merge-requests/*/head:refs/mr/*"],
-                 url, commit, timeout_s, check=False)
+            _git(
+                [
+                    "-C",
+                    tmp,
+                    "fetch",
+                    "--quiet",
+                    "--",
+                    url,
+                    "+refs/heads/*:refs/heads/*",
+                    "+refs/pull/*/head:refs/pull/*",
+                    "+refs/merge-requests/*/head:refs/mr/*",
+                ],
+                url,
+                commit,
+                timeout_s,
+                check=False,
+            )
             if not _has(tmp, commit):
                 raise SourceError(f"{url} has no commit {commit}")
-        size = _git(["-C", tmp, "cat-file", "-s", f"{commit}:{path}"], url, commit, timeout_s,
-                    check=False).strip()
+        size = _git(
+            ["-C", tmp, "cat-file", "-s", f"{commit}:{path}"], url, commit, timeout_s, check=False
+        ).strip()
         if not size.isdigit():
             raise SourceError(f"{url} has no file {path} at commit {commit[:12]}")
         if int(size) > limit_bytes:
-            raise SourceError(f"{path} at commit {commit[:12]} is {size} bytes, more than the "
-                              f"{limit_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)")
+            raise SourceError(
+                f"{path} at commit {commit[:12]} is {size} bytes, more than the "
+                f"{limit_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"
+            )
         return _git(["-C", tmp, "show", f"{commit}:{path}"], url, commit, timeout_s)
 
 
 def _has(repo: str, commit: str, uid: int | None = None, home: Path | None = None) -> bool:
     try:
-        _git(["-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"], repo, commit,
-             LOOKUP_TIMEOUT_S, uid=uid, home=home)
+        _git(
+            ["-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"],
+            repo,
+            commit,
+            LOOKUP_TIMEOUT_S,
+            uid=uid,
+            home=home,
+        )
     except SourceError:
         return False
     return True
@@ -160,8 +230,15 @@ def hardening(url: str) -> list[str]:
     return ["-c", f"protocol.file.allow={local}", "-c", "protocol.ext.allow=never"]
 
 
-def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = True,
-         uid: int | None = None, home: Path | None = None) -> str:
+def _git(
+    args: list[str],
+    url: str,
+    ref: str,
+    timeout_s: float,
+    check: bool = True,
+    uid: int | None = None,
+    home: Path | None = None,
+) -> str:
     """Run git (as `uid`, when given) and return what it printed: at most
     MAX_GIT_OUTPUT_BYTES, kept in a file meanwhile, so a hostile server's flood costs disk
     for a moment, never the caller's memory."""
@@ -171,20 +248,29 @@ def _git(args: list[str], url: str, ref: str, timeout_s: float, check: bool = Tr
     command = ["git", *hardening(url), *args]
     try:
         with tempfile.TemporaryFile() as out:
-            done = subprocess.run(as_user(uid, command) if uid is not None else command,
-                                  stdout=out, stderr=subprocess.PIPE, timeout=timeout_s,
-                                  env=env, **popen_user(uid))
+            done = subprocess.run(
+                as_user(uid, command) if uid is not None else command,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                timeout=timeout_s,
+                env=env,
+                **popen_user(uid),
+            )
             size = out.tell()
             out.seek(0)
             printed = out.read(MAX_GIT_OUTPUT_BYTES).decode(errors="replace")
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SourceError(f"`git {args[0]}` did not finish: {e}") from None
     if size > MAX_GIT_OUTPUT_BYTES:
-        raise SourceError(f"`git {args[0]}` of {url} printed {size} bytes, more than the "
-                          f"{MAX_GIT_OUTPUT_BYTES} accepted")
+        raise SourceError(
+            f"`git {args[0]}` of {url} printed {size} bytes, more than the "
+            f"{MAX_GIT_OUTPUT_BYTES} accepted"
+        )
     if done.returncode != 0 and check:
-        raise SourceError(f"git could not fetch {url} at {ref}: "
-                          f"{done.stderr.decode(errors='replace').strip()[-1000:]}")
+        raise SourceError(
+            f"git could not fetch {url} at {ref}: "
+            f"{done.stderr.decode(errors='replace').strip()[-1000:]}"
+        )
     return printed
 
 
@@ -227,8 +313,11 @@ def member_problem(member: tarfile.TarInfo) -> str:
     return ""
 
 
-def check_archive(data: bytes, limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
-                  max_members: int = DEFAULT_MAX_MEMBERS) -> list[tarfile.TarInfo]:
+def check_archive(
+    data: bytes,
+    limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> list[tarfile.TarInfo]:
     """The archive's members, once it is known to unpack within bounds: a gzip'd tar of a few
     hundred bytes can claim a terabyte (a sparse member) or expand a thousandfold. Reads the
     headers only (the data is streamed past, never held). Raises SourceError naming the limit."""
@@ -245,16 +334,22 @@ def check_archive(data: bytes, limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
                 if len(members) > max_members:
                     raise SourceError(f"source archive: more than {max_members} members")
                 if total > limit_bytes:
-                    raise SourceError(f"source archive: unpacks to more than {limit_bytes} "
-                                      "bytes (CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES)")
+                    raise SourceError(
+                        f"source archive: unpacks to more than {limit_bytes} "
+                        "bytes (CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES)"
+                    )
     except (tarfile.TarError, OSError, EOFError) as e:
         raise SourceError(f"source archive: not a readable .tar.gz ({e})") from None
     return members
 
 
-def unpack(data: bytes, dest: Path, digest: str | None = None,
-           limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
-           max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+def unpack(
+    data: bytes,
+    dest: Path,
+    digest: str | None = None,
+    limit_bytes: int = DEFAULT_UNPACKED_LIMIT_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> None:
     """Unpack an archive made by `snapshot` into `dest`, atomically, once its digest (if given)
     matches and it is known to fit (`check_archive`).
 
@@ -295,15 +390,30 @@ def unpack_as_nobody(data: bytes, folder: Path) -> None:
     os.chown(folder, NOBODY, NOBODY)
     try:
         done = subprocess.run(
-            as_user(NOBODY, ["tar", "--extract", "--gzip", "--file=-", "--no-same-owner",
-                             "--no-same-permissions"]),
+            as_user(
+                NOBODY,
+                [
+                    "tar",
+                    "--extract",
+                    "--gzip",
+                    "--file=-",
+                    "--no-same-owner",
+                    "--no-same-permissions",
+                ],
+            ),
             # Entered as root before the user drops: the folders above may be closed to it.
-            cwd=folder, input=data, capture_output=True, timeout=UNPACK_TIMEOUT_S,
-            **popen_user(NOBODY))
+            cwd=folder,
+            input=data,
+            capture_output=True,
+            timeout=UNPACK_TIMEOUT_S,
+            **popen_user(NOBODY),
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SourceError(f"source archive: tar did not finish: {e}") from None
     finally:
         chown_tree(folder, 0)  # nobody's tar has ended: nothing moves under it
     if done.returncode != 0:
-        raise SourceError("source archive: tar could not unpack it: "
-                          f"{done.stderr.decode(errors='replace').strip()[-300:]}")
+        raise SourceError(
+            "source archive: tar could not unpack it: "
+            f"{done.stderr.decode(errors='replace').strip()[-300:]}"
+        )

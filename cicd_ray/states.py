@@ -49,8 +49,13 @@ class WorkerState(str, Enum):
 
 
 STEP_TERMINAL = frozenset(
-    {StepState.SUCCEEDED, StepState.FAILED, StepState.TIMED_OUT, StepState.CANCELLED,
-     StepState.SKIPPED}
+    {
+        StepState.SUCCEEDED,
+        StepState.FAILED,
+        StepState.TIMED_OUT,
+        StepState.CANCELLED,
+        StepState.SKIPPED,
+    }
 )
 RUN_TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 
@@ -66,8 +71,7 @@ MOVES: dict[Kind, dict[Enum, frozenset[Enum]]] = {
         # answered in time (FAILED); its run cancelled.
         _S.WAITING_APPROVAL: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
         # RUNNING -> QUEUED is a retry: the attempt ended and another one will be made.
-        _S.RUNNING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT,
-                               _S.CANCELLED}),
+        _S.RUNNING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED}),
     },
     # An attempt is made running and ends once; its step may be tried again by a new one.
     "attempt": {
@@ -78,8 +82,12 @@ MOVES: dict[Kind, dict[Enum, frozenset[Enum]]] = {
         _W.READY: frozenset({_W.LOST, _W.STOPPED}),
     },
 }
-_ENUMS: dict[Kind, type[Enum]] = {"run": RunState, "step": StepState, "attempt": StepState,
-                                  "worker": WorkerState}
+_ENUMS: dict[Kind, type[Enum]] = {
+    "run": RunState,
+    "step": StepState,
+    "attempt": StepState,
+    "worker": WorkerState,
+}
 
 
 class Stateful(Protocol):
@@ -93,8 +101,7 @@ def check(kind: Kind, current: Enum, new: Enum) -> None:
     """Raise InvalidTransition unless a `kind` may go from `current` to `new`. Terminal states
     never change."""
     if type(new) is not _ENUMS[kind] or new not in MOVES[kind].get(current, frozenset()):
-        raise InvalidTransition(f"{kind} state cannot change from {current.value} to "
-                                f"{new.value}")
+        raise InvalidTransition(f"{kind} state cannot change from {current.value} to {new.value}")
 
 
 def move(record: Stateful, new: Enum) -> None:

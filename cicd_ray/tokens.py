@@ -82,14 +82,17 @@ def parse_grant(text: str) -> Grant:
     what is wrong."""
     first, *fields = text.split()
     if not HEX_DIGEST.match(first):
-        raise ValueError("expected a SHA-256 hex digest (64 characters 0-9a-f), e.g. from "
-                         "`sha256sum`, then role=<read|submit|admin> and project=<name>")
+        raise ValueError(
+            "expected a SHA-256 hex digest (64 characters 0-9a-f), e.g. from "
+            "`sha256sum`, then role=<read|submit|admin> and project=<name>"
+        )
     values: dict[str, str] = {}
     for field in fields:
         name, sep, value = field.partition("=")
         if not sep or name not in ("role", "project") or name in values:
-            raise ValueError(f"{field!r}: expected role=<read|submit|admin> or project=<name>, "
-                             "each at most once")
+            raise ValueError(
+                f"{field!r}: expected role=<read|submit|admin> or project=<name>, each at most once"
+            )
         values[name] = value
     # No role: a bare digest is an admin's (files from before projects); one that names a
     # project reads it, and no more.
@@ -98,8 +101,10 @@ def parse_grant(text: str) -> Grant:
         raise ValueError(f"role={role}: the roles are read, submit and admin")
     project = values.get("project", DEFAULT_PROJECT)
     if not PROJECT_NAME.match(project):
-        raise ValueError(f"project={project}: a project's name is lowercase letters, digits, "
-                         "'.', '_' and '-' (at most 63)")
+        raise ValueError(
+            f"project={project}: a project's name is lowercase letters, digits, "
+            "'.', '_' and '-' (at most 63)"
+        )
     if role != Role.ADMIN.value and "project" not in values:
         raise ValueError(f"role={role} needs a project=<name>")  # (role= was given)
     return Grant(digest=first, role=Role(role), project=project)
@@ -124,8 +129,11 @@ def read_tokens_file(path: Path) -> list[Grant]:
 def env_grants(env: dict[str, str]) -> list[Grant]:
     """The grants given in variables: CICD_RAY_TOKENS (admin tokens, comma-separated) and
     CICD_RAY_TOKEN_DIGESTS (grant lines, comma-separated)."""
-    out = [Grant(digest=digest(t.strip()))
-           for t in env.get("CICD_RAY_TOKENS", "").split(",") if t.strip()]
+    out = [
+        Grant(digest=digest(t.strip()))
+        for t in env.get("CICD_RAY_TOKENS", "").split(",")
+        if t.strip()
+    ]
     for item in env.get(DIGESTS_ENV, "").split(","):
         if item.strip():
             try:
@@ -191,8 +199,10 @@ def add_token(path: Path, role: Role, project: str | None) -> tuple[str, Grant]:
     if role is not Role.ADMIN and not project:
         raise CicdError(f"--role {role.value} needs --project")
     if project and not PROJECT_NAME.match(project):
-        raise CicdError(f"--project {project}: a project's name is lowercase letters, digits, "
-                        "'.', '_' and '-' (at most 63)")
+        raise CicdError(
+            f"--project {project}: a project's name is lowercase letters, digits, "
+            "'.', '_' and '-' (at most 63)"
+        )
     token = new_token()
     grant = Grant(digest=digest(token), role=role, project=project or DEFAULT_PROJECT)
     private_folder(path.parent)  # (CICD_RAY_HOME, when it is made here first)

@@ -71,6 +71,7 @@ def host_pids(pids: Iterable[int]) -> list[int]:
 def pids_in(path, count: int = 1, timeout_s: float = 30) -> list[int]:
     """The pids a step wrote to `path` (as this process sees them: `host_pids`), once it holds
     `count` whole lines (a file that exists may still be empty, or half written)."""
+
     def read() -> list[int]:
         try:
             text = path.read_text()

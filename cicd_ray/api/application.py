@@ -42,14 +42,22 @@ WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css;
 HEALTH_CACHE_S = 1.0
 
 
-def create_app(grants: list[tokens.Grant] | None = None, max_body_bytes: int | None = None,
-               master: MasterLink | None = None) -> FastAPI:
+def create_app(
+    grants: list[tokens.Grant] | None = None,
+    max_body_bytes: int | None = None,
+    master: MasterLink | None = None,
+) -> FastAPI:
     """The FastAPI app. Tokens' grants and the body limit default to this process's
     environment (see `cicd_ray.tokens`); the master defaults to the named actor."""
     # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
-    app = FastAPI(title="cicd-ray", version="1", docs_url=None, redoc_url=None,
-                  description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
-                  "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.")
+    app = FastAPI(
+        title="cicd-ray",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
+        "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.",
+    )
     if master is None:
         from cicd_ray.api.serve import MasterLink  # the named actor: Ray, on a replica
 
@@ -87,8 +95,9 @@ def page_routes(health: _Health) -> APIRouter:
     async def page_file(name: str) -> Response:
         if name not in WEB_TYPES:
             raise HTTPException(404, detail=f"no file {name!r}")
-        return Response(_web_file(name), media_type=WEB_TYPES[name],
-                        headers={"Cache-Control": "no-cache"})
+        return Response(
+            _web_file(name), media_type=WEB_TYPES[name], headers={"Cache-Control": "no-cache"}
+        )
 
     @router.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
@@ -116,11 +125,12 @@ class _Health:
             if self._answer is None or time.monotonic() - self._at > HEALTH_CACHE_S:
                 try:
                     info = await self.master.call("ping")
-                    self._answer = (True, {"status": "ok", "master": True,
-                                           "pools": info["pools"]})
+                    self._answer = (True, {"status": "ok", "master": True, "pools": info["pools"]})
                 except HTTPException as e:
-                    self._answer = (False, {"status": "degraded", "master": False,
-                                            "detail": e.detail})
+                    self._answer = (
+                        False,
+                        {"status": "degraded", "master": False, "detail": e.detail},
+                    )
                 self._at = time.monotonic()
             return self._answer
 

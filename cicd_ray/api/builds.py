@@ -38,8 +38,9 @@ def build_routes(master, reads) -> APIRouter:
         return view
 
     @router.get(f"{API}/runs/{{run_id}}/artifacts")
-    async def artifacts(run_id: RunId,
-                        step: Annotated[str | None, Query(max_length=500)] = None) -> dict:
+    async def artifacts(
+        run_id: RunId, step: Annotated[str | None, Query(max_length=500)] = None
+    ) -> dict:
         """The files the run's steps kept (`artifacts:`), or one step's: path, size, SHA-256,
         and the URL to download each (`from_run` names the run that made a reused or carried
         over file)."""
@@ -48,9 +49,11 @@ def build_routes(master, reads) -> APIRouter:
             raise HTTPException(404, detail=f"run {run_id} has no step {step!r}")
         return {"run_id": run_id, "artifacts": artifact_list(view, step)}
 
-    @router.get(f"{API}/runs/{{run_id}}/artifacts/{{step}}/{{path:path}}",
-                response_class=StreamingResponse,
-                responses={200: {"content": {"application/octet-stream": {}}}})
+    @router.get(
+        f"{API}/runs/{{run_id}}/artifacts/{{step}}/{{path:path}}",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
     async def download(run_id: RunId, step: str, path: str):
         """One artifact, streamed; `X-Artifact-Sha256` is its digest."""
         view = await view_of(run_id)
@@ -59,10 +62,14 @@ def build_routes(master, reads) -> APIRouter:
             raise HTTPException(404, detail=f"step {step!r} of run {run_id} kept no {path!r}")
         store = await reads.artifacts()
         return StreamingResponse(
-            _chunks(store, found["digest"]), media_type="application/octet-stream",
-            headers={"Content-Length": str(found["size"]),
-                     "Content-Disposition": disposition(path.rsplit("/", 1)[-1]),
-                     "X-Artifact-Sha256": found["digest"]})
+            _chunks(store, found["digest"]),
+            media_type="application/octet-stream",
+            headers={
+                "Content-Length": str(found["size"]),
+                "Content-Disposition": disposition(path.rsplit("/", 1)[-1]),
+                "X-Artifact-Sha256": found["digest"],
+            },
+        )
 
     @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/explain")
     async def explain(run_id: RunId, step: str) -> dict:
@@ -74,18 +81,15 @@ def build_routes(master, reads) -> APIRouter:
             raise HTTPException(404, detail=answer.detail)
         return answer.model_dump(mode="json")
 
-    @router.post(f"{API}/runs/{{run_id}}/rerun", status_code=201,
-                 dependencies=[needs(Role.SUBMIT)])
+    @router.post(f"{API}/runs/{{run_id}}/rerun", status_code=201, dependencies=[needs(Role.SUBMIT)])
     async def rerun(run_id: RunId, grant: Granted, req: RerunRequest | None = None) -> dict:
         """A new run of a finished run's pipeline on the same commit and inputs, linked to it
         (`rerun_of`); with `only_failed`, its successes are carried over (with their
         artifacts) and only the failed, timed-out, cancelled and skipped steps run, with the
         steps that need them. 409 while the run has not ended."""
-        answer = await master.call("rerun", run_id, bool(req and req.only_failed),
-                                   caller(grant))
+        answer = await master.call("rerun", run_id, bool(req and req.only_failed), caller(grant))
         _refused(answer, run_id)
-        return {"run_id": answer.run_id, "url": f"{API}/runs/{answer.run_id}",
-                "rerun_of": run_id}
+        return {"run_id": answer.run_id, "url": f"{API}/runs/{answer.run_id}", "rerun_of": run_id}
 
     return router
 

@@ -1,5 +1,4 @@
-"""The HTTP routes of the cluster: the workers, the queue, the audit trail.
-"""
+"""The HTTP routes of the cluster: the workers, the queue, the audit trail."""
 
 from __future__ import annotations
 
@@ -24,21 +23,20 @@ def cluster_routes(master: MasterLink, reads: Reads) -> APIRouter:
     router = APIRouter(tags=["cluster"])
 
     @router.get(f"{API}/workers")
-    async def workers(grant: Granted,
-                      since: Annotated[float | None, Query(ge=0)] = None) -> dict:
+    async def workers(grant: Granted, since: Annotated[float | None, Query(ge=0)] = None) -> dict:
         """The live workers and those stopped since `since` (a Unix time; default: the last
         10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory,
         and the attempts each runs (of the token's project's runs; an admin's: all)."""
         return {"workers": await master.call("workers", since, scope(grant))}
 
     @router.get(f"{API}/audit", dependencies=[needs(Role.ADMIN)])
-    async def audit(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                    offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+    async def audit(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0
+    ) -> dict:
         """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
         token's id (the start of its digest) and project, the action, the run and its project,
         the step. Admin tokens only."""
-        return {"audit": await reads.call("audit", limit, offset), "limit": limit,
-                "offset": offset}
+        return {"audit": await reads.call("audit", limit, offset), "limit": limit, "offset": offset}
 
     @router.get(f"{API}/queue")
     async def queue() -> dict:

@@ -22,8 +22,10 @@ from cicd_ray.tokens import Grant, Role
 
 RUN_ID_TEXT = re.compile(RUN_ID)
 
-WHAT_NEEDS = {Role.SUBMIT: "starting, cancelling, re-running runs and answering approvals",
-              Role.ADMIN: "the audit and other projects' runs"}
+WHAT_NEEDS = {
+    Role.SUBMIT: "starting, cancelling, re-running runs and answering approvals",
+    Role.ADMIN: "the audit and other projects' runs",
+}
 
 
 def grant_of(request: Request) -> Grant:
@@ -38,8 +40,11 @@ def needs(role: Role):
 
     def check(grant: Granted) -> Grant:
         if not grant.role.allows(role):
-            raise HTTPException(403, detail=f"this token's role is {grant.role.value}: "
-                                f"{WHAT_NEEDS[role]} needs role {role.value}")
+            raise HTTPException(
+                403,
+                detail=f"this token's role is {grant.role.value}: "
+                f"{WHAT_NEEDS[role]} needs role {role.value}",
+            )
         return grant
 
     return Depends(check)
@@ -47,8 +52,9 @@ def needs(role: Role):
 
 def caller(grant: Grant) -> Caller:
     """The grant as the master records who acted."""
-    return Caller(token_id=grant.token_id, project=grant.project,
-                  admin=grant.role is Role.ADMIN, api=True)
+    return Caller(
+        token_id=grant.token_id, project=grant.project, admin=grant.role is Role.ADMIN, api=True
+    )
 
 
 def scope(grant: Grant) -> str | None:
@@ -80,8 +86,11 @@ def submit_project(grant: Grant, asked: str | None) -> str:
     if asked is None or asked == grant.project:
         return grant.project
     if grant.role is not Role.ADMIN:
-        raise HTTPException(403, detail=f"this token is project {grant.project}'s: it cannot "
-                            f"submit runs of project {asked}")
+        raise HTTPException(
+            403,
+            detail=f"this token is project {grant.project}'s: it cannot "
+            f"submit runs of project {asked}",
+        )
     return asked
 
 

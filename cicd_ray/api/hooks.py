@@ -25,19 +25,20 @@ from cicd_ray.triggers.repositories import RepoConfig, find
 
 HOOK_MAX_BYTES = 25 * 1024 * 1024  # GitHub caps a delivery's payload at 25 MB
 HEAD_TIMEOUT_S = 30.0  # asking the host for a branch's head
-UNSIGNED = ("the delivery's signature does not match the webhook secret of a repository "
-            "at this URL")
+UNSIGNED = "the delivery's signature does not match the webhook secret of a repository at this URL"
 
 
-async def _signed_payload(settings, provider: str, repo: RepoConfig | None, body: bytes,
-                          headers: dict[str, str]) -> dict:
+async def _signed_payload(
+    settings, provider: str, repo: RepoConfig | None, body: bytes, headers: dict[str, str]
+) -> dict:
     """The delivery's payload, once its raw body is known to be signed with the repository's
     secret (401 otherwise, and for a repository not listed: nothing is parsed unsigned)."""
     secret = ""
     if repo is not None:
         try:
-            secret = await asyncio.to_thread(read, settings.secrets_dir, repo.project,
-                                             repo.webhook_secret)
+            secret = await asyncio.to_thread(
+                read, settings.secrets_dir, repo.project, repo.webhook_secret
+            )
         except SecretError:
             secret = ""  # nothing verifies: 401, as for a wrong signature
     if repo is None or not githosts.verified(provider, secret, body, headers):
@@ -49,8 +50,7 @@ async def _signed_payload(settings, provider: str, repo: RepoConfig | None, body
     if not isinstance(payload, dict):
         raise HTTPException(400, detail="the body is not a JSON object")
     if not repo.matches(githosts.repository_names(provider, payload)):
-        raise HTTPException(400, detail=f"the delivery is of another repository than "
-                            f"{repo.name}")
+        raise HTTPException(400, detail=f"the delivery is of another repository than {repo.name}")
     return payload
 
 
@@ -84,8 +84,7 @@ async def _body(request: Request) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > HOOK_MAX_BYTES:
-            raise HTTPException(413, detail=f"a webhook delivery is at most {HOOK_MAX_BYTES} "
-                                "bytes")
+            raise HTTPException(413, detail=f"a webhook delivery is at most {HOOK_MAX_BYTES} bytes")
     return bytes(body)
 
 
@@ -96,8 +95,11 @@ def hook_routes(master, config) -> APIRouter:
     async def old_hook(provider: str):
         """The route before the repository was in the URL: it had to parse unsigned bodies
         to find the repository. Gone; the answer says where to point the webhook."""
-        raise HTTPException(410, detail=f"point the webhook at {API}/hooks/{provider}/"
-                            "OWNER/REPO (the repository's name as in CICD_RAY_REPOS)")
+        raise HTTPException(
+            410,
+            detail=f"point the webhook at {API}/hooks/{provider}/"
+            "OWNER/REPO (the repository's name as in CICD_RAY_REPOS)",
+        )
 
     @router.post(f"{API}/hooks/{{provider}}/{{name:path}}", status_code=201)
     async def hook(provider: Literal["github", "gitlab"], name: str, request: Request):
@@ -118,11 +120,17 @@ def hook_routes(master, config) -> APIRouter:
             return JSONResponse({"ignored": ignored}, status_code=202)
         answer = await master.call("trigger", repo.name, trigger, timeout_s=120.0)
         if isinstance(answer, Rejected):
-            return JSONResponse({"detail": "; ".join(answer.problems),
-                                 "problems": answer.problems}, status_code=422)
+            return JSONResponse(
+                {"detail": "; ".join(answer.problems), "problems": answer.problems}, status_code=422
+            )
         assert isinstance(answer, Submitted)
-        return JSONResponse({"run_id": answer.run_id, "url": f"{API}/runs/{answer.run_id}",
-                             "existing": answer.existing},
-                            status_code=200 if answer.existing else 201)
+        return JSONResponse(
+            {
+                "run_id": answer.run_id,
+                "url": f"{API}/runs/{answer.run_id}",
+                "existing": answer.existing,
+            },
+            status_code=200 if answer.existing else 201,
+        )
 
     return router

@@ -1,5 +1,4 @@
-"""The HTTP route of logs: a step's log as text, from an offset, followed as it grows.
-"""
+"""The HTTP route of logs: a step's log as text, from an offset, followed as it grows."""
 
 from __future__ import annotations
 
@@ -28,11 +27,18 @@ STEP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(\[[A-Za-z0-9_=.,:+@ -]{1,40
 def log_routes(reads: Reads) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
-    @router.get(f"{API}/runs/{{run_id}}/steps/{{step}}/log", response_class=StreamingResponse,
-                responses={200: {"content": {"text/plain": {}}}})
-    async def step_log(run_id: RunId, step: str,
-                       follow: bool = False, offset: Annotated[int, Query(ge=0)] = 0,
-                       attempt: Annotated[int | None, Query(ge=1)] = None):
+    @router.get(
+        f"{API}/runs/{{run_id}}/steps/{{step}}/log",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def step_log(
+        run_id: RunId,
+        step: str,
+        follow: bool = False,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        attempt: Annotated[int | None, Query(ge=1)] = None,
+    ):
         """A step's log as text (its last attempt unless `attempt` is given), from byte `offset`.
         With `follow=true` the response streams until the attempt ends. The `X-Attempt` header
         names the attempt (`X-Attempt-State` its state, `X-More` whether its log can still
@@ -42,19 +48,26 @@ def log_routes(reads: Reads) -> APIRouter:
         first = await reads.call("step_log", run_id, step, attempt, offset)
         if isinstance(first, Missing):
             raise HTTPException(404, detail=first.detail)
-        headers = {"X-Attempt": str(first.attempt or ""), "X-Attempt-State": first.state,
-                   "X-More": "true" if first.more else "false", "Cache-Control": "no-store"}
+        headers = {
+            "X-Attempt": str(first.attempt or ""),
+            "X-Attempt-State": first.state,
+            "X-More": "true" if first.more else "false",
+            "Cache-Control": "no-store",
+        }
         if not follow:
-            return Response(first.data, media_type="text/plain; charset=utf-8",
-                            headers=headers)
-        return StreamingResponse(_follow(reads, run_id, step, attempt, offset, first),
-                                 media_type="text/plain; charset=utf-8", headers=headers)
+            return Response(first.data, media_type="text/plain; charset=utf-8", headers=headers)
+        return StreamingResponse(
+            _follow(reads, run_id, step, attempt, offset, first),
+            media_type="text/plain; charset=utf-8",
+            headers=headers,
+        )
 
     return router
 
 
-async def _follow(reads: Reads, run_id: str, step: str, attempt: int | None, offset: int,
-                  answer: LogSlice) -> AsyncIterator[bytes]:
+async def _follow(
+    reads: Reads, run_id: str, step: str, attempt: int | None, offset: int, answer: LogSlice
+) -> AsyncIterator[bytes]:
     # Follow one attempt: the one that was current when the request came, or the first one.
     pinned = attempt or answer.attempt
     while True:

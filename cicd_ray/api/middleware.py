@@ -20,9 +20,12 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     # The page's own script and style only: no inline code, nothing from elsewhere.
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
-     b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-     b"frame-ancestors 'none'; form-action 'self'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; "
+        b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        b"frame-ancestors 'none'; form-action 'self'",
+    ),
 ]
 # Served without a token: the page (it asks for one), the health probe, and git hosts'
 # webhooks (a delivery carries its repository's signature instead, checked by its route).
@@ -35,7 +38,7 @@ def _is_open(scope) -> bool:
     `route_prefix` (or any proxy setting `root_path`) the paths arrive with the prefix."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
@@ -61,13 +64,15 @@ class Guard:
         if not _is_open(scope):
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = authorization.partition(" ")
-            grant = tokens.match(token.strip(), self.grants()) if scheme.lower() == "bearer" \
-                else None
+            grant = (
+                tokens.match(token.strip(), self.grants()) if scheme.lower() == "bearer" else None
+            )
             if grant is None:
                 reason = "missing" if not authorization else "invalid"
                 await JSONResponse(
                     {"detail": f"{reason} token: send 'Authorization: Bearer <token>'"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
                 )(scope, receive, with_headers)
                 return
             # What the token may do, for the routes (cicd_ray.api.dependencies):
@@ -110,5 +115,6 @@ class BodyLimit:
 
     @staticmethod
     async def _reject(send, size: int, limit: int) -> None:
-        await JSONResponse({"detail": f"body of {size} bytes is over the {limit} byte limit"},
-                           status_code=413)({"type": "http"}, None, send)
+        await JSONResponse(
+            {"detail": f"body of {size} bytes is over the {limit} byte limit"}, status_code=413
+        )({"type": "http"}, None, send)

@@ -43,14 +43,22 @@ class Reads:
         store = await self._open()
         if store is None:
             return await self.master.call(method, *args)
-        read = {"get_run": run_view, "list_runs": runs_page, "step_log": log_answer,
-                "explain": explain_answer, "project_of": run_project,
-                "audit": audit_page}[method]
+        read = {
+            "get_run": run_view,
+            "list_runs": runs_page,
+            "step_log": log_answer,
+            "explain": explain_answer,
+            "project_of": run_project,
+            "audit": audit_page,
+        }[method]
         try:
             return await asyncio.to_thread(read, store, *args)
         except StoreError as e:
-            raise HTTPException(503, detail=f"the store is not answering: {e}",
-                                headers={"Retry-After": RETRY_AFTER_S}) from None
+            raise HTTPException(
+                503,
+                detail=f"the store is not answering: {e}",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
 
     async def artifacts(self) -> ArtifactStore:
         """The artifact store the master names (opened with this replica's credentials)."""

@@ -60,11 +60,20 @@ POSITION = r"^[0-9.]{1,30}:[0-9]{1,18}$"  # EPOCH:SEQ, as a wait answered it
 def submit_routes(master: MasterLink, config: ApiConfig) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
-    @router.post(f"{API}/runs", status_code=201, response_model=RunCreated,
-                 responses={200: {"model": RunCreated}}, dependencies=[needs(Role.SUBMIT)])
-    async def submit(req: SubmitRequest, response: Response, grant: Granted,
-                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-                     authorization: Annotated[str | None, Header(include_in_schema=False)] = None):
+    @router.post(
+        f"{API}/runs",
+        status_code=201,
+        response_model=RunCreated,
+        responses={200: {"model": RunCreated}},
+        dependencies=[needs(Role.SUBMIT)],
+    )
+    async def submit(
+        req: SubmitRequest,
+        response: Response,
+        grant: Granted,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    ):
         """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
         `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
         body; 413 past the body limit; 422 for an invalid pipeline; 429 when the project has
@@ -77,15 +86,19 @@ def submit_routes(master: MasterLink, config: ApiConfig) -> APIRouter:
         if problems:
             return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
-        answer = await master.call("submit", pipeline, req.env, source, key, req.secrets,
-                                   caller(grant), project)
+        answer = await master.call(
+            "submit", pipeline, req.env, source, key, req.secrets, caller(grant), project
+        )
         if isinstance(answer, Rejected):
             return _rejected(answer.problems)
         if isinstance(answer, OverQuota):
             raise HTTPException(429, detail=answer.detail, headers={"Retry-After": "10"})
         if isinstance(answer, Conflict):
-            raise HTTPException(409, detail=f"Idempotency-Key already used for run "
-                                f"{answer.run_id} with a different request; use a new key")
+            raise HTTPException(
+                409,
+                detail=f"Idempotency-Key already used for run "
+                f"{answer.run_id} with a different request; use a new key",
+            )
         if answer.existing:
             response.status_code = 200
         return RunCreated(run_id=answer.run_id, url=f"{API}/runs/{answer.run_id}")
@@ -97,14 +110,18 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
     router = APIRouter(tags=["runs"])
 
     @router.get(f"{API}/runs")
-    async def list_runs(grant: Granted, state: RunState | None = None,
-                        pipeline: Annotated[str | None, Query(max_length=63)] = None,
-                        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                        offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+    async def list_runs(
+        grant: Granted,
+        state: RunState | None = None,
+        pipeline: Annotated[str | None, Query(max_length=63)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict:
         """Runs of the token's project (an admin's: of all), newest first, filtered by state
         and pipeline name, a page at a time."""
-        runs = await reads.call("list_runs", state.value if state else None, pipeline, limit,
-                                offset, scope(grant))
+        runs = await reads.call(
+            "list_runs", state.value if state else None, pipeline, limit, offset, scope(grant)
+        )
         return {"runs": runs, "limit": limit, "offset": offset}
 
     @router.get(f"{API}/runs/{{run_id}}")
@@ -116,16 +133,19 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
         return view.model_dump(mode="json")
 
     @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
-    async def wait(run_id: RunId,
-                   after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
-                   timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
-                   until_end: bool = False):
+    async def wait(
+        run_id: RunId,
+        after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
+        timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
+        until_end: bool = False,
+    ):
         """A long poll: answers once the run has changed since `after` (the `position` of an
         earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
         `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
         from the position, read again."""
-        change = await master.call("wait", run_id, after, timeout_s, until_end,
-                                   timeout_s=timeout_s + MASTER_TIMEOUT_S)
+        change = await master.call(
+            "wait", run_id, after, timeout_s, until_end, timeout_s=timeout_s + MASTER_TIMEOUT_S
+        )
         if change is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return change
@@ -138,26 +158,33 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return {"run_id": run_id, "state": state}
 
-    @router.get(f"{API}/events", response_class=StreamingResponse,
-                responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(grant: Granted,
-                     run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
-                     last_event_id: Annotated[str | None, Header(max_length=64)] = None):
+    @router.get(
+        f"{API}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def events(
+        grant: Granted,
+        run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ):
         """Run and step state changes of the token's project's runs (an admin's: of all) as
         Server-Sent Events (`event: run` or `step`, `data:` JSON), from now on, or after
         `Last-Event-ID` when a client reconnects. `run_id` keeps one run's. An `event: reset`
         says changes were missed (reload what you show)."""
         epoch, after = parse_position(last_event_id)
-        return StreamingResponse(_event_stream(master, run_id, scope(grant), epoch, after),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store",
-                                          "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _event_stream(master, run_id, scope(grant), epoch, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
     return router
 
 
-async def _unpacked(req: SubmitRequest,
-                    limit: int) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
+async def _unpacked(
+    req: SubmitRequest, limit: int
+) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
     """The request's pipeline (with a git source put in it) and its archive (digest, bytes)."""
     if isinstance(req.source, GitSource):
         return await asyncio.to_thread(_with_git_source, req.pipeline, req.source, limit), None
@@ -195,8 +222,9 @@ def _check(pipeline: str | dict[str, Any], env: dict[str, str], limit: int) -> l
     return check_env_overrides(env)
 
 
-def _with_git_source(pipeline: str | dict[str, Any], git: GitSource,
-                     limit: int) -> str | dict[str, Any]:
+def _with_git_source(
+    pipeline: str | dict[str, Any], git: GitSource, limit: int
+) -> str | dict[str, Any]:
     """The pipeline with its `source` replaced by the request's repository."""
     if isinstance(pipeline, str):
         try:
@@ -209,14 +237,16 @@ def _with_git_source(pipeline: str | dict[str, Any], git: GitSource,
     return {**pipeline, "source": git.model_dump()}
 
 
-async def _event_stream(master: MasterLink, run_id: str | None, project: str | None,
-                        epoch: float | None, after: int) -> AsyncIterator[bytes]:
+async def _event_stream(
+    master: MasterLink, run_id: str | None, project: str | None, epoch: float | None, after: int
+) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
     while True:
         try:
             # A new client only learns where "now" is: no waiting, nothing sent.
-            answer = await master.call("events", max(after, 0), epoch,
-                                       0.0 if after < 0 else EVENT_WAIT_S)
+            answer = await master.call(
+                "events", max(after, 0), epoch, 0.0 if after < 0 else EVENT_WAIT_S
+            )
         except HTTPException:
             yield b": the master is not answering; waiting\n\n"
             await asyncio.sleep(float(RETRY_AFTER_S))
@@ -232,8 +262,10 @@ async def _event_stream(master: MasterLink, run_id: str | None, project: str | N
         for event in events:
             after = event["seq"]
             if (run_id is None or event["run_id"] == run_id) and (
-                    project is None or event.get("project", "default") == project):
-                yield (f"id: {epoch}:{after}\nevent: {event['kind']}\n"
-                       f"data: {json.dumps(event)}\n\n").encode()
+                project is None or event.get("project", "default") == project
+            ):
+                yield (
+                    f"id: {epoch}:{after}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+                ).encode()
         if not events:
             yield b": keep-alive\n\n"

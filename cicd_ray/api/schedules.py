@@ -45,14 +45,18 @@ def schedule_routes(master) -> APIRouter:
         return answer
 
     @router.delete(f"{API}/schedules/{{name}}", dependencies=[needs(Role.SUBMIT)])
-    async def delete(name: Annotated[str, PathParam(pattern=SCHEDULE_NAME)], grant: Granted,
-                     project: ProjectQuery = None) -> dict:
+    async def delete(
+        name: Annotated[str, PathParam(pattern=SCHEDULE_NAME)],
+        grant: Granted,
+        project: ProjectQuery = None,
+    ) -> dict:
         """Delete a schedule made through the API (those of the repositories file go with
         their lines)."""
         project = submit_project(grant, project)
         if not await master.call("delete_schedule", project, name):
-            raise HTTPException(404, detail=f"project {project} has no schedule {name!r} "
-                                "made through the API")
+            raise HTTPException(
+                404, detail=f"project {project} has no schedule {name!r} made through the API"
+            )
         return {"deleted": name, "project": project}
 
     return router

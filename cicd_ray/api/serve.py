@@ -35,23 +35,28 @@ class MasterLink:
         except (ValueError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
             self._handle = None
             raise HTTPException(
-                503, detail=f"the master is not answering ({type(e).__name__}); retry shortly",
-                headers={"Retry-After": RETRY_AFTER_S}) from None
+                503,
+                detail=f"the master is not answering ({type(e).__name__}); retry shortly",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
 
     async def _call(self, method: str, *args: Any) -> Any:
         if self._handle is None:
             # A lookup asks the GCS, which may be down: in a thread, so this replica's other
             # requests (reads from the store, 4xx answers) go on meanwhile.
-            self._handle = await asyncio.to_thread(ray.get_actor, MASTER_NAME,
-                                                   namespace=NAMESPACE)
+            self._handle = await asyncio.to_thread(ray.get_actor, MASTER_NAME, namespace=NAMESPACE)
         return await getattr(self._handle, method).remote(*args)
 
 
 # The handlers only await the master, so one replica can serve many requests at once.
 # A line per request in Serve's access log costs more than the request's own work here; the
 # master records every submission anyway.
-@serve.deployment(name="cicd-api", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200,
-                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+@serve.deployment(
+    name="cicd-api",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=200,
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},
+)
 @serve.ingress(create_app)  # built on each replica, with its environment
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""
@@ -72,8 +77,12 @@ def check_config() -> Settings:
     return Settings.from_env()
 
 
-def build(grants: list[tokens.Grant], tokens_file: Path | None = None,
-          max_body_bytes: int | None = None, settings: Settings | None = None):
+def build(
+    grants: list[tokens.Grant],
+    tokens_file: Path | None = None,
+    max_body_bytes: int | None = None,
+    settings: Settings | None = None,
+):
     """The Serve application with its configuration in the replicas' environment (grants by
     the tokens' digests, never the tokens; the tokens file they read again when it changes;
     from `settings`, the repositories file and the secrets folder webhooks are checked
@@ -87,8 +96,9 @@ def build(grants: list[tokens.Grant], tokens_file: Path | None = None,
         env["CICD_RAY_SECRETS_DIR"] = str(settings.secrets_dir)
     if max_body_bytes:
         env["CICD_RAY_MAX_BODY_BYTES"] = str(max_body_bytes)
-    return ApiServer.options(ray_actor_options={
-        "num_cpus": 0, "runtime_env": {"env_vars": env}}).bind()
+    return ApiServer.options(
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    ).bind()
 
 
 app = ApiServer.bind()

@@ -1,5 +1,4 @@
-"""The commands of builds: `artifacts`, `explain`, `rerun`.
-"""
+"""The commands of builds: `artifacts`, `explain`, `rerun`."""
 
 from __future__ import annotations
 
@@ -17,11 +16,15 @@ from cicd_ray.reads.artifacts import artifact_list
 
 
 @app.command()
-def artifacts(run_id: str,
-              step: str | None = typer.Option(None, "--step", help="only this step's"),
-              download: Path | None = typer.Option(None, "--download", help="save them "
-                                                   "under this folder, as STEP/PATH"),
-              url: str | None = URL, as_json: bool = AS_JSON):
+def artifacts(
+    run_id: str,
+    step: str | None = typer.Option(None, "--step", help="only this step's"),
+    download: Path | None = typer.Option(
+        None, "--download", help="save them under this folder, as STEP/PATH"
+    ),
+    url: str | None = URL,
+    as_json: bool = AS_JSON,
+):
     """List the files a run's steps kept (their `artifacts:`), or download them."""
     with reported():
         reader = reader_for(url)
@@ -37,8 +40,13 @@ def artifacts(run_id: str,
         return
     table = Table("step", "path", "bytes", "sha256", "from run")
     for f in files:
-        table.add_row(escape(f["step"]), escape(f["path"]), str(f["size"]), f["digest"][:16],
-                      "" if f["from_run"] == run_id else f["from_run"])
+        table.add_row(
+            escape(f["step"]),
+            escape(f["path"]),
+            str(f["size"]),
+            f["digest"][:16],
+            "" if f["from_run"] == run_id else f["from_run"],
+        )
     out.print(table)
     if download is not None:
         out.print(f"saved {len(files)} file(s) under {download}")
@@ -59,13 +67,20 @@ def explain(run_id: str, step: str, url: str | None = URL, as_json: bool = AS_JS
 
 
 @app.command()
-def rerun(run_id: str,
-          failed: bool = typer.Option(False, "--failed", help="only the failed, timed-out, "
-                                      "cancelled and skipped steps, and what needs them; the "
-                                      "successes are carried over with their artifacts"),
-          follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
-          url: str | None = URL, address: str | None = ADDRESS,
-          timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
+def rerun(
+    run_id: str,
+    failed: bool = typer.Option(
+        False,
+        "--failed",
+        help="only the failed, timed-out, "
+        "cancelled and skipped steps, and what needs them; the "
+        "successes are carried over with their artifacts",
+    ),
+    follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
+    url: str | None = URL,
+    address: str | None = ADDRESS,
+    timeout: float | None = typer.Option(None, help="give up waiting after this many s"),
+):
     """Run a finished run again: the same pipeline on the same commit and inputs, linked to it.
     Prints the new run's id; without --url or --address it runs on an embedded local Ray and
     is followed to its end, like `run`."""

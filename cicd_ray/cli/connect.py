@@ -84,8 +84,14 @@ class Reader(Protocol):
 
 
 class Runner(Reader, Protocol):
-    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str], secrets: dict[str, str] | None = None) -> str: ...
+    def submit(
+        self,
+        spec: PipelineSpec,
+        path: Path,
+        source: Path | None,
+        env: dict[str, str],
+        secrets: dict[str, str] | None = None,
+    ) -> str: ...
 
     def cancel(self, run_id: str) -> str: ...
 
@@ -95,16 +101,19 @@ class Runner(Reader, Protocol):
     def approve(self, run_id: str, step: str, approved: bool, by: str, comment: str) -> str:
         """Answer a step waiting for approval; its new state."""
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float,
-             until_end: bool = False) -> RunChange:
+    def wait(
+        self, run_id: str, after: str | None, timeout_s: float, until_end: bool = False
+    ) -> RunChange:
         """The master's long poll (see cicd_ray.follow)."""
 
 
-def follow_run(runner: Runner, run_id: str, on_update=None,
-               timeout_s: float | None = None) -> RunView:
+def follow_run(
+    runner: Runner, run_id: str, on_update=None, timeout_s: float | None = None
+) -> RunView:
     """Follow a run to its end through a runner (see cicd_ray.follow)."""
-    return follow(runner.view, runner.wait, run_id, lambda v: v.run.state.value, on_update,
-                  timeout_s)
+    return follow(
+        runner.view, runner.wait, run_id, lambda v: v.run.state.value, on_update, timeout_s
+    )
 
 
 class StoreReader:
@@ -112,8 +121,10 @@ class StoreReader:
 
     def __init__(self, settings: Settings) -> None:
         if settings.store is None and not settings.store_path.exists():
-            raise CicdError(f"no runs yet: the store {settings.store_path} does not exist (set "
-                            "CICD_RAY_HOME or CICD_RAY_STORE, or --url for a server)")
+            raise CicdError(
+                f"no runs yet: the store {settings.store_path} does not exist (set "
+                "CICD_RAY_HOME or CICD_RAY_STORE, or --url for a server)"
+            )
         self.store = open_store(settings.store_url)
         self.settings = settings
 
@@ -130,8 +141,11 @@ class StoreReader:
         return step_log(self.store, run_id, step, attempt, offset)
 
     def workers(self, since: float | None = None) -> list[dict]:
-        return [w.model_dump(mode="json") for w in self.store.list_workers()
-                if since is None or w.stopped_at is None or w.stopped_at >= since]
+        return [
+            w.model_dump(mode="json")
+            for w in self.store.list_workers()
+            if since is None or w.stopped_at is None or w.stopped_at >= since
+        ]
 
     def explain(self, run_id: str, step: str) -> Explanation:
         return explain(self.store, run_id, step)
@@ -150,18 +164,26 @@ class RayRunner:
         self.settings = settings
         self._call = call
 
-    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str], secrets: dict[str, str] | None = None) -> str:
+    def submit(
+        self,
+        spec: PipelineSpec,
+        path: Path,
+        source: Path | None,
+        env: dict[str, str],
+        secrets: dict[str, str] | None = None,
+    ) -> str:
         from cicd_ray.cluster import session
 
-        return session.submit(self.master, spec, path.resolve().parent, source, env,
-                              self.settings, secrets)
+        return session.submit(
+            self.master, spec, path.resolve().parent, source, env, self.settings, secrets
+        )
 
     def view(self, run_id: str) -> RunView:
         return _found(self._call(self.master.get_run.remote(run_id)), f"run {run_id!r}")
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float,
-             until_end: bool = False) -> RunChange:
+    def wait(
+        self, run_id: str, after: str | None, timeout_s: float, until_end: bool = False
+    ) -> RunChange:
         answer = self._call(self.master.wait.remote(run_id, after, timeout_s, until_end))
         return _found(answer, f"run {run_id!r}")
 
@@ -169,15 +191,17 @@ class RayRunner:
         return _found(self._call(self.master.cancel.remote(run_id)), f"run {run_id!r}")
 
     def rerun(self, run_id: str, only_failed: bool) -> str:
-        answer = _found(self._call(self.master.rerun.remote(run_id, only_failed)),
-                        f"run {run_id!r}")
+        answer = _found(
+            self._call(self.master.rerun.remote(run_id, only_failed)), f"run {run_id!r}"
+        )
         if isinstance(answer, Rejected):
             raise CicdError("; ".join(answer.problems))
         return answer.run_id
 
     def approve(self, run_id: str, step: str, approved: bool, by: str, comment: str) -> str:
-        answer = _present(self._call(self.master.approve.remote(run_id, step, approved, by,
-                                                                comment)))
+        answer = _present(
+            self._call(self.master.approve.remote(run_id, step, approved, by, comment))
+        )
         if isinstance(answer, Rejected):
             raise CicdError("; ".join(answer.problems))
         return answer
@@ -206,15 +230,22 @@ class HttpRunner:
 
         self.client = Client(url, token)
 
-    def submit(self, spec: PipelineSpec, path: Path, source: Path | None,
-               env: dict[str, str], secrets: dict[str, str] | None = None) -> str:
+    def submit(
+        self,
+        spec: PipelineSpec,
+        path: Path,
+        source: Path | None,
+        env: dict[str, str],
+        secrets: dict[str, str] | None = None,
+    ) -> str:
         return self.client.submit(path, source=source, env=env, secrets=secrets).id
 
     def view(self, run_id: str) -> RunView:
         return RunView.model_validate(self.client.run(run_id).view)
 
-    def wait(self, run_id: str, after: str | None, timeout_s: float,
-             until_end: bool = False) -> RunChange:
+    def wait(
+        self, run_id: str, after: str | None, timeout_s: float, until_end: bool = False
+    ) -> RunChange:
         return self.client.wait(run_id, after, timeout_s, until_end)
 
     def cancel(self, run_id: str) -> str:

@@ -15,8 +15,9 @@ from rich.markup import escape
 
 from cicd_ray.errors import CicdError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="cicd-ray: run CI/CD pipelines on Ray.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="cicd-ray: run CI/CD pipelines on Ray."
+)
 
 
 # Piped output (CI logs, scripts) gets wide tables rather than rich's 80-column default.
@@ -32,8 +33,9 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 LOG_TAIL_LINES = 20
 
 
-URL = typer.Option(None, "--url", envvar="CICD_RAY_URL",
-                   help="the cicd-ray API (else the local store or Ray)")
+URL = typer.Option(
+    None, "--url", envvar="CICD_RAY_URL", help="the cicd-ray API (else the local store or Ray)"
+)
 
 
 ADDRESS = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS, else embedded)")
@@ -57,16 +59,23 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-SECRET = typer.Option([], "--secret", "-s", help="NAME: a secret of the run's own, its value "
-                      "taken from this shell's variable NAME (never from the command line)")
+SECRET = typer.Option(
+    [],
+    "--secret",
+    "-s",
+    help="NAME: a secret of the run's own, its value "
+    "taken from this shell's variable NAME (never from the command line)",
+)
 
 
 def secrets_from_env(names: list[str]) -> dict[str, str]:
     unset = [n for n in names if n not in os.environ]
     if unset:
-        raise fail(f"--secret {unset[0]}: set the variable {unset[0]} in this shell to the "
-                    "secret's value (e.g. read -s); it is not taken from the command line",
-                    EXIT_INVALID)
+        raise fail(
+            f"--secret {unset[0]}: set the variable {unset[0]} in this shell to the "
+            "secret's value (e.g. read -s); it is not taken from the command line",
+            EXIT_INVALID,
+        )
     return {n: os.environ[n] for n in names}
 
 
@@ -86,5 +95,6 @@ def parse_since(text: str, option: str = "--since") -> float:
     try:
         return time.time() - parse_duration(text)
     except CicdError:
-        raise typer.BadParameter(f"{text!r}: expected an age such as 7d, 12h, 30m or 90s",
-                                 param_hint=option) from None
+        raise typer.BadParameter(
+            f"{text!r}: expected an age such as 7d, 12h, 30m or 90s", param_hint=option
+        ) from None

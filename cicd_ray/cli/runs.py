@@ -1,5 +1,4 @@
-"""The commands of runs: `validate`, `run`, `submit`, `runs`, `status`, `logs`, `cancel`.
-"""
+"""The commands of runs: `validate`, `run`, `submit`, `runs`, `status`, `logs`, `cancel`."""
 
 from __future__ import annotations
 
@@ -63,34 +62,50 @@ def validate(file: Path = typer.Argument(..., help="the pipeline file"), as_json
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="the pipeline file"),
-        source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
-        address: str | None = ADDRESS, url: str | None = URL,
-        env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
-        secret: list[str] = SECRET,
-        timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
+def run(
+    file: Path = typer.Argument(..., help="the pipeline file"),
+    source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
+    address: str | None = ADDRESS,
+    url: str | None = URL,
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
+    secret: list[str] = SECRET,
+    timeout: float | None = typer.Option(None, help="give up waiting after this many s"),
+):
     """Run a pipeline and follow it to the end. Exit 0 succeeded, 1 failed, 2 invalid."""
     _submit(file, source, address, url, env, follow=True, timeout=timeout, secrets=secret)
 
 
 @app.command()
-def submit(file: Path = typer.Argument(..., help="the pipeline file"),
-           source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
-           address: str | None = ADDRESS, url: str | None = URL,
-           env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
-           secret: list[str] = SECRET,
-           follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
-           timeout: float | None = typer.Option(None, help="give up waiting after this many s")):
+def submit(
+    file: Path = typer.Argument(..., help="the pipeline file"),
+    source: Path | None = typer.Option(None, help="directory to snapshot as the source"),
+    address: str | None = ADDRESS,
+    url: str | None = URL,
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, overrides env"),
+    secret: list[str] = SECRET,
+    follow: bool = typer.Option(False, "--follow", "-f", help="follow it like `run`"),
+    timeout: float | None = typer.Option(None, help="give up waiting after this many s"),
+):
     """Submit a pipeline to a server (--url) or cluster (--address) and print its run id."""
     if not url and not address:
-        raise fail("submit needs --url (or CICD_RAY_URL) or --address: an embedded cluster "
-                    "would end with the command; use `cicd-ray run` for that", EXIT_INVALID)
+        raise fail(
+            "submit needs --url (or CICD_RAY_URL) or --address: an embedded cluster "
+            "would end with the command; use `cicd-ray run` for that",
+            EXIT_INVALID,
+        )
     _submit(file, source, address, url, env, follow=follow, timeout=timeout, secrets=secret)
 
 
-def _submit(file: Path, source: Path | None, address: str | None, url: str | None,
-            env: list[str], follow: bool, timeout: float | None,
-            secrets: list[str] = ()) -> None:
+def _submit(
+    file: Path,
+    source: Path | None,
+    address: str | None,
+    url: str | None,
+    env: list[str],
+    follow: bool,
+    timeout: float | None,
+    secrets: list[str] = (),
+) -> None:
     try:
         spec = load_pipeline(file, Settings.from_env().max_pipeline_bytes)
     except ProblemsError as e:
@@ -114,10 +129,13 @@ def _submit(file: Path, source: Path | None, address: str | None, url: str | Non
 
 
 @app.command()
-def runs(state: RunState | None = typer.Option(None, help="only runs in this state"),
-         pipeline: str | None = typer.Option(None, help="only runs of this pipeline"),
-         limit: int = typer.Option(20, min=1, max=500), url: str | None = URL,
-         as_json: bool = AS_JSON):
+def runs(
+    state: RunState | None = typer.Option(None, help="only runs in this state"),
+    pipeline: str | None = typer.Option(None, help="only runs of this pipeline"),
+    limit: int = typer.Option(20, min=1, max=500),
+    url: str | None = URL,
+    as_json: bool = AS_JSON,
+):
     """List recent runs, newest first."""
     with reported():
         records = reader_for(url).list_runs(state.value if state else None, pipeline, limit)
@@ -126,9 +144,13 @@ def runs(state: RunState | None = typer.Option(None, help="only runs in this sta
         return
     table = Table("run", "pipeline", "state", "created", "duration")
     for r in records:
-        table.add_row(r["id"], r["pipeline"], styled(r["state"]),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
-                      human_seconds(duration(r["started_at"], r["finished_at"])))
+        table.add_row(
+            r["id"],
+            r["pipeline"],
+            styled(r["state"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+            human_seconds(duration(r["started_at"], r["finished_at"])),
+        )
     out.print(table)
 
 
@@ -155,16 +177,23 @@ def status(run_id: str, url: str | None = URL, as_json: bool = AS_JSON):
         out.print(escape(line))
     shared = sorted({a.runs_as for a in view.attempts if "worker's user" in a.runs_as})
     if shared:
-        out.print(f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
-                  "read what their worker can (see docs/security.md)")
+        out.print(
+            f"steps ran as {', '.join(shared)}, not as a user of their own: they could "
+            "read what their worker can (see docs/security.md)"
+        )
 
 
 @app.command()
-def logs(run_id: str, step: str,
-         attempt: int | None = typer.Option(None, help="which attempt (default: the last)"),
-         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the "
-                                     "attempt ends"),
-         url: str | None = URL, as_json: bool = AS_JSON):
+def logs(
+    run_id: str,
+    step: str,
+    attempt: int | None = typer.Option(None, help="which attempt (default: the last)"),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="keep printing until the attempt ends"
+    ),
+    url: str | None = URL,
+    as_json: bool = AS_JSON,
+):
     """Print a step's log (its last attempt unless --attempt is given)."""
     with reported():
         reader = reader_for(url)
@@ -172,9 +201,15 @@ def logs(run_id: str, step: str,
         if answer.attempt is None and not follow:
             raise CicdError(f"step {step!r} has not started, so it has no log yet")
     if as_json:
-        out.print_json(data={"run_id": run_id, "step": step, "attempt": answer.attempt,
-                             "state": answer.state,
-                             "log": answer.data.decode(errors="replace")})
+        out.print_json(
+            data={
+                "run_id": run_id,
+                "step": step,
+                "attempt": answer.attempt,
+                "state": answer.state,
+                "log": answer.data.decode(errors="replace"),
+            }
+        )
         return
     offset = 0
     while True:

@@ -16,8 +16,14 @@ from cicd_ray.protocol import RunView
 from cicd_ray.states import RunState, StepState
 
 STATE_STYLE = {
-    "queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red",
-    "timed_out": "red", "cancelled": "yellow", "skipped": "dim", "waiting_approval": "magenta",
+    "queued": "dim",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "cancelled": "yellow",
+    "skipped": "dim",
+    "waiting_approval": "magenta",
 }
 
 
@@ -43,11 +49,14 @@ class ProgressPrinter:
             if state == "running":
                 detail = f"attempt {attempts} on {step.worker_id}"
             elif state in ("failed", "timed_out", "skipped", "cancelled") or (
-                    state == "queued" and attempts):
+                state == "queued" and attempts
+            ):
                 detail = step.reason
             style = STATE_STYLE.get(state, "")
-            out.print(f"{time.monotonic() - self.t0:7.1f}s  {escape(f'{name:<28}')} "
-                      f"[{style}]{state:<10}[/{style}] {escape(detail)}")
+            out.print(
+                f"{time.monotonic() - self.t0:7.1f}s  {escape(f'{name:<28}')} "
+                f"[{style}]{state:<10}[/{style}] {escape(detail)}"
+            )
 
 
 def print_summary(view: RunView, reader: Reader) -> None:
@@ -57,8 +66,7 @@ def print_summary(view: RunView, reader: Reader) -> None:
             continue
         text = reader.log(run.id, step.name, None, 0).data
         tail = "\n".join(text.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-        out.rule(escape(f"{step.name}: {step.state.value} ({step.reason}) - last lines of its "
-                        "log"))
+        out.rule(escape(f"{step.name}: {step.state.value} ({step.reason}) - last lines of its log"))
         out.print(tail, markup=False)
     took = (run.finished_at or time.time()) - run.created_at
     counts: dict[str, int] = {}
@@ -94,19 +102,33 @@ def trigger_of(run) -> str:
 
 def steps_table(view: RunView) -> Table:
     last_attempt = {a.step: a for a in view.attempts}
-    table = Table("step", "state", "attempts", "wait slot", "wait capacity", "ran", "worker",
-                  "exit", "peak MiB", "reason")
+    table = Table(
+        "step",
+        "state",
+        "attempts",
+        "wait slot",
+        "wait capacity",
+        "ran",
+        "worker",
+        "exit",
+        "peak MiB",
+        "reason",
+    )
     for s in view.steps:
         last = last_attempt.get(s.name)
         peak = last and last.peak_memory_mb
         ran = last and duration(last.started_at, last.finished_at)
         table.add_row(
-            escape(s.name), styled(s.state.value), str(s.attempts),
+            escape(s.name),
+            styled(s.state.value),
+            str(s.attempts),
             human_seconds(last.wait_slot_s) if last else "",
-            human_seconds(last.wait_capacity_s) if last else "", human_seconds(ran),
+            human_seconds(last.wait_capacity_s) if last else "",
+            human_seconds(ran),
             s.worker_id or "",
             "" if s.exit_code is None else str(s.exit_code),
-            f"{peak:.0f}" if peak else "", escape(s.reason),
+            f"{peak:.0f}" if peak else "",
+            escape(s.reason),
         )
     return table
 
@@ -133,8 +155,10 @@ def build_notes(view) -> list[str]:
         elif s.carried_from:
             lines.append(f"{s.name}: carried over from run {s.carried_from.run_id}")
         if s.artifacts:
-            lines.append(f"{s.name}: {len(s.artifacts)} artifact(s), "
-                         f"{sum(f.size for f in s.artifacts)} bytes")
+            lines.append(
+                f"{s.name}: {len(s.artifacts)} artifact(s), "
+                f"{sum(f.size for f in s.artifacts)} bytes"
+            )
         attempt = last.get(s.name)
         for use in attempt.caches if attempt else []:
             said = use.result
@@ -143,8 +167,9 @@ def build_notes(view) -> list[str]:
                 said += f" ({use.restored_from}: {use.bytes_restored} bytes from {where})"
             if use.bytes_saved:
                 said += f", saved {use.bytes_saved} bytes"
-            lines.append(f"{s.name}: cache {use.key} {said}" + (f"; {use.note}" if use.note
-                                                                else ""))
+            lines.append(
+                f"{s.name}: cache {use.key} {said}" + (f"; {use.note}" if use.note else "")
+            )
     return lines
 
 
@@ -157,17 +182,22 @@ def flow_notes(view: RunView) -> list[str]:
     lines = []
     for s in view.steps:
         if s.state is StepState.WAITING_APPROVAL:
-            lines.append(f"{s.name}: waiting for approval since {_at(s.waiting_since)}: "
-                         f"{s.spec.approval.prompt} (cicd-ray approve {view.run.id} {s.name} "
-                         "[--reject])")
+            lines.append(
+                f"{s.name}: waiting for approval since {_at(s.waiting_since)}: "
+                f"{s.spec.approval.prompt} (cicd-ray approve {view.run.id} {s.name} "
+                "[--reject])"
+            )
         elif s.approval is not None:
             a = s.approval
-            lines.append(f"{s.name}: {a.decision} by {a.by} at {_at(a.at)}"
-                         + (f": {a.comment}" if a.comment else ""))
+            lines.append(
+                f"{s.name}: {a.decision} by {a.by} at {_at(a.at)}"
+                + (f": {a.comment}" if a.comment else "")
+            )
     for d in view.deliveries:
         what = f"commit status {d.status}" if d.kind == "status" else "notification"
-        said = f"{what} to {d.url}: {d.state} after {d.attempts} tr" \
-               f"{'y' if d.attempts == 1 else 'ies'}"
+        said = (
+            f"{what} to {d.url}: {d.state} after {d.attempts} tr{'y' if d.attempts == 1 else 'ies'}"
+        )
         if d.status_code is not None:
             said += f" (HTTP {d.status_code})"
         if d.error and d.state != "delivered":

@@ -56,20 +56,25 @@ def project_secret(project: str) -> str:
 def _env(projects: dict[str, ProjectConfig]) -> list[dict]:
     """What the master and the API read, the same on every pod (Ray's processes inherit it)."""
     secret = {"name": "cicd-ray-secrets"}
-    with_projects = [{"name": "CICD_RAY_PROJECTS", "value": f"{POOLS_MOUNT}/pools.yaml"}] \
-        if projects else []
-    return [*with_projects,
-        {"name": "REDIS_PASSWORD",
-         "valueFrom": {"secretKeyRef": {**secret, "key": "redis-password"}}},
+    with_projects = (
+        [{"name": "CICD_RAY_PROJECTS", "value": f"{POOLS_MOUNT}/pools.yaml"}] if projects else []
+    )
+    return [
+        *with_projects,
+        {
+            "name": "REDIS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {**secret, "key": "redis-password"}},
+        },
         {"name": "CICD_RAY_STORE", "value": "redis://:$(REDIS_PASSWORD)@cicd-redis:6379/1"},
-        {"name": "CICD_RAY_TOKENS",
-         "valueFrom": {"secretKeyRef": {**secret, "key": "api-tokens"}}},
+        {"name": "CICD_RAY_TOKENS", "valueFrom": {"secretKeyRef": {**secret, "key": "api-tokens"}}},
         {"name": "CICD_RAY_POOLS", "value": f"{POOLS_MOUNT}/pools.yaml"},
         {"name": "CICD_RAY_MASTER_RESOURCES", "value": json.dumps({CONTROL_RESOURCE: 0.01})},
         {"name": "CICD_RAY_HOME", "value": "/tmp/cicd-ray"},
         {"name": "CICD_RAY_SECRETS_DIR", "value": SECRETS_MOUNT},
-        {"name": "CICD_RAY_WEBHOOK_SECRET",  # signs notifications (optional)
-         "valueFrom": {"secretKeyRef": {**secret, "key": "webhook-secret", "optional": True}}},
+        {
+            "name": "CICD_RAY_WEBHOOK_SECRET",  # signs notifications (optional)
+            "valueFrom": {"secretKeyRef": {**secret, "key": "webhook-secret", "optional": True}},
+        },
         {"name": "CICD_RAY_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens"},
         {"name": "CICD_RAY_REPOS", "value": f"{REPOS_MOUNT}/repos.yaml"},
     ]
@@ -80,20 +85,32 @@ def _projects(projects: dict[str, ProjectConfig]) -> list[str]:
     return ["default", *sorted(p for p in projects if p != "default")]
 
 
-def _container(name: str, image: str, cpus: int, memory_mb: int,
-               projects: dict[str, ProjectConfig], ports: list[dict] | None = None) -> dict:
+def _container(
+    name: str,
+    image: str,
+    cpus: int,
+    memory_mb: int,
+    projects: dict[str, ProjectConfig],
+    ports: list[dict] | None = None,
+) -> dict:
     size = {"cpu": str(cpus), "memory": f"{memory_mb}Mi"}
     container = {
-        "name": name, "image": image, "env": _env(projects),
+        "name": name,
+        "image": image,
+        "env": _env(projects),
         # The artifact store (CICD_RAY_ARTIFACTS, s3://...) and its credentials (AWS_*): pods
         # share no disk, so every one of them reads and writes the same bucket.
         "envFrom": [{"secretRef": {"name": ARTIFACTS_SECRET}}],
         "resources": {"requests": dict(size), "limits": dict(size)},
-        "volumeMounts": [{"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True},
-                         {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True},
-                         {"name": "repos", "mountPath": REPOS_MOUNT, "readOnly": True},
-                         *({"name": f"project-{p}", "mountPath": f"{SECRETS_MOUNT}/{p}",
-                            "readOnly": True} for p in _projects(projects))],
+        "volumeMounts": [
+            {"name": "pools", "mountPath": POOLS_MOUNT, "readOnly": True},
+            {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True},
+            {"name": "repos", "mountPath": REPOS_MOUNT, "readOnly": True},
+            *(
+                {"name": f"project-{p}", "mountPath": f"{SECRETS_MOUNT}/{p}", "readOnly": True}
+                for p in _projects(projects)
+            ),
+        ],
         # Let Ray stop cleanly before the pod goes (KubeRay's recommendation).
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
@@ -102,17 +119,32 @@ def _container(name: str, image: str, cpus: int, memory_mb: int,
     return container
 
 
-def _pod(container: dict, projects: dict[str, ProjectConfig],
-         pool: PoolConfig | None = None) -> dict:
+def _pod(
+    container: dict, projects: dict[str, ProjectConfig], pool: PoolConfig | None = None
+) -> dict:
     # Secrets' files only root (the worker) may read: steps run as users of their own.
-    spec: dict = {"containers": [container], "volumes": [
-        {"name": "pools", "configMap": {"name": "cicd-ray-pools"}},
-        {"name": "tokens", "secret": {"secretName": TOKENS_SECRET, "defaultMode": 0o400,
-                                      "optional": True}},
-        {"name": "repos", "configMap": {"name": REPOS_CONFIG_MAP, "optional": True}},
-        *({"name": f"project-{p}", "secret": {"secretName": project_secret(p),
-                                               "defaultMode": 0o400, "optional": True}}
-          for p in _projects(projects))]}
+    spec: dict = {
+        "containers": [container],
+        "volumes": [
+            {"name": "pools", "configMap": {"name": "cicd-ray-pools"}},
+            {
+                "name": "tokens",
+                "secret": {"secretName": TOKENS_SECRET, "defaultMode": 0o400, "optional": True},
+            },
+            {"name": "repos", "configMap": {"name": REPOS_CONFIG_MAP, "optional": True}},
+            *(
+                {
+                    "name": f"project-{p}",
+                    "secret": {
+                        "secretName": project_secret(p),
+                        "defaultMode": 0o400,
+                        "optional": True,
+                    },
+                }
+                for p in _projects(projects)
+            ),
+        ],
+    }
     if pool is not None and pool.node_selector:
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool is not None and pool.tolerations:
@@ -120,52 +152,104 @@ def _pod(container: dict, projects: dict[str, ProjectConfig],
     return {"spec": spec}
 
 
-def _group(name: str, image: str, cpus: int, memory_mb: int, resources: dict[str, float],
-           min_replicas: int, max_replicas: int, projects: dict[str, ProjectConfig],
-           pool: PoolConfig | None = None) -> dict:
+def _group(
+    name: str,
+    image: str,
+    cpus: int,
+    memory_mb: int,
+    resources: dict[str, float],
+    min_replicas: int,
+    max_replicas: int,
+    projects: dict[str, ProjectConfig],
+    pool: PoolConfig | None = None,
+) -> dict:
     return {
-        "groupName": name, "replicas": min_replicas, "minReplicas": min_replicas,
+        "groupName": name,
+        "replicas": min_replicas,
+        "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
-        "rayStartParams": {"num-cpus": str(cpus), "object-store-memory": str(OBJECT_STORE_BYTES),
-                           "resources": json.dumps(json.dumps(
-                               {k: int(v) if float(v).is_integer() else v
-                                for k, v in resources.items()}))},
-        "template": _pod(_container("ray-worker", image, cpus, memory_mb, projects,
-                                    [{"containerPort": METRICS_PORT, "name": "metrics"}]),
-                         projects, pool),
+        "rayStartParams": {
+            "num-cpus": str(cpus),
+            "object-store-memory": str(OBJECT_STORE_BYTES),
+            "resources": json.dumps(
+                json.dumps(
+                    {k: int(v) if float(v).is_integer() else v for k, v in resources.items()}
+                )
+            ),
+        },
+        "template": _pod(
+            _container(
+                "ray-worker",
+                image,
+                cpus,
+                memory_mb,
+                projects,
+                [{"containerPort": METRICS_PORT, "name": "metrics"}],
+            ),
+            projects,
+            pool,
+        ),
     }
 
 
-def pool_group(pool: PoolConfig, image: str,
-               projects: dict[str, ProjectConfig] | None = None) -> dict:
+def pool_group(
+    pool: PoolConfig, image: str, projects: dict[str, ProjectConfig] | None = None
+) -> dict:
     if not pool.resources:
-        raise SpecError([f"pools ({pool.name}).resources: a pool on KubeRay needs a custom "
-                         f"resource of its own, such as {{pool-{pool.name}: 1}}, so that its "
-                         "workers land on its worker group's pods"])
+        raise SpecError(
+            [
+                f"pools ({pool.name}).resources: a pool on KubeRay needs a custom "
+                f"resource of its own, such as {{pool-{pool.name}: 1}}, so that its "
+                "workers land on its worker group's pods"
+            ]
+        )
     # minReplicas 0: the master keeps the pool's min_workers as worker actors, whose demand
     # brings the pods; a floor of pods of its own could sit beside them, empty. A pool with an
     # image of its own (a build environment: a JDK, a GPU toolchain) runs it in its pods.
-    return _group(f"pool-{pool.name}", pool.image or image, math.ceil(pool.cpus),
-                  pool.memory_mb + POD_OVERHEAD_MB, pool.resources, 0, pool.max_workers,
-                  projects or {}, pool)
+    return _group(
+        f"pool-{pool.name}",
+        pool.image or image,
+        math.ceil(pool.cpus),
+        pool.memory_mb + POD_OVERHEAD_MB,
+        pool.resources,
+        0,
+        pool.max_workers,
+        projects or {},
+        pool,
+    )
 
 
-def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
-              ray_version: str, idle_timeout_s: int = 60, api_replicas: int = 2,
-              projects: dict[str, ProjectConfig] | None = None) -> list[dict]:
+def manifests(
+    pools: dict[str, PoolConfig],
+    pools_text: str,
+    image: str,
+    ray_version: str,
+    idle_timeout_s: int = 60,
+    api_replicas: int = 2,
+    projects: dict[str, ProjectConfig] | None = None,
+) -> list[dict]:
     """`projects`: those the pools file lists (`projects:`), whose secrets every pod mounts."""
     projects = projects or {}
-    head_ports = [{"containerPort": 6379, "name": "gcs-server"},
-                  {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"},
-                  {"containerPort": API_PORT, "name": "serve"},
-                  {"containerPort": METRICS_PORT, "name": "metrics"}]
-    serve_config = {"applications": [{
-        "name": "cicd", "import_path": "cicd_ray.api:app", "route_prefix": "/",
-        "deployments": [{"name": "cicd-api", "num_replicas": api_replicas}],
-    }]}
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": API_PORT, "name": "serve"},
+        {"containerPort": METRICS_PORT, "name": "metrics"},
+    ]
+    serve_config = {
+        "applications": [
+            {
+                "name": "cicd",
+                "import_path": "cicd_ray.api:app",
+                "route_prefix": "/",
+                "deployments": [{"name": "cicd-api", "num_replicas": api_replicas}],
+            }
+        ]
+    }
     rayservice = {
-        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
         "metadata": {"name": "cicd-ray", "labels": {"app.kubernetes.io/name": "cicd-ray"}},
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
@@ -173,18 +257,25 @@ def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
                 "rayVersion": ray_version,
                 "enableInTreeAutoscaling": True,
                 "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
-                "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": idle_timeout_s,
-                                      "upscalingMode": "Default"},
+                "autoscalerOptions": {
+                    "version": "v2",
+                    "idleTimeoutSeconds": idle_timeout_s,
+                    "upscalingMode": "Default",
+                },
                 "gcsFaultToleranceOptions": {
                     "redisAddress": "redis://cicd-redis:6379",
-                    "redisPassword": {"valueFrom": {"secretKeyRef": {
-                        "name": "cicd-ray-secrets", "key": "redis-password"}}},
+                    "redisPassword": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "cicd-ray-secrets", "key": "redis-password"}
+                        }
+                    },
                     "externalStorageNamespace": "cicd-ray",
                 },
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod(_container("ray-head", image, 2, 4096, projects,
-                                                head_ports), projects),
+                    "template": _pod(
+                        _container("ray-head", image, 2, 4096, projects, head_ports), projects
+                    ),
                 },
                 "workerGroupSpecs": [
                     _group("control", image, 1, 2048, {CONTROL_RESOURCE: 1}, 1, 1, projects),
@@ -193,8 +284,12 @@ def manifests(pools: dict[str, PoolConfig], pools_text: str, image: str,
             },
         },
     }
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": "cicd-ray-pools"}, "data": {"pools.yaml": pools_text}}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cicd-ray-pools"},
+        "data": {"pools.yaml": pools_text},
+    }
     return [config_map, rayservice]
 
 
@@ -202,8 +297,12 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings (the pools file, the Serve config) as readable `|` blocks."""
 
 
-_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+_Dumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None
+    ),
+)
 
 
 def projects_of(path) -> dict[str, ProjectConfig]:
@@ -215,7 +314,12 @@ def projects_of(path) -> dict[str, ProjectConfig]:
     return load_projects(path) if isinstance(doc, dict) and "projects" in doc else {}
 
 
-def render(pools: dict[str, PoolConfig], pools_text: str, image: str, ray_version: str,
-           projects: dict[str, ProjectConfig] | None = None) -> str:
+def render(
+    pools: dict[str, PoolConfig],
+    pools_text: str,
+    image: str,
+    ray_version: str,
+    projects: dict[str, ProjectConfig] | None = None,
+) -> str:
     docs = manifests(pools, pools_text, image, ray_version, projects=projects)
     return HEADER + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=100)

@@ -24,8 +24,9 @@ from cicd_ray.source import snapshot, source_folder
 MASTER_START_TIMEOUT_S = 120.0
 
 
-def connect(address: str | None = None, settings: Settings | None = None,
-            num_cpus: float | None = None) -> bool:
+def connect(
+    address: str | None = None, settings: Settings | None = None, num_cpus: float | None = None
+) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded one.
 
     Returns True when an embedded cluster was started (the caller shuts it down).
@@ -62,17 +63,24 @@ def ensure_master(settings: Settings | None = None):
     return master
 
 
-def submit(master, spec: PipelineSpec, pipeline_dir: Path, source_dir: str | Path | None = None,
-           env: dict[str, str] | None = None, settings: Settings | None = None,
-           secrets: dict[str, str] | None = None) -> str:
+def submit(
+    master,
+    spec: PipelineSpec,
+    pipeline_dir: Path,
+    source_dir: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    settings: Settings | None = None,
+    secrets: dict[str, str] | None = None,
+) -> str:
     """Snapshot the source, submit, and return the run id once the run is durable.
     `secrets`: the submission's own (given to the steps that list them, never stored with
     the run)."""
     settings = settings or Settings.from_env()
     folder = source_folder(spec.source, pipeline_dir, source_dir)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
-    answer = call(master.submit.remote(spec.model_dump(mode="json"), env or {}, source, None,
-                                       secrets or {}))
+    answer = call(
+        master.submit.remote(spec.model_dump(mode="json"), env or {}, source, None, secrets or {})
+    )
     if isinstance(answer, Rejected):
         raise SpecError(answer.problems, source=spec.name)
     return answer.run_id

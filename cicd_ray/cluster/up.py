@@ -62,14 +62,15 @@ class Ha:
         if not found:
             raise CicdError(f"--ha {url!r}: expected redis://[:PASSWORD@]HOST:PORT or HOST:PORT")
         password, host, port = found.group(1), found.group(2), found.group(3)
-        return cls(redis_address=f"{host}:{port}", password=password or None,
-                   namespace=namespace)
+        return cls(redis_address=f"{host}:{port}", password=password or None, namespace=namespace)
 
     def env(self) -> dict[str, str]:
         """What the head's processes need in their environment (Ray reads RAY_* settings)."""
-        return {"RAY_REDIS_ADDRESS": self.redis_address,
-                "RAY_external_storage_namespace": self.namespace,
-                "RAY_gcs_rpc_server_reconnect_timeout_s": str(self.reconnect_timeout_s)}
+        return {
+            "RAY_REDIS_ADDRESS": self.redis_address,
+            "RAY_external_storage_namespace": self.namespace,
+            "RAY_gcs_rpc_server_reconnect_timeout_s": str(self.reconnect_timeout_s),
+        }
 
 
 @dataclass
@@ -96,15 +97,26 @@ def _ray_cli() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def _start_head(cpus: int, dashboard_host: str, port: int | None = None,
-                ha: Ha | None = None, autoscaling: Path | None = None,
-                dashboard_port: int | None = None) -> str:
+def _start_head(
+    cpus: int,
+    dashboard_host: str,
+    port: int | None = None,
+    ha: Ha | None = None,
+    autoscaling: Path | None = None,
+    dashboard_port: int | None = None,
+) -> str:
     """Start a local Ray head; it becomes the machine's current cluster ("auto")."""
     # The dashboard agent's HTTP port (52365 by default) is held by any other Ray instance on
     # this machine, and without its agent a head takes no job submissions: pick a free one.
-    cmd = [_ray_cli(), "start", "--head", f"--num-cpus={cpus}",
-           f"--dashboard-host={dashboard_host}", "--disable-usage-stats",
-           f"--dashboard-agent-listen-port={_free_port()}"]
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        f"--num-cpus={cpus}",
+        f"--dashboard-host={dashboard_host}",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}",
+    ]
     if dashboard_port is not None:
         cmd.append(f"--dashboard-port={dashboard_port}")
     if port is not None:
@@ -134,8 +146,9 @@ def _free_port() -> int:
 def _join(address: str, own_head: bool):
     # The head `up` started is this machine's current cluster: "auto" finds it and its
     # token-authentication mode, which an explicit address would need RAY_AUTH_MODE=token for.
-    return ray.init(address="auto" if own_head else address, namespace=NAMESPACE,
-                    log_to_driver=False)
+    return ray.init(
+        address="auto" if own_head else address, namespace=NAMESPACE, log_to_driver=False
+    )
 
 
 def _tokens(settings: Settings) -> tuple[list[tokens.Grant], Path | None, str | None]:
@@ -152,11 +165,19 @@ def _tokens(settings: Settings) -> tuple[list[tokens.Grant], Path | None, str | 
     return [], path, token
 
 
-def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
-       address: str | None = None, ha: Ha | None = None, head_cpus: int | None = None,
-       proxy_location: str = "EveryNode", ray_port: int | None = None,
-       local_autoscaling: Path | None = None, node_idle_timeout_s: float = 60.0,
-       dashboard_port: int | None = None) -> Up:
+def up(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ha: Ha | None = None,
+    head_cpus: int | None = None,
+    proxy_location: str = "EveryNode",
+    ray_port: int | None = None,
+    local_autoscaling: Path | None = None,
+    node_idle_timeout_s: float = 60.0,
+    dashboard_port: int | None = None,
+) -> Up:
     """Start or join the cluster, make sure the master runs, deploy the API.
 
     With `ha`, the head keeps the GCS's tables in Redis; `up` again with the same options after
@@ -166,17 +187,22 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     pools need, and removes it `node_idle_timeout_s` after its worker is retired."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if proxy_location not in PROXY_LOCATIONS:
-        raise CicdError(f"--proxy-location {proxy_location!r}: expected one of "
-                        f"{', '.join(PROXY_LOCATIONS)}")
+        raise CicdError(
+            f"--proxy-location {proxy_location!r}: expected one of {', '.join(PROXY_LOCATIONS)}"
+        )
     if local_autoscaling is not None:
-        settings = settings.model_copy(update={"pools": load_pools(local_autoscaling),
-                                               "reserve_memory": False})
+        settings = settings.model_copy(
+            update={"pools": load_pools(local_autoscaling), "reserve_memory": False}
+        )
     if head_cpus is None:
         wanted = sum(p.max_workers * p.cpus for p in settings.pools.values())
         head_cpus = max(os.cpu_count() or 1, int(wanted) + 1)
     head = {"dashboard_host": host, "ha": ha, "dashboard_port": dashboard_port}
-    address, started_head, replaced, reused = (address, False, False, False) if address else \
-        _own_head(settings, head_cpus, head, ray_port, local_autoscaling, node_idle_timeout_s)
+    address, started_head, replaced, reused = (
+        (address, False, False, False)
+        if address
+        else _own_head(settings, head_cpus, head, ray_port, local_autoscaling, node_idle_timeout_s)
+    )
     context = _join(address, started_head)
     gcs = ray.get_runtime_context().gcs_address
     dashboard = context.dashboard_url or ""
@@ -186,21 +212,36 @@ def up(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
 
     _check_serve_port(host, port)
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
-    serve.run(build(grants, tokens_file, settings=settings), name=SERVE_APP, route_prefix="/",
-              blocking=False)
+    serve.run(
+        build(grants, tokens_file, settings=settings),
+        name=SERVE_APP,
+        route_prefix="/",
+        blocking=False,
+    )
     api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     _wait_healthy(api_url)
     state = {"address": gcs, "started_head": started_head, "api_url": api_url}
     _state_file(settings).write_text(json.dumps(state))
     ray.shutdown()
-    return Up(api_url=api_url, dashboard_url=f"http://{dashboard}" if dashboard else "",
-              address=gcs, token=token, started_head=started_head, replaced_head=replaced,
-              reused_head=reused)
+    return Up(
+        api_url=api_url,
+        dashboard_url=f"http://{dashboard}" if dashboard else "",
+        address=gcs,
+        token=token,
+        started_head=started_head,
+        replaced_head=replaced,
+        reused_head=reused,
+    )
 
 
-def _own_head(settings: Settings, head_cpus: int, head: dict, ray_port: int | None,
-              local_autoscaling: Path | None,
-              node_idle_timeout_s: float) -> tuple[str, bool, bool, bool]:
+def _own_head(
+    settings: Settings,
+    head_cpus: int,
+    head: dict,
+    ray_port: int | None,
+    local_autoscaling: Path | None,
+    node_idle_timeout_s: float,
+) -> tuple[str, bool, bool, bool]:
     """(address, started_head, replaced, reused) of the head `up` starts or finds again: the
     one an earlier `up` started, if alive; with HA, a new one on its address; with local
     autoscaling, one with no CPUs and Ray's autoscaler; else a new one."""
@@ -214,9 +255,15 @@ def _own_head(settings: Settings, head_cpus: int, head: dict, ray_port: int | No
         ray_port = ray_port or _free_port()
         config = settings.home / "autoscaler.yaml"
         private_folder(config.parent)
-        config.write_text(yaml.safe_dump(autoscaler_config(
-            settings.pools, f"{ray.util.get_node_ip_address()}:{ray_port}",
-            node_idle_timeout_s)))
+        config.write_text(
+            yaml.safe_dump(
+                autoscaler_config(
+                    settings.pools,
+                    f"{ray.util.get_node_ip_address()}:{ray_port}",
+                    node_idle_timeout_s,
+                )
+            )
+        )
         return _start_head(0, port=ray_port, autoscaling=config, **head), True, False, False
     return _start_head(head_cpus, port=ray_port, **head), True, False, False
 
@@ -230,17 +277,25 @@ def _check_serve_port(host: str, port: int) -> None:
         return  # Serve is not running yet
     running = ray.get(controller.get_http_config.remote(), timeout=30)
     if (running.host, running.port) != (host, port):
-        raise CicdError(f"Ray Serve already runs on this cluster on {running.host}:"
-                        f"{running.port}; use --host {running.host} --port {running.port}, "
-                        "or `cicd-ray down` first")
+        raise CicdError(
+            f"Ray Serve already runs on this cluster on {running.host}:"
+            f"{running.port}; use --host {running.host} --port {running.port}, "
+            "or `cicd-ray down` first"
+        )
 
 
 def _stop_head(gcs_port: int) -> None:
     """Stop the local head `up` started, and only it: `ray stop` would stop every Ray cluster
     on the machine. Its processes carry its session folder in their command lines; the GCS
     server's is found by the port it listens on."""
-    gcs = next((c.pid for c in psutil.net_connections("tcp")
-                if c.status == psutil.CONN_LISTEN and c.laddr.port == gcs_port and c.pid), None)
+    gcs = next(
+        (
+            c.pid
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == gcs_port and c.pid
+        ),
+        None,
+    )
     if gcs is None:
         return
     found = re.search(r"(/\S*/session_[^/\s]+)", " ".join(psutil.Process(gcs).cmdline()))

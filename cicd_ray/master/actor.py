@@ -94,15 +94,25 @@ class Master(MasterStarts):
     # --- API for clients -----------------------------------------------------------------------
 
     async def ping(self) -> dict:
-        return {"master": MASTER_NAME, "pid": os.getpid(), "started_at": self.started_at,
-                "pools": sorted(self.settings.pools), "store": self.settings.store_url,
-                "artifacts": self.settings.artifacts_url}
+        return {
+            "master": MASTER_NAME,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "pools": sorted(self.settings.pools),
+            "store": self.settings.store_url,
+            "artifacts": self.settings.artifacts_url,
+        }
 
-    async def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
-                     source: tuple[str, bytes] | None = None,
-                     idempotency_key: str | None = None,
-                     secrets: dict[str, str] | None = None, caller: Caller | None = None,
-                     project: str = "default") -> Reply:
+    async def submit(
+        self,
+        pipeline: dict | str,
+        env: dict[str, str] | None = None,
+        source: tuple[str, bytes] | None = None,
+        idempotency_key: str | None = None,
+        secrets: dict[str, str] | None = None,
+        caller: Caller | None = None,
+        project: str = "default",
+    ) -> Reply:
         """Validate, store, then answer. The run is durable in the store before its id is
         returned; a submission repeated with its idempotency key answers with the first run.
         `secrets`: the submission's own, stored apart from the run; `caller`: who submits
@@ -112,10 +122,17 @@ class Master(MasterStarts):
         if known is not None:
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
-        planned = await asyncio.to_thread(self.core.plan, pipeline, env, source, request,
-                                          secrets, project, bool(caller and caller.api))
-        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets,
-                               caller)
+        planned = await asyncio.to_thread(
+            self.core.plan,
+            pipeline,
+            env,
+            source,
+            request,
+            secrets,
+            project,
+            bool(caller and caller.api),
+        )
+        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets, caller)
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return answer
 
@@ -123,16 +140,24 @@ class Master(MasterStarts):
         """Cancel a run; idempotent. Returns the run's state, or None for an unknown run."""
         return self._guarded(self.core.cancel, run_id, caller)
 
-    async def rerun(self, run_id: str, only_failed: bool = False,
-                    caller: Caller | None = None) -> Reply | None:
+    async def rerun(
+        self, run_id: str, only_failed: bool = False, caller: Caller | None = None
+    ) -> Reply | None:
         """A new run of a finished one (of its failed part, with `only_failed`); None for an
         unknown run."""
         answer = self._guarded(self.core.rerun, run_id, only_failed, caller)
         self._wake.set()
         return answer
 
-    async def approve(self, run_id: str, step: str, approved: bool, by: str,
-                      comment: str = "", caller: Caller | None = None) -> str | Rejected | Missing:
+    async def approve(
+        self,
+        run_id: str,
+        step: str,
+        approved: bool,
+        by: str,
+        comment: str = "",
+        caller: Caller | None = None,
+    ) -> str | Rejected | Missing:
         """Release or reject a step waiting for approval (see MasterCore.approve)."""
         answer = self._guarded(self.core.approve, run_id, step, approved, by, comment, caller)
         self._wake.set()
@@ -145,8 +170,13 @@ class Master(MasterStarts):
         """Why a step ran instead of being reused (see cicd_ray.reads.explain)."""
         return explain_answer(self.core.store, run_id, step)
 
-    async def wait(self, run_id: str, after: str | None = None, timeout_s: float = RUN_WAIT_S,
-                   until_end: bool = False) -> RunChange | None:
+    async def wait(
+        self,
+        run_id: str,
+        after: str | None = None,
+        timeout_s: float = RUN_WAIT_S,
+        until_end: bool = False,
+    ) -> RunChange | None:
         """A long poll: answers once the run has changed since `after` (a position from an
         earlier answer) or has ended, or after `timeout_s`; with `until_end`, only once it has
         ended (or after `timeout_s`). Without `after`, at once, with where to wait from. None
@@ -169,9 +199,14 @@ class Master(MasterStarts):
     async def read_log(self, attempt_id: str, offset: int = 0) -> bytes:
         return self.core.store.read_log(attempt_id, offset)
 
-    async def list_runs(self, state: str | None = None, pipeline: str | None = None,
-                        limit: int = 50, offset: int = 0,
-                        project: str | None = None) -> list[dict]:
+    async def list_runs(
+        self,
+        state: str | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        project: str | None = None,
+    ) -> list[dict]:
         return runs_page(self.core.store, state, pipeline, limit, offset, project)
 
     async def project_of(self, run_id: str) -> str | None:
@@ -180,16 +215,16 @@ class Master(MasterStarts):
     async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
         return audit_page(self.core.store, limit, offset)
 
-    async def step_log(self, run_id: str, step: str, attempt: int | None = None,
-                       offset: int = 0) -> LogSlice | Missing:
+    async def step_log(
+        self, run_id: str, step: str, attempt: int | None = None, offset: int = 0
+    ) -> LogSlice | Missing:
         """A step's log from `offset`, with whether more can come."""
         return log_answer(self.core.store, run_id, step, attempt, offset)
 
     async def queue(self) -> dict[str, dict]:
         return self.core.queue_view()
 
-    async def workers(self, since: float | None = None,
-                      project: str | None = None) -> list[dict]:
+    async def workers(self, since: float | None = None, project: str | None = None) -> list[dict]:
         """The live workers and those stopped after `since` (default: lately); with a
         `project`, only its attempts are named among those they run."""
         return self.core.workers_view(since, project)
@@ -206,8 +241,9 @@ class Master(MasterStarts):
         """Stop every worker actor (used when a cluster is shut down on purpose)."""
         return self.actors.kill_all()
 
-    async def events(self, after: int = 0, epoch: float | None = None,
-                     timeout_s: float = 15.0) -> dict:
+    async def events(
+        self, after: int = 0, epoch: float | None = None, timeout_s: float = 15.0
+    ) -> dict:
         """Run and step changes numbered after `after`, waiting up to `timeout_s` for one
         (see cicd_ray.master.events)."""
         if not self.core.events.has_news(after, epoch):
@@ -216,8 +252,12 @@ class Master(MasterStarts):
 
     # --- API for workers -----------------------------------------------------------------------
 
-    async def register(self, record: WorkerRecord, running: list[str] | None = None,
-                       finished: list[StepOutcome] | None = None) -> float:
+    async def register(
+        self,
+        record: WorkerRecord,
+        running: list[str] | None = None,
+        finished: list[StepOutcome] | None = None,
+    ) -> float:
         """A worker (re)joins, saying which attempts it runs and which it finished lately.
         Returns this master's epoch, which the worker compares with its tasks'."""
         epoch = self._guarded(self.core.register, record, running, finished)
@@ -269,9 +309,13 @@ class Master(MasterStarts):
         counts: dict[tuple[str, str], int] = {}
         for w in self.core.sched.workers.values():
             counts[(w.pool, w.state.value)] = counts.get((w.pool, w.state.value), 0) + 1
-        self.metrics.snapshot(self.core.queue_view(), len(self.core.sched.runs), counts,
-                              {p.name: p.max_workers for p in self.settings.pools.values()},
-                              self.started_at)
+        self.metrics.snapshot(
+            self.core.queue_view(),
+            len(self.core.sched.runs),
+            counts,
+            {p.name: p.max_workers for p in self.settings.pools.values()},
+            self.started_at,
+        )
         self._look_ahead()
         if self.settings.retention_days and now >= self._collect_at and not self._collecting:
             self._collect_at = now + RETENTION_INTERVAL_S
@@ -281,10 +325,14 @@ class Master(MasterStarts):
     async def _collect(self, now: float) -> None:
         """Delete what is past retention, in a thread: the loop goes on dispatching."""
         try:
-            done = await asyncio.to_thread(collect, self.core.store, now,
-                                           self.settings.retention_days * 86400,
-                                           max_runs=RETENTION_MAX_RUNS,
-                                           artifacts=ArtifactStore(self.settings.artifacts_url))
+            done = await asyncio.to_thread(
+                collect,
+                self.core.store,
+                now,
+                self.settings.retention_days * 86400,
+                max_runs=RETENTION_MAX_RUNS,
+                artifacts=ArtifactStore(self.settings.artifacts_url),
+            )
             if any(done.as_dict().values()):
                 log.warning("retention: deleted %s", done.as_dict())
         except Exception as e:  # retention is housekeeping: never a reason to stop
@@ -307,8 +355,9 @@ class Master(MasterStarts):
             if d.kind == "notify" and self.settings.webhook_secret:  # the run's project's key
                 run = await asyncio.to_thread(self.core.store.get_run, d.run_id)
                 key = project_key(self.settings.webhook_secret, run.project)
-            status = await asyncio.to_thread(send, d.url, body, key, d.id,
-                                             self.settings.webhook_allow, extra=extra)
+            status = await asyncio.to_thread(
+                send, d.url, body, key, d.id, self.settings.webhook_allow, extra=extra
+            )
         except (TargetRefused, SecretError) as e:
             self._guarded(self.core.delivery_done, d.id, None, str(e), True)
         except Exception as e:  # no answer: tried again later, within the delivery window
@@ -320,12 +369,14 @@ class Master(MasterStarts):
         """Ask the autoscaler for the workers the next steps will need (a standing request,
         replaced when it changes and withdrawn when nothing is coming)."""
         wanted = self.core.sched.lookahead()
-        bundles = [worker_bundle(self.settings.pools[pool], self.settings)
-                   for pool, count in sorted(wanted.items()) for _ in range(count)]
+        bundles = [
+            worker_bundle(self.settings.pools[pool], self.settings)
+            for pool, count in sorted(wanted.items())
+            for _ in range(count)
+        ]
         if bundles != self._requested:
             self._requested = bundles
-            asyncio.get_running_loop().create_task(asyncio.to_thread(_request_capacity,
-                                                                     bundles))
+            asyncio.get_running_loop().create_task(asyncio.to_thread(_request_capacity, bundles))
 
     def _guarded(self, fn, *args):
         """Run the core, then carry out what it committed. A failed store write, or any
@@ -338,13 +389,15 @@ class Master(MasterStarts):
             log.critical("store write failed, restarting the master: %s", e)
             os._exit(1)
         except Exception:
-            log.critical("the master failed in %s; restarting from the store", fn.__name__,
-                         exc_info=True)
+            log.critical(
+                "the master failed in %s; restarting from the store", fn.__name__, exc_info=True
+            )
             os._exit(1)
         return answer
 
     def _act(self) -> None:
         self.actors.carry_out(self.core.take_effects())
+
 
 class WorkerActors:
     """The worker actors, as the master reaches them: started, found again by name, given
@@ -382,8 +435,9 @@ class WorkerActors:
 
     def _lost_later(self, worker_id: str, reason: str) -> None:
         """A worker found lost while effects are carried out: the core hears of it next."""
-        asyncio.get_running_loop().call_soon(self._guarded, self.core.worker_lost, worker_id,
-                                             reason)
+        asyncio.get_running_loop().call_soon(
+            self._guarded, self.core.worker_lost, worker_id, reason
+        )
 
     async def _await_outcome(self, worker_id: str, task: StepTask, ref) -> None:
         try:
@@ -391,9 +445,16 @@ class WorkerActors:
         except RayActorError as e:
             self._guarded(self.core.worker_lost, worker_id, f"actor died ({type(e).__name__})")
         except RayError as e:
-            self._guarded(self.core.report, StepOutcome(
-                attempt_id=task.attempt_id, run_id=task.run_id, step=task.step.name,
-                state=StepState.FAILED, reason=f"worker error: {e}"))
+            self._guarded(
+                self.core.report,
+                StepOutcome(
+                    attempt_id=task.attempt_id,
+                    run_id=task.run_id,
+                    step=task.step.name,
+                    state=StepState.FAILED,
+                    reason=f"worker error: {e}",
+                ),
+            )
         else:
             self._guarded(self.core.report, outcome)
         self._wake.set()
@@ -403,8 +464,7 @@ class WorkerActors:
         try:
             await handle.ready.remote()
         except RayError as e:
-            self._guarded(self.core.worker_lost, worker_id,
-                          f"failed to start ({type(e).__name__})")
+            self._guarded(self.core.worker_lost, worker_id, f"failed to start ({type(e).__name__})")
             self._wake.set()
 
     def adopt(self, worker_id: str, watch: bool = False) -> None:
@@ -413,8 +473,9 @@ class WorkerActors:
         if worker_id in self._handles:
             return
         try:
-            self._handles[worker_id] = ray.get_actor(worker_actor_name(worker_id),
-                                                     namespace=NAMESPACE)
+            self._handles[worker_id] = ray.get_actor(
+                worker_actor_name(worker_id), namespace=NAMESPACE
+            )
         except ValueError:
             self._lost_later(worker_id, "its actor no longer exists")
             return
@@ -449,7 +510,12 @@ def _request_capacity(bundles: list[dict[str, float]]) -> None:
 def master_actor(settings: Settings):
     """The actor class with its options: detached, named, restarted forever, no CPU reserved."""
     return ray.remote(Master).options(
-        name=MASTER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0, max_concurrency=1000,
+        name=MASTER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+        max_concurrency=1000,
         resources=dict(settings.master_resources) or None,
     )

@@ -48,11 +48,17 @@ class Planned:
     scheduled_for: float | None = None  # the slot of the schedule that started it
 
 
-def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | None,
-                    settings: Settings, request: str | None = None,
-                    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
-                    secrets: dict[str, str] | None = None, project: str = "default",
-                    git_allow: list[str] | None = None) -> Planned:
+def plan_submission(
+    pipeline: dict | str,
+    env: dict[str, str],
+    source: Source | None,
+    settings: Settings,
+    request: str | None = None,
+    resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
+    secrets: dict[str, str] | None = None,
+    project: str = "default",
+    git_allow: list[str] | None = None,
+) -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
     git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
     one step that is not pure). `git_allow`: for a submission through the API, what its git
@@ -68,27 +74,43 @@ def plan_submission(pipeline: dict | str, env: dict[str, str], source: Source | 
         return Planned(None, [], e.problems, request, project=project)
     weight = planned_bytes(steps)
     if weight > settings.max_planned_bytes:
-        problems.append(f"steps: the planned steps' scripts and envs come to "
-                        f"{weight} bytes, more than the "
-                        f"{settings.max_planned_bytes} a run may have "
-                        "(CICD_RAY_MAX_PLANNED_BYTES): set large variables once, or in fewer "
-                        "steps")
+        problems.append(
+            f"steps: the planned steps' scripts and envs come to "
+            f"{weight} bytes, more than the "
+            f"{settings.max_planned_bytes} a run may have "
+            "(CICD_RAY_MAX_PLANNED_BYTES): set large variables once, or in fewer "
+            "steps"
+        )
     problems += check_fits(steps, settings.pools)
     problems += pool_problems(steps, settings, project)
-    problems += [f"notify[{i}].webhook: {why}" for i, why in
-                 refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)]
+    problems += [
+        f"notify[{i}].webhook: {why}"
+        for i, why in refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)
+    ]
     problems += run_secret_problems(secrets)
-    listed = {(s.base, name) for s in steps for name in s.secrets  # variants list the same
-              if name not in secrets}  # the submission's own
+    listed = {
+        (s.base, name)
+        for s in steps
+        for name in s.secrets  # variants list the same
+        if name not in secrets
+    }  # the submission's own
     control = control_secrets(settings, project)
-    problems += [f"steps[{base}].secrets: {name} is {control[name]}: the control plane's, "
-                 "never a step's" for base, name in sorted(listed) if name in control]
+    problems += [
+        f"steps[{base}].secrets: {name} is {control[name]}: the control plane's, never a step's"
+        for base, name in sorted(listed)
+        if name in control
+    ]
     listed = {(base, name) for base, name in listed if name not in control}
-    problems += [f"steps[{base}].secrets: {why}" for base, name in sorted(listed)
-                 for why in missing(settings.secrets_dir, project, [name])]
+    problems += [
+        f"steps[{base}].secrets: {why}"
+        for base, name in sorted(listed)
+        for why in missing(settings.secrets_dir, project, [name])
+    ]
     if source is not None and len(source[1]) > settings.source_limit_bytes:
-        problems.append(f"source: {len(source[1])} bytes is more than the "
-                        f"{settings.source_limit_bytes} byte limit")
+        problems.append(
+            f"source: {len(source[1])} bytes is more than the "
+            f"{settings.source_limit_bytes} byte limit"
+        )
     if git_allow is not None and source is None and isinstance(spec.source, GitSource):
         problems += git_source_problems(spec.source.git, git_allow)
     commit, branch = None, ""
@@ -108,8 +130,10 @@ def git_source_problems(url: str, allow: list[str]) -> list[str]:
     if url.startswith("file://"):
         if "file" in allow:
             return []
-        return [f"source.git: {url}: local repositories are not accepted through the API "
-                "(CICD_RAY_GIT_ALLOW=file allows them)"]
+        return [
+            f"source.git: {url}: local repositories are not accepted through the API "
+            "(CICD_RAY_GIT_ALLOW=file allows them)"
+        ]
     host, port = git_host(url)
     try:
         checked_host(host, port, allow)
@@ -146,12 +170,19 @@ def pool_problems(steps: list[PlannedStep], settings: Settings, project: str) ->
     if not allowed:
         return []
     named = sorted({(s.base, s.pool) for s in steps if s.pool not in allowed})
-    return [f"steps[{base}].pool: project {project} may not use pool {pool}; its pools are "
-            f"{', '.join(allowed)}" for base, pool in named]
+    return [
+        f"steps[{base}].pool: project {project} may not use pool {pool}; its pools are "
+        f"{', '.join(allowed)}"
+        for base, pool in named
+    ]
 
 
-def request_digest(pipeline: dict | str, env: dict[str, str] | None,
-                   source: Source | None, secret_names: list[str] | None = None) -> str:
+def request_digest(
+    pipeline: dict | str,
+    env: dict[str, str] | None,
+    source: Source | None,
+    secret_names: list[str] | None = None,
+) -> str:
     """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names
     of the submission's own secrets (never their values: a digest of a short value could be
     guessed back from the store)."""
@@ -166,8 +197,10 @@ def hook_key(repo: RepoConfig, trigger: Trigger) -> str:
     """The key a webhook's delivery is remembered by (for a day, as an Idempotency-Key): what
     it asks for (the repository, event, branch, commit and pull request), not its delivery id,
     so a redelivery, and a captured body replayed with a new delivery id, start nothing new."""
-    text = (f"hook:{repo.provider}:{repo.name}:{trigger.event}:{trigger.branch}:"
-            f"{trigger.commit}:{trigger.pr}")
+    text = (
+        f"hook:{repo.provider}:{repo.name}:{trigger.event}:{trigger.branch}:"
+        f"{trigger.commit}:{trigger.pr}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

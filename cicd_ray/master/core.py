@@ -51,19 +51,26 @@ class Observer(Protocol):
         """Called after each batch is written, with what it changed."""
 
 
-
 class MasterCore(CoreStarts):
-    def __init__(self, settings: Settings, store: Store, clock: Clock = time.time,
-                 observers: list[Observer] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        clock: Clock = time.time,
+        observers: list[Observer] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
         self.started_at = clock()
-        self.sched = Scheduler(settings.pools, heartbeat_timeout_s=settings.heartbeat_timeout_s,
-                               lookahead=settings.lookahead,
-                               artifact_run_max_bytes=settings.artifact_run_max_bytes,
-                               results=store.get_result,
-                               share=Share(settings.projects, settings.fair_share))
+        self.sched = Scheduler(
+            settings.pools,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            lookahead=settings.lookahead,
+            artifact_run_max_bytes=settings.artifact_run_max_bytes,
+            results=store.get_result,
+            share=Share(settings.projects, settings.fair_share),
+        )
         self.outbox = Outbox(store, settings)
         self.timetable = Timetable(store, settings)
         self.events = EventLog(self.started_at)
@@ -77,17 +84,30 @@ class MasterCore(CoreStarts):
 
     # --- submissions ---------------------------------------------------------------------------
 
-    def plan(self, pipeline: dict | str, env: dict[str, str] | None = None,
-             source: Source | None = None, request: str | None = None,
-             secrets: dict[str, str] | None = None, project: str = "default",
-             from_api: bool = False) -> Planned:
+    def plan(
+        self,
+        pipeline: dict | str,
+        env: dict[str, str] | None = None,
+        source: Source | None = None,
+        request: str | None = None,
+        secrets: dict[str, str] | None = None,
+        project: str = "default",
+        from_api: bool = False,
+    ) -> Planned:
         """Check and plan a submission; pure, so the shell runs it in a thread. `request`: its
         digest, when the caller has it already; `secrets`: the submission's own; `project`:
         whose run it is to be; `from_api`: sent through the HTTP API (its git source must name
         a public host, or one CICD_RAY_GIT_ALLOW lists)."""
-        return plan_submission(pipeline, env or {}, source, self.settings, request,
-                               secrets=secrets or {}, project=project,
-                               git_allow=self.settings.git_allow if from_api else None)
+        return plan_submission(
+            pipeline,
+            env or {},
+            source,
+            self.settings,
+            request,
+            secrets=secrets or {},
+            project=project,
+            git_allow=self.settings.git_allow if from_api else None,
+        )
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
         """The answer to an Idempotency-Key already used: its run, or a conflict."""
@@ -98,9 +118,15 @@ class MasterCore(CoreStarts):
             return Conflict(run_id=known.run_id)
         return Submitted(run_id=known.run_id, existing=True)
 
-    def accept(self, planned: Planned, source: Source | None = None,
-               key: str | None = None, secrets: dict[str, str] | None = None,
-               caller: Caller | None = None, schedule: ScheduleRecord | None = None) -> Reply:
+    def accept(
+        self,
+        planned: Planned,
+        source: Source | None = None,
+        key: str | None = None,
+        secrets: dict[str, str] | None = None,
+        caller: Caller | None = None,
+        schedule: ScheduleRecord | None = None,
+    ) -> Reply:
         """Store the run, then answer: it is durable before its id is returned. `schedule`:
         the schedule whose slot started it, written with it (each slot: exactly one run)."""
         if planned.problems:
@@ -112,14 +138,24 @@ class MasterCore(CoreStarts):
         now = self.clock()
         spec = planned.spec
         git = spec.source if isinstance(spec.source, GitSource) else None
-        run = RunRecord(id=new_run_id(now), seq=self.store.next_run_seq(), pipeline=spec.name,
-                        created_at=now, source_digest=source[0] if source else None,
-                        source_git=None if source else git,
-                        commit=None if source else planned.commit,
-                        branch="" if source else planned.branch,
-                        concurrency=planned.concurrency, notify=spec.notify,
-                        project=planned.project, event=planned.event, pr=planned.pr,
-                        fork=planned.fork, repo=planned.repo, scheduled_for=planned.scheduled_for)
+        run = RunRecord(
+            id=new_run_id(now),
+            seq=self.store.next_run_seq(),
+            pipeline=spec.name,
+            created_at=now,
+            source_digest=source[0] if source else None,
+            source_git=None if source else git,
+            commit=None if source else planned.commit,
+            branch="" if source else planned.branch,
+            concurrency=planned.concurrency,
+            notify=spec.notify,
+            project=planned.project,
+            event=planned.event,
+            pr=planned.pr,
+            fork=planned.fork,
+            repo=planned.repo,
+            scheduled_for=planned.scheduled_for,
+        )
         if source is not None:
             self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
@@ -136,14 +172,21 @@ class MasterCore(CoreStarts):
         self.commit(extra)
         return Submitted(run_id=run.id)
 
-    def submit(self, pipeline: dict | str, env: dict[str, str] | None = None,
-               source: Source | None = None, key: str | None = None,
-               secrets: dict[str, str] | None = None, caller: Caller | None = None,
-               project: str = "default") -> Reply:
+    def submit(
+        self,
+        pipeline: dict | str,
+        env: dict[str, str] | None = None,
+        source: Source | None = None,
+        key: str | None = None,
+        secrets: dict[str, str] | None = None,
+        caller: Caller | None = None,
+        project: str = "default",
+    ) -> Reply:
         """`plan` and `accept` in one call (the shell splits them to plan in a thread)."""
         planned = self.plan(pipeline, env, source, secrets=secrets, project=project)
-        return self.known_key(key, planned.request) or self.accept(planned, source, key,
-                                                                   secrets, caller)
+        return self.known_key(key, planned.request) or self.accept(
+            planned, source, key, secrets, caller
+        )
 
     def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
         """A chunk of a running attempt's log, stored as far as its run's budget allows."""
@@ -153,24 +196,41 @@ class MasterCore(CoreStarts):
 
     def _over_quota(self, project: str) -> OverQuota | None:
         config = self.settings.projects.get(project)
-        limit = config.max_queued_runs if config and config.max_queued_runs else \
-            self.settings.max_queued_runs
-        queued = sum(1 for r in self.sched.runs.values()
-                     if r.project == project and r.state is RunState.QUEUED)
+        limit = (
+            config.max_queued_runs
+            if config and config.max_queued_runs
+            else self.settings.max_queued_runs
+        )
+        queued = sum(
+            1
+            for r in self.sched.runs.values()
+            if r.project == project and r.state is RunState.QUEUED
+        )
         if queued < limit:
             return None
-        return OverQuota(detail=f"project {project} has {queued} queued runs, its quota "
-                         f"(max_queued_runs: {limit}); submit again once some have started")
+        return OverQuota(
+            detail=f"project {project} has {queued} queued runs, its quota "
+            f"(max_queued_runs: {limit}); submit again once some have started"
+        )
 
-    def _audit(self, caller: Caller | None, action: str, run: RunRecord, step: str = "",
-               detail: str = "") -> AuditRecord:
+    def _audit(
+        self, caller: Caller | None, action: str, run: RunRecord, step: str = "", detail: str = ""
+    ) -> AuditRecord:
         caller = caller or Caller()
-        return AuditRecord(at=self.clock(), action=action, run_id=run.id,
-                           run_project=run.project, token_id=caller.token_id,
-                           project=caller.project, step=step, detail=detail)
+        return AuditRecord(
+            at=self.clock(),
+            action=action,
+            run_id=run.id,
+            run_project=run.project,
+            token_id=caller.token_id,
+            project=caller.project,
+            step=step,
+            detail=detail,
+        )
 
-    def rerun(self, run_id: str, only_failed: bool = False,
-              caller: Caller | None = None) -> Reply | None:
+    def rerun(
+        self, run_id: str, only_failed: bool = False, caller: Caller | None = None
+    ) -> Reply | None:
         """A new run of a finished run's pipeline, on the same commit (or snapshot) with the
         same inputs, linked to it; with `only_failed`, its successes are carried over and only
         the failed part runs (`failed_part`). None for an unknown run."""
@@ -178,11 +238,19 @@ class MasterCore(CoreStarts):
         if old is None:
             return None
         if not old.state.terminal:
-            return Rejected(problems=[f"run {run_id} is still {old.state.value}: re-run it "
-                                      "once it has ended (or cancel it)"])
+            return Rejected(
+                problems=[
+                    f"run {run_id} is still {old.state.value}: re-run it "
+                    "once it has ended (or cancel it)"
+                ]
+            )
         if old.source_digest and self.store.get_source(old.source_digest) is None:
-            return Rejected(problems=[f"run {run_id}'s source snapshot is no longer stored "
-                                      "(retention): submit the pipeline again"])
+            return Rejected(
+                problems=[
+                    f"run {run_id}'s source snapshot is no longer stored "
+                    "(retention): submit the pipeline again"
+                ]
+            )
         over = self._over_quota(old.project)
         if over is not None:
             return over
@@ -190,10 +258,20 @@ class MasterCore(CoreStarts):
         again = failed_part(steps) if only_failed else {s.name for s in steps}
         carried = {s.name: s for s in steps if s.name not in again}
         now = self.clock()
-        run = old.model_copy(update=dict(
-            id=new_run_id(now), seq=self.store.next_run_seq(), state=RunState.QUEUED,
-            created_at=now, started_at=None, finished_at=None, reason="",
-            cancel_requested=False, admitted=False, rerun_of=old.id))
+        run = old.model_copy(
+            update=dict(
+                id=new_run_id(now),
+                seq=self.store.next_run_seq(),
+                state=RunState.QUEUED,
+                created_at=now,
+                started_at=None,
+                finished_at=None,
+                reason="",
+                cancel_requested=False,
+                admitted=False,
+                rerun_of=old.id,
+            )
+        )
         self.sched.submit(run, [s.spec for s in steps], now, carried)
         detail = f"of {old.id}" + (", only its failed part" if only_failed else "")
         self.commit(Changes(audit=[self._audit(caller, "rerun", run, detail=detail)]))
@@ -208,28 +286,47 @@ class MasterCore(CoreStarts):
         self.commit(Changes(audit=[self._audit(caller, "cancel", run)]))
         return run.state.value
 
-    def approve(self, run_id: str, step: str, approved: bool, by: str,
-                comment: str = "", caller: Caller | None = None) -> str | Rejected | Missing:
+    def approve(
+        self,
+        run_id: str,
+        step: str,
+        approved: bool,
+        by: str,
+        comment: str = "",
+        caller: Caller | None = None,
+    ) -> str | Rejected | Missing:
         """Answer a step waiting for approval: the step's new state, Rejected when it is not
         waiting, Missing for an unknown run or step."""
         run = self.sched.runs.get(run_id) or self.store.get_run(run_id)
         if run is None:
             return Missing(detail=f"run {run_id!r} not found")
         active = run_id in self.sched.steps
-        names = self.sched.steps[run_id] if active else {
-            s.name for s in self.store.get_steps(run_id)}
+        names = (
+            self.sched.steps[run_id] if active else {s.name for s in self.store.get_steps(run_id)}
+        )
         if step not in names:
             return Missing(detail=f"run {run_id} has no step {step!r}")
         if not active:
-            return Rejected(problems=[f"run {run_id} has ended ({run.state.value}): nothing "
-                                      "of it waits for approval"])
+            return Rejected(
+                problems=[
+                    f"run {run_id} has ended ({run.state.value}): nothing of it waits for approval"
+                ]
+            )
         problem = self.sched.approve(run_id, step, approved, by, comment, self.clock())
         if problem:
             return Rejected(problems=[problem])
-        self.commit(Changes(audit=[self._audit(caller, "approve" if approved else "reject", run,
-                                               step, detail=f"by {by}")]))
+        self.commit(
+            Changes(
+                audit=[
+                    self._audit(
+                        caller, "approve" if approved else "reject", run, step, detail=f"by {by}"
+                    )
+                ]
+            )
+        )
         record = self.sched.book.step(run_id, step) or next(
-            s for s in self.store.get_steps(run_id) if s.name == step)  # its run has ended
+            s for s in self.store.get_steps(run_id) if s.name == step
+        )  # its run has ended
         return record.state.value
 
     # --- notifications -------------------------------------------------------------------------
@@ -244,14 +341,19 @@ class MasterCore(CoreStarts):
     def delivery_headers(self, delivery: DeliveryRecord) -> dict[str, str]:
         return self.outbox.headers(delivery)
 
-    def delivery_done(self, delivery_id: str, status: int | None, error: str = "",
-                      final: bool = False) -> None:
+    def delivery_done(
+        self, delivery_id: str, status: int | None, error: str = "", final: bool = False
+    ) -> None:
         self.outbox.settle(delivery_id, status, error, self.clock(), final)
 
     # --- workers -------------------------------------------------------------------------------
 
-    def register(self, record: WorkerRecord, running: list[str] | None = None,
-                 finished: list[StepOutcome] | None = None) -> float:
+    def register(
+        self,
+        record: WorkerRecord,
+        running: list[str] | None = None,
+        finished: list[StepOutcome] | None = None,
+    ) -> float:
         """A worker (re)joins, saying which attempts it runs and which it finished lately.
         Returns this master's epoch, which the worker compares with its tasks'."""
         now = self.clock()
@@ -295,15 +397,19 @@ class MasterCore(CoreStarts):
             changes.deliveries.update(extra.deliveries)
             changes.schedules.update(extra.schedules)
             changes.drop_schedules += extra.drop_schedules
-        changes.logs = [(a, seq, kept) for a, seq, data in changes.logs
-                        if (kept := self.log_budget.admit(a, data))]
+        changes.logs = [
+            (a, seq, kept)
+            for a, seq, data in changes.logs
+            if (kept := self.log_budget.admit(a, data))
+        ]
         if decisions.ended_runs:  # their notifications are recorded with their end
             self.outbox.record_ends(decisions.ended_runs, changes, self.clock())
             for run in decisions.ended_runs:
                 self.log_budget.forget(run.id)
             changes.drop_run_secrets += [r.id for r in decisions.ended_runs]
         changes.drop_run_secrets += self._secrets_no_longer_needed(
-            changes.drop_run_secrets, {run_id for run_id, _ in changes.steps})
+            changes.drop_run_secrets, {run_id for run_id, _ in changes.steps}
+        )
         for run_id, values in extra.run_secrets.items() if extra is not None else ():
             self._own_secrets[run_id] = set(values.values)  # looked at from the next commit
         if changes:

@@ -42,17 +42,27 @@ class Timetable:
         for spec in self.settings.schedules:
             project = self.settings.repos[spec.repository].project
             old = stored.get(f"{project}/{spec.name}")
-            kept = {"created_at": old.created_at, "last_slot": old.last_slot,
-                    "last_run": old.last_run, "last_error": old.last_error} if old else {
-                "created_at": now, "last_slot": now}
+            kept = (
+                {
+                    "created_at": old.created_at,
+                    "last_slot": old.last_slot,
+                    "last_run": old.last_run,
+                    "last_error": old.last_error,
+                }
+                if old
+                else {"created_at": now, "last_slot": now}
+            )
             record = ScheduleRecord(**spec.model_dump(), project=project, origin="file", **kept)
             from_file.add(record.id)
             if record != old:
                 changes.schedules[record.id] = record
-        changes.drop_schedules = [i for i, s in stored.items()
-                                  if s.origin == "file" and i not in from_file]
-        self.schedules = {**{i: s for i, s in stored.items()
-                             if i not in changes.drop_schedules}, **changes.schedules}
+        changes.drop_schedules = [
+            i for i, s in stored.items() if s.origin == "file" and i not in from_file
+        ]
+        self.schedules = {
+            **{i: s for i, s in stored.items() if i not in changes.drop_schedules},
+            **changes.schedules,
+        }
         self._heap, self._next = [], {}
         for record in self.schedules.values():
             self._plan(record)
@@ -118,36 +128,43 @@ class Timetable:
         if spec.repository:
             repo = self.settings.repos.get(spec.repository)
             if repo is None or repo.project != project:
-                problems.append(f"repository: {spec.repository!r} is not a repository of "
-                                f"project {project} in CICD_RAY_REPOS")
+                problems.append(
+                    f"repository: {spec.repository!r} is not a repository of "
+                    f"project {project} in CICD_RAY_REPOS"
+                )
         elif not spec.pipeline:
             problems.append("a schedule runs a `pipeline` or a `repository`'s pipeline file")
         else:
             try:
-                parsed = parse_pipeline(spec.pipeline, max_bytes=self.settings.max_pipeline_bytes,
-                                        measure_objects=True)
+                parsed = parse_pipeline(
+                    spec.pipeline, max_bytes=self.settings.max_pipeline_bytes, measure_objects=True
+                )
                 if isinstance(parsed.source, GitSource):  # made through the API: checked now,
-                    found = git_source_problems(parsed.source.git,  # as its slots are not
-                                                self.settings.git_allow)
+                    found = git_source_problems(
+                        parsed.source.git,  # as its slots are not
+                        self.settings.git_allow,
+                    )
                     problems += [f"pipeline: {p}" for p in found]
             except SpecError as e:
                 problems += [f"pipeline: {p}" for p in e.problems]
         problem = fires_problem(spec, now, self.settings.schedule_min_interval_s)
         return problems + ([problem] if problem else [])
 
-    def add(self, spec: ScheduleSpec, project: str, now: float,
-            problems: list[str] | None = None) -> ScheduleRecord:
+    def add(
+        self, spec: ScheduleSpec, project: str, now: float, problems: list[str] | None = None
+    ) -> ScheduleRecord:
         """A schedule made through the API; SpecError when it cannot be one. `problems`:
         what `check` found already (None: checked here)."""
         problems = list(self.check(spec, project, now) if problems is None else problems)
-        record = ScheduleRecord(**spec.model_dump(), project=project, created_at=now,
-                                last_slot=now)
+        record = ScheduleRecord(**spec.model_dump(), project=project, created_at=now, last_slot=now)
         if record.id in self.schedules:
             problems.append(f"project {project} has a schedule {spec.name} already")
         cap = self.settings.max_schedules_per_project
         if sum(s.project == project for s in self.schedules.values()) >= cap:
-            problems.append(f"project {project} has {cap} schedules, the most it may have "
-                            "(CICD_RAY_MAX_SCHEDULES): delete one first")
+            problems.append(
+                f"project {project} has {cap} schedules, the most it may have "
+                "(CICD_RAY_MAX_SCHEDULES): delete one first"
+            )
         if problems:
             raise SpecError(problems)
         self.schedules[record.id] = record
@@ -161,9 +178,15 @@ class Timetable:
     def view(self, project: str | None, now: float) -> list[dict]:
         """The schedules (of `project`; None: all) with their next slot (None: it has none),
         JSON-ready."""
-        return [{**s.model_dump(mode="json"), "id": s.id,
-                 "next_at": _next_or_none(s, max(now, s.last_slot))}
-                for s in self.schedules.values() if project is None or s.project == project]
+        return [
+            {
+                **s.model_dump(mode="json"),
+                "id": s.id,
+                "next_at": _next_or_none(s, max(now, s.last_slot)),
+            }
+            for s in self.schedules.values()
+            if project is None or s.project == project
+        ]
 
 
 def _next_or_none(record: ScheduleRecord, after: float) -> float | None:

@@ -16,8 +16,9 @@ EVENTS_KEPT = 10_000
 
 
 class EventLog:
-    def __init__(self, epoch: float, kept: int = EVENTS_KEPT,
-                 on_new: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, epoch: float, kept: int = EVENTS_KEPT, on_new: Callable[[], None] | None = None
+    ) -> None:
         self.epoch = epoch
         self.seq = 0
         self._events: deque[dict] = deque(maxlen=kept)
@@ -29,12 +30,31 @@ class EventLog:
     def committed(self, changes: Changes, took_s: float, now: float) -> None:
         # Steps first: a run that ends in this batch ended because of them.
         for step in changes.steps.values():
-            self._add("step", {"run_id": step.run_id, "project": step.project, "step": step.name,
-                               "state": step.state.value, "attempts": step.attempts,
-                               "worker_id": step.worker_id, "reason": step.reason}, now)
+            self._add(
+                "step",
+                {
+                    "run_id": step.run_id,
+                    "project": step.project,
+                    "step": step.name,
+                    "state": step.state.value,
+                    "attempts": step.attempts,
+                    "worker_id": step.worker_id,
+                    "reason": step.reason,
+                },
+                now,
+            )
         for run in changes.runs.values():
-            self._add("run", {"run_id": run.id, "project": run.project, "pipeline": run.pipeline,
-                              "state": run.state.value, "reason": run.reason}, now)
+            self._add(
+                "run",
+                {
+                    "run_id": run.id,
+                    "project": run.project,
+                    "pipeline": run.pipeline,
+                    "state": run.state.value,
+                    "reason": run.reason,
+                },
+                now,
+            )
         if self.on_new is not None and (changes.steps or changes.runs):
             self.on_new()
 
@@ -61,16 +81,21 @@ class EventLog:
             after = 0
         found = [e for e in self._events if e["seq"] > after]
         oldest = self._events[0]["seq"] if self._events else self.seq + 1
-        return {"epoch": self.epoch, "events": found, "reset": reset,
-                "gap": bool(after) and after + 1 < oldest}
+        return {
+            "epoch": self.epoch,
+            "events": found,
+            "reset": reset,
+            "gap": bool(after) and after + 1 < oldest,
+        }
 
     @property
     def position(self) -> str:
         """Where a follower waits from: `EPOCH:SEQ`."""
         return f"{self.epoch}:{self.seq}"
 
-    def run_changed(self, run_id: str, after: int, epoch: float | None,
-                    itself: bool = False) -> bool:
+    def run_changed(
+        self, run_id: str, after: int, epoch: float | None, itself: bool = False
+    ) -> bool:
         """Whether the run (`itself`: the run, not only a step of it) has changed since event
         `after` of master `epoch` (True when the master is another one: the caller looks
         again)."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 def budget_marker(limit: int) -> bytes:
-    return (f"\n[cicd-ray] log dropped: this run's logs reached {limit} bytes "
-            "(CICD_RAY_LOG_RUN_MAX_BYTES); the rest of this attempt's output is not kept\n"
-            ).encode()
+    return (
+        f"\n[cicd-ray] log dropped: this run's logs reached {limit} bytes "
+        "(CICD_RAY_LOG_RUN_MAX_BYTES); the rest of this attempt's output is not kept\n"
+    ).encode()
 
 
 class LogBudget:
@@ -33,7 +34,7 @@ class LogBudget:
         if attempt_id in self._told:
             return b""
         self._told.add(attempt_id)
-        return data[:max(room, 0)] + budget_marker(self.run_max_bytes)
+        return data[: max(room, 0)] + budget_marker(self.run_max_bytes)
 
     def forget(self, run_id: str) -> None:
         """The run ended: nothing more of it is counted."""

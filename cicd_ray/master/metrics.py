@@ -17,11 +17,20 @@ STORE_SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
 
 # The names a dashboard may query (tests check the Grafana dashboard against them).
 NAMES = (
-    "cicd_queued_steps", "cicd_oldest_queued_seconds", "cicd_wait_slot_seconds",
-    "cicd_wait_capacity_seconds", "cicd_step_run_seconds", "cicd_step_outcomes_total",
-    "cicd_runs_finished_total", "cicd_active_runs", "cicd_workers",
-    "cicd_master_transitions_total", "cicd_store_write_seconds", "cicd_workers_lost_total",
-    "cicd_pool_max_workers", "cicd_master_started_at_seconds",
+    "cicd_queued_steps",
+    "cicd_oldest_queued_seconds",
+    "cicd_wait_slot_seconds",
+    "cicd_wait_capacity_seconds",
+    "cicd_step_run_seconds",
+    "cicd_step_outcomes_total",
+    "cicd_runs_finished_total",
+    "cicd_active_runs",
+    "cicd_workers",
+    "cicd_master_transitions_total",
+    "cicd_store_write_seconds",
+    "cicd_workers_lost_total",
+    "cicd_pool_max_workers",
+    "cicd_master_started_at_seconds",
     "cicd_worker_network_bytes_per_second",
 )
 
@@ -30,37 +39,61 @@ class Metrics:
     """Created once per master process (Ray metrics are per process)."""
 
     def __init__(self) -> None:
-        self.queued = Gauge("cicd_queued_steps", "steps ready and waiting for a slot",
-                            tag_keys=("pool",))
-        self.oldest = Gauge("cicd_oldest_queued_seconds", "how long the oldest ready step "
-                            "has waited", tag_keys=("pool",))
-        self.wait_slot = Histogram("cicd_wait_slot_seconds", "an attempt's wait for a busy "
-                                   "worker", boundaries=SECONDS, tag_keys=("pool",))
-        self.wait_capacity = Histogram("cicd_wait_capacity_seconds", "an attempt's wait for "
-                                       "a worker or node to come up", boundaries=SECONDS,
-                                       tag_keys=("pool",))
-        self.run_time = Histogram("cicd_step_run_seconds", "an attempt's run time",
-                                  boundaries=SECONDS, tag_keys=("pool",))
-        self.outcomes = Counter("cicd_step_outcomes_total", "attempts ended, by state",
-                                tag_keys=("pool", "state"))
-        self.runs = Counter("cicd_runs_finished_total", "runs ended, by state",
-                            tag_keys=("state",))
+        self.queued = Gauge(
+            "cicd_queued_steps", "steps ready and waiting for a slot", tag_keys=("pool",)
+        )
+        self.oldest = Gauge(
+            "cicd_oldest_queued_seconds",
+            "how long the oldest ready step has waited",
+            tag_keys=("pool",),
+        )
+        self.wait_slot = Histogram(
+            "cicd_wait_slot_seconds",
+            "an attempt's wait for a busy worker",
+            boundaries=SECONDS,
+            tag_keys=("pool",),
+        )
+        self.wait_capacity = Histogram(
+            "cicd_wait_capacity_seconds",
+            "an attempt's wait for a worker or node to come up",
+            boundaries=SECONDS,
+            tag_keys=("pool",),
+        )
+        self.run_time = Histogram(
+            "cicd_step_run_seconds", "an attempt's run time", boundaries=SECONDS, tag_keys=("pool",)
+        )
+        self.outcomes = Counter(
+            "cicd_step_outcomes_total", "attempts ended, by state", tag_keys=("pool", "state")
+        )
+        self.runs = Counter("cicd_runs_finished_total", "runs ended, by state", tag_keys=("state",))
         self.active = Gauge("cicd_active_runs", "runs queued or running")
-        self.workers = Gauge("cicd_workers", "worker actors, by pool and state",
-                             tag_keys=("pool", "state"))
-        self.transitions = Counter("cicd_master_transitions_total", "records the master "
-                                   "changed (runs, steps, attempts, workers)")
-        self.store_write = Histogram("cicd_store_write_seconds", "one batch written to the "
-                                     "store", boundaries=STORE_SECONDS)
-        self.lost = Counter("cicd_workers_lost_total", "workers lost (died or went silent)",
-                            tag_keys=("pool",))
-        self.pool_max = Gauge("cicd_pool_max_workers", "the most workers a pool may have (its "
-                              "budget)", tag_keys=("pool",))
-        self.started = Gauge("cicd_master_started_at_seconds", "when the running master "
-                             "started (a change is a restart)")
-        self.network = Gauge("cicd_worker_network_bytes_per_second", "bytes a worker's node "
-                             "sent (out) or received (in) per second, at its last heartbeat",
-                             tag_keys=("pool", "worker", "direction"))
+        self.workers = Gauge(
+            "cicd_workers", "worker actors, by pool and state", tag_keys=("pool", "state")
+        )
+        self.transitions = Counter(
+            "cicd_master_transitions_total",
+            "records the master changed (runs, steps, attempts, workers)",
+        )
+        self.store_write = Histogram(
+            "cicd_store_write_seconds", "one batch written to the store", boundaries=STORE_SECONDS
+        )
+        self.lost = Counter(
+            "cicd_workers_lost_total", "workers lost (died or went silent)", tag_keys=("pool",)
+        )
+        self.pool_max = Gauge(
+            "cicd_pool_max_workers",
+            "the most workers a pool may have (its budget)",
+            tag_keys=("pool",),
+        )
+        self.started = Gauge(
+            "cicd_master_started_at_seconds",
+            "when the running master started (a change is a restart)",
+        )
+        self.network = Gauge(
+            "cicd_worker_network_bytes_per_second",
+            "bytes a worker's node sent (out) or received (in) per second, at its last heartbeat",
+            tag_keys=("pool", "worker", "direction"),
+        )
         self._worker_tags: set[tuple[str, str]] = set()
 
     def attempt_ended(self, attempt: AttemptRecord) -> None:
@@ -76,8 +109,9 @@ class Metrics:
 
     def committed(self, changes: Changes, took_s: float, now: float) -> None:
         """An observer of the master's commits: what changed, and how long the write took."""
-        moved = len(changes.runs) + len(changes.steps) + len(changes.attempts) + len(
-            changes.workers)
+        moved = (
+            len(changes.runs) + len(changes.steps) + len(changes.attempts) + len(changes.workers)
+        )
         if moved:  # (a batch may hold only a schedule's slot, deliveries, audit records)
             self.transitions.inc(moved)
         self.store_write.observe(took_s)
@@ -93,15 +127,23 @@ class Metrics:
     def worker_changed(self, worker: WorkerRecord) -> None:
         if worker.state is WorkerState.LOST:
             self.lost.inc(1, {"pool": worker.pool})
-        for direction, value in (("out", worker.net_sent_bytes_per_s),
-                                 ("in", worker.net_recv_bytes_per_s)):
+        for direction, value in (
+            ("out", worker.net_sent_bytes_per_s),
+            ("in", worker.net_recv_bytes_per_s),
+        ):
             if value is not None:
-                self.network.set(value, {"pool": worker.pool, "worker": worker.id,
-                                         "direction": direction})
+                self.network.set(
+                    value, {"pool": worker.pool, "worker": worker.id, "direction": direction}
+                )
 
-    def snapshot(self, queue: dict[str, dict], active_runs: int,
-                 workers: dict[tuple[str, str], int], pool_max: dict[str, int],
-                 started_at: float) -> None:
+    def snapshot(
+        self,
+        queue: dict[str, dict],
+        active_runs: int,
+        workers: dict[tuple[str, str], int],
+        pool_max: dict[str, int],
+        started_at: float,
+    ) -> None:
         """The gauges, from the master's view: queue per pool, runs, workers per state, the
         pools' budgets, when the master started (set again each time: a gauge set once, at
         start, is not reliably exported)."""

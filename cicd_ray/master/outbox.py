@@ -24,8 +24,9 @@ RETRY_STATUS = frozenset({408, 429})  # and every 5xx: the receiver may take it 
 def targets(run: RunRecord, settings: Settings) -> list[NotifySpec]:
     """Where a run's end is told: its pipeline's `notify:`, else the server's default webhook
     (CICD_RAY_NOTIFY_WEBHOOK, failed runs), in either case only for the states listed."""
-    notify = run.notify or ([NotifySpec(webhook=settings.notify_webhook)]
-                            if settings.notify_webhook else [])
+    notify = run.notify or (
+        [NotifySpec(webhook=settings.notify_webhook)] if settings.notify_webhook else []
+    )
     return [n for n in notify if run.state.value in n.when]
 
 
@@ -41,8 +42,10 @@ class Outbox:
         for d in self.store.get_deliveries():
             if d.state == "sending":
                 d.state, d.finished_at = "interrupted", now
-                d.error = (f"the master restarted during try {d.attempts}; not tried again "
-                           "(at most once per run end)")
+                d.error = (
+                    f"the master restarted during try {d.attempts}; not tried again "
+                    "(at most once per run end)"
+                )
                 changes.deliveries[d.id] = d
             else:
                 self.open[d.id] = d
@@ -54,14 +57,20 @@ class Outbox:
         and the commit status of a run a repository's webhook started."""
         for run in runs:
             for i, target in enumerate(targets(run, self.settings)):
-                d = DeliveryRecord(id=f"{run.id}/{i}", run_id=run.id, url=target.webhook,
-                                   created_at=now, next_at=now)
+                d = DeliveryRecord(
+                    id=f"{run.id}/{i}",
+                    run_id=run.id,
+                    url=target.webhook,
+                    created_at=now,
+                    next_at=now,
+                )
                 changes.deliveries[d.id] = d
                 self.open[d.id] = d
             self.record_status(run, changes, now, ended=True)
 
-    def record_status(self, run: RunRecord, changes: Changes, now: float,
-                      ended: bool = False) -> None:
+    def record_status(
+        self, run: RunRecord, changes: Changes, now: float, ended: bool = False
+    ) -> None:
         """The commit status of a run its repository reports to (pending when it is accepted,
         its outcome when it ends); a pending one not yet sent when the run ends is dropped."""
         repo = self.settings.repos.get(run.repo)
@@ -72,9 +81,14 @@ class Outbox:
             start.error = "not sent before the run ended; its end is reported instead"
             changes.deliveries[start.id] = start
         d = DeliveryRecord(
-            id=f"{run.id}/status-{'end' if ended else 'start'}", run_id=run.id, kind="status",
-            url=statuses.target(repo, run.commit), created_at=now, next_at=now,
-            status=statuses.word(repo.provider, run.state.value if ended else None))
+            id=f"{run.id}/status-{'end' if ended else 'start'}",
+            run_id=run.id,
+            kind="status",
+            url=statuses.target(repo, run.commit),
+            created_at=now,
+            next_at=now,
+            status=statuses.word(repo.provider, run.state.value if ended else None),
+        )
         changes.deliveries[d.id] = d
         self.open[d.id] = d
 
@@ -91,8 +105,9 @@ class Outbox:
         self.store.save(changes)
         return [d.model_copy() for d in due]
 
-    def settle(self, delivery_id: str, status: int | None, error: str, now: float,
-               final: bool = False) -> None:
+    def settle(
+        self, delivery_id: str, status: int | None, error: str, now: float, final: bool = False
+    ) -> None:
         """A try ended with an HTTP status (None: no answer, `error` says why): delivered,
         tried again later (with backoff, within the delivery window) or failed (at once when
         `final`: a target refused)."""
@@ -117,15 +132,23 @@ class Outbox:
         run = self.store.get_run(delivery.run_id)
         if delivery.kind == "status":
             repo = self.settings.repos[run.repo]
-            return statuses.document(repo.provider, delivery.status, run.id, run.pipeline,
-                                     self._page(run.id))
+            return statuses.document(
+                repo.provider, delivery.status, run.id, run.pipeline, self._page(run.id)
+            )
         failed = []
         for step in self.store.get_steps(delivery.run_id):
             if step.state not in (StepState.FAILED, StepState.TIMED_OUT):
                 continue
             log = self.store.read_log(step.current_attempt) if step.current_attempt else b""
-            failed.append({"step": step.name, "state": step.state.value, "reason": step.reason,
-                           "exit_code": step.exit_code, "log_tail": log_tail(log)})
+            failed.append(
+                {
+                    "step": step.name,
+                    "state": step.state.value,
+                    "reason": step.reason,
+                    "exit_code": step.exit_code,
+                    "log_tail": log_tail(log),
+                }
+            )
         return document(run.model_dump(mode="json"), failed, self._page(run.id), delivery.id)
 
     def headers(self, delivery: DeliveryRecord) -> dict[str, str]:

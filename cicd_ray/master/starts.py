@@ -33,32 +33,53 @@ def pipeline_file(repo: RepoConfig, trigger: Trigger, max_bytes: int) -> str:
 class CoreStarts:
     """A part of `MasterCore` (it works on the core's settings, timetable, accept, commit)."""
 
-    def plan_trigger(self, repo: RepoConfig, trigger: Trigger, text: str,
-                     request: str | None) -> Planned:
+    def plan_trigger(
+        self, repo: RepoConfig, trigger: Trigger, text: str, request: str | None
+    ) -> Planned:
         """Plan the run a webhook asks for: the pipeline file's text, its source the
         repository at the commit (pinned as it is, not looked up again)."""
-        planned = self._from_repository(repo, text, trigger.commit, trigger.branch, {},
-                                        request, repo.project)
+        planned = self._from_repository(
+            repo, text, trigger.commit, trigger.branch, {}, request, repo.project
+        )
         planned.event, planned.pr, planned.fork = trigger.event, trigger.pr, trigger.fork
         return planned
 
-    def _from_repository(self, repo: RepoConfig, text: str, commit: str, branch: str,
-                         env: dict[str, str], request: str | None, project: str) -> Planned:
+    def _from_repository(
+        self,
+        repo: RepoConfig,
+        text: str,
+        commit: str,
+        branch: str,
+        env: dict[str, str],
+        request: str | None,
+        project: str,
+    ) -> Planned:
         """Plan a repository's pipeline file (its text) to build `commit`; problems name the
         file."""
         try:
             doc = load_yaml(text, max_bytes=self.settings.max_pipeline_bytes)
         except SpecError as e:
-            return Planned(None, [], [f"{repo.pipeline}: {p}" for p in e.problems],
-                           request or "", project=project)
+            return Planned(
+                None,
+                [],
+                [f"{repo.pipeline}: {p}" for p in e.problems],
+                request or "",
+                project=project,
+            )
         if isinstance(doc, dict):
             doc = {**doc, "source": {"git": repo.url, "ref": commit}}
-        planned = plan_submission(doc, env, None, self.settings, request,
-                                  resolve=lambda url, ref: (commit, branch), project=project)
+        planned = plan_submission(
+            doc,
+            env,
+            None,
+            self.settings,
+            request,
+            resolve=lambda url, ref: (commit, branch),
+            project=project,
+        )
         planned.problems = [f"{repo.pipeline}: {p}" for p in planned.problems]
         planned.repo = repo.name
         return planned
-
 
     def due_schedules(self) -> list[tuple[ScheduleRecord, float]]:
         """The schedules with a slot to start now (missed slots skipped are written here)."""
@@ -67,18 +88,31 @@ class CoreStarts:
             self.commit(skipped)
         return due
 
-    def plan_schedule(self, record: ScheduleRecord, slot: float, pipeline: str | dict,
-                      commit: str | None = None, branch: str = "") -> Planned:
+    def plan_schedule(
+        self,
+        record: ScheduleRecord,
+        slot: float,
+        pipeline: str | dict,
+        commit: str | None = None,
+        branch: str = "",
+    ) -> Planned:
         """Plan a slot's run: a repository's pipeline file (its text, read at `commit`) or the
         schedule's own pipeline, with the schedule's env."""
         request = f"schedule:{record.id}:{slot}"
         if record.repository:
-            planned = self._from_repository(self.settings.repos[record.repository], pipeline,
-                                            commit or "", branch, record.env, request,
-                                            record.project)
+            planned = self._from_repository(
+                self.settings.repos[record.repository],
+                pipeline,
+                commit or "",
+                branch,
+                record.env,
+                request,
+                record.project,
+            )
         else:
-            planned = plan_submission(pipeline, record.env, None, self.settings, request,
-                                      project=record.project)
+            planned = plan_submission(
+                pipeline, record.env, None, self.settings, request, project=record.project
+            )
         planned.event, planned.scheduled_for = "schedule", slot
         return planned
 
@@ -93,22 +127,25 @@ class CoreStarts:
         caller = Caller(token_id="schedule", project=record.project, admin=False)
         answer = self.accept(planned, caller=caller, schedule=updated)
         if not isinstance(answer, Submitted):
-            updated.last_error = ("; ".join(answer.problems) if isinstance(answer, Rejected)
-                                  else getattr(answer, "detail", str(answer)))[:1000]
+            updated.last_error = (
+                "; ".join(answer.problems)
+                if isinstance(answer, Rejected)
+                else getattr(answer, "detail", str(answer))
+            )[:1000]
             self.timetable.fired(updated)
             self.commit(Changes(schedules={updated.id: updated}))
         return answer
 
-    def add_schedule(self, spec: ScheduleSpec, project: str,
-                     problems: list[str] | None = None) -> dict | Rejected:
+    def add_schedule(
+        self, spec: ScheduleSpec, project: str, problems: list[str] | None = None
+    ) -> dict | Rejected:
         """Make a schedule; `problems`: what `Timetable.check` found (None: checked here)."""
         try:
             record = self.timetable.add(spec, project, self.clock(), problems)
         except SpecError as e:
             return Rejected(problems=e.problems)
         self.commit(Changes(schedules={record.id: record}))
-        return next(v for v in self.timetable.view(project, self.clock())
-                    if v["id"] == record.id)
+        return next(v for v in self.timetable.view(project, self.clock()) if v["id"] == record.id)
 
     def delete_schedule(self, project: str, name: str) -> bool:
         """False when the project has no such schedule made through the API."""
@@ -130,15 +167,17 @@ class MasterStarts:
         run."""
         repo = self.settings.repos.get(repo_name)
         if repo is None:
-            return Rejected(problems=[f"repository {repo_name} is not in the master's "
-                                      "CICD_RAY_REPOS"])
+            return Rejected(
+                problems=[f"repository {repo_name} is not in the master's CICD_RAY_REPOS"]
+            )
         key = hook_key(repo, trigger)
         known = self.core.known_key(key, key)
         if known is not None:
             return known
         try:
-            text = await asyncio.to_thread(pipeline_file, repo, trigger,
-                                           self.settings.max_pipeline_bytes)
+            text = await asyncio.to_thread(
+                pipeline_file, repo, trigger, self.settings.max_pipeline_bytes
+            )
         except SourceError as e:
             return Rejected(problems=[f"{repo.pipeline}: {e}"])
         planned = await asyncio.to_thread(self.core.plan_trigger, repo, trigger, text, key)
@@ -153,8 +192,9 @@ class MasterStarts:
 
     async def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
         # Parsing its pipeline and the cron arithmetic happen in a thread: the loop goes on.
-        problems = await asyncio.to_thread(self.core.timetable.check, spec, project,
-                                           self.core.clock())
+        problems = await asyncio.to_thread(
+            self.core.timetable.check, spec, project, self.core.clock()
+        )
         return self._guarded(self.core.add_schedule, spec, project, problems)
 
     async def delete_schedule(self, project: str, name: str) -> bool:

@@ -13,10 +13,20 @@ from cicd_ray.triggers.repositories import RepoConfig
 
 # A run's state as each host names it; None: the run was accepted (pending).
 WORDS = {
-    "github": {None: "pending", "succeeded": "success", "failed": "failure",
-               "timed_out": "failure", "cancelled": "error"},
-    "gitlab": {None: "pending", "succeeded": "success", "failed": "failed",
-               "timed_out": "failed", "cancelled": "canceled"},
+    "github": {
+        None: "pending",
+        "succeeded": "success",
+        "failed": "failure",
+        "timed_out": "failure",
+        "cancelled": "error",
+    },
+    "gitlab": {
+        None: "pending",
+        "succeeded": "success",
+        "failed": "failed",
+        "timed_out": "failed",
+        "cancelled": "canceled",
+    },
 }
 
 
@@ -32,8 +42,11 @@ def word(provider: str, run_state: str | None) -> str:
 
 
 def document(provider: str, state: str, run_id: str, pipeline: str, page_url: str) -> bytes:
-    body = {"state": state, "target_url": page_url or None,
-            "description": f"cicd-ray run {run_id}: {state}"[:140]}
+    body = {
+        "state": state,
+        "target_url": page_url or None,
+        "description": f"cicd-ray run {run_id}: {state}"[:140],
+    }
     body["context" if provider == "github" else "name"] = f"cicd-ray/{pipeline}"
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 

@@ -102,11 +102,19 @@ def refused_targets(urls: list[str], allow: list[str]) -> list[tuple[int, str]]:
     for i, url in enumerate(urls):
         host = urlsplit(url).hostname or ""
         address = _literal(host)
-        internal = host == "localhost" or host.endswith(".localhost") or (
-            address is not None and _internal(address))
+        internal = (
+            host == "localhost"
+            or host.endswith(".localhost")
+            or (address is not None and _internal(address))
+        )
         if internal and not _allowed(host, address, allow):
-            out.append((i, f"{host} is a loopback or private address; list it in "
-                           "CICD_RAY_WEBHOOK_ALLOW to send notifications there"))
+            out.append(
+                (
+                    i,
+                    f"{host} is a loopback or private address; list it in "
+                    "CICD_RAY_WEBHOOK_ALLOW to send notifications there",
+                )
+            )
     return out
 
 
@@ -121,8 +129,7 @@ def checked_address(url: str, allow: list[str], resolve: Resolver = _getaddrinfo
     return checked_host(parts.hostname or "", port, allow, resolve)
 
 
-def checked_host(host: str, port: int, allow: list[str],
-                 resolve: Resolver = _getaddrinfo) -> str:
+def checked_host(host: str, port: int, allow: list[str], resolve: Resolver = _getaddrinfo) -> str:
     """The address to reach `host` at: each address it has checked (a notification's, a git
     source's submitted through the API); TargetRefused for an internal one not allowed."""
     try:
@@ -133,8 +140,10 @@ def checked_host(host: str, port: int, allow: list[str],
         raise TargetRefused(f"{host} has no address")
     for address in addresses:
         if _internal(address) and not _allowed(host, address, allow):
-            raise TargetRefused(f"{host} resolves to {address}, a loopback or private "
-                                "address; list it in CICD_RAY_WEBHOOK_ALLOW to send there")
+            raise TargetRefused(
+                f"{host} resolves to {address}, a loopback or private "
+                "address; list it in CICD_RAY_WEBHOOK_ALLOW to send there"
+            )
     return str(addresses[0])
 
 
@@ -142,8 +151,9 @@ def project_key(secret: str, project: str) -> str:
     """The key a project's notifications are signed with: HMAC-SHA256 of the project's name
     under CICD_RAY_WEBHOOK_SECRET, in hex. Each project's receivers hold their own key: one
     cannot sign (or check) another's."""
-    return hmac.new(secret.encode(), f"cicd-ray notify {project}".encode(),
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret.encode(), f"cicd-ray notify {project}".encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def sign(body: bytes, key: str, timestamp: int) -> str:
@@ -153,8 +163,9 @@ def sign(body: bytes, key: str, timestamp: int) -> str:
     return "sha256=" + hmac.new(key.encode(), signed, hashlib.sha256).hexdigest()
 
 
-def verify(body: bytes, key: str, header: str, timestamp: str, now: float,
-           max_age_s: float = MAX_AGE_S) -> bool:
+def verify(
+    body: bytes, key: str, header: str, timestamp: str, now: float, max_age_s: float = MAX_AGE_S
+) -> bool:
     """For receivers (and tests): the signature matches the body and its timestamp, compared
     in constant time, and the timestamp is recent (a captured delivery replayed later fails)."""
     if not timestamp.isdigit() or abs(now - int(timestamp)) > max_age_s:
@@ -165,11 +176,18 @@ def verify(body: bytes, key: str, header: str, timestamp: str, now: float,
 def document(run: dict, failed: list[dict], page_url: str, delivery_id: str) -> bytes:
     """The JSON POSTed: its project, delivery id, run, pipeline, state, commit, reason, failed
     steps with their log tails' last lines, and a link to the run's page."""
-    body = {"project": run.get("project", "default"), "delivery": delivery_id,
-            "run": run["id"], "pipeline": run["pipeline"], "state": run["state"],
-            "commit": run.get("commit"), "branch": run.get("branch", ""),
-            "reason": run.get("reason", ""), "failed_steps": failed,
-            "url": page_url}
+    body = {
+        "project": run.get("project", "default"),
+        "delivery": delivery_id,
+        "run": run["id"],
+        "pipeline": run["pipeline"],
+        "state": run["state"],
+        "commit": run.get("commit"),
+        "branch": run.get("branch", ""),
+        "reason": run.get("reason", ""),
+        "failed_steps": failed,
+        "url": page_url,
+    }
     return json.dumps(body, sort_keys=True).encode()
 
 
@@ -184,9 +202,16 @@ def next_try(attempts: int, first_at: float, now: float) -> float | None:
     return at if at - first_at <= DELIVERY_WINDOW_S else None
 
 
-def send(url: str, body: bytes, key: str, delivery_id: str, allow: list[str],
-         resolve: Resolver = _getaddrinfo, extra: dict[str, str] | None = None,
-         now: float | None = None) -> int:
+def send(
+    url: str,
+    body: bytes,
+    key: str,
+    delivery_id: str,
+    allow: list[str],
+    resolve: Resolver = _getaddrinfo,
+    extra: dict[str, str] | None = None,
+    now: float | None = None,
+) -> int:
     """POST the body to the checked address of `url`, signed with the project's `key` (if
     any) and the time, with the `extra` headers (a commit status's credentials); the HTTP
     status. TargetRefused for a refused target, OSError-like httpx errors for a failed
@@ -201,8 +226,12 @@ def send(url: str, body: bytes, key: str, delivery_id: str, allow: list[str],
     if parts.port:
         host_port += f":{parts.port}"
     pinned = urlunsplit((parts.scheme, host_port, parts.path or "/", parts.query, ""))
-    headers = {"Content-Type": "application/json", "Host": parts.netloc.rsplit("@", 1)[-1],
-               "User-Agent": "cicd-ray", DELIVERY_HEADER: delivery_id}
+    headers = {
+        "Content-Type": "application/json",
+        "Host": parts.netloc.rsplit("@", 1)[-1],
+        "User-Agent": "cicd-ray",
+        DELIVERY_HEADER: delivery_id,
+    }
     if key:
         stamp = int(time.time() if now is None else now)
         headers[TIMESTAMP_HEADER] = str(stamp)

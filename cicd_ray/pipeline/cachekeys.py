@@ -32,18 +32,24 @@ def check_template(text: str) -> str | None:
     if "${{" in rest or "}}" in rest:
         return f"{text!r}: an expression is not closed: write ${{{{ ... }}}}"
     if not KEY_TEXT.match(rest):
-        return (f"{text!r}: outside ${{{{ }}}} a key may hold only letters, digits and "
-                ". _ + @ : / = -")
+        return (
+            f"{text!r}: outside ${{{{ }}}} a key may hold only letters, digits and . _ + @ : / = -"
+        )
     for match in EXPRESSION.finditer(text):
         inner = match.group(1).strip()
         if not (HASH_FILES.match(inner) or ENV.match(inner)):
-            return (f"{text!r}: unknown expression {inner!r}; a key may use "
-                    "hashFiles('GLOB', ...) and env.NAME")
+            return (
+                f"{text!r}: unknown expression {inner!r}; a key may use "
+                "hashFiles('GLOB', ...) and env.NAME"
+            )
     return None
 
 
-def expand(text: str, env: dict[str, str],
-           files: Callable[[list[str]], Iterable[tuple[str, Callable[[], BinaryIO]]]]) -> str:
+def expand(
+    text: str,
+    env: dict[str, str],
+    files: Callable[[list[str]], Iterable[tuple[str, Callable[[], BinaryIO]]]],
+) -> str:
     """The key `text` names for this step: `files(globs)` gives the (path, opener) pairs
     a hashFiles(...) covers."""
 

@@ -32,7 +32,8 @@ RUN_VARIABLES = frozenset({"branch", "event", "pipeline"})
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _TOKEN = re.compile(
     rf"\s*(?:(?P<op>&&|\|\||==|!=|!|\(|\)|\.)|(?P<name>{_NAME})"
-    r"|'(?P<sq>[^']*)'|\"(?P<dq>[^\"]*)\"|(?P<bad>\S))")
+    r"|'(?P<sq>[^']*)'|\"(?P<dq>[^\"]*)\"|(?P<bad>\S))"
+)
 
 Type = Literal["bool", "text"]
 
@@ -126,8 +127,9 @@ class _Parser:
         tree = self.expr()
         kind, got, column = self.peek()
         if kind != "end":
-            raise ConditionError(f"unexpected {_shown(kind, got)} after a complete condition",
-                                 column)
+            raise ConditionError(
+                f"unexpected {_shown(kind, got)} after a complete condition", column
+            )
         return tree
 
     def expr(self) -> Node:
@@ -162,8 +164,9 @@ class _Parser:
             right_column = self.peek()[2]
             right = self.operand()
             if left.type != right.type:
-                raise ConditionError(f"{got} compares a {left.type} with a {right.type}",
-                                     right_column)
+                raise ConditionError(
+                    f"{got} compares a {left.type} with a {right.type}", right_column
+                )
             return Node(got, (left, right))
         return left
 
@@ -178,8 +181,7 @@ class _Parser:
             return Node("text", value=got)
         if kind == "name":
             return self._named(got, column)
-        raise ConditionError(f"expected a value or a condition, found {_shown(kind, got)}",
-                             column)
+        raise ConditionError(f"expected a value or a condition, found {_shown(kind, got)}", column)
 
     def _named(self, name: str, column: int) -> Node:
         if name in ("true", "false"):
@@ -187,20 +189,27 @@ class _Parser:
         nxt = self.peek()
         if nxt[1] == "(" and nxt[0] == "op":
             if name not in STATUS:
-                raise ConditionError(f"unknown function {name}(); the functions are "
-                                     + ", ".join(f"{s}()" for s in sorted(STATUS)), column)
+                raise ConditionError(
+                    f"unknown function {name}(); the functions are "
+                    + ", ".join(f"{s}()" for s in sorted(STATUS)),
+                    column,
+                )
             self.take()
             self.expect(")")
             self.statuses.add(name)
             return Node("status", value=name)
         if nxt[1] != "." or nxt[0] != "op":
-            raise ConditionError(f"unknown name {name!r}; use env.NAME, matrix.KEY, run.branch, "
-                                 "run.event, run.pipeline, a status function or 'text'", column)
+            raise ConditionError(
+                f"unknown name {name!r}; use env.NAME, matrix.KEY, run.branch, "
+                "run.event, run.pipeline, a status function or 'text'",
+                column,
+            )
         self.take()
         kind, field, field_column = self.take()
         if kind != "name":
-            raise ConditionError(f"expected a name after '{name}.', found "
-                                 f"{_shown(kind, field)}", field_column)
+            raise ConditionError(
+                f"expected a name after '{name}.', found {_shown(kind, field)}", field_column
+            )
         self._check_variable(name, field, column)
         return Node("var", value=f"{name}.{field}")
 
@@ -209,23 +218,30 @@ class _Parser:
             return
         if scope == "run":
             if field not in RUN_VARIABLES:
-                raise ConditionError(f"unknown variable run.{field}; known: "
-                                     + ", ".join(f"run.{v}" for v in sorted(RUN_VARIABLES)),
-                                     column)
+                raise ConditionError(
+                    f"unknown variable run.{field}; known: "
+                    + ", ".join(f"run.{v}" for v in sorted(RUN_VARIABLES)),
+                    column,
+                )
             return
         if scope == "matrix":
             if self.matrix_keys is not None and field not in self.matrix_keys:
                 known = ", ".join(sorted(self.matrix_keys)) or "none: the step has no matrix"
-                raise ConditionError(f"unknown variable matrix.{field}; the step's matrix "
-                                     f"keys are: {known}", column)
+                raise ConditionError(
+                    f"unknown variable matrix.{field}; the step's matrix keys are: {known}", column
+                )
             return
-        raise ConditionError(f"unknown variable {scope}.{field}; variables are env.NAME, "
-                             "matrix.KEY and run.branch, run.event, run.pipeline", column)
+        raise ConditionError(
+            f"unknown variable {scope}.{field}; variables are env.NAME, "
+            "matrix.KEY and run.branch, run.event, run.pipeline",
+            column,
+        )
 
     def _boolean(self, node: Node, column: int) -> Node:
         if node.type != "bool":
-            raise ConditionError("a text is not a condition: compare it (== or !=) with "
-                                 "another", column)
+            raise ConditionError(
+                "a text is not a condition: compare it (== or !=) with another", column
+            )
         return node
 
     @contextmanager
@@ -280,8 +296,12 @@ def _eval(node: Node, facts: Facts) -> bool:
     if op == "bool":
         return node.value == "true"
     if op == "status":
-        return {"success": facts.success, "failure": facts.failure, "always": True,
-                "cancelled": facts.cancelled}[node.value]
+        return {
+            "success": facts.success,
+            "failure": facts.failure,
+            "always": True,
+            "cancelled": facts.cancelled,
+        }[node.value]
     left, right = (_text(a, facts) for a in node.args)
     return (left == right) if op == "==" else (left != right)
 

@@ -30,8 +30,13 @@ def check_graph(spec: PipelineSpec) -> list[str]:
     variants, and a run's needs grow with the product of its matrices.
     """
     counts = {step.name: _variant_count(step) for step in spec.steps}
-    problems = (_duplicates(spec) + _reserved_env(spec) + _env_sizes(spec)
-                + _matrix_sizes(spec, counts) + _controls(spec))
+    problems = (
+        _duplicates(spec)
+        + _reserved_env(spec)
+        + _env_sizes(spec)
+        + _matrix_sizes(spec, counts)
+        + _controls(spec)
+    )
     if problems:
         return problems  # too big to expand, or names that are not unique
     problems = _check_sizes(spec, counts) or _unknown_needs(spec)
@@ -46,8 +51,10 @@ def _duplicates(spec: PipelineSpec) -> list[str]:
     problems, seen = [], {}
     for i, step in enumerate(spec.steps):
         if step.name in seen:
-            problems.append(f"steps[{i}] ({step.name}).name: duplicate step name, "
-                            f"already used by steps[{seen[step.name]}]")
+            problems.append(
+                f"steps[{i}] ({step.name}).name: duplicate step name, "
+                f"already used by steps[{seen[step.name]}]"
+            )
         seen.setdefault(step.name, i)
     return problems
 
@@ -57,17 +64,24 @@ def _env_sizes(spec: PipelineSpec) -> list[str]:
     for i, step in enumerate(spec.steps):
         size = env_bytes({**spec.env, **step.env})
         if size > MAX_ENV_BYTES:
-            problems.append(f"steps[{i}] ({step.name}).env: with the pipeline's env, {size} "
-                            f"bytes is more than the {MAX_ENV_BYTES} a step's env may have")
+            problems.append(
+                f"steps[{i}] ({step.name}).env: with the pipeline's env, {size} "
+                f"bytes is more than the {MAX_ENV_BYTES} a step's env may have"
+            )
     return problems
 
 
 def _reserved_env(spec: PipelineSpec) -> list[str]:
-    places = [("env", spec.env)] + [(f"steps[{i}] ({s.name}).env", s.env)
-                                    for i, s in enumerate(spec.steps)]
-    return [f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved for "
-            "cicd-ray; rename it"
-            for where, env in places for key in env if key.startswith(RESERVED_ENV_PREFIX)]
+    places = [("env", spec.env)] + [
+        (f"steps[{i}] ({s.name}).env", s.env) for i, s in enumerate(spec.steps)
+    ]
+    return [
+        f"{where}.{key}: names starting with {RESERVED_ENV_PREFIX} are reserved for "
+        "cicd-ray; rename it"
+        for where, env in places
+        for key in env
+        if key.startswith(RESERVED_ENV_PREFIX)
+    ]
 
 
 def _controls(spec: PipelineSpec) -> list[str]:
@@ -87,11 +101,17 @@ def _controls(spec: PipelineSpec) -> list[str]:
             except ConditionError as e:
                 problems.append(f"{where}.if: {quote(brief(step.if_))}: {e}")
         groups.append((f"{where}.concurrency.group", step.concurrency))
-        problems += [f"{where}.secrets: {name} is also in env; a secret must not be"
-                     for name in step.secrets if name in {**spec.env, **step.env}]
-        problems += [f"{where}.secrets: {name}: names starting with {RESERVED_ENV_PREFIX} "
-                     "are reserved for cicd-ray" for name in step.secrets
-                     if name.startswith(RESERVED_ENV_PREFIX)]
+        problems += [
+            f"{where}.secrets: {name} is also in env; a secret must not be"
+            for name in step.secrets
+            if name in {**spec.env, **step.env}
+        ]
+        problems += [
+            f"{where}.secrets: {name}: names starting with {RESERVED_ENV_PREFIX} "
+            "are reserved for cicd-ray"
+            for name in step.secrets
+            if name.startswith(RESERVED_ENV_PREFIX)
+        ]
     for where, concurrency in groups:
         if concurrency is not None:
             problems += [f"{where}: {p}" for p in _template_problems(concurrency.group)]
@@ -103,8 +123,11 @@ _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 
 def _template_problems(template: str) -> list[str]:
     rest = _VARIABLE.sub("", template)
-    problems = [f"${{{name}}} is not a variable name" for name in _VARIABLE.findall(template)
-                if not re.match(ENV_NAME, name)]
+    problems = [
+        f"${{{name}}} is not a variable name"
+        for name in _VARIABLE.findall(template)
+        if not re.match(ENV_NAME, name)
+    ]
     if "$" in rest or "{" in rest or "}" in rest:
         problems.append(f"{quote(template)}: write a variable as ${{NAME}}")
     return problems
@@ -117,33 +140,43 @@ def expand(template: str, env: dict[str, str], where: str, strict: bool = True) 
     if missing and not strict:
         return _VARIABLE.sub(lambda m: env.get(m.group(1), m.group(0)), template)
     if missing:
-        raise SpecError([f"{where}: ${{{missing[0]}}} is not set in the run's env; set it in "
-                         "the pipeline's env or when submitting"])
+        raise SpecError(
+            [
+                f"{where}: ${{{missing[0]}}} is not set in the run's env; set it in "
+                "the pipeline's env or when submitting"
+            ]
+        )
     return _VARIABLE.sub(lambda m: env[m.group(1)], template)
 
 
-def expanded(concurrency: ConcurrencySpec | None, env: dict[str, str], where: str,
-             strict: bool = True) -> ConcurrencySpec | None:
+def expanded(
+    concurrency: ConcurrencySpec | None, env: dict[str, str], where: str, strict: bool = True
+) -> ConcurrencySpec | None:
     if concurrency is None:
         return None
-    return concurrency.model_copy(update={"group": expand(concurrency.group, env, where,
-                                                         strict)})
+    return concurrency.model_copy(update={"group": expand(concurrency.group, env, where, strict)})
 
 
 def _matrix_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
-    return [f"steps[{i}] ({step.name}).matrix: expands to {counts[step.name]} variants, more "
-            f"than the {MAX_MATRIX_VARIANTS} allowed"
-            for i, step in enumerate(spec.steps) if counts[step.name] > MAX_MATRIX_VARIANTS]
+    return [
+        f"steps[{i}] ({step.name}).matrix: expands to {counts[step.name]} variants, more "
+        f"than the {MAX_MATRIX_VARIANTS} allowed"
+        for i, step in enumerate(spec.steps)
+        if counts[step.name] > MAX_MATRIX_VARIANTS
+    ]
 
 
 def _unknown_needs(spec: PipelineSpec) -> list[str]:
     names = {step.name for step in spec.steps}
     variants = {full for step in spec.steps for full, _ in _variants(step)}
     known = ", ".join(sorted(names)) or "(none)"
-    return [f"steps[{i}] ({step.name}).needs[{j}]: unknown step {quote(need)}; known steps "
-            f"are: {brief(known)}"
-            for i, step in enumerate(spec.steps) for j, need in enumerate(step.needs)
-            if need not in names and need not in variants]
+    return [
+        f"steps[{i}] ({step.name}).needs[{j}]: unknown step {quote(need)}; known steps "
+        f"are: {brief(known)}"
+        for i, step in enumerate(spec.steps)
+        for j, need in enumerate(step.needs)
+        if need not in names and need not in variants
+    ]
 
 
 def _variant_count(step: StepSpec) -> int:
@@ -157,12 +190,16 @@ def _check_sizes(spec: PipelineSpec, counts: dict[str, int]) -> list[str]:
     """The run's planned steps and need edges against their limits, counted, not built."""
     total = sum(counts.values())
     if total > MAX_PLANNED_STEPS:
-        return [f"steps: the run would have {total} steps once matrices are expanded, more "
-                f"than the {MAX_PLANNED_STEPS} allowed"]
+        return [
+            f"steps: the run would have {total} steps once matrices are expanded, more "
+            f"than the {MAX_PLANNED_STEPS} allowed"
+        ]
     edges = sum(counts[s.name] * sum(counts.get(n, 1) for n in set(s.needs)) for s in spec.steps)
     if edges > MAX_NEED_EDGES:
-        return [f"steps: the needs would link {edges} pairs of steps once matrices are "
-                f"expanded, more than the {MAX_NEED_EDGES} allowed; need fewer variants"]
+        return [
+            f"steps: the needs would link {edges} pairs of steps once matrices are "
+            f"expanded, more than the {MAX_NEED_EDGES} allowed; need fewer variants"
+        ]
     return []
 
 
@@ -187,7 +224,7 @@ def _find_cycle(spec: PipelineSpec) -> list[str] | None:
                 color[path.pop()] = 2
                 todo.pop()
             elif color.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             elif nxt not in color:
                 color[nxt] = 1
                 path.append(nxt)
@@ -218,11 +255,11 @@ def check_env_overrides(env: dict[str, str]) -> list[str]:
         if not isinstance(value, str):
             problems.append(f"env.{key}: values must be strings, got {value!r}")
         elif (size := len(value.encode())) > MAX_ENV_VALUE_BYTES:
-            problems.append(f"env.{key}: {size} bytes is more than the "
-                            f"{MAX_ENV_VALUE_BYTES} a value may have")
+            problems.append(
+                f"env.{key}: {size} bytes is more than the {MAX_ENV_VALUE_BYTES} a value may have"
+            )
     if not problems and (total := env_bytes(env)) > MAX_ENV_BYTES:
-        problems.append(f"env: {total} bytes is more than the {MAX_ENV_BYTES} an "
-                        "env may have")
+        problems.append(f"env: {total} bytes is more than the {MAX_ENV_BYTES} an env may have")
     return problems
 
 
@@ -235,8 +272,9 @@ def planned_bytes(steps: list[PlannedStep]) -> int:
     return sum(len((s.run or "").encode()) + env_bytes(s.env) for s in steps)
 
 
-def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,
-         strict: bool = True) -> list[PlannedStep]:
+def plan(
+    spec: PipelineSpec, env_overrides: dict[str, str] | None = None, strict: bool = True
+) -> list[PlannedStep]:
     """Expand matrices and apply defaults; the result is in file order, variants in order.
 
     Submission-time `env_overrides` win over the pipeline's and the steps' env: they are what
@@ -257,16 +295,33 @@ def plan(spec: PipelineSpec, env_overrides: dict[str, str] | None = None,
         for full, values in _variants(step):
             env = {**spec.env, **step.env, **(env_overrides or {})}
             env.update({f"MATRIX_{k.upper()}": v for k, v in values.items()})
-            group = expanded(step.concurrency, env, f"steps[{step.name}].concurrency.group",
-                             strict)
-            planned.append(PlannedStep(
-                name=full, base=step.name, index=len(planned), run=step.run, needs=needs,
-                matrix=values, env=env, pool=step.pool or d.pool, cpu=resources.cpu,
-                memory_mb=resources.memory_mb, timeout_s=step.timeout or d.timeout,
-                retry_max=retry.max, retry_on=list(retry.on), retry_infra=retry.infra,
-                priority=step.priority, interruptible=bool(step.interruptible),
-                artifacts=step.artifacts, cache=step.cache, reuse=step.reuse,
-                condition=step.if_ or "", concurrency=group, approval=step.approval,
-                let_finish=step.interruptible is False, secrets=step.secrets,
-            ))
+            group = expanded(step.concurrency, env, f"steps[{step.name}].concurrency.group", strict)
+            planned.append(
+                PlannedStep(
+                    name=full,
+                    base=step.name,
+                    index=len(planned),
+                    run=step.run,
+                    needs=needs,
+                    matrix=values,
+                    env=env,
+                    pool=step.pool or d.pool,
+                    cpu=resources.cpu,
+                    memory_mb=resources.memory_mb,
+                    timeout_s=step.timeout or d.timeout,
+                    retry_max=retry.max,
+                    retry_on=list(retry.on),
+                    retry_infra=retry.infra,
+                    priority=step.priority,
+                    interruptible=bool(step.interruptible),
+                    artifacts=step.artifacts,
+                    cache=step.cache,
+                    reuse=step.reuse,
+                    condition=step.if_ or "",
+                    concurrency=group,
+                    approval=step.approval,
+                    let_finish=step.interruptible is False,
+                    secrets=step.secrets,
+                )
+            )
     return planned

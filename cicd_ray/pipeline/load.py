@@ -19,8 +19,7 @@ from cicd_ray.pipeline.graph import check_graph
 from cicd_ray.pipeline.model import DEFAULT_MAX_PIPELINE_BYTES, PipelineSpec
 
 
-def load_pipeline(path: str | Path,
-                  max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> PipelineSpec:
+def load_pipeline(path: str | Path, max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> PipelineSpec:
     """Read and validate a pipeline file; raise SpecError listing every problem."""
     p = Path(path)
     try:
@@ -30,16 +29,20 @@ def load_pipeline(path: str | Path,
     return parse_pipeline(text, source=str(p), max_bytes=max_bytes)
 
 
-def load_yaml(text: str, source: str = "pipeline",
-              max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES) -> Any:
+def load_yaml(
+    text: str, source: str = "pipeline", max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES
+) -> Any:
     """YAML text as cicd-ray reads every pipeline: 1.2 core scalars, bounded (see yamldoc);
     `max_bytes` is the settings' `max_pipeline_bytes` (CICD_RAY_MAX_PIPELINE_BYTES)."""
     return yamldoc.load(text, source=source, max_bytes=max_bytes)
 
 
-def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
-                   max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES,
-                   measure_objects: bool = False) -> PipelineSpec:
+def parse_pipeline(
+    doc: str | dict[str, Any],
+    source: str = "pipeline",
+    max_bytes: int = DEFAULT_MAX_PIPELINE_BYTES,
+    measure_objects: bool = False,
+) -> PipelineSpec:
     """Validate a pipeline given as YAML text or as an already-parsed mapping. With
     `measure_objects` (a mapping sent by a client: the API's), the mapping is held to
     `max_bytes` as compact JSON too; the cluster's own callers send a loaded model's dump,
@@ -51,9 +54,13 @@ def parse_pipeline(doc: str | dict[str, Any], source: str = "pipeline",
         if measure_objects:
             size = len(json.dumps(doc, default=str, separators=(",", ":")).encode())
             if size > max_bytes:
-                raise SpecError([f"(document): {size} bytes as JSON is more than the "
-                                 f"{max_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"],
-                                source=source)
+                raise SpecError(
+                    [
+                        f"(document): {size} bytes as JSON is more than the "
+                        f"{max_bytes} byte limit (CICD_RAY_MAX_PIPELINE_BYTES)"
+                    ],
+                    source=source,
+                )
     if not isinstance(doc, dict):
         got = type(doc).__name__ if doc is not None else "an empty document"
         raise SpecError(

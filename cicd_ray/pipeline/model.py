@@ -92,19 +92,24 @@ def _matrix_values(values: object) -> object:
             out.append(value)  # pydantic names the wrong type
             continue
         if not re.match(MATRIX_VALUE, text):
-            raise ValueError(f"value [{i}] {quote(value)} may hold only letters, digits and "
-                             ". _ + @ : - (1 to 64 of them): it names a step, a URL and a folder")
+            raise ValueError(
+                f"value [{i}] {quote(value)} may hold only letters, digits and "
+                ". _ + @ : - (1 to 64 of them): it names a step, a URL and a folder"
+            )
         if text in seen:
             j = seen[text]
-            raise ValueError(f"values [{j}] {quote(values[j])} and [{i}] {quote(value)} both "
-                             f"name the variant {text!r}; make them distinct")
+            raise ValueError(
+                f"values [{j}] {quote(values[j])} and [{i}] {quote(value)} both "
+                f"name the variant {text!r}; make them distinct"
+            )
         seen[text] = i
         out.append(text)
     return out
 
 
-MatrixValues = Annotated[list[Annotated[str, Field(strict=True)]],
-                         BeforeValidator(_matrix_values), Field(min_length=1)]
+MatrixValues = Annotated[
+    list[Annotated[str, Field(strict=True)]], BeforeValidator(_matrix_values), Field(min_length=1)
+]
 
 
 class _Model(BaseModel):
@@ -160,13 +165,15 @@ def _workspace_path(text: str) -> str:
     """A path or glob inside the step's workspace (`~/...`: inside its HOME, for caches)."""
     body = text[2:] if text.startswith("~/") else text
     if not body or body.startswith("/") or ".." in body.split("/"):
-        raise ValueError(f"{quote(text)} must be a relative path inside the workspace "
-                         "(no leading /, no ..)")
+        raise ValueError(
+            f"{quote(text)} must be a relative path inside the workspace (no leading /, no ..)"
+        )
     return text
 
 
-WorkspacePath = Annotated[str, StringConstraints(min_length=1, max_length=256),
-                          AfterValidator(_workspace_path)]
+WorkspacePath = Annotated[
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(_workspace_path)
+]
 
 
 def _cache_key(text: str) -> str:
@@ -178,8 +185,9 @@ def _cache_key(text: str) -> str:
     return text
 
 
-CacheKey = Annotated[str, StringConstraints(min_length=1, max_length=512),
-                     AfterValidator(_cache_key)]
+CacheKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=512), AfterValidator(_cache_key)
+]
 
 
 class CacheSpec(_Model):
@@ -229,7 +237,8 @@ class NotifySpec(_Model):
 
     webhook: Annotated[str, StringConstraints(pattern=WEBHOOK_URL, max_length=2048)]
     when: Annotated[list[NotifyWhen], Field(min_length=1)] = Field(
-        default_factory=lambda: ["failed"])
+        default_factory=lambda: ["failed"]
+    )
 
 
 class DefaultsSpec(_Model):
@@ -247,7 +256,8 @@ class StepSpec(_Model):
     run: Annotated[str, StringConstraints(min_length=1)] | None = None
     needs: list[str] = Field(default_factory=list)
     matrix: dict[Annotated[str, StringConstraints(pattern=MATRIX_KEY)], MatrixValues] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     env: Env = Field(default_factory=dict)
     pool: Annotated[str, StringConstraints(pattern=PIPELINE_NAME)] | None = None
     resources: ResourcesSpec | None = None
@@ -259,14 +269,14 @@ class StepSpec(_Model):
     # its concurrency group with cancel_in_progress lets it finish.
     interruptible: bool | None = None
     # Files kept after success and handed to the steps that need this one (globs).
-    artifacts: Annotated[list[WorkspacePath], Field(max_length=64)] = Field(
-        default_factory=list)
+    artifacts: Annotated[list[WorkspacePath], Field(max_length=64)] = Field(default_factory=list)
     cache: Annotated[list[CacheSpec], Field(max_length=8)] = Field(default_factory=list)
     # Skip the step when a success with the same inputs exists (see cicd_ray.scheduler.reuse).
     reuse: bool = False
     # Run only when this holds (cicd_ray.pipeline.conditions); default: every need succeeded.
-    if_: Annotated[str, StringConstraints(max_length=1000), AfterValidator(_condition)] | None \
-        = Field(None, alias="if")
+    if_: Annotated[str, StringConstraints(max_length=1000), AfterValidator(_condition)] | None = (
+        Field(None, alias="if")
+    )
     concurrency: ConcurrencySpec | None = None
     approval: ApprovalSpec | None = None
     # The project's secrets it gets, as environment variables (cicd_ray.secrets).

@@ -58,8 +58,12 @@ _CORE = [
     (NULL, r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
     (BOOL, r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
     (INT, r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
-    (FLOAT, r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", list("-+.0123456789")),
+    (
+        FLOAT,
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        list("-+.0123456789"),
+    ),
 ]
 for _tag, _pattern, _first in _CORE:
     CoreLoader.add_implicit_resolver(_tag, re.compile(_pattern), _first)
@@ -99,8 +103,13 @@ def load(text: str, source: str = "pipeline", max_bytes: int | None = None) -> A
     if max_bytes is not None:
         size = len(text.encode("utf-8", errors="replace"))
         if size > max_bytes:
-            raise SpecError([f"(document): {size} bytes is more than the {max_bytes} byte "
-                             "limit for a pipeline (CICD_RAY_MAX_PIPELINE_BYTES)"], source=source)
+            raise SpecError(
+                [
+                    f"(document): {size} bytes is more than the {max_bytes} byte "
+                    "limit for a pipeline (CICD_RAY_MAX_PIPELINE_BYTES)"
+                ],
+                source=source,
+            )
     try:
         _check_events(text, source)
         return yaml.load(text, Loader=CoreLoader)
@@ -112,18 +121,26 @@ def _check_events(text: str, source: str) -> None:
     depth = nodes = 0
     for event in yaml.parse(text, Loader=_Base):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise SpecError([f"{_where(event)}: YAML anchors and aliases (&name, *name) are "
-                             "not allowed in a pipeline; write the value out"], source=source)
+            raise SpecError(
+                [
+                    f"{_where(event)}: YAML anchors and aliases (&name, *name) are "
+                    "not allowed in a pipeline; write the value out"
+                ],
+                source=source,
+            )
         if isinstance(event, yaml.NodeEvent):
             nodes += 1
             if nodes > MAX_NODES:
-                raise SpecError([f"{_where(event)}: more than {MAX_NODES} values in one "
-                                 "document"], source=source)
+                raise SpecError(
+                    [f"{_where(event)}: more than {MAX_NODES} values in one document"],
+                    source=source,
+                )
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise SpecError([f"{_where(event)}: nested more than {MAX_DEPTH} levels deep"],
-                                source=source)
+                raise SpecError(
+                    [f"{_where(event)}: nested more than {MAX_DEPTH} levels deep"], source=source
+                )
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -139,8 +156,9 @@ def check_shape(value: Any, source: str = "pipeline") -> None:
             raise SpecError([f"(document): more than {MAX_NODES} values"], source=source)
         if isinstance(item, dict | list):
             if depth > MAX_DEPTH:
-                raise SpecError([f"(document): nested more than {MAX_DEPTH} levels deep"],
-                                source=source)
+                raise SpecError(
+                    [f"(document): nested more than {MAX_DEPTH} levels deep"], source=source
+                )
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
 
@@ -148,7 +166,6 @@ def check_shape(value: Any, source: str = "pipeline") -> None:
 def _where(event: yaml.Event) -> str:
     mark = event.start_mark
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(document)"
-
 
 
 def load_list(path: str | Path, key: str, model: type[M], required: bool = True) -> list[M]:

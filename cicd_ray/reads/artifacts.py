@@ -18,7 +18,14 @@ def artifact_list(view: RunView, step: str | None = None) -> list[dict[str, Any]
             continue
         origin = s.reused_from or s.carried_from
         for f in s.artifacts:
-            out.append({"step": s.name, "path": f.path, "size": f.size, "digest": f.digest,
-                        "url": f"{API}/runs/{view.run.id}/artifacts/{s.name}/{f.path}",
-                        "from_run": origin.run_id if origin else view.run.id})
+            out.append(
+                {
+                    "step": s.name,
+                    "path": f.path,
+                    "size": f.size,
+                    "digest": f.digest,
+                    "url": f"{API}/runs/{view.run.id}/artifacts/{s.name}/{f.path}",
+                    "from_run": origin.run_id if origin else view.run.id,
+                }
+            )
     return out

@@ -46,34 +46,49 @@ def explain(store: Store, run_id: str, name: str) -> Explanation:
     step = steps.get(name)
     if step is None:
         raise NotFound(f"run {run_id} has no step {name!r}; its steps are: {', '.join(steps)}")
-    out = Explanation(run_id=run_id, step=name, state=step.state.value, reuse=step.spec.reuse,
-                      key=step.key, reused_from=step.reused_from, summary="")
+    out = Explanation(
+        run_id=run_id,
+        step=name,
+        state=step.state.value,
+        reuse=step.spec.reuse,
+        key=step.key,
+        reused_from=step.reused_from,
+        summary="",
+    )
     if step.reused_from is not None:
         o = step.reused_from
-        out.summary = (f"not run: reused the success of run {o.run_id} (step {o.step}, attempt "
-                       f"{o.attempt}), which had the same key")
+        out.summary = (
+            f"not run: reused the success of run {o.run_id} (step {o.step}, attempt "
+            f"{o.attempt}), which had the same key"
+        )
         return out
     if not step.key_parts:
         out.summary = "it has not become ready yet, so it has no key to compare"
         return out
     earlier = _last_success(store, run, name)
     if earlier is None:
-        out.summary = (f"no earlier success of step {name} in pipeline {run.pipeline} to "
-                       "compare with" + _reuse_note(step))
+        out.summary = (
+            f"no earlier success of step {name} in pipeline {run.pipeline} to "
+            "compare with" + _reuse_note(step)
+        )
         return out
     before_run, before = earlier
     out.compared_with = Origin(run_id=before_run.id, step=name, attempt=before.attempts)
     out.changed = _changes(store, run, step, steps, before_run, before)
     if out.changed:
         parts = ", ".join(c.part for c in out.changed)
-        out.summary = (f"its key differs from run {before_run.id}'s success in: {parts}"
-                       + _reuse_note(step))
+        out.summary = (
+            f"its key differs from run {before_run.id}'s success in: {parts}" + _reuse_note(step)
+        )
     else:
-        out.summary = (f"its key is the same as run {before_run.id}'s success, but no stored "
-                       "result had it: reuse was off for that step, or its result was deleted "
-                       "with its run" if step.spec.reuse else
-                       f"its key is the same as run {before_run.id}'s success: "
-                       "`reuse: true` would have reused it")
+        out.summary = (
+            f"its key is the same as run {before_run.id}'s success, but no stored "
+            "result had it: reuse was off for that step, or its result was deleted "
+            "with its run"
+            if step.spec.reuse
+            else f"its key is the same as run {before_run.id}'s success: "
+            "`reuse: true` would have reused it"
+        )
     return out
 
 
@@ -95,8 +110,14 @@ def _last_success(store: Store, run: RunRecord, name: str) -> tuple[RunRecord, S
     return None
 
 
-def _changes(store: Store, run: RunRecord, step: StepRecord, steps: dict[str, StepRecord],
-             before_run: RunRecord, before: StepRecord) -> list[Change]:
+def _changes(
+    store: Store,
+    run: RunRecord,
+    step: StepRecord,
+    steps: dict[str, StepRecord],
+    before_run: RunRecord,
+    before: StepRecord,
+) -> list[Change]:
     now_spec, then_spec = step.spec, before.spec
     details = {
         "script": lambda: _first_difference(then_spec.run, now_spec.run),
@@ -107,11 +128,15 @@ def _changes(store: Store, run: RunRecord, step: StepRecord, steps: dict[str, St
         "secrets": lambda: f"secrets {sorted(then_spec.secrets)} -> {sorted(now_spec.secrets)}",
         "source": lambda: f"{source_of(before_run)} -> {source_of(run)}",
         "inputs": lambda: _input_difference(
-            {s.name: s for s in store.get_steps(before_run.id)}, steps, now_spec.needs),
+            {s.name: s for s in store.get_steps(before_run.id)}, steps, now_spec.needs
+        ),
         "outputs": lambda: f"artifacts {then_spec.artifacts} -> {now_spec.artifacts}",
     }
-    return [Change(part=part, detail=details[part]()) for part in PARTS
-            if step.key_parts.get(part) != before.key_parts.get(part)]
+    return [
+        Change(part=part, detail=details[part]())
+        for part in PARTS
+        if step.key_parts.get(part) != before.key_parts.get(part)
+    ]
 
 
 def _first_difference(old: str, new: str) -> str:
@@ -129,13 +154,17 @@ def _dict_difference(old: dict[str, str], new: dict[str, str], what: str) -> str
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))
     changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-    said = [f"{label} {', '.join(names)}" for label, names in
-            (("changed", changed), ("added", added), ("removed", removed)) if names]
+    said = [
+        f"{label} {', '.join(names)}"
+        for label, names in (("changed", changed), ("added", added), ("removed", removed))
+        if names
+    ]
     return f"{what}s " + "; ".join(said) if said else f"{what}s changed"
 
 
-def _input_difference(old_steps: dict[str, StepRecord], new_steps: dict[str, StepRecord],
-                      needs: list[str]) -> str:
+def _input_difference(
+    old_steps: dict[str, StepRecord], new_steps: dict[str, StepRecord], needs: list[str]
+) -> str:
     said = []
     for need in needs:
         old = {f.path: f.digest for f in getattr(old_steps.get(need), "artifacts", [])}

@@ -57,14 +57,19 @@ def recommend(views: list[dict]) -> list[Advice]:
     out = []
     for base, spec in sorted(asked.items()):
         got = samples.get(base, [])
-        advice = Advice(step=base, samples=len(got), asked_cpu=spec["cpu"],
-                        asked_memory_mb=spec["memory_mb"])
+        advice = Advice(
+            step=base, samples=len(got), asked_cpu=spec["cpu"], asked_memory_mb=spec["memory_mb"]
+        )
         memory = [a["peak_memory_mb"] for a in got if a.get("peak_memory_mb") is not None]
-        cpu = [a["cpu_time_s"] / a["duration_s"] for a in got
-               if a.get("cpu_time_s") is not None and a["duration_s"] > 0]
+        cpu = [
+            a["cpu_time_s"] / a["duration_s"]
+            for a in got
+            if a.get("cpu_time_s") is not None and a["duration_s"] > 0
+        ]
         if min(len(memory), len(cpu)) < MIN_SAMPLES:
-            advice.note = f"not enough history ({len(got)} succeeded attempts, {MIN_SAMPLES} " \
-                          "needed)"
+            advice.note = (
+                f"not enough history ({len(got)} succeeded attempts, {MIN_SAMPLES} needed)"
+            )
             out.append(advice)
             continue
         advice.used_cpu_p95 = percentile(cpu, 95)
@@ -75,14 +80,13 @@ def recommend(views: list[dict]) -> list[Advice]:
         if advice.asked_cpu >= FAR * advice.cpu:
             notes.append(f"asks {advice.asked_cpu:g} CPUs, uses {advice.used_cpu_p95:.2f}")
         elif advice.used_cpu_p95 > advice.asked_cpu:
-            notes.append(f"uses {advice.used_cpu_p95:.2f} CPUs, asks only "
-                         f"{advice.asked_cpu:g}")
+            notes.append(f"uses {advice.used_cpu_p95:.2f} CPUs, asks only {advice.asked_cpu:g}")
         if advice.asked_memory_mb >= FAR * advice.memory_mb:
-            notes.append(f"asks {advice.asked_memory_mb} MiB, uses "
-                         f"{advice.used_memory_mb_p95:.0f}")
+            notes.append(f"asks {advice.asked_memory_mb} MiB, uses {advice.used_memory_mb_p95:.0f}")
         elif advice.used_memory_mb_p95 > advice.asked_memory_mb > 0:
-            notes.append(f"uses {advice.used_memory_mb_p95:.0f} MiB, asks only "
-                         f"{advice.asked_memory_mb}")
+            notes.append(
+                f"uses {advice.used_memory_mb_p95:.0f} MiB, asks only {advice.asked_memory_mb}"
+            )
         advice.note = "; ".join(notes)
         out.append(advice)
     return out
@@ -95,8 +99,9 @@ class Cost:
     money: float
 
 
-def pool_costs(workers: list[dict], pools: dict[str, PoolConfig], since: float,
-               now: float) -> list[Cost]:
+def pool_costs(
+    workers: list[dict], pools: dict[str, PoolConfig], since: float, now: float
+) -> list[Cost]:
     """Worker-seconds and money per pool over [since, now], from the workers' lifetimes."""
     totals: dict[str, float] = {}
     for w in workers:
@@ -104,8 +109,9 @@ def pool_costs(workers: list[dict], pools: dict[str, PoolConfig], since: float,
         end = min(w.get("stopped_at") or now, now)
         if end > start:
             totals[w["pool"]] = totals.get(w["pool"], 0.0) + end - start
-    return [Cost(name, secs, secs / 3600 * _price(pools, name))
-            for name, secs in sorted(totals.items())]
+    return [
+        Cost(name, secs, secs / 3600 * _price(pools, name)) for name, secs in sorted(totals.items())
+    ]
 
 
 def pipeline_costs(views: list[dict], pools: dict[str, PoolConfig], since: float) -> list[Cost]:

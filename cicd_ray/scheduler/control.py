@@ -27,8 +27,9 @@ class Control:
     _out: Decisions
     _stopping: dict[str, str]
 
-    def cancel(self, run_id: str, now: float, reason: str = "cancelled by request",
-               spare: bool = False) -> RunRecord | None:
+    def cancel(
+        self, run_id: str, now: float, reason: str = "cancelled by request", spare: bool = False
+    ) -> RunRecord | None:
         """Cancel a run: its queued and waiting steps at once (but those whose `if:` still
         holds, such as `always()`), its running steps once their worker kills them (`spare`:
         not those marked `interruptible: false`)."""
@@ -40,7 +41,8 @@ class Control:
         self._out.record(run)
         for step in list(self.steps[run_id].values()):
             if step.state is StepState.WAITING_APPROVAL or (
-                    step.state is StepState.QUEUED and not self.flow.still_wanted(step)):
+                step.state is StepState.QUEUED and not self.flow.still_wanted(step)
+            ):
                 self._finish(step, StepState.CANCELLED, now, reason="run cancelled")
             elif step.state is StepState.RUNNING and not (spare and step.spec.let_finish):
                 self._stop(step)
@@ -69,8 +71,9 @@ class Control:
         self._finish(step, StepState.CANCELLED, now, reason=reason)
         self.book.finish_run_if_done(run_id, now)
 
-    def approve(self, run_id: str, name: str, approved: bool, by: str, comment: str,
-                now: float) -> str | None:
+    def approve(
+        self, run_id: str, name: str, approved: bool, by: str, comment: str, now: float
+    ) -> str | None:
         """Answer a step waiting for approval; a problem (as text) when it is not waiting."""
         step = self.book.step(run_id, name)
         if step is None or step.state is not StepState.WAITING_APPROVAL:
@@ -107,4 +110,3 @@ class Control:
                 step.admitted, step.reason = True, ""
                 self._ready(run, [step], now)
         self.flow.refresh()
-

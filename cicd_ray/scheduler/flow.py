@@ -126,8 +126,11 @@ class Flow:
         if step.spec.condition:
             step.skipped_by_condition = True
             return Gate(skip=StepState.SKIPPED, reason=f"if: {step.spec.condition} was false")
-        bad = [n for n in step.spec.needs
-               if self.book.steps[step.run_id][n].state is not StepState.SUCCEEDED]
+        bad = [
+            n
+            for n in step.spec.needs
+            if self.book.steps[step.run_id][n].state is not StepState.SUCCEEDED
+        ]
         return Gate(skip=StepState.SKIPPED, reason=f"needs {', '.join(bad)} (not succeeded)")
 
     # --- approvals ----------------------------------------------------------------------------
@@ -145,8 +148,9 @@ class Flow:
             self.out.record(step)
         self.approvals[(run.id, step.name)] = (step.waiting_since or now) + step.spec.timeout_s
 
-    def answer(self, step: StepRecord, approved: bool, by: str, comment: str,
-               now: float) -> tuple[StepState, str]:
+    def answer(
+        self, step: StepRecord, approved: bool, by: str, comment: str, now: float
+    ) -> tuple[StepState, str]:
         """Record the answer to a waiting step; returns where it goes: QUEUED (approved, with a
         script to run), SUCCEEDED (approved, nothing to run) or FAILED (rejected), and why."""
         self.approvals.pop((step.run_id, step.name), None)
@@ -169,8 +173,9 @@ class Flow:
     def _replace_older(self, key: GroupKey, newer: str, by: str, now: float) -> None:
         for member in self.groups.members(key):
             if member != newer:
-                self.replace(member, f"cancelled: {by} of concurrency group {key[1]} "
-                                     "replaces it", now)
+                self.replace(
+                    member, f"cancelled: {by} of concurrency group {key[1]} replaces it", now
+                )
 
     def restore_places(self, runs: list[RunRecord], steps: list[StepRecord]) -> None:
         """Before a restored master takes up runs: the places granted, whatever the count."""
@@ -179,8 +184,7 @@ class Flow:
                 self.groups.hold(group_key(run.project, run.concurrency), run.id)
         for s in steps:
             if s.spec.concurrency is not None and s.admitted and not s.state.terminal:
-                self.groups.hold(group_key(s.project, s.spec.concurrency),
-                                 f"{s.run_id}/{s.name}")
+                self.groups.hold(group_key(s.project, s.spec.concurrency), f"{s.run_id}/{s.name}")
 
     def ended(self, record: RunRecord | StepRecord) -> None:
         """A run or step ended (the run book says so): its place goes to the next in line."""

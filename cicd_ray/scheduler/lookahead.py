@@ -20,20 +20,23 @@ def upcoming(book: RunBook, running: Iterable[AttemptRecord]) -> dict[str, list[
     for attempt in running:
         for name in book.dependents(attempt.run_id, attempt.step):
             step = book.step(attempt.run_id, name)
-            if (attempt.run_id, name) in seen or step is None \
-                    or step.state is not StepState.QUEUED:
+            if (attempt.run_id, name) in seen or step is None or step.state is not StepState.QUEUED:
                 continue
             seen.add((attempt.run_id, name))
             run_steps = book.steps[attempt.run_id]
-            if all(run_steps[n].state is StepState.RUNNING
-                   for n in book.unmet(attempt.run_id, name)):
+            if all(
+                run_steps[n].state is StepState.RUNNING for n in book.unmet(attempt.run_id, name)
+            ):
                 out.setdefault(step.spec.pool, []).append(step.spec.cpu)
     return out
 
 
-def workers_wanted(pools: dict[str, PoolConfig], coming: dict[str, list[float]],
-                   views: dict[str, list[WorkerView]],
-                   queued: dict[str, list[float]]) -> dict[str, int]:
+def workers_wanted(
+    pools: dict[str, PoolConfig],
+    coming: dict[str, list[float]],
+    views: dict[str, list[WorkerView]],
+    queued: dict[str, list[float]],
+) -> dict[str, int]:
     """Per pool, the workers it will need with what runs, waits and is coming; only pools
     where that is more than they have."""
     out: dict[str, int] = {}

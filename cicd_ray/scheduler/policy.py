@@ -37,10 +37,15 @@ from cicd_ray.states import StepState, WorkerState, move
 
 
 class Scheduler(Control, Recovery):
-    def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float = 15.0,
-                 lookahead: bool = True, artifact_run_max_bytes: int = 20 * 1024**3,
-                 results: Callable[[str], ResultRecord | None] = lambda key: None,
-                 share: Share | None = None) -> None:
+    def __init__(
+        self,
+        pools: dict[str, PoolConfig],
+        heartbeat_timeout_s: float = 15.0,
+        lookahead: bool = True,
+        artifact_run_max_bytes: int = 20 * 1024**3,
+        results: Callable[[str], ResultRecord | None] = lambda key: None,
+        share: Share | None = None,
+    ) -> None:
         self.pools = pools
         self.results = results  # the stored success of a step key, if any (step reuse)
         self.lookahead_on = lookahead  # CICD_RAY_LOOKAHEAD
@@ -73,16 +78,24 @@ class Scheduler(Control, Recovery):
 
     # --- runs -------------------------------------------------------------------------------
 
-    def submit(self, run: RunRecord, planned: list[PlannedStep], now: float,
-               carried: dict[str, StepRecord] | None = None) -> None:
+    def submit(
+        self,
+        run: RunRecord,
+        planned: list[PlannedStep],
+        now: float,
+        carried: dict[str, StepRecord] | None = None,
+    ) -> None:
         """Accept a new run (the caller has checked `check_fits`). `carried`: successes of an
         earlier run (by step name) taken over as they are, with their artifacts (a re-run of
         the failed part)."""
         self._seq = max(self._seq, run.seq) + 1
         run.seq = self._seq
-        steps = [carry(carried[p.name], run.id, now) if carried and p.name in carried
-                 else StepRecord(run_id=run.id, spec=p, queued_at=now, project=run.project)
-                 for p in planned]
+        steps = [
+            carry(carried[p.name], run.id, now)
+            if carried and p.name in carried
+            else StepRecord(run_id=run.id, spec=p, queued_at=now, project=run.project)
+            for p in planned
+        ]
         self.book.adopt(run, steps)
         self._out.record(run)
         for s in steps:
@@ -93,8 +106,15 @@ class Scheduler(Control, Recovery):
 
     def _start_run(self, run: RunRecord, now: float) -> None:
         """Take up the steps of a run (admitted by its concurrency group) whose needs ended."""
-        self._ready(run, [s for s in self.steps[run.id].values() if s.state is StepState.QUEUED
-                          and not self.book.unmet(run.id, s.name)], now)
+        self._ready(
+            run,
+            [
+                s
+                for s in self.steps[run.id].values()
+                if s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name)
+            ],
+            now,
+        )
 
     def _finish(self, step: StepRecord, state: StepState, now: float, reason: str) -> None:
         run = self.runs[step.run_id]
@@ -130,8 +150,9 @@ class Scheduler(Control, Recovery):
         if ended:
             self.book.finish_run_if_done(run.id, now)
 
-    def _reuse(self, run: RunRecord, step: StepRecord, found: ResultRecord,
-               now: float) -> list[StepRecord]:
+    def _reuse(
+        self, run: RunRecord, step: StepRecord, found: ResultRecord, now: float
+    ) -> list[StepRecord]:
         """End a step as the success it reuses, with an attempt that ran nothing; returns the
         dependents it made ready."""
         move(step, StepState.RUNNING)
@@ -159,8 +180,13 @@ class Scheduler(Control, Recovery):
         for attempt_id in self.slots.let_go(worker_id, WorkerState.LOST, f"lost: {reason}", now):
             attempt = self.attempts.get(attempt_id)
             if attempt is not None:
-                self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                                  reason=f"worker {worker_id} lost: {reason}")
+                self._end_attempt(
+                    attempt,
+                    StepState.FAILED,
+                    now,
+                    infra=True,
+                    reason=f"worker {worker_id} lost: {reason}",
+                )
 
     # --- attempts ---------------------------------------------------------------------------
 
@@ -192,16 +218,37 @@ class Scheduler(Control, Recovery):
         room = self.artifact_run_max_bytes
         if step.spec.artifacts:  # what the run kept so far, counted only where it matters
             room -= sum(f.size for s in run_steps.values() for f in s.artifacts)
-        self._out.dispatch.append((worker.id, StepTask(
-            run_id=run.id, attempt_id=attempt.id, attempt=attempt.number, step=step.spec,
-            source_digest=run.source_digest, source_git=run.source_git, commit=run.commit,
-            pipeline=run.pipeline, project=run.project, branch=run.branch, event=run.event,
-            pr=run.pr, fork=run.fork, inputs=inputs_of(step, run_steps),
-            artifact_room_bytes=max(0, room),
-        )))
+        self._out.dispatch.append(
+            (
+                worker.id,
+                StepTask(
+                    run_id=run.id,
+                    attempt_id=attempt.id,
+                    attempt=attempt.number,
+                    step=step.spec,
+                    source_digest=run.source_digest,
+                    source_git=run.source_git,
+                    commit=run.commit,
+                    pipeline=run.pipeline,
+                    project=run.project,
+                    branch=run.branch,
+                    event=run.event,
+                    pr=run.pr,
+                    fork=run.fork,
+                    inputs=inputs_of(step, run_steps),
+                    artifact_room_bytes=max(0, room),
+                ),
+            )
+        )
 
-    def _end_attempt(self, attempt: AttemptRecord, state: StepState, now: float,
-                     reason: str = "", infra: bool = False) -> None:
+    def _end_attempt(
+        self,
+        attempt: AttemptRecord,
+        state: StepState,
+        now: float,
+        reason: str = "",
+        infra: bool = False,
+    ) -> None:
         move(attempt, state)
         attempt.finished_at = now
         attempt.reason = reason
@@ -213,19 +260,25 @@ class Scheduler(Control, Recovery):
         step.artifacts = attempt.artifacts
         if state is StepState.SUCCEEDED and step.spec.reuse and step.key:
             self._out.changes.results[step.key] = ResultRecord(
-                key=step.key, origin=Origin(run_id=step.run_id, step=step.name,
-                                            attempt=attempt.number),
-                artifacts=attempt.artifacts, at=now)
+                key=step.key,
+                origin=Origin(run_id=step.run_id, step=step.name, attempt=attempt.number),
+                artifacts=attempt.artifacts,
+                at=now,
+            )
         pool = self.pools.get(attempt.pool)
         if infra and pool is not None and pool.spot:
             step.spot_evicted = True  # taken away once: the retry runs on its own pool
         run = self.runs[attempt.run_id]
         stopped = attempt.id in self._stopping  # killed by a cancel
         reason = self._stopping.pop(attempt.id, "") or reason
-        if state not in (StepState.SUCCEEDED, StepState.CANCELLED) and not stopped \
-                and not run.cancel_requested:
-            cause: Cause = "infra" if infra else (
-                "timeout" if state is StepState.TIMED_OUT else "failure")
+        if (
+            state not in (StepState.SUCCEEDED, StepState.CANCELLED)
+            and not stopped
+            and not run.cancel_requested
+        ):
+            cause: Cause = (
+                "infra" if infra else ("timeout" if state is StepState.TIMED_OUT else "failure")
+            )
             again = verdict(step.spec, cause, step.attempts, step.infra_retries)
             if again.retry:
                 self._requeue(step, attempt, again, reason, now)
@@ -234,8 +287,9 @@ class Scheduler(Control, Recovery):
         self._finish(step, final, now, reason=reason)
         self.book.finish_run_if_done(run.id, now)
 
-    def _requeue(self, step: StepRecord, attempt: AttemptRecord, again: Verdict, reason: str,
-                 now: float) -> None:
+    def _requeue(
+        self, step: StepRecord, attempt: AttemptRecord, again: Verdict, reason: str, now: float
+    ) -> None:
         move(step, StepState.QUEUED)
         step.infra_retries += again.automatic
         step.current_attempt = None
@@ -252,15 +306,18 @@ class Scheduler(Control, Recovery):
         for worker_id, silent_s in self.slots.silent(now):
             self.worker_lost(worker_id, f"no heartbeat for {silent_s:.0f} s", now)
         self.slots.size(self._queued_cpu(), now)
-        self.queues.share.running = Counter(self.runs[a.run_id].project
-                                            for a in self.attempts.values())
+        self.queues.share.running = Counter(
+            self.runs[a.run_id].project for a in self.attempts.values()
+        )
         for pool in self.queues.nonempty():
             workers = self.slots.ready_in(pool)
             if not workers:
                 continue
             for step, worker in self.queues.placements(
-                    pool, lambda s, ws=workers: self.slots.least_loaded(ws, s.spec),
-                    lambda ws=workers: self.slots.any_room(ws)):
+                pool,
+                lambda s, ws=workers: self.slots.least_loaded(ws, s.spec),
+                lambda ws=workers: self.slots.any_room(ws),
+            ):
                 self._start_attempt(step, worker, now)
 
     def _queued_cpu(self) -> dict[str, list[float]]:
@@ -292,8 +349,14 @@ def new_attempt(step: StepRecord, worker: WorkerRecord, now: float) -> AttemptRe
     waited = max(0.0, now - step.queued_at)
     capacity = min(waited, max(0.0, (worker.ready_at or now) - step.queued_at))
     return AttemptRecord(
-        id=f"{step.run_id}/{step.name}/{step.attempts}", run_id=step.run_id, step=step.name,
-        number=step.attempts, worker_id=worker.id, queued_at=step.queued_at, started_at=now,
-        wait_capacity_s=round(capacity, 3), wait_slot_s=round(waited - capacity, 3),
+        id=f"{step.run_id}/{step.name}/{step.attempts}",
+        run_id=step.run_id,
+        step=step.name,
+        number=step.attempts,
+        worker_id=worker.id,
+        queued_at=step.queued_at,
+        started_at=now,
+        wait_capacity_s=round(capacity, 3),
+        wait_slot_s=round(waited - capacity, 3),
         pool=worker.pool,
     )

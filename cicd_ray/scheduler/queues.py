@@ -35,8 +35,9 @@ Lookup = Callable[[str, str], "StepRecord | None"]
 
 
 class ReadyQueues:
-    def __init__(self, pools: dict[str, PoolConfig], lookup: Lookup,
-                 share: Share | None = None) -> None:
+    def __init__(
+        self, pools: dict[str, PoolConfig], lookup: Lookup, share: Share | None = None
+    ) -> None:
         self.pools = pools
         self._lookup = lookup  # (run id, step name) -> the step, None once its run is gone
         self.share = share or Share()
@@ -45,24 +46,31 @@ class ReadyQueues:
     def push(self, run: RunRecord, step: StepRecord, now: float) -> None:
         step.queued_at = now
         projects = self._heaps.setdefault(self.pool_for(step), {})
-        heapq.heappush(projects.setdefault(run.project, []),
-                       Entry(-step.spec.priority, run.seq, step.spec.index, run.id, step.name))
+        heapq.heappush(
+            projects.setdefault(run.project, []),
+            Entry(-step.spec.priority, run.seq, step.spec.index, run.id, step.name),
+        )
 
     def pool_for(self, step: StepRecord) -> str:
         """Where a ready step waits: a spot pool standing in for its own if it is
         interruptible, fits there, and has not lost an attempt there; else its own pool."""
         if step.spec.interruptible and not step.spot_evicted:
             for pool in self.pools.values():
-                if (pool.spot and step.spec.pool in pool.spot_for
-                        and step.spec.cpu <= pool.cpus and step.spec.memory_mb <= pool.memory_mb):
+                if (
+                    pool.spot
+                    and step.spec.pool in pool.spot_for
+                    and step.spec.cpu <= pool.cpus
+                    and step.spec.memory_mb <= pool.memory_mb
+                ):
                     return pool.name
         return step.spec.pool
 
     def nonempty(self) -> list[str]:
         return [pool for pool, projects in self._heaps.items() if any(projects.values())]
 
-    def placements(self, pool: str, fit: Callable[[StepRecord], object | None],
-                   room_left: Callable[[], bool]) -> Iterator[tuple[StepRecord, object]]:
+    def placements(
+        self, pool: str, fit: Callable[[StepRecord], object | None], room_left: Callable[[], bool]
+    ) -> Iterator[tuple[StepRecord, object]]:
         """The queued steps of `pool` that `fit` finds a place for, best first, with that place.
         A step that does not fit is passed over (up to BACKFILL_SCAN) for smaller ones behind
         it, and keeps its place in the queue; the search stops when no place has room left.
@@ -73,8 +81,13 @@ class ReadyQueues:
         scanned: Counter[str] = Counter()
         try:
             while len(passed_over) < BACKFILL_SCAN:
-                project = self.share.pick({p: heap[0] for p, heap in projects.items()
-                                           if heap and scanned[p] < PROJECT_SCAN})
+                project = self.share.pick(
+                    {
+                        p: heap[0]
+                        for p, heap in projects.items()
+                        if heap and scanned[p] < PROJECT_SCAN
+                    }
+                )
                 if project is None:
                     break
                 entry = heapq.heappop(projects[project])

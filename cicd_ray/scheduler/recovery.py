@@ -26,9 +26,14 @@ class Recovery:
     attempts: dict[str, AttemptRecord]
     _seq: int
 
-    def restore(self, runs: list[RunRecord], steps: list[StepRecord],
-                workers: list[WorkerRecord], now: float,
-                attempts: list[AttemptRecord] = ()) -> None:
+    def restore(
+        self,
+        runs: list[RunRecord],
+        steps: list[StepRecord],
+        workers: list[WorkerRecord],
+        now: float,
+        attempts: list[AttemptRecord] = (),
+    ) -> None:
         """Rebuild the view from the store after a master restart.
 
         Workers must register again before they get work. An attempt that was running on a
@@ -48,11 +53,19 @@ class Recovery:
             try:
                 self._restore_run(run, run_steps, stored, now)
             except Exception as e:  # one run the master cannot take up must not stop it
-                self._abandon(run, f"could not be restored after a master restart: "
-                                   f"{type(e).__name__}: {e}", now)
+                self._abandon(
+                    run,
+                    f"could not be restored after a master restart: {type(e).__name__}: {e}",
+                    now,
+                )
 
-    def _restore_run(self, run: RunRecord, run_steps: list[StepRecord],
-                     stored: dict[str, AttemptRecord], now: float) -> None:
+    def _restore_run(
+        self,
+        run: RunRecord,
+        run_steps: list[StepRecord],
+        stored: dict[str, AttemptRecord],
+        now: float,
+    ) -> None:
         self.book.adopt(run, run_steps)
         if not self.flow.admit_run(run, fresh=False, now=now):
             return  # waits its turn in its concurrency group, in the order stored
@@ -65,17 +78,25 @@ class Recovery:
                 self._ready(run, [s], now)
         self.book.finish_run_if_done(run.id, now)
 
-    def _readopt_attempt(self, step: StepRecord, now: float,
-                         stored: AttemptRecord | None) -> None:
+    def _readopt_attempt(self, step: StepRecord, now: float, stored: AttemptRecord | None) -> None:
         attempt = stored or AttemptRecord(
-            id=step.current_attempt or "", run_id=step.run_id, step=step.name,
-            number=step.attempts, worker_id=step.worker_id or "", queued_at=step.queued_at,
+            id=step.current_attempt or "",
+            run_id=step.run_id,
+            step=step.name,
+            number=step.attempts,
+            worker_id=step.worker_id or "",
+            queued_at=step.queued_at,
             started_at=step.started_at or now,
         )
         self.attempts[attempt.id] = attempt
         if not self.slots.reserve(attempt.worker_id, attempt.id, step.spec):
-            self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                              reason="its worker was gone when the master restarted")
+            self._end_attempt(
+                attempt,
+                StepState.FAILED,
+                now,
+                infra=True,
+                reason="its worker was gone when the master restarted",
+            )
             return
         self.slots.unconfirmed(attempt.id)
 
@@ -89,8 +110,9 @@ class Recovery:
                 self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
         self.book.abandon(run, reason, now)
 
-    def reconcile(self, worker_id: str, running: list[str], finished: list[StepOutcome],
-                  now: float) -> None:
+    def reconcile(
+        self, worker_id: str, running: list[str], finished: list[StepOutcome], now: float
+    ) -> None:
         """A worker registered (again) and said what it runs and what it finished: apply the
         results the master missed, and end as lost the attempts it no longer knows."""
         for outcome in finished:
@@ -98,7 +120,10 @@ class Recovery:
         for attempt_id in self.slots.unconfirmed_on(worker_id, running):
             attempt = self.attempts.get(attempt_id)
             if attempt is not None:
-                self._end_attempt(attempt, StepState.FAILED, now, infra=True,
-                                  reason=f"worker {worker_id} no longer ran it after the "
-                                         "master restarted")
-
+                self._end_attempt(
+                    attempt,
+                    StepState.FAILED,
+                    now,
+                    infra=True,
+                    reason=f"worker {worker_id} no longer ran it after the master restarted",
+                )

@@ -34,7 +34,11 @@ def verdict(spec: RetryPolicy, cause: Cause, attempts: int, infra_used: int) -> 
     """`attempts` made so far (the one that just ended included), `infra_used` of them already
     retried from the infra budget."""
     if cause == "infra" and infra_used < spec.retry_infra:
-        return Verdict(retry=True, automatic=True, why=f"{cause}, retried automatically "
-                                                       f"({infra_used + 1} of {spec.retry_infra})")
-    return Verdict(retry=cause in spec.retry_on and attempts - infra_used <= spec.retry_max,
-                   why=cause)
+        return Verdict(
+            retry=True,
+            automatic=True,
+            why=f"{cause}, retried automatically ({infra_used + 1} of {spec.retry_infra})",
+        )
+    return Verdict(
+        retry=cause in spec.retry_on and attempts - infra_used <= spec.retry_max, why=cause
+    )

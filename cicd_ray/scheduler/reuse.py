@@ -18,8 +18,7 @@ import json
 from cicd_ray.pipeline.model import PlannedStep
 from cicd_ray.records import ArtifactInput, RunRecord
 
-PARTS = ("project", "script", "env", "matrix", "pool", "secrets", "source", "inputs",
-         "outputs")
+PARTS = ("project", "script", "env", "matrix", "pool", "secrets", "source", "inputs", "outputs")
 PART_DIGEST_CHARS = 16
 
 

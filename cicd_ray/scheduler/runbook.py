@@ -24,8 +24,9 @@ def settled_by_needs(step: StepRecord) -> bool:
 
 
 class RunBook:
-    def __init__(self, out: Decisions,
-                 ended: Callable[[RunRecord | StepRecord], None] = lambda record: None) -> None:
+    def __init__(
+        self, out: Decisions, ended: Callable[[RunRecord | StepRecord], None] = lambda record: None
+    ) -> None:
         self.out = out
         self._ended = ended  # told of every step and run that ends (concurrency groups)
         self.runs: dict[str, RunRecord] = {}
@@ -61,8 +62,9 @@ class RunBook:
             run.started_at = now
             self.out.record(run)
 
-    def finish_step(self, step: StepRecord, state: StepState, now: float,
-                    reason: str) -> list[StepRecord]:
+    def finish_step(
+        self, step: StepRecord, state: StepState, now: float, reason: str
+    ) -> list[StepRecord]:
         """End a step; returns the dependents it was the last open need of (their condition
         decides next). Those it settles are skipped, and theirs in turn (a worklist: a chain of
         thousands of needs must not exhaust the stack)."""
@@ -86,8 +88,9 @@ class RunBook:
                 unmet.discard(step.name)
                 if state is not StepState.SUCCEEDED and settled_by_needs(dependent):
                     marked.add(name)
-                    todo.append((dependent, StepState.SKIPPED,
-                                 f"needs {step.name} ({state.value})"))
+                    todo.append(
+                        (dependent, StepState.SKIPPED, f"needs {step.name} ({state.value})")
+                    )
                 elif not unmet:
                     ready.append(dependent)
         return ready
@@ -100,12 +103,14 @@ class RunBook:
         run_steps = self.steps[step.run_id]
         needs = [run_steps[n] for n in step.spec.needs if n in run_steps]
         return Facts(
-            success=all(n.state is StepState.SUCCEEDED for n in needs)
-            and not run.cancel_requested,
+            success=all(n.state is StepState.SUCCEEDED for n in needs) and not run.cancel_requested,
             failure="failure" in condition.statuses
             and any(a.state in BAD for a in self._ancestors(step)),
-            cancelled=run.cancel_requested, env=step.spec.env, matrix=step.spec.matrix,
-            run=run.variables)
+            cancelled=run.cancel_requested,
+            env=step.spec.env,
+            matrix=step.spec.matrix,
+            run=run.variables,
+        )
 
     def _ancestors(self, step: StepRecord) -> list[StepRecord]:
         run_steps = self.steps[step.run_id]

@@ -49,8 +49,7 @@ class Sizing:
 def cap(pool: PoolConfig) -> int:
     """The most workers the pool may have: its maximum, or fewer if its budget says so."""
     if pool.budget_per_hour is not None and pool.price_per_hour > 0:
-        return min(pool.max_workers, math.floor(pool.budget_per_hour / pool.price_per_hour
-                                                + 1e-9))
+        return min(pool.max_workers, math.floor(pool.budget_per_hour / pool.price_per_hour + 1e-9))
     return pool.max_workers
 
 
@@ -65,8 +64,13 @@ def workers_needed(pool: PoolConfig, workers: list[WorkerView], queued_cpu: list
     return max(pool.min_workers, min(need, cap(pool)))
 
 
-def size_pool(pool: PoolConfig, workers: list[WorkerView], queued_cpu: list[float],
-              memory: PoolMemory, now: float) -> Sizing:
+def size_pool(
+    pool: PoolConfig,
+    workers: list[WorkerView],
+    queued_cpu: list[float],
+    memory: PoolMemory,
+    now: float,
+) -> Sizing:
     """Start or retire workers of one pool. `memory` is updated in place."""
     needed = workers_needed(pool, workers, queued_cpu)
     memory.needs.append((now, needed))
@@ -80,28 +84,40 @@ def size_pool(pool: PoolConfig, workers: list[WorkerView], queued_cpu: list[floa
         start = max(below_min, min(needed - have, pool.scale_up_step))
         if start > below_min:  # growing for the queue arms the cooldown; refilling does not
             memory.last_scale_up = now
-        return Sizing(needed, start=start, why=f"{len(queued_cpu)} step(s) queued: "
-                      f"{have} -> {have + start} of {needed} workers")
+        return Sizing(
+            needed,
+            start=start,
+            why=f"{len(queued_cpu)} step(s) queued: {have} -> {have + start} of {needed} workers",
+        )
     # Shrink only below the highest need of the window, and never below the budget's cap.
     keep = min(max(n for _, n in memory.needs), cap(pool))
     if have <= keep:
         return Sizing(needed)
     # Workers not yet up go first (their pending demand is withdrawn), then the longest idle.
     pending = sorted((w for w in workers if not w.ready), key=lambda w: -w.started_at)
-    idle = sorted((w for w in workers if w.ready and w.idle_since is not None
-                   and now - w.idle_since >= pool.idle_timeout_s),
-                  key=lambda w: w.idle_since)
-    retire = [w.id for w in [*pending, *idle]][:have - keep]
+    idle = sorted(
+        (
+            w
+            for w in workers
+            if w.ready and w.idle_since is not None and now - w.idle_since >= pool.idle_timeout_s
+        ),
+        key=lambda w: w.idle_since,
+    )
+    retire = [w.id for w in [*pending, *idle]][: have - keep]
     why = f"{have} workers, {keep} needed over the last {pool.window_s:g} s" if retire else ""
     return Sizing(needed, retire=retire, why=why)
 
 
-def preempt(pools: dict[str, PoolConfig], workers: dict[str, list[WorkerView]],
-            now: float, after_s: float) -> list[str]:
+def preempt(
+    pools: dict[str, PoolConfig], workers: dict[str, list[WorkerView]], now: float, after_s: float
+) -> list[str]:
     """When a pool's workers have waited `after_s` to be placed (the cluster is full), retire
     idle workers of lower-priority pools, above their minimum, to make room for them."""
-    waiting = [name for name, views in workers.items() if name in pools and any(
-        not w.ready and now - w.started_at >= after_s for w in views)]
+    waiting = [
+        name
+        for name, views in workers.items()
+        if name in pools and any(not w.ready and now - w.started_at >= after_s for w in views)
+    ]
     if not waiting:
         return []
     top = max(pools[name].priority for name in waiting)
@@ -111,7 +127,8 @@ def preempt(pools: dict[str, PoolConfig], workers: dict[str, list[WorkerView]],
         if pool is None or pool.priority >= top:
             continue
         spare = len(views) - pool.min_workers
-        idle = sorted((w for w in views if w.ready and w.idle_since is not None),
-                      key=lambda w: w.idle_since)
-        out += [w.id for w in idle[:max(0, spare)]]
+        idle = sorted(
+            (w for w in views if w.ready and w.idle_since is not None), key=lambda w: w.idle_since
+        )
+        out += [w.id for w in idle[: max(0, spare)]]
     return out

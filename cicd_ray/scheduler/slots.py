@@ -38,19 +38,24 @@ def check_fits(steps: list[PlannedStep], pools: dict[str, PoolConfig]) -> list[s
         pool = pools.get(s.pool)
         if pool is None:
             if (s.base, "pool") not in reported:
-                problems.append(f"steps ({s.base}).pool: unknown pool {s.pool!r}; "
-                                f"configured pools are: {known}")
+                problems.append(
+                    f"steps ({s.base}).pool: unknown pool {s.pool!r}; configured pools are: {known}"
+                )
             reported.add((s.base, "pool"))
             continue
         if s.cpu > pool.cpus and (s.base, "cpu") not in reported:
             reported.add((s.base, "cpu"))
-            problems.append(f"steps ({s.base}).resources.cpu: {s.cpu:g} is more than a worker of "
-                            f"pool {s.pool!r} has ({pool.cpus:g}); ask for at most {pool.cpus:g}")
+            problems.append(
+                f"steps ({s.base}).resources.cpu: {s.cpu:g} is more than a worker of "
+                f"pool {s.pool!r} has ({pool.cpus:g}); ask for at most {pool.cpus:g}"
+            )
         if s.memory_mb > pool.memory_mb and (s.base, "mem") not in reported:
             reported.add((s.base, "mem"))
-            problems.append(f"steps ({s.base}).resources.memory_mb: {s.memory_mb} is more than a "
-                            f"worker of pool {s.pool!r} has ({pool.memory_mb}); ask for at most "
-                            f"{pool.memory_mb}")
+            problems.append(
+                f"steps ({s.base}).resources.memory_mb: {s.memory_mb} is more than a "
+                f"worker of pool {s.pool!r} has ({pool.memory_mb}); ask for at most "
+                f"{pool.memory_mb}"
+            )
     return problems
 
 
@@ -58,8 +63,9 @@ NETWORK = ("net_sent_bytes", "net_recv_bytes", "net_sent_bytes_per_s", "net_recv
 
 
 class Slots:
-    def __init__(self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float,
-                 out: Decisions) -> None:
+    def __init__(
+        self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float, out: Decisions
+    ) -> None:
         self.pools = pools
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.out = out
@@ -104,15 +110,17 @@ class Slots:
     # --- placement ------------------------------------------------------------------------
 
     def ready_in(self, pool: str) -> list[WorkerRecord]:
-        return [w for w in self.workers.values()
-                if w.pool == pool and w.state is WorkerState.READY]
+        return [w for w in self.workers.values() if w.pool == pool and w.state is WorkerState.READY]
 
     def least_loaded(self, workers: list[WorkerRecord], spec: PlannedStep) -> WorkerRecord | None:
         best, best_key = None, None
         for w in workers:
             load = self._load[w.id]
-            if (load.cpu + spec.cpu > w.cpus + 1e-9 or load.memory_mb + spec.memory_mb > w.memory_mb
-                    or self._slots_full(w)):
+            if (
+                load.cpu + spec.cpu > w.cpus + 1e-9
+                or load.memory_mb + spec.memory_mb > w.memory_mb
+                or self._slots_full(w)
+            ):
                 continue
             key = (load.cpu / w.cpus, len(load.attempts), w.id)
             if best_key is None or key < best_key:
@@ -165,9 +173,13 @@ class Slots:
 
     def silent(self, now: float) -> list[tuple[str, float]]:
         """(worker id, seconds since its last heartbeat) of ready workers past the timeout."""
-        return [(w.id, now - w.last_heartbeat) for w in self.workers.values()
-                if w.state is WorkerState.READY and w.last_heartbeat is not None
-                and now - w.last_heartbeat > self.heartbeat_timeout_s]
+        return [
+            (w.id, now - w.last_heartbeat)
+            for w in self.workers.values()
+            if w.state is WorkerState.READY
+            and w.last_heartbeat is not None
+            and now - w.last_heartbeat > self.heartbeat_timeout_s
+        ]
 
     def let_go(self, worker_id: str, state: WorkerState, reason: str, now: float) -> list[str]:
         """Stop a worker for good (lost or retired); returns the attempts it held. The store
@@ -213,29 +225,44 @@ class Slots:
         for w in self.workers.values():
             if w.pool in views and w.state in LIVE:
                 load = self._load.get(w.id, Load())
-                views[w.pool].append(WorkerView(
-                    id=w.id, ready=w.state is WorkerState.READY, started_at=w.started_at,
-                    busy_cpu=load.cpu, busy_steps=len(load.attempts),
-                    idle_since=load.idle_since if not load.attempts else None))
+                views[w.pool].append(
+                    WorkerView(
+                        id=w.id,
+                        ready=w.state is WorkerState.READY,
+                        started_at=w.started_at,
+                        busy_cpu=load.cpu,
+                        busy_steps=len(load.attempts),
+                        idle_since=load.idle_since if not load.attempts else None,
+                    )
+                )
         return views
 
     def size(self, queued_cpu: dict[str, list[float]], now: float) -> None:
         """Start and retire workers per pool from its queue (see cicd_ray.scheduler.sizing)."""
         views = self.views()
         for worker_id in preempt(self.pools, views, now, PREEMPT_AFTER_S):
-            self.let_go(worker_id, WorkerState.STOPPED,
-                        "retired to make room for a higher-priority pool", now)
+            self.let_go(
+                worker_id,
+                WorkerState.STOPPED,
+                "retired to make room for a higher-priority pool",
+                now,
+            )
             for pool_views in views.values():
                 pool_views[:] = [v for v in pool_views if v.id != worker_id]
         for pool in self.pools.values():
-            sizing = size_pool(pool, views[pool.name], queued_cpu.get(pool.name, []),
-                               self._sizing[pool.name], now)
+            sizing = size_pool(
+                pool, views[pool.name], queued_cpu.get(pool.name, []), self._sizing[pool.name], now
+            )
             for worker_id in sizing.retire:
                 self.let_go(worker_id, WorkerState.STOPPED, f"retired: {sizing.why}", now)
             for _ in range(sizing.start):
                 worker = WorkerRecord(
-                    id=f"{pool.name}-{uuid.uuid4().hex[:8]}", pool=pool.name, cpus=pool.cpus,
-                    memory_mb=pool.memory_mb, started_at=now, reason=f"started: {sizing.why}",
+                    id=f"{pool.name}-{uuid.uuid4().hex[:8]}",
+                    pool=pool.name,
+                    cpus=pool.cpus,
+                    memory_mb=pool.memory_mb,
+                    started_at=now,
+                    reason=f"started: {sizing.why}",
                 )
                 self.workers[worker.id] = worker
                 self.out.record(worker)

@@ -16,8 +16,18 @@ from cicd_ray.store.base import (
 )
 from cicd_ray.store.sqlite import SqliteStore
 
-__all__ = ["SqliteStore", "Store", "audit_page", "log_answer", "open_reader", "open_store",
-           "run_project", "run_view", "runs_page", "step_log"]
+__all__ = [
+    "SqliteStore",
+    "Store",
+    "audit_page",
+    "log_answer",
+    "open_reader",
+    "open_store",
+    "run_project",
+    "run_view",
+    "runs_page",
+    "step_log",
+]
 
 
 def open_store(url: str | Path) -> Store:
@@ -25,15 +35,17 @@ def open_store(url: str | Path) -> Store:
     `redis://[:password@]host:port/db` (or `rediss://`) the Redis store."""
     text = str(url)
     if text.startswith("sqlite:///"):
-        return SqliteStore(text[len("sqlite://"):])
+        return SqliteStore(text[len("sqlite://") :])
     if text.startswith(("redis://", "rediss://")):
         from cicd_ray.store.redis import RedisStore
 
         return RedisStore(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"store URL {text.split('@')[-1]!r}: unknown scheme {scheme!r}; use "
-                         "sqlite:///PATH or redis://HOST:PORT/DB")
+        raise StoreError(
+            f"store URL {text.split('@')[-1]!r}: unknown scheme {scheme!r}; use "
+            "sqlite:///PATH or redis://HOST:PORT/DB"
+        )
     return SqliteStore(Path(text))
 
 
@@ -42,7 +54,7 @@ def open_reader(url: str | Path) -> Store | None:
     not exist here, which opening would create empty (the master runs on another machine)."""
     text = str(url)
     if "://" not in text or text.startswith("sqlite:///"):
-        path = Path(text[len("sqlite://"):] if text.startswith("sqlite:///") else text)
+        path = Path(text[len("sqlite://") :] if text.startswith("sqlite:///") else text)
         if not path.exists():
             return None
     return open_store(url)

@@ -32,9 +32,14 @@ class Store(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
-    def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0,
-                  project: str | None = None) -> list[RunRecord]:
+    def list_runs(
+        self,
+        state: RunState | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        project: str | None = None,
+    ) -> list[RunRecord]:
         """Newest first; `project`: only that project's."""
 
     def active_runs(self) -> list[RunRecord]:
@@ -114,12 +119,22 @@ def run_view(store: Store, run_id: str) -> RunView | None:
     run = store.get_run(run_id)
     if run is None:
         return None
-    return RunView(run=run, steps=store.get_steps(run_id), attempts=store.get_attempts(run_id),
-                   deliveries=store.get_deliveries(run_id))
+    return RunView(
+        run=run,
+        steps=store.get_steps(run_id),
+        attempts=store.get_attempts(run_id),
+        deliveries=store.get_deliveries(run_id),
+    )
 
 
-def runs_page(store: Store, state: str | None = None, pipeline: str | None = None,
-              limit: int = 50, offset: int = 0, project: str | None = None) -> list[dict]:
+def runs_page(
+    store: Store,
+    state: str | None = None,
+    pipeline: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    project: str | None = None,
+) -> list[dict]:
     """A page of runs, newest first, JSON-ready; `project`: only that project's."""
     runs = store.list_runs(RunState(state) if state else None, pipeline, limit, offset, project)
     return [r.model_dump(mode="json") for r in runs]
@@ -135,8 +150,9 @@ def audit_page(store: Store, limit: int = 100, offset: int = 0) -> list[dict]:
     return [a.model_dump(mode="json") for a in store.list_audit(limit, offset)]
 
 
-def log_answer(store: Store, run_id: str, step: str, attempt: int | None = None,
-               offset: int = 0) -> LogSlice | Missing:
+def log_answer(
+    store: Store, run_id: str, step: str, attempt: int | None = None, offset: int = 0
+) -> LogSlice | Missing:
     """`step_log` for a caller across a process boundary: Missing instead of NotFound."""
     try:
         return step_log(store, run_id, step, attempt, offset)
@@ -144,8 +160,9 @@ def log_answer(store: Store, run_id: str, step: str, attempt: int | None = None,
         return Missing(detail=str(e))
 
 
-def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
-             offset: int = 0) -> LogSlice:
+def step_log(
+    store: Store, run_id: str, step: str, attempt: int | None = None, offset: int = 0
+) -> LogSlice:
     """A step's log from byte `offset`, as every reader of a store answers it (attempt None:
     not started yet). Raises NotFound naming what is unknown."""
     run = store.get_run(run_id)
@@ -155,14 +172,19 @@ def step_log(store: Store, run_id: str, step: str, attempt: int | None = None,
     if not attempts:
         names = [s.name for s in store.get_steps(run_id)]
         if step not in names:
-            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: "
-                           f"{', '.join(names)}")
+            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: {', '.join(names)}")
         # Not started yet: a follower waits for its first attempt.
         return LogSlice(attempt=None, state="queued", data=b"", more=not run.state.terminal)
-    chosen = attempts[-1] if attempt is None else next(
-        (a for a in attempts if a.number == attempt), None)
+    chosen = (
+        attempts[-1]
+        if attempt is None
+        else next((a for a in attempts if a.number == attempt), None)
+    )
     if chosen is None:
         raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-    return LogSlice(attempt=chosen.number, state=chosen.state.value,
-                    data=store.read_log(chosen.id, offset),
-                    more=chosen.state is StepState.RUNNING)
+    return LogSlice(
+        attempt=chosen.number,
+        state=chosen.state.value,
+        data=store.read_log(chosen.id, offset),
+        more=chosen.state is StepState.RUNNING,
+    )

@@ -107,8 +107,9 @@ class ArtifactStore:
             try:
                 shutil.copyfile(self._blob(digest), dest)
             except FileNotFoundError:
-                raise ArtifactError(f"stored file {digest[:12]} is no longer in the artifact "
-                                    "store") from None
+                raise ArtifactError(
+                    f"stored file {digest[:12]} is no longer in the artifact store"
+                ) from None
             return
         h = hashlib.sha256()
         with self.open(digest) as src, dest.open("wb") as out:
@@ -126,8 +127,9 @@ class ArtifactStore:
                 return open(self._blob(digest), "rb")
             return self.fs.open(self._blob(digest), "rb")
         except FileNotFoundError:
-            raise ArtifactError(f"stored file {digest[:12]} is no longer in the artifact "
-                                "store") from None
+            raise ArtifactError(
+                f"stored file {digest[:12]} is no longer in the artifact store"
+            ) from None
 
     def digests(self) -> dict[str, float]:
         """Every blob stored, with when it was written."""
@@ -135,8 +137,11 @@ class ArtifactStore:
             found = self.fs.find(f"{self.root}/blobs", detail=True)
         except FileNotFoundError:
             return {}
-        return {p.rsplit("/", 1)[-1]: _mtime(info) for p, info in found.items()
-                if re.fullmatch(r"[0-9a-f]{64}", p.rsplit("/", 1)[-1])}
+        return {
+            p.rsplit("/", 1)[-1]: _mtime(info)
+            for p, info in found.items()
+            if re.fullmatch(r"[0-9a-f]{64}", p.rsplit("/", 1)[-1])
+        }
 
     def leftovers(self, before: float) -> list[Path]:
         """Files a worker killed mid-write left aside (a folder's `*.tmp`), older than
@@ -169,8 +174,14 @@ class ArtifactStore:
                 continue
             scope_part, key_part = path.rsplit("/", 2)[-2:]
             with contextlib.suppress(ValueError):  # not an entry's name: not an entry
-                out.append((_unname(scope_part), _unname(key_part),
-                            int(info.get("size") or 0), max(_mtime(info), used.get(path, 0.0))))
+                out.append(
+                    (
+                        _unname(scope_part),
+                        _unname(key_part),
+                        int(info.get("size") or 0),
+                        max(_mtime(info), used.get(path, 0.0)),
+                    )
+                )
         return out
 
     def put_cache(self, scope: str, key: str, path: Path) -> None:
@@ -201,8 +212,9 @@ class ArtifactStore:
     def evict_caches(self, cap_bytes: int, prefix: str = "") -> list[str]:
         """Delete the least recently used entries of the scopes starting `prefix` (a
         project's: `web/`) until they fit in `cap_bytes`; the keys deleted."""
-        entries = sorted((e for e in self.cache_entries() if e[0].startswith(prefix)),
-                         key=lambda e: e[3])
+        entries = sorted(
+            (e for e in self.cache_entries() if e[0].startswith(prefix)), key=lambda e: e[3]
+        )
         total = sum(e[2] for e in entries)
         gone = []
         for scope, key, size, _ in entries:

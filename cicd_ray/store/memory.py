@@ -80,14 +80,22 @@ class MemoryStore:
             texts = list(self._runs.values())
         return sorted((RunRecord.model_validate_json(t) for t in texts), key=lambda r: r.seq)
 
-    def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0,
-                  project: str | None = None) -> list[RunRecord]:
-        runs = [r for r in reversed(self._all_runs())
-                if (state is None or r.state is RunState(state))
-                and (pipeline is None or r.pipeline == pipeline)
-                and (project is None or r.project == project)]
-        return runs[offset:offset + limit]
+    def list_runs(
+        self,
+        state: RunState | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        project: str | None = None,
+    ) -> list[RunRecord]:
+        runs = [
+            r
+            for r in reversed(self._all_runs())
+            if (state is None or r.state is RunState(state))
+            and (pipeline is None or r.pipeline == pipeline)
+            and (project is None or r.project == project)
+        ]
+        return runs[offset : offset + limit]
 
     def active_runs(self) -> list[RunRecord]:
         return [r for r in self._all_runs() if not r.state.terminal]
@@ -95,14 +103,18 @@ class MemoryStore:
     def get_steps(self, run_id: str) -> list[StepRecord]:
         with self._lock:
             texts = list(self._steps.get(run_id, {}).values())
-        return sorted((StepRecord.model_validate_json(t) for t in texts),
-                      key=lambda s: s.spec.index)
+        return sorted(
+            (StepRecord.model_validate_json(t) for t in texts), key=lambda s: s.spec.index
+        )
 
     def get_attempts(self, run_id: str, step: str | None = None) -> list[AttemptRecord]:
         with self._lock:
             texts = list(self._attempts.values())
-        found = [a for a in map(AttemptRecord.model_validate_json, texts)
-                 if a.run_id == run_id and (step is None or a.step == step)]
+        found = [
+            a
+            for a in map(AttemptRecord.model_validate_json, texts)
+            if a.run_id == run_id and (step is None or a.step == step)
+        ]
         return sorted(found, key=lambda a: (a.step, a.number))
 
     def list_workers(self) -> list[WorkerRecord]:
@@ -141,7 +153,7 @@ class MemoryStore:
 
     def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         with self._lock:
-            texts = self._audit[::-1][offset:offset + limit]
+            texts = self._audit[::-1][offset : offset + limit]
         return [AuditRecord.model_validate_json(t) for t in texts]
 
     def get_run_secrets(self, run_id: str) -> dict[str, str]:
@@ -150,8 +162,14 @@ class MemoryStore:
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         with self._lock:
             found = [DeliveryRecord.model_validate_json(t) for t in self._deliveries.values()]
-        return sorted((d for d in found if d.run_id == run_id or (
-            run_id is None and d.state in OPEN_DELIVERY)), key=lambda d: d.id)
+        return sorted(
+            (
+                d
+                for d in found
+                if d.run_id == run_id or (run_id is None and d.state in OPEN_DELIVERY)
+            ),
+            key=lambda d: d.id,
+        )
 
     def get_result(self, key: str) -> ResultRecord | None:
         data = self._results.get(key)
@@ -161,20 +179,26 @@ class MemoryStore:
         with self._lock:
             steps = [t for run in self._steps.values() for t in run.values()]
             results = list(self._results.values())
-        return ({f.digest for t in steps for f in StepRecord.model_validate_json(t).artifacts}
-                | {f.digest for t in results
-                   for f in ResultRecord.model_validate_json(t).artifacts})
+        return {f.digest for t in steps for f in StepRecord.model_validate_json(t).artifacts} | {
+            f.digest for t in results for f in ResultRecord.model_validate_json(t).artifacts
+        }
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
-        return [r for r in self._all_runs() if r.state.terminal
-                and (r.finished_at if r.finished_at is not None else r.created_at) < before
-                ][:limit]
+        return [
+            r
+            for r in self._all_runs()
+            if r.state.terminal
+            and (r.finished_at if r.finished_at is not None else r.created_at) < before
+        ][:limit]
 
     def delete_runs(self, run_ids: list[str]) -> None:
         with self._lock:
             for run_id in run_ids:
-                gone = [i for i, t in self._attempts.items()
-                        if AttemptRecord.model_validate_json(t).run_id == run_id]
+                gone = [
+                    i
+                    for i, t in self._attempts.items()
+                    if AttemptRecord.model_validate_json(t).run_id == run_id
+                ]
                 for attempt_id in gone:
                     self._attempts.pop(attempt_id)
                     self._logs.pop(attempt_id, None)
@@ -183,8 +207,11 @@ class MemoryStore:
                 for key in [k for k in self._deliveries if k.startswith(f"{run_id}/")]:
                     self._deliveries.pop(key)
                 self._run_secrets.pop(run_id, None)
-            gone_results = [k for k, t in self._results.items()
-                            if ResultRecord.model_validate_json(t).origin.run_id in run_ids]
+            gone_results = [
+                k
+                for k, t in self._results.items()
+                if ResultRecord.model_validate_json(t).origin.run_id in run_ids
+            ]
             for key in gone_results:
                 self._results.pop(key)
 

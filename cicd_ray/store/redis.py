@@ -73,15 +73,15 @@ class RedisStore:
             for (run_id, name), step in changes.steps.items():
                 pipe.hset(self._k("steps", run_id), name, step.model_dump_json())
             for attempt in changes.attempts.values():
-                pipe.hset(self._k("attempts", attempt.run_id), attempt.id,
-                          attempt.model_dump_json())
+                pipe.hset(
+                    self._k("attempts", attempt.run_id), attempt.id, attempt.model_dump_json()
+                )
             for worker in changes.workers.values():
                 pipe.hset(self._k("workers"), worker.id, worker.model_dump_json())
             for attempt_id, seq, data in changes.logs:
                 pipe.hsetnx(self._k("log", attempt_id), str(seq), bytes(data))
             for key, record in changes.idempotency.items():
-                pipe.set(self._k("idem", key), record.model_dump_json(), nx=True,
-                         ex=KEY_TTL_S)
+                pipe.set(self._k("idem", key), record.model_dump_json(), nx=True, ex=KEY_TTL_S)
             for key, result in changes.results.items():
                 pipe.hset(self._k("results"), key, result.model_dump_json())
                 pipe.sadd(self._k("results", result.origin.run_id), key)
@@ -118,9 +118,14 @@ class RedisStore:
         raw = self._do(lambda: self._r.get(self._k("run", run_id)))
         return RunRecord.model_validate_json(raw) if raw else None
 
-    def list_runs(self, state: RunState | None = None, pipeline: str | None = None,
-                  limit: int = 50, offset: int = 0,
-                  project: str | None = None) -> list[RunRecord]:
+    def list_runs(
+        self,
+        state: RunState | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        project: str | None = None,
+    ) -> list[RunRecord]:
         # Newest first, filtered page by page (the filters are not indexed).
         wanted = RunState(state) if state is not None else None
         out: list[RunRecord] = []
@@ -131,9 +136,11 @@ class RedisStore:
             if not ids:
                 break
             for run in self._runs(ids):
-                if (wanted is None or run.state is wanted) and (
-                        pipeline is None or run.pipeline == pipeline) and (
-                        project is None or run.project == project):
+                if (
+                    (wanted is None or run.state is wanted)
+                    and (pipeline is None or run.pipeline == pipeline)
+                    and (project is None or run.project == project)
+                ):
                     if skipped < offset:
                         skipped += 1
                     elif len(out) < limit:
@@ -149,8 +156,7 @@ class RedisStore:
         return [model.model_validate_json(v) for v in raw]
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
-        return sorted(self._hash(self._k("steps", run_id), StepRecord),
-                      key=lambda s: s.spec.index)
+        return sorted(self._hash(self._k("steps", run_id), StepRecord), key=lambda s: s.spec.index)
 
     def get_attempts(self, run_id: str, step: str | None = None) -> list[AttemptRecord]:
         attempts = self._hash(self._k("attempts", run_id), AttemptRecord)
@@ -205,12 +211,17 @@ class RedisStore:
 
     def get_deliveries(self, run_id: str | None = None) -> list[DeliveryRecord]:
         def read() -> list[DeliveryRecord]:
-            runs = [run_id] if run_id else [
-                r.decode() for r in self._r.smembers(self._k("deliveries", "open"))]
+            runs = (
+                [run_id]
+                if run_id
+                else [r.decode() for r in self._r.smembers(self._k("deliveries", "open"))]
+            )
             out = []
             for rid in runs:
-                found = [DeliveryRecord.model_validate_json(v)
-                         for v in self._r.hvals(self._k("deliveries", rid))]
+                found = [
+                    DeliveryRecord.model_validate_json(v)
+                    for v in self._r.hvals(self._k("deliveries", rid))
+                ]
                 if not run_id and not any(d.state in OPEN_DELIVERY for d in found):
                     self._r.srem(self._k("deliveries", "open"), rid)  # all done: tidy the index
                 out += sorted(found, key=lambda d: d.id)
@@ -229,8 +240,9 @@ class RedisStore:
                 out += self._r.hvals(key)
             return out
 
-        return {f["digest"] for data in self._do(read)
-                for f in json.loads(data).get("artifacts", [])}
+        return {
+            f["digest"] for data in self._do(read) for f in json.loads(data).get("artifacts", [])
+        }
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         out: list[RunRecord] = []
@@ -262,9 +274,13 @@ class RedisStore:
                 pipe.delete(self._k("results", run_id))
                 for attempt_id in attempts[run_id]:
                     pipe.delete(self._k("log", attempt_id.decode()))
-                pipe.delete(self._k("run", run_id), self._k("steps", run_id),
-                            self._k("attempts", run_id), self._k("deliveries", run_id),
-                            self._k("run_secrets", run_id))
+                pipe.delete(
+                    self._k("run", run_id),
+                    self._k("steps", run_id),
+                    self._k("attempts", run_id),
+                    self._k("deliveries", run_id),
+                    self._k("run_secrets", run_id),
+                )
                 pipe.srem(self._k("deliveries", "open"), run_id)
                 pipe.zrem(self._k("runs"), run_id)
                 pipe.zrem(self._k("runs", "active"), run_id)
@@ -273,21 +289,24 @@ class RedisStore:
         self._do(write)
 
     def list_sources(self) -> list[tuple[str, float]]:
-        timed = dict(self._do(lambda: self._r.zrange(self._k("sources"), 0, -1,
-                                                     withscores=True)))
+        timed = dict(self._do(lambda: self._r.zrange(self._k("sources"), 0, -1, withscores=True)))
         out = [(d.decode(), float(at)) for d, at in timed.items()]
         # Archives stored before their times were kept.
         prefix = self._k("source", "")
         for key in self._do(lambda: list(self._r.scan_iter(match=prefix + "*", count=500))):
-            digest = key.decode()[len(prefix):]
+            digest = key.decode()[len(prefix) :]
             if digest.encode() not in timed:
                 out.append((digest, 0.0))
         return out
 
     def delete_sources(self, digests: list[str]) -> None:
         if digests:
-            self._do(lambda: (self._r.delete(*[self._k("source", d) for d in digests]),
-                              self._r.zrem(self._k("sources"), *digests)))
+            self._do(
+                lambda: (
+                    self._r.delete(*[self._k("source", d) for d in digests]),
+                    self._r.zrem(self._k("sources"), *digests),
+                )
+            )
 
     def old_keys(self, before: float) -> list[str]:
         return []  # Redis expires them itself (KEY_TTL_S)

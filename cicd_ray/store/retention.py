@@ -38,13 +38,20 @@ def parse_duration(text: str) -> float:
     """`7d`, `12h`, `30m`, `90s` or plain seconds, in seconds."""
     match = DURATION.match(text)
     if not match:
-        raise CicdError(f"{text!r} is not a duration: use a number with s, m, h, d or w "
-                        "(e.g. 7d or 12h)")
+        raise CicdError(
+            f"{text!r} is not a duration: use a number with s, m, h, d or w (e.g. 7d or 12h)"
+        )
     return float(match.group(1)) * UNIT_S[match.group(2)]
 
 
-def collect(store: Store, now: float, older_than_s: float, dry_run: bool = False,
-            max_runs: int | None = None, artifacts: ArtifactStore | None = None) -> Collected:
+def collect(
+    store: Store,
+    now: float,
+    older_than_s: float,
+    dry_run: bool = False,
+    max_runs: int | None = None,
+    artifacts: ArtifactStore | None = None,
+) -> Collected:
     """Delete (or with `dry_run`, count) what is older than `older_than_s`: finished runs and
     their logs, stopped workers' records; Idempotency-Keys older than a day; source archives
     that no queued or running run needs. `max_runs` bounds one call's work."""
@@ -64,8 +71,9 @@ def collect(store: Store, now: float, older_than_s: float, dry_run: bool = False
     out.sources = len(stale)
     keys = store.old_keys(now - KEY_TTL_S)
     out.keys = len(keys)
-    workers = [w.id for w in store.list_workers()
-               if w.stopped_at is not None and w.stopped_at < before]
+    workers = [
+        w.id for w in store.list_workers() if w.stopped_at is not None and w.stopped_at < before
+    ]
     out.workers = len(workers)
     if not dry_run:
         store.delete_sources(stale)
@@ -81,8 +89,11 @@ def _unreferenced(store: Store, artifacts: ArtifactStore, now: float, dry_run: b
     just kept one has not reported it yet): deleted, or counted on a dry run (which deletes
     no run, so it counts those that are unreferenced already)."""
     referenced = store.artifact_digests()
-    unused = {d for d, at in artifacts.digests().items()
-              if d not in referenced and at < now - SOURCE_GRACE_S}
+    unused = {
+        d
+        for d, at in artifacts.digests().items()
+        if d not in referenced and at < now - SOURCE_GRACE_S
+    }
     leftovers = artifacts.leftovers(now - SOURCE_GRACE_S)
     if not dry_run:
         artifacts.delete(unused)

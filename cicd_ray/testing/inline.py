@@ -35,13 +35,23 @@ class InlineDriver:
         for kill in effects.kill:
             for worker_id, task in [p for p in self.pending if p[1].attempt_id == kill.attempt_id]:
                 self.pending.remove((worker_id, task))
-                self.report(StepOutcome(attempt_id=task.attempt_id, run_id=task.run_id,
-                                        step=task.step.name, state=StepState.CANCELLED,
-                                        reason="cancelled"))
+                self.report(
+                    StepOutcome(
+                        attempt_id=task.attempt_id,
+                        run_id=task.run_id,
+                        step=task.step.name,
+                        state=StepState.CANCELLED,
+                        reason="cancelled",
+                    )
+                )
         return bool(effects)
 
-    def start(self, record: WorkerRecord, running: list[str] | None = None,
-              finished: list[StepOutcome] | None = None) -> None:
+    def start(
+        self,
+        record: WorkerRecord,
+        running: list[str] | None = None,
+        finished: list[StepOutcome] | None = None,
+    ) -> None:
         """A worker comes up and registers (again, after a master restart: with what it runs
         and what it finished)."""
         mine = record.model_copy(update={"state": WorkerState.STARTING, "node": "inline"})

@@ -35,8 +35,10 @@ class ScheduleSpec(BaseModel):
     cron: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     timezone: Annotated[str, StringConstraints(max_length=64)] = "UTC"
     missed: Literal["latest", "skip"] = "latest"
-    env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=128)],
-              Annotated[str, StringConstraints(max_length=4096)]] = Field(default_factory=dict)
+    env: dict[
+        Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=128)],
+        Annotated[str, StringConstraints(max_length=4096)],
+    ] = Field(default_factory=dict)
     repository: str = ""  # a name in the repositories file: its project, URL, pipeline file
     ref: Annotated[str, StringConstraints(pattern=GIT_REF)] = "HEAD"
     pipeline: str | dict[str, Any] = ""  # a pipeline of its own (API), YAML text or object
@@ -46,8 +48,10 @@ class ScheduleSpec(BaseModel):
     def _cron(cls, text: str) -> str:
         fields = text.split()
         if len(fields) not in (5, 6) or not croniter.is_valid(text):
-            raise ValueError(f"{text!r} is not a cron expression (minute hour day month "
-                             "weekday, and optionally seconds as a sixth field)")
+            raise ValueError(
+                f"{text!r} is not a cron expression (minute hour day month "
+                "weekday, and optionally seconds as a sixth field)"
+            )
         return text
 
     @field_validator("timezone")
@@ -103,8 +107,10 @@ def fires_problem(spec: ScheduleSpec, now: float, min_interval_s: float) -> str:
         return f"cron: {spec.cron!r} never fires ({e})"
     gap = min(b - a for a, b in itertools.pairwise(slots))
     if gap < min_interval_s:
-        return (f"cron: {spec.cron!r} fires every {gap:g} s; schedules may fire at most every "
-                f"{min_interval_s:g} s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)")
+        return (
+            f"cron: {spec.cron!r} fires every {gap:g} s; schedules may fire at most every "
+            f"{min_interval_s:g} s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)"
+        )
     return ""
 
 

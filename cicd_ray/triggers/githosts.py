@@ -43,8 +43,11 @@ def repository_names(provider: str, payload: dict) -> list[str]:
     repo = payload.get("repository") if provider == "github" else payload.get("project")
     if not isinstance(repo, dict):
         return []
-    keys = (("full_name", "clone_url", "ssh_url", "html_url") if provider == "github"
-            else ("path_with_namespace", "git_http_url", "git_ssh_url", "web_url"))
+    keys = (
+        ("full_name", "clone_url", "ssh_url", "html_url")
+        if provider == "github"
+        else ("path_with_namespace", "git_http_url", "git_ssh_url", "web_url")
+    )
     return [repo[k] for k in keys if isinstance(repo.get(k), str)]
 
 
@@ -73,30 +76,59 @@ def trigger(provider: str, headers: dict[str, str], payload: dict) -> Trigger | 
         head, base = pr.get("head") or {}, pr.get("base") or {}
         head_repo = (head.get("repo") or {}).get("full_name")
         fork = head_repo is None or head_repo != (base.get("repo") or {}).get("full_name")
-        return _request(head.get("sha"), head.get("ref"), payload.get("number"), delivery,
-                        fork, base.get("ref"), base.get("sha"))
+        return _request(
+            head.get("sha"),
+            head.get("ref"),
+            payload.get("number"),
+            delivery,
+            fork,
+            base.get("ref"),
+            base.get("sha"),
+        )
     if kind == "Merge Request Hook":
         attrs = payload.get("object_attributes") or {}
         if attrs.get("action") not in ("open", "update", "reopen"):
             return f"merge request action {attrs.get('action')!r}"
         last = attrs.get("last_commit") or {}
         fork = attrs.get("source_project_id") != attrs.get("target_project_id")
-        return _request(last.get("id"), attrs.get("source_branch"), attrs.get("iid"), delivery,
-                        fork, attrs.get("target_branch"), None)
+        return _request(
+            last.get("id"),
+            attrs.get("source_branch"),
+            attrs.get("iid"),
+            delivery,
+            fork,
+            attrs.get("target_branch"),
+            None,
+        )
     return f"event {kind or '(none)'!r}"
 
 
-def _request(commit: object, branch: object, number: object, delivery: str, fork: bool,
-             base_branch: object, base_commit: object) -> Trigger | str:
+def _request(
+    commit: object,
+    branch: object,
+    number: object,
+    delivery: str,
+    fork: bool,
+    base_branch: object,
+    base_commit: object,
+) -> Trigger | str:
     if not _sha(commit) or not isinstance(branch, str) or not isinstance(number, int):
         return "a pull request event without its head commit, branch and number"
     if fork and not (_sha(base_commit) or (isinstance(base_branch, str) and base_branch)):
         return "a fork's pull request event without its base branch"
-    return Trigger("pull_request", branch, commit, delivery, number, fork,
-                   base_branch if isinstance(base_branch, str) else "",
-                   base_commit if _sha(base_commit) else "")
+    return Trigger(
+        "pull_request",
+        branch,
+        commit,
+        delivery,
+        number,
+        fork,
+        base_branch if isinstance(base_branch, str) else "",
+        base_commit if _sha(base_commit) else "",
+    )
 
 
 def _sha(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 40 and all(
-        c in "0123456789abcdef" for c in value)
+    return (
+        isinstance(value, str) and len(value) == 40 and all(c in "0123456789abcdef" for c in value)
+    )

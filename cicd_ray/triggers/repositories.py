@@ -45,10 +45,12 @@ class RepoConfig(BaseModel):
     provider: Literal["github", "gitlab"]
     project: Annotated[str, StringConstraints(pattern=PROJECT_NAME.pattern)] = DEFAULT_PROJECT
     webhook_secret: SecretName
-    pipeline: Annotated[str, StringConstraints(pattern=PIPELINE_PATH, max_length=255)] = \
+    pipeline: Annotated[str, StringConstraints(pattern=PIPELINE_PATH, max_length=255)] = (
         ".cicd-ray.yaml"
+    )
     branches: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] = Field(
-        default_factory=lambda: ["*"])
+        default_factory=lambda: ["*"]
+    )
     status_url: Annotated[str, StringConstraints(pattern=WEBHOOK_URL)] | None = None
     status_token: SecretName | None = None
 
@@ -79,8 +81,11 @@ def load_repos(path: str | Path) -> dict[str, RepoConfig]:
     repos = yamldoc.load_list(path, "repositories", RepoConfig)
     if len({r.name for r in repos}) != len(repos):
         raise SpecError(["repositories: a name is listed twice"], source=str(path))
-    missing = [f"repositories ({r.name}): status_url and status_token go together"
-               for r in repos if (r.status_url is None) != (r.status_token is None)]
+    missing = [
+        f"repositories ({r.name}): status_url and status_token go together"
+        for r in repos
+        if (r.status_url is None) != (r.status_token is None)
+    ]
     if missing:
         raise SpecError(missing, source=str(path))
     return {r.name: r for r in repos}
@@ -90,12 +95,18 @@ def load_schedules(path: str | Path, repos: dict[str, RepoConfig]) -> list[Sched
     """The repositories file's `schedules:` (none without one): each runs a listed
     repository's pipeline file at its `ref`, as a run of the repository's project."""
     schedules = yamldoc.load_list(path, "schedules", ScheduleSpec, required=False)
-    problems = [f"schedules ({s.name}).repository: {s.repository!r} is not one of the "
-                f"repositories: {', '.join(sorted(repos)) or '(none)'}"
-                for s in schedules if s.repository not in repos]
-    problems += [f"schedules ({s.name}): a schedule here runs its repository's pipeline "
-                 "file; `pipeline:` is for schedules made through the API"
-                 for s in schedules if s.pipeline]
+    problems = [
+        f"schedules ({s.name}).repository: {s.repository!r} is not one of the "
+        f"repositories: {', '.join(sorted(repos)) or '(none)'}"
+        for s in schedules
+        if s.repository not in repos
+    ]
+    problems += [
+        f"schedules ({s.name}): a schedule here runs its repository's pipeline "
+        "file; `pipeline:` is for schedules made through the API"
+        for s in schedules
+        if s.pipeline
+    ]
     if len({s.name for s in schedules}) != len(schedules):
         problems.append("schedules: a name is listed twice")
     if problems:
@@ -104,5 +115,4 @@ def load_schedules(path: str | Path, repos: dict[str, RepoConfig]) -> list[Sched
 
 
 def find(repos: dict[str, RepoConfig], provider: str, names: list[str]) -> RepoConfig | None:
-    return next((r for r in repos.values() if r.provider == provider and r.matches(names)),
-                None)
+    return next((r for r in repos.values() if r.provider == provider and r.matches(names)), None)

@@ -41,8 +41,9 @@ class Worker:
         self.settings = settings
         self.record.node = ray.get_runtime_context().get_node_id()
         self.work_dir = settings.work_dir / record.id
-        self.exec_config = ExecConfig.of(settings, self.work_dir, parse_uids(settings.step_uids),
-                                         STEP_ROOT / record.id)
+        self.exec_config = ExecConfig.of(
+            settings, self.work_dir, parse_uids(settings.step_uids), STEP_ROOT / record.id
+        )
         self.record.isolation = describe(self.exec_config.step_uids)
         self._running: dict[str, Execution] = {}
         # Recent outcomes, told to a master that restarted (it may have missed them).
@@ -73,9 +74,13 @@ class Worker:
         try:
             source = self._source_dir(task.source_digest) if task.source_digest else None
         except Exception as e:  # an unusable source is the step's failure, reported as data
-            return StepOutcome(attempt_id=task.attempt_id, run_id=task.run_id,
-                               step=task.step.name, state=StepState.FAILED,
-                               reason=f"could not prepare the source snapshot: {e}")
+            return StepOutcome(
+                attempt_id=task.attempt_id,
+                run_id=task.run_id,
+                step=task.step.name,
+                state=StepState.FAILED,
+                reason=f"could not prepare the source snapshot: {e}",
+            )
         execution = Execution(task, self.exec_config, source, ship)
         self._running[task.attempt_id] = execution
         try:
@@ -106,8 +111,10 @@ class Worker:
         while lost and not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 master = self._master_handle()
-                ray.get([master.append_log.remote(attempt_id, seq, data) for seq, data in lost],
-                        timeout=30)
+                ray.get(
+                    [master.append_log.remote(attempt_id, seq, data) for seq, data in lost],
+                    timeout=30,
+                )
                 return
             except (RayError, ValueError):
                 self._master = None
@@ -153,8 +160,13 @@ class Worker:
                 if data is None:
                     raise FileNotFoundError(f"source snapshot {digest[:12]} is not in the store")
                 cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-                unpack(data, dest, digest, self.settings.source_unpacked_limit_bytes,
-                       self.settings.source_max_members)
+                unpack(
+                    data,
+                    dest,
+                    digest,
+                    self.settings.source_unpacked_limit_bytes,
+                    self.settings.source_max_members,
+                )
         return dest
 
     def _usage(self) -> dict[str, float]:
@@ -172,8 +184,10 @@ class Worker:
         all and per second since the last heartbeat."""
         counters = psutil.net_io_counters()
         now = time.monotonic()
-        out = {"net_sent_bytes": float(counters.bytes_sent),
-               "net_recv_bytes": float(counters.bytes_recv)}
+        out = {
+            "net_sent_bytes": float(counters.bytes_sent),
+            "net_recv_bytes": float(counters.bytes_recv),
+        }
         if self._net_last is not None:
             then, sent, recv = self._net_last
             elapsed = max(now - then, 1e-3)
@@ -190,13 +204,18 @@ class Worker:
             try:
                 master = self._master_handle()
                 if not registered:
-                    self._epoch = ray.get(master.register.remote(
-                        self.record, list(self._running), list(self._finished.values())),
-                        timeout=call_timeout_s)
+                    self._epoch = ray.get(
+                        master.register.remote(
+                            self.record, list(self._running), list(self._finished.values())
+                        ),
+                        timeout=call_timeout_s,
+                    )
                     registered = True
                 else:
-                    epoch = ray.get(master.heartbeat.remote(self.record.id, self._usage()),
-                                    timeout=call_timeout_s)
+                    epoch = ray.get(
+                        master.heartbeat.remote(self.record.id, self._usage()),
+                        timeout=call_timeout_s,
+                    )
                     # A new master (restarted) must hear what this worker runs and finished.
                     registered = epoch is not None and epoch == self._epoch
             except (RayActorError, GetTimeoutError, ValueError) as e:
@@ -217,8 +236,11 @@ class Worker:
                 log.warning("worker %s: sweeping step users failed: %s", self.record.id, e)
                 return
             if killed:
-                log.warning("worker %s: killed %d process(es) left by a worker that died",
-                            self.record.id, killed)
+                log.warning(
+                    "worker %s: killed %d process(es) left by a worker that died",
+                    self.record.id,
+                    killed,
+                )
 
 
 def worker_bundle(pool: PoolConfig, settings: Settings) -> dict[str, float]:
@@ -234,8 +256,13 @@ def start_worker(record: WorkerRecord, settings: Settings):
     cannot place yet is pending demand the Ray autoscaler can act on."""
     bundle = worker_bundle(settings.pools[record.pool], settings)
     actor = ray.remote(Worker).options(
-        name=worker_actor_name(record.id), namespace=NAMESPACE, lifetime="detached",
-        num_cpus=bundle.pop("CPU"), memory=bundle.pop("memory", None), resources=bundle or None,
-        max_restarts=0, max_concurrency=WORKER_THREADS,
+        name=worker_actor_name(record.id),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=bundle.pop("CPU"),
+        memory=bundle.pop("memory", None),
+        resources=bundle or None,
+        max_restarts=0,
+        max_concurrency=WORKER_THREADS,
     )
     return actor.remote(record, settings)

@@ -31,8 +31,9 @@ def glob_match(pattern: str, path: str) -> bool:
             for j in range(1, len(have) + 1):
                 reach[j] = reach[j] or reach[j - 1]
         else:
-            reach = [False] + [reach[j] and fnmatch.fnmatchcase(have[j], part)
-                               for j in range(len(have))]
+            reach = [False] + [
+                reach[j] and fnmatch.fnmatchcase(have[j], part) for j in range(len(have))
+            ]
     return reach[-1]
 
 
@@ -69,15 +70,17 @@ def matching(root: Path, patterns: list[str]) -> Iterator[tuple[str, Callable[[]
                     if inside or any(could_hold(p, rel) for p in patterns):
                         below.append((rel + "/", inside))
                 elif stat.S_ISREG(info.st_mode) and (
-                        named or any(glob_match(p, rel) for p in patterns)):
+                    named or any(glob_match(p, rel) for p in patterns)
+                ):
                     yield rel, functools.partial(_open_regular, root, rel)
             todo.extend(reversed(below))
     finally:
         os.close(top)
 
 
-def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: int,
-         room_bytes: int) -> list[ArtifactFile]:
+def keep(
+    store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: int, room_bytes: int
+) -> list[ArtifactFile]:
     """Store the files the patterns match; raises ArtifactError (naming the file and the
     limit) when one is larger than `max_bytes` or all are larger than `room_bytes`."""
     try:
@@ -90,17 +93,20 @@ def keep(store: ArtifactStore, workspace: Path, patterns: list[str], max_bytes: 
             size = os.fstat(src.fileno()).st_size
         total += size
         if size > max_bytes:
-            raise ArtifactError(f"artifact {rel} is {size} bytes, more than the {max_bytes} "
-                                "allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)")
+            raise ArtifactError(
+                f"artifact {rel} is {size} bytes, more than the {max_bytes} "
+                "allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)"
+            )
         if total > room_bytes:
-            raise ArtifactError(f"the artifacts reach {total} bytes at {rel}, more than the "
-                                f"{room_bytes} left for this run (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)")
+            raise ArtifactError(
+                f"the artifacts reach {total} bytes at {rel}, more than the "
+                f"{room_bytes} left for this run (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)"
+            )
     kept = []
     for rel, opener in files:
         with opener() as src:
             digest = store.put(src)
-            kept.append(ArtifactFile(path=rel, size=os.fstat(src.fileno()).st_size,
-                                     digest=digest))
+            kept.append(ArtifactFile(path=rel, size=os.fstat(src.fileno()).st_size, digest=digest))
     return kept
 
 
@@ -123,13 +129,15 @@ def place_inputs(store: ArtifactStore, inputs: list[ArtifactInput], workspace: P
         for f in given.files:
             dest = workspace / f.path
             if not dest.resolve().is_relative_to(workspace.resolve()):
-                raise ArtifactError(f"artifact path {f.path!r} of {given.step} leaves the "
-                                    "workspace")
+                raise ArtifactError(
+                    f"artifact path {f.path!r} of {given.step} leaves the workspace"
+                )
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.unlink(missing_ok=True)
             store.fetch(f.digest, dest)
             size += f.size
         if given.files:
-            lines.append(f"[cicd-ray] artifacts of {given.step}: {len(given.files)} file(s), "
-                         f"{size} bytes\n")
+            lines.append(
+                f"[cicd-ray] artifacts of {given.step}: {len(given.files)} file(s), {size} bytes\n"
+            )
     return lines

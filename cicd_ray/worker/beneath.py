@@ -41,8 +41,9 @@ def _open_one(name: str, dir_fd: int | None, flags: int, rel: str) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as e:
         if e.errno in (40, 20):  # ELOOP: a link; ENOTDIR: a file (or a link) for a folder
-            raise LinkRefused(f"{rel or name}: a link or not a folder; links are not "
-                              "followed") from None
+            raise LinkRefused(
+                f"{rel or name}: a link or not a folder; links are not followed"
+            ) from None
         raise
 
 
@@ -105,8 +106,15 @@ def listing(top: int, rel: str) -> list[tuple[str, os.stat_result]]:
 
 
 def _entry(top: int, rel: str, info: os.stat_result) -> Entry | None:
-    kind = ("folder" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
-            else "link" if stat.S_ISLNK(info.st_mode) else None)
+    kind = (
+        "folder"
+        if stat.S_ISDIR(info.st_mode)
+        else "file"
+        if stat.S_ISREG(info.st_mode)
+        else "link"
+        if stat.S_ISLNK(info.st_mode)
+        else None
+    )
     if kind is None:
         return None  # a device, a pipe, a socket: never kept
     target = ""
@@ -117,8 +125,9 @@ def _entry(top: int, rel: str, info: os.stat_result) -> Entry | None:
             target = os.readlink(name, dir_fd=fd)
         finally:
             os.close(fd)
-    return Entry(rel=rel, kind=kind, mode=stat.S_IMODE(info.st_mode), mtime=info.st_mtime,
-                 target=target)
+    return Entry(
+        rel=rel, kind=kind, mode=stat.S_IMODE(info.st_mode), mtime=info.st_mtime, target=target
+    )
 
 
 def tree(root: Path, rel: str) -> Iterator[Entry]:

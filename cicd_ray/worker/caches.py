@@ -45,15 +45,23 @@ class NodeCaches:
         self.local_dir = local_dir
         self.cap_bytes = cap_bytes
 
-    def restore(self, scopes: list[str], cache: CacheSpec, root: Path, env: dict[str, str],
-                uid: int | None = None) -> CacheUse:
+    def restore(
+        self,
+        scopes: list[str],
+        cache: CacheSpec,
+        root: Path,
+        env: dict[str, str],
+        uid: int | None = None,
+    ) -> CacheUse:
         """Unpack the entry the key names, else the newest one a restore key starts, looked
         for in each scope in order (a pull request's own, then its base's), into the attempt's
         folder: as the step's user `uid` when it has one (so nothing in the entry can write
         where that user could not), else in this process."""
         use = CacheUse(key=key_of(cache.key, root, env))
-        entries = {scope: {key: (size, used) for _, key, size, used
-                           in self.store.cache_entries(scope)} for scope in scopes}
+        entries = {
+            scope: {key: (size, used) for _, key, size, used in self.store.cache_entries(scope)}
+            for scope in scopes
+        }
         found = self._choose(entries, use.key, cache.restore_keys, root, env)
         if found is None:
             return use
@@ -70,8 +78,7 @@ class NodeCaches:
         use.restored_from, use.bytes_restored = chosen, size
         return use
 
-    def save(self, scope: str, cache: CacheSpec, use: CacheUse, root: Path,
-             project: str) -> None:
+    def save(self, scope: str, cache: CacheSpec, use: CacheUse, root: Path, project: str) -> None:
         """Keep the cache's paths under its key, unless the key was restored exactly; then
         the project's least recently used entries go until it fits its cap."""
         if use.result == "hit":
@@ -93,9 +100,13 @@ class NodeCaches:
         self.store.evict_caches(self.cap_bytes, f"{project}/")
 
     @staticmethod
-    def _choose(entries: dict[str, dict[str, tuple[int, float]]], key: str,
-                restore_keys: list[str], root: Path, env: dict[str, str]
-                ) -> tuple[str, str] | None:
+    def _choose(
+        entries: dict[str, dict[str, tuple[int, float]]],
+        key: str,
+        restore_keys: list[str],
+        root: Path,
+        env: dict[str, str],
+    ) -> tuple[str, str] | None:
         """(scope, key) of the entry to restore: the key itself in the first scope that has
         it, else the most recently used entry a restore key starts."""
         for scope, held in entries.items():
@@ -167,9 +178,22 @@ def unpack_as(uid: int, tar_path: Path, root: Path) -> None:
     whatever the entry holds lands only where that user may write (its ws/ and home/)."""
     with tar_path.open("rb") as src:
         done = subprocess.run(
-            as_user(uid, ["tar", "--extract", "--file=-", f"--directory={root}",
-                          "--no-same-owner", "--no-overwrite-dir"]),
-            stdin=src, capture_output=True, timeout=UNPACK_TIMEOUT_S, **popen_user(uid))
+            as_user(
+                uid,
+                [
+                    "tar",
+                    "--extract",
+                    "--file=-",
+                    f"--directory={root}",
+                    "--no-same-owner",
+                    "--no-overwrite-dir",
+                ],
+            ),
+            stdin=src,
+            capture_output=True,
+            timeout=UNPACK_TIMEOUT_S,
+            **popen_user(uid),
+        )
     if done.returncode != 0:
         raise OSError(f"tar: {done.stderr.decode(errors='replace').strip()[-300:]}")
 

@@ -54,8 +54,10 @@ DRAIN_TIMEOUT_S = 5.0
 # The variables a step inherits from the worker; everything else comes from the pipeline.
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 STEP_USER = "cicd-step"  # USER and LOGNAME of a step with a user of its own
-SHARED_USER_NOTE = ("[cicd-ray] this step runs as the worker's user ({user}): the worker is "
-                    "not root, so the step can read what the worker can\n")
+SHARED_USER_NOTE = (
+    "[cicd-ray] this step runs as the worker's user ({user}): the worker is "
+    "not root, so the step can read what the worker can\n"
+)
 
 
 @dataclass
@@ -77,24 +79,32 @@ class ExecConfig:
     secrets_dir: Path | None = None  # CICD_RAY_SECRETS_DIR: <project>/<NAME> files
 
     @classmethod
-    def of(cls, settings: Settings, work_dir: Path, step_uids: range | None,
-           step_dir: Path = STEP_ROOT) -> ExecConfig:
+    def of(
+        cls, settings: Settings, work_dir: Path, step_uids: range | None, step_dir: Path = STEP_ROOT
+    ) -> ExecConfig:
         """A worker's configuration from the settings; its node's cache copies are shared by
         every worker there (under the settings' work_dir)."""
         store = ArtifactStore(settings.artifacts_url)
         return cls(
-            work_dir=work_dir, log_cap_bytes=settings.log_cap_bytes,
-            flush_interval_s=settings.log_flush_interval_s, kill_grace_s=settings.kill_grace_s,
-            keep_workspace=settings.keep_workspaces, step_uids=step_uids, step_dir=step_dir,
-            artifacts=store, artifact_max_bytes=settings.artifact_max_bytes,
+            work_dir=work_dir,
+            log_cap_bytes=settings.log_cap_bytes,
+            flush_interval_s=settings.log_flush_interval_s,
+            kill_grace_s=settings.kill_grace_s,
+            keep_workspace=settings.keep_workspaces,
+            step_uids=step_uids,
+            step_dir=step_dir,
+            artifacts=store,
+            artifact_max_bytes=settings.artifact_max_bytes,
             caches=NodeCaches(store, settings.work_dir / "caches", settings.cache_max_bytes),
             secrets_dir=settings.secrets_dir,
         )
 
 
 def truncation_marker(cap: int) -> bytes:
-    return (f"\n[cicd-ray] log truncated: the step printed more than {cap} bytes; "
-            "the rest was discarded\n").encode()
+    return (
+        f"\n[cicd-ray] log truncated: the step printed more than {cap} bytes; "
+        "the rest was discarded\n"
+    ).encode()
 
 
 class _LogBuffer:
@@ -132,8 +142,14 @@ def _safe_name(text: str) -> str:
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
-             user: str | None = None, secrets: dict[str, str] | None = None) -> dict[str, str]:
+def step_env(
+    task: StepTask,
+    workspace: Path,
+    tmp: Path,
+    home: Path,
+    user: str | None = None,
+    secrets: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The environment a step sees: a few inherited basics, the pipeline's env, the secrets it
     lists, cicd-ray's own. HOME and TMPDIR are the attempt's own; `user` names a step user of
     its own."""
@@ -143,21 +159,24 @@ def step_env(task: StepTask, workspace: Path, tmp: Path, home: Path,
     if user is None or usable_by_others(sys.executable):
         path = os.pathsep.join([str(Path(sys.executable).parent), path])
     env["PATH"] = path
-    env.update({"SHELL": "/bin/bash", "TERM": "dumb", "CI": "true", "TMPDIR": str(tmp),
-                "HOME": str(home)})
+    env.update(
+        {"SHELL": "/bin/bash", "TERM": "dumb", "CI": "true", "TMPDIR": str(tmp), "HOME": str(home)}
+    )
     if user:
         env["USER"] = env["LOGNAME"] = user
     env.update(task.step.env)
     env.update(secrets or {})
-    env.update({
-        "CICD_RUN_ID": task.run_id,
-        "CICD_STEP": task.step.name,
-        "CICD_ATTEMPT": str(task.attempt),
-        "CICD_WORKSPACE": str(workspace),
-        "CICD_COMMIT": task.commit or "",
-        "CICD_BRANCH": task.branch,
-        "CICD_EVENT": task.event,
-    })
+    env.update(
+        {
+            "CICD_RUN_ID": task.run_id,
+            "CICD_STEP": task.step.name,
+            "CICD_ATTEMPT": str(task.attempt),
+            "CICD_WORKSPACE": str(workspace),
+            "CICD_COMMIT": task.commit or "",
+            "CICD_BRANCH": task.branch,
+            "CICD_EVENT": task.event,
+        }
+    )
     if task.pr is not None:
         env["CICD_PR"] = str(task.pr)
     return env
@@ -194,8 +213,13 @@ class Execution:
     pipe for cancel, so a short step costs no extra threads.
     """
 
-    def __init__(self, task: StepTask, config: ExecConfig, source_dir: Path | None,
-                 on_log: Callable[[int, bytes], None]) -> None:
+    def __init__(
+        self,
+        task: StepTask,
+        config: ExecConfig,
+        source_dir: Path | None,
+        on_log: Callable[[int, bytes], None],
+    ) -> None:
         self.task = task
         self.config = config
         self.source_dir = source_dir
@@ -227,8 +251,9 @@ class Execution:
                 proc = self._start()
             except (OSError, SourceError, IsolationError, ArtifactError, SecretError) as e:
                 self._note(f"[cicd-ray] {e}\n".encode())
-                return self._outcome(StepState.FAILED, None, started, None,
-                                     reason=f"could not start the step: {e}")
+                return self._outcome(
+                    StepState.FAILED, None, started, None, reason=f"could not start the step: {e}"
+                )
             return self._follow(proc, started)
         finally:
             with self._wake_lock:
@@ -260,10 +285,13 @@ class Execution:
         uid = self._identity.uid if self._identity else None
         return subprocess.Popen(
             command(str(script), self.task.step.memory_mb, uid),
-            cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            cwd=self.workspace,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=step_env(self.task, self.workspace, tmp, home,
-                         STEP_USER if self._identity else None, secrets),
+            env=step_env(
+                self.task, self.workspace, tmp, home, STEP_USER if self._identity else None, secrets
+            ),
             start_new_session=True,  # its own process group: timeout and cancel kill it all
             **popen_user(uid),
         )
@@ -322,11 +350,15 @@ class Execution:
             _signal_group(proc.pid, signal.SIGKILL)
             clock.kill_at = float("inf")
 
-    def _ended(self, killed: StepState | None, code: int, started: float,
-               usage) -> StepOutcome:
+    def _ended(self, killed: StepState | None, code: int, started: float, usage) -> StepOutcome:
         if killed is StepState.TIMED_OUT:
-            return self._outcome(killed, code, started, usage,
-                                 reason=f"timed out after {self.task.step.timeout_s:g} s")
+            return self._outcome(
+                killed,
+                code,
+                started,
+                usage,
+                reason=f"timed out after {self.task.step.timeout_s:g} s",
+            )
         if killed is StepState.CANCELLED:
             return self._outcome(killed, code, started, usage, reason="cancelled")
         if code == 0:
@@ -344,8 +376,10 @@ class Execution:
         own = self.task.secret_values  # the submission's own, else the project's
         listed = [n for n in self.task.step.secrets if n not in own]
         if self.task.fork and listed:  # a fork's pull request: written by an outsider
-            self._note(f"[cicd-ray] a pull request from a fork gets no secrets: "
-                       f"{', '.join(listed)} not set\n".encode())
+            self._note(
+                f"[cicd-ray] a pull request from a fork gets no secrets: "
+                f"{', '.join(listed)} not set\n".encode()
+            )
             listed = []
         secrets = {**read_all(self.config.secrets_dir, self.task.project, listed), **own}
         self._masker = Masker(list(secrets.values()))
@@ -422,14 +456,20 @@ class Execution:
             try:
                 if self.config.artifacts is None:
                     raise ArtifactError("this worker has no artifact store")
-                self._kept = keep(self.config.artifacts, self.workspace, task.step.artifacts,
-                                  self.config.artifact_max_bytes, task.artifact_room_bytes)
+                self._kept = keep(
+                    self.config.artifacts,
+                    self.workspace,
+                    task.step.artifacts,
+                    self.config.artifact_max_bytes,
+                    task.artifact_room_bytes,
+                )
             except (ArtifactError, OSError) as e:
                 self._note(f"[cicd-ray] artifacts not kept: {e}\n".encode())
                 return f"artifacts not kept: {e}"
             size = sum(f.size for f in self._kept)
-            self._note(f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n"
-                          .encode())
+            self._note(
+                f"[cicd-ray] artifacts kept: {len(self._kept)} file(s), {size} bytes\n".encode()
+            )
         scope, _ = cache_scopes(task)
         for cache, use in zip(task.step.cache, self._caches, strict=False):
             try:
@@ -476,21 +516,33 @@ class Execution:
         if chunk is not None:
             self.on_log(*chunk)
 
-    def _outcome(self, state: StepState, code: int | None, started: float, usage,
-                 reason: str = "") -> StepOutcome:
+    def _outcome(
+        self, state: StepState, code: int | None, started: float, usage, reason: str = ""
+    ) -> StepOutcome:
         self._log.add(self._masker.flush())
         tail = self._log.take()
         return StepOutcome(
-            attempt_id=self.task.attempt_id, run_id=self.task.run_id, step=self.task.step.name,
-            state=state, exit_code=code, duration_s=round(time.monotonic() - started, 4),
+            attempt_id=self.task.attempt_id,
+            run_id=self.task.run_id,
+            step=self.task.step.name,
+            state=state,
+            exit_code=code,
+            duration_s=round(time.monotonic() - started, 4),
             peak_memory_mb=round(self._peak_rss / 2**20, 2) if self._peak_rss else None,
             cpu_time_s=round(usage.ru_utime + usage.ru_stime, 4) if usage else None,
-            reason=self._masker.text(reason), log_seq=tail[0] if tail else 0,
+            reason=self._masker.text(reason),
+            log_seq=tail[0] if tail else 0,
             log_tail=tail[1] if tail else b"",
-            runs_as=(f"uid {self._identity.uid}" if self._identity
-                     else f"{_user_name()} (the worker's user)"),
-            artifacts=([f.model_copy(update={"path": self._masker.text(f.path)})
-                        for f in self._kept] if state is StepState.SUCCEEDED else []),
+            runs_as=(
+                f"uid {self._identity.uid}"
+                if self._identity
+                else f"{_user_name()} (the worker's user)"
+            ),
+            artifacts=(
+                [f.model_copy(update={"path": self._masker.text(f.path)}) for f in self._kept]
+                if state is StepState.SUCCEEDED
+                else []
+            ),
             caches=self._caches,
         )
 
@@ -512,8 +564,7 @@ def _cache_line(use: CacheUse) -> str:
     if use.result == "miss":
         return "miss"
     where = "this node's copy" if use.from_node else "the artifact store"
-    return (f"{use.result} ({use.restored_from}), {use.bytes_restored} bytes restored from "
-            f"{where}")
+    return f"{use.result} ({use.restored_from}), {use.bytes_restored} bytes restored from {where}"
 
 
 def _user_name() -> str:

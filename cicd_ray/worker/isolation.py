@@ -79,9 +79,18 @@ shift 3
 def command(script: str, memory_mb: int, uid: int | None) -> list[str]:
     """How a step's bash is started: as `uid` (setpriv, when it is there) with the preamble,
     in a PID namespace of its own where the machine allows one (`pid_namespaces`)."""
-    bash = ["bash", "-e", "-o", "pipefail", "-c", PREAMBLE, script,
-            str(address_space_kib(memory_mb)), str(MAX_PROCESSES if uid is not None else 0),
-            "uid" if uid is not None else "shared"]
+    bash = [
+        "bash",
+        "-e",
+        "-o",
+        "pipefail",
+        "-c",
+        PREAMBLE,
+        script,
+        str(address_space_kib(memory_mb)),
+        str(MAX_PROCESSES if uid is not None else 0),
+        "uid" if uid is not None else "shared",
+    ]
     if uid is None:
         return bash
     return [*UNSHARE, *as_user(uid, bash)] if pid_namespaces() else as_user(uid, bash)
@@ -113,8 +122,10 @@ def parse_uids(text: str) -> range | None:
         return None
     first, sep, last = text.partition("-")
     if not (sep and first.isdigit() and last.isdigit()) or not 1000 <= int(first) <= int(last):
-        raise IsolationError(f"CICD_RAY_STEP_UIDS={text!r}: expected FIRST-LAST (numeric "
-                             "user ids of 1000 or more, e.g. 200000-201023) or off")
+        raise IsolationError(
+            f"CICD_RAY_STEP_UIDS={text!r}: expected FIRST-LAST (numeric "
+            "user ids of 1000 or more, e.g. 200000-201023) or off"
+        )
     return range(int(first), int(last) + 1)
 
 
@@ -273,8 +284,10 @@ def open_for_steps(folder: Path) -> None:
         # /var/tmp is everyone's: a folder someone else made there (or a link) is refused.
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
-            raise IsolationError(f"{path} is not a folder of the worker's own (a link, or "
-                                 f"owned by uid {st.st_uid}): remove it")
+            raise IsolationError(
+                f"{path} is not a folder of the worker's own (a link, or "
+                f"owned by uid {st.st_uid}): remove it"
+            )
         if st.st_mode & 0o777 != 0o711:
             path.chmod(0o711)
         if path == folder:
@@ -300,10 +313,12 @@ def python_warning(uids: range | None) -> str | None:
 
     if not isolating(uids) or usable_by_others(sys.executable):
         return None
-    return (f"steps run as users of their own, who cannot run this Python "
-            f"({os.path.realpath(sys.executable)}: a folder above it is closed to other "
-            "users); `python` in a step finds the system's, if any. Install Python where "
-            "every user can read it, or set CICD_RAY_STEP_UIDS=off to run steps as root.")
+    return (
+        f"steps run as users of their own, who cannot run this Python "
+        f"({os.path.realpath(sys.executable)}: a folder above it is closed to other "
+        "users); `python` in a step finds the system's, if any. Install Python where "
+        "every user can read it, or set CICD_RAY_STEP_UIDS=off to run steps as root."
+    )
 
 
 def address_space_kib(memory_mb: int) -> int:

@@ -35,10 +35,12 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 MASTER_RESOURCE = "cicd-control"
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     """A real redis-server (Debian's; `.ci/run` and `./dev test` install it) on a free port,
@@ -48,9 +50,23 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed: run ./dev test (it installs it) or apt-get"
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(folder), "--appendonly", "yes", "--save", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     deadline = time.monotonic() + 20
@@ -62,8 +78,9 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"redis-server on port {port} did not answer PING "
-                                 f"(exit code {proc.poll()})")
+            raise AssertionError(
+                f"redis-server on port {port} did not answer PING (exit code {proc.poll()})"
+            )
         time.sleep(0.05)
     client.close()
     return url, proc
@@ -80,11 +97,17 @@ class S3Server:
         port = free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
         self.url = f"s3://{self.BUCKET}/ci"
-        self.env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p",
-                                      str(port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "test-key",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def answers() -> bool:
             assert self.proc.poll() is None, f"moto_server exited ({self.proc.returncode})"
@@ -99,9 +122,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def object_keys(self) -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET)
@@ -116,11 +143,19 @@ def cluster_env(tmp: Path, token: str, **extra: str) -> dict[str, str]:
     """The environment of a cluster's processes: none of the test process's own Ray or
     cicd-ray settings but the session's Ray folder (tests/conftest.py), this venv's commands
     first, a home under `tmp`, the API token."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "CICD_RAY_")) or k == "RAY_TMPDIR"}
-    env.update(PATH=f"{BIN}:{env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-               CICD_RAY_HOME=str(tmp / "home"), CICD_RAY_TOKENS=token,
-               CICD_RAY_HEARTBEAT_INTERVAL_S="0.5", **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "CICD_RAY_")) or k == "RAY_TMPDIR"
+    }
+    env.update(
+        PATH=f"{BIN}:{env['PATH']}",
+        RAY_USAGE_STATS_ENABLED="0",
+        CICD_RAY_HOME=str(tmp / "home"),
+        CICD_RAY_TOKENS=token,
+        CICD_RAY_HEARTBEAT_INTERVAL_S="0.5",
+        **extra,
+    )
     return env
 
 
@@ -135,6 +170,7 @@ def _tree(roots: list[psutil.Process]) -> set[psutil.Process]:
             found |= {proc, *proc.children(recursive=True)}
     return found
 
+
 def _kill(procs: set[psutil.Process]) -> int:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -142,11 +178,13 @@ def _kill(procs: set[psutil.Process]) -> int:
     psutil.wait_procs(list(procs), timeout=10)
     return len(procs)
 
+
 def cmdline(proc: psutil.Process) -> str:
     try:
         return " ".join(proc.cmdline())
     except psutil.Error:
         return ""
+
 
 class Node:
     """A worker node: one raylet (and its workers and agents) with its own temp folder."""
@@ -164,6 +202,7 @@ class Node:
 
     def kill(self) -> int:
         return _kill(self.processes())
+
 
 class HaCluster:
     def __init__(self, tmp: Path, redis_url: str, **extra_env: str) -> None:
@@ -184,12 +223,17 @@ class HaCluster:
         pools.write_text("pools:\n  - {name: default, workers: 3, cpus: 1, memory_mb: 256}\n")
 
         self.env = cluster_env(
-            tmp, self.token, RAY_AUTH_MODE="disabled", CICD_RAY_STORE=self.store_url,
+            tmp,
+            self.token,
+            RAY_AUTH_MODE="disabled",
+            CICD_RAY_STORE=self.store_url,
             CICD_RAY_POOLS=str(pools),
             CICD_RAY_MASTER_RESOURCES=json.dumps({MASTER_RESOURCE: 0.01}),
-            CICD_RAY_HEARTBEAT_TIMEOUT_S="6", CICD_RAY_KILL_GRACE_S="1",
+            CICD_RAY_HEARTBEAT_TIMEOUT_S="6",
+            CICD_RAY_KILL_GRACE_S="1",
             # Raylets wait this long for a GCS that went away: more than a head restart.
-            RAY_gcs_rpc_server_reconnect_timeout_s="120", **extra_env,
+            RAY_gcs_rpc_server_reconnect_timeout_s="120",
+            **extra_env,
         )
         self.http = api_client(self.url, self.token)
 
@@ -198,21 +242,44 @@ class HaCluster:
     def _up_command(self) -> list[str]:
         """`cicd-ray up --ha` as a head pod's command would run it: first start, or after the
         head died (it then replaces the head on the same address)."""
-        return [str(BIN / "cicd-ray"), "up", "--ha", self.gcs_redis, "--ha-namespace",
-                self.namespace, "--head-cpus", "0",
-                "--port", str(self.api_port), "--ray-port", str(self.ray_port),
-                "--proxy-location", "HeadOnly"]
+        return [
+            str(BIN / "cicd-ray"),
+            "up",
+            "--ha",
+            self.gcs_redis,
+            "--ha-namespace",
+            self.namespace,
+            "--head-cpus",
+            "0",
+            "--port",
+            str(self.api_port),
+            "--ray-port",
+            str(self.ray_port),
+            "--proxy-location",
+            "HeadOnly",
+        ]
 
     def up(self, timeout_s: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run(self._up_command(), cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout_s)
+        return subprocess.run(
+            self._up_command(),
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
 
     def start(self, nodes: int = 2, cpus: int = 2) -> None:
         """The head via `up` in the background (it waits for a node to place the master on),
         then the worker nodes."""
         started = subprocess.Popen(
-            self._up_command(), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            self._up_command(),
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self._wait_port(self.ray_port, 120, started)
         for _ in range(nodes):
             self.add_node(cpus)
@@ -224,10 +291,16 @@ class HaCluster:
         self._added += 1
         node = Node(self.tmp / f"node{self._added}")
         node.temp_dir.mkdir(parents=True)
-        cmd = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.ray_port}",
-               f"--num-cpus={cpus}", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
-               f"--resources={json.dumps({MASTER_RESOURCE: 1})}",
-               f"--dashboard-agent-listen-port={free_port()}"]
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            f"--address=127.0.0.1:{self.ray_port}",
+            f"--num-cpus={cpus}",
+            f"--temp-dir={node.temp_dir}",
+            "--disable-usage-stats",
+            f"--resources={json.dumps({MASTER_RESOURCE: 1})}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]
         done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         self.nodes.append(node)
@@ -272,8 +345,13 @@ class HaCluster:
 
     def restart_gcs(self) -> None:
         argv, env = self._gcs_command
-        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._wait_port(self.ray_port, 60)
 
     def head_processes(self) -> set[psutil.Process]:
@@ -334,8 +412,9 @@ class HaCluster:
         while True:
             try:
                 key = hashlib.sha256(json.dumps(pipeline, sort_keys=True).encode()).hexdigest()
-                r = self.http.post("/api/v1/runs", json={"pipeline": pipeline},
-                                   headers={"Idempotency-Key": key})
+                r = self.http.post(
+                    "/api/v1/runs", json={"pipeline": pipeline}, headers={"Idempotency-Key": key}
+                )
                 if r.status_code in (200, 201):
                     return r.json()["run_id"]
             except httpx.TransportError as e:
@@ -389,13 +468,29 @@ class LocalAutoscaling:
         self.http = api_client(self.url, self.token)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [str(BIN / "cicd-ray"), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def up(self, node_idle_timeout_s: float = 5) -> None:
-        started = self.cli("up", "--local-autoscaling", str(self.pools), "--node-idle-timeout",
-                           str(node_idle_timeout_s), "--port", str(self.port),
-                           "--ray-port", str(self.ray_port), "--proxy-location", "HeadOnly")
+        started = self.cli(
+            "up",
+            "--local-autoscaling",
+            str(self.pools),
+            "--node-idle-timeout",
+            str(node_idle_timeout_s),
+            "--port",
+            str(self.port),
+            "--ray-port",
+            str(self.ray_port),
+            "--proxy-location",
+            "HeadOnly",
+        )
         assert started.returncode == 0, started.stdout + started.stderr
 
     def down(self) -> None:
@@ -406,9 +501,12 @@ class LocalAutoscaling:
     def raylets(self) -> int:
         """Raylets of this cluster: the head's and one per node the autoscaler added."""
         mark = f":{self.ray_port}"
-        return sum(1 for p in psutil.process_iter(["cmdline"])
-                   if "raylet" in (p.info["cmdline"] or [""])[0]
-                   and any(mark in part for part in p.info["cmdline"]))
+        return sum(
+            1
+            for p in psutil.process_iter(["cmdline"])
+            if "raylet" in (p.info["cmdline"] or [""])[0]
+            and any(mark in part for part in p.info["cmdline"])
+        )
 
     def live_workers(self) -> list[dict]:
         workers = self.http.get("/api/v1/workers").json()["workers"]

@@ -27,8 +27,9 @@ class Harness:
         self.tmp = tmp
 
     def submit(self, doc: dict, source: Path | None = None, env: dict | None = None) -> str:
-        return session.submit(self.master, parse_pipeline(doc), self.tmp, source, env,
-                              self.settings)
+        return session.submit(
+            self.master, parse_pipeline(doc), self.tmp, source, env, self.settings
+        )
 
     def wait(self, run_id: str, timeout_s: float = 90) -> dict:
         """The final view, as the CLI follows a run (the master's long poll), as JSON."""
@@ -56,8 +57,7 @@ class Harness:
     def steady(self, timeout_s: float = 60) -> list[dict]:
         """The ready workers once every pool has exactly its size of them ready: after a
         fault test killed or froze some, the pools are whole again before the next test."""
-        wanted = sorted(p.name for p in self.settings.pools.values()
-                        for _ in range(p.min_workers))
+        wanted = sorted(p.name for p in self.settings.pools.values() for _ in range(p.min_workers))
         deadline = time.monotonic() + timeout_s
         while True:
             ready = [w for w in self.master_workers() if w["state"] == "ready"]
@@ -67,8 +67,9 @@ class Harness:
                 raise AssertionError(f"pools not whole after {timeout_s} s: {ready}")
             time.sleep(0.1)
 
-    def wait_for_step(self, run_id: str, name: str, state: StepState,
-                      timeout_s: float = 60) -> dict:
+    def wait_for_step(
+        self, run_id: str, name: str, state: StepState, timeout_s: float = 60
+    ) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             step = self.step(self.view(run_id), name)
@@ -97,15 +98,21 @@ def harness(tmp_path_factory):
     git_host = GitHost(tmp_path_factory.mktemp("git"))
     settings = Settings(
         home=home,
-        pools={"default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
-               "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1)},
-        heartbeat_interval_s=0.5, heartbeat_timeout_s=5, kill_grace_s=1,
+        pools={
+            "default": PoolConfig(name="default", workers=2, cpus=2, memory_mb=1024),
+            "solo": PoolConfig(name="solo", workers=1, cpus=1, memory_mb=512, slots=1),
+        },
+        heartbeat_interval_s=0.5,
+        heartbeat_timeout_s=5,
+        kill_grace_s=1,
         schedule_min_interval_s=1,  # test_schedules fires every 5 s
         git_allow=["file"],  # the tests' repositories are local ones
-        webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"],  # the tests' receivers
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_allow=["127.0.0.1"],  # the tests' receivers
         secrets_dir=secrets,
         projects={"capped": ProjectConfig(name="capped", max_queued_runs=1)},
-        repos=load_repos(git_host.repos_file), repos_file=git_host.repos_file,
+        repos=load_repos(git_host.repos_file),
+        repos_file=git_host.repos_file,
     )
     session.connect(settings=settings, num_cpus=8)
     master = session.ensure_master(settings)
@@ -147,15 +154,23 @@ repositories:
     status_url: http://127.0.0.1:{self.status_port}
     status_token: STATUS_TOKEN
 """)
+
+
 API_TOKEN = "test-token-" + "x" * 20
 OTHER_TOKEN = "other-token-" + "y" * 20
 # Tokens of projects, in the API's tokens file (`api_tokens_file`), by name.
-PROJECT_TOKENS = {"web-read": ("read", "web"), "web-submit": ("submit", "web"),
-                  "ops-submit": ("submit", "ops"), "capped-submit": ("submit", "capped")}
+PROJECT_TOKENS = {
+    "web-read": ("read", "web"),
+    "web-submit": ("submit", "web"),
+    "ops-submit": ("submit", "ops"),
+    "capped-submit": ("submit", "capped"),
+}
 
 
 def project_token(name: str) -> str:
     return f"token-of-{name}-" + "p" * 16
+
+
 API_BODY_LIMIT = 1024 * 1024
 
 
@@ -179,13 +194,24 @@ def api(harness):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tokens_file = api_tokens_file(harness)
-    tokens_file.write_text("".join(
-        Grant(digest=digest(project_token(name)), role=Role(role), project=project).line + "\n"
-        for name, (role, project) in PROJECT_TOKENS.items()))
+    tokens_file.write_text(
+        "".join(
+            Grant(digest=digest(project_token(name)), role=Role(role), project=project).line + "\n"
+            for name, (role, project) in PROJECT_TOKENS.items()
+        )
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build([Grant(digest=digest(API_TOKEN)), Grant(digest=digest(OTHER_TOKEN))],
-                    tokens_file, max_body_bytes=API_BODY_LIMIT, settings=harness.settings),
-              name="cicd", route_prefix="/", blocking=False)
+    serve.run(
+        build(
+            [Grant(digest=digest(API_TOKEN)), Grant(digest=digest(OTHER_TOKEN))],
+            tokens_file,
+            max_body_bytes=API_BODY_LIMIT,
+            settings=harness.settings,
+        ),
+        name="cicd",
+        route_prefix="/",
+        blocking=False,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -222,7 +248,13 @@ def cli(tmp_path):
     env["CICD_RAY_HOME"] = str(tmp_path / "home")
 
     def call(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=CLI_ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [*CLI, *args],
+            cwd=CLI_ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return call

@@ -32,15 +32,23 @@ def test_healthz_needs_no_token(api):
     assert r.json()["status"] == "ok" and "default" in r.json()["pools"]
 
 
-@pytest.mark.parametrize("headers, reason", [
-    ({}, "missing token"),
-    ({"Authorization": "Bearer nope"}, "invalid token"),
-    ({"Authorization": f"Basic {API_TOKEN}"}, "invalid token"),
-])
+@pytest.mark.parametrize(
+    "headers, reason",
+    [
+        ({}, "missing token"),
+        ({"Authorization": "Bearer nope"}, "invalid token"),
+        ({"Authorization": f"Basic {API_TOKEN}"}, "invalid token"),
+    ],
+)
 def test_every_endpoint_but_healthz_needs_the_token(api, headers, reason):
-    for method, path in [("GET", "/api/v1/runs"), ("POST", "/api/v1/runs"),
-                         ("GET", "/api/v1/workers"), ("GET", "/api/v1/queue"),
-                         ("GET", "/api/v1/runs/x"), ("POST", "/api/v1/runs/x/cancel")]:
+    for method, path in [
+        ("GET", "/api/v1/runs"),
+        ("POST", "/api/v1/runs"),
+        ("GET", "/api/v1/workers"),
+        ("GET", "/api/v1/queue"),
+        ("GET", "/api/v1/runs/x"),
+        ("POST", "/api/v1/runs/x/cancel"),
+    ]:
         r = httpx.request(method, f"{api}{path}", headers=headers, json={})
         assert r.status_code == 401, (method, path)
         assert r.json()["detail"].startswith(reason)
@@ -59,8 +67,14 @@ def test_submit_poll_and_read_logs_with_the_client(client):
 
 
 def test_follow_a_log_while_the_step_is_still_printing(client):
-    run = client.submit({"name": "follow", "steps": [{
-        "name": "talk", "run": "for i in $(seq 1 8); do echo tick $i; sleep 0.3; done"}]})
+    run = client.submit(
+        {
+            "name": "follow",
+            "steps": [
+                {"name": "talk", "run": "for i in $(seq 1 8); do echo tick $i; sleep 0.3; done"}
+            ],
+        }
+    )
     arrivals = []
     t0 = time.monotonic()
     for text in run.logs("talk", follow=True):
@@ -72,15 +86,23 @@ def test_follow_a_log_while_the_step_is_still_printing(client):
 
 
 def test_each_attempt_s_log_by_its_number(client, api):
-    run = client.submit({"name": "attempts", "steps": [{
-        "name": "flaky", "retry": {"max": 2, "on": ["failure"]},
-        "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 2 ]'}]})
+    run = client.submit(
+        {
+            "name": "attempts",
+            "steps": [
+                {
+                    "name": "flaky",
+                    "retry": {"max": 2, "on": ["failure"]},
+                    "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 2 ]',
+                }
+            ],
+        }
+    )
     assert run.wait(timeout=30).state == "succeeded"
     url = f"{api}/api/v1/runs/{run.id}/steps/flaky/log"
     for attempt, text in [(1, "try 1\n"), (2, "try 2\n"), (None, "try 2\n")]:
         r = httpx.get(url, params={"attempt": attempt} if attempt else {}, headers=AUTH)
-        assert (r.status_code, r.text, r.headers["x-attempt"]) == (200, text,
-                                                                    str(attempt or 2))
+        assert (r.status_code, r.text, r.headers["x-attempt"]) == (200, text, str(attempt or 2))
     assert client.log(run.id, "flaky", attempt=1) == "try 1\n"
     assert httpx.get(url, params={"attempt": 3}, headers=AUTH).status_code == 404
     assert httpx.get(url, params={"attempt": 0}, headers=AUTH).status_code == 422
@@ -92,15 +114,23 @@ def test_log_resumes_from_an_offset(client):
     assert client.log(run.id, "s", offset=3) == "def\n"
     headers = client._request("GET", f"/api/v1/runs/{run.id}/steps/s/log").headers
     assert (headers["x-attempt"], headers["x-attempt-state"], headers["x-more"]) == (
-        "1", "succeeded", "false")
+        "1",
+        "succeeded",
+        "false",
+    )
     assert client.log_slice(run.id, "s", offset=4) == LogSlice(
-        attempt=1, state="succeeded", data=b"ef\n", more=False)
+        attempt=1, state="succeeded", data=b"ef\n", more=False
+    )
 
 
 def test_the_long_poll_answers_when_the_run_changes(client, shared_dir):
     gate = shared_dir / "long-poll-gate"
-    run = client.submit({"name": "poll", "steps": [
-        {"name": "s", "run": f"while [ ! -e {gate} ]; do sleep 0.05; done"}]})
+    run = client.submit(
+        {
+            "name": "poll",
+            "steps": [{"name": "s", "run": f"while [ ! -e {gate} ]; do sleep 0.05; done"}],
+        }
+    )
     now = client.wait(run.id)  # without a position: at once, with where "now" is
     wait_until(lambda: client.run(run.id).steps[0]["state"] == "running", what="step runs")
     quiet = client.wait(run.id, now.position, timeout_s=0.5)
@@ -120,8 +150,12 @@ def test_the_long_poll_answers_when_the_run_changes(client, shared_dir):
 
 def test_cancel_a_running_step_kills_its_processes(client, shared_dir):
     pidfile = shared_dir / "pid"
-    run = client.submit({"name": "cancel", "steps": [
-        {"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}]})
+    run = client.submit(
+        {
+            "name": "cancel",
+            "steps": [{"name": "long", "run": f"sleep 600 & echo $! > {pidfile}; wait"}],
+        }
+    )
     [pid] = pids_in(pidfile)
     assert run.cancel() == "running"
     assert run.wait(timeout=30).state == "cancelled"
@@ -145,16 +179,20 @@ def test_idempotent_resubmit_returns_the_same_run(api):
     assert first.json()["run_id"] in changed.json()["detail"]
     assert runs_count(api) == before
     # Another token's same key is its own key.
-    theirs = httpx.post(f"{api}/api/v1/runs", json=body, headers={
-        "Authorization": f"Bearer {OTHER_TOKEN}", "Idempotency-Key": "build-1234"})
+    theirs = httpx.post(
+        f"{api}/api/v1/runs",
+        json=body,
+        headers={"Authorization": f"Bearer {OTHER_TOKEN}", "Idempotency-Key": "build-1234"},
+    )
     assert theirs.status_code == 201 and theirs.json()["run_id"] != first.json()["run_id"]
 
 
 def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "app.txt").write_text("from the archive\n")
-    run = client.submit({"name": "upload", "steps": [{"name": "s", "run": "cat app.txt"}]},
-                        source=tmp_path / "src")
+    run = client.submit(
+        {"name": "upload", "steps": [{"name": "s", "run": "cat app.txt"}]}, source=tmp_path / "src"
+    )
     assert run.wait(timeout=30).state == "succeeded"
     assert run.logs("s") == "from the archive\n"
     raw = io.BytesIO()
@@ -162,8 +200,10 @@ def test_archive_upload_is_the_source_of_every_step(client, tmp_path, api):
         info = tarfile.TarInfo("hello.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"hi\n"))
-    body = {"pipeline": {"name": "raw", "steps": [{"name": "s", "run": "cat hello.txt"}]},
-            "source": {"archive": base64.b64encode(raw.getvalue()).decode()}}
+    body = {
+        "pipeline": {"name": "raw", "steps": [{"name": "s", "run": "cat hello.txt"}]},
+        "source": {"archive": base64.b64encode(raw.getvalue()).decode()},
+    }
     r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
     assert r.status_code == 201
     assert client.run(r.json()["run_id"]).wait(timeout=30).logs("s") == "hi\n"
@@ -183,12 +223,21 @@ def test_workers_and_queue(client, harness):
     r = httpx.get(f"{client.url}/api/v1/workers", params={"since": "-1"}, headers=AUTH)
     assert r.status_code == 422
     # The `solo` pool's one slot taken: the next two of its steps wait, the oldest first.
-    assert client.queue() == {"default": {"queued": 0, "oldest_wait_s": 0.0},
-                              "solo": {"queued": 0, "oldest_wait_s": 0.0}}
-    run = client.submit({"name": "queue", "defaults": {"pool": "solo"}, "steps": [
-        {"name": "hold", "run": "sleep 60"},
-        {"name": "w1", "run": "true", "priority": -1}, {"name": "w2", "run": "true",
-                                                       "priority": -1}]})
+    assert client.queue() == {
+        "default": {"queued": 0, "oldest_wait_s": 0.0},
+        "solo": {"queued": 0, "oldest_wait_s": 0.0},
+    }
+    run = client.submit(
+        {
+            "name": "queue",
+            "defaults": {"pool": "solo"},
+            "steps": [
+                {"name": "hold", "run": "sleep 60"},
+                {"name": "w1", "run": "true", "priority": -1},
+                {"name": "w2", "run": "true", "priority": -1},
+            ],
+        }
+    )
     wait_until(lambda: client.run(run.id).steps[0]["state"] == "running", what="hold runs")
     time.sleep(0.3)  # the two waiting steps have waited at least this long
     queue = client.queue()
@@ -203,21 +252,35 @@ def runs_count(api) -> int:
     return len(httpx.get(f"{api}/api/v1/runs", params={"limit": 500}, headers=AUTH).json()["runs"])
 
 
-@pytest.mark.parametrize("body, status, detail", [
-    ({"pipeline": "name: x\nsteps: [\n"}, 422, "not valid YAML"),
-    ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "tiemout": 1}]}}, 422,
-     "steps[0] (a).tiemout: unknown key"),
-    ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "pool": "gpu"}]}}, 422,
-     "steps (a).pool: unknown pool 'gpu'"),
-    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "env": {"CICD_X": "1"}}, 422,
-     "env.CICD_X: names starting with CICD_ are reserved"),
-    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "source": {"archive": "@@@"}}, 422,
-     "source.archive: not valid base64"),
-    ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "surprise": 1}, 422, "surprise"),
-    ({"pipeline": "x" * (API_BODY_LIMIT + 10)}, 413, "byte limit"),
-])
-def test_bad_submissions_get_a_4xx_naming_the_problem_and_store_nothing(api, body, status,
-                                                                       detail):
+@pytest.mark.parametrize(
+    "body, status, detail",
+    [
+        ({"pipeline": "name: x\nsteps: [\n"}, 422, "not valid YAML"),
+        (
+            {"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "tiemout": 1}]}},
+            422,
+            "steps[0] (a).tiemout: unknown key",
+        ),
+        (
+            {"pipeline": {"name": "x", "steps": [{"name": "a", "run": "x", "pool": "gpu"}]}},
+            422,
+            "steps (a).pool: unknown pool 'gpu'",
+        ),
+        (
+            {"pipeline": "name: x\nsteps: [{name: a, run: x}]", "env": {"CICD_X": "1"}},
+            422,
+            "env.CICD_X: names starting with CICD_ are reserved",
+        ),
+        (
+            {"pipeline": "name: x\nsteps: [{name: a, run: x}]", "source": {"archive": "@@@"}},
+            422,
+            "source.archive: not valid base64",
+        ),
+        ({"pipeline": "name: x\nsteps: [{name: a, run: x}]", "surprise": 1}, 422, "surprise"),
+        ({"pipeline": "x" * (API_BODY_LIMIT + 10)}, 413, "byte limit"),
+    ],
+)
+def test_bad_submissions_get_a_4xx_naming_the_problem_and_store_nothing(api, body, status, detail):
     before = runs_count(api)
     r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
     assert r.status_code == status
@@ -265,21 +328,34 @@ def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
     run = client.submit({"name": "git", "source": {"git": url, "ref": "v1"}, "steps": [read]})
     assert run.wait(timeout=60).state == "succeeded"
     assert run.logs("read") == "version one\n1\n"
-    body = {"pipeline": "name: git2\nsteps:\n  - {name: read, run: cat README}\n",
-            "source": {"git": url, "ref": "main"}}
+    body = {
+        "pipeline": "name: git2\nsteps:\n  - {name: read, run: cat README}\n",
+        "source": {"git": url, "ref": "main"},
+    }
     r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH)
     assert r.status_code == 201
-    assert client.run(r.json()["run_id"]).wait(timeout=60).logs("read") == \
-        "version two\n"
+    assert client.run(r.json()["run_id"]).wait(timeout=60).logs("read") == "version two\n"
     # The ref is pinned at submission: the run names the commit, and a ref that names none
     # is refused then (422), not a failed step later.
-    v1 = subprocess.run(["git", "-C", url.removeprefix("file://"), "rev-parse", "v1"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+    v1 = subprocess.run(
+        ["git", "-C", url.removeprefix("file://"), "rev-parse", "v1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert run.view["run"]["commit"] == v1
     before = runs_count(api)
-    bad = httpx.post(f"{api}/api/v1/runs", headers=AUTH, json={
-        "pipeline": {"name": "git3", "source": {"git": url, "ref": "no-such-ref"},
-                     "steps": [{"name": "read", "run": "true"}]}})
+    bad = httpx.post(
+        f"{api}/api/v1/runs",
+        headers=AUTH,
+        json={
+            "pipeline": {
+                "name": "git3",
+                "source": {"git": url, "ref": "no-such-ref"},
+                "steps": [{"name": "read", "run": "true"}],
+            }
+        },
+    )
     assert bad.status_code == 422
     assert "'no-such-ref' names no branch, tag or commit" in bad.text
     assert runs_count(api) == before
@@ -290,14 +366,21 @@ def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client,
 
     run = client.submit({"name": "beside", "steps": [{"name": "a", "run": "sleep 2; echo on"}]})
     before = runs_count(api)
-    bodies = {name: {"pipeline": text} for name, (text, _) in HOSTILE.items()
-              if len(text) < API_BODY_LIMIT}
+    bodies = {
+        name: {"pipeline": text}
+        for name, (text, _) in HOSTILE.items()
+        if len(text) < API_BODY_LIMIT
+    }
     deep = '{"pipeline": {"name": "x", "steps": ' + "[" * 100_000 + "]" * 100_000 + "}}"
     for name, body in [*bodies.items(), ("100,000 levels of JSON", deep)]:
         started = time.perf_counter()
         if isinstance(body, str):
-            r = httpx.post(f"{api}/api/v1/runs", content=body, timeout=30,
-                           headers={**AUTH, "Content-Type": "application/json"})
+            r = httpx.post(
+                f"{api}/api/v1/runs",
+                content=body,
+                timeout=30,
+                headers={**AUTH, "Content-Type": "application/json"},
+            )
         else:
             r = httpx.post(f"{api}/api/v1/runs", json=body, headers=AUTH, timeout=30)
         elapsed = time.perf_counter() - started

@@ -13,16 +13,22 @@ EXAMPLES_PER_OPERATION = 15
 
 
 def test_no_input_makes_the_api_fail_with_a_5xx(api):
-    schema = schemathesis.openapi.from_url(f"{api}/openapi.json",
-                                           headers={"Authorization": f"Bearer {API_TOKEN}"})
+    schema = schemathesis.openapi.from_url(
+        f"{api}/openapi.json", headers={"Authorization": f"Bearer {API_TOKEN}"}
+    )
     tried = []
     for result in schema.get_all_operations():
         operation = result.ok()
         if operation.path.endswith("/events"):
             continue  # a stream that never ends; its bad input is tested in test_monitoring
 
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  derandomize=True, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def call(case):
             if case.query and "follow" in case.query:
@@ -31,7 +37,8 @@ def test_no_input_makes_the_api_fail_with_a_5xx(api):
             tried.append(response.status_code)
             assert response.status_code < 500, (
                 f"{case.method} {case.formatted_path} {case.query} -> "
-                f"{response.status_code} {response.text[:300]}")
+                f"{response.status_code} {response.text[:300]}"
+            )
 
         call()
     assert len(tried) >= 5 * EXAMPLES_PER_OPERATION  # every operation was exercised

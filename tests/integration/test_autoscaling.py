@@ -36,8 +36,9 @@ def scaling(tmp_path_factory):
 def test_six_parallel_steps_bring_up_nodes_and_idle_ones_go_away(scaling):
     assert scaling.raylets() == 1, "only the head before any run"
     assert scaling.live_workers() == []
-    steps = [{"name": f"s{i}", "run": "sleep 5; echo done", "resources": {"cpu": 1}}
-             for i in range(6)]
+    steps = [
+        {"name": f"s{i}", "run": "sleep 5; echo done", "resources": {"cpu": 1}} for i in range(6)
+    ]
     r = scaling.http.post("/api/v1/runs", json={"pipeline": {"name": "wide", "steps": steps}})
     assert r.status_code == 201, r.text
     run_id = r.json()["run_id"]
@@ -62,6 +63,10 @@ def test_six_parallel_steps_bring_up_nodes_and_idle_ones_go_away(scaling):
             break
         time.sleep(1)
     assert scaling.live_workers() == [] and scaling.raylets() == 1, (
-        scaling.live_workers(), scaling.raylets())
-    print(f"nodes at most {most_nodes}, workers at most {most_workers}, "
-          f"capacity waits {sorted(waits)}")
+        scaling.live_workers(),
+        scaling.raylets(),
+    )
+    print(
+        f"nodes at most {most_nodes}, workers at most {most_workers}, "
+        f"capacity waits {sorted(waits)}"
+    )

@@ -19,21 +19,37 @@ def shared_file(path):
 
 
 def git(*args: str, cwd) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
-def test_the_commit_stays_pinned_when_the_branch_moves_between_two_steps(harness, tmp_path,
-                                                                          shared_dir):
+def test_the_commit_stays_pinned_when_the_branch_moves_between_two_steps(
+    harness, tmp_path, shared_dir
+):
     from tests.unit.test_source import make_repo
 
     url = make_repo(tmp_path)
     pinned = git("rev-parse", "main", cwd=tmp_path / "repo.git")
     gate = shared_dir / "gate"
-    run_id = harness.submit({"name": "pinned", "source": {"git": url, "ref": "main"}, "steps": [
-        {"name": "first", "run": f"git rev-parse HEAD; cat README; "
-                                 f"while [ ! -e {gate} ]; do sleep 0.05; done"},
-        {"name": "second", "needs": ["first"], "run": "git rev-parse HEAD; cat README"}]})
+    run_id = harness.submit(
+        {
+            "name": "pinned",
+            "source": {"git": url, "ref": "main"},
+            "steps": [
+                {
+                    "name": "first",
+                    "run": f"git rev-parse HEAD; cat README; "
+                    f"while [ ! -e {gate} ]; do sleep 0.05; done",
+                },
+                {"name": "second", "needs": ["first"], "run": "git rev-parse HEAD; cat README"},
+            ],
+        }
+    )
     harness.wait_for_step(run_id, "first", StepState.RUNNING)
     (tmp_path / "work" / "README").write_text("version three\n")  # main moves on
     git("commit", "-qam", "three", cwd=tmp_path / "work")
@@ -46,19 +62,38 @@ def test_the_commit_stays_pinned_when_the_branch_moves_between_two_steps(harness
     assert view["run"]["commit"] == pinned
     for step in ("first", "second"):
         assert harness.log(run_id, step) == f"{pinned}\nversion two\n"
-    later = harness.wait(harness.submit({"name": "pinned", "source": {"git": url, "ref": "main"},
-                                         "steps": [{"name": "read", "run": "cat README"}]}))
+    later = harness.wait(
+        harness.submit(
+            {
+                "name": "pinned",
+                "source": {"git": url, "ref": "main"},
+                "steps": [{"name": "read", "run": "cat README"}],
+            }
+        )
+    )
     assert later["run"]["commit"] == moved
 
 
 def test_a_second_run_hits_the_cache_and_a_reused_step_runs_no_process(harness, shared_dir):
     evidence = shared_file(shared_dir / "evidence")
-    pipeline = {"name": "warm", "steps": [
-        {"name": "deps", "reuse": False, "run": f"echo deps >> {evidence}; "
-         "ls vendor 2>/dev/null || echo cold; mkdir -p vendor; echo lib > vendor/lib",
-         "cache": [{"key": "vendor-v1", "paths": ["vendor"]}]},
-        {"name": "gen", "reuse": True, "artifacts": ["gen"],
-         "run": f"echo gen >> {evidence}; mkdir gen; echo code > gen/code"}]}
+    pipeline = {
+        "name": "warm",
+        "steps": [
+            {
+                "name": "deps",
+                "reuse": False,
+                "run": f"echo deps >> {evidence}; "
+                "ls vendor 2>/dev/null || echo cold; mkdir -p vendor; echo lib > vendor/lib",
+                "cache": [{"key": "vendor-v1", "paths": ["vendor"]}],
+            },
+            {
+                "name": "gen",
+                "reuse": True,
+                "artifacts": ["gen"],
+                "run": f"echo gen >> {evidence}; mkdir gen; echo code > gen/code",
+            },
+        ],
+    }
     first = harness.run(pipeline)
     assert first["run"]["state"] == "succeeded", first
     second = harness.run(pipeline)
@@ -66,7 +101,8 @@ def test_a_second_run_hits_the_cache_and_a_reused_step_runs_no_process(harness, 
     assert sorted(evidence.read_text().split()) == ["deps", "deps", "gen"]  # gen ran once
     deps = [a for a in second["attempts"] if a["step"] == "deps"][-1]
     assert deps["caches"][0]["result"] == "hit" and deps["caches"][0]["bytes_restored"] > 0, (
-        harness.log(second["run"]["id"], "deps"))
+        harness.log(second["run"]["id"], "deps")
+    )
     assert "lib" in harness.log(second["run"]["id"], "deps")
     gen = harness.step(second, "gen")
     assert gen["reused_from"]["run_id"] == first["run"]["id"]
@@ -74,17 +110,27 @@ def test_a_second_run_hits_the_cache_and_a_reused_step_runs_no_process(harness, 
     assert harness.log(second["run"]["id"], "gen").startswith("[cicd-ray] not run: reused")
 
 
-def test_explain_names_the_input_that_changed_and_rerun_runs_the_failed_part(harness, api,
-                                                                             shared_dir,
-                                                                             tmp_path):
+def test_explain_names_the_input_that_changed_and_rerun_runs_the_failed_part(
+    harness, api, shared_dir, tmp_path
+):
     evidence, gate = shared_file(shared_dir / "evidence"), shared_dir / "gate"
     steps = [
-        {"name": "gen", "reuse": True, "artifacts": ["out"], "env": {"FLAVOUR": "a"},
-         "run": f"echo gen >> {evidence}; mkdir out; echo $FLAVOUR > out/flavour"},
-        {"name": "test", "needs": ["gen"], "reuse": True,
-         "run": f"echo test >> {evidence}; cat out/flavour; test -e {gate}"},
+        {
+            "name": "gen",
+            "reuse": True,
+            "artifacts": ["out"],
+            "env": {"FLAVOUR": "a"},
+            "run": f"echo gen >> {evidence}; mkdir out; echo $FLAVOUR > out/flavour",
+        },
+        {
+            "name": "test",
+            "needs": ["gen"],
+            "reuse": True,
+            "run": f"echo test >> {evidence}; cat out/flavour; test -e {gate}",
+        },
         {"name": "report", "needs": ["test"], "run": f"echo report >> {evidence}"},
-        {"name": "docs", "run": f"echo docs >> {evidence}"}]
+        {"name": "docs", "run": f"echo docs >> {evidence}"},
+    ]
     client = Client(api, API_TOKEN)
     failed = client.submit({"name": "part", "steps": steps}).wait(timeout=90)
     assert [s["state"] for s in failed.steps] == ["succeeded", "failed", "skipped", "succeeded"]

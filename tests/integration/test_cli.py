@@ -29,8 +29,11 @@ def test_validate_accepts_and_rejects_with_every_problem(cli, tmp_path):
     ok = cli("validate", "pipelines/hello.yaml")
     assert ok.returncode == 0
     assert "valid pipeline 'hello' with 6 step(s)" in ok.stdout
-    bad = write(tmp_path, "bad.yaml", "name: Bad\nsteps:\n  - name: a\n    run: x\n"
-                "    needs: [zzz]\n    tiemout: 3\n")
+    bad = write(
+        tmp_path,
+        "bad.yaml",
+        "name: Bad\nsteps:\n  - name: a\n    run: x\n    needs: [zzz]\n    tiemout: 3\n",
+    )
     result = cli("validate", bad, "--json")
     assert result.returncode == 2
     problems = json.loads(result.stdout)["problems"]
@@ -72,7 +75,10 @@ def test_run_succeeds_then_status_runs_and_logs_work_without_a_cluster(cli):
 
 def test_artifacts_explain_and_rerun_of_the_failed_part(cli, tmp_path, shared_dir):
     gate = shared_dir / "gate"  # where the steps' own users can see it
-    pipeline = write(tmp_path, "p.yaml", f"""
+    pipeline = write(
+        tmp_path,
+        "p.yaml",
+        f"""
 name: part
 steps:
   - name: build
@@ -81,14 +87,14 @@ steps:
   - name: check
     needs: [build]
     run: cat dist/app && test -e {gate}
-""")
+""",
+    )
     failed = cli("run", pipeline)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     run_id = failed.stdout.split()[1]
     listed = cli("artifacts", run_id, "--step", "build", "--download", str(tmp_path / "dl"))
     assert listed.returncode == 0, listed.stderr
-    assert "dist/app" in listed.stdout and (tmp_path / "dl/build/dist/app").read_text() == \
-        "built\n"
+    assert "dist/app" in listed.stdout and (tmp_path / "dl/build/dist/app").read_text() == "built\n"
     files = json.loads(cli("artifacts", run_id, "--json").stdout)["artifacts"]
     assert [(f["step"], f["path"], f["size"]) for f in files] == [("build", "dist/app", 6)]
     said = cli("explain", run_id, "check")
@@ -99,8 +105,10 @@ steps:
     new_id = again.stdout.splitlines()[0]
     status = json.loads(cli("status", new_id, "--json").stdout)
     assert status["run"]["rerun_of"] == run_id
-    assert [(s["spec"]["name"], s["state"], bool(s["carried_from"])) for s in status["steps"]] \
-        == [("build", "succeeded", True), ("check", "succeeded", False)]
+    assert [(s["spec"]["name"], s["state"], bool(s["carried_from"])) for s in status["steps"]] == [
+        ("build", "succeeded", True),
+        ("check", "succeeded", False),
+    ]
     assert f"a re-run of run {run_id}" in cli("status", new_id).stdout
     unknown = cli("explain", run_id, "nope")
     assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
@@ -110,8 +118,11 @@ def test_a_git_ref_that_names_no_commit_exits_2_at_submission(cli, tmp_path):
     from tests.unit.test_source import make_repo
 
     url = make_repo(tmp_path)
-    pipeline = write(tmp_path, "git.yaml", f"name: git\nsource: {{git: '{url}', ref: nope}}\n"
-                     "steps:\n  - {name: a, run: 'true'}\n")
+    pipeline = write(
+        tmp_path,
+        "git.yaml",
+        f"name: git\nsource: {{git: '{url}', ref: nope}}\nsteps:\n  - {{name: a, run: 'true'}}\n",
+    )
     result = cli("run", pipeline)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "source.ref: 'nope' names no branch, tag or commit" in result.stderr
@@ -119,10 +130,14 @@ def test_a_git_ref_that_names_no_commit_exits_2_at_submission(cli, tmp_path):
 
 
 def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path):
-    path = write(tmp_path, "fail.yaml", "name: fail\nsteps:\n  - name: unit\n    run: |\n"
-                 "      for i in $(seq 1 30); do echo \"case $i\"; done\n"
-                 "      echo 'AssertionError: 2 != 3'\n      exit 4\n"
-                 "  - {name: deploy, needs: [unit], run: 'true'}\n")
+    path = write(
+        tmp_path,
+        "fail.yaml",
+        "name: fail\nsteps:\n  - name: unit\n    run: |\n"
+        '      for i in $(seq 1 30); do echo "case $i"; done\n'
+        "      echo 'AssertionError: 2 != 3'\n      exit 4\n"
+        "  - {name: deploy, needs: [unit], run: 'true'}\n",
+    )
     result = cli("run", path)
     assert result.returncode == 1
     out = result.stdout
@@ -136,8 +151,11 @@ def test_run_failure_exits_1_and_prints_the_failed_steps_log_tail(cli, tmp_path)
 
 
 def test_run_invalid_pipeline_exits_2_without_starting_anything(cli, tmp_path):
-    path = write(tmp_path, "cycle.yaml", "name: c\nsteps:\n  - {name: a, run: x, needs: [b]}\n"
-                 "  - {name: b, run: x, needs: [a]}\n")
+    path = write(
+        tmp_path,
+        "cycle.yaml",
+        "name: c\nsteps:\n  - {name: a, run: x, needs: [b]}\n  - {name: b, run: x, needs: [a]}\n",
+    )
     result = cli("run", path, timeout=60)
     assert result.returncode == 2
     assert "steps: the needs form a cycle: a -> b -> a" in result.stderr
@@ -169,12 +187,22 @@ def test_run_on_the_redis_store_and_read_it_back_without_a_cluster(cli, redis_ur
 
 def test_recommend_and_cost_from_the_history_of_real_runs(harness, cli, tmp_path):
     """Runs on the session cluster, then the CLI reads their attempts from its store."""
-    doc = {"name": "sizing", "steps": [
-        {"name": "hog", "resources": {"cpu": 2, "memory_mb": 1024},
-         "run": "python3 -c \"b = bytearray(60 * 2**20); import time; time.sleep(0.5)\""},
-        {"name": "spin", "resources": {"cpu": 0.5, "memory_mb": 64},
-         "run": "python3 -c \"import time\nt = time.process_time()\n"
-                "while time.process_time() - t < 1.5: pass\""}]}
+    doc = {
+        "name": "sizing",
+        "steps": [
+            {
+                "name": "hog",
+                "resources": {"cpu": 2, "memory_mb": 1024},
+                "run": 'python3 -c "b = bytearray(60 * 2**20); import time; time.sleep(0.5)"',
+            },
+            {
+                "name": "spin",
+                "resources": {"cpu": 0.5, "memory_mb": 64},
+                "run": 'python3 -c "import time\nt = time.process_time()\n'
+                'while time.process_time() - t < 1.5: pass"',
+            },
+        ],
+    }
     for _ in range(3):
         assert harness.run(doc)["run"]["state"] == "succeeded"
     home = {"CICD_RAY_HOME": str(harness.settings.home)}
@@ -193,11 +221,13 @@ def test_recommend_and_cost_from_the_history_of_real_runs(harness, cli, tmp_path
     assert pipeline["worker_seconds"] > 1.5
     bad = cli("cost", "--since", "yesterday", **home)
     said = " ".join(bad.stderr.replace("│", " ").split())  # typer's box wraps the message
-    assert bad.returncode == 2 and "'yesterday': expected an age such as 7d, 12h, 30m or 90s" \
-        in said
+    assert (
+        bad.returncode == 2 and "'yesterday': expected an age such as 7d, 12h, 30m or 90s" in said
+    )
     nothing = cli("recommend", "no-such-pipeline", **home)
     assert nothing.returncode != 0 and "no runs of pipeline 'no-such-pipeline'" in (
-        nothing.stdout + nothing.stderr)
+        nothing.stdout + nothing.stderr
+    )
 
 
 def test_gc_deletes_finished_runs_and_their_logs(cli, tmp_path):
@@ -207,12 +237,19 @@ def test_gc_deletes_finished_runs_and_their_logs(cli, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     run_id = done.stdout.split()[1]
     # docs/operations.md's block as written: the run is younger than 7 days, so it stays.
-    documented = block("docs/operations.md", "cicd-ray gc --older-than 7d --dry-run   # would "
-                       "delete 12 run(s) with their logs, 3 source archive(s), ...")
-    env = {**os.environ, "CICD_RAY_HOME": str(tmp_path / "home"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    shown = subprocess.run(["bash", "-e", "-c", documented], env=env, capture_output=True,
-                           text=True, timeout=120)
+    documented = block(
+        "docs/operations.md",
+        "cicd-ray gc --older-than 7d --dry-run   # would "
+        "delete 12 run(s) with their logs, 3 source archive(s), ...",
+    )
+    env = {
+        **os.environ,
+        "CICD_RAY_HOME": str(tmp_path / "home"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    shown = subprocess.run(
+        ["bash", "-e", "-c", documented], env=env, capture_output=True, text=True, timeout=120
+    )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[0].startswith("would delete 0 run(s)"), shown.stdout
     assert shown.stdout.splitlines()[1].startswith("deleted 0 run(s)"), shown.stdout
@@ -244,13 +281,27 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
     url, server = start_redis(tmp_path)
     control = redis.Redis.from_url(url)
     ray_tmp = tempfile.mkdtemp(prefix="cicd-w-", dir="/tmp")  # its own Ray logs to read
-    path = write(tmp_path, "p.yaml", "name: storefail\nsteps:\n"
-                 "  - {name: a, run: 'sleep 4; echo a'}\n"
-                 "  - {name: b, needs: [a], run: 'echo b'}\n")
-    env = {**os.environ, "CICD_RAY_HOME": str(tmp_path / "home"), "CICD_RAY_STORE": url,
-           "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen([*CLI, "run", path], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    path = write(
+        tmp_path,
+        "p.yaml",
+        "name: storefail\nsteps:\n"
+        "  - {name: a, run: 'sleep 4; echo a'}\n"
+        "  - {name: b, needs: [a], run: 'echo b'}\n",
+    )
+    env = {
+        **os.environ,
+        "CICD_RAY_HOME": str(tmp_path / "home"),
+        "CICD_RAY_STORE": url,
+        "RAY_TMPDIR": ray_tmp,
+    }
+    proc = subprocess.Popen(
+        [*CLI, "run", path],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         store = open_store(url)
 
@@ -263,8 +314,9 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
             found = []
             for candidate in psutil.process_iter(["cmdline"]):
                 with contextlib.suppress(psutil.Error):
-                    if ((candidate.info["cmdline"] or [""])[0].startswith("ray::Master")
-                            and candidate.environ().get("RAY_TMPDIR") == ray_tmp):
+                    if (candidate.info["cmdline"] or [""])[0].startswith(
+                        "ray::Master"
+                    ) and candidate.environ().get("RAY_TMPDIR") == ray_tmp:
                         found.append(candidate.pid)
             return found
 
@@ -274,8 +326,10 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
         logs = Path(ray_tmp) / "ray" / "session_latest" / "logs"
 
         def master_said_so() -> bool:
-            return any("store write failed, restarting the master" in p.read_text(errors="replace")
-                       for p in logs.glob("*.err"))
+            return any(
+                "store write failed, restarting the master" in p.read_text(errors="replace")
+                for p in logs.glob("*.err")
+            )
 
         wait_until(master_said_so, 60, "the master exiting on the failed write")
         wait_until(lambda: first_master not in masters(), 30, "the master process gone")
@@ -315,9 +369,15 @@ def test_approve_releases_a_waiting_step_and_status_shows_who(harness, api, cli)
     from cicd_ray.states import StepState
     from tests.integration.conftest import API_TOKEN
 
-    run_id = harness.submit({"name": "cli-approve", "steps": [
-        {"name": "gate", "approval": {"prompt": "Ship it?"}},
-        {"name": "ship", "needs": ["gate"], "run": "echo shipped"}]})
+    run_id = harness.submit(
+        {
+            "name": "cli-approve",
+            "steps": [
+                {"name": "gate", "approval": {"prompt": "Ship it?"}},
+                {"name": "ship", "needs": ["gate"], "run": "echo shipped"},
+            ],
+        }
+    )
     harness.wait_for_step(run_id, "gate", StepState.WAITING_APPROVAL)
     remote = {"CICD_RAY_URL": api, "CICD_RAY_TOKEN": API_TOKEN}
     waiting = cli("status", run_id, **remote)
@@ -325,8 +385,7 @@ def test_approve_releases_a_waiting_step_and_status_shows_who(harness, api, cli)
     assert f"cicd-ray approve {run_id} gate" in " ".join(waiting.stdout.split())
     nowhere = cli("approve", run_id, "gate")
     assert nowhere.returncode == 2 and "approve needs --url" in nowhere.stderr + nowhere.stdout
-    done = cli("approve", run_id, "gate", "--comment", "looks good", "--by", "cli-user",
-               **remote)
+    done = cli("approve", run_id, "gate", "--comment", "looks good", "--by", "cli-user", **remote)
     assert done.returncode == 0, done.stderr
     assert f"gate in run {run_id}: succeeded" in done.stdout
     assert harness.wait(run_id)["run"]["state"] == "succeeded"

@@ -27,11 +27,22 @@ def pools_whole_again(harness):
 
 
 def test_worker_killed_mid_step_is_retried_elsewhere_and_the_run_succeeds(harness):
-    run_id = harness.submit({"name": "infra", "steps": [
-        {"name": "build", "retry": {"max": 1, "on": ["infra"]},
-         "run": 'echo "attempt $CICD_ATTEMPT"; if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600; fi'},
-        {"name": "after", "needs": ["build"], "run": "echo after"},
-    ]})
+    run_id = harness.submit(
+        {
+            "name": "infra",
+            "steps": [
+                {
+                    "name": "build",
+                    "retry": {"max": 1, "on": ["infra"]},
+                    "run": (
+                        'echo "attempt $CICD_ATTEMPT"; '
+                        'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600; fi'
+                    ),
+                },
+                {"name": "after", "needs": ["build"], "run": "echo after"},
+            ],
+        }
+    )
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
     first_worker = step["worker_id"]
     ray.kill(ray.get_actor(worker_actor_name(first_worker), namespace=NAMESPACE))
@@ -52,17 +63,32 @@ def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, 
     elsewhere (retry.infra, 2 by default), and the processes of the lost attempt do not run
     on as orphans, not even one that left the process group with setsid."""
     pids = shared_dir / "pids"
-    run_id = harness.submit({"name": "auto", "steps": [{"name": "build", "run": (
-        f'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600 & echo $! >> {pids}; '
-        f'setsid sleep 601 & echo $! >> {pids}; sleep 602; fi; echo "attempt $CICD_ATTEMPT"')}]})
+    run_id = harness.submit(
+        {
+            "name": "auto",
+            "steps": [
+                {
+                    "name": "build",
+                    "run": (
+                        f'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600 & echo $! >> {pids}; '
+                        f"setsid sleep 601 & echo $! >> {pids}; sleep 602; fi; "
+                        'echo "attempt $CICD_ATTEMPT"'
+                    ),
+                }
+            ],
+        }
+    )
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
     orphans = pids_in(pids, 2)
     assert all(psutil.pid_exists(p) for p in orphans)
     ray.kill(ray.get_actor(worker_actor_name(step["worker_id"]), namespace=NAMESPACE))
     view = harness.wait(run_id, timeout_s=60)
     build = harness.step(view, "build")
-    assert (view["run"]["state"], build["state"], build["attempts"]) == ("succeeded",
-                                                                         "succeeded", 2)
+    assert (view["run"]["state"], build["state"], build["attempts"]) == (
+        "succeeded",
+        "succeeded",
+        2,
+    )
     first = next(a for a in view["attempts"] if a["step"] == "build" and a["number"] == 1)
     assert f"worker {step['worker_id']} lost" in first["reason"]
     assert harness.log(run_id, "build") == "attempt 2\n"
@@ -70,8 +96,9 @@ def test_worker_killed_with_no_retry_settings_is_retried_automatically(harness, 
 
 
 def test_worker_killed_without_infra_retry_fails_the_step_with_the_reason(harness):
-    run_id = harness.submit({"name": "noretry", "steps": [
-        {"name": "build", "run": "sleep 600", "retry": {"infra": 0}}]})
+    run_id = harness.submit(
+        {"name": "noretry", "steps": [{"name": "build", "run": "sleep 600", "retry": {"infra": 0}}]}
+    )
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
     ray.kill(ray.get_actor(worker_actor_name(step["worker_id"]), namespace=NAMESPACE))
     view = harness.wait(run_id, timeout_s=60)
@@ -103,13 +130,22 @@ def new_master(pid_before: int) -> float:
 
 
 def test_master_sigkilled_twice_mid_run_restarts_from_the_store_and_the_run_completes(harness):
-    run_id = harness.submit({"name": "survive", "steps": [
-        {"name": "first", "run": "echo one"},
-        {"name": "slow", "needs": ["first"], "retry": {"max": 2, "on": ["infra"]},
-         "run": "sleep 3; echo two"},
-        {"name": "later", "needs": ["slow"], "run": "sleep 2; echo three"},
-        {"name": "last", "needs": ["later"], "run": "echo four"},
-    ]})
+    run_id = harness.submit(
+        {
+            "name": "survive",
+            "steps": [
+                {"name": "first", "run": "echo one"},
+                {
+                    "name": "slow",
+                    "needs": ["first"],
+                    "retry": {"max": 2, "on": ["infra"]},
+                    "run": "sleep 3; echo two",
+                },
+                {"name": "later", "needs": ["slow"], "run": "sleep 2; echo three"},
+                {"name": "last", "needs": ["later"], "run": "echo four"},
+            ],
+        }
+    )
     harness.wait_for_step(run_id, "slow", StepState.RUNNING)
     assert sigkill_master(harness) < 30
     harness.wait_for_step(run_id, "later", StepState.RUNNING)
@@ -124,8 +160,15 @@ def test_master_sigkilled_twice_mid_run_restarts_from_the_store_and_the_run_comp
 
 
 def test_a_submission_acknowledged_just_before_the_master_dies_still_runs(harness):
-    run_id = harness.submit({"name": "acked", "steps": [
-        {"name": "a", "run": "echo a"}, {"name": "b", "needs": ["a"], "run": "echo b"}]})
+    run_id = harness.submit(
+        {
+            "name": "acked",
+            "steps": [
+                {"name": "a", "run": "echo a"},
+                {"name": "b", "needs": ["a"], "run": "echo b"},
+            ],
+        }
+    )
     sigkill_master(harness)  # at once: the run id is all the client has
     view = harness.wait(run_id, timeout_s=60)
     assert view["run"]["state"] == "succeeded"
@@ -137,10 +180,15 @@ def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness, shared_d
     writes a file), and only then is the master killed: the step's end certainly fell in the
     time the master could not hear it. Its worker reports it to the new master."""
     ended = shared_dir / "ended"
-    run_id = harness.submit({"name": "blink", "steps": [
-        {"name": "quick", "run": f"sleep 1; echo done; touch {ended}"},
-        {"name": "after", "needs": ["quick"], "run": "echo after"},
-    ]})
+    run_id = harness.submit(
+        {
+            "name": "blink",
+            "steps": [
+                {"name": "quick", "run": f"sleep 1; echo done; touch {ended}"},
+                {"name": "after", "needs": ["quick"], "run": "echo after"},
+            ],
+        }
+    )
     harness.wait_for_step(run_id, "quick", StepState.RUNNING)
     pid = ray.get(harness.master.ping.remote())["pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -162,10 +210,21 @@ def test_a_step_that_ends_while_the_master_is_down_is_not_lost(harness, shared_d
 
 def test_frozen_worker_misses_heartbeats_and_its_step_is_retried_elsewhere(harness):
     """SIGSTOP freezes the worker's process, as a hung node would: no actor death, only silence."""
-    run_id = harness.submit({"name": "frozen", "steps": [
-        {"name": "build", "retry": {"max": 1, "on": ["infra"]},
-         "run": 'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600; fi; echo "done on $CICD_ATTEMPT"'},
-    ]})
+    run_id = harness.submit(
+        {
+            "name": "frozen",
+            "steps": [
+                {
+                    "name": "build",
+                    "retry": {"max": 1, "on": ["infra"]},
+                    "run": (
+                        'if [ "$CICD_ATTEMPT" = 1 ]; then sleep 600; fi; '
+                        'echo "done on $CICD_ATTEMPT"'
+                    ),
+                },
+            ],
+        }
+    )
     step = harness.wait_for_step(run_id, "build", StepState.RUNNING)
     frozen = step["worker_id"]
     pid = ray.get(ray.get_actor(worker_actor_name(frozen), namespace=NAMESPACE).pid.remote())
@@ -206,8 +265,14 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
     bad = [
         ({"pipeline": "name: x\nsteps: [{name: a, run: true, tiemout: 3}]"}, 422, "tiemout"),
         ({"pipeline": "steps: ["}, 422, "YAML"),
-        ({"pipeline": {"name": "x", "steps": [{"name": "a", "run": "true"}]},
-          "env": {"CICD_RUN_ID": "x"}}, 422, "CICD_RUN_ID"),
+        (
+            {
+                "pipeline": {"name": "x", "steps": [{"name": "a", "run": "true"}]},
+                "env": {"CICD_RUN_ID": "x"},
+            },
+            422,
+            "CICD_RUN_ID",
+        ),
     ]
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -224,8 +289,10 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
             assert (r.status_code, r.text) == (200, "hi\n")
             assert http.get("/api/v1/runs/nope-123").status_code == 404
             t0 = time.monotonic()
-            r = http.post("/api/v1/runs", json={"pipeline": {
-                "name": "later", "steps": [{"name": "a", "run": "true"}]}})
+            r = http.post(
+                "/api/v1/runs",
+                json={"pipeline": {"name": "later", "steps": [{"name": "a", "run": "true"}]}},
+            )
             waited = time.monotonic() - t0
             assert r.status_code == 503 and r.headers["Retry-After"], r.text
             assert waited < MASTER_TIMEOUT_S + 5
@@ -233,8 +300,10 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
             health = httpx.get(f"{api}/healthz", timeout=MASTER_TIMEOUT_S + 20)
             assert health.status_code == 503, health.text
             assert (health.json()["status"], health.json()["master"]) == ("degraded", False)
-            with Client(api, API_TOKEN, timeout_s=MASTER_TIMEOUT_S + 20) as client, \
-                    pytest.raises(MasterUnavailable, match="not answering"):
+            with (
+                Client(api, API_TOKEN, timeout_s=MASTER_TIMEOUT_S + 20) as client,
+                pytest.raises(MasterUnavailable, match="not answering"),
+            ):
                 client.cancel(run_id)
             os.kill(pid, signal.SIGKILL)
             r = http.post("/api/v1/runs", json=bad[0][0])

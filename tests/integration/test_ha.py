@@ -30,8 +30,9 @@ def s3():
 @pytest.fixture(scope="module")
 def ha(tmp_path_factory, redis_url, s3):
     # Artifacts and caches in an S3-compatible store, as on a real cluster.
-    cluster = HaCluster(tmp_path_factory.mktemp("ha"), redis_url, CICD_RAY_ARTIFACTS=s3.url,
-                        **s3.env)
+    cluster = HaCluster(
+        tmp_path_factory.mktemp("ha"), redis_url, CICD_RAY_ARTIFACTS=s3.url, **s3.env
+    )
     try:
         cluster.start(nodes=2, cpus=2)
         yield cluster
@@ -40,11 +41,25 @@ def ha(tmp_path_factory, redis_url, s3):
 
 
 def test_an_artifact_made_on_one_node_is_used_on_another_through_s3(ha, s3):
-    run_id = ha.submit({"name": "handover", "steps": [
-        {"name": "make", "run": "mkdir -p dist; head -c 300000 /dev/urandom > dist/blob; "
-                                "sha256sum dist/blob | cut -c1-64", "artifacts": ["dist"]},
-        {"name": "use", "needs": ["make"], "matrix": {"n": ["1", "2", "3"]},
-         "run": "sha256sum dist/blob | cut -c1-64; sleep 1.5"}]})
+    run_id = ha.submit(
+        {
+            "name": "handover",
+            "steps": [
+                {
+                    "name": "make",
+                    "run": "mkdir -p dist; head -c 300000 /dev/urandom > dist/blob; "
+                    "sha256sum dist/blob | cut -c1-64",
+                    "artifacts": ["dist"],
+                },
+                {
+                    "name": "use",
+                    "needs": ["make"],
+                    "matrix": {"n": ["1", "2", "3"]},
+                    "run": "sha256sum dist/blob | cut -c1-64; sleep 1.5",
+                },
+            ],
+        }
+    )
     view = ha.wait(run_id)
     assert view["run"]["state"] == "succeeded", view
     made = re.findall(r"^[0-9a-f]{64}$", ha.log(run_id, "make"), re.M)[0]
@@ -74,10 +89,15 @@ def test_the_gcs_keeps_its_tables_in_redis_under_the_ha_namespace(ha):
 
 
 def test_the_gcs_killed_and_restarted_mid_run(ha):
-    run_id = ha.submit({"name": "gcs", "steps": [
-        {"name": "long", "run": "for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done"},
-        {"name": "next", "needs": ["long"], "run": "echo next"},
-    ]})
+    run_id = ha.submit(
+        {
+            "name": "gcs",
+            "steps": [
+                {"name": "long", "run": "for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done"},
+                {"name": "next", "needs": ["long"], "run": "echo next"},
+            ],
+        }
+    )
     ha.wait_step(run_id, "long", "running")
     ha.kill_gcs()
     t0 = time.monotonic()
@@ -104,10 +124,15 @@ def test_the_head_replaced_mid_run_with_the_master_on_a_worker_node(ha):
     on the worker nodes carry on, the step running through it is not run again."""
     masters = ha.actor_pids("ray::Master")
     assert len(masters) == 1, "the master must be on a worker node, not the head"
-    run_id = ha.submit({"name": "head", "steps": [
-        {"name": "long", "run": "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 1; done"},
-        {"name": "next", "needs": ["long"], "run": "echo next"},
-    ]})
+    run_id = ha.submit(
+        {
+            "name": "head",
+            "steps": [
+                {"name": "long", "run": "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 1; done"},
+                {"name": "next", "needs": ["long"], "run": "echo next"},
+            ],
+        }
+    )
     ha.wait_step(run_id, "long", "running")
     killed = ha.kill_head()
     t0 = time.monotonic()
@@ -132,13 +157,23 @@ def test_a_worker_node_removed_mid_step_with_the_master_on_it(ha, shared_dir):
     finish where they ran; the run succeeds. A new node joins afterwards."""
     go = shared_dir / "go"  # first attempts wait for it: they are all running at the kill
     names = ["b0", "b1", "b2"]
-    run_id = ha.submit({"name": "node", "steps": [
-        *({"name": n, "retry": {"max": 2, "on": ["infra"]},
-           "run": f'echo "attempt $CICD_ATTEMPT"; if [ "$CICD_ATTEMPT" = 1 ]; then '
-                  f"until [ -e {go} ]; do sleep 0.1; done; fi"}
-          for n in names),
-        {"name": "after", "needs": names, "run": "echo after"},
-    ]})
+    run_id = ha.submit(
+        {
+            "name": "node",
+            "steps": [
+                *(
+                    {
+                        "name": n,
+                        "retry": {"max": 2, "on": ["infra"]},
+                        "run": f'echo "attempt $CICD_ATTEMPT"; if [ "$CICD_ATTEMPT" = 1 ]; then '
+                        f"until [ -e {go} ]; do sleep 0.1; done; fi",
+                    }
+                    for n in names
+                ),
+                {"name": "after", "needs": names, "run": "echo after"},
+            ],
+        }
+    )
     for name in names:
         ha.wait_step(run_id, name, "running")
     [master] = ha.actor_pids("ray::Master")
@@ -163,11 +198,16 @@ def test_a_worker_node_removed_mid_step_with_the_master_on_it(ha, shared_dir):
 
 
 def test_the_master_sigkilled_twice_mid_run_on_the_redis_store(ha):
-    run_id = ha.submit({"name": "master-redis", "steps": [
-        {"name": "slow", "run": "sleep 3; echo two"},
-        {"name": "later", "needs": ["slow"], "run": "sleep 3; echo three"},
-        {"name": "last", "needs": ["later"], "run": "echo four"},
-    ]})
+    run_id = ha.submit(
+        {
+            "name": "master-redis",
+            "steps": [
+                {"name": "slow", "run": "sleep 3; echo two"},
+                {"name": "later", "needs": ["slow"], "run": "sleep 3; echo three"},
+                {"name": "last", "needs": ["later"], "run": "echo four"},
+            ],
+        }
+    )
     for step in ("slow", "later"):
         ha.wait_step(run_id, step, "running")
         [pid] = ha.actor_pids("ray::Master")
@@ -200,13 +240,20 @@ def chaos_pipeline(index: int, ledger: Path, failing: bool) -> dict:
     for layer in range(CHAOS_LAYERS):
         for col in range(CHAOS_WIDTH):
             name = f"s{layer}-{col}"
-            run = (f'echo "$CICD_RUN_ID $CICD_STEP $CICD_ATTEMPT" >> {ledger}; '
-                   f"sleep {0.5 + (layer * 7 + col * 3 + index) % 9 / 8:.2f}")
+            run = (
+                f'echo "$CICD_RUN_ID $CICD_STEP $CICD_ATTEMPT" >> {ledger}; '
+                f"sleep {0.5 + (layer * 7 + col * 3 + index) % 9 / 8:.2f}"
+            )
             if failing and name == "s2-1":
                 run += "; exit 3"
-            steps.append({"name": name, "run": run, "retry": {"max": 8, "on": ["infra"]},
-                          "needs": [f"s{layer - 1}-{c}" for c in range(CHAOS_WIDTH)
-                                    if layer]})
+            steps.append(
+                {
+                    "name": name,
+                    "run": run,
+                    "retry": {"max": 8, "on": ["infra"]},
+                    "needs": [f"s{layer - 1}-{c}" for c in range(CHAOS_WIDTH) if layer],
+                }
+            )
     return {"name": f"chaos-{index}", "steps": steps}
 
 
@@ -232,8 +279,7 @@ class Chaos(threading.Thread):
                     finally:
                         self.ha.restart_gcs()
                 else:
-                    pids = self.ha.actor_pids("ray::Master" if kind == "master"
-                                              else "ray::Worker")
+                    pids = self.ha.actor_pids("ray::Master" if kind == "master" else "ray::Worker")
                     if not pids:
                         continue  # restarting: nothing of that kind to kill right now
                     with contextlib.suppress(ProcessLookupError):
@@ -281,8 +327,13 @@ def test_chaos(ha, shared_dir):
     for run_id, failing in runs.items():
         view = views[run_id]
         assert view["run"]["state"] == ("failed" if failing else "succeeded"), (
-            view["run"], [(a["step"], a["number"], a["state"], a["reason"])
-                          for a in view["attempts"] if a["state"] != "succeeded"])
+            view["run"],
+            [
+                (a["step"], a["number"], a["state"], a["reason"])
+                for a in view["attempts"]
+                if a["state"] != "succeeded"
+            ],
+        )
         for step in view["steps"]:
             name = step["spec"]["name"]
             steps += 1
@@ -291,8 +342,9 @@ def test_chaos(ha, shared_dir):
             ran = executed.get((run_id, name), [])
             # An attempt ran at most once, and only attempts the store recorded ran.
             assert len(ran) == len(set(ran)) and set(ran) <= set(numbers), (name, ran, numbers)
-            assert numbers == list(range(1, len(numbers) + 1)) == list(
-                range(1, step["attempts"] + 1)), (name, numbers, step["attempts"])
+            assert (
+                numbers == list(range(1, len(numbers) + 1)) == list(range(1, step["attempts"] + 1))
+            ), (name, numbers, step["attempts"])
             # No result applied twice: one succeeded attempt, the last, for a succeeded step.
             won = [a["number"] for a in attempts if a["state"] == "succeeded"]
             if step["state"] == "succeeded":
@@ -301,15 +353,22 @@ def test_chaos(ha, shared_dir):
                 assert not won
             retries += max(0, len(numbers) - 1)
             # In the failing run: layers 0-2 succeed but s2-1, layers 3-4 are skipped.
-            expected = ("failed" if failing and name == "s2-1" else
-                        "skipped" if failing and name[1] in "34" else "succeeded")
+            expected = (
+                "failed"
+                if failing and name == "s2-1"
+                else "skipped"
+                if failing and name[1] in "34"
+                else "succeeded"
+            )
             if step["state"] != expected:
                 lost += 1
     faults = sum(chaos.injected.values())
-    table = (f"\n| faults injected | master | worker | gcs | runs | steps | retries | lost |"
-             f" seconds |\n|---|---|---|---|---|---|---|---|---|\n"
-             f"| {faults} | {chaos.injected['master']} | {chaos.injected['worker']} | "
-             f"{chaos.injected['gcs']} | {len(runs)} | {steps} | {retries} | {lost} | "
-             f"{took:.0f} |")
+    table = (
+        f"\n| faults injected | master | worker | gcs | runs | steps | retries | lost |"
+        f" seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| {faults} | {chaos.injected['master']} | {chaos.injected['worker']} | "
+        f"{chaos.injected['gcs']} | {len(runs)} | {steps} | {retries} | {lost} | "
+        f"{took:.0f} |"
+    )
     print(table)
     assert lost == 0 and faults >= 5, table

@@ -63,8 +63,13 @@ def repo(harness, tmp_path):
     work.mkdir()
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              cwd=work, check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=work,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
     git("init", "-q", "-b", "main")
     (work / ".cicd-ray.yaml").write_text(PIPELINE)
@@ -87,11 +92,15 @@ def status_api(harness):
     api.close()
 
 
-def delivery(event: str, payload: dict, secret: str | None = HOOK_SECRET,
-             delivery_id: str | None = None) -> tuple[bytes, dict]:
+def delivery(
+    event: str, payload: dict, secret: str | None = HOOK_SECRET, delivery_id: str | None = None
+) -> tuple[bytes, dict]:
     body = json.dumps(payload).encode()
-    headers = {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
-               "Content-Type": "application/json"}
+    headers = {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
+        "Content-Type": "application/json",
+    }
     if secret is not None:
         digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         headers["X-Hub-Signature-256"] = f"sha256={digest}"
@@ -99,18 +108,27 @@ def delivery(event: str, payload: dict, secret: str | None = HOOK_SECRET,
 
 
 def push(sha: str, branch: str = "main") -> dict:
-    return {"ref": f"refs/heads/{branch}", "after": sha,
-            "repository": {"full_name": "acme/web-app",
-                           "clone_url": "https://github.com/acme/web-app.git"}}
+    return {
+        "ref": f"refs/heads/{branch}",
+        "after": sha,
+        "repository": {
+            "full_name": "acme/web-app",
+            "clone_url": "https://github.com/acme/web-app.git",
+        },
+    }
 
 
 def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
-        api, repo, status_api, cli):
+    api, repo, status_api, cli
+):
     stale, head = repo  # main is at the second commit: the one a push builds
     hook = f"{api}/api/v1/hooks/github/acme/web-app"
     with httpx.Client(headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30) as admin:
-        before = len(admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app",
-                                                               "limit": 500}).json()["runs"])
+        before = len(
+            admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app", "limit": 500}).json()[
+                "runs"
+            ]
+        )
         body, headers = delivery("push", push(stale))  # overtaken, or a replay: ignored
         ignored = httpx.post(hook, content=body, headers=headers, timeout=60)
         assert ignored.status_code == 202, ignored.text
@@ -127,15 +145,22 @@ def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
         assert again.status_code == 200 and again.json()["run_id"] == run_id
         deadline = time.monotonic() + 90
         while (view := admin.get(f"{api}/api/v1/runs/{run_id}").json())["run"]["state"] in (
-                "queued", "running"):
+            "queued",
+            "running",
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         log = admin.get(f"{api}/api/v1/runs/{run_id}/steps/build/log").text
-        runs = admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app",
-                                                         "limit": 500}).json()["runs"]
+        runs = admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app", "limit": 500}).json()[
+            "runs"
+        ]
     assert view["run"]["state"] == "succeeded", view
-    assert (view["run"]["commit"], view["run"]["branch"], view["run"]["event"],
-            view["run"]["project"]) == (head, "main", "push", "web")
+    assert (
+        view["run"]["commit"],
+        view["run"]["branch"],
+        view["run"]["event"],
+        view["run"]["project"],
+    ) == (head, "main", "push", "web")
     assert f"branch=main commit={head} event=push" in log
     assert "version two" in log  # the pushed commit
     assert len(runs) == before + 1  # the redelivery started nothing
@@ -145,15 +170,18 @@ def test_a_signed_push_runs_the_pipeline_of_its_commit_and_reports_its_status(
         time.sleep(0.1)
     assert [(path, body["state"]) for path, _, body in status_api.calls] == [
         (f"/repos/acme/web-app/statuses/{head}", "pending"),
-        (f"/repos/acme/web-app/statuses/{head}", "success")]
+        (f"/repos/acme/web-app/statuses/{head}", "success"),
+    ]
     assert all(h["Authorization"] == f"Bearer {STATUS_TOKEN}" for _, h, _ in status_api.calls)
     assert status_api.calls[1][2]["context"] == "cicd-ray/web-app"
     deadline = time.monotonic() + 30
     while True:  # the second status is recorded delivered once its answer is in
         shown = cli("status", run_id, "--url", api, CICD_RAY_TOKEN=API_TOKEN)
         assert shown.returncode == 0, shown.stderr
-        if ("commit status success" in shown.stdout and ": delivered" in shown.stdout.split(
-                "commit status success")[1].splitlines()[0]) or time.monotonic() > deadline:
+        if (
+            "commit status success" in shown.stdout
+            and ": delivered" in shown.stdout.split("commit status success")[1].splitlines()[0]
+        ) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     text = " ".join(shown.stdout.split())
@@ -166,9 +194,13 @@ def test_bad_or_missing_signatures_start_nothing_and_other_events_are_ignored(ap
     first, _ = repo
     hook = f"{api}/api/v1/hooks/github/acme/web-app"
     with httpx.Client(headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30) as admin:
+
         def count() -> int:
-            return len(admin.get(f"{api}/api/v1/runs", params={"pipeline": "web-app",
-                                                                 "limit": 500}).json()["runs"])
+            return len(
+                admin.get(
+                    f"{api}/api/v1/runs", params={"pipeline": "web-app", "limit": 500}
+                ).json()["runs"]
+            )
 
         before = count()
         for secret in ("wrong-secret-value", None):
@@ -179,18 +211,17 @@ def test_bad_or_missing_signatures_start_nothing_and_other_events_are_ignored(ap
         tampered = httpx.post(hook, content=body.replace(b"main", b"mainx"), headers=headers)
         assert tampered.status_code == 401
         for event, payload, why in [
-                ("ping", {"zen": "hi", "repository": {"full_name": "acme/web-app"}},
-                 "event 'ping'"),
-                ("push", push(first, "feature/x"),
-                 "branch feature/x is not one of main, release/*")]:
+            ("ping", {"zen": "hi", "repository": {"full_name": "acme/web-app"}}, "event 'ping'"),
+            ("push", push(first, "feature/x"), "branch feature/x is not one of main, release/*"),
+        ]:
             body, headers = delivery(event, payload)
             ignored = httpx.post(hook, content=body, headers=headers, timeout=30)
             assert ignored.status_code == 202 and ignored.json() == {"ignored": why}
-        body, headers = delivery("push", {**push(first), "repository": {
-            "full_name": "acme/other"}})  # signed by web-app's secret, of another repository
+        body, headers = delivery(
+            "push", {**push(first), "repository": {"full_name": "acme/other"}}
+        )  # signed by web-app's secret, of another repository
         assert httpx.post(hook, content=body, headers=headers).status_code == 400
-        other = httpx.post(f"{api}/api/v1/hooks/github/acme/other", content=body,
-                           headers=headers)
+        other = httpx.post(f"{api}/api/v1/hooks/github/acme/other", content=body, headers=headers)
         assert other.status_code == 401 and "acme/other" not in other.text  # not told
         # An unsigned body nested past any parser's depth: refused by its signature, unparsed
         # (the 20 MB one: tests/unit/test_hooks.py; this API takes 1 MiB bodies).

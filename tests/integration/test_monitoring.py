@@ -39,8 +39,9 @@ class EventReader(threading.Thread):
                     return
                 if not line:
                     if "event" in block:
-                        self.events.put((block.get("id"), block["event"],
-                                         json.loads(block["data"])))
+                        self.events.put(
+                            (block.get("id"), block["event"], json.loads(block["data"]))
+                        )
                     block = {}
                 elif not line.startswith(":"):
                     key, _, value = line.partition(": ")
@@ -71,12 +72,24 @@ def test_events_stream_run_and_step_changes_and_resume(api):
     reader.start()
     assert reader.connected.wait(30)
     assert (reader.status, reader.content_type.split(";")[0]) == (200, "text/event-stream")
-    run_id = submit(api, {"name": "watched", "steps": [
-        {"name": "a", "run": "echo a"}, {"name": "b", "needs": ["a"], "run": "exit 3"}]})
-    seen = reader.until(lambda e: e[1] == "run" and e[2]["run_id"] == run_id
-                        and e[2]["state"] == "failed")
-    mine = [(kind, data.get("step"), data["state"]) for _, kind, data in seen
-            if data["run_id"] == run_id]
+    run_id = submit(
+        api,
+        {
+            "name": "watched",
+            "steps": [
+                {"name": "a", "run": "echo a"},
+                {"name": "b", "needs": ["a"], "run": "exit 3"},
+            ],
+        },
+    )
+    seen = reader.until(
+        lambda e: e[1] == "run" and e[2]["run_id"] == run_id and e[2]["state"] == "failed"
+    )
+    mine = [
+        (kind, data.get("step"), data["state"])
+        for _, kind, data in seen
+        if data["run_id"] == run_id
+    ]
     assert ("step", "a", "running") in mine and ("step", "a", "succeeded") in mine
     assert mine.index(("step", "b", "failed")) > mine.index(("step", "a", "succeeded"))
     assert mine[-1] == ("run", None, "failed")
@@ -94,8 +107,9 @@ def test_events_stream_run_and_step_changes_and_resume(api):
     again.stop = True
     # On the wire: a reconnection hint first; a client from another master's epoch is told
     # to reload (`reset`) before anything else.
-    with httpx.stream("GET", f"{api}/api/v1/events", timeout=30,
-                      headers={**AUTH, "Last-Event-ID": "1.0:5"}) as response:
+    with httpx.stream(
+        "GET", f"{api}/api/v1/events", timeout=30, headers={**AUTH, "Last-Event-ID": "1.0:5"}
+    ) as response:
         lines = response.iter_lines()
         head = [next(lines) for _ in range(5)]
     assert head == ["retry: 2000", "", "event: reset", "data: {}", ""], head
@@ -134,32 +148,48 @@ def test_metrics_reach_the_prometheus_endpoint_with_the_run_s_counts(harness):
             break
         assert time.monotonic() < deadline, "the outcome counters never settled"
         before = settled
-    harness.run({"name": "counted", "defaults": {"pool": "solo"}, "steps": [
-        {"name": "ok1", "run": "true"}, {"name": "ok2", "run": "sleep 0.2"},
-        {"name": "bad", "run": "exit 1"}]})
+    harness.run(
+        {
+            "name": "counted",
+            "defaults": {"pool": "solo"},
+            "steps": [
+                {"name": "ok1", "run": "true"},
+                {"name": "ok2", "run": "sleep 0.2"},
+                {"name": "bad", "run": "exit 1"},
+            ],
+        }
+    )
     outcomes = {"succeeded": 2, "failed": 1}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         after = scrape(port)
-        grown = {s: total(after, "ray_cicd_step_outcomes_total", state=s, pool="solo")
-                 - total(before, "ray_cicd_step_outcomes_total", state=s, pool="solo")
-                 for s in outcomes}
+        grown = {
+            s: total(after, "ray_cicd_step_outcomes_total", state=s, pool="solo")
+            - total(before, "ray_cicd_step_outcomes_total", state=s, pool="solo")
+            for s in outcomes
+        }
         if grown == outcomes:
             break
         time.sleep(1)
     assert grown == outcomes
     assert total(after, "ray_cicd_runs_finished_total", state="failed") >= 1
-    assert total(after, "ray_cicd_step_run_seconds_count", pool="solo") - total(
-        before, "ray_cicd_step_run_seconds_count", pool="solo") == 3
+    assert (
+        total(after, "ray_cicd_step_run_seconds_count", pool="solo")
+        - total(before, "ray_cicd_step_run_seconds_count", pool="solo")
+        == 3
+    )
     assert total(after, "ray_cicd_workers", pool="default", state="ready") == 2
     assert total(after, "ray_cicd_store_write_seconds_count") > 0
     assert total(after, "ray_cicd_pool_max_workers", pool="solo") == 1
     assert total(after, "ray_cicd_master_started_at_seconds") > 0
-    assert any(name == "ray_cicd_worker_network_bytes_per_second"
-               and ("direction", "in") in labels for name, labels in after)
+    assert any(
+        name == "ray_cicd_worker_network_bytes_per_second" and ("direction", "in") in labels
+        for name, labels in after
+    )
     # A worker lost is counted (what the CicdWorkersLost alert watches).
-    solo = next(w for w in harness.master_workers() if w["pool"] == "solo"
-                and w["state"] == "ready")
+    solo = next(
+        w for w in harness.master_workers() if w["pool"] == "solo" and w["state"] == "ready"
+    )
     lost = total(after, "ray_cicd_workers_lost_total", pool="solo")
     ray.kill(ray.get_actor(worker_actor_name(solo["id"]), namespace=NAMESPACE))
     deadline = time.monotonic() + 60

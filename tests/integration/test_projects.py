@@ -22,9 +22,18 @@ from tests.integration.conftest import (
     project_token,
 )
 
-OPS_PIPELINE = {"name": "ops-build", "steps": [
-    {"name": "build", "run": "echo ops-secret-output > out.txt", "artifacts": ["out.txt"]},
-    {"name": "gate", "needs": ["build"], "approval": {"prompt": "Ship?"}, "run": "echo shipped"}]}
+OPS_PIPELINE = {
+    "name": "ops-build",
+    "steps": [
+        {"name": "build", "run": "echo ops-secret-output > out.txt", "artifacts": ["out.txt"]},
+        {
+            "name": "gate",
+            "needs": ["build"],
+            "approval": {"prompt": "Ship?"},
+            "run": "echo shipped",
+        },
+    ],
+}
 
 
 def client(api: str, token: str) -> httpx.Client:
@@ -59,21 +68,26 @@ def run_routes(api: str) -> list[tuple[str, str]]:
     route added later is covered without editing this test."""
     with client(api, API_TOKEN) as admin:
         paths = admin.get("/openapi.json").json()["paths"]
-    return sorted((method.upper(), path) for path, methods in paths.items()
-                  for method in methods if "{run_id}" in path)
+    return sorted(
+        (method.upper(), path)
+        for path, methods in paths.items()
+        for method in methods
+        if "{run_id}" in path
+    )
 
 
 def filled(path: str, run_id: str) -> str:
-    return (path.replace("{run_id}", run_id).replace("{step}", "build")
-            .replace("{path}", "out.txt"))
+    return path.replace("{run_id}", run_id).replace("{step}", "build").replace("{path}", "out.txt")
 
 
 def test_another_project_s_run_is_not_found_through_any_route(api):
     routes = run_routes(api)
     assert len(routes) >= 9, routes  # run, wait, cancel, log, artifacts (2), explain, rerun, ...
-    with client(api, project_token("ops-submit")) as ops, \
-            client(api, project_token("web-submit")) as web, \
-            client(api, project_token("web-read")) as web_read:
+    with (
+        client(api, project_token("ops-submit")) as ops,
+        client(api, project_token("web-submit")) as web,
+        client(api, project_token("web-read")) as web_read,
+    ):
         run_id = submitted(ops, OPS_PIPELINE)
         until(lambda: state_of(ops, run_id, "gate") == "waiting_approval")
         for method, path in routes:
@@ -93,8 +107,11 @@ def test_another_project_s_run_is_not_found_through_any_route(api):
         approved = ops.post(f"/api/v1/runs/{run_id}/steps/gate/approve", json={})
         assert approved.status_code == 200, approved.text
         until(lambda: state_of(ops, run_id) == "succeeded")
-        gate = next(s for s in ops.get(f"/api/v1/runs/{run_id}").json()["steps"]
-                    if s["spec"]["name"] == "gate")
+        gate = next(
+            s
+            for s in ops.get(f"/api/v1/runs/{run_id}").json()["steps"]
+            if s["spec"]["name"] == "gate"
+        )
     token_id = hashlib.sha256(project_token("ops-submit").encode()).hexdigest()[:12]
     assert gate["approval"]["by"] == f"token {token_id}"  # no name given: the token's id
 
@@ -105,21 +122,29 @@ def test_the_events_stream_and_workers_list_show_only_the_caller_s_project(api):
     done = threading.Event()
 
     def listen() -> None:
-        with client(api, project_token("web-read")) as reader, \
-                reader.stream("GET", "/api/v1/events", timeout=60) as stream:
+        with (
+            client(api, project_token("web-read")) as reader,
+            reader.stream("GET", "/api/v1/events", timeout=60) as stream,
+        ):
             for line in stream.iter_lines():
                 if line.startswith("data: {") and line != "data: {}":
                     seen.append(json.loads(line[6:]))
-                    if web_run and any(e["run_id"] == web_run[0] and e["kind"] == "run"
-                                       and e["state"] == "succeeded" for e in seen):
+                    if web_run and any(
+                        e["run_id"] == web_run[0]
+                        and e["kind"] == "run"
+                        and e["state"] == "succeeded"
+                        for e in seen
+                    ):
                         break
         done.set()
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     time.sleep(1.5)  # the stream starts from now
-    with client(api, project_token("ops-submit")) as ops, \
-            client(api, project_token("web-submit")) as web:
+    with (
+        client(api, project_token("ops-submit")) as ops,
+        client(api, project_token("web-submit")) as web,
+    ):
         slow = submitted(ops, {"name": "ops-slow", "steps": [{"name": "s", "run": "sleep 4"}]})
         until(lambda: state_of(ops, slow, "s") == "running")
 
@@ -129,8 +154,9 @@ def test_the_events_stream_and_workers_list_show_only_the_caller_s_project(api):
 
         assert any(a.startswith(f"{slow}/") for a in running(ops))
         assert not any(a.startswith(f"{slow}/") for a in running(web))
-        web_run.append(submitted(web, {"name": "web-quick", "steps": [
-            {"name": "q", "run": "echo quick"}]}))
+        web_run.append(
+            submitted(web, {"name": "web-quick", "steps": [{"name": "q", "run": "echo quick"}]})
+        )
         assert done.wait(60), seen
         until(lambda: state_of(ops, slow) == "succeeded")
     assert {e["run_id"] for e in seen} == {web_run[0]}
@@ -138,45 +164,64 @@ def test_the_events_stream_and_workers_list_show_only_the_caller_s_project(api):
 
 
 def test_roles_limit_what_a_token_may_do(api):
-    with client(api, project_token("web-read")) as reader, \
-            client(api, project_token("web-submit")) as submitter, \
-            client(api, API_TOKEN) as admin:
-        pipeline = {"name": "roles", "steps": [
-            {"name": "gate", "approval": {"prompt": "go?"}, "run": "echo ok"}]}
+    with (
+        client(api, project_token("web-read")) as reader,
+        client(api, project_token("web-submit")) as submitter,
+        client(api, API_TOKEN) as admin,
+    ):
+        pipeline = {
+            "name": "roles",
+            "steps": [{"name": "gate", "approval": {"prompt": "go?"}, "run": "echo ok"}],
+        }
         run_id = submitted(submitter, pipeline)
         assert reader.get(f"/api/v1/runs/{run_id}").status_code == 200  # read: sees its own
-        for path in ("/api/v1/runs", f"/api/v1/runs/{run_id}/cancel",
-                     f"/api/v1/runs/{run_id}/rerun", f"/api/v1/runs/{run_id}/steps/gate/approve"):
-            answer = reader.post(path, json={"pipeline": pipeline} if path.endswith("runs")
-                                 else {})
+        for path in (
+            "/api/v1/runs",
+            f"/api/v1/runs/{run_id}/cancel",
+            f"/api/v1/runs/{run_id}/rerun",
+            f"/api/v1/runs/{run_id}/steps/gate/approve",
+        ):
+            answer = reader.post(path, json={"pipeline": pipeline} if path.endswith("runs") else {})
             assert answer.status_code == 403, (path, answer.text)
             assert answer.json()["detail"].startswith("this token's role is read: ")
         assert submitter.get("/api/v1/audit").status_code == 403
         other = submitter.post("/api/v1/runs", json={"pipeline": pipeline, "project": "ops"})
         assert other.status_code == 403
-        assert other.json()["detail"] == ("this token is project web's: it cannot submit runs "
-                                          "of project ops")
+        assert other.json()["detail"] == (
+            "this token is project web's: it cannot submit runs of project ops"
+        )
         assert submitter.post(f"/api/v1/runs/{run_id}/cancel").status_code == 200
         # An admin's token may submit to any project; the audit names who did what.
         ops_run = submitted(admin, pipeline, project="ops")
         assert admin.post(f"/api/v1/runs/{ops_run}/cancel").status_code == 200
         records = admin.get("/api/v1/audit", params={"limit": 50}).json()["audit"]
     digest = hashlib.sha256(project_token("web-submit").encode()).hexdigest()
-    mine = [(r["action"], r["project"], r["run_project"]) for r in records
-            if r["run_id"] == run_id]
+    mine = [(r["action"], r["project"], r["run_project"]) for r in records if r["run_id"] == run_id]
     assert mine == [("cancel", "web", "web"), ("submit", "web", "web")]
     assert {r["token_id"] for r in records if r["run_id"] == run_id} == {digest[:12]}
     assert [(r["action"], r["run_project"]) for r in records if r["run_id"] == ops_run] == [
-        ("cancel", "ops"), ("submit", "ops")]
+        ("cancel", "ops"),
+        ("submit", "ops"),
+    ]
 
 
 def test_a_project_s_steps_get_its_own_secrets(api):
     web_sha = hashlib.sha256(WEB_DEPLOY_KEY.encode()).hexdigest()
     default_sha = hashlib.sha256(DEPLOY_KEY.encode()).hexdigest()
     with client(api, project_token("web-submit")) as web:
-        run_id = submitted(web, {"name": "web-secret", "steps": [
-            {"name": "s", "secrets": ["DEPLOY_KEY"],
-             "run": 'printf %s "$DEPLOY_KEY" | sha256sum'}]})
+        run_id = submitted(
+            web,
+            {
+                "name": "web-secret",
+                "steps": [
+                    {
+                        "name": "s",
+                        "secrets": ["DEPLOY_KEY"],
+                        "run": 'printf %s "$DEPLOY_KEY" | sha256sum',
+                    }
+                ],
+            },
+        )
         until(lambda: state_of(web, run_id) == "succeeded")
         log = web.get(f"/api/v1/runs/{run_id}/steps/s/log").text
     assert web_sha in log and default_sha not in log
@@ -185,8 +230,11 @@ def test_a_project_s_steps_get_its_own_secrets(api):
 def test_a_project_past_its_queued_runs_quota_gets_429_and_nothing_is_stored(api):
     # The first run holds its concurrency group (waiting for an approval, it has started); the
     # second waits for the group, not started: the project's one queued run.
-    waiting = {"name": "capped", "concurrency": {"group": "capped-lock"}, "steps": [
-        {"name": "gate", "approval": {"prompt": "go?"}, "run": "echo ok"}]}
+    waiting = {
+        "name": "capped",
+        "concurrency": {"group": "capped-lock"},
+        "steps": [{"name": "gate", "approval": {"prompt": "go?"}, "run": "echo ok"}],
+    }
     with client(api, project_token("capped-submit")) as capped:
         holder = submitted(capped, waiting)
         until(lambda: state_of(capped, holder) == "running")
@@ -196,7 +244,8 @@ def test_a_project_past_its_queued_runs_quota_gets_429_and_nothing_is_stored(api
         assert refused.status_code == 429, refused.text
         assert refused.json()["detail"] == (
             "project capped has 1 queued runs, its quota (max_queued_runs: 1); submit again "
-            "once some have started")
+            "once some have started"
+        )
         assert [r["id"] for r in capped.get("/api/v1/runs").json()["runs"]] == [first, holder]
         assert capped.post(f"/api/v1/runs/{first}/cancel").status_code == 200
         second = submitted(capped, waiting)  # the quota is free again
@@ -205,8 +254,16 @@ def test_a_project_past_its_queued_runs_quota_gets_429_and_nothing_is_stored(api
 
 
 def test_a_token_made_by_the_cli_works_at_once(api, harness, cli):
-    done = cli("token", "create", "--project", "web", "--role", "read",
-               "--file", str(api_tokens_file(harness)))
+    done = cli(
+        "token",
+        "create",
+        "--project",
+        "web",
+        "--role",
+        "read",
+        "--file",
+        str(api_tokens_file(harness)),
+    )
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"cicd_[A-Za-z0-9_-]{40,}", token)

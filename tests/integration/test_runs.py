@@ -27,16 +27,22 @@ def test_hello_pipeline_runs_in_dag_order_with_matrix(harness):
     assert steps["package"]["started_at"] >= last_need
     assert "testing on python 3.11" in harness.log(view["run"]["id"], "test[py=3.11]")
     assert harness.log(view["run"]["id"], "build").startswith(
-        f"hello from build (run {view['run']['id']}, attempt 1)")
+        f"hello from build (run {view['run']['id']}, attempt 1)"
+    )
 
 
 def test_failure_skips_dependents_and_fails_the_run(harness):
-    view = harness.run({"name": "fails", "steps": [
-        {"name": "compile", "run": "echo compiling; exit 7"},
-        {"name": "test", "run": "echo never", "needs": ["compile"]},
-        {"name": "deploy", "run": "echo never", "needs": ["test"]},
-        {"name": "docs", "run": "echo docs ok"},
-    ]})
+    view = harness.run(
+        {
+            "name": "fails",
+            "steps": [
+                {"name": "compile", "run": "echo compiling; exit 7"},
+                {"name": "test", "run": "echo never", "needs": ["compile"]},
+                {"name": "deploy", "run": "echo never", "needs": ["test"]},
+                {"name": "docs", "run": "echo docs ok"},
+            ],
+        }
+    )
     assert view["run"]["state"] == "failed"
     assert view["run"]["reason"] == "failed steps: compile"
     got = {s["spec"]["name"]: (s["state"], s["exit_code"], s["reason"]) for s in view["steps"]}
@@ -50,25 +56,41 @@ def test_failure_skips_dependents_and_fails_the_run(harness):
 
 
 def test_retry_on_failure_keeps_each_attempts_log(harness):
-    view = harness.run({"name": "flaky", "steps": [{
-        "name": "flaky", "retry": {"max": 3, "on": ["failure"]},
-        "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 3 ]',
-    }]})
+    view = harness.run(
+        {
+            "name": "flaky",
+            "steps": [
+                {
+                    "name": "flaky",
+                    "retry": {"max": 3, "on": ["failure"]},
+                    "run": 'echo "try $CICD_ATTEMPT"; [ "$CICD_ATTEMPT" -ge 3 ]',
+                }
+            ],
+        }
+    )
     step = harness.step(view, "flaky")
     assert view["run"]["state"] == "succeeded" and step["attempts"] == 3
     run_id = view["run"]["id"]
-    assert [harness.log(run_id, "flaky", n) for n in (1, 2, 3)] == [
-        "try 1\n", "try 2\n", "try 3\n"]
+    assert [harness.log(run_id, "flaky", n) for n in (1, 2, 3)] == ["try 1\n", "try 2\n", "try 3\n"]
     assert [a["state"] for a in view["attempts"]] == ["failed", "failed", "succeeded"]
 
 
 def test_timeout_kills_step_and_its_background_children(harness, shared_dir):
     pids = shared_dir / "pids"
-    run_id = harness.submit({"name": "slow", "steps": [{
-        "name": "hang", "timeout": 2,
-        "run": f"sleep 600 & echo $! >> {pids}\n(sleep 601 & echo $! >> {pids}; wait) &\n"
-               "echo waiting; sleep 602",
-    }]})
+    run_id = harness.submit(
+        {
+            "name": "slow",
+            "steps": [
+                {
+                    "name": "hang",
+                    "timeout": 2,
+                    "run": f"sleep 600 & echo $! >> {pids}\n(sleep 601 & echo $! >> {pids}; "
+                    "wait) &\n"
+                    "echo waiting; sleep 602",
+                }
+            ],
+        }
+    )
     running = pids_in(pids, 2)  # as the test sees them, while they run
     assert len(running) >= 2
     view = harness.wait(run_id)
@@ -79,8 +101,14 @@ def test_timeout_kills_step_and_its_background_children(harness, shared_dir):
 
 
 def test_growing_log_is_readable_while_the_step_runs(harness):
-    run_id = harness.submit({"name": "chatty", "steps": [{
-        "name": "talk", "run": "for i in $(seq 1 15); do echo line $i; sleep 0.2; done"}]})
+    run_id = harness.submit(
+        {
+            "name": "chatty",
+            "steps": [
+                {"name": "talk", "run": "for i in $(seq 1 15); do echo line $i; sleep 0.2; done"}
+            ],
+        }
+    )
     step = harness.wait_for_step(run_id, "talk", StepState.RUNNING)
     sizes = []
     while step["state"] == "running":
@@ -94,10 +122,15 @@ def test_growing_log_is_readable_while_the_step_runs(harness):
 
 def test_cancel_kills_running_steps_and_cancels_queued(harness, shared_dir):
     marker = shared_dir / "pid"
-    run_id = harness.submit({"name": "cancelme", "steps": [
-        {"name": "long", "run": f"echo $$ > {marker}; sleep 600"},
-        {"name": "after", "run": "true", "needs": ["long"]},
-    ]})
+    run_id = harness.submit(
+        {
+            "name": "cancelme",
+            "steps": [
+                {"name": "long", "run": f"echo $$ > {marker}; sleep 600"},
+                {"name": "after", "run": "true", "needs": ["long"]},
+            ],
+        }
+    )
     harness.wait_for_step(run_id, "long", StepState.RUNNING)
     [pid] = pids_in(marker)
     assert ray.get(harness.master.cancel.remote(run_id)) == "running"
@@ -113,19 +146,37 @@ def test_source_snapshot_is_in_every_workspace_and_env_overrides_apply(harness, 
     src = tmp_path / "src"
     src.mkdir()
     (src / "VERSION").write_text("1.2.3\n")
-    view = harness.run({"name": "src", "env": {"WHO": "pipeline"}, "steps": [
-        {"name": f"read{i}", "run": "cat VERSION; echo $WHO; rm VERSION"} for i in range(3)
-    ]}, source=src, env={"WHO": "override"})
+    view = harness.run(
+        {
+            "name": "src",
+            "env": {"WHO": "pipeline"},
+            "steps": [
+                {"name": f"read{i}", "run": "cat VERSION; echo $WHO; rm VERSION"} for i in range(3)
+            ],
+        },
+        source=src,
+        env={"WHO": "override"},
+    )
     assert view["run"]["state"] == "succeeded"
     for i in range(3):
         assert harness.log(view["run"]["id"], f"read{i}") == "1.2.3\noverride\n"
 
 
 def test_steps_run_in_their_pool(harness):
-    view = harness.run({"name": "pools", "steps": [
-        {"name": "a", "run": "true", "pool": "solo", "resources": {"cpu": 1, "memory_mb": 100}},
-        {"name": "b", "run": "true"},
-    ]})
+    view = harness.run(
+        {
+            "name": "pools",
+            "steps": [
+                {
+                    "name": "a",
+                    "run": "true",
+                    "pool": "solo",
+                    "resources": {"cpu": 1, "memory_mb": 100},
+                },
+                {"name": "b", "run": "true"},
+            ],
+        }
+    )
     assert harness.step(view, "a")["worker_id"].startswith("solo-")
     assert harness.step(view, "b")["worker_id"].startswith("default-")
 
@@ -133,10 +184,15 @@ def test_steps_run_in_their_pool(harness):
 def test_bad_submissions_are_rejected_and_change_nothing(harness):
     before = ray.get(harness.master.stats.remote())["active_runs"]
     with pytest.raises(SpecError) as info:
-        harness.submit({"name": "gpu", "steps": [
-            {"name": "train", "run": "true", "pool": "gpu"},
-            {"name": "huge", "run": "true", "resources": {"cpu": 64}},
-        ]})
+        harness.submit(
+            {
+                "name": "gpu",
+                "steps": [
+                    {"name": "train", "run": "true", "pool": "gpu"},
+                    {"name": "huge", "run": "true", "resources": {"cpu": 64}},
+                ],
+            }
+        )
     assert info.value.problems == [
         "steps (train).pool: unknown pool 'gpu'; configured pools are: default, solo",
         "steps (huge).resources.cpu: 64 is more than a worker of pool 'default' has (2); "
@@ -144,10 +200,12 @@ def test_bad_submissions_are_rejected_and_change_nothing(harness):
     ]
     answer = ray.get(harness.master.submit.remote({"name": "x", "steps": []}))
     assert answer == Rejected(problems=["steps: must list at least one step"])
-    answer = ray.get(harness.master.submit.remote(
-        {"name": "x", "steps": [{"name": "a", "run": "true"}]}, {"CICD_RUN_ID": "x"}))
-    assert answer == Rejected(problems=["env.CICD_RUN_ID: names starting with CICD_ are "
-                                        "reserved"])
+    answer = ray.get(
+        harness.master.submit.remote(
+            {"name": "x", "steps": [{"name": "a", "run": "true"}]}, {"CICD_RUN_ID": "x"}
+        )
+    )
+    assert answer == Rejected(problems=["env.CICD_RUN_ID: names starting with CICD_ are reserved"])
     assert ray.get(harness.master.stats.remote())["active_runs"] == before
 
 

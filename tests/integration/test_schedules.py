@@ -15,8 +15,9 @@ EVERY = 5.0  # seconds between slots: `* * * * * */5`
 
 
 def client(api: str, name: str) -> httpx.Client:
-    return httpx.Client(base_url=api, timeout=30,
-                        headers={"Authorization": f"Bearer {project_token(name)}"})
+    return httpx.Client(
+        base_url=api, timeout=30, headers={"Authorization": f"Bearer {project_token(name)}"}
+    )
 
 
 def scheduled_runs(http: httpx.Client) -> list[dict]:
@@ -25,8 +26,14 @@ def scheduled_runs(http: httpx.Client) -> list[dict]:
 
 
 def test_a_schedule_fires_once_per_slot_across_a_master_sigkill(harness, api, cli):
-    spec = {"name": "every-5s", "cron": "* * * * * */5", "pipeline": {
-        "name": "every-5s", "steps": [{"name": "tick", "run": "echo event=$CICD_EVENT"}]}}
+    spec = {
+        "name": "every-5s",
+        "cron": "* * * * * */5",
+        "pipeline": {
+            "name": "every-5s",
+            "steps": [{"name": "tick", "run": "echo event=$CICD_EVENT"}],
+        },
+    }
     with client(api, "web-submit") as web, client(api, "ops-submit") as ops:
         made = web.post("/api/v1/schedules", json=spec)
         assert made.status_code == 201, made.text
@@ -52,7 +59,8 @@ def test_a_schedule_fires_once_per_slot_across_a_master_sigkill(harness, api, cl
             assert listed.returncode == 0, listed.stderr
             assert "every-5s" in listed.stdout and "* * * * * */5" in listed.stdout
             assert ops.get("/api/v1/schedules").json()["schedules"] == [] or all(
-                s["project"] != "web" for s in ops.get("/api/v1/schedules").json()["schedules"])
+                s["project"] != "web" for s in ops.get("/api/v1/schedules").json()["schedules"]
+            )
             assert ops.delete("/api/v1/schedules/every-5s").status_code == 404
         finally:
             assert web.delete("/api/v1/schedules/every-5s").status_code == 200
@@ -70,8 +78,11 @@ def test_a_schedule_fires_once_per_slot_across_a_master_sigkill(harness, api, cl
 
 def test_a_never_firing_cron_is_refused_and_the_master_still_answers(api):
     """Issue 24, item 4: `0 0 30 2 *` crash-looped every master once stored."""
-    spec = {"name": "never", "cron": "0 0 30 2 *", "pipeline": {
-        "name": "never", "steps": [{"name": "a", "run": "true"}]}}
+    spec = {
+        "name": "never",
+        "cron": "0 0 30 2 *",
+        "pipeline": {"name": "never", "steps": [{"name": "a", "run": "true"}]},
+    }
     with client(api, "web-submit") as web:
         refused = web.post("/api/v1/schedules", json=spec)
         assert refused.status_code == 422 and "never fires" in refused.text, refused.text

@@ -28,8 +28,9 @@ def _processes_holding(text: str) -> int:
 def test_a_step_cannot_read_the_worker_ray_token_or_another_run(harness):
     # As root, the test sees the secret in the workers' environments: the probe could find it.
     assert _processes_holding(WORKER_SECRET) > 0
-    other = harness.submit({"name": "other", "steps": [
-        {"name": "holds", "run": "echo private > mine.txt; sleep 4"}]})
+    other = harness.submit(
+        {"name": "other", "steps": [{"name": "holds", "run": "echo private > mine.txt; sleep 4"}]}
+    )
     harness.wait_for_step(other, "holds", StepState.RUNNING)
     probe = textwrap.dedent(f"""
         id -u
@@ -54,16 +55,24 @@ def test_a_step_cannot_read_the_worker_ray_token_or_another_run(harness):
     attempt = harness.view(view["run"]["id"])["attempts"][0]
     assert attempt["runs_as"] == f"uid {uid}"
     workers = harness.master_workers()
-    assert all(w["isolation"].startswith("a user per step") for w in workers
-               if w["state"] == "ready")
+    assert all(
+        w["isolation"].startswith("a user per step") for w in workers if w["state"] == "ready"
+    )
 
 
 def test_a_pools_slots_cap_the_steps_on_a_worker(harness):
     """The `solo` pool has one worker of one CPU with `slots: 1`: four quarter-CPU steps
     would fit its CPU at once; they run one after another."""
-    view = harness.run({"name": "slots", "defaults": {"pool": "solo"}, "steps": [
-        {"name": f"s{i}", "resources": {"cpu": 0.25, "memory_mb": 64},
-         "run": "sleep 0.5"} for i in range(4)]})
+    view = harness.run(
+        {
+            "name": "slots",
+            "defaults": {"pool": "solo"},
+            "steps": [
+                {"name": f"s{i}", "resources": {"cpu": 0.25, "memory_mb": 64}, "run": "sleep 0.5"}
+                for i in range(4)
+            ],
+        }
+    )
     assert view["run"]["state"] == "succeeded"
     spans = sorted((a["started_at"], a["finished_at"]) for a in view["attempts"])
     assert all(later[0] >= earlier[1] - 0.01 for earlier, later in itertools.pairwise(spans))
@@ -78,8 +87,10 @@ def test_a_3000_step_chain_fails_at_its_head_and_the_master_goes_on(harness):
     assert time.monotonic() - started < 60
     # The master still answers, and runs the next pipeline.
     assert ray.get(harness.master.ping.remote(), timeout=10)["pid"] > 0
-    assert harness.run({"name": "next", "steps": [{"name": "a", "run": "true"}]})[
-        "run"]["state"] == "succeeded"
+    assert (
+        harness.run({"name": "next", "steps": [{"name": "a", "run": "true"}]})["run"]["state"]
+        == "succeeded"
+    )
 
 
 def _as_dict(text: str) -> dict:
@@ -103,45 +114,67 @@ def test_a_secret_is_masked_in_the_log_and_absent_from_every_view(harness, api):
     from tests.integration.conftest import API_TOKEN, DEPLOY_KEY
 
     folder = harness.settings.secrets_dir
-    view = harness.run({"name": "secret", "steps": [
-        {"name": "deploy", "secrets": ["DEPLOY_KEY"],
-         "run": 'echo "key: $DEPLOY_KEY"; printf %s "$DEPLOY_KEY" | base64; '
-                'for c in $(echo "$DEPLOY_KEY" | fold -w 8); do printf %s "$c"; sleep 0.05; '
-                'done; echo'},
-        {"name": "other", "run": f'echo "${{DEPLOY_KEY:-unset}}"; '
-                                 f'cat {folder}/default/DEPLOY_KEY 2>/dev/null || echo DENIED'}]})
+    view = harness.run(
+        {
+            "name": "secret",
+            "steps": [
+                {
+                    "name": "deploy",
+                    "secrets": ["DEPLOY_KEY"],
+                    "run": 'echo "key: $DEPLOY_KEY"; printf %s "$DEPLOY_KEY" | base64; '
+                    'for c in $(echo "$DEPLOY_KEY" | fold -w 8); do printf %s "$c"; sleep 0.05; '
+                    "done; echo",
+                },
+                {
+                    "name": "other",
+                    "run": f'echo "${{DEPLOY_KEY:-unset}}"; '
+                    f"cat {folder}/default/DEPLOY_KEY 2>/dev/null || echo DENIED",
+                },
+            ],
+        }
+    )
     assert view["run"]["state"] == "succeeded", view
     run_id = view["run"]["id"]
     assert harness.log(run_id, "deploy") == "key: ***\n***\n***\n"
     assert harness.log(run_id, "other") == "unset\nDENIED\n"
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
-    seen = [httpx.get(f"{api}/api/v1/runs/{run_id}", headers=auth).text,
-            httpx.get(f"{api}/api/v1/runs?limit=50", headers=auth).text,
-            httpx.get(f"{api}/api/v1/runs/{run_id}/steps/deploy/log", headers=auth).text,
-            json.dumps(ray.get(harness.master.events.remote(0, None, 0.1)))]
+    seen = [
+        httpx.get(f"{api}/api/v1/runs/{run_id}", headers=auth).text,
+        httpx.get(f"{api}/api/v1/runs?limit=50", headers=auth).text,
+        httpx.get(f"{api}/api/v1/runs/{run_id}/steps/deploy/log", headers=auth).text,
+        json.dumps(ray.get(harness.master.events.remote(0, None, 0.1))),
+    ]
     for text in seen:
-        assert DEPLOY_KEY not in text and base64.b64encode(DEPLOY_KEY.encode()).decode() \
-            not in text
+        assert DEPLOY_KEY not in text and base64.b64encode(DEPLOY_KEY.encode()).decode() not in text
     assert harness.step(view, "deploy")["spec"]["secrets"] == ["DEPLOY_KEY"]
 
 
-def test_a_run_s_own_secret_from_the_cli_is_masked_and_deleted_when_it_ends(harness, api, cli,
-                                                                            tmp_path):
+def test_a_run_s_own_secret_from_the_cli_is_masked_and_deleted_when_it_ends(
+    harness, api, cli, tmp_path
+):
     import json
 
     from cicd_ray.store import open_store
     from tests.integration.conftest import API_TOKEN
 
     pipeline = tmp_path / "own.yaml"
-    pipeline.write_text("name: own-secret\nsteps:\n  - name: use\n    secrets: [RELEASE_TOKEN]\n"
-                        "    run: echo \"token is $RELEASE_TOKEN\"\n")
+    pipeline.write_text(
+        "name: own-secret\nsteps:\n  - name: use\n    secrets: [RELEASE_TOKEN]\n"
+        '    run: echo "token is $RELEASE_TOKEN"\n'
+    )
     value = "release-token-" + "q" * 20
     remote = {"CICD_RAY_URL": api, "CICD_RAY_TOKEN": API_TOKEN}
     unset = cli("submit", str(pipeline), "--secret", "RELEASE_TOKEN", **remote)
-    assert unset.returncode == 2 and "set the variable RELEASE_TOKEN" in unset.stderr + \
-        unset.stdout
-    done = cli("submit", str(pipeline), "--secret", "RELEASE_TOKEN", "--follow",
-               RELEASE_TOKEN=value, **remote)
+    assert unset.returncode == 2 and "set the variable RELEASE_TOKEN" in unset.stderr + unset.stdout
+    done = cli(
+        "submit",
+        str(pipeline),
+        "--secret",
+        "RELEASE_TOKEN",
+        "--follow",
+        RELEASE_TOKEN=value,
+        **remote,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert value not in done.stdout + done.stderr
     run_id = done.stdout.split()[1]

@@ -23,34 +23,57 @@ from tests.integration.clusters import BIN, ROOT, free_port
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("up-home")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "CICD_RAY_"))}
-    env.update(CICD_RAY_HOME=str(home), PATH=f"{BIN}:{env['PATH']}",
-               CICD_RAY_GIT_ALLOW="file")  # the guide's $REPO is a local repository
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "CICD_RAY_"))}
+    env.update(
+        CICD_RAY_HOME=str(home), PATH=f"{BIN}:{env['PATH']}", CICD_RAY_GIT_ALLOW="file"
+    )  # the guide's $REPO is a local repository
 
     def cli(*args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "cicd-ray"), *args], cwd=ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "cicd-ray"), *args],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     # Ports of its own: another Ray on this machine holds Ray's defaults (6379, 8265).
     port, ray_port, dashboard_port = free_port(), free_port(), free_port()
-    up = ("up", "--port", str(port), "--ray-port", str(ray_port),
-          "--dashboard-port", str(dashboard_port))
+    up = (
+        "up",
+        "--port",
+        str(port),
+        "--ray-port",
+        str(ray_port),
+        "--dashboard-port",
+        str(dashboard_port),
+    )
     started = cli(*up)
     assert started.returncode == 0, started.stdout + started.stderr
     token = re.search(r"export CICD_RAY_TOKEN=(\S+)", started.stdout).group(1)
     address = re.search(r"cicd-ray is up on Ray at (\S+) \(a local head", started.stdout).group(1)
     url = f"http://127.0.0.1:{port}"
-    yield {"cli": cli, "url": url, "token": token, "out": started.stdout, "env": env,
-           "home": home, "up": up, "address": address,
-           "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    yield {
+        "cli": cli,
+        "url": url,
+        "token": token,
+        "out": started.stdout,
+        "env": env,
+        "home": home,
+        "up": up,
+        "address": address,
+        "dashboard": f"http://127.0.0.1:{dashboard_port}",
+    }
     stopped = cli("down", "--address", address)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "the Ray head started by `cicd-ray up`" in stopped.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=3)
-    assert not any(f":{ray_port}" in " ".join(p.info["cmdline"] or [])
-                   for p in psutil.process_iter(["cmdline"])), "the head outlived `down`"
+    assert not any(
+        f":{ray_port}" in " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
+    ), "the head outlived `down`"
 
 
 def test_up_prints_the_api_the_dashboard_and_a_token_once(server):
@@ -59,8 +82,9 @@ def test_up_prints_the_api_the_dashboard_and_a_token_once(server):
     assert server["token"].startswith("cicd_")
     tokens = (server["home"] / "tokens").read_text()
     assert server["token"] not in tokens  # only its digest is kept
-    r = httpx.get(f"{server['url']}/api/v1/runs",
-                  headers={"Authorization": f"Bearer {server['token']}"})
+    r = httpx.get(
+        f"{server['url']}/api/v1/runs", headers={"Authorization": f"Bearer {server['token']}"}
+    )
     assert r.status_code == 200
     assert httpx.get(f"{server['url']}/api/v1/runs").status_code == 401
 
@@ -70,12 +94,14 @@ def test_up_again_reuses_the_head_and_the_token(server):
     new token, and the first token still works."""
     again = server["cli"](*server["up"])
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (f"cicd-ray is up on Ray at {server['address']} (the head an earlier `cicd-ray up` "
-            "started)") in again.stdout
+    assert (
+        f"cicd-ray is up on Ray at {server['address']} (the head an earlier `cicd-ray up` started)"
+    ) in again.stdout
     assert "CICD_RAY_TOKEN=<your token>" in again.stdout
     assert "a new API token was created" not in again.stdout
-    r = httpx.get(f"{server['url']}/api/v1/runs",
-                  headers={"Authorization": f"Bearer {server['token']}"})
+    r = httpx.get(
+        f"{server['url']}/api/v1/runs", headers={"Authorization": f"Bearer {server['token']}"}
+    )
     assert r.status_code == 200
 
 
@@ -95,8 +121,11 @@ def test_cli_against_the_server(server):
     workers = json.loads(cli("workers", "--json", **auth).stdout)
     assert {w["pool"] for w in workers if w["state"] == "ready"} == {"default"}
     # Heartbeats carry the node's network as well as CPU, memory and disk.
-    assert all(w["net_recv_bytes"] > 0 and w["net_sent_bytes"] > 0 for w in workers
-               if w["state"] == "ready" and w["last_heartbeat"])
+    assert all(
+        w["net_recv_bytes"] > 0 and w["net_sent_bytes"] > 0
+        for w in workers
+        if w["state"] == "ready" and w["last_heartbeat"]
+    )
     assert "net in/s" in cli("workers", COLUMNS="200", **auth).stdout
     bad = cli("submit", "pipelines/hello.yaml", **{**auth, "CICD_RAY_TOKEN": "wrong"})
     assert bad.returncode == 1 and "invalid token" in bad.stderr
@@ -144,7 +173,8 @@ def agent_problems() -> str:
 
 def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
     (tmp_path / "job.yaml").write_text(
-        "name: as-job\nsteps:\n  - {name: hi, run: echo from a ray job}\n")
+        "name: as-job\nsteps:\n  - {name: hi, run: echo from a ray job}\n"
+    )
     (tmp_path / "fail.yaml").write_text("name: job-fails\nsteps:\n  - {name: bad, run: exit 3}\n")
     env = {**server["env"], "RAY_AUTH_MODE": "token"}
 
@@ -154,9 +184,24 @@ def test_a_pipeline_submitted_as_a_ray_job(server, tmp_path):
         deadline = time.monotonic() + 120
         while True:
             done = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", server["dashboard"],
-                 "--working-dir", str(tmp_path), "--", "cicd-ray", "run", pipeline],
-                env=env, capture_output=True, text=True, timeout=300)
+                [
+                    str(BIN / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    server["dashboard"],
+                    "--working-dir",
+                    str(tmp_path),
+                    "--",
+                    "cicd-ray",
+                    "run",
+                    pipeline,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if "No available agent" not in done.stderr or time.monotonic() > deadline:
                 return done
             time.sleep(2)
@@ -180,10 +225,21 @@ def test_run_against_the_cluster_with_source_env_and_timeout(server, tmp_path):
     src.mkdir()
     (src / "VERSION").write_text("4.5.6\n")
     pipeline = tmp_path / "opts.yaml"
-    pipeline.write_text("name: cli-opts\nenv: {WHO: file}\nsteps:\n"
-                        "  - {name: read, run: 'cat VERSION; echo $WHO'}\n")
-    done = cli("run", str(pipeline), "--address", server["address"], "--source", str(src),
-               "-e", "WHO=flag", RAY_AUTH_MODE="token")
+    pipeline.write_text(
+        "name: cli-opts\nenv: {WHO: file}\nsteps:\n"
+        "  - {name: read, run: 'cat VERSION; echo $WHO'}\n"
+    )
+    done = cli(
+        "run",
+        str(pipeline),
+        "--address",
+        server["address"],
+        "--source",
+        str(src),
+        "-e",
+        "WHO=flag",
+        RAY_AUTH_MODE="token",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     run_id = re.search(r"run (\S+) of cli-opts", done.stdout).group(1)
     assert cli("logs", run_id, "read", **auth).stdout == "4.5.6\nflag\n"
@@ -191,21 +247,26 @@ def test_run_against_the_cluster_with_source_env_and_timeout(server, tmp_path):
     slow = tmp_path / "slow.yaml"
     slow.write_text("name: cli-slow\nsteps:\n  - {name: wait, run: sleep 30}\n")
     t0 = time.monotonic()
-    gave_up = cli("run", str(slow), "--url", server["url"], "--timeout", "2",
-                  CICD_RAY_TOKEN=server["token"])
+    gave_up = cli(
+        "run", str(slow), "--url", server["url"], "--timeout", "2", CICD_RAY_TOKEN=server["token"]
+    )
     assert gave_up.returncode == 1 and "still running after 2" in gave_up.stderr, gave_up
     assert time.monotonic() - t0 < 60
     slow_id = re.search(r"run (\S+) of cli-slow", gave_up.stdout).group(1)
     assert json.loads(cli("status", slow_id, "--json", **auth).stdout)["run"]["state"] in (
-        "queued", "running")
+        "queued",
+        "running",
+    )
     cli("cancel", slow_id, **auth)
 
 
 def test_runs_filters_and_each_attempt_s_log(server, tmp_path):
     cli, auth = server["cli"], {"CICD_RAY_URL": server["url"], "CICD_RAY_TOKEN": server["token"]}
     flaky = tmp_path / "flaky.yaml"
-    flaky.write_text("name: cli-flaky\nsteps:\n  - name: f\n    retry: {max: 1, on: [failure]}\n"
-                     "    run: 'echo try $CICD_ATTEMPT; [ $CICD_ATTEMPT = 2 ]'\n")
+    flaky.write_text(
+        "name: cli-flaky\nsteps:\n  - name: f\n    retry: {max: 1, on: [failure]}\n"
+        "    run: 'echo try $CICD_ATTEMPT; [ $CICD_ATTEMPT = 2 ]'\n"
+    )
     failing = tmp_path / "failing.yaml"
     failing.write_text("name: cli-failing\nsteps:\n  - {name: f, run: exit 5}\n")
     ids = []
@@ -257,37 +318,55 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
 
     def sh(first_line: str, **extra: str) -> list:
         script = header + block(guide, first_line)
-        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=work,
-                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", script],
+            cwd=work,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, (first_line, done.stdout, done.stderr)
-        return json_documents(done.stdout) if done.stdout.lstrip().startswith("{") else [
-            done.stdout]
+        return (
+            json_documents(done.stdout) if done.stdout.lstrip().startswith("{") else [done.stdout]
+        )
 
     assert sh("curl -s $CICD_RAY_URL/healthz")[0]["status"] == "ok"
     from tests.unit.test_source import make_repo
 
     git_dir = tmp_path / "git"
     git_dir.mkdir()
-    submitted = sh("curl -s -X POST $CICD_RAY_URL/api/v1/runs -H \"$H\" -H 'Idempotency-Key: "
-                   "build-4711' \\", REPO=make_repo(git_dir))
+    submitted = sh(
+        "curl -s -X POST $CICD_RAY_URL/api/v1/runs -H \"$H\" -H 'Idempotency-Key: build-4711' \\",
+        REPO=make_repo(git_dir),
+    )
     assert len(submitted) == 3 and all(s["run_id"] for s in submitted), submitted
     run, packed = submitted[0]["run_id"], submitted[1]["run_id"]
     with Client(server["url"], server["token"]) as client:
         assert client.run(run).wait(timeout=120).state == "succeeded"
         assert client.run(packed).wait(timeout=120).state == "succeeded"
-    [log] = sh('curl -sN "$CICD_RAY_URL/api/v1/runs/$RUN/steps/test%5Bpy%3D3.11%5D/log?'
-               'follow=true" -H "$H"', RUN=run)
+    [log] = sh(
+        'curl -sN "$CICD_RAY_URL/api/v1/runs/$RUN/steps/test%5Bpy%3D3.11%5D/log?'
+        'follow=true" -H "$H"',
+        RUN=run,
+    )
     assert "testing on python 3.11" in log
-    listed, view, cancelled = sh('curl -s "$CICD_RAY_URL/api/v1/runs?state=failed&pipeline='
-                                 'hello&limit=20&offset=0" -H "$H"', RUN=run)
+    listed, view, cancelled = sh(
+        'curl -s "$CICD_RAY_URL/api/v1/runs?state=failed&pipeline=hello&limit=20&offset=0" -H "$H"',
+        RUN=run,
+    )
     assert (listed["limit"], listed["offset"]) == (20, 0)
     assert all(r["state"] == "failed" and r["pipeline"] == "hello" for r in listed["runs"])
     assert view["run"]["id"] == run and view["run"]["state"] == "succeeded"
     assert cancelled == {"run_id": run, "state": "succeeded"}  # cancel of an ended run
-    listed, explained, rerun = sh('curl -s $CICD_RAY_URL/api/v1/runs/$RUN/artifacts -H "$H"  '
-                                  "    # ?step=build for one step's", RUN=run)
+    listed, explained, rerun = sh(
+        'curl -s $CICD_RAY_URL/api/v1/runs/$RUN/artifacts -H "$H"  '
+        "    # ?step=build for one step's",
+        RUN=run,
+    )
     assert [(f["step"], f["path"], f["size"]) for f in listed["artifacts"]] == [
-        ("build", "out/app.txt", 9)]
+        ("build", "out/app.txt", 9)
+    ]
     assert (work / "app.txt").read_text() == "artifact\n"
     # Whatever ran before on this server, package has reuse off, and explain says so.
     assert explained["step"] == "package" and explained["reuse"] is False
@@ -300,8 +379,10 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
     workers, queue = sh('curl -s $CICD_RAY_URL/api/v1/workers -H "$H"')
     assert any(w["state"] == "ready" for w in workers["workers"])
     assert set(queue["pools"]) == {"default"}
-    gated = {"name": "release", "steps": [{"name": "production", "approval": {},
-                                          "run": "echo deployed"}]}
+    gated = {
+        "name": "release",
+        "steps": [{"name": "production", "approval": {}, "run": "echo deployed"}],
+    }
     with Client(server["url"], server["token"]) as client:
         waiting = [client.submit(gated) for _ in range(2)]
         for r in waiting:
@@ -309,9 +390,11 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
             while r.refresh().steps[0]["state"] != "waiting_approval":
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        approved, rejected = sh("curl -s -X POST $CICD_RAY_URL/api/v1/runs/$RUN/steps/production/"
-                                "approve -H \"$H\" \\", RUN=waiting[0].id,
-                                OTHER=waiting[1].id)
+        approved, rejected = sh(
+            'curl -s -X POST $CICD_RAY_URL/api/v1/runs/$RUN/steps/production/approve -H "$H" \\',
+            RUN=waiting[0].id,
+            OTHER=waiting[1].id,
+        )
         assert (approved["state"], approved["decision"]) == ("queued", "approved")
         assert (rejected["state"], rejected["decision"]) == ("failed", "rejected")
         assert waiting[0].wait(timeout=120).state == "succeeded"
@@ -321,10 +404,15 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
         assert waiting[0].steps[0]["approval"]["comment"] == "(ann) release 1.4"
     [audit] = sh('curl -s "$CICD_RAY_URL/api/v1/audit?limit=20" -H "$H"')
     token_id = hashlib.sha256(server["token"].encode()).hexdigest()[:12]
-    answered = [(r["action"], r["run_id"], r["step"], r["token_id"]) for r in audit["audit"]
-                if r["action"] in ("approve", "reject")]
-    assert answered == [("reject", waiting[1].id, "production", token_id),
-                        ("approve", waiting[0].id, "production", token_id)]
+    answered = [
+        (r["action"], r["run_id"], r["step"], r["token_id"])
+        for r in audit["audit"]
+        if r["action"] in ("approve", "reject")
+    ]
+    assert answered == [
+        ("reject", waiting[1].id, "production", token_id),
+        ("approve", waiting[0].id, "production", token_id),
+    ]
     assert (audit["limit"], audit["offset"]) == (20, 0)
 
 
@@ -342,12 +430,21 @@ def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):
     ray_env = {**server["env"], "RAY_AUTH_MODE": "token"}
     deployed = subprocess.run(
         [str(BIN / "serve"), "deploy", str(config), "--address", server["dashboard"]],
-        env=ray_env, capture_output=True, text=True, timeout=120)
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     def status() -> dict:
-        shown = subprocess.run([str(BIN / "serve"), "status", "--address", server["dashboard"]],
-                               env=ray_env, capture_output=True, text=True, timeout=60)
+        shown = subprocess.run(
+            [str(BIN / "serve"), "status", "--address", server["dashboard"]],
+            env=ray_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return yaml.safe_load(shown.stdout) or {}
 
     deadline = time.monotonic() + 120
@@ -363,7 +460,10 @@ def test_the_shipped_serve_config_deploys_with_serve_deploy(server, tmp_path):
     assert httpx.get(f"{server['url']}/healthz", timeout=10).status_code == 200
 
     def runs(with_token: str) -> int:
-        return httpx.get(f"{server['url']}/api/v1/runs", timeout=10,
-                         headers={"Authorization": f"Bearer {with_token}"}).status_code
+        return httpx.get(
+            f"{server['url']}/api/v1/runs",
+            timeout=10,
+            headers={"Authorization": f"Bearer {with_token}"},
+        ).status_code
 
     assert (runs(token), runs(server["token"])) == (200, 401)

@@ -38,13 +38,25 @@ def test_a_run_on_the_page(api, browser, shared_dir):
     expect(page.locator("h2")).to_have_text("Runs")
     expect(page.locator("#live")).to_have_class("live on", timeout=15000)
 
-    r = httpx.post(f"{api}/api/v1/runs", headers={"Authorization": f"Bearer {API_TOKEN}"},
-                   json={"pipeline": {"name": "on-the-page", "steps": [
-                       {"name": "prepare", "run": "echo ready"},
-                       {"name": "build", "needs": ["prepare"],
+    r = httpx.post(
+        f"{api}/api/v1/runs",
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+        json={
+            "pipeline": {
+                "name": "on-the-page",
+                "steps": [
+                    {"name": "prepare", "run": "echo ready"},
+                    {
+                        "name": "build",
+                        "needs": ["prepare"],
                         "run": f"echo line 1; until [ -e {go} ]; do sleep 0.1; done; "
-                               "for i in 2 3 4 5 6; do echo line $i; done"},
-                       {"name": "ship", "needs": ["build"], "run": "echo shipped"}]}})
+                        "for i in 2 3 4 5 6; do echo line $i; done",
+                    },
+                    {"name": "ship", "needs": ["build"], "run": "echo shipped"},
+                ],
+            }
+        },
+    )
     run_id = r.json()["run_id"]
     # The runs list updates itself (from the event stream) with the new run.
     expect(page.locator(f"tr[data-run='{run_id}']")).to_be_visible(timeout=15000)
@@ -77,11 +89,23 @@ def test_a_run_on_the_page(api, browser, shared_dir):
 
 def test_a_build_s_artifacts_explain_and_rerun_on_the_page(api, browser, shared_dir):
     gate = shared_dir / "gate"
-    r = httpx.post(f"{api}/api/v1/runs", headers={"Authorization": f"Bearer {API_TOKEN}"},
-                   json={"pipeline": {"name": "page-build", "steps": [
-                       {"name": "make", "run": "mkdir -p dist; echo made > dist/app",
-                        "artifacts": ["dist/**"]},
-                       {"name": "check", "needs": ["make"], "run": f"test -e {gate}"}]}})
+    r = httpx.post(
+        f"{api}/api/v1/runs",
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+        json={
+            "pipeline": {
+                "name": "page-build",
+                "steps": [
+                    {
+                        "name": "make",
+                        "run": "mkdir -p dist; echo made > dist/app",
+                        "artifacts": ["dist/**"],
+                    },
+                    {"name": "check", "needs": ["make"], "run": f"test -e {gate}"},
+                ],
+            }
+        },
+    )
     run_id = r.json()["run_id"]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{api}/")
@@ -118,11 +142,20 @@ def test_flow_control_on_the_page(api, browser, shared_dir):
         assert r.status_code == 201, r.text
         return r.json()["run_id"]
 
-    steps = [{"name": "hold", "concurrency": {"group": "page-group"},
-              "run": f"until [ -e {gate} ]; do sleep 0.1; done"},
-             {"name": "on-main", "if": "run.branch == 'main'", "run": "true"},
-             {"name": "release", "needs": ["hold"], "approval": {"prompt": "Ship to prod?"},
-              "run": "echo shipped"}]
+    steps = [
+        {
+            "name": "hold",
+            "concurrency": {"group": "page-group"},
+            "run": f"until [ -e {gate} ]; do sleep 0.1; done",
+        },
+        {"name": "on-main", "if": "run.branch == 'main'", "run": "true"},
+        {
+            "name": "release",
+            "needs": ["hold"],
+            "approval": {"prompt": "Ship to prod?"},
+            "run": "echo shipped",
+        },
+    ]
     first = submit({"name": "page-flow", "steps": steps})
     second = submit({"name": "page-flow", "steps": steps})
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -131,9 +164,11 @@ def test_flow_control_on_the_page(api, browser, shared_dir):
     page.click("button[type=submit]")
     page.goto(f"{api}/#/runs/{second}")
     expect(page.locator(".step[data-step='hold'] [data-flow='group']")).to_contain_text(
-        "waiting for concurrency group page-group (1 ahead)", timeout=30000)
+        "waiting for concurrency group page-group (1 ahead)", timeout=30000
+    )
     expect(page.locator(".step[data-step='on-main'] [data-flow='condition']")).to_have_text(
-        "if: run.branch == 'main' was false")
+        "if: run.branch == 'main' was false"
+    )
     gate.touch()
     page.goto(f"{api}/#/runs/{first}")
     release = page.locator(".step[data-step='release']")
@@ -144,7 +179,8 @@ def test_flow_control_on_the_page(api, browser, shared_dir):
     release.locator("[data-answer='approve']").click()
     expect(release).to_have_attribute("data-state", "succeeded", timeout=30000)
     expect(release.locator("[data-flow='approved']")).to_have_text(
-        re.compile(r"^approved by token [0-9a-f]{12}: \(page-user\) go$"))
+        re.compile(r"^approved by token [0-9a-f]{12}: \(page-user\) go$")
+    )
     page.goto(f"{api}/#/runs/{second}")
     release = page.locator(".step[data-step='release']")
     expect(release).to_have_attribute("data-state", "waiting_approval", timeout=30000)
@@ -166,9 +202,11 @@ def test_the_page_shows_only_the_token_s_project(api, browser):
     expect(page.locator("#live")).to_have_class("live on", timeout=15000)
 
     def submit(token_name: str, name: str) -> str:
-        answer = httpx.post(f"{api}/api/v1/runs", json={"pipeline": {"name": name, "steps": [
-            {"name": "s", "run": "echo hi"}]}},
-            headers={"Authorization": f"Bearer {project_token(token_name)}"})
+        answer = httpx.post(
+            f"{api}/api/v1/runs",
+            json={"pipeline": {"name": name, "steps": [{"name": "s", "run": "echo hi"}]}},
+            headers={"Authorization": f"Bearer {project_token(token_name)}"},
+        )
         assert answer.status_code == 201, answer.text
         return answer.json()["run_id"]
 

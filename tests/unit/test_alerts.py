@@ -50,8 +50,12 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
         named = set().union(*(_named(s["series"]) for s in test["input_series"]))
         for check in test["alert_rule_test"]:
             found = cases.setdefault(check["alertname"], set())
-            fired = {v for e in check["exp_alerts"] for k, v in e["exp_labels"].items()
-                     if k in ("pool", "worker")}
+            fired = {
+                v
+                for e in check["exp_alerts"]
+                for k, v in e["exp_labels"].items()
+                if k in ("pool", "worker")
+            }
             found.add("fires" if check["exp_alerts"] else "quiet")
             if check["exp_alerts"] and named - fired:
                 found.add("quiet")

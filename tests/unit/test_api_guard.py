@@ -15,8 +15,9 @@ from cicd_ray.api.application import create_app
 TOKEN = "cicd_test-token"
 
 
-def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
-         body: bytes = b"") -> tuple[int, dict[str, str], bytes, int]:
+def call(
+    path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes, int]:
     """(status, headers, body, body messages the app asked for)."""
     app = create_app(grants=[tokens.Grant(digest=tokens.digest(TOKEN))], max_body_bytes=1024)
     asked = 0
@@ -32,18 +33,29 @@ def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
 
     raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     raw.append((b"content-length", str(len(body)).encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-             "root_path": "", "query_string": b"", "headers": raw,
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": raw,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, out, asked)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": f"Basic {TOKEN}"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}]
+)
 def test_no_token_no_body_read(headers):
     status, hdrs, body, asked = call("/api/v1/runs", "POST", headers, b'{"pipeline": "x"}')
     assert status == 401 and asked == 0
@@ -62,8 +74,7 @@ def test_the_schema_with_a_token_and_no_third_party_docs():
     assert call("/docs", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 404
 
 
-@pytest.mark.parametrize("path, status", [("/", 200), ("/ui/app.js", 200),
-                                          ("/api/v1/runs", 401)])
+@pytest.mark.parametrize("path, status", [("/", 200), ("/ui/app.js", 200), ("/api/v1/runs", 401)])
 def test_security_headers_on_every_answer(path, status):
     got, headers, _, _ = call(path)
     assert got == status
@@ -74,8 +85,9 @@ def test_security_headers_on_every_answer(path, status):
 
 
 def test_an_oversized_body_with_a_token_is_413():
-    status, _, body, _ = call("/api/v1/runs", "POST", {"Authorization": f"Bearer {TOKEN}"},
-                              b"x" * 2048)
+    status, _, body, _ = call(
+        "/api/v1/runs", "POST", {"Authorization": f"Bearer {TOKEN}"}, b"x" * 2048
+    )
     assert status == 413 and b"over the 1024 byte limit" in body
 
 
@@ -96,8 +108,10 @@ def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
     async def probes(n):
         return [await health.check() for _ in range(n)]
 
-    assert asyncio.run(probes(50))[-1] == (True, {"status": "ok", "master": True,
-                                                  "pools": ["default"]})
+    assert asyncio.run(probes(50))[-1] == (
+        True,
+        {"status": "ok", "master": True, "pools": ["default"]},
+    )
     assert Master.calls == 1
     clock[0] += 1.5
     asyncio.run(probes(5))
@@ -111,6 +125,7 @@ def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
 
     check_config()  # nothing set: fine
     monkeypatch.setenv("CICD_RAY_TOKEN_DIGESTS", "REPLACE-WITH-SHA256-OF-YOUR-TOKEN")
-    with pytest.raises(CicdError,
-                       match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\.: expected a SHA-256"):
+    with pytest.raises(
+        CicdError, match=r"CICD_RAY_TOKEN_DIGESTS: REPLACE-\.\.\.: expected a SHA-256"
+    ):
         check_config()

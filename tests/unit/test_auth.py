@@ -24,8 +24,12 @@ def test_tokens_from_env_and_file(tmp_path):
     t1, t2, t3, t4 = new_token(), new_token(), new_token(), new_token()
     f = tmp_path / "tokens"
     f.write_text(f"# ci tokens\n{digest(t2)}\n\n{digest(t4)} role=read project=web\n")
-    grants = env_grants({"CICD_RAY_TOKENS": f" {t1} ,",
-                         "CICD_RAY_TOKEN_DIGESTS": f"{digest(t3)} role=submit project=ops"})
+    grants = env_grants(
+        {
+            "CICD_RAY_TOKENS": f" {t1} ,",
+            "CICD_RAY_TOKEN_DIGESTS": f"{digest(t3)} role=submit project=ops",
+        }
+    )
     grants += read_tokens_file(f)
     assert match(t1, grants) == Grant(digest=digest(t1), role=Role.ADMIN, project="default")
     assert match(t2, grants).role is Role.ADMIN  # a bare digest: what files meant before roles
@@ -36,14 +40,17 @@ def test_tokens_from_env_and_file(tmp_path):
     assert match(t1, []) is None
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not-a-digest", "expected a SHA-256 hex digest"),
-    (f"{'a' * 64} role=owner project=web", "the roles are read, submit and admin"),
-    (f"{'a' * 64} role=read", "role=read needs a project"),
-    (f"{'a' * 64} role=read project=Web!", "project=Web!: a project's name"),
-    (f"{'a' * 64} role=read role=admin project=web", "each at most once"),
-    (f"{'a' * 64} owner=me", "'owner=me': expected role="),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not-a-digest", "expected a SHA-256 hex digest"),
+        (f"{'a' * 64} role=owner project=web", "the roles are read, submit and admin"),
+        (f"{'a' * 64} role=read", "role=read needs a project"),
+        (f"{'a' * 64} role=read project=Web!", "project=Web!: a project's name"),
+        (f"{'a' * 64} role=read role=admin project=web", "each at most once"),
+        (f"{'a' * 64} owner=me", "'owner=me': expected role="),
+    ],
+)
 def test_a_bad_grant_line_says_what_is_wrong(tmp_path, line, message):
     with pytest.raises(ValueError, match=message):
         parse_grant(line)
@@ -89,8 +96,9 @@ def test_a_created_token_is_added_to_a_new_private_file_and_taken_up_live(tmp_pa
     path.unlink()
     assert match(second, book.grants()) is None and match(token, book.grants()) is None
     # A digest with a project and no role reads that project: never an admin.
-    assert parse_grant("c" * 64 + " project=web") == Grant(digest="c" * 64, role=Role.READ,
-                                                           project="web")
+    assert parse_grant("c" * 64 + " project=web") == Grant(
+        digest="c" * 64, role=Role.READ, project="web"
+    )
     with pytest.raises(CicdError, match="--role read needs --project"):
         add_token(path, Role.READ, None)
 
@@ -100,8 +108,9 @@ def test_a_tokens_file_not_there_yet_holds_no_tokens_and_a_bad_one_stops_a_start
     from cicd_ray.errors import SettingsError
 
     path = tmp_path / "tokens"
-    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
-                                  "CICD_RAY_TOKENS_FILE": str(path)})
+    settings = Settings.from_env(
+        {"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_TOKENS_FILE": str(path)}
+    )
     assert settings.tokens_file == path and settings.token_book().grants() == []
     token, grant = add_token(path, Role.READ, "web")  # made later: taken up
     assert match(token, settings.token_book().grants()) == grant
@@ -116,9 +125,10 @@ def test_cicd_ray_home_and_the_folders_made_under_it_are_private(tmp_path):
     from cicd_ray.store.sqlite import SqliteStore
 
     for home, make in [
-            (tmp_path / "a" / "home", lambda h: ArtifactStore(f"file://{h / 'artifacts'}")),
-            (tmp_path / "b" / "home", lambda h: SqliteStore(h / "cicd.sqlite3")),
-            (tmp_path / "c" / "home", lambda h: add_token(h / "tokens", Role.ADMIN, None))]:
+        (tmp_path / "a" / "home", lambda h: ArtifactStore(f"file://{h / 'artifacts'}")),
+        (tmp_path / "b" / "home", lambda h: SqliteStore(h / "cicd.sqlite3")),
+        (tmp_path / "c" / "home", lambda h: add_token(h / "tokens", Role.ADMIN, None)),
+    ]:
         make(home)
         for folder in (home.parent, home):
             assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder

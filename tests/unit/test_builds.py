@@ -13,21 +13,30 @@ from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from tests.unit.test_core import make, submitted
 
-BUILD = {"name": "build", "steps": [
-    {"name": "compile", "run": "mkdir -p dist/sub reports; echo bin > dist/app; "
-                               "echo deep > dist/sub/lib; echo '<x/>' > reports/t.xml; "
-                               "echo skip > reports/t.txt; ln -s /etc/hostname dist/link",
-     "artifacts": ["dist/**", "reports/*.xml"]},
-    {"name": "other", "run": "mkdir -p out; echo other > out/o", "artifacts": ["out"]},
-    {"name": "package", "needs": ["compile"],
-     "run": "cat dist/app dist/sub/lib reports/t.xml; test ! -e reports/t.txt; "
-            "test ! -e dist/link; test ! -e out/o && echo ok"}]}
+BUILD = {
+    "name": "build",
+    "steps": [
+        {
+            "name": "compile",
+            "run": "mkdir -p dist/sub reports; echo bin > dist/app; "
+            "echo deep > dist/sub/lib; echo '<x/>' > reports/t.xml; "
+            "echo skip > reports/t.txt; ln -s /etc/hostname dist/link",
+            "artifacts": ["dist/**", "reports/*.xml"],
+        },
+        {"name": "other", "run": "mkdir -p out; echo other > out/o", "artifacts": ["out"]},
+        {
+            "name": "package",
+            "needs": ["compile"],
+            "run": "cat dist/app dist/sub/lib reports/t.xml; test ! -e reports/t.txt; "
+            "test ! -e dist/link; test ! -e out/o && echo ok",
+        },
+    ],
+}
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1,
-                                                                 cpus=2)})
+    return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
 
 
 def steps_of(core, run_id):
@@ -58,22 +67,35 @@ def test_a_step_gets_the_artifacts_of_the_steps_it_needs_and_no_others(settings)
 def test_artifacts_over_a_limit_fail_the_step_with_the_reason(settings, tmp_path):
     limited = settings.model_copy(update={"artifact_max_bytes": 1000})
     core, driver = make(limited)
-    big = {"name": "big", "steps": [
-        {"name": "a", "run": "mkdir dist; head -c 2000 /dev/zero > dist/big",
-         "artifacts": ["dist"]},
-        {"name": "b", "needs": ["a"], "run": "true"}]}
+    big = {
+        "name": "big",
+        "steps": [
+            {
+                "name": "a",
+                "run": "mkdir dist; head -c 2000 /dev/zero > dist/big",
+                "artifacts": ["dist"],
+            },
+            {"name": "b", "needs": ["a"], "run": "true"},
+        ],
+    }
     run_id = submitted(core.submit(big))
     driver.run_until_idle()
     _, steps = steps_of(core, run_id)
     assert steps["a"].state == "failed"
-    assert steps["a"].reason == ("artifacts not kept: artifact dist/big is 2000 bytes, more "
-                                 "than the 1000 allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)")
+    assert steps["a"].reason == (
+        "artifacts not kept: artifact dist/big is 2000 bytes, more "
+        "than the 1000 allowed for one (CICD_RAY_ARTIFACT_MAX_BYTES)"
+    )
     assert steps["b"].state == "skipped"
     per_run = settings.model_copy(update={"artifact_run_max_bytes": 3000})
     core, driver = make(per_run, store=MemoryStore())
-    two = {"name": "two", "steps": [
-        {"name": "a", "run": "head -c 2000 /dev/zero > f", "artifacts": ["f"]},
-        {"name": "b", "needs": ["a"], "run": "head -c 2000 /dev/zero > g", "artifacts": ["g"]}]}
+    two = {
+        "name": "two",
+        "steps": [
+            {"name": "a", "run": "head -c 2000 /dev/zero > f", "artifacts": ["f"]},
+            {"name": "b", "needs": ["a"], "run": "head -c 2000 /dev/zero > g", "artifacts": ["g"]},
+        ],
+    }
     run_id = submitted(core.submit(two))
     driver.run_until_idle()
     _, steps = steps_of(core, run_id)
@@ -81,13 +103,25 @@ def test_artifacts_over_a_limit_fail_the_step_with_the_reason(settings, tmp_path
     assert "more than the 1000 left for this run" in steps["b"].reason
 
 
-CACHED = {"name": "cached", "steps": [{
-    "name": "deps", "env": {"FLAVOUR": "x"},
-    "cache": [{"key": "deps-${{ env.FLAVOUR }}-${{ hashFiles('lock') }}",
-               "paths": ["vendor", "~/.cache/tool"], "restore_keys": ["deps-${{ env.FLAVOUR }}-"]}],
-    "run": "echo $CICD_RUN_ID > lock-seen; ls vendor 2>/dev/null || echo empty; "
-           "mkdir -p vendor ~/.cache/tool; echo $CICD_RUN_ID > vendor/$CICD_RUN_ID; "
-           "echo t > ~/.cache/tool/t"}]}
+CACHED = {
+    "name": "cached",
+    "steps": [
+        {
+            "name": "deps",
+            "env": {"FLAVOUR": "x"},
+            "cache": [
+                {
+                    "key": "deps-${{ env.FLAVOUR }}-${{ hashFiles('lock') }}",
+                    "paths": ["vendor", "~/.cache/tool"],
+                    "restore_keys": ["deps-${{ env.FLAVOUR }}-"],
+                }
+            ],
+            "run": "echo $CICD_RUN_ID > lock-seen; ls vendor 2>/dev/null || echo empty; "
+            "mkdir -p vendor ~/.cache/tool; echo $CICD_RUN_ID > vendor/$CICD_RUN_ID; "
+            "echo t > ~/.cache/tool/t",
+        }
+    ],
+}
 
 
 def test_a_cache_misses_then_hits_then_restores_a_partial_match(settings, tmp_path):
@@ -134,10 +168,18 @@ def test_caches_are_evicted_least_recently_used_first_by_size(tmp_path):
 
 def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(settings, tmp_path):
     evidence = tmp_path / "evidence"
-    pipeline = {"name": "reuse", "steps": [
-        {"name": "gen", "reuse": True, "artifacts": ["out"],
-         "run": f"echo ran >> {evidence}; mkdir out; echo made > out/f"},
-        {"name": "use", "needs": ["gen"], "reuse": True, "run": f"cat out/f >> {evidence}"}]}
+    pipeline = {
+        "name": "reuse",
+        "steps": [
+            {
+                "name": "gen",
+                "reuse": True,
+                "artifacts": ["out"],
+                "run": f"echo ran >> {evidence}; mkdir out; echo made > out/f",
+            },
+            {"name": "use", "needs": ["gen"], "reuse": True, "run": f"cat out/f >> {evidence}"},
+        ],
+    }
     core, driver = make(settings)
     first = submitted(core.submit(pipeline))
     driver.run_until_idle()
@@ -152,10 +194,15 @@ def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(setti
     assert steps["use"].reused_from.run_id == first
     assert all(a.worker_id == "" and a.duration_s == 0 for a in view.attempts)
     assert log_of(core, second, "gen").startswith(
-        f"[cicd-ray] not run: reused the success of run {first}, step gen, attempt 1")
-    changed = {**pipeline, "steps": [
-        {**pipeline["steps"][0], "run": pipeline["steps"][0]["run"] + "; echo v2 >> out/f"},
-        pipeline["steps"][1]]}
+        f"[cicd-ray] not run: reused the success of run {first}, step gen, attempt 1"
+    )
+    changed = {
+        **pipeline,
+        "steps": [
+            {**pipeline["steps"][0], "run": pipeline["steps"][0]["run"] + "; echo v2 >> out/f"},
+            pipeline["steps"][1],
+        ],
+    }
     third = submitted(core.submit(changed))
     driver.run_until_idle()
     _, steps = steps_of(core, third)
@@ -166,10 +213,17 @@ def test_a_reused_step_runs_no_process_and_hands_on_the_artifacts_it_links(setti
 def test_explain_names_the_part_of_the_key_that_changed(settings):
     from cicd_ray.reads.explain import explain
 
-    steps = [{"name": "gen", "reuse": True, "artifacts": ["out"],
-              "run": "mkdir out; echo $LEVEL > out/f", "env": {"LEVEL": "1"}},
-             {"name": "use", "needs": ["gen"], "reuse": True, "run": "cat out/f"},
-             {"name": "plain", "run": "true"}]
+    steps = [
+        {
+            "name": "gen",
+            "reuse": True,
+            "artifacts": ["out"],
+            "run": "mkdir out; echo $LEVEL > out/f",
+            "env": {"LEVEL": "1"},
+        },
+        {"name": "use", "needs": ["gen"], "reuse": True, "run": "cat out/f"},
+        {"name": "plain", "run": "true"},
+    ]
     core, driver = make(settings)
     first = submitted(core.submit({"name": "ex", "steps": steps}))
     driver.run_until_idle()
@@ -192,20 +246,36 @@ def test_explain_names_the_part_of_the_key_that_changed(settings):
 
 
 def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_carried(
-        settings, tmp_path):
+    settings, tmp_path
+):
     evidence, gate = tmp_path / "evidence", tmp_path / "gate"
-    pipeline = {"name": "again", "steps": [
-        {"name": "a", "run": f"echo a >> {evidence}; mkdir out; echo from-a > out/f",
-         "artifacts": ["out"]},
-        {"name": "b", "needs": ["a"], "run": f"echo b >> {evidence}; cat out/f; test -e {gate}"},
-        {"name": "c", "needs": ["b"], "run": f"echo c >> {evidence}"},
-        {"name": "d", "run": f"echo d >> {evidence}"}]}
+    pipeline = {
+        "name": "again",
+        "steps": [
+            {
+                "name": "a",
+                "run": f"echo a >> {evidence}; mkdir out; echo from-a > out/f",
+                "artifacts": ["out"],
+            },
+            {
+                "name": "b",
+                "needs": ["a"],
+                "run": f"echo b >> {evidence}; cat out/f; test -e {gate}",
+            },
+            {"name": "c", "needs": ["b"], "run": f"echo c >> {evidence}"},
+            {"name": "d", "run": f"echo d >> {evidence}"},
+        ],
+    }
     core, driver = make(settings)
     first = submitted(core.submit(pipeline))
     driver.run_until_idle()
     _, steps = steps_of(core, first)
     assert {n: s.state.value for n, s in steps.items()} == {
-        "a": "succeeded", "b": "failed", "c": "skipped", "d": "succeeded"}
+        "a": "succeeded",
+        "b": "failed",
+        "c": "skipped",
+        "d": "succeeded",
+    }
     gate.touch()
     evidence.write_text("")
     second = submitted(core.rerun(first, only_failed=True))
@@ -213,8 +283,10 @@ def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_c
     view, steps = steps_of(core, second)
     assert view.run.state == "succeeded" and view.run.rerun_of == first
     assert sorted(evidence.read_text().split()) == ["b", "c"]  # exactly the failed part
-    assert steps["a"].carried_from.run_id == first and steps["a"].reason == \
-        f"carried over from run {first}"
+    assert (
+        steps["a"].carried_from.run_id == first
+        and steps["a"].reason == f"carried over from run {first}"
+    )
     assert steps["a"].artifacts and "from-a" in log_of(core, second, "b")
     assert {a.step for a in view.attempts} == {"b", "c"}
     evidence.write_text("")
@@ -238,13 +310,23 @@ def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
     assert store.has(digest) and set(store.digests()) == {digest}
 
 
-@pytest.mark.parametrize("pattern, path, matches", [
-    ("dist/**", "dist/a/b.whl", True), ("dist/**", "dist", True), ("dist/**", "distx/a", False),
-    ("**/*.xml", "reports/unit.xml", True), ("**/*.xml", "unit.xml", True),
-    ("reports/*.xml", "reports/deep/unit.xml", False), ("a/**/b", "a/b", True),
-    ("a/**/b", "a/x/y/b", True), ("a?c", "abc", True), ("a?c", "a/c", False),
-    ("*.[ch]", "x.h", True), ("*.[ch]", "x.o", False),
-])
+@pytest.mark.parametrize(
+    "pattern, path, matches",
+    [
+        ("dist/**", "dist/a/b.whl", True),
+        ("dist/**", "dist", True),
+        ("dist/**", "distx/a", False),
+        ("**/*.xml", "reports/unit.xml", True),
+        ("**/*.xml", "unit.xml", True),
+        ("reports/*.xml", "reports/deep/unit.xml", False),
+        ("a/**/b", "a/b", True),
+        ("a/**/b", "a/x/y/b", True),
+        ("a?c", "abc", True),
+        ("a?c", "a/c", False),
+        ("*.[ch]", "x.h", True),
+        ("*.[ch]", "x.o", False),
+    ],
+)
 def test_globs_match_as_documented(pattern, path, matches):
     from cicd_ray.worker.artifacts import glob_match
 
@@ -289,12 +371,14 @@ def test_a_hostile_cache_entry_lands_nothing_outside_the_attempt(tmp_path):
 
     entry = tmp_path / "entry.tar"
     with tarfile.open(entry, "w") as tar:
+
         def add(name, data=b"x", **kw):
             info = tarfile.TarInfo(name)
             for k, v in kw.items():
                 setattr(info, k, v)
             info.size = len(data) if info.type == tarfile.REGTYPE else 0
             tar.addfile(info, io.BytesIO(data) if info.type == tarfile.REGTYPE else None)
+
         add("ws/ok.txt", b"fine")
         add("ws/../../escaped.txt")
         add("ws/out", type=tarfile.SYMTYPE, linkname=str(tmp_path / "outside"))
@@ -325,8 +409,9 @@ def test_a_rerun_of_a_run_still_going_is_refused_and_changes_nothing(settings):
     before = [r.id for r in core.store.list_runs()]
     answer = core.rerun(going, only_failed=True)
     assert isinstance(answer, Rejected)
-    assert answer.problems == [f"run {going} is still queued: re-run it once it has ended (or "
-                               "cancel it)"]
+    assert answer.problems == [
+        f"run {going} is still queued: re-run it once it has ended (or cancel it)"
+    ]
     assert [r.id for r in core.store.list_runs()] == before
     driver.run_until_idle()
 
@@ -344,8 +429,11 @@ def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tm
     caches = NodeCaches(store, tmp_path / "node", 10**9)
 
     def run(project, pr=None, fork=False, attempt=1):
-        t = task("cat d/who 2>/dev/null || echo none; mkdir -p d; echo $WHO > d/who",
-                 env={"WHO": f"{project}-{pr}"}, attempt=attempt)
+        t = task(
+            "cat d/who 2>/dev/null || echo none; mkdir -p d; echo $WHO > d/who",
+            env={"WHO": f"{project}-{pr}"},
+            attempt=attempt,
+        )
         t.step.cache = [CacheSpec(key="deps", paths=["d"])]
         t.project, t.pipeline, t.pr, t.fork = project, "build", pr, fork
         outcome, log, _ = execute(tmp_path, t, artifacts=store, caches=caches)
@@ -372,9 +460,17 @@ def test_reuse_and_explain_never_cross_projects(settings, tmp_path):
     from cicd_ray.reads.explain import explain
 
     evidence = tmp_path / "evidence"
-    pipeline = {"name": "same", "steps": [
-        {"name": "gen", "reuse": True, "artifacts": ["out"],
-         "run": f"echo ran >> {evidence}; mkdir out; echo $CICD_RUN_ID > out/f"}]}
+    pipeline = {
+        "name": "same",
+        "steps": [
+            {
+                "name": "gen",
+                "reuse": True,
+                "artifacts": ["out"],
+                "run": f"echo ran >> {evidence}; mkdir out; echo $CICD_RUN_ID > out/f",
+            }
+        ],
+    }
     core, driver = make(settings)
     first = submitted(core.submit(pipeline, project="a"))
     driver.run_until_idle()
@@ -394,8 +490,11 @@ def test_a_kept_file_of_any_name_downloads_with_an_rfc_6266_disposition():
     from cicd_ray.api.builds import disposition
 
     assert disposition("report.xml") == (
-        "attachment; filename=\"report.xml\"; filename*=UTF-8''report.xml")
+        "attachment; filename=\"report.xml\"; filename*=UTF-8''report.xml"
+    )
     odd = disposition('a"b\r\nX-Evil: 1\\é.txt')
     assert "\r" not in odd and "\n" not in odd
-    assert odd == ("attachment; filename=\"a_b__X-Evil: 1__.txt\"; "
-                   "filename*=UTF-8''a%22b%0D%0AX-Evil%3A%201%5C%C3%A9.txt")
+    assert odd == (
+        'attachment; filename="a_b__X-Evil: 1__.txt"; '
+        "filename*=UTF-8''a%22b%0D%0AX-Evil%3A%201%5C%C3%A9.txt"
+    )

@@ -15,9 +15,13 @@ from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from cicd_ray.testing.inline import InlineDriver
 
-CHAIN = {"name": "chain", "steps": [
-    {"name": "a", "run": "echo from-a"},
-    {"name": "b", "needs": ["a"], "run": "echo from-b; echo to-stderr >&2"}]}
+CHAIN = {
+    "name": "chain",
+    "steps": [
+        {"name": "a", "run": "echo from-a"},
+        {"name": "b", "needs": ["a"], "run": "echo from-b; echo to-stderr >&2"},
+    ],
+}
 
 
 class Clock:
@@ -41,8 +45,7 @@ class FailingStore(MemoryStore):
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1,
-                                                                 cpus=2)})
+    return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
 
 
 def make(settings, store=None, clock=None):
@@ -65,23 +68,36 @@ def test_submit_dispatch_outcome_commit(settings):
     assert view.run.state is RunState.SUCCEEDED
     assert (view.run.created_at, view.run.finished_at) == (1000.0, 1000.0)  # the core's clock
     assert [(s.name, s.state, s.attempts) for s in view.steps] == [
-        ("a", StepState.SUCCEEDED, 1), ("b", StepState.SUCCEEDED, 1)]
+        ("a", StepState.SUCCEEDED, 1),
+        ("b", StepState.SUCCEEDED, 1),
+    ]
     logs = {a.step: core.store.read_log(a.id) for a in view.attempts}
     assert logs == {"a": b"from-a\n", "b": b"from-b\nto-stderr\n"}
     # What observers were told, in commit order (a batch's steps before its run): b ran only
     # after a had succeeded.
-    seen = [(e["kind"], e.get("step"), e["state"]) for e in core.events.page(0, None)["events"]
-            if e["run_id"] == run_id]
-    assert seen == [("step", "a", "queued"), ("step", "b", "queued"), ("run", None, "queued"),
-                    ("step", "a", "running"), ("run", None, "running"),
-                    ("step", "a", "succeeded"), ("step", "b", "running"),
-                    ("step", "b", "succeeded"), ("run", None, "succeeded")]
+    seen = [
+        (e["kind"], e.get("step"), e["state"])
+        for e in core.events.page(0, None)["events"]
+        if e["run_id"] == run_id
+    ]
+    assert seen == [
+        ("step", "a", "queued"),
+        ("step", "b", "queued"),
+        ("run", None, "queued"),
+        ("step", "a", "running"),
+        ("run", None, "running"),
+        ("step", "a", "succeeded"),
+        ("step", "b", "running"),
+        ("step", "b", "succeeded"),
+        ("run", None, "succeeded"),
+    ]
 
 
 def test_bad_submissions_change_nothing_and_keys_answer_once(settings):
     core, _ = make(settings)
     assert core.submit({"name": "x", "steps": []}) == Rejected(
-        problems=["steps: must list at least one step"])
+        problems=["steps: must list at least one step"]
+    )
     assert core.store.list_runs() == [] and not core.take_effects().dispatch
     first = submitted(core.submit(CHAIN, key="k1"))
     assert core.submit(CHAIN, key="k1") == Submitted(run_id=first, existing=True)
@@ -170,7 +186,9 @@ def test_a_commit_that_fails_leaves_nothing_half_done(settings):
     view = run_view(store, run_id)
     assert view.run.state is RunState.SUCCEEDED
     assert [(a.step, a.number, a.state) for a in view.attempts] == [
-        ("a", 1, StepState.SUCCEEDED), ("b", 1, StepState.SUCCEEDED)]
+        ("a", 1, StepState.SUCCEEDED),
+        ("b", 1, StepState.SUCCEEDED),
+    ]
 
 
 def test_cancel_through_the_core(settings):
@@ -186,10 +204,14 @@ def test_cancel_through_the_core(settings):
 
 # --- notifications: the outbox ----------------------------------------------------------------
 
-NOTIFIED = {"name": "notified", "notify": [
-    {"webhook": "https://hooks.example.com/ci", "when": ["failed"]},
-    {"webhook": "https://other.example.com/ci", "when": ["succeeded"]}],
-    "steps": [{"name": "a", "run": "echo out; exit 3"}]}
+NOTIFIED = {
+    "name": "notified",
+    "notify": [
+        {"webhook": "https://hooks.example.com/ci", "when": ["failed"]},
+        {"webhook": "https://other.example.com/ci", "when": ["succeeded"]},
+    ],
+    "steps": [{"name": "a", "run": "echo out; exit 3"}],
+}
 
 
 def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
@@ -200,8 +222,9 @@ def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
     view = run_view(store, run_id)
     assert view.run.state is RunState.FAILED
     # Only the target whose `when` names the run's end state.
-    assert [(d.url, d.state) for d in view.deliveries] == [("https://hooks.example.com/ci",
-                                                            "pending")]
+    assert [(d.url, d.state) for d in view.deliveries] == [
+        ("https://hooks.example.com/ci", "pending")
+    ]
     body = core.delivery_body(view.deliveries[0])
     import json
 
@@ -253,7 +276,7 @@ def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(sett
     other = submitted(again.submit(NOTIFIED))
     driver.run_until_idle()
     tries = 0
-    while (due := again.due_deliveries()):
+    while due := again.due_deliveries():
         tries += 1
         again.delivery_done(due[0].id, 500, "HTTP 500")
         clock.now = store.get_deliveries(other)[0].next_at
@@ -267,8 +290,11 @@ def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(sett
 
 
 def test_the_server_s_default_webhook_hears_of_failed_runs_without_notify(tmp_path):
-    settings = Settings(home=tmp_path, notify_webhook="https://hooks.example.com/all",
-                        pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    settings = Settings(
+        home=tmp_path,
+        notify_webhook="https://hooks.example.com/all",
+        pools={"default": PoolConfig(name="default", workers=1, cpus=2)},
+    )
     store = MemoryStore()
     core, driver = make(settings, store)
     failed = submitted(core.submit({"name": "f", "steps": [{"name": "a", "run": "exit 1"}]}))

@@ -11,8 +11,11 @@ from ray.serve.schema import ServeDeploySchema
 
 def test_serve_config_is_valid_and_points_at_the_app():
     doc = yaml.safe_load(Path("deploy/serve-config.yaml").read_text())
-    config = ServeDeploySchema.model_validate(doc) if hasattr(
-        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    config = (
+        ServeDeploySchema.model_validate(doc)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(doc)
+    )
     (app,) = config.applications
     module, _, attr = app.import_path.partition(":")
     built = getattr(importlib.import_module(module), attr)

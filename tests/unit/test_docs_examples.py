@@ -40,9 +40,13 @@ def test_the_docs_hold_pipeline_examples():
 def test_documented_pipeline_is_valid_as_written(where, text, tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(text, encoding="utf-8")
-    done = subprocess.run([sys.executable, "-c", "from cicd_ray.cli import main; main()",
-                           "validate", str(path)], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", "from cicd_ray.cli import main; main()", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, f"{where}:\n{text}\n{done.stdout}{done.stderr}"
     assert "valid pipeline" in done.stdout
 
@@ -53,12 +57,17 @@ SETTINGS_FILES = {
     "projects": load_projects,
     "repositories": lambda path: load_schedules(path, load_repos(path)) or load_repos(path),
 }
-SETTINGS_BLOCKS = [(key, where, text) for where, text in blocks() for key in SETTINGS_FILES
-                   if re.search(rf"^{key}:", text, re.M)]
+SETTINGS_BLOCKS = [
+    (key, where, text)
+    for where, text in blocks()
+    for key in SETTINGS_FILES
+    if re.search(rf"^{key}:", text, re.M)
+]
 
 
-@pytest.mark.parametrize("key, where, text", SETTINGS_BLOCKS,
-                         ids=[f"{k}:{w}" for k, w, _ in SETTINGS_BLOCKS])
+@pytest.mark.parametrize(
+    "key, where, text", SETTINGS_BLOCKS, ids=[f"{k}:{w}" for k, w, _ in SETTINGS_BLOCKS]
+)
 def test_documented_settings_file_loads(key, where, text, tmp_path):
     path = tmp_path / f"{key}.yaml"
     path.write_text(text, encoding="utf-8")
@@ -74,12 +83,15 @@ def test_every_yaml_block_parses(where, text):
     assert load(text) is not None, where
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_pipeline_validates(path):
-    done = subprocess.run([sys.executable, "-c", "from cicd_ray.cli import main; main()",
-                           "validate", str(path)], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", "from cicd_ray.cli import main; main()", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

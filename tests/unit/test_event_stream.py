@@ -32,12 +32,12 @@ def answer(epoch=100.0, events=(), reset=False, gap=False) -> dict:
 
 
 def event(seq: int, run_id: str = "r1", project: str = "default") -> dict:
-    return {"seq": seq, "kind": "step", "run_id": run_id, "project": project,
-            "state": "running"}
+    return {"seq": seq, "kind": "step", "run_id": run_id, "project": project, "state": "running"}
 
 
-def read(master: Scripted, count: int, run_id=None, epoch=None, after=-1,
-         project=None) -> list[bytes]:
+def read(
+    master: Scripted, count: int, run_id=None, epoch=None, after=-1, project=None
+) -> list[bytes]:
     async def take():
         out = []
         stream = runs._event_stream(master, run_id, project, epoch, after)
@@ -46,6 +46,7 @@ def read(master: Scripted, count: int, run_id=None, epoch=None, after=-1,
             if len(out) == count:
                 await stream.aclose()
                 return out
+
     return asyncio.run(take())
 
 
@@ -63,15 +64,19 @@ def test_a_quiet_stream_sends_keep_alives():
     assert read(master, 4, epoch=100.0, after=3)[1:] == [b": keep-alive\n\n"] * 3
 
 
-@pytest.mark.parametrize("case", [
-    {"epoch": 99.0},           # the client's epoch is an earlier master's: it restarted
-    {"reset": True},           # the master says the numbering started over
-    {"gap": True},             # events the client did not see were dropped
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"epoch": 99.0},  # the client's epoch is an earlier master's: it restarted
+        {"reset": True},  # the master says the numbering started over
+        {"gap": True},  # events the client did not see were dropped
+    ],
+)
 def test_missed_changes_are_announced_with_a_reset_event(case):
     given = {"epoch": 100.0, "reset": False, "gap": False, **case}
-    master = Scripted(answer(epoch=100.0, events=[event(1)], reset=given["reset"],
-                             gap=given["gap"]))
+    master = Scripted(
+        answer(epoch=100.0, events=[event(1)], reset=given["reset"], gap=given["gap"])
+    )
     chunks = read(master, 3, epoch=given["epoch"], after=7)
     assert chunks[1] == b"event: reset\ndata: {}\n\n"
     assert chunks[2].startswith(b"id: 100.0:1\n")
@@ -87,8 +92,9 @@ def test_one_run_s_events_only_and_a_silent_master_is_waited_for(monkeypatch):
 
 
 def test_a_project_s_token_is_told_only_of_its_project_s_runs():
-    master = Scripted(answer(events=[event(8, "a", "ops"), event(9, "b", "web"),
-                                     event(10, "c", "ops")]))
+    master = Scripted(
+        answer(events=[event(8, "a", "ops"), event(9, "b", "web"), event(10, "c", "ops")])
+    )
     chunks = read(master, 2, epoch=100.0, after=7, project="web")
     assert chunks[1].startswith(b"id: 100.0:9\n") and b'"run_id": "b"' in chunks[1]
     master = Scripted(answer(events=[event(8, "a", "ops")]), answer())

@@ -17,8 +17,9 @@ def task(run: str, timeout: float = 30, env=None, matrix=None, attempt=1) -> Ste
     if matrix:
         step["matrix"] = matrix
     (planned, *_) = plan(parse_pipeline({"name": "p", "steps": [step]}))
-    return StepTask(run_id="r1", attempt_id=f"r1/{planned.name}/{attempt}", attempt=attempt,
-                    step=planned)
+    return StepTask(
+        run_id="r1", attempt_id=f"r1/{planned.name}/{attempt}", attempt=attempt, step=planned
+    )
 
 
 def execute(tmp_path, t, source=None, **config):
@@ -31,9 +32,15 @@ def execute(tmp_path, t, source=None, **config):
 
 def test_success_environment_and_clean_workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("SOME_WORKER_VAR", "the worker's own")
-    outcome, log, _ = execute(tmp_path, task(
-        'echo "$CICD_RUN_ID $CICD_STEP $CICD_ATTEMPT $MATRIX_PY $K $CI"; pwd; '
-        'echo "[$SOME_WORKER_VAR]"; ls -A | wc -l', env={"K": "v"}, matrix={"py": ["3.11"]}))
+    outcome, log, _ = execute(
+        tmp_path,
+        task(
+            'echo "$CICD_RUN_ID $CICD_STEP $CICD_ATTEMPT $MATRIX_PY $K $CI"; pwd; '
+            'echo "[$SOME_WORKER_VAR]"; ls -A | wc -l',
+            env={"K": "v"},
+            matrix={"py": ["3.11"]},
+        ),
+    )
     assert outcome.state is StepState.SUCCEEDED and outcome.exit_code == 0
     lines = log.splitlines()
     assert lines[0] == "r1 s[py=3.11] 1 3.11 v true"
@@ -47,8 +54,9 @@ def test_the_run_s_trigger_is_in_the_environment(tmp_path):
     script = 'echo "[$CICD_EVENT] [$CICD_BRANCH] [$CICD_COMMIT] [${CICD_PR-none}]"'
     manual = task(script)
     assert execute(tmp_path, manual)[1] == "[manual] [] [] [none]\n"
-    hooked = manual.model_copy(update={"event": "pull_request", "branch": "fix", "pr": 7,
-                                       "commit": "c" * 40})
+    hooked = manual.model_copy(
+        update={"event": "pull_request", "branch": "fix", "pr": 7, "commit": "c" * 40}
+    )
     assert execute(tmp_path, hooked)[1] == f"[pull_request] [fix] [{'c' * 40}] [7]\n"
 
 
@@ -76,9 +84,11 @@ def test_source_is_copied_into_a_fresh_workspace(tmp_path):
 
 def test_timeout_kills_the_whole_process_group_including_background_children(tmp_path):
     pids = tmp_path / "pids"
-    script = (f"sleep 300 & echo $! >> {pids}\n"
-              f"(sleep 301 & echo $! >> {pids}; wait) &\n"
-              f"trap '' TERM; echo started; sleep 302")
+    script = (
+        f"sleep 300 & echo $! >> {pids}\n"
+        f"(sleep 301 & echo $! >> {pids}; wait) &\n"
+        f"trap '' TERM; echo started; sleep 302"
+    )
     t0 = time.monotonic()
     outcome, log, _ = execute(tmp_path, task(script, timeout=1), kill_grace_s=0.5)
     assert outcome.state is StepState.TIMED_OUT
@@ -110,8 +120,12 @@ def test_log_is_streamed_in_order_while_the_step_runs(tmp_path):
     arrivals: list[tuple[float, bytes]] = []
     cfg = ExecConfig(work_dir=tmp_path / "w", flush_interval_s=0.1)
     t0 = time.monotonic()
-    ex = Execution(task("for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done"), cfg, None,
-                   lambda seq, data: arrivals.append((time.monotonic() - t0, data)))
+    ex = Execution(
+        task("for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done"),
+        cfg,
+        None,
+        lambda seq, data: arrivals.append((time.monotonic() - t0, data)),
+    )
     outcome = ex.run()
     text = b"".join(d for _, d in arrivals) + outcome.log_tail
     assert text.decode().splitlines() == [f"line {i}" for i in range(1, 6)]
@@ -121,26 +135,33 @@ def test_log_is_streamed_in_order_while_the_step_runs(tmp_path):
 
 
 def test_log_is_capped_with_a_clear_marker(tmp_path):
-    outcome, log, _ = execute(tmp_path, task("head -c 100000 /dev/zero | tr '\\0' x; echo"),
-                              log_cap_bytes=1000)
+    outcome, log, _ = execute(
+        tmp_path, task("head -c 100000 /dev/zero | tr '\\0' x; echo"), log_cap_bytes=1000
+    )
     assert outcome.state is StepState.SUCCEEDED
     assert log.startswith("x" * 1000)
-    assert log.endswith("[cicd-ray] log truncated: the step printed more than 1000 bytes; "
-                        "the rest was discarded\n")
+    assert log.endswith(
+        "[cicd-ray] log truncated: the step printed more than 1000 bytes; the rest was discarded\n"
+    )
 
 
 def test_peak_memory_is_measured_for_a_step_that_allocates(tmp_path):
-    outcome, _, _ = execute(tmp_path, task(
-        "python -c 'import time; b = bytearray(200 * 2**20); time.sleep(0.6)'"))
+    outcome, _, _ = execute(
+        tmp_path, task("python -c 'import time; b = bytearray(200 * 2**20); time.sleep(0.6)'")
+    )
     assert outcome.state is StepState.SUCCEEDED
     assert 180 < outcome.peak_memory_mb < 400
     assert outcome.cpu_time_s is not None
 
 
 def test_a_step_has_a_private_tmpdir_and_home_and_reads_nothing_from_stdin(tmp_path):
-    outcome, log, _ = execute(tmp_path, task(
-        'echo "$TMPDIR"; echo "$HOME"; touch "$TMPDIR/scratch"; '
-        'stat -c %a "$TMPDIR"; cat; readlink /proc/self/fd/0'))
+    outcome, log, _ = execute(
+        tmp_path,
+        task(
+            'echo "$TMPDIR"; echo "$HOME"; touch "$TMPDIR/scratch"; '
+            'stat -c %a "$TMPDIR"; cat; readlink /proc/self/fd/0'
+        ),
+    )
     assert outcome.state is StepState.SUCCEEDED, log
     tmpdir, home, mode, stdin = log.splitlines()
     assert tmpdir.startswith(str(tmp_path / "work")) and home.startswith(str(tmp_path / "work"))

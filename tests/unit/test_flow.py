@@ -21,24 +21,33 @@ from tests.unit.test_scheduler import dispatched, finish, make
 # --- the condition language ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, column, message", [
-    ("", 1, "empty condition"),
-    ("foo()", 1, "unknown function foo(); the functions are always(), cancelled(), failure(), "
-                 "success()"),
-    ("success() && bogus.x == 'a'", 14, "unknown variable bogus.x"),
-    ("run.tag == 'v1'", 1, "unknown variable run.tag; known: run.branch, run.event, "
-                           "run.pipeline"),
-    ("matrix.os == 'linux'", 1, "unknown variable matrix.os; the step's matrix keys are: py"),
-    ("env.A", 1, "a text is not a condition"),
-    ("success() == 'yes'", 14, "== compares a bool with a text"),
-    ("(always()", 10, "expected ')', found the end"),
-    ("always() ||", 12, "expected a value or a condition, found the end"),
-    ("always() always()", 10, "unexpected 'always' after a complete condition"),
-    ("run.branch == 'main", 15, "a quoted text is not closed"),
-    ("run.branch = 'main'", 12, "unexpected '='"),
-    ("(" * 40 + "always()" + ")" * 40, 33, "nested more than 32 deep"),
-    ("always() && " * 100 + "always()", 1, "longer than 1000 characters"),
-])
+@pytest.mark.parametrize(
+    "text, column, message",
+    [
+        ("", 1, "empty condition"),
+        (
+            "foo()",
+            1,
+            "unknown function foo(); the functions are always(), cancelled(), failure(), success()",
+        ),
+        ("success() && bogus.x == 'a'", 14, "unknown variable bogus.x"),
+        (
+            "run.tag == 'v1'",
+            1,
+            "unknown variable run.tag; known: run.branch, run.event, run.pipeline",
+        ),
+        ("matrix.os == 'linux'", 1, "unknown variable matrix.os; the step's matrix keys are: py"),
+        ("env.A", 1, "a text is not a condition"),
+        ("success() == 'yes'", 14, "== compares a bool with a text"),
+        ("(always()", 10, "expected ')', found the end"),
+        ("always() ||", 12, "expected a value or a condition, found the end"),
+        ("always() always()", 10, "unexpected 'always' after a complete condition"),
+        ("run.branch == 'main", 15, "a quoted text is not closed"),
+        ("run.branch = 'main'", 12, "unexpected '='"),
+        ("(" * 40 + "always()" + ")" * 40, 33, "nested more than 32 deep"),
+        ("always() && " * 100 + "always()", 1, "longer than 1000 characters"),
+    ],
+)
 def test_a_condition_that_cannot_be_read_names_the_column(text, column, message):
     with pytest.raises(ConditionError) as err:
         parse(text, frozenset({"py"}))
@@ -47,32 +56,40 @@ def test_a_condition_that_cannot_be_read_names_the_column(text, column, message)
 
 
 def facts(success=True, failure=False, cancelled=False, **run):
-    return Facts(success=success, failure=failure, cancelled=cancelled, env={"TARGET": "prod"},
-                 matrix={"py": "3.12"}, run={"branch": "main", "event": "manual",
-                                             "pipeline": "p", **run})
+    return Facts(
+        success=success,
+        failure=failure,
+        cancelled=cancelled,
+        env={"TARGET": "prod"},
+        matrix={"py": "3.12"},
+        run={"branch": "main", "event": "manual", "pipeline": "p", **run},
+    )
 
 
-@pytest.mark.parametrize("text, given, expected", [
-    ("success()", facts(), True),
-    ("success()", facts(success=False, failure=True), False),
-    ("failure()", facts(success=False, failure=True), True),
-    ("failure()", facts(), False),
-    ("always()", facts(success=False, cancelled=True), True),
-    ("cancelled()", facts(success=False, cancelled=True), True),
-    ("cancelled()", facts(), False),
-    ("run.branch == 'main'", facts(), True),
-    ("run.branch == 'main'", facts(branch="feature"), False),
-    # Naming no status function means success() too: a failed need settles it.
-    ("run.branch == 'main'", facts(success=False, failure=True), False),
-    ("run.branch != \"main\"", facts(branch="feature"), True),
-    ("env.TARGET == 'prod' && matrix.py == '3.12'", facts(), True),
-    ("env.UNSET == ''", facts(), True),
-    ("!(run.event == 'manual') || run.pipeline == 'p'", facts(), True),
-    ("!(run.event == 'manual') || run.pipeline == 'q'", facts(), False),
-    ("always() && run.branch == 'main'", facts(success=False, failure=True), True),
-    ("failure() || cancelled()", facts(success=False, cancelled=True), True),
-    ("true && !false", facts(), True),
-])
+@pytest.mark.parametrize(
+    "text, given, expected",
+    [
+        ("success()", facts(), True),
+        ("success()", facts(success=False, failure=True), False),
+        ("failure()", facts(success=False, failure=True), True),
+        ("failure()", facts(), False),
+        ("always()", facts(success=False, cancelled=True), True),
+        ("cancelled()", facts(success=False, cancelled=True), True),
+        ("cancelled()", facts(), False),
+        ("run.branch == 'main'", facts(), True),
+        ("run.branch == 'main'", facts(branch="feature"), False),
+        # Naming no status function means success() too: a failed need settles it.
+        ("run.branch == 'main'", facts(success=False, failure=True), False),
+        ('run.branch != "main"', facts(branch="feature"), True),
+        ("env.TARGET == 'prod' && matrix.py == '3.12'", facts(), True),
+        ("env.UNSET == ''", facts(), True),
+        ("!(run.event == 'manual') || run.pipeline == 'p'", facts(), True),
+        ("!(run.event == 'manual') || run.pipeline == 'q'", facts(), False),
+        ("always() && run.branch == 'main'", facts(success=False, failure=True), True),
+        ("failure() || cancelled()", facts(success=False, cancelled=True), True),
+        ("true && !false", facts(), True),
+    ],
+)
 def test_conditions_evaluate_as_documented(text, given, expected):
     assert holds(parse(text, frozenset({"py"})), given) is expected
 
@@ -85,14 +102,21 @@ def test_a_hostile_condition_is_refused_within_a_second():
     assert time.perf_counter() - started < 1.0
 
 
-@pytest.mark.parametrize("step, problem", [
-    ({"name": "a", "run": "x", "if": "run.branch == 'main' && nope()"},
-     "steps[0] (a).if: \"run.branch == 'main' && nope()\": column 25: unknown function "
-     "nope(); the functions are always(), cancelled(), failure(), success()"),
-    ({"name": "b", "run": "x", "matrix": {"py": ["3.12"]}, "if": "matrix.os == 'x'"},
-     "steps[0] (b).if: \"matrix.os == 'x'\": column 1: unknown variable matrix.os; the "
-     "step's matrix keys are: py"),
-])
+@pytest.mark.parametrize(
+    "step, problem",
+    [
+        (
+            {"name": "a", "run": "x", "if": "run.branch == 'main' && nope()"},
+            "steps[0] (a).if: \"run.branch == 'main' && nope()\": column 25: unknown function "
+            "nope(); the functions are always(), cancelled(), failure(), success()",
+        ),
+        (
+            {"name": "b", "run": "x", "matrix": {"py": ["3.12"]}, "if": "matrix.os == 'x'"},
+            "steps[0] (b).if: \"matrix.os == 'x'\": column 1: unknown variable matrix.os; the "
+            "step's matrix keys are: py",
+        ),
+    ],
+)
 def test_the_loader_names_the_step_and_column_of_a_bad_condition(step, problem):
     with pytest.raises(SpecError) as err:
         parse_pipeline({"name": "p", "steps": [step]})
@@ -102,12 +126,27 @@ def test_the_loader_names_the_step_and_column_of_a_bad_condition(step, problem):
 # --- conditions in the scheduler --------------------------------------------------------------
 
 
-def submit(s, steps, run_id="r1", now=0.0, seq=0, branch="main", concurrency=None,
-           project="default", **extra):
+def submit(
+    s,
+    steps,
+    run_id="r1",
+    now=0.0,
+    seq=0,
+    branch="main",
+    concurrency=None,
+    project="default",
+    **extra,
+):
     spec = parse_pipeline({"name": "p", "steps": steps, **extra})
-    run = RunRecord(id=run_id, pipeline="p", created_at=now, seq=seq, branch=branch,
-                    concurrency=ConcurrencySpec(**concurrency) if concurrency else None,
-                    project=project)
+    run = RunRecord(
+        id=run_id,
+        pipeline="p",
+        created_at=now,
+        seq=seq,
+        branch=branch,
+        concurrency=ConcurrencySpec(**concurrency) if concurrency else None,
+        project=project,
+    )
     s.submit(run, plan(spec), now)
     return run
 
@@ -117,15 +156,15 @@ def restored(runs, steps, now):
     again = Scheduler(make().pools, heartbeat_timeout_s=10.0)
     again.restore(runs, steps, [], now)
     for name in ("w1", "w2"):
-        again.register_worker(WorkerRecord(id=name, pool="default", cpus=2.0, memory_mb=4096,
-                                           started_at=now), now)
+        again.register_worker(
+            WorkerRecord(id=name, pool="default", cpus=2.0, memory_mb=4096, started_at=now), now
+        )
     again.take()
     return again
 
 
 def states(s, run_id="r1"):
-    return {n: st.state.value for n, st in s.steps[run_id].items()} if run_id in s.steps \
-        else None
+    return {n: st.state.value for n, st in s.steps[run_id].items()} if run_id in s.steps else None
 
 
 def ended(s, run_id="r1"):
@@ -135,10 +174,15 @@ def ended(s, run_id="r1"):
 
 def test_an_always_step_runs_after_a_failure_and_the_run_still_fails():
     s = make()
-    submit(s, [{"name": "build", "run": "x"},
-               {"name": "test", "run": "x", "needs": ["build"]},
-               {"name": "report", "run": "x", "needs": ["test"], "if": "failure()"},
-               {"name": "cleanup", "run": "x", "needs": ["test"], "if": "always()"}])
+    submit(
+        s,
+        [
+            {"name": "build", "run": "x"},
+            {"name": "test", "run": "x", "needs": ["build"]},
+            {"name": "report", "run": "x", "needs": ["test"], "if": "failure()"},
+            {"name": "cleanup", "run": "x", "needs": ["test"], "if": "always()"},
+        ],
+    )
     dispatched(s, 0)
     finish(s, "build", StepState.FAILED, code=1)
     assert states(s)["test"] == "skipped"
@@ -151,12 +195,16 @@ def test_an_always_step_runs_after_a_failure_and_the_run_still_fails():
 
 def test_a_false_condition_skips_with_its_reason_and_the_run_succeeds():
     s = make()
-    submit(s, [{"name": "build", "run": "x"},
-               {"name": "deploy", "run": "x", "needs": ["build"],
-                "if": "run.branch == 'main'"},
-               {"name": "announce", "run": "x", "needs": ["deploy"]},
-               {"name": "on-failure", "run": "x", "needs": ["build"], "if": "failure()"}],
-           branch="feature")
+    submit(
+        s,
+        [
+            {"name": "build", "run": "x"},
+            {"name": "deploy", "run": "x", "needs": ["build"], "if": "run.branch == 'main'"},
+            {"name": "announce", "run": "x", "needs": ["deploy"]},
+            {"name": "on-failure", "run": "x", "needs": ["build"], "if": "failure()"},
+        ],
+        branch="feature",
+    )
     dispatched(s, 0)
     finish(s, "build")
     d = s.take()
@@ -170,10 +218,15 @@ def test_a_false_condition_skips_with_its_reason_and_the_run_succeeds():
 
 def test_a_cancelled_run_runs_its_always_steps_and_ends_cancelled():
     s = make()
-    submit(s, [{"name": "deploy", "run": "x"},
-               {"name": "verify", "run": "x", "needs": ["deploy"]},
-               {"name": "cleanup", "run": "x", "needs": ["verify"], "if": "always()"},
-               {"name": "only-ok", "run": "x", "needs": ["deploy"], "if": "success()"}])
+    submit(
+        s,
+        [
+            {"name": "deploy", "run": "x"},
+            {"name": "verify", "run": "x", "needs": ["deploy"]},
+            {"name": "cleanup", "run": "x", "needs": ["verify"], "if": "always()"},
+            {"name": "only-ok", "run": "x", "needs": ["deploy"], "if": "success()"},
+        ],
+    )
     dispatched(s, 0)
     s.cancel("r1", 1.0)
     assert [k.attempt_id for k in s.take().kill] == ["r1/deploy/1"]
@@ -189,8 +242,17 @@ def test_a_cancelled_run_runs_its_always_steps_and_ends_cancelled():
 
 def test_a_matrix_variant_condition_reads_its_own_values():
     s = make()
-    submit(s, [{"name": "t", "run": "x", "matrix": {"os": ["linux", "mac"]},
-                "if": "matrix.os == 'linux'"}])
+    submit(
+        s,
+        [
+            {
+                "name": "t",
+                "run": "x",
+                "matrix": {"os": ["linux", "mac"]},
+                "if": "matrix.os == 'linux'",
+            }
+        ],
+    )
     assert [n for _, n in dispatched(s, 0)[0]] == ["t[os=linux]"]
     assert states(s)["t[os=mac]"] == "skipped"
 
@@ -200,22 +262,27 @@ def test_a_matrix_variant_condition_reads_its_own_values():
 
 def test_an_approval_waits_using_no_worker_then_runs_what_follows():
     s = make()
-    submit(s, [{"name": "build", "run": "x"},
-               {"name": "gate", "needs": ["build"], "approval": {"prompt": "Ship it?"}},
-               {"name": "deploy", "run": "x", "needs": ["gate"],
-                "approval": {"prompt": "Really?"}}])
+    submit(
+        s,
+        [
+            {"name": "build", "run": "x"},
+            {"name": "gate", "needs": ["build"], "approval": {"prompt": "Ship it?"}},
+            {"name": "deploy", "run": "x", "needs": ["gate"], "approval": {"prompt": "Really?"}},
+        ],
+    )
     dispatched(s, 0)
     finish(s, "build")
     placed, d = dispatched(s, 1)
     assert placed == [] and states(s)["gate"] == "waiting_approval"
     assert d.changes.steps[("r1", "gate")].reason == "waiting for approval: Ship it?"
-    assert s.approve("r1", "build", True, "ann", "", 2.0) == \
-        "step build of run r1 is not waiting for approval (it is succeeded)"
+    assert (
+        s.approve("r1", "build", True, "ann", "", 2.0)
+        == "step build of run r1 is not waiting for approval (it is succeeded)"
+    )
     assert s.approve("r1", "gate", True, "ann", "looks good", 2.0) is None
     gate = s.take().changes.steps[("r1", "gate")]
     assert gate.state is StepState.SUCCEEDED and gate.reason == "approved by ann: looks good"
-    assert (gate.approval.by, gate.approval.at, gate.approval.decision) == ("ann", 2.0,
-                                                                           "approved")
+    assert (gate.approval.by, gate.approval.at, gate.approval.decision) == ("ann", 2.0, "approved")
     assert states(s)["deploy"] == "waiting_approval"
     s.approve("r1", "deploy", True, "bob", "", 3.0)
     assert dispatched(s, 3)[0] == [("w1", "deploy")]
@@ -223,8 +290,13 @@ def test_an_approval_waits_using_no_worker_then_runs_what_follows():
 
 def test_a_rejected_or_unanswered_approval_fails_the_step():
     s = make()
-    submit(s, [{"name": "gate", "approval": {}, "timeout": 60},
-               {"name": "after", "run": "x", "needs": ["gate"]}])
+    submit(
+        s,
+        [
+            {"name": "gate", "approval": {}, "timeout": 60},
+            {"name": "after", "run": "x", "needs": ["gate"]},
+        ],
+    )
     submit(s, [{"name": "gate", "approval": {}, "timeout": 60}], run_id="r2")
     s.approve("r1", "gate", False, "carol", "not today", 5.0)
     d = s.take()
@@ -241,8 +313,13 @@ def test_a_rejected_or_unanswered_approval_fails_the_step():
 
 def test_a_waiting_approval_survives_a_restart():
     s = make()
-    submit(s, [{"name": "gate", "approval": {}, "timeout": 60},
-               {"name": "after", "run": "x", "needs": ["gate"]}])
+    submit(
+        s,
+        [
+            {"name": "gate", "approval": {}, "timeout": 60},
+            {"name": "after", "run": "x", "needs": ["gate"]},
+        ],
+    )
     d = s.take()
     run, steps = d.changes.runs["r1"], list(d.changes.steps.values())
     again = restored([run], steps, 10.0)
@@ -287,16 +364,23 @@ def test_runs_of_a_group_run_one_at_a_time_in_submission_order():
 def test_cancel_in_progress_replaces_the_older_runs_but_lets_marked_steps_finish():
     s = make()
     group = {"group": "deploy", "cancel_in_progress": True}
-    submit(s, [{"name": "migrate", "run": "x", "interruptible": False},
-               {"name": "after", "run": "x", "needs": ["migrate"]}], concurrency=group)
+    submit(
+        s,
+        [
+            {"name": "migrate", "run": "x", "interruptible": False},
+            {"name": "after", "run": "x", "needs": ["migrate"]},
+        ],
+        concurrency=group,
+    )
     assert dispatched(s, 0)[0] == [("w1", "migrate")]
     submit(s, [{"name": "slow", "run": "x"}], run_id="r2", seq=2, concurrency=group)
     assert s.runs["r2"].state is RunState.QUEUED
     submit(s, [{"name": "d", "run": "x"}], run_id="r3", seq=3, concurrency=group)
     d = s.take()
     assert d.changes.runs["r2"].state is RunState.CANCELLED
-    assert d.changes.runs["r2"].reason == \
-        "cancelled: run r3 of concurrency group deploy replaces it"
+    assert (
+        d.changes.runs["r2"].reason == "cancelled: run r3 of concurrency group deploy replaces it"
+    )
     assert d.kill == []  # migrate is let finish
     assert states(s) == {"migrate": "running", "after": "cancelled"}
     finish(s, "migrate", run_id="r1", now=2)
@@ -312,15 +396,20 @@ def test_a_step_group_holds_steps_across_runs_and_its_order_survives_a_restart()
         submit(s, [step], run_id=f"r{i}", seq=i, env={"TARGET": "eu"})
     placed, d = dispatched(s, 0)
     assert placed == [("w1", "deploy")]
-    assert d.changes.steps[("r3", "deploy")].reason == \
-        "waiting for concurrency group prod-eu (2 ahead)"
+    assert (
+        d.changes.steps[("r3", "deploy")].reason
+        == "waiting for concurrency group prod-eu (2 ahead)"
+    )
     runs = list(s.runs.values())
     steps = [st for run in s.steps.values() for st in run.values()]
     again = restored(list(reversed(runs)), list(reversed(steps)), 5.0)
     # r1's attempt had a worker the new master does not know: it is retried, keeping its place.
     placed, _ = dispatched(again, 5)
-    assert [again.steps[r]["deploy"].state.value for r in ("r1", "r2", "r3")] == \
-        ["running", "queued", "queued"] and len(placed) == 1
+    assert [again.steps[r]["deploy"].state.value for r in ("r1", "r2", "r3")] == [
+        "running",
+        "queued",
+        "queued",
+    ] and len(placed) == 1
     finish(again, "deploy", run_id="r1", now=6)
     again.tick(6)
     placed, _ = dispatched(again, 7)
@@ -329,8 +418,12 @@ def test_a_step_group_holds_steps_across_runs_and_its_order_survives_a_restart()
 
 
 def test_a_group_variable_the_run_does_not_set_is_refused():
-    spec = parse_pipeline({"name": "p", "steps": [
-        {"name": "d", "run": "x", "concurrency": {"group": "deploy-${BRANCH}"}}]})
+    spec = parse_pipeline(
+        {
+            "name": "p",
+            "steps": [{"name": "d", "run": "x", "concurrency": {"group": "deploy-${BRANCH}"}}],
+        }
+    )
     with pytest.raises(SpecError, match=r"\$\{BRANCH\} is not set in the run's env"):
         plan(spec)
     assert plan(spec, {"BRANCH": "main"})[0].concurrency.group == "deploy-main"
@@ -348,8 +441,13 @@ def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
     s = make()
     group = {"group": "g"}
     submit(s, [{"name": "d", "run": "x"}], concurrency=group)
-    submit(s, [{"name": "d", "run": "x"}, {"name": "cleanup", "if": "always()", "run": "x"}],
-           run_id="r2", seq=2, concurrency=group)
+    submit(
+        s,
+        [{"name": "d", "run": "x"}, {"name": "cleanup", "if": "always()", "run": "x"}],
+        run_id="r2",
+        seq=2,
+        concurrency=group,
+    )
     s.cancel("r2", 1.0)
     assert ended(s, "r2").state is RunState.CANCELLED
     assert s.flow.groups.members(("default", "g")) == ["r1"]
@@ -357,8 +455,13 @@ def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
 
 def test_a_webhook_url_with_credentials_is_refused():
     with pytest.raises(SpecError, match=r"notify\[0\]\.webhook"):
-        parse_pipeline({"name": "p", "notify": [{"webhook": "https://user:pw@hooks.example/x"}],
-                        "steps": [{"name": "a", "run": "x"}]})
+        parse_pipeline(
+            {
+                "name": "p",
+                "notify": [{"webhook": "https://user:pw@hooks.example/x"}],
+                "steps": [{"name": "a", "run": "x"}],
+            }
+        )
 
 
 def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch):
@@ -368,12 +471,19 @@ def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch)
 
     walks = []
     real = RunBook._ancestors
-    monkeypatch.setattr(RunBook, "_ancestors", lambda self, step: walks.append(step.name)
-                        or real(self, step))
+    monkeypatch.setattr(
+        RunBook, "_ancestors", lambda self, step: walks.append(step.name) or real(self, step)
+    )
     s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]},
-               {"name": "c", "run": "x", "needs": ["b"], "if": "always()"},
-               {"name": "d", "run": "x", "needs": ["c"], "if": "failure()"}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x"},
+            {"name": "b", "run": "x", "needs": ["a"]},
+            {"name": "c", "run": "x", "needs": ["b"], "if": "always()"},
+            {"name": "d", "run": "x", "needs": ["c"], "if": "failure()"},
+        ],
+    )
     for name in ("a", "b", "c"):
         dispatched(s, 0)
         finish(s, name)
@@ -382,8 +492,11 @@ def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch)
 
 def test_a_running_step_a_newer_run_s_step_replaces_ends_cancelled_saying_why():
     s = make()
-    step = {"name": "deploy", "run": "x",
-            "concurrency": {"group": "prod", "cancel_in_progress": True}}
+    step = {
+        "name": "deploy",
+        "run": "x",
+        "concurrency": {"group": "prod", "cancel_in_progress": True},
+    }
     submit(s, [step])
     assert dispatched(s, 0)[0] == [("w1", "deploy")]
     submit(s, [step], run_id="r2", seq=2)
@@ -404,10 +517,15 @@ def test_concurrency_groups_are_a_projects_own():
     s = make()
     group = {"group": "deploy", "cancel_in_progress": True}
     submit(s, [{"name": "d", "run": "x", "concurrency": group}], project="web")
-    submit(s, [{"name": "d", "run": "x", "concurrency": group}], run_id="r2", seq=2,
-           project="ops")
-    submit(s, [{"name": "d", "run": "x"}], run_id="r4", seq=4, concurrency={"group": "deploy"},
-           project="web")
+    submit(s, [{"name": "d", "run": "x", "concurrency": group}], run_id="r2", seq=2, project="ops")
+    submit(
+        s,
+        [{"name": "d", "run": "x"}],
+        run_id="r4",
+        seq=4,
+        concurrency={"group": "deploy"},
+        project="web",
+    )
     s.tick(0.0)
     assert s.steps["r1"]["d"].admitted and s.steps["r2"]["d"].admitted
     assert not any(step.state.terminal for steps in s.steps.values() for step in steps.values())

@@ -19,6 +19,7 @@ def script(*answers):
         if isinstance(answer, Exception):
             raise answer
         return {"run": {"id": run_id, "state": answer}}
+
     return view
 
 
@@ -33,8 +34,9 @@ class Waits:
         self.states = list(states)
         self.n = 0
 
-    def __call__(self, run_id: str, after: str | None, timeout_s: float,
-                 until_end: bool) -> RunChange:
+    def __call__(
+        self, run_id: str, after: str | None, timeout_s: float, until_end: bool
+    ) -> RunChange:
         if self.failures:
             raise self.failures.pop(0)
         self.positions.append(after)
@@ -55,8 +57,11 @@ def run(view, wait, **kw):
 
 def test_each_view_is_read_after_the_run_changed_since_the_last_position():
     waits, seen = Waits(), []
-    final = run(script("queued", "running", "succeeded"), waits,
-                on_update=lambda v: seen.append(v["run"]["state"]))
+    final = run(
+        script("queued", "running", "succeeded"),
+        waits,
+        on_update=lambda v: seen.append(v["run"]["state"]),
+    )
     assert final["run"]["state"] == "succeeded"
     assert seen == ["queued", "running", "succeeded"]
     # The first wait only learns where "now" is (before the first view); each later one
@@ -86,8 +91,11 @@ def test_a_master_that_restarts_is_waited_for(monkeypatch):
     monkeypatch.setattr(following, "RETRY_S", 0)
     gone = MasterUnavailable("restarting")
     seen = []
-    final = run(script("running", gone, gone, "running", "succeeded"), Waits(gone),
-                on_update=lambda v: seen.append(v["run"]["state"]))
+    final = run(
+        script("running", gone, gone, "running", "succeeded"),
+        Waits(gone),
+        on_update=lambda v: seen.append(v["run"]["state"]),
+    )
     assert final["run"]["state"] == "succeeded"
     assert seen == ["running", "running", "succeeded"]
 

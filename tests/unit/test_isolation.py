@@ -29,8 +29,12 @@ UIDS = "210000-210063"
 
 def run_isolated(tmp_path, t, **config):
     chunks: list[bytes] = []
-    cfg = ExecConfig(work_dir=tmp_path / "work", step_uids=parse_uids(UIDS),
-                     step_dir=steps_of(tmp_path), **config)
+    cfg = ExecConfig(
+        work_dir=tmp_path / "work",
+        step_uids=parse_uids(UIDS),
+        step_dir=steps_of(tmp_path),
+        **config,
+    )
     outcome = Execution(t, cfg, None, lambda seq, data: chunks.append(data)).run()
     return outcome, (b"".join(chunks) + outcome.log_tail).decode()
 
@@ -58,9 +62,13 @@ def living_step_processes() -> list[psutil.Process]:
 
 
 def test_a_step_runs_as_its_own_user_with_its_own_home_and_tmp(tmp_path):
-    outcome, log = run_isolated(tmp_path, task(
-        'id -u; echo "$HOME $TMPDIR $USER"; touch "$HOME/x" "$TMPDIR/y"; '
-        'stat -c "%a %u" "$HOME" "$HOME/.."'))
+    outcome, log = run_isolated(
+        tmp_path,
+        task(
+            'id -u; echo "$HOME $TMPDIR $USER"; touch "$HOME/x" "$TMPDIR/y"; '
+            'stat -c "%a %u" "$HOME" "$HOME/.."'
+        ),
+    )
     assert outcome.state is StepState.SUCCEEDED, log
     uid, paths, home_mode, root_mode = log.splitlines()
     assert int(uid) in parse_uids(UIDS) and outcome.runs_as == f"uid {uid}"
@@ -74,11 +82,13 @@ def test_a_step_cannot_reach_the_worker_root_or_another_attempt(tmp_path, monkey
     monkeypatch.setenv("CICD_RAY_STORE", "redis://:hunter2@redis:6379/0")
     other = task("echo secret > mine.txt; sleep 5", attempt=1)
     outcome_box = {}
-    runner = threading.Thread(target=lambda: outcome_box.setdefault(
-        "o", run_isolated(tmp_path, other)))
+    runner = threading.Thread(
+        target=lambda: outcome_box.setdefault("o", run_isolated(tmp_path, other))
+    )
     runner.start()
     time.sleep(1.0)
-    probe = task(textwrap.dedent(f"""
+    probe = task(
+        textwrap.dedent(f"""
         cat /proc/{os.getpid()}/environ >/dev/null 2>&1 && echo READ-ENVIRON
         grep -a hunter2 /proc/*/environ 2>/dev/null && echo FOUND-SECRET
         ls /root >/dev/null 2>&1 && echo LISTED-ROOT
@@ -89,7 +99,9 @@ def test_a_step_cannot_reach_the_worker_root_or_another_attempt(tmp_path, monkey
         ls {STEP_ROOT} >/dev/null 2>&1 && echo LISTED-ROOT-OF-STEPS
         ls {tmp_path}/work >/dev/null 2>&1 && echo LISTED-WORK
         echo done
-        """), attempt=2)
+        """),
+        attempt=2,
+    )
     outcome, log = run_isolated(tmp_path, probe)
     runner.join()
     assert outcome.state is StepState.SUCCEEDED, log
@@ -133,7 +145,7 @@ def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
         from cicd_ray.worker.execution import ExecConfig, Execution
         from cicd_ray.worker.isolation import parse_uids
         from tests.unit.test_executor import task
-        cfg = ExecConfig(work_dir=Path({str(tmp_path / 'work')!r}),
+        cfg = ExecConfig(work_dir=Path({str(tmp_path / "work")!r}),
                          step_uids=parse_uids({UIDS!r}),
                          step_dir=Path({str(steps_of(tmp_path))!r}))
         t = task("sleep 300 & setsid sleep 301 & sleep 302")
@@ -169,10 +181,12 @@ def test_sweep_kills_what_no_attempt_holds_and_spares_what_one_does():
     users = parse_uids(UIDS)
     held = take_identity(users, "default")
     orphan_uid = users[(users.index(held.uid) + 1) % len(users)]
-    orphan = subprocess.Popen(["sleep", "300"], user=orphan_uid, group=orphan_uid,
-                              extra_groups=[], start_new_session=True)
-    owned = subprocess.Popen(["sleep", "300"], user=held.uid, group=held.uid,
-                             extra_groups=[], start_new_session=True)
+    orphan = subprocess.Popen(
+        ["sleep", "300"], user=orphan_uid, group=orphan_uid, extra_groups=[], start_new_session=True
+    )
+    owned = subprocess.Popen(
+        ["sleep", "300"], user=held.uid, group=held.uid, extra_groups=[], start_new_session=True
+    )
     try:
         assert sweep(users) == 1
         assert orphan.wait(timeout=5) == -signal.SIGKILL
@@ -225,14 +239,19 @@ def keeping_task(run: str, artifacts=(), cache=None):
 
 
 def test_a_step_swapping_its_workspace_for_a_link_to_root_keeps_nothing_outside(
-        tmp_path, root_only):
+    tmp_path, root_only
+):
     from cicd_ray.store.blobs import ArtifactStore
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     rel = str(root_only / "token").lstrip("/")
-    outcome, log = run_isolated(tmp_path, keeping_task(
-        '(cd .. && mv ws ws.old && ln -s / ws) 2>&1 || echo "could not swap"', artifacts=[rel]),
-        artifacts=store)
+    outcome, log = run_isolated(
+        tmp_path,
+        keeping_task(
+            '(cd .. && mv ws ws.old && ln -s / ws) 2>&1 || echo "could not swap"', artifacts=[rel]
+        ),
+        artifacts=store,
+    )
     assert b"TOPSECRET" not in stored_bytes(tmp_path / "store")
     assert all(f.path != rel for f in outcome.artifacts)
     assert "could not swap" in log  # the attempt's folder is root's: ws cannot be replaced
@@ -245,10 +264,16 @@ def test_artifacts_and_a_cache_path_through_a_link_are_not_followed(tmp_path, ro
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     caches = NodeCaches(store, tmp_path / "node", 10**9)
-    outcome, log = run_isolated(tmp_path, keeping_task(
-        f"ln -s {root_only} p; mkdir -p dist; ln -s {root_only}/token dist/t; echo ok > mine",
-        artifacts=["p/token", "dist/**", "mine"], cache=CacheSpec(key="k", paths=["p/token"])),
-        artifacts=store, caches=caches)
+    outcome, log = run_isolated(
+        tmp_path,
+        keeping_task(
+            f"ln -s {root_only} p; mkdir -p dist; ln -s {root_only}/token dist/t; echo ok > mine",
+            artifacts=["p/token", "dist/**", "mine"],
+            cache=CacheSpec(key="k", paths=["p/token"]),
+        ),
+        artifacts=store,
+        caches=caches,
+    )
     assert outcome.state is StepState.SUCCEEDED, log
     assert [f.path for f in outcome.artifacts] == ["mine"]
     assert "not saved" in log and "links are not followed" in log
@@ -265,16 +290,21 @@ def test_another_project_s_step_finds_nothing_of_this_one_s(tmp_path):
     from cicd_ray.worker.isolation import pid_namespaces
 
     tag = f"cicd-leak-{os.getpid()}"
-    mine = task(f"id -u; echo hush > /dev/shm/{tag}; echo hush > /tmp/{tag}; "
-                "(exec -a 'deploy --password=hunter2-xyz' sleep 4) & sleep 0.2; id -u >&2")
+    mine = task(
+        f"id -u; echo hush > /dev/shm/{tag}; echo hush > /tmp/{tag}; "
+        "(exec -a 'deploy --password=hunter2-xyz' sleep 4) & sleep 0.2; id -u >&2"
+    )
     mine.project = "alpha"
     box = {}
     runner = threading.Thread(target=lambda: box.setdefault("a", run_isolated(tmp_path, mine)))
     runner.start()
     time.sleep(1.0)
-    probe = task(f"id -u; cat /dev/shm/{tag} /tmp/{tag} 2>/dev/null || true; "
-                 "grep -a -h -o 'password=[^ ]*' /proc/[0-9]*/cmdline 2>/dev/null || true; "
-                 "ps -eo args | grep -c '[h]unter2' || true", attempt=2)
+    probe = task(
+        f"id -u; cat /dev/shm/{tag} /tmp/{tag} 2>/dev/null || true; "
+        "grep -a -h -o 'password=[^ ]*' /proc/[0-9]*/cmdline 2>/dev/null || true; "
+        "ps -eo args | grep -c '[h]unter2' || true",
+        attempt=2,
+    )
     probe.project = "beta"
     _, log = run_isolated(tmp_path, probe)
     runner.join()

@@ -21,8 +21,11 @@ from cicd_ray.pools import PoolConfig, load_pools, load_projects
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "kuberay"
 KUBERNETES_VERSION = "1.33"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml",
-             "RayJob": "ray.io_rayjobs.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+}
 
 
 def crds_dir() -> Path | None:
@@ -45,8 +48,10 @@ def manifests() -> list[tuple[str, dict]]:
 def crd_schema(kind: str) -> dict:
     folder = crds_dir()
     if folder is None:
-        why = ("the KubeRay CRD schemas are not here: set KUBERAY_CRDS_DIR to the crds/ folder "
-               "of the kuberay-operator Helm chart (helm pull kuberay/kuberay-operator --untar)")
+        why = (
+            "the KubeRay CRD schemas are not here: set KUBERAY_CRDS_DIR to the crds/ folder "
+            "of the kuberay-operator Helm chart (helm pull kuberay/kuberay-operator --untar)"
+        )
         if os.environ.get("CI"):
             pytest.fail(why)  # CI has them (../shared/kuberay/crds): missing is a failure
         pytest.skip(why)
@@ -76,8 +81,9 @@ def unknown_fields(doc, schema: dict, path: str = "") -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name, doc", manifests(),
-                         ids=lambda v: v if isinstance(v, str) else v["kind"])
+@pytest.mark.parametrize(
+    "name, doc", manifests(), ids=lambda v: v if isinstance(v, str) else v["kind"]
+)
 def test_every_manifest_is_valid(name, doc):
     if doc["apiVersion"].startswith("ray.io/"):
         schema = crd_schema(doc["kind"])
@@ -100,13 +106,23 @@ def test_the_checks_catch_a_misspelt_field():
 def test_the_rayservice_is_generated_from_the_pools_file():
     pools_file = KUBERAY / "pools.yaml"
     committed = (KUBERAY / "rayservice.yaml").read_text()
-    image = next(c["image"] for _, d in manifests() if d["kind"] == "RayService"
-                 for c in d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-                     "containers"])
-    fresh = render(load_pools(pools_file), pools_file.read_text(), image, ray.__version__,
-                   projects_of(pools_file))
-    assert committed == fresh, ("kuberay/rayservice.yaml is stale: run "
-                                "`cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`")
+    image = next(
+        c["image"]
+        for _, d in manifests()
+        if d["kind"] == "RayService"
+        for c in d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    )
+    fresh = render(
+        load_pools(pools_file),
+        pools_file.read_text(),
+        image,
+        ray.__version__,
+        projects_of(pools_file),
+    )
+    assert committed == fresh, (
+        "kuberay/rayservice.yaml is stale: run "
+        "`cicd-ray kuberay kuberay/pools.yaml > kuberay/rayservice.yaml`"
+    )
 
 
 def test_worker_groups_agree_with_the_pools():
@@ -128,14 +144,20 @@ def test_worker_groups_agree_with_the_pools():
     assert cluster["autoscalerOptions"]["version"] == "v2"
     assert cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
     # The ConfigMap the master reads is the pools file itself.
-    config_map = next(d for _, d in manifests() if d["kind"] == "ConfigMap"
-                      and d["metadata"]["name"] == "cicd-ray-pools")
+    config_map = next(
+        d
+        for _, d in manifests()
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cicd-ray-pools"
+    )
     assert config_map["data"]["pools.yaml"] == (KUBERAY / "pools.yaml").read_text()
 
 
 def test_a_pool_without_its_own_resource_is_refused():
-    with pytest.raises(SpecError, match=r"pools \(x\)\.resources: a pool on KubeRay needs a "
-                                        r"custom resource of its own, such as \{pool-x: 1\}"):
+    with pytest.raises(
+        SpecError,
+        match=r"pools \(x\)\.resources: a pool on KubeRay needs a "
+        r"custom resource of its own, such as \{pool-x: 1\}",
+    ):
         pool_group(PoolConfig(name="x"), "image")
 
 
@@ -158,8 +180,9 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist():
         # Prometheus names: ours with Ray's `ray_` prefix, histograms as _bucket/_sum/_count.
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert base in NAMES, f"the dashboard queries {name}, which cicd_ray.master.metrics lacks"
-    assert set(NAMES) <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}, \
+    assert set(NAMES) <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}, (
         "a metric is on no panel"
+    )
 
 
 def test_the_kuberay_command_puts_the_image_on_every_pod():
@@ -168,15 +191,18 @@ def test_the_kuberay_command_puts_the_image_on_every_pod():
 
     from cicd_ray.cli.root import app
 
-    done = CliRunner().invoke(app, ["kuberay", str(KUBERAY / "pools.yaml"),
-                                    "--image", "registry.test/team/ci:9.9"])
+    done = CliRunner().invoke(
+        app, ["kuberay", str(KUBERAY / "pools.yaml"), "--image", "registry.test/team/ci:9.9"]
+    )
     assert done.exit_code == 0, done.output
-    [service] = [d for d in yaml.safe_load_all(done.stdout)
-                 if d and d["kind"] == "RayService"]
+    [service] = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "RayService"]
     cluster = service["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    images = {g.get("groupName", "head"): c["image"] for g in groups
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        g.get("groupName", "head"): c["image"]
+        for g in groups
+        for c in g["template"]["spec"]["containers"]
+    }
     # Every pod runs the given image but a pool's own (the `large` pool names its JDK image).
     assert images.pop("pool-large") == "registry.example.com/cicd-ray-jdk:0.1.0"
     assert set(images.values()) == {"registry.test/team/ci:9.9"}
@@ -213,43 +239,61 @@ def test_every_pod_gets_the_artifact_store_from_a_secret():
     readme = (KUBERAY / "README.md").read_text()
     assert f"kubectl create secret generic {ARTIFACTS_SECRET}" in readme
     assert "--from-literal=CICD_RAY_ARTIFACTS=s3://" in readme
-    example = [d for d in yaml.safe_load_all((KUBERAY / "secrets.example.yaml").read_text())
-               if d["metadata"]["name"] == ARTIFACTS_SECRET]
-    assert set(example[0]["stringData"]) >= {"CICD_RAY_ARTIFACTS", "AWS_ACCESS_KEY_ID",
-                                             "AWS_SECRET_ACCESS_KEY"}
+    example = [
+        d
+        for d in yaml.safe_load_all((KUBERAY / "secrets.example.yaml").read_text())
+        if d["metadata"]["name"] == ARTIFACTS_SECRET
+    ]
+    assert set(example[0]["stringData"]) >= {
+        "CICD_RAY_ARTIFACTS",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
 
 
 def test_a_pool_s_nodes_taints_and_image_reach_its_worker_group():
     pools = load_pools(KUBERAY / "pools.yaml")
-    groups = {g["groupName"]: g for g in
-              _rayservice(pools)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    groups = {
+        g["groupName"]: g
+        for g in _rayservice(pools)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
     spot = groups["pool-spot"]["template"]["spec"]
     assert spot["nodeSelector"] == {"kubernetes.azure.com/scalesetpriority": "spot"}
-    assert spot["tolerations"] == [{"key": "kubernetes.azure.com/scalesetpriority",
-                                    "operator": "Equal", "value": "spot",
-                                    "effect": "NoSchedule"}]
+    assert spot["tolerations"] == [
+        {
+            "key": "kubernetes.azure.com/scalesetpriority",
+            "operator": "Equal",
+            "value": "spot",
+            "effect": "NoSchedule",
+        }
+    ]
     assert pools["spot"].spot_for == ["default"]  # something runs there
     default = groups["pool-default"]["template"]["spec"]
     assert "nodeSelector" not in default and "tolerations" not in default
     assert default["containers"][0]["image"] == "img:1"
     assert groups["pool-large"]["template"]["spec"]["containers"][0]["image"] == (
-        "registry.example.com/cicd-ray-jdk:0.1.0")
+        "registry.example.com/cicd-ray-jdk:0.1.0"
+    )
 
 
-@pytest.mark.parametrize("field, value, named", [
-    ("node_selector", {"bad key!": "x"}, "node_selector.bad key!"),
-    ("node_selector", {"disk": "has space"}, "node_selector.disk"),
-    ("tolerations", [{"key": "k", "operator": "Maybe"}], "tolerations.0.operator"),
-    ("tolerations", [{"key": "k", "effect": "NoRun"}], "tolerations.0.effect"),
-    ("tolerations", [{"key": "k", "colour": "red"}], "tolerations.0.colour"),
-    ("tolerations", [{"key": "k", "tolerationSeconds": -1}], "tolerations.0.tolerationSeconds"),
-    ("image", "two words", "image"),
-    ("image", "", "image"),
-])
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("node_selector", {"bad key!": "x"}, "node_selector.bad key!"),
+        ("node_selector", {"disk": "has space"}, "node_selector.disk"),
+        ("tolerations", [{"key": "k", "operator": "Maybe"}], "tolerations.0.operator"),
+        ("tolerations", [{"key": "k", "effect": "NoRun"}], "tolerations.0.effect"),
+        ("tolerations", [{"key": "k", "colour": "red"}], "tolerations.0.colour"),
+        ("tolerations", [{"key": "k", "tolerationSeconds": -1}], "tolerations.0.tolerationSeconds"),
+        ("image", "two words", "image"),
+        ("image", "", "image"),
+    ],
+)
 def test_bad_kubernetes_pool_fields_are_refused_naming_the_field(tmp_path, field, value, named):
     path = tmp_path / "pools.yaml"
-    path.write_text(yaml.safe_dump({"pools": [{"name": "p", "resources": {"pool-p": 1},
-                                               field: value}]}))
+    path.write_text(
+        yaml.safe_dump({"pools": [{"name": "p", "resources": {"pool-p": 1}, field: value}]})
+    )
     with pytest.raises(SpecError) as caught:
         load_pools(path)
     assert named in str(caught.value), caught.value
@@ -292,8 +336,11 @@ def test_every_pod_mounts_the_tokens_the_repositories_and_each_project_s_secrets
         assert env["CICD_RAY_REPOS"] == f"{REPOS_MOUNT}/repos.yaml"
         assert env["CICD_RAY_PROJECTS"] == "/etc/cicd-ray/pools.yaml"
         volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["tokens"]["secret"] == {"secretName": TOKENS_SECRET, "defaultMode": 0o400,
-                                               "optional": True}
+        assert volumes["tokens"]["secret"] == {
+            "secretName": TOKENS_SECRET,
+            "defaultMode": 0o400,
+            "optional": True,
+        }
         assert volumes["repos"]["configMap"] == {"name": REPOS_CONFIG_MAP, "optional": True}
         assert volumes["project-web"]["secret"]["secretName"] == "cicd-ray-project-web"
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -315,8 +362,14 @@ def test_every_pod_mounts_the_default_project_s_secrets_for_root_only():
         assert env["CICD_RAY_SECRETS_DIR"]["value"] == SECRETS_MOUNT
         assert env["CICD_RAY_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["optional"] is True
         [volume] = [v for v in pod["volumes"] if v["name"] == "project-default"]
-        assert volume["secret"] == {"secretName": PROJECT_SECRET, "defaultMode": 0o400,
-                                    "optional": True}
-        assert {"name": "project-default", "mountPath": f"{SECRETS_MOUNT}/default",
-                "readOnly": True} in container["volumeMounts"]
+        assert volume["secret"] == {
+            "secretName": PROJECT_SECRET,
+            "defaultMode": 0o400,
+            "optional": True,
+        }
+        assert {
+            "name": "project-default",
+            "mountPath": f"{SECRETS_MOUNT}/default",
+            "readOnly": True,
+        } in container["volumeMounts"]
     assert f"kubectl create secret generic {PROJECT_SECRET}" in (KUBERAY / "README.md").read_text()

@@ -26,19 +26,24 @@ def scheduler(share: Share) -> Scheduler:
     s = Scheduler(POOL, share=share)
     s.tick(0.0)
     for rec in s.take().start_workers:
-        s.register_worker(WorkerRecord(id="w1", pool=rec.pool, cpus=2, memory_mb=4096,
-                                       started_at=0.0), 0.0)
+        s.register_worker(
+            WorkerRecord(id="w1", pool=rec.pool, cpus=2, memory_mb=4096, started_at=0.0), 0.0
+        )
         del s.workers[rec.id]
     s.take()
     return s
 
 
-def submit(s: Scheduler, run_id: str, project: str, steps: int, now: float = 0.0,
-           priority: int = 0) -> None:
-    spec = parse_pipeline({"name": "p", "steps": [
-        {"name": f"s{i}", "run": "x", "priority": priority} for i in range(steps)]})
-    s.submit(RunRecord(id=run_id, pipeline="p", created_at=now, project=project), plan(spec),
-             now)
+def submit(
+    s: Scheduler, run_id: str, project: str, steps: int, now: float = 0.0, priority: int = 0
+) -> None:
+    spec = parse_pipeline(
+        {
+            "name": "p",
+            "steps": [{"name": f"s{i}", "run": "x", "priority": priority} for i in range(steps)],
+        }
+    )
+    s.submit(RunRecord(id=run_id, pipeline="p", created_at=now, project=project), plan(spec), now)
 
 
 def started(s: Scheduler, now: float) -> list[str]:
@@ -48,8 +53,12 @@ def started(s: Scheduler, now: float) -> list[str]:
 
 def end(s: Scheduler, run_id: str, step: str, now: float) -> None:
     attempt = s.steps[run_id][step].current_attempt
-    assert s.on_outcome(StepOutcome(attempt_id=attempt, run_id=run_id, step=step,
-                                    state=StepState.SUCCEEDED, exit_code=0), now)
+    assert s.on_outcome(
+        StepOutcome(
+            attempt_id=attempt, run_id=run_id, step=step, state=StepState.SUCCEEDED, exit_code=0
+        ),
+        now,
+    )
 
 
 def test_a_project_s_one_step_takes_the_next_slot_before_another_s_thousand():
@@ -71,8 +80,10 @@ def test_with_fair_share_off_the_older_run_goes_first():
 
 
 def test_weights_divide_a_contended_pool():
-    s = Scheduler({"default": PoolConfig(name="default", workers=1, cpus=6)},
-                  share=Share({"web": ProjectConfig(name="web", weight=2)}))
+    s = Scheduler(
+        {"default": PoolConfig(name="default", workers=1, cpus=6)},
+        share=Share({"web": ProjectConfig(name="web", weight=2)}),
+    )
     s.tick(0.0)
     for rec in s.take().start_workers:
         s.register_worker(rec.model_copy(update={"cpus": 6}), 0.0)
@@ -103,8 +114,10 @@ def test_a_project_at_its_running_quota_waits_and_others_go_on():
 
 
 def core(tmp_path, **projects) -> MasterCore:
-    settings = Settings(home=tmp_path, projects={
-        name: ProjectConfig(name=name, **cfg) for name, cfg in projects.items()})
+    settings = Settings(
+        home=tmp_path,
+        projects={name: ProjectConfig(name=name, **cfg) for name, cfg in projects.items()},
+    )
     return MasterCore(settings, MemoryStore(), clock=lambda: 1000.0)
 
 
@@ -118,8 +131,10 @@ def test_a_submission_past_the_queued_quota_is_refused_and_nothing_stored(tmp_pa
         assert isinstance(c.submit(PIPELINE, caller=web, project="web"), Submitted)
     refused = c.submit(PIPELINE, caller=web, project="web")
     assert isinstance(refused, OverQuota)
-    assert refused.detail == ("project web has 2 queued runs, its quota (max_queued_runs: 2); "
-                              "submit again once some have started")
+    assert refused.detail == (
+        "project web has 2 queued runs, its quota (max_queued_runs: 2); "
+        "submit again once some have started"
+    )
     assert len(c.store.list_runs(project="web")) == 2
     assert isinstance(c.submit(PIPELINE, project="ops"), Submitted)  # others are not held
 
@@ -135,7 +150,8 @@ def test_the_audit_names_who_did_what_and_runs_keep_their_project(tmp_path):
     assert [(a.action, a.token_id, a.project, a.run_id, a.run_project) for a in audit] == [
         ("rerun", "feedfeedfeed", "default", again, "web"),
         ("cancel", "abc123abc123", "web", run_id, "web"),
-        ("submit", "abc123abc123", "web", run_id, "web")]
+        ("submit", "abc123abc123", "web", run_id, "web"),
+    ]
     assert [r.id for r in c.store.list_runs(project="web")] == [again, run_id]
     assert c.store.list_runs(project="ops") == []
     events = c.events.page(0, None)["events"]
@@ -170,17 +186,21 @@ def test_a_project_uses_only_the_pools_it_is_given(tmp_path):
     from cicd_ray.pools import PoolConfig
     from cicd_ray.protocol import Rejected
 
-    settings = Settings(home=tmp_path, projects={"web": ProjectConfig(name="web",
-                                                                      pools=["default"])},
-                        pools={"default": PoolConfig(name="default"),
-                               "gpu": PoolConfig(name="gpu")})
+    settings = Settings(
+        home=tmp_path,
+        projects={"web": ProjectConfig(name="web", pools=["default"])},
+        pools={"default": PoolConfig(name="default"), "gpu": PoolConfig(name="gpu")},
+    )
     c = MasterCore(settings, MemoryStore(), clock=lambda: 1000.0)
-    costly = {"name": "p", "steps": [{"name": "a", "run": "x", "pool": "gpu"},
-                                     {"name": "b", "run": "x"}]}
+    costly = {
+        "name": "p",
+        "steps": [{"name": "a", "run": "x", "pool": "gpu"}, {"name": "b", "run": "x"}],
+    }
     refused = c.submit(costly, project="web")
     assert isinstance(refused, Rejected)
-    assert refused.problems == ["steps[a].pool: project web may not use pool gpu; its pools "
-                                "are default"]
+    assert refused.problems == [
+        "steps[a].pool: project web may not use pool gpu; its pools are default"
+    ]
     assert c.store.list_runs() == []
     assert isinstance(c.submit(PIPELINE, project="web"), Submitted)
     assert isinstance(c.submit(costly, project="ops"), Submitted)  # not listed: every pool
@@ -188,8 +208,7 @@ def test_a_project_uses_only_the_pools_it_is_given(tmp_path):
 
 def test_every_project_has_a_queued_runs_quota_by_default(tmp_path):
     """Issue 24, item 18: quotas were off unless the projects file set them."""
-    c = MasterCore(Settings(home=tmp_path, max_queued_runs=2), MemoryStore(),
-                   clock=lambda: 1000.0)
+    c = MasterCore(Settings(home=tmp_path, max_queued_runs=2), MemoryStore(), clock=lambda: 1000.0)
     for _ in range(2):
         assert isinstance(c.submit(PIPELINE, project="unlisted"), Submitted)
     refused = c.submit(PIPELINE, project="unlisted")
@@ -209,8 +228,11 @@ def test_a_run_s_logs_stop_at_its_budget_with_a_line_saying_so(tmp_path):
     cut = budget.admit("r/b/1", b"y" * 60)
     assert cut.startswith(b"y" * 40 + b"\n[cicd-ray] log dropped: this run's logs reached 100")
     assert budget.admit("r/b/1", b"more") == b"" and budget.admit("other/a/1", b"z") == b"z"
-    settings = Settings(home=tmp_path, log_run_max_bytes=2000,
-                        pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    settings = Settings(
+        home=tmp_path,
+        log_run_max_bytes=2000,
+        pools={"default": PoolConfig(name="default", workers=1, cpus=2)},
+    )
     core, driver = make(settings)
     steps = [{"name": f"s{i}", "run": "head -c 1500 /dev/zero | tr '\\\\0' x"} for i in range(3)]
     run_id = core.submit({"name": "loud", "steps": steps}).run_id

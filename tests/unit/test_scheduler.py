@@ -23,8 +23,9 @@ def make(pools=None, workers=(("w1", 2.0), ("w2", 2.0)), timeout_s=10.0):
     # Register the workers the scheduler asked for, under the test's own names.
     for rec, (name, cpus) in zip(started, workers, strict=True):
         del s.workers[rec.id]
-        s.register_worker(WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096,
-                                       started_at=0.0), 0.0)
+        s.register_worker(
+            WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096, started_at=0.0), 0.0
+        )
     s.take()
     return s
 
@@ -42,15 +43,22 @@ def dispatched(s, now):
 
 def finish(s, step, state=StepState.SUCCEEDED, run_id="r1", now=1.0, code=0):
     attempt = s.steps[run_id][step].current_attempt
-    return s.on_outcome(StepOutcome(attempt_id=attempt, run_id=run_id, step=step, state=state,
-                                    exit_code=code), now)
+    return s.on_outcome(
+        StepOutcome(attempt_id=attempt, run_id=run_id, step=step, state=state, exit_code=code), now
+    )
 
 
 def test_dag_order_fan_out_fan_in():
     s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]},
-               {"name": "c", "run": "x", "needs": ["a"]},
-               {"name": "d", "run": "x", "needs": ["b", "c"]}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x"},
+            {"name": "b", "run": "x", "needs": ["a"]},
+            {"name": "c", "run": "x", "needs": ["a"]},
+            {"name": "d", "run": "x", "needs": ["b", "c"]},
+        ],
+    )
     assert [n for _, n in dispatched(s, 0)[0]] == ["a"]
     finish(s, "a")
     assert sorted(n for _, n in dispatched(s, 1)[0]) == ["b", "c"]
@@ -74,22 +82,30 @@ def test_placement_spreads_over_least_loaded_worker_and_respects_capacity():
 
 
 def test_priority_then_submission_order():
-    s = make(workers=(("w1", 1.0),),
-             pools={"default": PoolConfig(name="default", workers=1, cpus=1)})
+    s = make(
+        workers=(("w1", 1.0),), pools={"default": PoolConfig(name="default", workers=1, cpus=1)}
+    )
     submit(s, [{"name": "low", "run": "x"}], run_id="r1")
-    submit(s, [{"name": "high", "run": "x", "priority": 5}, {"name": "mid", "run": "x"}],
-           run_id="r2")
+    submit(
+        s, [{"name": "high", "run": "x", "priority": 5}, {"name": "mid", "run": "x"}], run_id="r2"
+    )
     assert dispatched(s, 0)[0] == [("w1", "high")]
     finish(s, "high", run_id="r2")
     assert dispatched(s, 1)[0] == [("w1", "low")]
 
 
 def test_backfill_smaller_step_when_the_first_does_not_fit():
-    s = make(workers=(("w1", 2.0),),
-             pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
-    submit(s, [{"name": "one", "run": "x"},
-               {"name": "big", "run": "x", "resources": {"cpu": 2}},
-               {"name": "small", "run": "x"}])
+    s = make(
+        workers=(("w1", 2.0),), pools={"default": PoolConfig(name="default", workers=1, cpus=2)}
+    )
+    submit(
+        s,
+        [
+            {"name": "one", "run": "x"},
+            {"name": "big", "run": "x", "resources": {"cpu": 2}},
+            {"name": "small", "run": "x"},
+        ],
+    )
     assert dispatched(s, 0)[0] == [("w1", "one"), ("w1", "small")]
     finish(s, "one")
     finish(s, "small")
@@ -98,8 +114,15 @@ def test_backfill_smaller_step_when_the_first_does_not_fit():
 
 def test_failure_skips_dependents_transitively_and_fails_run():
     s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]},
-               {"name": "c", "run": "x", "needs": ["b"]}, {"name": "z", "run": "x"}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x"},
+            {"name": "b", "run": "x", "needs": ["a"]},
+            {"name": "c", "run": "x", "needs": ["b"]},
+            {"name": "z", "run": "x"},
+        ],
+    )
     dispatched(s, 0)
     finish(s, "a", StepState.FAILED, code=2)
     d = s.take()
@@ -127,8 +150,13 @@ def test_retry_on_failure_until_max_then_fail():
 
 def test_timeout_is_retried_only_when_asked():
     s = make()
-    submit(s, [{"name": "t", "run": "x", "retry": {"max": 1}},
-               {"name": "u", "run": "x", "retry": {"max": 1, "on": ["timeout"]}}])
+    submit(
+        s,
+        [
+            {"name": "t", "run": "x", "retry": {"max": 1}},
+            {"name": "u", "run": "x", "retry": {"max": 1, "on": ["timeout"]}},
+        ],
+    )
     dispatched(s, 0)
     finish(s, "t", StepState.TIMED_OUT)
     finish(s, "u", StepState.TIMED_OUT)
@@ -150,8 +178,13 @@ def test_duplicate_or_stale_outcome_is_ignored():
 
 def test_worker_lost_retries_infra_elsewhere_or_fails():
     s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"], "infra": 0}},
-               {"name": "b", "run": "x", "retry": {"infra": 0}}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"], "infra": 0}},
+            {"name": "b", "run": "x", "retry": {"infra": 0}},
+        ],
+    )
     placed, _ = dispatched(s, 0)
     assert placed == [("w1", "a"), ("w2", "b")]
     s.worker_lost("w1", "actor died", 1)
@@ -216,9 +249,15 @@ def restored(s: Scheduler, now: float = 100) -> Scheduler:
 
 def test_restore_keeps_running_attempts_until_their_worker_reconciles():
     s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}},
-               {"name": "b", "run": "x", "needs": ["a"]}, {"name": "c", "run": "x"},
-               {"name": "d", "run": "x"}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x", "retry": {"max": 1}},
+            {"name": "b", "run": "x", "needs": ["a"]},
+            {"name": "c", "run": "x"},
+            {"name": "d", "run": "x"},
+        ],
+    )
     dispatched(s, 0)  # a on w1, c on w2, d on w1
     finish(s, "c")
     fresh = restored(s)
@@ -236,8 +275,13 @@ def test_restore_keeps_running_attempts_until_their_worker_reconciles():
 
 def test_restore_ends_attempts_a_worker_no_longer_knows_or_whose_worker_is_gone():
     s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1, "infra": 0}},
-               {"name": "b", "run": "x", "retry": {"infra": 0}}])
+    submit(
+        s,
+        [
+            {"name": "a", "run": "x", "retry": {"max": 1, "infra": 0}},
+            {"name": "b", "run": "x", "retry": {"infra": 0}},
+        ],
+    )
     dispatched(s, 0)  # a on w1, b on w2
     s.workers["w2"].state = WorkerState.LOST  # the store says w2 is gone
     fresh = restored(s)
@@ -251,11 +295,20 @@ def test_restore_ends_attempts_a_worker_no_longer_knows_or_whose_worker_is_gone(
 
 def test_check_fits_names_unknown_pool_and_oversized_steps():
     pools = {"default": PoolConfig(name="default", cpus=2, memory_mb=1024)}
-    spec = parse_pipeline({"name": "p", "steps": [
-        {"name": "a", "run": "x", "pool": "gpu"},
-        {"name": "b", "run": "x", "resources": {"cpu": 4, "memory_mb": 2048},
-         "matrix": {"k": [1, 2]}},
-    ]})
+    spec = parse_pipeline(
+        {
+            "name": "p",
+            "steps": [
+                {"name": "a", "run": "x", "pool": "gpu"},
+                {
+                    "name": "b",
+                    "run": "x",
+                    "resources": {"cpu": 4, "memory_mb": 2048},
+                    "matrix": {"k": [1, 2]},
+                },
+            ],
+        }
+    )
     assert check_fits(plan(spec), pools) == [
         "steps (a).pool: unknown pool 'gpu'; configured pools are: default",
         "steps (b).resources.cpu: 4 is more than a worker of pool 'default' has (2); "
@@ -275,10 +328,16 @@ def test_terminal_step_cannot_be_moved():
 
 
 def test_thousand_steps_through_the_policy_in_well_under_a_second():
-    s = make(workers=tuple((f"w{i}", 4.0) for i in range(8)), timeout_s=1e9,
-             pools={"default": PoolConfig(name="default", workers=8, cpus=4)})
-    submit(s, [{"name": "root", "run": "x"}] +
-           [{"name": f"s{i}", "run": "x", "needs": ["root"]} for i in range(1000)])
+    s = make(
+        workers=tuple((f"w{i}", 4.0) for i in range(8)),
+        timeout_s=1e9,
+        pools={"default": PoolConfig(name="default", workers=8, cpus=4)},
+    )
+    submit(
+        s,
+        [{"name": "root", "run": "x"}]
+        + [{"name": f"s{i}", "run": "x", "needs": ["root"]} for i in range(1000)],
+    )
     t0 = time.perf_counter()
     now = 0.0
     done = 0
@@ -293,12 +352,21 @@ def test_thousand_steps_through_the_policy_in_well_under_a_second():
 
 
 def test_lookahead_asks_for_the_workers_of_steps_whose_needs_are_running():
-    s = make(pools={"default": PoolConfig(name="default", cpus=2, min_workers=1,
-                                          max_workers=4)}, workers=(("w1", 2.0),))
-    submit(s, [{"name": "build", "run": "x", "resources": {"cpu": 2}},
-               *({"name": f"test{i}", "run": "x", "needs": ["build"],
-                  "resources": {"cpu": 2}} for i in range(3)),
-               {"name": "deploy", "run": "x", "needs": ["test0"]}])
+    s = make(
+        pools={"default": PoolConfig(name="default", cpus=2, min_workers=1, max_workers=4)},
+        workers=(("w1", 2.0),),
+    )
+    submit(
+        s,
+        [
+            {"name": "build", "run": "x", "resources": {"cpu": 2}},
+            *(
+                {"name": f"test{i}", "run": "x", "needs": ["build"], "resources": {"cpu": 2}}
+                for i in range(3)
+            ),
+            {"name": "deploy", "run": "x", "needs": ["test0"]},
+        ],
+    )
     assert s.lookahead() == {}  # nothing runs yet
     dispatched(s, 0)
     # build runs on w1; the three tests wait for it alone: 1 + 3 workers of 2 CPUs.
@@ -328,15 +396,21 @@ def test_attempts_record_the_wait_for_capacity_and_for_a_slot():
 
 
 def test_interruptible_steps_go_to_the_spot_pool_and_come_back_after_an_eviction():
-    pools = {"default": PoolConfig(name="default", cpus=2, workers=1),
-             "spot": PoolConfig(name="spot", cpus=2, workers=1, spot=True,
-                                spot_for=["default"])}
+    pools = {
+        "default": PoolConfig(name="default", cpus=2, workers=1),
+        "spot": PoolConfig(name="spot", cpus=2, workers=1, spot=True, spot_for=["default"]),
+    }
     s = Scheduler(pools)
     s.tick(0)
     for rec in s.take().start_workers:
         s.register_worker(rec.model_copy(update={"id": rec.pool}), 0)
-    submit(s, [{"name": "cheap", "run": "x", "interruptible": True, "retry": {"max": 1}},
-               {"name": "firm", "run": "x"}])
+    submit(
+        s,
+        [
+            {"name": "cheap", "run": "x", "interruptible": True, "retry": {"max": 1}},
+            {"name": "firm", "run": "x"},
+        ],
+    )
     placed, d = dispatched(s, 1)
     assert sorted(placed) == [("default", "firm"), ("spot", "cheap")]
     assert d.changes.attempts["r1/cheap/1"].pool == "spot"
@@ -369,35 +443,49 @@ def test_a_lost_worker_is_retried_automatically_without_retry_settings():
         s.worker_lost(placed[0], "node died", now)
         step = s.steps["r1"]["a"]
         assert step.state is StepState.QUEUED and step.infra_retries == n
-        assert step.reason == (f"attempt {n} infra, retried automatically ({n} of 2): "
-                               f"worker {placed[0]} lost: node died")
+        assert step.reason == (
+            f"attempt {n} infra, retried automatically ({n} of 2): "
+            f"worker {placed[0]} lost: node died"
+        )
         s.take()
         for w in ("w3", "w4") if n == 1 else ("w5", "w6"):
-            s.register_worker(WorkerRecord(id=w, pool="default", cpus=2, memory_mb=4096,
-                                           started_at=now), now)
+            s.register_worker(
+                WorkerRecord(id=w, pool="default", cpus=2, memory_mb=4096, started_at=now), now
+            )
     (placed,), _ = dispatched(s, 3.0)
     s.worker_lost(placed[0], "node died", 3.0)
     assert s.take().changes.runs["r1"].state is RunState.FAILED
 
 
-@pytest.mark.parametrize("cause, attempts, infra_used, rmax, on, budget, retry, why", [
-    ("infra", 1, 0, 0, [], 2, True, "infra, retried automatically (1 of 2)"),
-    ("infra", 2, 1, 0, [], 2, True, "infra, retried automatically (2 of 2)"),
-    ("infra", 3, 2, 0, ["infra"], 2, False, "infra"),
-    ("infra", 3, 2, 1, ["infra"], 2, True, "infra"),  # past the budget, retry.max takes over
-    ("failure", 1, 0, 0, ["failure"], 2, False, "failure"),
-    ("failure", 1, 0, 1, ["failure"], 2, True, "failure"),
-    ("failure", 3, 2, 1, ["failure"], 2, True, "failure"),  # infra retries not counted in max
-    ("failure", 2, 0, 1, ["failure"], 2, False, "failure"),
-    ("timeout", 1, 0, 3, ["failure"], 2, False, "timeout"),
-    ("timeout", 1, 0, 1, ["timeout"], 2, True, "timeout"),
-    ("infra", 1, 0, 5, ["infra"], 0, True, "infra"),
-])
+@pytest.mark.parametrize(
+    "cause, attempts, infra_used, rmax, on, budget, retry, why",
+    [
+        ("infra", 1, 0, 0, [], 2, True, "infra, retried automatically (1 of 2)"),
+        ("infra", 2, 1, 0, [], 2, True, "infra, retried automatically (2 of 2)"),
+        ("infra", 3, 2, 0, ["infra"], 2, False, "infra"),
+        ("infra", 3, 2, 1, ["infra"], 2, True, "infra"),  # past the budget, retry.max takes over
+        ("failure", 1, 0, 0, ["failure"], 2, False, "failure"),
+        ("failure", 1, 0, 1, ["failure"], 2, True, "failure"),
+        ("failure", 3, 2, 1, ["failure"], 2, True, "failure"),  # infra retries not counted in max
+        ("failure", 2, 0, 1, ["failure"], 2, False, "failure"),
+        ("timeout", 1, 0, 3, ["failure"], 2, False, "timeout"),
+        ("timeout", 1, 0, 1, ["timeout"], 2, True, "timeout"),
+        ("infra", 1, 0, 5, ["infra"], 0, True, "infra"),
+    ],
+)
 def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retry, why):
     from cicd_ray.scheduler.retries import verdict
 
-    spec = plan(parse_pipeline({"name": "p", "steps": [
-        {"name": "a", "run": "x", "retry": {"max": rmax, "on": on, "infra": budget}}]}))[0]
+    spec = plan(
+        parse_pipeline(
+            {
+                "name": "p",
+                "steps": [
+                    {"name": "a", "run": "x", "retry": {"max": rmax, "on": on, "infra": budget}}
+                ],
+            }
+        )
+    )[0]
     got = verdict(spec, cause, attempts, infra_used)
     assert (got.retry, got.automatic, got.why) == (retry, why.startswith("infra, retried"), why)
 
@@ -414,13 +502,15 @@ def test_slots_limit_the_steps_a_worker_runs_at_once():
 
 def test_a_tiny_cpu_request_is_refused():
     with pytest.raises(SpecError, match=r"greater than or equal to 0\.01"):
-        parse_pipeline({"name": "p", "steps": [{"name": "a", "run": "x",
-                                                "resources": {"cpu": 1e-300}}]})
+        parse_pipeline(
+            {"name": "p", "steps": [{"name": "a", "run": "x", "resources": {"cpu": 1e-300}}]}
+        )
 
 
 def _chain(n):
     return [{"name": "s0", "run": "x"}] + [
-        {"name": f"s{i}", "run": "x", "needs": [f"s{i - 1}"]} for i in range(1, n)]
+        {"name": f"s{i}", "run": "x", "needs": [f"s{i - 1}"]} for i in range(1, n)
+    ]
 
 
 def test_a_failure_at_the_head_of_a_3000_step_chain_skips_all_of_it():

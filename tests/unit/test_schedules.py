@@ -22,8 +22,9 @@ HOUR = 3600.0
 
 
 def record(**kw) -> ScheduleRecord:
-    return ScheduleRecord(**{"name": "n", "cron": "0 * * * *", "created_at": 0.0,
-                             "last_slot": 0.0, **kw})
+    return ScheduleRecord(
+        **{"name": "n", "cron": "0 * * * *", "created_at": 0.0, "last_slot": 0.0, **kw}
+    )
 
 
 def test_a_slot_is_due_once_it_has_come():
@@ -48,17 +49,21 @@ def test_slots_are_in_the_schedule_s_time_zone():
     # 02:00 does not exist on the day clocks go forward: the slot is at 03:00 that day.
     assert datetime.fromtimestamp(first, berlin) == datetime(2026, 3, 29, 3, tzinfo=berlin)
     assert datetime.fromtimestamp(next_slot(spec, first), berlin) == datetime(
-        2026, 3, 30, 2, tzinfo=berlin)
+        2026, 3, 30, 2, tzinfo=berlin
+    )
     assert next_slot(ScheduleSpec(name="s", cron="* * * * * */10"), 0.0) == 10.0  # seconds
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("cron", "61 * * * *", "is not a cron expression"),
-    ("cron", "* * *", "is not a cron expression"),
-    ("timezone", "Mars/Olympus", "is not a time zone"),
-    ("name", "Nightly Build", "should match pattern"),
-    ("missed", "twice", "'latest' or 'skip'"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("cron", "61 * * * *", "is not a cron expression"),
+        ("cron", "* * *", "is not a cron expression"),
+        ("timezone", "Mars/Olympus", "is not a time zone"),
+        ("name", "Nightly Build", "should match pattern"),
+        ("missed", "twice", "'latest' or 'skip'"),
+    ],
+)
 def test_a_bad_schedule_says_what_is_wrong(field, value, message):
     with pytest.raises(ValidationError, match=message):
         ScheduleSpec(**{"name": "n", "cron": "0 * * * *", field: value})
@@ -86,8 +91,10 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
     store, clock = MemoryStore(), Clock(1000.0)
     settings = Settings(home=tmp_path)
     core = MasterCore(settings, store, clock=clock)
-    made = core.add_schedule(ScheduleSpec(name="nightly", cron="* * * * *",
-                                          env={"TARGET": "n"}, pipeline=PIPELINE), "web")
+    made = core.add_schedule(
+        ScheduleSpec(name="nightly", cron="* * * * *", env={"TARGET": "n"}, pipeline=PIPELINE),
+        "web",
+    )
     assert made["next_at"] == 1020.0
     clock.t = 1021.0
     [answer] = fire_due(core)
@@ -108,14 +115,18 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
     assert sorted(r.scheduled_for for r in runs) == [1020.0, 1080.0]
     [listed] = core.timetable.view("web", clock.t)
     assert (listed["last_slot"], listed["last_run"], listed["next_at"]) == (
-        1080.0, runs[0].id, 1140.0)
+        1080.0,
+        runs[0].id,
+        1140.0,
+    )
 
 
 def test_a_slot_whose_run_cannot_start_is_written_with_why(tmp_path):
     store, clock = MemoryStore(), Clock(1000.0)
     core = MasterCore(Settings(home=tmp_path), store, clock=clock)
-    core.add_schedule(ScheduleSpec(name="bad", cron="* * * * *", env={"CICD_X": "1"},
-                                   pipeline=PIPELINE), "web")
+    core.add_schedule(
+        ScheduleSpec(name="bad", cron="* * * * *", env={"CICD_X": "1"}, pipeline=PIPELINE), "web"
+    )
     clock.t = 1021.0
     [answer] = fire_due(core)
     assert isinstance(answer, Rejected)
@@ -144,14 +155,26 @@ repositories:
 schedules:
   - {name: nightly, repository: acme/app, ref: main, cron: '0 2 * * *', missed: skip}
 """)
-    repos = {"acme/app": RepoConfig(name="acme/app", url="file:///srv/app.git",
-                                    provider="github", project="web", webhook_secret="HOOK")}
+    repos = {
+        "acme/app": RepoConfig(
+            name="acme/app",
+            url="file:///srv/app.git",
+            provider="github",
+            project="web",
+            webhook_secret="HOOK",
+        )
+    }
     settings = Settings(home=tmp_path, repos=repos, schedules=load_schedules(f, repos))
     store = MemoryStore()
     MasterCore(settings, store, clock=Clock(500.0))
     [s] = store.list_schedules()
-    assert (s.id, s.origin, s.last_slot, s.ref, s.missed) == ("web/nightly", "file", 500.0,
-                                                              "main", "skip")
+    assert (s.id, s.origin, s.last_slot, s.ref, s.missed) == (
+        "web/nightly",
+        "file",
+        500.0,
+        "main",
+        "skip",
+    )
     MasterCore(settings, store, clock=Clock(9000.0))
     assert store.list_schedules()[0].last_slot == 500.0  # kept: not a new schedule
     MasterCore(settings.model_copy(update={"schedules": []}), store, clock=Clock(9000.0))
@@ -162,22 +185,46 @@ schedules:
 
 
 def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp_path):
-    repos = {"acme/app": RepoConfig(name="acme/app", url="file:///srv/app.git",
-                                    provider="github", project="web", webhook_secret="HOOK")}
-    settings = Settings(home=tmp_path, repos=repos, schedules=[ScheduleSpec(
-        name="nightly", repository="acme/app", ref="main", cron="0 2 * * *",
-        env={"SUITE": "full"})])
+    repos = {
+        "acme/app": RepoConfig(
+            name="acme/app",
+            url="file:///srv/app.git",
+            provider="github",
+            project="web",
+            webhook_secret="HOOK",
+        )
+    }
+    settings = Settings(
+        home=tmp_path,
+        repos=repos,
+        schedules=[
+            ScheduleSpec(
+                name="nightly",
+                repository="acme/app",
+                ref="main",
+                cron="0 2 * * *",
+                env={"SUITE": "full"},
+            )
+        ],
+    )
     core = MasterCore(settings, MemoryStore(), clock=Clock(500.0))
     record = core.timetable.schedules["web/nightly"]
-    planned = core.plan_schedule(record, 7200.0, "name: app\nsteps:\n  - {name: t, run: 'true'}\n",
-                                 "c" * 40, "main")
+    planned = core.plan_schedule(
+        record, 7200.0, "name: app\nsteps:\n  - {name: t, run: 'true'}\n", "c" * 40, "main"
+    )
     assert planned.problems == []
     assert (planned.commit, planned.branch, planned.repo, planned.event, planned.project) == (
-        "c" * 40, "main", "acme/app", "schedule", "web")
+        "c" * 40,
+        "main",
+        "acme/app",
+        "schedule",
+        "web",
+    )
     assert planned.spec.source.git == "file:///srv/app.git"
     assert planned.steps[0].env["SUITE"] == "full"
-    broken = core.plan_schedule(record, 7200.0, "name: app\nsteps: [{name: t, tiemout: 1}]\n",
-                                "c" * 40, "main")
+    broken = core.plan_schedule(
+        record, 7200.0, "name: app\nsteps: [{name: t, tiemout: 1}]\n", "c" * 40, "main"
+    )
     assert broken.problems[0].startswith(".cicd-ray.yaml: steps[0] (t)")
 
 
@@ -191,8 +238,15 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
     never = ScheduleSpec(name="never", cron="0 0 30 2 *", pipeline=PIPELINE)
     answer = core.add_schedule(never, "web")
     assert isinstance(answer, Rejected) and "never fires" in answer.problems[0]
-    store.save(Changes(schedules={"web/never": ScheduleRecord(
-        **never.model_dump(), project="web", created_at=0.0, last_slot=0.0)}))
+    store.save(
+        Changes(
+            schedules={
+                "web/never": ScheduleRecord(
+                    **never.model_dump(), project="web", created_at=0.0, last_slot=0.0
+                )
+            }
+        )
+    )
     core = MasterCore(settings, store, clock=clock)  # a restart takes it up from the store
     core.add_schedule(ScheduleSpec(name="fine", cron="* * * * *", pipeline=PIPELINE), "web")
     clock.t = 1081.0
@@ -210,16 +264,22 @@ def test_schedules_have_a_minimum_interval_and_a_cap_per_project(tmp_path):
     """Issue 24, item 17."""
     settings = Settings(home=tmp_path, schedule_min_interval_s=60, max_schedules_per_project=2)
     core = MasterCore(settings, MemoryStore(), clock=Clock(0.0))
-    fast = core.add_schedule(ScheduleSpec(name="fast", cron="* * * * * *",
-                                          pipeline=PIPELINE), "web")
-    assert fast.problems == ["cron: '* * * * * *' fires every 1 s; schedules may fire at most "
-                             "every 60 s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)"]
+    fast = core.add_schedule(
+        ScheduleSpec(name="fast", cron="* * * * * *", pipeline=PIPELINE), "web"
+    )
+    assert fast.problems == [
+        "cron: '* * * * * *' fires every 1 s; schedules may fire at most "
+        "every 60 s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)"
+    ]
     for name in ("a", "b"):
-        assert "id" in core.add_schedule(ScheduleSpec(name=name, cron="*/5 * * * *",
-                                                      pipeline=PIPELINE), "web")
-    third = core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE),
-                              "web")
-    assert third.problems == ["project web has 2 schedules, the most it may have "
-                              "(CICD_RAY_MAX_SCHEDULES): delete one first"]
-    assert "id" in core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *",
-                                                  pipeline=PIPELINE), "ops")
+        assert "id" in core.add_schedule(
+            ScheduleSpec(name=name, cron="*/5 * * * *", pipeline=PIPELINE), "web"
+        )
+    third = core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE), "web")
+    assert third.problems == [
+        "project web has 2 schedules, the most it may have "
+        "(CICD_RAY_MAX_SCHEDULES): delete one first"
+    ]
+    assert "id" in core.add_schedule(
+        ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE), "ops"
+    )

@@ -50,8 +50,12 @@ def test_basic_auth_url_json_and_embedded_base64_forms_are_masked():
         blob = base64.b64encode(b"x" * offset + secret.encode() + b"tail-bytes").decode()
         out = masked([secret], [f"blob={blob}\n".encode()]).decode()
         assert "***" in out and not _decodes_to_secret(out, secret), (offset, out)
-    for text in (f"Authorization: Basic {basic}", url, as_json,
-                 as_json.encode().decode("unicode_escape", errors="ignore")):
+    for text in (
+        f"Authorization: Basic {basic}",
+        url,
+        as_json,
+        as_json.encode().decode("unicode_escape", errors="ignore"),
+    ):
         out = masked([secret], [text.encode()]).decode(errors="replace")
         assert "***" in out, text
     header = masked([secret], [f"Authorization: Basic {basic}".encode()]).decode()
@@ -75,8 +79,7 @@ def _decodes_to_secret(text: str, secret: str) -> bool:
 def test_a_value_split_across_chunks_is_masked_wherever_it_is_cut():
     text = f"before {TOKEN} middle {TOKEN}{TOKEN} after\n".encode()
     for cut in range(1, len(text)):
-        assert masked([TOKEN], [text[:cut], text[cut:]]) == \
-            b"before *** middle ****** after\n", cut
+        assert masked([TOKEN], [text[:cut], text[cut:]]) == b"before *** middle ****** after\n", cut
     rng = random.Random(7)
     for _ in range(200):  # many small reads, as a slow step prints
         cuts = sorted(rng.sample(range(1, len(text)), 6))
@@ -103,19 +106,29 @@ def test_a_secret_is_read_from_its_file_and_refused_when_short_or_missing(tmp_pa
     with pytest.raises(SecretError, match="NOPE: project default has no such secret"):
         read(tmp_path, "default", "NOPE")
     assert missing(None, "default", ["TOKEN"]) == [
-        "TOKEN: no secrets are configured here (set CICD_RAY_SECRETS_DIR)"]
+        "TOKEN: no secrets are configured here (set CICD_RAY_SECRETS_DIR)"
+    ]
     assert missing(tmp_path, "default", ["TOKEN"]) == []
     assert TOKEN.encode() in forms(TOKEN)
 
 
-@pytest.mark.parametrize("step, problem", [
-    ({"name": "a", "run": "x", "env": {"T": "v"}, "secrets": ["T"]},
-     "steps[0] (a).secrets: T is also in env; a secret must not be"),
-    ({"name": "a", "run": "x", "secrets": ["CICD_X"]},
-     "steps[0] (a).secrets: CICD_X: names starting with CICD_ are reserved for cicd-ray"),
-    ({"name": "a", "run": "x", "secrets": ["not a name"]},
-     "steps[0] (a).secrets[0]: 'not a name' does not match ^[A-Za-z_][A-Za-z0-9_]*$"),
-])
+@pytest.mark.parametrize(
+    "step, problem",
+    [
+        (
+            {"name": "a", "run": "x", "env": {"T": "v"}, "secrets": ["T"]},
+            "steps[0] (a).secrets: T is also in env; a secret must not be",
+        ),
+        (
+            {"name": "a", "run": "x", "secrets": ["CICD_X"]},
+            "steps[0] (a).secrets: CICD_X: names starting with CICD_ are reserved for cicd-ray",
+        ),
+        (
+            {"name": "a", "run": "x", "secrets": ["not a name"]},
+            "steps[0] (a).secrets[0]: 'not a name' does not match ^[A-Za-z_][A-Za-z0-9_]*$",
+        ),
+    ],
+)
 def test_bad_secret_names_are_refused_naming_the_step(step, problem):
     with pytest.raises(SpecError) as err:
         parse_pipeline({"name": "p", "steps": [step]})
@@ -129,18 +142,32 @@ def settings(tmp_path):
     (secrets / "default" / "TOKEN").write_text(TOKEN)
     (secrets / "default" / "KEY").write_text(KEY)
     secrets.chmod(0o700)
-    return Settings(home=tmp_path / "home", secrets_dir=secrets,
-                    pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
+    return Settings(
+        home=tmp_path / "home",
+        secrets_dir=secrets,
+        pools={"default": PoolConfig(name="default", workers=1, cpus=2)},
+    )
 
 
 def test_a_step_gets_only_the_secrets_it_lists_and_no_record_holds_them(settings):
     store = MemoryStore()
     core, driver = make(settings, store)
-    run_id = submitted(core.submit({"name": "s", "steps": [
-        {"name": "uses", "secrets": ["TOKEN", "KEY"],
-         "run": 'echo "t=$TOKEN"; printf %s "$TOKEN" | base64; echo "$KEY"; '
-                'echo "${TOKEN:0:4}-partial"'},
-        {"name": "other", "run": 'echo "t=${TOKEN:-unset} k=${KEY:-unset}"'}]}))
+    run_id = submitted(
+        core.submit(
+            {
+                "name": "s",
+                "steps": [
+                    {
+                        "name": "uses",
+                        "secrets": ["TOKEN", "KEY"],
+                        "run": 'echo "t=$TOKEN"; printf %s "$TOKEN" | base64; echo "$KEY"; '
+                        'echo "${TOKEN:0:4}-partial"',
+                    },
+                    {"name": "other", "run": 'echo "t=${TOKEN:-unset} k=${KEY:-unset}"'},
+                ],
+            }
+        )
+    )
     driver.run_until_idle()
     view = run_view(store, run_id)
     assert view.run.state.value == "succeeded"
@@ -148,7 +175,8 @@ def test_a_step_gets_only_the_secrets_it_lists_and_no_record_holds_them(settings
     assert logs["uses"] == b"t=***\n***\n***\npypi-partial\n"
     assert logs["other"] == b"t=unset k=unset\n"
     everything = json.dumps(view.model_dump(mode="json")) + "".join(
-        json.dumps(e) for e in core.events.page(0, None)["events"])
+        json.dumps(e) for e in core.events.page(0, None)["events"]
+    )
     for secret in (TOKEN, *KEY.splitlines()[1:3]):
         assert secret not in everything
     assert [s.spec.secrets for s in view.steps] == [["TOKEN", "KEY"], []]
@@ -156,17 +184,26 @@ def test_a_step_gets_only_the_secrets_it_lists_and_no_record_holds_them(settings
 
 def test_a_secret_the_project_lacks_is_refused_at_submission(settings):
     core, _ = make(settings)
-    reply = core.submit({"name": "s", "steps": [
-        {"name": "t", "matrix": {"py": ["3.11", "3.12"]}, "secrets": ["NOPE"], "run": "x"}]})
-    assert reply.problems == ["steps[t].secrets: NOPE: project default has no such secret (a "
-                              "file NOPE in CICD_RAY_SECRETS_DIR/default)"]
+    reply = core.submit(
+        {
+            "name": "s",
+            "steps": [
+                {"name": "t", "matrix": {"py": ["3.11", "3.12"]}, "secrets": ["NOPE"], "run": "x"}
+            ],
+        }
+    )
+    assert reply.problems == [
+        "steps[t].secrets: NOPE: project default has no such secret (a "
+        "file NOPE in CICD_RAY_SECRETS_DIR/default)"
+    ]
 
 
 def test_a_secret_gone_when_the_step_starts_fails_it_with_the_reason(settings):
     store = MemoryStore()
     core, driver = make(settings, store)
-    run_id = submitted(core.submit({"name": "s", "steps": [
-        {"name": "t", "secrets": ["TOKEN"], "run": "true"}]}))
+    run_id = submitted(
+        core.submit({"name": "s", "steps": [{"name": "t", "secrets": ["TOKEN"], "run": "true"}]})
+    )
     (settings.secrets_dir / "default" / "TOKEN").unlink()
     driver.run_until_idle()
     step = run_view(store, run_id).steps[0]
@@ -178,10 +215,17 @@ def test_a_run_s_own_secrets_reach_the_steps_that_list_them_and_go_when_it_ends(
     store = MemoryStore()
     core, driver = make(settings, store)
     own = "run-scoped-value-" + "r" * 12
-    pipeline = {"name": "own", "steps": [
-        {"name": "deploy", "secrets": ["RUN_TOKEN", "TOKEN"],
-         "run": 'echo "own=$RUN_TOKEN project=$TOKEN"'},
-        {"name": "other", "needs": ["deploy"], "run": 'echo "${RUN_TOKEN:-unset}"'}]}
+    pipeline = {
+        "name": "own",
+        "steps": [
+            {
+                "name": "deploy",
+                "secrets": ["RUN_TOKEN", "TOKEN"],
+                "run": 'echo "own=$RUN_TOKEN project=$TOKEN"',
+            },
+            {"name": "other", "needs": ["deploy"], "run": 'echo "${RUN_TOKEN:-unset}"'},
+        ],
+    }
     run_id = submitted(core.submit(pipeline, secrets={"RUN_TOKEN": own}, key="k1"))
     assert store.get_run_secrets(run_id) == {"RUN_TOKEN": own}  # stored with the run
     driver.run_until_idle()
@@ -190,34 +234,48 @@ def test_a_run_s_own_secrets_reach_the_steps_that_list_them_and_go_when_it_ends(
     assert logs == {"deploy": b"own=*** project=***\n", "other": b"unset\n"}
     assert store.get_run_secrets(run_id) == {}  # deleted when the run ended
     stored = json.dumps(view.model_dump(mode="json")) + json.dumps(
-        store.get_key("k1").model_dump(mode="json"))
+        store.get_key("k1").model_dump(mode="json")
+    )
     assert own not in stored
     # A repeat with the same key is the same run, whatever the values; other names conflict.
-    assert core.submit(pipeline, secrets={"RUN_TOKEN": "another-value"}, key="k1").run_id \
-        == run_id
+    assert core.submit(pipeline, secrets={"RUN_TOKEN": "another-value"}, key="k1").run_id == run_id
     assert type(core.submit(pipeline, secrets={"OTHER": own}, key="k1")).__name__ == "Conflict"
 
 
 def test_a_run_s_own_secrets_are_checked_without_quoting_them(settings):
     core, _ = make(settings)
-    reply = core.submit({"name": "own", "steps": [
-        {"name": "a", "secrets": ["MISSING"], "run": "true"}]},
-        secrets={"SHORT": "abc", "CICD_X": "long-enough-value", "bad name": "long-enough"})
+    reply = core.submit(
+        {"name": "own", "steps": [{"name": "a", "secrets": ["MISSING"], "run": "true"}]},
+        secrets={"SHORT": "abc", "CICD_X": "long-enough-value", "bad name": "long-enough"},
+    )
     assert reply.problems == [
         "secrets.SHORT: shorter than 6 characters: masking it in logs would mask ordinary text",
         "secrets.CICD_X: not a variable name (letters, digits, _; not starting with CICD_)",
         "secrets.bad name: not a variable name (letters, digits, _; not starting with CICD_)",
         "steps[a].secrets: MISSING: project default has no such secret (a file MISSING in "
-        "CICD_RAY_SECRETS_DIR/default)"]
+        "CICD_RAY_SECRETS_DIR/default)",
+    ]
     assert "long-enough" not in json.dumps(reply.problems)
 
 
 def test_cicd_ray_s_own_lines_come_after_what_the_step_printed_and_are_masked(settings):
     store = MemoryStore()
     core, driver = make(settings, store)
-    run_id = submitted(core.submit({"name": "order", "steps": [
-        {"name": "a", "secrets": ["TOKEN"], "artifacts": ["d/f"],
-         "run": "mkdir d; echo x > d/f; printf 'ends with pypi-Ag'"}]}))
+    run_id = submitted(
+        core.submit(
+            {
+                "name": "order",
+                "steps": [
+                    {
+                        "name": "a",
+                        "secrets": ["TOKEN"],
+                        "artifacts": ["d/f"],
+                        "run": "mkdir d; echo x > d/f; printf 'ends with pypi-Ag'",
+                    }
+                ],
+            }
+        )
+    )
     driver.run_until_idle()
     [attempt] = run_view(store, run_id).attempts
     log = store.read_log(attempt.id).decode()
@@ -248,9 +306,13 @@ def test_a_run_s_own_secrets_go_once_no_step_that_lists_them_can_run(settings):
     """Issue 24, item 23: they stayed in the store until the whole run ended."""
     store = MemoryStore()
     core, driver = make(settings, store)
-    pipeline = {"name": "own", "steps": [
-        {"name": "deploy", "secrets": ["RUN_TOKEN"], "run": "true"},
-        {"name": "long", "needs": ["deploy"], "run": "true"}]}
+    pipeline = {
+        "name": "own",
+        "steps": [
+            {"name": "deploy", "secrets": ["RUN_TOKEN"], "run": "true"},
+            {"name": "long", "needs": ["deploy"], "run": "true"},
+        ],
+    }
     run_id = submitted(core.submit(pipeline, secrets={"RUN_TOKEN": "value-" + "v" * 12}))
     while not any(o.step == "deploy" for o in driver.outcomes):
         driver.carry_out()

@@ -10,8 +10,9 @@ from cicd_ray.errors import CicdError, SettingsError
 
 
 def test_master_resources_from_the_environment():
-    settings = Settings.from_env({"CICD_RAY_HOME": "/tmp/x",
-                                  "CICD_RAY_MASTER_RESOURCES": '{"cicd-control": 0.01}'})
+    settings = Settings.from_env(
+        {"CICD_RAY_HOME": "/tmp/x", "CICD_RAY_MASTER_RESOURCES": '{"cicd-control": 0.01}'}
+    )
     assert settings.master_resources == {"cicd-control": 0.01}
 
 
@@ -20,14 +21,18 @@ def test_bad_master_resources_are_named(value):
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"CICD_RAY_HOME": "/tmp/x", "CICD_RAY_MASTER_RESOURCES": value})
     assert "master_resources" in str(caught.value) or "CICD_RAY_MASTER_RESOURCES" in str(
-        caught.value)
+        caught.value
+    )
 
 
-@pytest.mark.parametrize("url, address, password", [
-    ("redis://127.0.0.1:6379", "127.0.0.1:6379", None),
-    ("redis://:s3cret@redis.internal:6380/0", "redis.internal:6380", "s3cret"),
-    ("redis.internal:7000", "redis.internal:7000", None),
-])
+@pytest.mark.parametrize(
+    "url, address, password",
+    [
+        ("redis://127.0.0.1:6379", "127.0.0.1:6379", None),
+        ("redis://:s3cret@redis.internal:6380/0", "redis.internal:6380", "s3cret"),
+        ("redis.internal:7000", "redis.internal:7000", None),
+    ],
+)
 def test_ha_redis_urls(url, address, password):
     ha = Ha.from_url(url, namespace="ci-1")
     assert (ha.redis_address, ha.password) == (address, password)
@@ -47,8 +52,10 @@ def test_bad_ha_urls_say_what_is_accepted(url):
 def test_a_bad_proxy_location_is_refused_before_anything_starts(tmp_path):
     from cicd_ray.cluster import up
 
-    with pytest.raises(CicdError, match="--proxy-location 'Everywhere': expected one of "
-                                        "EveryNode, HeadOnly, Disabled"):
+    with pytest.raises(
+        CicdError,
+        match="--proxy-location 'Everywhere': expected one of EveryNode, HeadOnly, Disabled",
+    ):
         up.up(Settings(home=tmp_path), proxy_location="Everywhere")
     assert not (tmp_path / "up.json").exists()
 
@@ -61,8 +68,13 @@ NUMBERS = [
     ("CICD_RAY_LOG_CAP_BYTES", "1000", "log_cap_bytes", 1000, ["0", "1.5", "5MB"]),
     ("CICD_RAY_KILL_GRACE_S", "0", "kill_grace_s", 0.0, ["-1", "never"]),
     ("CICD_RAY_RETENTION_DAYS", "0.5", "retention_days", 0.5, ["-1", "7d"]),
-    ("CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES", "4096", "source_unpacked_limit_bytes", 4096,
-     ["0", "2GiB"]),
+    (
+        "CICD_RAY_SOURCE_UNPACKED_LIMIT_BYTES",
+        "4096",
+        "source_unpacked_limit_bytes",
+        4096,
+        ["0", "2GiB"],
+    ),
 ]
 
 
@@ -90,8 +102,9 @@ def test_the_pipeline_limit_reaches_every_reader(tmp_path):
     """CICD_RAY_MAX_PIPELINE_BYTES, read into the settings, bounds what the core plans."""
     from cicd_ray.master.admission import plan_submission
 
-    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path),
-                                  "CICD_RAY_MAX_PIPELINE_BYTES": "64"})
+    settings = Settings.from_env(
+        {"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_MAX_PIPELINE_BYTES": "64"}
+    )
     text = "name: p\nsteps:\n  - {name: a, run: " + "x" * 100 + "}\n"
     planned = plan_submission(text, {}, None, settings)
     assert planned.problems and "CICD_RAY_MAX_PIPELINE_BYTES" in planned.problems[0]
@@ -101,8 +114,14 @@ def test_the_pipeline_limit_reaches_every_reader(tmp_path):
 def test_tokens_url_and_token_are_settings(tmp_path):
     from cicd_ray import tokens
 
-    settings = Settings.from_env({"CICD_RAY_HOME": str(tmp_path), "CICD_RAY_TOKENS": "t1",
-                                  "CICD_RAY_URL": "http://api:8000", "CICD_RAY_TOKEN": "t1"})
+    settings = Settings.from_env(
+        {
+            "CICD_RAY_HOME": str(tmp_path),
+            "CICD_RAY_TOKENS": "t1",
+            "CICD_RAY_URL": "http://api:8000",
+            "CICD_RAY_TOKEN": "t1",
+        }
+    )
     assert settings.token_grants == [tokens.Grant(digest=tokens.digest("t1"))]
     assert (settings.url, settings.token) == ("http://api:8000", "t1")
     assert "t1" not in repr(settings)  # the token never shows in a repr or a log line
@@ -114,8 +133,10 @@ def test_tokens_url_and_token_are_settings(tmp_path):
         Settings.from_env({"CICD_RAY_TOKEN_DIGESTS": "nope"})
 
 
-@pytest.mark.parametrize("var, field", [("CICD_RAY_LOOKAHEAD", "lookahead"),
-                                        ("CICD_RAY_KEEP_WORKSPACES", "keep_workspaces")])
+@pytest.mark.parametrize(
+    "var, field",
+    [("CICD_RAY_LOOKAHEAD", "lookahead"), ("CICD_RAY_KEEP_WORKSPACES", "keep_workspaces")],
+)
 def test_switches(var, field):
     home = {"CICD_RAY_HOME": "/tmp/x"}
     for text, value in [("1", True), ("true", True), ("0", False), ("false", False)]:
@@ -127,10 +148,14 @@ def test_switches(var, field):
 def test_notification_settings_and_what_workers_are_given(tmp_path):
     import pickle
 
-    settings = Settings.from_env({
-        "CICD_RAY_HOME": str(tmp_path), "CICD_RAY_WEBHOOK_SECRET": "sign-with-me",
-        "CICD_RAY_WEBHOOK_ALLOW": "127.0.0.1,10.0.0.0/8",
-        "CICD_RAY_NOTIFY_WEBHOOK": "https://hooks.example.com/all"})
+    settings = Settings.from_env(
+        {
+            "CICD_RAY_HOME": str(tmp_path),
+            "CICD_RAY_WEBHOOK_SECRET": "sign-with-me",
+            "CICD_RAY_WEBHOOK_ALLOW": "127.0.0.1,10.0.0.0/8",
+            "CICD_RAY_NOTIFY_WEBHOOK": "https://hooks.example.com/all",
+        }
+    )
     assert settings.webhook_allow == ["127.0.0.1", "10.0.0.0/8"]
     assert settings.notify_webhook == "https://hooks.example.com/all"
     # The master signs with it (it travels to the master with the settings) ...

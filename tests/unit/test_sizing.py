@@ -17,8 +17,16 @@ from cicd_ray.scheduler.sizing import (
 
 
 def pool(**kw) -> PoolConfig:
-    values = {"name": "p", "cpus": 2, "min_workers": 0, "max_workers": 10, "scale_up_step": 4,
-              "cooldown_s": 5, "window_s": 30, "idle_timeout_s": 20}
+    values = {
+        "name": "p",
+        "cpus": 2,
+        "min_workers": 0,
+        "max_workers": 10,
+        "scale_up_step": 4,
+        "cooldown_s": 5,
+        "window_s": 30,
+        "idle_timeout_s": 20,
+    }
     return PoolConfig(**{**values, **kw})
 
 
@@ -119,24 +127,33 @@ def test_budget_cuts_an_overspending_pool_down():
 
 
 def test_a_full_cluster_makes_room_for_the_higher_priority_pool():
-    pools = {"release": pool(name="release", priority=10),
-             "nightly": pool(name="nightly", min_workers=1)}
-    views = {"release": [WorkerView(id="r1", ready=False, started_at=0)],
-             "nightly": [idle("n1", 0), idle("n2", 5), busy("n3")]}
+    pools = {
+        "release": pool(name="release", priority=10),
+        "nightly": pool(name="nightly", min_workers=1),
+    }
+    views = {
+        "release": [WorkerView(id="r1", ready=False, started_at=0)],
+        "nightly": [idle("n1", 0), idle("n2", 5), busy("n3")],
+    }
     assert preempt(pools, views, now=30, after_s=60) == []  # a node may still come
     assert preempt(pools, views, now=61, after_s=60) == ["n1", "n2"]
     views["nightly"] = [idle("n1", 0)]  # at its minimum: kept
     assert preempt(pools, views, now=61, after_s=60) == []
 
 
-@pytest.mark.parametrize("text, message", [
-    ("pools: [{name: a, workers: 2, max_workers: 3}]", "give either workers"),
-    ("pools: [{name: a, min_workers: 4, max_workers: 3}]",
-     "min_workers 4 is more than max_workers 3"),
-    ("pools: [{name: a, target_utilization: 0}]", "target_utilization"),
-    ("pools: [{name: a, budget_per_hour: -1}]", "budget_per_hour"),
-    ("pools: [{name: a, spare: 1}]", "spare"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pools: [{name: a, workers: 2, max_workers: 3}]", "give either workers"),
+        (
+            "pools: [{name: a, min_workers: 4, max_workers: 3}]",
+            "min_workers 4 is more than max_workers 3",
+        ),
+        ("pools: [{name: a, target_utilization: 0}]", "target_utilization"),
+        ("pools: [{name: a, budget_per_hour: -1}]", "budget_per_hour"),
+        ("pools: [{name: a, spare: 1}]", "spare"),
+    ],
+)
 def test_bad_pool_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "pools.yaml"
     path.write_text(text)

@@ -24,7 +24,10 @@ def test_snapshot_is_deterministic_excludes_caches_and_unpacks(tmp_path):
     dest = tmp_path / "out"
     unpack(data, dest)
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
-        "pkg", "pkg/a.py", "run.sh"]
+        "pkg",
+        "pkg/a.py",
+        "run.sh",
+    ]
     assert (dest / "run.sh").stat().st_mode & 0o100
 
 
@@ -140,8 +143,11 @@ def test_a_sparse_member_is_refused(tmp_path):
     with big.open("wb") as f:
         f.truncate(2**40)  # a terabyte of nothing
     archive = tmp_path / "sparse.tgz"
-    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(tmp_path), "hole"],
-                   check=True, timeout=120)
+    subprocess.run(
+        ["tar", "--sparse", "-czf", str(archive), "-C", str(tmp_path), "hole"],
+        check=True,
+        timeout=120,
+    )
     assert archive.stat().st_size < 4096
     with pytest.raises(SourceError, match="sparse"):
         check_archive(archive.read_bytes())
@@ -151,8 +157,12 @@ def test_clone_checks_out_a_commit_by_its_sha(tmp_path):
     from cicd_ray.source import clone
 
     url = make_repo(tmp_path)
-    first = subprocess.run(["git", "-C", str(tmp_path / "repo.git"), "rev-parse", "v1"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    first = subprocess.run(
+        ["git", "-C", str(tmp_path / "repo.git"), "rev-parse", "v1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     clone(url, first, tmp_path / "a")
     assert (tmp_path / "a" / "README").read_text() == "version one\n"
     clone(url, first[:12], tmp_path / "b")  # an abbreviated one too
@@ -160,8 +170,19 @@ def test_clone_checks_out_a_commit_by_its_sha(tmp_path):
 
 
 # docs/pipelines.md: ".git, .venv, venv, node_modules, __pycache__ and tool caches are left out".
-DOCUMENTED_EXCLUSIONS = [".git", ".hg", ".svn", ".venv", "venv", "node_modules", "__pycache__",
-                         ".pytest_cache", ".ruff_cache", ".mypy_cache", ".tox"]
+DOCUMENTED_EXCLUSIONS = [
+    ".git",
+    ".hg",
+    ".svn",
+    ".venv",
+    "venv",
+    "node_modules",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".tox",
+]
 
 
 def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
@@ -174,9 +195,9 @@ def test_snapshot_leaves_out_every_excluded_name_at_any_depth(tmp_path):
     (src / "gitignore-like.git").write_text("a file whose name only looks excluded\n")
     _, data = snapshot(src, limit_bytes=10**6)
     unpack(data, tmp_path / "out")
-    assert sorted(p.relative_to(tmp_path / "out").as_posix()
-                  for p in (tmp_path / "out").rglob("*")) == [
-        "gitignore-like.git", "pkg", "pkg/deep", "pkg/deep/kept.txt"]
+    assert sorted(
+        p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+    ) == ["gitignore-like.git", "pkg", "pkg/deep", "pkg/deep/kept.txt"]
 
 
 def test_resolve_pins_a_branch_a_tag_head_or_a_sha_to_its_commit(tmp_path):
@@ -185,9 +206,15 @@ def test_resolve_pins_a_branch_a_tag_head_or_a_sha_to_its_commit(tmp_path):
 
     url = make_repo(tmp_path)
     bare = tmp_path / "repo.git"
-    sha = {ref: subprocess.run(["git", "-C", str(bare), "rev-parse", f"{ref}^{{commit}}"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-           for ref in ("main", "v1")}
+    sha = {
+        ref: subprocess.run(
+            ["git", "-C", str(bare), "rev-parse", f"{ref}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for ref in ("main", "v1")
+    }
     assert resolve(url, "main") == resolve(url, "HEAD") == sha["main"]
     assert resolve(url, "v1") == sha["v1"]
     assert resolve(url, sha["v1"]) == resolve(url, sha["v1"][:7]) == sha["v1"]
@@ -219,8 +246,9 @@ def _links_archive(links: list[tuple[str, str, bytes | None]]) -> bytes:
         for name, target, data in links:
             info = tarfile.TarInfo(name)
             if data is None:
-                info.type, info.linkname = (tarfile.DIRTYPE, "") if target == "/" \
-                    else (tarfile.SYMTYPE, target)
+                info.type, info.linkname = (
+                    (tarfile.DIRTYPE, "") if target == "/" else (tarfile.SYMTYPE, target)
+                )
                 tar.addfile(info)
             else:
                 info.size = len(data)
@@ -308,17 +336,25 @@ def test_git_sources_through_the_api_name_public_hosts_only(tmp_path, monkeypatc
     url = make_repo(tmp_path)
     assert git_source_problems(url, []) == [
         f"source.git: {url}: local repositories are not accepted through the API "
-        "(CICD_RAY_GIT_ALLOW=file allows them)"]
+        "(CICD_RAY_GIT_ALLOW=file allows them)"
+    ]
     assert git_source_problems(url, ["file"]) == []
-    for internal in ("https://127.0.0.1/a.git", "ssh://git@10.1.2.3:2222/a.git",
-                     "git@localhost:a.git", "https://[64:ff9b::a9fe:a9fe]/a.git"):
+    for internal in (
+        "https://127.0.0.1/a.git",
+        "ssh://git@10.1.2.3:2222/a.git",
+        "git@localhost:a.git",
+        "https://[64:ff9b::a9fe:a9fe]/a.git",
+    ):
         [problem] = git_source_problems(internal, [])
         assert "loopback or private address" in problem and "CICD_RAY_GIT_ALLOW" in problem
     assert git_source_problems("https://127.0.0.1/a.git", ["127.0.0.1"]) == []
     assert git_source_problems("https://8.8.8.8/a.git", []) == []
     core = MasterCore(Settings(home=tmp_path / "home"), MemoryStore(), clock=lambda: 0.0)
-    doc = {"name": "g", "source": {"git": url, "ref": "main"},
-           "steps": [{"name": "a", "run": "true"}]}
+    doc = {
+        "name": "g",
+        "source": {"git": url, "ref": "main"},
+        "steps": [{"name": "a", "run": "true"}],
+    }
     assert "not accepted through the API" in core.plan(doc, from_api=True).problems[0]
     assert core.plan(doc).problems == []  # the cluster's own caller (run --address, a job)
     assert hardening("https://h/a.git")[:2] == ["-c", "protocol.file.allow=never"]
@@ -341,10 +377,20 @@ def test_a_network_repository_is_cloned_as_the_step_s_user(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = url.removeprefix("file://").rsplit("/", 1)[0]
-    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all",
-                               f"--base-path={base}", f"--port={port}",
-                               "--listen=127.0.0.1", base],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            f"--base-path={base}",
+            f"--port={port}",
+            "--listen=127.0.0.1",
+            base,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         dest, home = Path("/var/tmp") / f"cicd-clone-{os.getpid()}", tmp_path / "h"
         for folder in (dest, home):

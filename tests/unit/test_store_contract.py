@@ -50,12 +50,18 @@ def store(request, tmp_path):
     s.close()
 
 
-def a_run(store, run_id="r1", pipeline="p", state=RunState.QUEUED, n_steps=2,
-          project="default"):
-    run = RunRecord(id=run_id, seq=store.next_run_seq(), pipeline=pipeline, created_at=1.0,
-                    state=state, project=project)
-    spec = parse_pipeline({"name": pipeline, "steps": [
-        {"name": f"s{i}", "run": "true"} for i in range(n_steps)]})
+def a_run(store, run_id="r1", pipeline="p", state=RunState.QUEUED, n_steps=2, project="default"):
+    run = RunRecord(
+        id=run_id,
+        seq=store.next_run_seq(),
+        pipeline=pipeline,
+        created_at=1.0,
+        state=state,
+        project=project,
+    )
+    spec = parse_pipeline(
+        {"name": pipeline, "steps": [{"name": f"s{i}", "run": "true"} for i in range(n_steps)]}
+    )
     steps = [StepRecord(run_id=run_id, spec=p, queued_at=1.0) for p in plan(spec)]
     changes = Changes()
     changes.add(run)
@@ -108,8 +114,20 @@ def test_runs_listed_by_project_and_the_audit_newest_first(store):
     assert [r.id for r in store.list_runs(project="web", limit=1, offset=1)] == ["r1"]
     assert store.list_runs(project="nobody") == []
     for n in range(3):
-        store.save(Changes(audit=[AuditRecord(at=n, action="submit", run_id=f"r{n + 1}",
-                                              run_project="web", token_id="t", project="web")]))
+        store.save(
+            Changes(
+                audit=[
+                    AuditRecord(
+                        at=n,
+                        action="submit",
+                        run_id=f"r{n + 1}",
+                        run_project="web",
+                        token_id="t",
+                        project="web",
+                    )
+                ]
+            )
+        )
     assert [a.run_id for a in store.list_audit()] == ["r3", "r2", "r1"]
     assert [a.run_id for a in store.list_audit(limit=1, offset=1)] == ["r2"]
 
@@ -118,14 +136,25 @@ def test_schedules_are_kept_replaced_and_dropped(store):
     from cicd_ray.triggers.cron import ScheduleRecord
 
     def schedule(project: str, last: float) -> ScheduleRecord:
-        return ScheduleRecord(name="nightly", cron="0 2 * * *", project=project,
-                              created_at=1.0, last_slot=last, pipeline={"name": "p"})
+        return ScheduleRecord(
+            name="nightly",
+            cron="0 2 * * *",
+            project=project,
+            created_at=1.0,
+            last_slot=last,
+            pipeline={"name": "p"},
+        )
 
-    store.save(Changes(schedules={"web/nightly": schedule("web", 1.0),
-                                  "ops/nightly": schedule("ops", 1.0)}))
+    store.save(
+        Changes(
+            schedules={"web/nightly": schedule("web", 1.0), "ops/nightly": schedule("ops", 1.0)}
+        )
+    )
     store.save(Changes(schedules={"web/nightly": schedule("web", 7.0)}))
     assert [(s.id, s.last_slot) for s in store.list_schedules()] == [
-        ("ops/nightly", 1.0), ("web/nightly", 7.0)]
+        ("ops/nightly", 1.0),
+        ("web/nightly", 7.0),
+    ]
     assert store.list_schedules()[0].pipeline == {"name": "p"}
     store.save(Changes(drop_schedules=["ops/nightly"]))
     assert [s.id for s in store.list_schedules()] == ["web/nightly"]
@@ -144,12 +173,35 @@ def test_attempts_and_workers(store):
     a_run(store)
     changes = Changes()
     for n in (2, 1):
-        changes.add(AttemptRecord(id=f"r1/s0/{n}", run_id="r1", step="s0", number=n,
-                                  worker_id="w", queued_at=1, started_at=2))
-    changes.add(AttemptRecord(id="r1/s1/1", run_id="r1", step="s1", number=1, worker_id="w",
-                              queued_at=1, started_at=2, state=StepState.FAILED, exit_code=3))
-    changes.add(WorkerRecord(id="w", pool="default", cpus=2, memory_mb=10, started_at=0,
-                             state=WorkerState.READY))
+        changes.add(
+            AttemptRecord(
+                id=f"r1/s0/{n}",
+                run_id="r1",
+                step="s0",
+                number=n,
+                worker_id="w",
+                queued_at=1,
+                started_at=2,
+            )
+        )
+    changes.add(
+        AttemptRecord(
+            id="r1/s1/1",
+            run_id="r1",
+            step="s1",
+            number=1,
+            worker_id="w",
+            queued_at=1,
+            started_at=2,
+            state=StepState.FAILED,
+            exit_code=3,
+        )
+    )
+    changes.add(
+        WorkerRecord(
+            id="w", pool="default", cpus=2, memory_mb=10, started_at=0, state=WorkerState.READY
+        )
+    )
     store.save(changes)
     assert [a.number for a in store.get_attempts("r1", "s0")] == [1, 2]
     assert [a.id for a in store.get_attempts("r1")] == ["r1/s0/1", "r1/s0/2", "r1/s1/1"]
@@ -210,9 +262,16 @@ def test_idempotency_keys_map_to_the_first_run(store):
 def _finished_run(store, run_id: str, at: float, state=RunState.SUCCEEDED) -> None:
     run, _steps = a_run(store, run_id=run_id)
     run.state, run.created_at, run.finished_at = state, at - 1, at
-    attempt = AttemptRecord(id=f"{run_id}/s0/1", run_id=run_id, step="s0", number=1,
-                            worker_id="w1", queued_at=at - 1, started_at=at - 1,
-                            state=StepState.SUCCEEDED)
+    attempt = AttemptRecord(
+        id=f"{run_id}/s0/1",
+        run_id=run_id,
+        step="s0",
+        number=1,
+        worker_id="w1",
+        queued_at=at - 1,
+        started_at=at - 1,
+        state=StepState.SUCCEEDED,
+    )
     changes = Changes()
     changes.add(run)
     changes.add(attempt)
@@ -229,10 +288,18 @@ def test_retention_deletes_old_finished_runs_with_their_logs_and_keeps_the_rest(
     a_run(store, "active")  # queued: kept however old
     store.put_source("needed", b"x", at=1.0)
     store.put_source("unneeded", b"y", at=1.0)
-    active = store.get_run("active").model_copy(update={"source_digest": "needed",
-                                                        "created_at": 0.0})
-    gone = WorkerRecord(id="gone", pool="p", cpus=1, memory_mb=1, started_at=1.0,
-                        state=WorkerState.STOPPED, stopped_at=2.0)
+    active = store.get_run("active").model_copy(
+        update={"source_digest": "needed", "created_at": 0.0}
+    )
+    gone = WorkerRecord(
+        id="gone",
+        pool="p",
+        cpus=1,
+        memory_mb=1,
+        started_at=1.0,
+        state=WorkerState.STOPPED,
+        stopped_at=2.0,
+    )
     live = WorkerRecord(id="live", pool="p", cpus=1, memory_mb=1, started_at=1.0)
     changes = Changes()
     for record in (active, gone, live):
@@ -252,7 +319,12 @@ def test_retention_deletes_old_finished_runs_with_their_logs_and_keeps_the_rest(
     assert [w.id for w in store.list_workers()] == ["live"]
     assert "old" not in [r.id for r in store.list_runs()]
     assert collect(store, now, older_than_s=7 * day).as_dict() == {
-        "runs": 0, "sources": 0, "keys": 0, "workers": 0, "artifacts": 0}
+        "runs": 0,
+        "sources": 0,
+        "keys": 0,
+        "workers": 0,
+        "artifacts": 0,
+    }
 
 
 def test_the_sqlite_file_is_the_owners_alone(tmp_path):
@@ -269,7 +341,13 @@ def test_durations():
     from cicd_ray.store.retention import parse_duration
 
     assert [parse_duration(t) for t in ("7d", "12h", "30m", "90s", "100", "1w")] == [
-        7 * 86400, 12 * 3600, 1800, 90, 100, 7 * 86400]
+        7 * 86400,
+        12 * 3600,
+        1800,
+        90,
+        100,
+        7 * 86400,
+    ]
     with pytest.raises(CicdError, match="not a duration"):
         parse_duration("soon")
 
@@ -289,11 +367,12 @@ def test_results_are_found_by_key_and_deleted_with_the_run_that_made_them(store)
     _finished_run(store, "other", at=11.0)
     kept = ArtifactFile(path="dist/app", size=3, digest="a" * 64)
     changes = Changes()
-    changes.results["k1"] = ResultRecord(key="k1", origin=Origin(run_id="maker", step="s0",
-                                                                 attempt=1),
-                                         artifacts=[kept], at=10.0)
-    changes.results["k2"] = ResultRecord(key="k2", origin=Origin(run_id="other", step="s0",
-                                                                 attempt=1), at=11.0)
+    changes.results["k1"] = ResultRecord(
+        key="k1", origin=Origin(run_id="maker", step="s0", attempt=1), artifacts=[kept], at=10.0
+    )
+    changes.results["k2"] = ResultRecord(
+        key="k2", origin=Origin(run_id="other", step="s0", attempt=1), at=11.0
+    )
     step = store.get_steps("other")[0]
     step.artifacts = [ArtifactFile(path="x", size=1, digest="b" * 64)]
     changes.add(step)
@@ -313,12 +392,21 @@ def test_deliveries_are_listed_per_run_open_ones_found_and_deleted_with_their_ru
     _finished_run(store, "r2", at=11.0)
 
     def delivery(run_id, i, state):
-        return DeliveryRecord(id=f"{run_id}/{i}", run_id=run_id, url=f"https://h/{i}",
-                              state=state, created_at=10.0, next_at=10.0)
+        return DeliveryRecord(
+            id=f"{run_id}/{i}",
+            run_id=run_id,
+            url=f"https://h/{i}",
+            state=state,
+            created_at=10.0,
+            next_at=10.0,
+        )
 
     changes = Changes()
-    for d in (delivery("r1", 0, "pending"), delivery("r1", 1, "delivered"),
-              delivery("r2", 0, "sending")):
+    for d in (
+        delivery("r1", 0, "pending"),
+        delivery("r1", 1, "delivered"),
+        delivery("r2", 0, "sending"),
+    ):
         changes.deliveries[d.id] = d
     store.save(changes)
     assert [d.id for d in store.get_deliveries("r1")] == ["r1/0", "r1/1"]
@@ -337,8 +425,14 @@ def test_a_run_s_own_secrets_are_kept_apart_dropped_and_deleted_with_it(store):
 
     for run_id in ("r1", "r2"):
         _finished_run(store, run_id, at=10.0)
-    store.save(Changes(run_secrets={"r1": RunSecrets(values={"A": "value-one"}),
-                                    "r2": RunSecrets(values={"B": "value-two"})}))
+    store.save(
+        Changes(
+            run_secrets={
+                "r1": RunSecrets(values={"A": "value-one"}),
+                "r2": RunSecrets(values={"B": "value-two"}),
+            }
+        )
+    )
     assert store.get_run_secrets("r1") == {"A": "value-one"}
     assert "value-one" not in store.get_run("r1").model_dump_json()
     store.save(Changes(drop_run_secrets=["r1"]))

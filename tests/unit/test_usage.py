@@ -7,16 +7,33 @@ from cicd_ray.reads.usage import percentile, pipeline_costs, pool_costs, recomme
 
 
 def view(pipeline: str, steps: dict[str, dict], attempts: list[dict]) -> dict:
-    return {"run": {"pipeline": pipeline},
-            "steps": [{"spec": {"name": n, "base": n.split("[")[0], "pool": "default", **s}}
-                      for n, s in steps.items()],
-            "attempts": attempts}
+    return {
+        "run": {"pipeline": pipeline},
+        "steps": [
+            {"spec": {"name": n, "base": n.split("[")[0], "pool": "default", **s}}
+            for n, s in steps.items()
+        ],
+        "attempts": attempts,
+    }
 
 
-def attempt(step: str, peak: float, cpu_time: float, duration: float = 10.0,
-            state: str = "succeeded", started: float = 100.0) -> dict:
-    return {"step": step, "state": state, "peak_memory_mb": peak, "cpu_time_s": cpu_time,
-            "duration_s": duration, "started_at": started, "finished_at": started + duration}
+def attempt(
+    step: str,
+    peak: float,
+    cpu_time: float,
+    duration: float = 10.0,
+    state: str = "succeeded",
+    started: float = 100.0,
+) -> dict:
+    return {
+        "step": step,
+        "state": state,
+        "peak_memory_mb": peak,
+        "cpu_time_s": cpu_time,
+        "duration_s": duration,
+        "started_at": started,
+        "finished_at": started + duration,
+    }
 
 
 def test_percentile():
@@ -27,8 +44,9 @@ def test_percentile():
 
 def test_recommend_flags_over_and_under_asking_steps():
     steps = {"lint": {"cpu": 4.0, "memory_mb": 8192}, "build": {"cpu": 1.0, "memory_mb": 256}}
-    views = [view("p", steps, [attempt("lint", 100, 5), attempt("build", 900, 25)])
-             for _ in range(4)]
+    views = [
+        view("p", steps, [attempt("lint", 100, 5), attempt("build", 900, 25)]) for _ in range(4)
+    ]
     advice = {a.step: a for a in recommend(views)}
     lint, build = advice["lint"], advice["build"]
     assert (lint.cpu, lint.memory_mb) == (0.75, 128)  # 0.5 CPU and 100 MiB used, +20%
@@ -45,19 +63,25 @@ def test_recommend_needs_history_and_ignores_failed_attempts():
 
 
 def test_matrix_variants_are_advised_together():
-    steps = {"test[py=3.11]": {"cpu": 1.0, "memory_mb": 512},
-             "test[py=3.12]": {"cpu": 1.0, "memory_mb": 512}}
-    views = [view("p", steps, [attempt("test[py=3.11]", 300, 5),
-                               attempt("test[py=3.12]", 400, 5)]) for _ in range(2)]
+    steps = {
+        "test[py=3.11]": {"cpu": 1.0, "memory_mb": 512},
+        "test[py=3.12]": {"cpu": 1.0, "memory_mb": 512},
+    }
+    views = [
+        view("p", steps, [attempt("test[py=3.11]", 300, 5), attempt("test[py=3.12]", 400, 5)])
+        for _ in range(2)
+    ]
     [advice] = recommend(views)
     assert (advice.step, advice.samples) == ("test", 4)
 
 
 def test_pool_costs_from_worker_lifetimes_within_the_period():
     pools = {"default": PoolConfig(name="default", price_per_hour=0.36)}
-    workers = [{"pool": "default", "started_at": 0, "stopped_at": 3600},
-               {"pool": "default", "started_at": 1800, "stopped_at": None},
-               {"pool": "gone", "started_at": 1800, "stopped_at": 1900}]
+    workers = [
+        {"pool": "default", "started_at": 0, "stopped_at": 3600},
+        {"pool": "default", "started_at": 1800, "stopped_at": None},
+        {"pool": "gone", "started_at": 1800, "stopped_at": 1900},
+    ]
     costs = {c.name: c for c in pool_costs(workers, pools, since=1800, now=5400)}
     assert costs["default"].worker_seconds == 1800 + 3600
     assert round(costs["default"].money, 4) == 0.54
@@ -67,8 +91,16 @@ def test_pool_costs_from_worker_lifetimes_within_the_period():
 def test_pipeline_costs_charge_each_attempt_its_share_of_the_worker():
     pools = {"default": PoolConfig(name="default", cpus=4, price_per_hour=3.6)}
     steps = {"a": {"cpu": 1.0, "memory_mb": 0}, "b": {"cpu": 4.0, "memory_mb": 0}}
-    views = [view("p", steps, [attempt("a", 1, 1, duration=100),
-                               attempt("b", 1, 1, duration=100),
-                               attempt("a", 1, 1, duration=100, started=0)])]
+    views = [
+        view(
+            "p",
+            steps,
+            [
+                attempt("a", 1, 1, duration=100),
+                attempt("b", 1, 1, duration=100),
+                attempt("a", 1, 1, duration=100, started=0),
+            ],
+        )
+    ]
     [c] = pipeline_costs(views, pools, since=50)
     assert (c.name, c.worker_seconds, round(c.money, 4)) == ("p", 125.0, 0.125)

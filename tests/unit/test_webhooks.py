@@ -34,27 +34,29 @@ def test_the_signature_is_hmac_sha256_of_the_time_and_body_under_the_project_s_k
     assert not verify(body, key, f"sha256={expected}", "1000", now=1000 + 301)  # a replay
     assert not verify(body, key, f"sha256={expected}", "1001", now=1010)
     assert not verify(body + b" ", key, f"sha256={expected}", "1000", now=1010)
-    assert not verify(body, project_key("s3cret", "ops"), f"sha256={expected}", "1000",
-                      now=1010)
+    assert not verify(body, project_key("s3cret", "ops"), f"sha256={expected}", "1000", now=1010)
     assert not verify(body, key, "", "1000", now=1010)
 
 
-@pytest.mark.parametrize("url, refused", [
-    ("https://hooks.example.com/x", False),
-    ("http://localhost:8000/x", True),
-    ("http://app.localhost/x", True),
-    ("http://127.0.0.1/x", True),
-    ("http://10.1.2.3/x", True),
-    ("http://169.254.169.254/latest/meta-data", True),  # a cloud's metadata endpoint
-    ("http://[::1]:9000/x", True),
-    ("http://192.168.1.5/x", True),
-    # Issue 24, item 22: IPv6 forms that carry an internal IPv4 address.
-    ("http://[64:ff9b::a9fe:a9fe]/x", True),  # NAT64 of 169.254.169.254
-    ("http://[2002:a00:1::1]/x", True),  # 6to4 of 10.0.0.1
-    ("http://[::ffff:127.0.0.1]/x", True),
-    ("http://[64:ff9b::808:808]/x", False),  # NAT64 of a public address
-    ("http://8.8.8.8/x", False),
-])
+@pytest.mark.parametrize(
+    "url, refused",
+    [
+        ("https://hooks.example.com/x", False),
+        ("http://localhost:8000/x", True),
+        ("http://app.localhost/x", True),
+        ("http://127.0.0.1/x", True),
+        ("http://10.1.2.3/x", True),
+        ("http://169.254.169.254/latest/meta-data", True),  # a cloud's metadata endpoint
+        ("http://[::1]:9000/x", True),
+        ("http://192.168.1.5/x", True),
+        # Issue 24, item 22: IPv6 forms that carry an internal IPv4 address.
+        ("http://[64:ff9b::a9fe:a9fe]/x", True),  # NAT64 of 169.254.169.254
+        ("http://[2002:a00:1::1]/x", True),  # 6to4 of 10.0.0.1
+        ("http://[::ffff:127.0.0.1]/x", True),
+        ("http://[64:ff9b::808:808]/x", False),  # NAT64 of a public address
+        ("http://8.8.8.8/x", False),
+    ],
+)
 def test_loopback_and_private_targets_are_refused_at_submission(url, refused):
     assert bool(refused_targets([url], [])) is refused
 
@@ -62,10 +64,15 @@ def test_loopback_and_private_targets_are_refused_at_submission(url, refused):
 def test_the_allow_list_takes_hosts_and_networks():
     allow = parse_allow(" 127.0.0.1, 10.0.0.0/8 ,hooks.internal")
     assert allow == ["127.0.0.1", "10.0.0.0/8", "hooks.internal"]
-    assert refused_targets(["http://127.0.0.1:9/x", "http://10.9.9.9/x",
-                            "http://192.168.0.1/x"], allow) == [
-        (2, "192.168.0.1 is a loopback or private address; list it in CICD_RAY_WEBHOOK_ALLOW "
-            "to send notifications there")]
+    assert refused_targets(
+        ["http://127.0.0.1:9/x", "http://10.9.9.9/x", "http://192.168.0.1/x"], allow
+    ) == [
+        (
+            2,
+            "192.168.0.1 is a loopback or private address; list it in CICD_RAY_WEBHOOK_ALLOW "
+            "to send notifications there",
+        )
+    ]
     for bad in ("10.0.0.0/99", "a b", "http://x"):
         with pytest.raises(ValueError):
             parse_allow(bad)
@@ -81,8 +88,10 @@ def test_a_name_that_resolves_inside_is_refused_when_sent_and_the_address_is_pin
     mixed = lambda host, port: ["93.184.216.34", "127.0.0.1"]  # noqa: E731
     with pytest.raises(TargetRefused):
         checked_address("https://h.example.com/x", [], mixed)
-    assert checked_address("https://h.example.com/x", [],
-                           lambda host, port: ["93.184.216.34"]) == "93.184.216.34"
+    assert (
+        checked_address("https://h.example.com/x", [], lambda host, port: ["93.184.216.34"])
+        == "93.184.216.34"
+    )
 
 
 def test_retries_back_off_and_stop_at_the_delivery_window():

@@ -32,44 +32,69 @@ def step_names(text: str) -> list[str]:
 
 
 def test_retry_on_as_documented_is_accepted():
-    text = ("name: r\nsteps:\n  - name: a\n    run: 'true'\n"
-            "    retry: {max: 2, on: [infra, failure]}\n")
+    text = (
+        "name: r\nsteps:\n  - name: a\n    run: 'true'\n    retry: {max: 2, on: [infra, failure]}\n"
+    )
     (step,) = plan(parse_pipeline(text))
     assert (step.retry_max, step.retry_on) == (2, ["infra", "failure"])
 
 
 def test_yaml_11_booleans_and_numbers_are_plain_strings():
-    doc = load("a: on\nb: yes\nc: No\nd: 010\ne: 1:20\nf: 2026-11-28\ng: true\nh: ~\n"
-               "i: 0x1f\nj: 0o17\nk: .inf\n")
-    assert doc == {"a": "on", "b": "yes", "c": "No", "d": 10, "e": "1:20", "f": "2026-11-28",
-                   "g": True, "h": None, "i": 31, "j": 15, "k": float("inf")}
+    doc = load(
+        "a: on\nb: yes\nc: No\nd: 010\ne: 1:20\nf: 2026-11-28\ng: true\nh: ~\n"
+        "i: 0x1f\nj: 0o17\nk: .inf\n"
+    )
+    assert doc == {
+        "a": "on",
+        "b": "yes",
+        "c": "No",
+        "d": 10,
+        "e": "1:20",
+        "f": "2026-11-28",
+        "g": True,
+        "h": None,
+        "i": 31,
+        "j": 15,
+        "k": float("inf"),
+    }
     assert list(load("on: push\n")) == ["on"]
 
 
 def test_matrix_values_keep_their_text():
-    text = ("name: m\nsteps:\n  - name: t\n    run: 'true'\n"
-            "    matrix: {py: [3.10, 3.11, 3.9], flag: [on, true]}\n")
+    text = (
+        "name: m\nsteps:\n  - name: t\n    run: 'true'\n"
+        "    matrix: {py: [3.10, 3.11, 3.9], flag: [on, true]}\n"
+    )
     assert step_names(text) == [
-        "t[py=3.10,flag=on]", "t[py=3.10,flag=true]", "t[py=3.11,flag=on]",
-        "t[py=3.11,flag=true]", "t[py=3.9,flag=on]", "t[py=3.9,flag=true]"]
+        "t[py=3.10,flag=on]",
+        "t[py=3.10,flag=true]",
+        "t[py=3.11,flag=on]",
+        "t[py=3.11,flag=true]",
+        "t[py=3.9,flag=on]",
+        "t[py=3.9,flag=true]",
+    ]
     assert plan(parse_pipeline(text))[0].env["MATRIX_PY"] == "3.10"
 
 
-@pytest.mark.parametrize("values, first, second", [
-    ("[a, a]", "'a'", "'a'"),
-    ("[1, '1']", "1", "'1'"),
-    ("[true, 'true']", "True", "'true'"),
-])
+@pytest.mark.parametrize(
+    "values, first, second",
+    [
+        ("[a, a]", "'a'", "'a'"),
+        ("[1, '1']", "1", "'1'"),
+        ("[true, 'true']", "True", "'true'"),
+    ],
+)
 def test_matrix_values_naming_one_variant_are_rejected_naming_both(values, first, second):
     text = f"name: m\nsteps:\n  - name: t\n    run: x\n    matrix: {{k: {values}}}\n"
     assert problems_of(text) == [
         f"steps[0] (t).matrix.k: values [0] {first} and [1] {second} both name the variant "
-        f"{second.strip(chr(39)) if second != 'True' else 'true'!r}; make them distinct"]
+        f"{second.strip(chr(39)) if second != 'True' else 'true'!r}; make them distinct"
+    ]
 
 
 @pytest.mark.parametrize("value", ["x y", "a/b", "a,b", "k=v", "x]", "é", "''"])
 def test_matrix_values_outside_the_safe_set_are_rejected(value):
-    text = f"name: m\nsteps:\n  - name: t\n    run: x\n    matrix: {{k: [ok, \"{value}\"]}}\n"
+    text = f'name: m\nsteps:\n  - name: t\n    run: x\n    matrix: {{k: [ok, "{value}"]}}\n'
     (problem,) = problems_of(text)
     assert problem.startswith("steps[0] (t).matrix.k: value [1]")
     assert "may hold only letters, digits and . _ + @ : -" in problem
@@ -87,7 +112,9 @@ def _quadratic_needs(n: int = 19) -> str:
     values = "[" + ", ".join(str(j) for j in range(16)) + "]"
     steps = "".join(
         f"  - name: s{i}\n    run: x\n    matrix: {{a: {values}, b: {values}}}\n"
-        f"    needs: [{', '.join(f's{k}' for k in range(i))}]\n" for i in range(n))
+        f"    needs: [{', '.join(f's{k}' for k in range(i))}]\n"
+        for i in range(n)
+    )
     return "name: q\nsteps:\n" + steps
 
 
@@ -103,7 +130,8 @@ def chain(n: int, reverse: bool = False) -> str:
     """n steps, each needing the one before (or after), the first to run failing."""
     if not reverse:
         steps = ["  - {name: s0, run: 'false'}"] + [
-            f"  - {{name: s{i}, run: 'true', needs: [s{i - 1}]}}" for i in range(1, n)]
+            f"  - {{name: s{i}, run: 'true', needs: [s{i - 1}]}}" for i in range(1, n)
+        ]
     else:
         steps = [f"  - {{name: s{i}, run: 'true', needs: [s{i + 1}]}}" for i in range(n - 1)]
         steps.append(f"  - {{name: s{n - 1}, run: 'false'}}")
@@ -114,16 +142,24 @@ HOSTILE = {
     "matrix of 10 keys x 10 values": (_matrix_bomb(), "more than the 256 allowed"),
     "quadratic needs": (_quadratic_needs(), f"more than the {MAX_NEED_EDGES} allowed"),
     "too many steps": (
-        "name: w\nsteps:\n" + "".join(f"  - {{name: s{i}, run: x, matrix: {{k: [a, b]}}}}\n"
-                                      for i in range(MAX_PLANNED_STEPS // 2 + 1)),
-        f"more than the {MAX_PLANNED_STEPS} allowed"),
+        "name: w\nsteps:\n"
+        + "".join(
+            f"  - {{name: s{i}, run: x, matrix: {{k: [a, b]}}}}\n"
+            for i in range(MAX_PLANNED_STEPS // 2 + 1)
+        ),
+        f"more than the {MAX_PLANNED_STEPS} allowed",
+    ),
     "billion laughs": (_laughs(), "anchors and aliases"),
     "recursive alias": ("name: &x [*x]\n", "anchors and aliases"),
     "deep flow nesting": ("name: x\nsteps: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
-    "deep block nesting": ("name: x\nsteps:\n" + "".join(
-        " " * (2 * i) + f"- k{i}:\n" for i in range(1, 60)), f"more than {MAX_DEPTH} levels"),
-    "cyclic chain": (chain(3000).replace("run: 'false'}", "run: x, needs: [s2999]}", 1),
-                     "the needs form a cycle"),
+    "deep block nesting": (
+        "name: x\nsteps:\n" + "".join(" " * (2 * i) + f"- k{i}:\n" for i in range(1, 60)),
+        f"more than {MAX_DEPTH} levels",
+    ),
+    "cyclic chain": (
+        chain(3000).replace("run: 'false'}", "run: x, needs: [s2999]}", 1),
+        "the needs form a cycle",
+    ),
     "64 MiB": ("name: x\nsteps: []\n#" + "x" * (64 * 2**20), "byte limit for a pipeline"),
 }
 
@@ -158,14 +194,19 @@ def test_a_3000_step_chain_is_valid_and_plans(reverse):
     assert len(steps) == 3000 and time.perf_counter() - started < 2.0
 
 
-@pytest.mark.parametrize("name", ["matrix of 10 keys x 10 values", "billion laughs",
-                                  "quadratic needs", "64 MiB"])
+@pytest.mark.parametrize(
+    "name", ["matrix of 10 keys x 10 values", "billion laughs", "quadratic needs", "64 MiB"]
+)
 def test_cicd_ray_validate_exits_2_within_a_second(name, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(HOSTILE[name][0])
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", "from cicd_ray.cli import main; main()",
-                           "validate", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", "from cicd_ray.cli import main; main()", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert HOSTILE[name][1] in " ".join((done.stdout + done.stderr).split())
     # The interpreter's own start (and the CLI's imports) is not the parser's time.
@@ -174,16 +215,47 @@ def test_cicd_ray_validate_exits_2_within_a_second(name, tmp_path):
 
 # --- property: anything at all gets an answer or a SpecError, fast and small -----------------
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-                     st.text(max_size=20))
-_docs = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=10), inner, max_size=6)),
-    max_leaves=60)
-_yaml_bits = st.lists(st.sampled_from([
-    "name: x\n", "steps:\n", "  - name: a\n", "    run: x\n", "    needs: [a]\n", "&a ", "*a ",
-    "[", "]", "{", "}", ": ", "- ", "    matrix: {k: [1, 2, 3]}\n", "on: [infra]\n", "'",
-    '"', "\t", "!!python/object:os.system ", "? ", "|\n", "---\n", "%YAML 1.1\n", "\x00",
-]), max_size=40).map("".join)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+)
+_docs = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=10), inner, max_size=6)
+    ),
+    max_leaves=60,
+)
+_yaml_bits = st.lists(
+    st.sampled_from(
+        [
+            "name: x\n",
+            "steps:\n",
+            "  - name: a\n",
+            "    run: x\n",
+            "    needs: [a]\n",
+            "&a ",
+            "*a ",
+            "[",
+            "]",
+            "{",
+            "}",
+            ": ",
+            "- ",
+            "    matrix: {k: [1, 2, 3]}\n",
+            "on: [infra]\n",
+            "'",
+            '"',
+            "\t",
+            "!!python/object:os.system ",
+            "? ",
+            "|\n",
+            "---\n",
+            "%YAML 1.1\n",
+            "\x00",
+        ]
+    ),
+    max_size=40,
+).map("".join)
 
 
 def _bounded(doc) -> None:
@@ -223,21 +295,31 @@ def test_the_amplification_request_is_refused_by_a_named_limit_and_stores_nothin
     core = MasterCore(Settings(home=tmp_path), MemoryStore(), clock=lambda: 0.0)
     matrix = {"a": [f"v{i}" for i in range(16)], "b": [f"w{i}" for i in range(16)]}
     fat = {f"V{i}": "x" * 30_000 for i in range(4)}  # 120 KB: within a step's env
-    wide = {"name": "amp", "env": fat, "steps": [{"name": f"s{j}", "run": "true",
-                                                  "matrix": matrix} for j in range(4)]}
+    wide = {
+        "name": "amp",
+        "env": fat,
+        "steps": [{"name": f"s{j}", "run": "true", "matrix": matrix} for j in range(4)],
+    }
     t0 = time.monotonic()
     answer = core.submit(wide)
     assert isinstance(answer, Rejected) and time.monotonic() - t0 < 5
     assert "(CICD_RAY_MAX_PLANNED_BYTES)" in answer.problems[0]
-    big_value = core.submit({"name": "amp", "steps": [{"name": "s", "run": "true"}]},
-                            env={"BIG": "x" * 2**20})
-    assert big_value.problems == ["env.BIG: 1048576 bytes is more than the 32768 a value may "
-                                  "have"]
-    too_much = core.submit({"name": "amp", "env": {f"V{i}": "x" * 30_000 for i in range(5)},
-                            "steps": [{"name": "s", "run": "true"}]})
+    big_value = core.submit(
+        {"name": "amp", "steps": [{"name": "s", "run": "true"}]}, env={"BIG": "x" * 2**20}
+    )
+    assert big_value.problems == ["env.BIG: 1048576 bytes is more than the 32768 a value may have"]
+    too_much = core.submit(
+        {
+            "name": "amp",
+            "env": {f"V{i}": "x" * 30_000 for i in range(5)},
+            "steps": [{"name": "s", "run": "true"}],
+        }
+    )
     assert "more than the 131072 a step's env may have" in too_much.problems[0]
-    as_object = {"name": "amp", "steps": [{"name": f"s{i}", "run": "x" * 20_000}
-                                          for i in range(60)]}  # 1.2 MB as JSON
+    as_object = {
+        "name": "amp",
+        "steps": [{"name": f"s{i}", "run": "x" * 20_000} for i in range(60)],
+    }  # 1.2 MB as JSON
     assert len(json.dumps(as_object)) > 2**20
     from cicd_ray.api.runs import _check  # what the API's submit route checks a body with
 
