@@ -25,11 +25,11 @@ import ray
 
 from cicd_ray.cli.connect import RayRunner, follow_run
 from cicd_ray.cluster import session
-from cicd_ray.config import Settings
+from cicd_ray.config import DEFAULT_STEP_UIDS, Settings, parse_uids
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pipeline.model import MAX_PLANNED_STEPS
 from cicd_ray.pools import PoolConfig
-from cicd_ray.worker.isolation import DEFAULT_STEP_UIDS, describe, parse_uids
+from cicd_ray.worker.isolation import describe
 
 
 @ray.remote(num_cpus=1)

@@ -28,7 +28,6 @@ from cicd_ray.pools import PoolConfig, ProjectConfig, default_pools, load_pools,
 from cicd_ray.source import SOURCE_LIMIT_BYTES
 from cicd_ray.triggers.cron import ScheduleSpec
 from cicd_ray.triggers.repositories import RepoConfig, load_repos, load_schedules
-from cicd_ray.worker.isolation import DEFAULT_STEP_UIDS, parse_uids
 
 # The settings read from the environment as numbers, and as on/off switches.
 ENV_NUMBERS = {
@@ -65,6 +64,24 @@ def _switch(var: str, text: str) -> bool:
     if word in ("0", "false", "off", "no"):
         return False
     raise SettingsError([f"{var}: {quote(text)}: expected 1 or 0 (true or false)"])
+
+
+# The numeric users steps run as, one each at a time (cicd_ray.worker.isolation).
+DEFAULT_STEP_UIDS = "200000-201023"
+
+
+def parse_uids(text: str) -> range | None:
+    """`200000-201023` (inclusive), or `off`: steps run as the worker's user."""
+    text = text.strip()
+    if text.lower() in ("off", "none", "0", ""):
+        return None
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit()) or not 1000 <= int(first) <= int(last):
+        raise IsolationError(
+            f"CICD_RAY_STEP_UIDS={text!r}: expected FIRST-LAST (numeric "
+            "user ids of 1000 or more, e.g. 200000-201023) or off"
+        )
+    return range(int(first), int(last) + 1)
 
 
 class Settings(BaseModel):

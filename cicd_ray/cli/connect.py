@@ -24,7 +24,8 @@ from cicd_ray.store import open_store, run_view, step_log
 def warn_python(settings: Settings) -> None:
     """Say it before the first step fails: steps with users of their own cannot run a Python
     under root's home."""
-    from cicd_ray.worker.isolation import parse_uids, python_warning
+    from cicd_ray.config import parse_uids
+    from cicd_ray.worker.isolation import python_warning
 
     warning = python_warning(parse_uids(settings.step_uids))
     if warning:

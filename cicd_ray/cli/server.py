@@ -129,7 +129,7 @@ def kuberay(
     """Print the KubeRay manifests (a ConfigMap with the pools, the RayService) for a pools
     file (and the projects it lists): `cicd-ray kuberay kuberay/pools.yaml >
     kuberay/rayservice.yaml`."""
-    import ray
+    from importlib.metadata import version
 
     from cicd_ray.cluster.kuberay import projects_of, render
 
@@ -138,7 +138,7 @@ def kuberay(
             load_pools(pools),
             pools.read_text(encoding="utf-8"),
             image,
-            ray.__version__,
+            version("ray"),
             projects_of(pools),
         )
     except CicdError as e:

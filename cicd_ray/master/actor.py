@@ -71,7 +71,7 @@ class _Signal:
 class Master(MasterStarts):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(ray.util.metrics)
         self._wake = asyncio.Event()
         self._news = _Signal()
         self._requested: list[dict[str, float]] = []

@@ -1,13 +1,14 @@
 """The project's metrics, all here, all named `cicd_*`, recorded by the master.
 
-They go through `ray.util.metrics`, so every node's metrics agent exports them on its
-Prometheus endpoint (Ray adds the `ray_` prefix: `ray_cicd_queued_steps`) and the Ray dashboard's
-metrics views and Grafana can chart them (kuberay/grafana-dashboard.json).
+They go through `ray.util.metrics` (the actor hands its module in: nothing here imports Ray),
+so every node's metrics agent exports them on its Prometheus endpoint (Ray adds the `ray_`
+prefix: `ray_cicd_queued_steps`) and the Ray dashboard's metrics views and Grafana can chart
+them (kuberay/grafana-dashboard.json).
 """
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Gauge, Histogram
+from typing import Any
 
 from cicd_ray.records import AttemptRecord, Changes, RunRecord, WorkerRecord
 from cicd_ray.states import StepState, WorkerState
@@ -36,9 +37,12 @@ NAMES = (
 
 
 class Metrics:
-    """Created once per master process (Ray metrics are per process)."""
+    """Created once per master process (Ray metrics are per process), from a module of metric
+    kinds: `ray.util.metrics` on the cluster, anything with `Counter`, `Gauge` and `Histogram`
+    in a test."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: Any) -> None:
+        Counter, Gauge, Histogram = kinds.Counter, kinds.Gauge, kinds.Histogram
         self.queued = Gauge(
             "cicd_queued_steps", "steps ready and waiting for a slot", tag_keys=("pool",)
         )

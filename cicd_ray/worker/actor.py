@@ -17,7 +17,7 @@ import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from cicd_ray.config import Settings
+from cicd_ray.config import Settings, parse_uids
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.ownership import private_folder
 from cicd_ray.pools import PoolConfig
@@ -25,7 +25,7 @@ from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution, tree_rss
-from cicd_ray.worker.isolation import STEP_ROOT, describe, isolating, parse_uids, sweep, sweep_due
+from cicd_ray.worker.isolation import STEP_ROOT, describe, isolating, sweep, sweep_due
 
 log = logging.getLogger(__name__)
 

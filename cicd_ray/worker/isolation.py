@@ -35,9 +35,6 @@ from cicd_ray.errors import IsolationError
 from cicd_ray.ownership import SETPRIV, as_user, chown_tree
 from cicd_ray.worker.beneath import remove_owned
 
-DEFAULT_STEP_UIDS = "200000-201023"
-
-
 LOCK_DIR = Path("/run/cicd-ray/step-uids")  # one per machine, whatever CICD_RAY_HOME is
 
 
@@ -113,20 +110,6 @@ def pid_namespaces() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
-
-
-def parse_uids(text: str) -> range | None:
-    """`200000-201023` (inclusive), or `off`: steps run as the worker's user."""
-    text = text.strip()
-    if text.lower() in ("off", "none", "0", ""):
-        return None
-    first, sep, last = text.partition("-")
-    if not (sep and first.isdigit() and last.isdigit()) or not 1000 <= int(first) <= int(last):
-        raise IsolationError(
-            f"CICD_RAY_STEP_UIDS={text!r}: expected FIRST-LAST (numeric "
-            "user ids of 1000 or more, e.g. 200000-201023) or off"
-        )
-    return range(int(first), int(last) + 1)
 
 
 @dataclass

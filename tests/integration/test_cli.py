@@ -16,7 +16,7 @@ import psutil
 from cicd_ray.worker.isolation import usable_by_others
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "cicd_ray.cli"]
+CLI = [sys.executable, "-m", "cicd_ray"]
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:

@@ -15,10 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cicd_ray.config import parse_uids
 from cicd_ray.errors import IsolationError
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution
-from cicd_ray.worker.isolation import STEP_ROOT, address_space_kib, parse_uids
+from cicd_ray.worker.isolation import STEP_ROOT, address_space_kib
 from tests.unit.test_executor import task
 
 if os.geteuid() != 0 and os.environ.get("CI"):
