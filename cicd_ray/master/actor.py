@@ -15,6 +15,7 @@ import os
 
 import psutil
 import ray
+import ray.util.metrics
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings

@@ -13,6 +13,7 @@ from cicd_ray.protocol import Conflict, Rejected, Submitted
 from cicd_ray.states import RunState, StepState
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
+from cicd_ray.testing.clock import ManualClock
 from cicd_ray.testing.inline import InlineDriver
 
 CHAIN = {
@@ -22,14 +23,6 @@ CHAIN = {
         {"name": "b", "needs": ["a"], "run": "echo from-b; echo to-stderr >&2"},
     ],
 }
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FailingStore(MemoryStore):
@@ -49,7 +42,9 @@ def settings(tmp_path):
 
 
 def make(settings, store=None, clock=None):
-    core = MasterCore(settings, store if store is not None else MemoryStore(), clock or Clock())
+    core = MasterCore(
+        settings, store if store is not None else MemoryStore(), clock or ManualClock()
+    )
     return core, InlineDriver(core, settings.work_dir)
 
 
@@ -59,7 +54,7 @@ def submitted(reply) -> str:
 
 
 def test_submit_dispatch_outcome_commit(settings):
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     core, driver = make(settings, clock=clock)
     run_id = submitted(core.submit(CHAIN))
     assert core.store.get_run(run_id).state is RunState.QUEUED  # durable before answered
@@ -237,7 +232,7 @@ def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
 def ended_notified_run(settings):
     """A core whose run of NOTIFIED has failed, its notification pending: (clock, store,
     core, run id)."""
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     store = MemoryStore()
     core, driver = make(settings, store, clock)
     run_id = submitted(core.submit(NOTIFIED))

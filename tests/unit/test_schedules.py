@@ -15,6 +15,7 @@ from cicd_ray.master.core import MasterCore
 from cicd_ray.protocol import Rejected, Submitted
 from cicd_ray.records import Changes
 from cicd_ray.store.memory import MemoryStore
+from cicd_ray.testing.clock import ManualClock
 from cicd_ray.triggers.cron import ScheduleRecord, ScheduleSpec, due, next_slot
 from cicd_ray.triggers.repositories import RepoConfig, load_schedules
 
@@ -69,14 +70,6 @@ def test_a_bad_schedule_says_what_is_wrong(field, value, message):
         ScheduleSpec(**{"name": "n", "cron": "0 * * * *", field: value})
 
 
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 PIPELINE = {"name": "nightly", "steps": [{"name": "a", "run": "true"}]}
 
 
@@ -88,7 +81,7 @@ def fire_due(core: MasterCore) -> list:
 
 
 def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
-    store, clock = MemoryStore(), Clock(1000.0)
+    store, clock = MemoryStore(), ManualClock(1000.0)
     settings = Settings(home=tmp_path)
     core = MasterCore(settings, store, clock=clock)
     made = core.add_schedule(
@@ -96,7 +89,7 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
         "web",
     )
     assert made["next_at"] == 1020.0
-    clock.t = 1021.0
+    clock.now = 1021.0
     [answer] = fire_due(core)
     assert isinstance(answer, Submitted)
     run = store.get_run(answer.run_id)
@@ -106,14 +99,14 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
     core = MasterCore(settings, store, clock=clock)
     assert fire_due(core) == []
     # A restart between taking a slot and writing its run: the next master starts it once.
-    clock.t = 1081.0
+    clock.now = 1081.0
     assert [slot for _, slot in core.due_schedules()] == [1080.0]
     core = MasterCore(settings, store, clock=clock)
     assert [store.get_run(a.run_id).scheduled_for for a in fire_due(core)] == [1080.0]
     assert fire_due(MasterCore(settings, store, clock=clock)) == []
     runs = store.list_runs(pipeline="nightly")
     assert sorted(r.scheduled_for for r in runs) == [1020.0, 1080.0]
-    [listed] = core.timetable.view("web", clock.t)
+    [listed] = core.timetable.view("web", clock.now)
     assert (listed["last_slot"], listed["last_run"], listed["next_at"]) == (
         1080.0,
         runs[0].id,
@@ -122,21 +115,21 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
 
 
 def test_a_slot_whose_run_cannot_start_is_written_with_why(tmp_path):
-    store, clock = MemoryStore(), Clock(1000.0)
+    store, clock = MemoryStore(), ManualClock(1000.0)
     core = MasterCore(Settings(home=tmp_path), store, clock=clock)
     core.add_schedule(
         ScheduleSpec(name="bad", cron="* * * * *", env={"CICD_X": "1"}, pipeline=PIPELINE), "web"
     )
-    clock.t = 1021.0
+    clock.now = 1021.0
     [answer] = fire_due(core)
     assert isinstance(answer, Rejected)
-    [listed] = core.timetable.view("web", clock.t)
+    [listed] = core.timetable.view("web", clock.now)
     assert listed["last_slot"] == 1020.0 and "CICD_X" in listed["last_error"]
     assert fire_due(core) == []  # not tried again until the next slot
 
 
 def test_schedules_made_twice_or_running_nothing_are_refused(tmp_path):
-    core = MasterCore(Settings(home=tmp_path), MemoryStore(), clock=Clock(0.0))
+    core = MasterCore(Settings(home=tmp_path), MemoryStore(), clock=ManualClock(0.0))
     spec = ScheduleSpec(name="n", cron="* * * * *", pipeline=PIPELINE)
     assert "id" in core.add_schedule(spec, "web")
     assert core.add_schedule(spec, "web").problems == ["project web has a schedule n already"]
@@ -166,7 +159,7 @@ schedules:
     }
     settings = Settings(home=tmp_path, repos=repos, schedules=load_schedules(f, repos))
     store = MemoryStore()
-    MasterCore(settings, store, clock=Clock(500.0))
+    MasterCore(settings, store, clock=ManualClock(500.0))
     [s] = store.list_schedules()
     assert (s.id, s.origin, s.last_slot, s.ref, s.missed) == (
         "web/nightly",
@@ -175,9 +168,9 @@ schedules:
         "main",
         "skip",
     )
-    MasterCore(settings, store, clock=Clock(9000.0))
+    MasterCore(settings, store, clock=ManualClock(9000.0))
     assert store.list_schedules()[0].last_slot == 500.0  # kept: not a new schedule
-    MasterCore(settings.model_copy(update={"schedules": []}), store, clock=Clock(9000.0))
+    MasterCore(settings.model_copy(update={"schedules": []}), store, clock=ManualClock(9000.0))
     assert store.list_schedules() == []  # gone from the file: gone
     f.write_text(f.read_text().replace("acme/app, ref", "acme/other, ref"))
     with pytest.raises(Exception, match="'acme/other' is not one of the repositories"):
@@ -207,7 +200,7 @@ def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp
             )
         ],
     )
-    core = MasterCore(settings, MemoryStore(), clock=Clock(500.0))
+    core = MasterCore(settings, MemoryStore(), clock=ManualClock(500.0))
     record = core.timetable.schedules["web/nightly"]
     planned = core.plan_schedule(
         record, 7200.0, "name: app\nsteps:\n  - {name: t, run: 'true'}\n", "c" * 40, "main"
@@ -232,7 +225,7 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
     """Issue 24, item 4: `0 0 30 2 *` is valid to croniter and has no slot. Made through the
     API it is refused; stored (by an earlier version) it is marked with its error and
     skipped on every tick and restart, and the other schedules go on firing."""
-    store, clock = MemoryStore(), Clock(1000.0)
+    store, clock = MemoryStore(), ManualClock(1000.0)
     settings = Settings(home=tmp_path)
     core = MasterCore(settings, store, clock=clock)
     never = ScheduleSpec(name="never", cron="0 0 30 2 *", pipeline=PIPELINE)
@@ -249,13 +242,13 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
     )
     core = MasterCore(settings, store, clock=clock)  # a restart takes it up from the store
     core.add_schedule(ScheduleSpec(name="fine", cron="* * * * *", pipeline=PIPELINE), "web")
-    clock.t = 1081.0
+    clock.now = 1081.0
     [answer] = fire_due(core)
     assert isinstance(answer, Submitted)
     assert store.get_run(answer.run_id).pipeline == "nightly"
     broken = next(s for s in store.list_schedules() if s.name == "never")
     assert "next slot cannot be computed" in broken.last_error
-    views = {v["name"]: v for v in core.timetable.view("web", clock.t)}
+    views = {v["name"]: v for v in core.timetable.view("web", clock.now)}
     assert views["never"]["next_at"] is None and views["fine"]["next_at"] == 1140.0
     assert fire_due(MasterCore(settings, store, clock=clock)) == []  # restarts keep going
 
@@ -263,7 +256,7 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
 def test_schedules_have_a_minimum_interval_and_a_cap_per_project(tmp_path):
     """Issue 24, item 17."""
     settings = Settings(home=tmp_path, schedule_min_interval_s=60, max_schedules_per_project=2)
-    core = MasterCore(settings, MemoryStore(), clock=Clock(0.0))
+    core = MasterCore(settings, MemoryStore(), clock=ManualClock(0.0))
     fast = core.add_schedule(
         ScheduleSpec(name="fast", cron="* * * * * *", pipeline=PIPELINE), "web"
     )
