@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import (
@@ -290,3 +291,33 @@ def _structured(env: dict[str, str]) -> dict[str, object]:
             raise SettingsError([str(e)]) from None
         values["step_uids"] = env["CICD_RAY_STEP_UIDS"]
     return values
+
+
+@dataclass
+class Ha:
+    """Ray's GCS fault tolerance: the GCS keeps its tables in this Redis, so a restarted GCS or
+    a replaced head finds the cluster (nodes, actors, the master) where it was."""
+
+    redis_address: str  # host:port
+    password: str | None = None
+    namespace: str = "cicd-ray"
+    # How long raylets and workers wait for the GCS before giving up: longer than a head
+    # restart takes (Ray's default is 60 s).
+    reconnect_timeout_s: int = 120
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "cicd-ray") -> Ha:
+        """`redis://[:password@]host:port` or `host:port`."""
+        found = re.fullmatch(r"(?:rediss?://)?(?::([^@]*)@)?([^:/@]+):(\d+)/?(\d*)", url.strip())
+        if not found:
+            raise CicdError(f"--ha {url!r}: expected redis://[:PASSWORD@]HOST:PORT or HOST:PORT")
+        password, host, port = found.group(1), found.group(2), found.group(3)
+        return cls(redis_address=f"{host}:{port}", password=password or None, namespace=namespace)
+
+    def env(self) -> dict[str, str]:
+        """What the head's processes need in their environment (Ray reads RAY_* settings)."""
+        return {
+            "RAY_REDIS_ADDRESS": self.redis_address,
+            "RAY_external_storage_namespace": self.namespace,
+            "RAY_gcs_rpc_server_reconnect_timeout_s": str(self.reconnect_timeout_s),
+        }

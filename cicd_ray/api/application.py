@@ -32,6 +32,7 @@ from cicd_ray.api.middleware import BodyLimit, Guard
 from cicd_ray.api.reads import Reads
 from cicd_ray.api.runs import run_routes, submit_routes
 from cicd_ray.api.schedules import schedule_routes
+from cicd_ray.config import Settings
 
 if TYPE_CHECKING:
     from cicd_ray.api.serve import MasterLink
@@ -137,3 +138,9 @@ class _Health:
 
 def _web_file(name: str) -> bytes:
     return (resources.files("cicd_ray") / "web" / name).read_bytes()
+
+
+def check_config() -> Settings:
+    """Refuse bad token or body-limit settings in this process's environment (a replica's, at
+    its start) with their message, rather than answering 500 to every request."""
+    return Settings.from_env()

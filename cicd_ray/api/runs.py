@@ -16,10 +16,10 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cicd_ray import tokens
-from cicd_ray.api.application import ApiConfig
 from cicd_ray.api.dependencies import (
     MASTER_TIMEOUT_S,
     RETRY_AFTER_S,
+    ApiConfig,
     Granted,
     RunId,
     caller,

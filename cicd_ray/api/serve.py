@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from ray import serve
 
 from cicd_ray import tokens
-from cicd_ray.api.application import create_app
+from cicd_ray.api.application import check_config, create_app
 from cicd_ray.api.dependencies import (
     MASTER_TIMEOUT_S,
     RETRY_AFTER_S,
@@ -69,12 +69,6 @@ class ApiServer:
 
         settings = check_config()
         master_actor(settings).remote(settings)
-
-
-def check_config() -> Settings:
-    """Refuse bad token or body-limit settings in this process's environment (a replica's, at
-    its start) with their message, rather than answering 500 to every request."""
-    return Settings.from_env()
 
 
 def build(

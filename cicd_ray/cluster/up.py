@@ -29,7 +29,7 @@ from ray._common.utils import get_ray_address_file
 from cicd_ray import tokens
 from cicd_ray.cluster.local import autoscaler_config
 from cicd_ray.cluster.session import ensure_master
-from cicd_ray.config import Settings
+from cicd_ray.config import Ha, Settings
 from cicd_ray.errors import CicdError
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.ownership import private_folder
@@ -41,36 +41,6 @@ SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 SERVE_NAMESPACE = "serve"
 READY_TIMEOUT_S = 120.0
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")  # Serve's ProxyLocation values
-
-
-@dataclass
-class Ha:
-    """Ray's GCS fault tolerance: the GCS keeps its tables in this Redis, so a restarted GCS or
-    a replaced head finds the cluster (nodes, actors, the master) where it was."""
-
-    redis_address: str  # host:port
-    password: str | None = None
-    namespace: str = "cicd-ray"
-    # How long raylets and workers wait for the GCS before giving up: longer than a head
-    # restart takes (Ray's default is 60 s).
-    reconnect_timeout_s: int = 120
-
-    @classmethod
-    def from_url(cls, url: str, namespace: str = "cicd-ray") -> Ha:
-        """`redis://[:password@]host:port` or `host:port`."""
-        found = re.fullmatch(r"(?:rediss?://)?(?::([^@]*)@)?([^:/@]+):(\d+)/?(\d*)", url.strip())
-        if not found:
-            raise CicdError(f"--ha {url!r}: expected redis://[:PASSWORD@]HOST:PORT or HOST:PORT")
-        password, host, port = found.group(1), found.group(2), found.group(3)
-        return cls(redis_address=f"{host}:{port}", password=password or None, namespace=namespace)
-
-    def env(self) -> dict[str, str]:
-        """What the head's processes need in their environment (Ray reads RAY_* settings)."""
-        return {
-            "RAY_REDIS_ADDRESS": self.redis_address,
-            "RAY_external_storage_namespace": self.namespace,
-            "RAY_gcs_rpc_server_reconnect_timeout_s": str(self.reconnect_timeout_s),
-        }
 
 
 @dataclass

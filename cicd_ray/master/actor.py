@@ -119,12 +119,12 @@ class Master(MasterStarts):
         `secrets`: the submission's own, stored apart from the run; `caller`: who submits
         (audited); `project`: whose run it is."""
         request = request_digest(pipeline, env, source, list(secrets or {}))
-        known = self.core.known_key(idempotency_key, request)
+        known = self.core.submissions.known_key(idempotency_key, request)
         if known is not None:
             return known
         # Parsing and planning a large document takes time: off the loop that dispatches.
         planned = await asyncio.to_thread(
-            self.core.plan,
+            self.core.submissions.plan,
             pipeline,
             env,
             source,
@@ -133,7 +133,9 @@ class Master(MasterStarts):
             project,
             bool(caller and caller.api),
         )
-        answer = self._guarded(self.core.accept, planned, source, idempotency_key, secrets, caller)
+        answer = self._guarded(
+            self.core.submissions.accept, planned, source, idempotency_key, secrets, caller
+        )
         self._wake.set()  # dispatch its first steps now, not at the next idle tick
         return answer
 
@@ -146,7 +148,7 @@ class Master(MasterStarts):
     ) -> Reply | None:
         """A new run of a finished one (of its failed part, with `only_failed`); None for an
         unknown run."""
-        answer = self._guarded(self.core.rerun, run_id, only_failed, caller)
+        answer = self._guarded(self.core.submissions.rerun, run_id, only_failed, caller)
         self._wake.set()
         return answer
 
@@ -294,10 +296,10 @@ class Master(MasterStarts):
 
     def _tick(self) -> None:
         self.core.tick()
-        for record, slot in self.core.due_schedules():
+        for record, slot in self.core.starts.due_schedules():
             asyncio.get_running_loop().create_task(self._fire(record, slot))
         if not self._delivering:
-            due = self.core.due_deliveries()
+            due = self.core.outbox.take_due(self.core.clock())
             if due:
                 self._delivering = True
                 asyncio.get_running_loop().create_task(self._deliver(due))

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from cicd_ray.master.commit import Observer
 from cicd_ray.records import Changes
 
 EVENTS_KEPT = 10_000
 
 
-class EventLog:
+class EventLog(Observer):
     def __init__(
         self, epoch: float, kept: int = EVENTS_KEPT, on_new: Callable[[], None] | None = None
     ) -> None:

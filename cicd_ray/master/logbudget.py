@@ -7,6 +7,9 @@ The counts are the master's memory: a restarted master counts a run's logs afres
 
 from __future__ import annotations
 
+from cicd_ray.master.commit import Observer
+from cicd_ray.records import Changes
+
 
 def budget_marker(limit: int) -> bytes:
     return (
@@ -15,7 +18,9 @@ def budget_marker(limit: int) -> bytes:
     ).encode()
 
 
-class LogBudget:
+class LogBudget(Observer):
+    """What each active run has stored of its logs; it filters every batch's log chunks."""
+
     def __init__(self, run_max_bytes: int) -> None:
         self.run_max_bytes = run_max_bytes
         self._used: dict[str, int] = {}  # by run id
@@ -40,3 +45,13 @@ class LogBudget:
         """The run ended: nothing more of it is counted."""
         self._used.pop(run_id, None)
         self._told = {a for a in self._told if not a.startswith(f"{run_id}/")}
+
+    def writing(self, changes: Changes, now: float) -> None:
+        changes.logs = [
+            (a, seq, kept) for a, seq, data in changes.logs if (kept := self.admit(a, data))
+        ]
+
+    def committed(self, changes: Changes, took_s: float, now: float) -> None:
+        for run_id, run in changes.runs.items():
+            if run.state.terminal:
+                self.forget(run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cicd_ray.master.commit import Observer
 from cicd_ray.records import AttemptRecord, Changes, RunRecord, WorkerRecord
 from cicd_ray.states import StepState, WorkerState
 
@@ -36,7 +37,7 @@ NAMES = (
 )
 
 
-class Metrics:
+class Metrics(Observer):
     """Created once per master process (Ray metrics are per process), from a module of metric
     kinds: `ray.util.metrics` on the cluster, anything with `Counter`, `Gauge` and `Histogram`
     in a test."""

@@ -10,6 +10,7 @@ its loop.
 from __future__ import annotations
 
 from cicd_ray.config import Settings
+from cicd_ray.master.commit import Observer
 from cicd_ray.notify import statuses
 from cicd_ray.notify.webhooks import document, log_tail, next_try
 from cicd_ray.pipeline.model import NotifySpec
@@ -30,7 +31,7 @@ def targets(run: RunRecord, settings: Settings) -> list[NotifySpec]:
     return [n for n in notify if run.state.value in n.when]
 
 
-class Outbox:
+class Outbox(Observer):
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
@@ -52,7 +53,7 @@ class Outbox:
         if changes:
             self.store.save(changes)
 
-    def record_ends(self, runs: list[RunRecord], changes: Changes, now: float) -> None:
+    def runs_ended(self, runs: list[RunRecord], changes: Changes, now: float) -> None:
         """Add the deliveries of runs that ended to the batch that ends them: notifications,
         and the commit status of a run a repository's webhook started."""
         for run in runs:

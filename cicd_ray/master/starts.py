@@ -1,5 +1,5 @@
 """How runs start without a person: a git host's webhook and a cron schedule's slot. Two
-mixins, one per side: `CoreStarts` for `MasterCore` (pure: plans the run a webhook or a slot
+parts, one per side: `Starts` for `MasterCore` (pure: plans the run a webhook or a slot
 asks for, and writes a slot with the run it started, so each slot starts exactly one run), and
 `MasterStarts` for the master actor (the shell: reads the pipeline file from the repository in
 a thread, fires due slots, answers the API's schedule calls).
@@ -8,9 +8,14 @@ a thread, fires due slots, answers the API's schedule calls).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+from cicd_ray.config import Settings
 from cicd_ray.errors import CicdError, SourceError, SpecError
 from cicd_ray.master.admission import Planned, hook_key, plan_submission
+from cicd_ray.master.commit import Committer
+from cicd_ray.master.crontable import Timetable
+from cicd_ray.master.submissions import Submissions
 from cicd_ray.pipeline.load import load_yaml
 from cicd_ray.protocol import Rejected, Reply, Submitted
 from cicd_ray.records import Caller, Changes
@@ -30,8 +35,22 @@ def pipeline_file(repo: RepoConfig, trigger: Trigger, max_bytes: int) -> str:
     return file_at(repo.url, commit, repo.pipeline, max_bytes)
 
 
-class CoreStarts:
-    """A part of `MasterCore` (it works on the core's settings, timetable, accept, commit)."""
+class Starts:
+    """The runs webhooks and cron slots start, planned and accepted through `Submissions`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float],
+        timetable: Timetable,
+        submissions: Submissions,
+        committer: Committer,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.timetable = timetable
+        self.submissions = submissions
+        self.commit = committer.commit
 
     def plan_trigger(
         self, repo: RepoConfig, trigger: Trigger, text: str, request: str | None
@@ -125,7 +144,7 @@ class CoreStarts:
             return Rejected(problems=[f"schedule {record.id}: slot {slot} is not due"])
         updated = current.model_copy(update={"last_slot": slot})
         caller = Caller(token_id="schedule", project=record.project, admin=False)
-        answer = self.accept(planned, caller=caller, schedule=updated)
+        answer = self.submissions.accept(planned, caller=caller, schedule=updated)
         if not isinstance(answer, Submitted):
             updated.last_error = (
                 "; ".join(answer.problems)
@@ -171,7 +190,7 @@ class MasterStarts:
                 problems=[f"repository {repo_name} is not in the master's CICD_RAY_REPOS"]
             )
         key = hook_key(repo, trigger)
-        known = self.core.known_key(key, key)
+        known = self.core.submissions.known_key(key, key)
         if known is not None:
             return known
         try:
@@ -180,9 +199,9 @@ class MasterStarts:
             )
         except SourceError as e:
             return Rejected(problems=[f"{repo.pipeline}: {e}"])
-        planned = await asyncio.to_thread(self.core.plan_trigger, repo, trigger, text, key)
+        planned = await asyncio.to_thread(self.core.starts.plan_trigger, repo, trigger, text, key)
         caller = Caller(token_id=f"{repo.provider}-webhook", project=repo.project, admin=False)
-        answer = self._guarded(self.core.accept, planned, None, key, None, caller)
+        answer = self._guarded(self.core.submissions.accept, planned, None, key, None, caller)
         self._wake.set()
         return answer
 
@@ -195,10 +214,10 @@ class MasterStarts:
         problems = await asyncio.to_thread(
             self.core.timetable.check, spec, project, self.core.clock()
         )
-        return self._guarded(self.core.add_schedule, spec, project, problems)
+        return self._guarded(self.core.starts.add_schedule, spec, project, problems)
 
     async def delete_schedule(self, project: str, name: str) -> bool:
-        return self._guarded(self.core.delete_schedule, project, name)
+        return self._guarded(self.core.starts.delete_schedule, project, name)
 
     async def _fire(self, record: ScheduleRecord, slot: float) -> None:
         """Start a schedule's slot: its pipeline read (a repository's file at its ref's
@@ -208,13 +227,13 @@ class MasterStarts:
         except Exception as e:  # a git host down, a file gone: written as the slot's error
             why = str(e) if isinstance(e, CicdError) else f"{type(e).__name__}: {e}"
             planned = Planned(None, [], [why], "", project=record.project)
-        self._guarded(self.core.fire, record, slot, planned)
+        self._guarded(self.core.starts.fire, record, slot, planned)
         self._wake.set()
 
     def _plan_slot(self, record: ScheduleRecord, slot: float) -> Planned:
         if not record.repository:
-            return self.core.plan_schedule(record, slot, record.pipeline)
+            return self.core.starts.plan_schedule(record, slot, record.pipeline)
         repo = self.settings.repos[record.repository]
         commit, branch = resolve_ref(repo.url, record.ref)
         text = file_at(repo.url, commit, repo.pipeline, self.settings.max_pipeline_bytes)
-        return self.core.plan_schedule(record, slot, text, commit, branch)
+        return self.core.starts.plan_schedule(record, slot, text, commit, branch)

@@ -1,31 +1,30 @@
 """The scheduler's run control: what people and concurrency groups ask of runs — cancel a run,
 replace an older member of a group, answer an approval — and, each tick, taking up the
 members a group let in and the approvals whose time ran out.
-
-A part of `Scheduler` (a mixin: it works on the facade's run book, flow and decisions, and
-finishes steps with its `_finish` and `_ready`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from cicd_ray.records import RunRecord, StepRecord
-from cicd_ray.scheduler.decisions import Decisions, Kill
-from cicd_ray.scheduler.flow import TIMEOUT_BY
+from cicd_ray.records import RunRecord
+from cicd_ray.scheduler.advance import Advance
+from cicd_ray.scheduler.attempts import Attempts
+from cicd_ray.scheduler.decisions import Decisions
+from cicd_ray.scheduler.flow import TIMEOUT_BY, Flow
+from cicd_ray.scheduler.runbook import RunBook
 from cicd_ray.states import StepState, move
-
-if TYPE_CHECKING:
-    from cicd_ray.scheduler.flow import Flow
-    from cicd_ray.scheduler.runbook import RunBook
 
 
 class Control:
-    # What it works on, the facade's (with its `runs`, `steps`, `_finish` and `_ready`).
-    book: RunBook
-    flow: Flow
-    _out: Decisions
-    _stopping: dict[str, str]
+    """Requests about runs, from people (cancel, approve) and from concurrency groups."""
+
+    def __init__(
+        self, book: RunBook, flow: Flow, advance: Advance, attempts: Attempts, out: Decisions
+    ) -> None:
+        self.book = book
+        self.flow = flow
+        self.advance = advance
+        self.attempts = attempts
+        self.out = out
 
     def cancel(
         self, run_id: str, now: float, reason: str = "cancelled by request", spare: bool = False
@@ -33,29 +32,23 @@ class Control:
         """Cancel a run: its queued and waiting steps at once (but those whose `if:` still
         holds, such as `always()`), its running steps once their worker kills them (`spare`:
         not those marked `interruptible: false`)."""
-        run = self.runs.get(run_id)
+        run = self.book.runs.get(run_id)
         if run is None or run.state.terminal or run.cancel_requested:
             return run
         run.cancel_requested = True
         run.reason = reason
-        self._out.record(run)
-        for step in list(self.steps[run_id].values()):
+        self.out.record(run)
+        for step in list(self.book.steps[run_id].values()):
             if step.state is StepState.WAITING_APPROVAL or (
                 step.state is StepState.QUEUED and not self.flow.still_wanted(step)
             ):
-                self._finish(step, StepState.CANCELLED, now, reason="run cancelled")
+                self.advance.finish(step, StepState.CANCELLED, now, reason="run cancelled")
             elif step.state is StepState.RUNNING and not (spare and step.spec.let_finish):
-                self._stop(step)
+                self.attempts.stop(step)
         self.book.finish_run_if_done(run_id, now)
         return run
 
-    def _stop(self, step: StepRecord, reason: str = "") -> None:
-        """Kill the step's attempt; it ends cancelled, with `reason` if one is given."""
-        if step.current_attempt:
-            self._stopping[step.current_attempt] = reason
-            self._out.kill.append(Kill(step.current_attempt, step.worker_id or ""))
-
-    def _replace(self, member: str, reason: str, now: float) -> None:
+    def replace(self, member: str, reason: str, now: float) -> None:
         """A newer member of a concurrency group with cancel_in_progress replaces this one."""
         run_id, _, name = member.partition("/")
         if not name:
@@ -66,9 +59,9 @@ class Control:
             return
         if step.state is StepState.RUNNING:
             if not step.spec.let_finish:
-                self._stop(step, reason)
+                self.attempts.stop(step, reason)
             return
-        self._finish(step, StepState.CANCELLED, now, reason=reason)
+        self.advance.finish(step, StepState.CANCELLED, now, reason=reason)
         self.book.finish_run_if_done(run_id, now)
 
     def approve(
@@ -83,30 +76,31 @@ class Control:
         if state is StepState.QUEUED:
             move(step, StepState.QUEUED)
             step.reason = why
-            self._out.record(step)
-            self._ready(self.runs[run_id], [step], now)
+            self.out.record(step)
+            self.advance.ready(self.book.runs[run_id], [step], now)
         else:
-            self._finish(step, state, now, reason=why)
+            self.advance.finish(step, state, now, reason=why)
             self.book.finish_run_if_done(run_id, now)
         return None
 
-    def _flow_tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:
+        """End the approvals whose time ran out; take up what the groups let in."""
         for run_id, name in self.flow.overdue(now):
             step = self.book.step(run_id, name)
             timeout = f"no answer within {step.spec.timeout_s:g} s" if step else ""
             self.approve(run_id, name, False, TIMEOUT_BY, timeout, now)
         for member in self.flow.take_admitted():
             run_id, _, name = member.partition("/")
-            run = self.runs.get(run_id)
+            run = self.book.runs.get(run_id)
             if run is None or run.state.terminal:
                 continue
             if not name:
                 run.admitted, run.reason = True, ""
-                self._out.record(run)
-                self._start_run(run, now)
+                self.out.record(run)
+                self.advance.start_run(run, now)
                 continue
             step = self.book.step(run_id, name)
             if step is not None and step.state is StepState.QUEUED:
                 step.admitted, step.reason = True, ""
-                self._ready(run, [step], now)
+                self.advance.ready(run, [step], now)
         self.flow.refresh()

@@ -1,30 +1,29 @@
 """The scheduler's recovery: taking up runs, attempts and workers from the store after a master
 restart, and reconciling what a worker says when it registers again.
-
-A part of `Scheduler` (a mixin: it works on the facade's run book, slots, flow and attempts), in
-a module of its own because recovery is a concern of its own.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cicd_ray.records import AttemptRecord, RunRecord, StepOutcome, StepRecord, WorkerRecord
+from cicd_ray.scheduler.advance import Advance
+from cicd_ray.scheduler.attempts import Attempts
+from cicd_ray.scheduler.flow import Flow
+from cicd_ray.scheduler.runbook import RunBook
+from cicd_ray.scheduler.slots import Slots
 from cicd_ray.states import StepState
-
-if TYPE_CHECKING:
-    from cicd_ray.scheduler.flow import Flow
-    from cicd_ray.scheduler.runbook import RunBook
-    from cicd_ray.scheduler.slots import Slots
 
 
 class Recovery:
-    # What it works on, the facade's (with its `_ready`, `_end_attempt` and `on_outcome`).
-    book: RunBook
-    slots: Slots
-    flow: Flow
-    attempts: dict[str, AttemptRecord]
-    _seq: int
+    """What a restarted master takes up from the store, and what a returning worker says."""
+
+    def __init__(
+        self, book: RunBook, slots: Slots, flow: Flow, advance: Advance, attempts: Attempts
+    ) -> None:
+        self.book = book
+        self.slots = slots
+        self.flow = flow
+        self.advance = advance
+        self.attempts = attempts
 
     def restore(
         self,
@@ -33,8 +32,8 @@ class Recovery:
         workers: list[WorkerRecord],
         now: float,
         attempts: list[AttemptRecord] = (),
-    ) -> None:
-        """Rebuild the view from the store after a master restart.
+    ) -> int:
+        """Rebuild the view from the store after a master restart; the highest run sequence.
 
         Workers must register again before they get work. An attempt that was running on a
         worker the store knows stays running, waiting for that worker to register and say
@@ -47,8 +46,9 @@ class Recovery:
             by_run.setdefault(s.run_id, []).append(s)
         self.slots.restore(workers, now)
         self.flow.restore_places(runs, steps)
+        seq = 0
         for run in sorted(runs, key=lambda r: r.seq):
-            self._seq = max(self._seq, run.seq)
+            seq = max(seq, run.seq)
             run_steps = sorted(by_run.get(run.id, []), key=lambda s: s.spec.index)
             try:
                 self._restore_run(run, run_steps, stored, now)
@@ -58,6 +58,7 @@ class Recovery:
                     f"could not be restored after a master restart: {type(e).__name__}: {e}",
                     now,
                 )
+        return seq
 
     def _restore_run(
         self,
@@ -75,7 +76,7 @@ class Recovery:
             elif s.state is StepState.WAITING_APPROVAL:
                 self.flow.resume_approval(run, s, now)
             elif s.state is StepState.QUEUED and not self.book.unmet(run.id, s.name):
-                self._ready(run, [s], now)
+                self.advance.ready(run, [s], now)
         self.book.finish_run_if_done(run.id, now)
 
     def _readopt_attempt(self, step: StepRecord, now: float, stored: AttemptRecord | None) -> None:
@@ -88,23 +89,19 @@ class Recovery:
             queued_at=step.queued_at,
             started_at=step.started_at or now,
         )
-        self.attempts[attempt.id] = attempt
+        self.attempts.running[attempt.id] = attempt
         if not self.slots.reserve(attempt.worker_id, attempt.id, step.spec):
-            self._end_attempt(
-                attempt,
-                StepState.FAILED,
-                now,
-                infra=True,
-                reason="its worker was gone when the master restarted",
-            )
+            reason = "its worker was gone when the master restarted"
+            self.attempts.end(attempt, StepState.FAILED, now, infra=True, reason=reason)
             return
         self.slots.unconfirmed(attempt.id)
 
     def _abandon(self, run: RunRecord, reason: str, now: float) -> None:
         """End a run as failed without touching its steps (the scheduler could not follow
         them): it holds no slot, and its running attempts' reports are ignored."""
-        for attempt in [a for a in self.attempts.values() if a.run_id == run.id]:
-            del self.attempts[attempt.id]
+        running = self.attempts.running
+        for attempt in [a for a in running.values() if a.run_id == run.id]:
+            del running[attempt.id]
             step = self.book.step(run.id, attempt.step)
             if step is not None:
                 self.slots.release(attempt.worker_id, attempt.id, step.spec, now)
@@ -116,14 +113,7 @@ class Recovery:
         """A worker registered (again) and said what it runs and what it finished: apply the
         results the master missed, and end as lost the attempts it no longer knows."""
         for outcome in finished:
-            self.on_outcome(outcome, now)
-        for attempt_id in self.slots.unconfirmed_on(worker_id, running):
-            attempt = self.attempts.get(attempt_id)
-            if attempt is not None:
-                self._end_attempt(
-                    attempt,
-                    StepState.FAILED,
-                    now,
-                    infra=True,
-                    reason=f"worker {worker_id} no longer ran it after the master restarted",
-                )
+            self.attempts.on_outcome(outcome, now)
+        gone = self.slots.unconfirmed_on(worker_id, running)
+        reason = f"worker {worker_id} no longer ran it after the master restarted"
+        self.attempts.lost(gone, reason, now)

@@ -24,8 +24,9 @@ from cicd_ray.pools import PoolConfig
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
-from cicd_ray.worker.execution import ExecConfig, Execution, tree_rss
+from cicd_ray.worker.execution import ExecConfig, Execution
 from cicd_ray.worker.isolation import STEP_ROOT, describe, isolating, sweep, sweep_due
+from cicd_ray.worker.process import tree_rss
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
 
 def test_a_bad_token_setting_stops_the_api_at_its_start(monkeypatch):
     """Not a 500 on every request: the replica does not start, and says why."""
-    from cicd_ray.api.serve import check_config
+    from cicd_ray.api.application import check_config
     from cicd_ray.errors import CicdError
 
     check_config()  # nothing set: fine

@@ -278,7 +278,7 @@ def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_c
     }
     gate.touch()
     evidence.write_text("")
-    second = submitted(core.rerun(first, only_failed=True))
+    second = submitted(core.submissions.rerun(first, only_failed=True))
     driver.run_until_idle()
     view, steps = steps_of(core, second)
     assert view.run.state == "succeeded" and view.run.rerun_of == first
@@ -290,11 +290,11 @@ def test_rerun_of_the_failed_part_runs_it_and_what_needs_it_with_the_artifacts_c
     assert steps["a"].artifacts and "from-a" in log_of(core, second, "b")
     assert {a.step for a in view.attempts} == {"b", "c"}
     evidence.write_text("")
-    third = submitted(core.rerun(second))  # all of it
+    third = submitted(core.submissions.rerun(second))  # all of it
     driver.run_until_idle()
     assert sorted(evidence.read_text().split()) == ["a", "b", "c", "d"]
     assert steps_of(core, third)[0].run.rerun_of == second
-    assert core.rerun("no-such-run") is None
+    assert core.submissions.rerun("no-such-run") is None
 
 
 def test_a_local_artifact_store_is_its_owner_s_alone(tmp_path):
@@ -407,7 +407,7 @@ def test_a_rerun_of_a_run_still_going_is_refused_and_changes_nothing(settings):
     core, driver = make(settings)
     going = submitted(core.submit({"name": "going", "steps": [{"name": "a", "run": "true"}]}))
     before = [r.id for r in core.store.list_runs()]
-    answer = core.rerun(going, only_failed=True)
+    answer = core.submissions.rerun(going, only_failed=True)
     assert isinstance(answer, Rejected)
     assert answer.problems == [
         f"run {going} is still queued: re-run it once it has ended (or cancel it)"

@@ -220,7 +220,7 @@ def test_a_run_end_records_its_notifications_in_the_same_batch(settings):
     assert [(d.url, d.state) for d in view.deliveries] == [
         ("https://hooks.example.com/ci", "pending")
     ]
-    body = core.delivery_body(view.deliveries[0])
+    body = core.outbox.body(view.deliveries[0])
     import json
 
     doc = json.loads(body)
@@ -242,36 +242,36 @@ def ended_notified_run(settings):
 
 def test_a_delivery_is_tried_with_backoff_and_at_most_once_across_restarts(settings):
     clock, store, core, run_id = ended_notified_run(settings)
-    [d] = core.due_deliveries()
+    [d] = core.outbox.take_due(core.clock())
     assert store.get_deliveries(run_id)[0].state == "sending"  # before the request is made
-    assert core.due_deliveries() == []
+    assert core.outbox.take_due(core.clock()) == []
     core.delivery_done(d.id, None, "ConnectError: refused")
     assert store.get_deliveries(run_id)[0].state == "pending"
     assert store.get_deliveries(run_id)[0].next_at == 1001.0
     clock.now = 1001.0
-    [d] = core.due_deliveries()
+    [d] = core.outbox.take_due(core.clock())
     core.delivery_done(d.id, 503, "HTTP 503")
     assert store.get_deliveries(run_id)[0].next_at == 1003.0  # 1 s, then 2 s
     # The master dies during the third try: the new one does not make it again.
     clock.now = 1003.0
-    core.due_deliveries()
+    core.outbox.take_due(core.clock())
     again, _ = make(settings, store, clock)
     [d] = store.get_deliveries(run_id)
     assert d.state == "interrupted" and "not tried again" in d.error
-    assert again.due_deliveries() == []
+    assert again.outbox.take_due(again.clock()) == []
 
 
 def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(settings):
     clock, store, _, run_id = ended_notified_run(settings)
     again, driver = make(settings, store, clock)  # restarted between its end and the try
-    [d] = again.due_deliveries()
+    [d] = again.outbox.take_due(again.clock())
     again.delivery_done(d.id, 200)
     assert store.get_deliveries(run_id)[0].state == "delivered"
-    assert again.due_deliveries() == []
+    assert again.outbox.take_due(again.clock()) == []
     other = submitted(again.submit(NOTIFIED))
     driver.run_until_idle()
     tries = 0
-    while due := again.due_deliveries():
+    while due := again.outbox.take_due(again.clock()):
         tries += 1
         again.delivery_done(due[0].id, 500, "HTTP 500")
         clock.now = store.get_deliveries(other)[0].next_at
@@ -279,7 +279,7 @@ def test_a_pending_delivery_is_made_by_the_next_master_and_gives_up_in_time(sett
     assert d.state == "failed" and d.finished_at - d.created_at <= 900 and tries > 5
     refused = submitted(again.submit(NOTIFIED))
     driver.run_until_idle()
-    [d] = again.due_deliveries()
+    [d] = again.outbox.take_due(again.clock())
     again.delivery_done(d.id, None, "10.0.0.1 is a private address", final=True)
     assert store.get_deliveries(refused)[0].state == "failed"
 

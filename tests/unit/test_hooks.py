@@ -240,8 +240,12 @@ def test_a_webhook_run_s_statuses_are_recorded_with_its_start_and_its_end(tmp_pa
         Settings(home=tmp_path, repos={REPO.name: REPO}), MemoryStore(), clock=lambda: 1000.0
     )
     hook = Trigger("pull_request", "feature", SHA, "d1", 7)
-    planned = core.plan_trigger(REPO, hook, "name: p\nsteps:\n  - {name: a, run: 'true'}\n", "k1")
-    run_id = core.accept(planned, None, "k1", None, Caller(project="web", admin=False)).run_id
+    planned = core.starts.plan_trigger(
+        REPO, hook, "name: p\nsteps:\n  - {name: a, run: 'true'}\n", "k1"
+    )
+    run_id = core.submissions.accept(
+        planned, None, "k1", None, Caller(project="web", admin=False)
+    ).run_id
     run = core.store.get_run(run_id)
     assert (run.commit, run.branch, run.event, run.pr, run.project, run.repo) == (
         SHA,
@@ -262,7 +266,7 @@ def test_a_webhook_run_s_statuses_are_recorded_with_its_start_and_its_end(tmp_pa
         "error",
         "pending",
     )
-    bad = core.plan_trigger(REPO, hook, "name: p\nsteps: [{name: a, tiemout: 3}]\n", "k2")
+    bad = core.starts.plan_trigger(REPO, hook, "name: p\nsteps: [{name: a, tiemout: 3}]\n", "k2")
     assert bad.problems[0].startswith(".cicd-ray.yaml: steps[0] (a)")
 
 
@@ -443,8 +447,8 @@ def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_pat
     text = pipeline_file(repo, hook, settings.max_pipeline_bytes)
     assert "name: base" in text  # the base branch's file, not the fork's
     core, driver = make(settings)
-    planned = core.plan_trigger(repo, hook, text, "k9")
-    answer = core.accept(planned, None, "k9", None, Caller(project="web", admin=False))
+    planned = core.starts.plan_trigger(repo, hook, text, "k9")
+    answer = core.submissions.accept(planned, None, "k9", None, Caller(project="web", admin=False))
     assert not planned.problems, planned.problems
     assert core.store.get_run(answer.run_id).fork
     driver.run_until_idle()

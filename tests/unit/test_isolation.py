@@ -144,7 +144,7 @@ def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
     worker = textwrap.dedent(f"""
         from pathlib import Path
         from cicd_ray.worker.execution import ExecConfig, Execution
-        from cicd_ray.worker.isolation import parse_uids
+        from cicd_ray.config import parse_uids
         from tests.unit.test_executor import task
         cfg = ExecConfig(work_dir=Path({str(tmp_path / "work")!r}),
                          step_uids=parse_uids({UIDS!r}),

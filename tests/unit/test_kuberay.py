@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
-import ray
 import yaml
 
 from cicd_ray.cluster.kuberay import pool_group, projects_of, render
@@ -116,7 +116,7 @@ def test_the_rayservice_is_generated_from_the_pools_file():
         load_pools(pools_file),
         pools_file.read_text(),
         image,
-        ray.__version__,
+        version("ray"),
         projects_of(pools_file),
     )
     assert committed == fresh, (

@@ -144,7 +144,7 @@ def test_the_audit_names_who_did_what_and_runs_keep_their_project(tmp_path):
     web = Caller(token_id="abc123abc123", project="web", admin=False)
     run_id = c.submit(PIPELINE, caller=web, project="web").run_id
     c.cancel(run_id, caller=web)
-    again = c.rerun(run_id, caller=Caller(token_id="feedfeedfeed")).run_id
+    again = c.submissions.rerun(run_id, caller=Caller(token_id="feedfeedfeed")).run_id
     assert c.store.get_run(again).project == "web"  # a re-run is its run's project's
     audit = c.store.list_audit()
     assert [(a.action, a.token_id, a.project, a.run_id, a.run_project) for a in audit] == [

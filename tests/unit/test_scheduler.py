@@ -532,14 +532,14 @@ def test_restore_of_a_3000_step_chain_and_a_run_it_cannot_follow():
     runs = [r.model_copy(deep=True) for r in s.runs.values()]
     steps = [st.model_copy(deep=True) for run in s.steps.values() for st in run.values()]
     fresh = make()
-    restore_run = fresh._restore_run
+    restore_run = fresh.recovery._restore_run
 
     def fails_for_r2(run, *args):  # as the recursion did on a long chain before it was fixed
         if run.id == "r2":
             raise RecursionError("maximum recursion depth exceeded")
         restore_run(run, *args)
 
-    fresh._restore_run = fails_for_r2
+    fresh.recovery._restore_run = fails_for_r2
     fresh.restore(runs, steps, [], 5.0)
     d = fresh.take()
     assert d.changes.runs["r2"].state is RunState.FAILED

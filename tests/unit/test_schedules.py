@@ -75,8 +75,8 @@ PIPELINE = {"name": "nightly", "steps": [{"name": "a", "run": "true"}]}
 
 def fire_due(core: MasterCore) -> list:
     out = []
-    for rec, slot in core.due_schedules():
-        out.append(core.fire(rec, slot, core.plan_schedule(rec, slot, rec.pipeline)))
+    for rec, slot in core.starts.due_schedules():
+        out.append(core.starts.fire(rec, slot, core.starts.plan_schedule(rec, slot, rec.pipeline)))
     return out
 
 
@@ -84,7 +84,7 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
     store, clock = MemoryStore(), ManualClock(1000.0)
     settings = Settings(home=tmp_path)
     core = MasterCore(settings, store, clock=clock)
-    made = core.add_schedule(
+    made = core.starts.add_schedule(
         ScheduleSpec(name="nightly", cron="* * * * *", env={"TARGET": "n"}, pipeline=PIPELINE),
         "web",
     )
@@ -100,7 +100,7 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
     assert fire_due(core) == []
     # A restart between taking a slot and writing its run: the next master starts it once.
     clock.now = 1081.0
-    assert [slot for _, slot in core.due_schedules()] == [1080.0]
+    assert [slot for _, slot in core.starts.due_schedules()] == [1080.0]
     core = MasterCore(settings, store, clock=clock)
     assert [store.get_run(a.run_id).scheduled_for for a in fire_due(core)] == [1080.0]
     assert fire_due(MasterCore(settings, store, clock=clock)) == []
@@ -117,7 +117,7 @@ def test_each_slot_starts_exactly_one_run_across_restarts(tmp_path):
 def test_a_slot_whose_run_cannot_start_is_written_with_why(tmp_path):
     store, clock = MemoryStore(), ManualClock(1000.0)
     core = MasterCore(Settings(home=tmp_path), store, clock=clock)
-    core.add_schedule(
+    core.starts.add_schedule(
         ScheduleSpec(name="bad", cron="* * * * *", env={"CICD_X": "1"}, pipeline=PIPELINE), "web"
     )
     clock.now = 1021.0
@@ -131,12 +131,14 @@ def test_a_slot_whose_run_cannot_start_is_written_with_why(tmp_path):
 def test_schedules_made_twice_or_running_nothing_are_refused(tmp_path):
     core = MasterCore(Settings(home=tmp_path), MemoryStore(), clock=ManualClock(0.0))
     spec = ScheduleSpec(name="n", cron="* * * * *", pipeline=PIPELINE)
-    assert "id" in core.add_schedule(spec, "web")
-    assert core.add_schedule(spec, "web").problems == ["project web has a schedule n already"]
-    assert "id" in core.add_schedule(spec, "ops")  # another project's name space
-    nothing = core.add_schedule(ScheduleSpec(name="m", cron="* * * * *"), "web")
+    assert "id" in core.starts.add_schedule(spec, "web")
+    assert core.starts.add_schedule(spec, "web").problems == [
+        "project web has a schedule n already"
+    ]
+    assert "id" in core.starts.add_schedule(spec, "ops")  # another project's name space
+    nothing = core.starts.add_schedule(ScheduleSpec(name="m", cron="* * * * *"), "web")
     assert nothing.problems == ["a schedule runs a `pipeline` or a `repository`'s pipeline file"]
-    assert core.delete_schedule("web", "n") and not core.delete_schedule("web", "n")
+    assert core.starts.delete_schedule("web", "n") and not core.starts.delete_schedule("web", "n")
 
 
 def test_the_repositories_file_s_schedules_keep_their_last_slot_across_restarts(tmp_path):
@@ -202,7 +204,7 @@ def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp
     )
     core = MasterCore(settings, MemoryStore(), clock=ManualClock(500.0))
     record = core.timetable.schedules["web/nightly"]
-    planned = core.plan_schedule(
+    planned = core.starts.plan_schedule(
         record, 7200.0, "name: app\nsteps:\n  - {name: t, run: 'true'}\n", "c" * 40, "main"
     )
     assert planned.problems == []
@@ -215,7 +217,7 @@ def test_a_repository_s_schedule_builds_the_commit_its_ref_named_at_the_slot(tmp
     )
     assert planned.spec.source.git == "file:///srv/app.git"
     assert planned.steps[0].env["SUITE"] == "full"
-    broken = core.plan_schedule(
+    broken = core.starts.plan_schedule(
         record, 7200.0, "name: app\nsteps: [{name: t, tiemout: 1}]\n", "c" * 40, "main"
     )
     assert broken.problems[0].startswith(".cicd-ray.yaml: steps[0] (t)")
@@ -229,7 +231,7 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
     settings = Settings(home=tmp_path)
     core = MasterCore(settings, store, clock=clock)
     never = ScheduleSpec(name="never", cron="0 0 30 2 *", pipeline=PIPELINE)
-    answer = core.add_schedule(never, "web")
+    answer = core.starts.add_schedule(never, "web")
     assert isinstance(answer, Rejected) and "never fires" in answer.problems[0]
     store.save(
         Changes(
@@ -241,7 +243,7 @@ def test_a_never_firing_cron_is_refused_and_a_stored_one_never_stops_the_master(
         )
     )
     core = MasterCore(settings, store, clock=clock)  # a restart takes it up from the store
-    core.add_schedule(ScheduleSpec(name="fine", cron="* * * * *", pipeline=PIPELINE), "web")
+    core.starts.add_schedule(ScheduleSpec(name="fine", cron="* * * * *", pipeline=PIPELINE), "web")
     clock.now = 1081.0
     [answer] = fire_due(core)
     assert isinstance(answer, Submitted)
@@ -257,7 +259,7 @@ def test_schedules_have_a_minimum_interval_and_a_cap_per_project(tmp_path):
     """Issue 24, item 17."""
     settings = Settings(home=tmp_path, schedule_min_interval_s=60, max_schedules_per_project=2)
     core = MasterCore(settings, MemoryStore(), clock=ManualClock(0.0))
-    fast = core.add_schedule(
+    fast = core.starts.add_schedule(
         ScheduleSpec(name="fast", cron="* * * * * *", pipeline=PIPELINE), "web"
     )
     assert fast.problems == [
@@ -265,14 +267,16 @@ def test_schedules_have_a_minimum_interval_and_a_cap_per_project(tmp_path):
         "every 60 s (CICD_RAY_SCHEDULE_MIN_INTERVAL_S)"
     ]
     for name in ("a", "b"):
-        assert "id" in core.add_schedule(
+        assert "id" in core.starts.add_schedule(
             ScheduleSpec(name=name, cron="*/5 * * * *", pipeline=PIPELINE), "web"
         )
-    third = core.add_schedule(ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE), "web")
+    third = core.starts.add_schedule(
+        ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE), "web"
+    )
     assert third.problems == [
         "project web has 2 schedules, the most it may have "
         "(CICD_RAY_MAX_SCHEDULES): delete one first"
     ]
-    assert "id" in core.add_schedule(
+    assert "id" in core.starts.add_schedule(
         ScheduleSpec(name="c", cron="0 * * * *", pipeline=PIPELINE), "ops"
     )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cicd_ray.cluster.up import Ha
-from cicd_ray.config import Settings
+from cicd_ray.config import Ha, Settings
 from cicd_ray.errors import CicdError, SettingsError
 
 
@@ -91,7 +90,7 @@ def test_every_number_setting_is_parsed_and_a_bad_one_is_named(var, good, field,
 
 
 def test_a_bad_api_setting_stops_the_api_at_its_start(monkeypatch):
-    from cicd_ray.api.serve import check_config
+    from cicd_ray.api.application import check_config
 
     monkeypatch.setenv("CICD_RAY_MAX_BODY_BYTES", "lots")
     with pytest.raises(SettingsError, match="CICD_RAY_MAX_BODY_BYTES: 'lots'"):

@@ -355,8 +355,10 @@ def test_git_sources_through_the_api_name_public_hosts_only(tmp_path, monkeypatc
         "source": {"git": url, "ref": "main"},
         "steps": [{"name": "a", "run": "true"}],
     }
-    assert "not accepted through the API" in core.plan(doc, from_api=True).problems[0]
-    assert core.plan(doc).problems == []  # the cluster's own caller (run --address, a job)
+    assert "not accepted through the API" in core.submissions.plan(doc, from_api=True).problems[0]
+    assert (
+        core.submissions.plan(doc).problems == []
+    )  # the cluster's own caller (run --address, a job)
     assert hardening("https://h/a.git")[:2] == ["-c", "protocol.file.allow=never"]
     assert "protocol.ext.allow=never" in hardening(url)
     monkeypatch.setattr("cicd_ray.source.MAX_GIT_OUTPUT_BYTES", 40)
