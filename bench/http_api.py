@@ -34,6 +34,7 @@ from cicd_ray.cli.connect import RayRunner, follow_run
 from cicd_ray.cluster import session
 from cicd_ray.config import Settings
 from cicd_ray.pools import PoolConfig
+from cicd_ray.protocol import SubmitCommand
 from cicd_ray.tokens import digest
 
 TOKEN = "bench-token-" + "0" * 20
@@ -122,7 +123,7 @@ def main() -> None:
         return r.json()["run_id"]
 
     def in_process() -> str:
-        return ray.get(master.submit.remote(PIPELINE, {}, None, None)).run_id
+        return ray.get(master.submit.remote(SubmitCommand(pipeline=PIPELINE))).run_id
 
     drive(args.clients * 2, args.clients, over_http)  # warm up both paths
     drive(args.clients * 2, args.clients, in_process)

@@ -18,13 +18,17 @@ import time
 import ray
 from common import local_cluster
 
-from cicd_ray.protocol import Submitted
+from cicd_ray.protocol import SubmitCommand, Submitted
 from cicd_ray.records import Caller
 
 
 def submit(master, doc: dict, project: str) -> str:
     answer = ray.get(
-        master.submit.remote(doc, {}, None, None, {}, Caller(project=project, admin=False), project)
+        master.submit.remote(
+            SubmitCommand(
+                pipeline=doc, caller=Caller(project=project, admin=False), project=project
+            )
+        )
     )
     assert isinstance(answer, Submitted), answer
     return answer.run_id

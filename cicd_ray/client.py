@@ -39,6 +39,10 @@ from cicd_ray.source import SOURCE_LIMIT_BYTES, snapshot, source_folder
 
 
 class Client:
+    """The Python client of the HTTP API: submit pipelines (with a source folder, an archive or a
+    repository), follow runs, read logs and artifacts, cancel, re-run, approve. `url` and `token`
+    default to CICD_RAY_URL and CICD_RAY_TOKEN."""
+
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0
     ) -> None:

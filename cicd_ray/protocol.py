@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cicd_ray import tokens
 from cicd_ray.pipeline.model import GitSource
-from cicd_ray.records import AttemptRecord, DeliveryRecord, RunRecord, StepRecord
+from cicd_ray.records import AttemptRecord, Caller, DeliveryRecord, RunRecord, StepRecord
 
 # How often a follower of a step's log asks for more (logs have no long poll).
 LOG_POLL_S = 0.25
@@ -120,3 +120,20 @@ class SubmitRequest(BaseModel):
 class RunCreated(BaseModel):
     run_id: str
     url: str
+
+
+class SubmitCommand(BaseModel):
+    """A submission as the master takes it, from the HTTP API, the CLI or a Ray job: the
+    pipeline (YAML text or an object), env overrides, the source snapshot (its digest and
+    bytes), an Idempotency-Key (already the caller's own), the run's own secrets (never
+    printed: not in the repr), who submits and whose run it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str | dict[str, Any]
+    env: dict[str, str] = Field(default_factory=dict)
+    source: tuple[str, bytes] | None = None
+    idempotency_key: str | None = None
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+    caller: Caller = Field(default_factory=Caller)
+    project: str = "default"

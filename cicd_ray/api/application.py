@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
@@ -27,15 +26,13 @@ from cicd_ray.api.dependencies import (
 )
 from cicd_ray.api.flow import flow_routes
 from cicd_ray.api.hooks import hook_routes
+from cicd_ray.api.link import MasterLink
 from cicd_ray.api.logs import log_routes
 from cicd_ray.api.middleware import BodyLimit, Guard
 from cicd_ray.api.reads import Reads
 from cicd_ray.api.runs import run_routes, submit_routes
 from cicd_ray.api.schedules import schedule_routes
 from cicd_ray.config import Settings
-
-if TYPE_CHECKING:
-    from cicd_ray.api.serve import MasterLink
 
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
@@ -49,7 +46,8 @@ def create_app(
     master: MasterLink | None = None,
 ) -> FastAPI:
     """The FastAPI app. Tokens' grants and the body limit default to this process's
-    environment (see `cicd_ray.tokens`); the master defaults to the named actor."""
+    environment (see `cicd_ray.tokens`); `master` is how the master is reached (Ray, on a
+    Serve replica: cicd_ray.api.serve); without one, what needs the master answers 503."""
     # No Swagger UI or ReDoc: they load third-party scripts. /openapi.json needs the token.
     app = FastAPI(
         title="cicd-ray",
@@ -59,10 +57,7 @@ def create_app(
         description="Submit, watch and cancel CI/CD pipeline runs on Ray. Every "
         "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.",
     )
-    if master is None:
-        from cicd_ray.api.serve import MasterLink  # the named actor: Ray, on a replica
-
-        master = MasterLink()
+    master = master or MasterLink()  # none linked: what needs the master answers 503
     reads = Reads(master)
     config = ApiConfig(grants, max_body_bytes)
     # The outermost layer is added last: the token is checked before the body is counted.
@@ -125,7 +120,7 @@ class _Health:
         async with self._lock:
             if self._answer is None or time.monotonic() - self._at > HEALTH_CACHE_S:
                 try:
-                    info = await self.master.call("ping")
+                    info = await self.master.ping()
                     self._answer = (True, {"status": "ok", "master": True, "pools": info["pools"]})
                 except HTTPException as e:
                     self._answer = (

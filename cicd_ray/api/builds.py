@@ -32,7 +32,7 @@ def build_routes(master, reads) -> APIRouter:
     router = APIRouter(tags=["builds"])
 
     async def view_of(run_id: str) -> RunView:
-        view = await reads.call("get_run", run_id)
+        view = await reads.run(run_id)
         if view is None:
             raise not_found(run_id)
         return view
@@ -76,7 +76,7 @@ def build_routes(master, reads) -> APIRouter:
         """Why the step ran instead of being reused: the parts of its key (script, env,
         matrix, pool, source, inputs, outputs) that differ from the last success of the same
         step of the same pipeline."""
-        answer = await reads.call("explain", run_id, step)
+        answer = await reads.explain(run_id, step)
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)
         return answer.model_dump(mode="json")
@@ -87,7 +87,7 @@ def build_routes(master, reads) -> APIRouter:
         (`rerun_of`); with `only_failed`, its successes are carried over (with their
         artifacts) and only the failed, timed-out, cancelled and skipped steps run, with the
         steps that need them. 409 while the run has not ended."""
-        answer = await master.call("rerun", run_id, bool(req and req.only_failed), caller(grant))
+        answer = await master.rerun(run_id, bool(req and req.only_failed), caller(grant))
         _refused(answer, run_id)
         return {"run_id": answer.run_id, "url": f"{API}/runs/{answer.run_id}", "rerun_of": run_id}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
@@ -11,12 +11,10 @@ from cicd_ray.api.dependencies import (
     needs,
     scope,
 )
+from cicd_ray.api.link import MasterLink
 from cicd_ray.api.reads import Reads
 from cicd_ray.names import API
 from cicd_ray.tokens import Role
-
-if TYPE_CHECKING:
-    from cicd_ray.api.serve import MasterLink
 
 
 def cluster_routes(master: MasterLink, reads: Reads) -> APIRouter:
@@ -27,7 +25,7 @@ def cluster_routes(master: MasterLink, reads: Reads) -> APIRouter:
         """The live workers and those stopped since `since` (a Unix time; default: the last
         10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory,
         and the attempts each runs (of the token's project's runs; an admin's: all)."""
-        return {"workers": await master.call("workers", since, scope(grant))}
+        return {"workers": await master.workers(since, scope(grant))}
 
     @router.get(f"{API}/audit", dependencies=[needs(Role.ADMIN)])
     async def audit(
@@ -36,11 +34,11 @@ def cluster_routes(master: MasterLink, reads: Reads) -> APIRouter:
         """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
         token's id (the start of its digest) and project, the action, the run and its project,
         the step. Admin tokens only."""
-        return {"audit": await reads.call("audit", limit, offset), "limit": limit, "offset": offset}
+        return {"audit": await reads.audit(limit, offset), "limit": limit, "offset": offset}
 
     @router.get(f"{API}/queue")
     async def queue() -> dict:
         """Steps ready and waiting for a slot, per pool, and the oldest one's wait."""
-        return {"pools": await master.call("queue")}
+        return {"pools": await master.queue()}
 
     return router

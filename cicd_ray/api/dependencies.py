@@ -74,7 +74,7 @@ def run_scope(reads):
         run_id = request.path_params.get("run_id")
         if run_id is None or not RUN_ID_TEXT.match(run_id):
             return
-        project = await reads.call("project_of", run_id)
+        project = await reads.project_of(run_id)
         if project is None or not request.state.grant.sees(project):
             raise not_found(run_id)
 

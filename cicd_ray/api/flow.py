@@ -36,9 +36,7 @@ def flow_routes(master) -> APIRouter:
         # Who answered is the token, always: a name typed in is the caller's word, not proof.
         by = f"token {grant.token_id}"
         comment = f"({req.by}) {req.comment}".strip() if req.by else req.comment
-        answer = await master.call(
-            "approve", run_id, step, not req.reject, by, comment, caller(grant)
-        )
+        answer = await master.approve(run_id, step, not req.reject, by, comment, caller(grant))
         if isinstance(answer, Missing):
             raise HTTPException(404, detail=answer.detail)
         if isinstance(answer, Rejected):

@@ -118,7 +118,7 @@ def hook_routes(master, config) -> APIRouter:
         ignored = trigger if isinstance(trigger, str) else await _ignored(repo, trigger)
         if ignored:
             return JSONResponse({"ignored": ignored}, status_code=202)
-        answer = await master.call("trigger", repo.name, trigger, timeout_s=120.0)
+        answer = await master.trigger(repo.name, trigger)
         if isinstance(answer, Rejected):
             return JSONResponse(
                 {"detail": "; ".join(answer.problems), "problems": answer.problems}, status_code=422

@@ -45,7 +45,7 @@ def log_routes(reads: Reads) -> APIRouter:
         grow), so a client that lost the stream resumes with `offset` and it."""
         if not STEP.match(step):
             raise HTTPException(422, detail=f"step {step!r} is not a valid step name")
-        first = await reads.call("step_log", run_id, step, attempt, offset)
+        first = await reads.step_log(run_id, step, attempt, offset)
         if isinstance(first, Missing):
             raise HTTPException(404, detail=first.detail)
         headers = {
@@ -78,7 +78,7 @@ async def _follow(
             return
         await asyncio.sleep(LOG_POLL_S)
         try:
-            answer = await reads.call("step_log", run_id, step, pinned, offset)
+            answer = await reads.step_log(run_id, step, pinned, offset)
         except HTTPException:
             return  # the master went away mid-stream: the client resumes from its offset
         if isinstance(answer, Missing):

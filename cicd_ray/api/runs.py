@@ -10,14 +10,13 @@ import binascii
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cicd_ray import tokens
 from cicd_ray.api.dependencies import (
-    MASTER_TIMEOUT_S,
     RETRY_AFTER_S,
     ApiConfig,
     Granted,
@@ -28,6 +27,7 @@ from cicd_ray.api.dependencies import (
     scope,
     submit_project,
 )
+from cicd_ray.api.link import MasterLink
 from cicd_ray.api.reads import Reads
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.master.events import parse_position
@@ -42,14 +42,12 @@ from cicd_ray.protocol import (
     Rejected,
     RunChange,
     RunCreated,
+    SubmitCommand,
     SubmitRequest,
 )
 from cicd_ray.source import check_archive
 from cicd_ray.states import RunState
 from cicd_ray.tokens import Role
-
-if TYPE_CHECKING:
-    from cicd_ray.api.serve import MasterLink
 
 EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive comment)
 
@@ -86,8 +84,16 @@ def submit_routes(master: MasterLink, config: ApiConfig) -> APIRouter:
         if problems:
             return _rejected(problems)
         key = _scoped_key(idempotency_key, authorization)
-        answer = await master.call(
-            "submit", pipeline, req.env, source, key, req.secrets, caller(grant), project
+        answer = await master.submit(
+            SubmitCommand(
+                pipeline=pipeline,
+                env=req.env,
+                source=source,
+                idempotency_key=key,
+                secrets=req.secrets,
+                caller=caller(grant),
+                project=project,
+            )
         )
         if isinstance(answer, Rejected):
             return _rejected(answer.problems)
@@ -119,15 +125,15 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
     ) -> dict:
         """Runs of the token's project (an admin's: of all), newest first, filtered by state
         and pipeline name, a page at a time."""
-        runs = await reads.call(
-            "list_runs", state.value if state else None, pipeline, limit, offset, scope(grant)
+        runs = await reads.runs(
+            state.value if state else None, pipeline, limit, offset, scope(grant)
         )
         return {"runs": runs, "limit": limit, "offset": offset}
 
     @router.get(f"{API}/runs/{{run_id}}")
     async def get_run(run_id: RunId) -> dict:
         """The run with every step (state, attempts, times, worker, exit code) and attempt."""
-        view = await reads.call("get_run", run_id)
+        view = await reads.run(run_id)
         if view is None:
             raise not_found(run_id)
         return view.model_dump(mode="json")
@@ -143,9 +149,7 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
         earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
         `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
         from the position, read again."""
-        change = await master.call(
-            "wait", run_id, after, timeout_s, until_end, timeout_s=timeout_s + MASTER_TIMEOUT_S
-        )
+        change = await master.wait(run_id, after, timeout_s, until_end)
         if change is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return change
@@ -153,7 +157,7 @@ def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
     @router.post(f"{API}/runs/{{run_id}}/cancel", dependencies=[needs(Role.SUBMIT)])
     async def cancel(run_id: RunId, grant: Granted) -> dict:
         """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
-        state = await master.call("cancel", run_id, caller(grant))
+        state = await master.cancel(run_id, caller(grant))
         if state is None:
             raise HTTPException(404, detail=f"run {run_id!r} not found")
         return {"run_id": run_id, "state": state}
@@ -244,9 +248,7 @@ async def _event_stream(
     while True:
         try:
             # A new client only learns where "now" is: no waiting, nothing sent.
-            answer = await master.call(
-                "events", max(after, 0), epoch, 0.0 if after < 0 else EVENT_WAIT_S
-            )
+            answer = await master.events(max(after, 0), epoch, 0.0 if after < 0 else EVENT_WAIT_S)
         except HTTPException:
             yield b": the master is not answering; waiting\n\n"
             await asyncio.sleep(float(RETRY_AFTER_S))

@@ -30,7 +30,7 @@ def schedule_routes(master) -> APIRouter:
         the API: cron, time zone, what each runs, `next_at`, `last_slot`, `last_run`,
         `last_error`."""
         project = None if grant.role is Role.ADMIN else grant.project
-        return {"schedules": await master.call("schedules", project)}
+        return {"schedules": await master.schedules(project)}
 
     @router.post(f"{API}/schedules", status_code=201, dependencies=[needs(Role.SUBMIT)])
     async def add(req: NewSchedule, grant: Granted) -> dict:
@@ -39,7 +39,7 @@ def schedule_routes(master) -> APIRouter:
         one or a name the project uses already."""
         project = submit_project(grant, req.project)
         spec = ScheduleSpec(**req.model_dump(exclude={"project"}))
-        answer = await master.call("add_schedule", spec, project)
+        answer = await master.add_schedule(spec, project)
         if isinstance(answer, Rejected):
             raise HTTPException(422, detail="; ".join(answer.problems))
         return answer
@@ -53,7 +53,7 @@ def schedule_routes(master) -> APIRouter:
         """Delete a schedule made through the API (those of the repositories file go with
         their lines)."""
         project = submit_project(grant, project)
-        if not await master.call("delete_schedule", project, name):
+        if not await master.delete_schedule(project, name):
             raise HTTPException(
                 404, detail=f"project {project} has no schedule {name!r} made through the API"
             )

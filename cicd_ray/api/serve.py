@@ -10,26 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from ray import serve
 
 from cicd_ray import tokens
 from cicd_ray.api.application import check_config, create_app
 from cicd_ray.api.dependencies import (
-    MASTER_TIMEOUT_S,
     RETRY_AFTER_S,
 )
+from cicd_ray.api.link import MasterLink
 from cicd_ray.config import Settings
 from cicd_ray.names import MASTER_NAME, NAMESPACE
 
 
-class MasterLink:
-    """The master's handle, found by name and found again after the master restarts."""
+class RayTransport:
+    """How the API's calls reach the master on Ray: its handle, found by name and found again
+    after the master restarts; a master that does not answer is a 503 to retry."""
 
     def __init__(self) -> None:
         self._handle = None
 
-    async def call(self, method: str, *args: Any, timeout_s: float = MASTER_TIMEOUT_S) -> Any:
+    async def __call__(self, method: str, args: tuple, timeout_s: float) -> Any:
         try:
             return await asyncio.wait_for(self._call(method, *args), timeout_s)
         except (ValueError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
@@ -48,6 +49,11 @@ class MasterLink:
         return await getattr(self._handle, method).remote(*args)
 
 
+def app_on_ray() -> FastAPI:
+    """The app of a Serve replica, built there (with its environment), linked through Ray."""
+    return create_app(master=MasterLink(RayTransport()))
+
+
 # The handlers only await the master, so one replica can serve many requests at once.
 # A line per request in Serve's access log costs more than the request's own work here; the
 # master records every submission anyway.
@@ -57,7 +63,7 @@ class MasterLink:
     max_ongoing_requests=200,
     logging_config={"enable_access_log": False, "log_level": "WARNING"},
 )
-@serve.ingress(create_app)  # built on each replica, with its environment
+@serve.ingress(app_on_ray)  # built on each replica, with its environment
 class ApiServer:
     """The Serve deployment wrapping the FastAPI app."""
 

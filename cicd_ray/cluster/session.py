@@ -18,7 +18,7 @@ from cicd_ray.errors import MasterUnavailable, SpecError
 from cicd_ray.master.actor import master_actor
 from cicd_ray.names import MASTER_NAME, NAMESPACE
 from cicd_ray.pipeline.model import PipelineSpec
-from cicd_ray.protocol import Rejected
+from cicd_ray.protocol import Rejected, SubmitCommand
 from cicd_ray.source import snapshot, source_folder
 
 MASTER_START_TIMEOUT_S = 120.0
@@ -79,7 +79,14 @@ def submit(
     folder = source_folder(spec.source, pipeline_dir, source_dir)
     source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
     answer = call(
-        master.submit.remote(spec.model_dump(mode="json"), env or {}, source, None, secrets or {})
+        master.submit.remote(
+            SubmitCommand(
+                pipeline=spec.model_dump(mode="json"),
+                env=env or {},
+                source=source,
+                secrets=secrets or {},
+            )
+        )
     )
     if isinstance(answer, Rejected):
         raise SpecError(answer.problems, source=spec.name)

@@ -24,6 +24,9 @@ from cicd_ray.triggers.cron import ScheduleRecord, ScheduleSpec, due, fires_prob
 
 
 class Timetable:
+    """The schedules the master keeps in memory, and a heap of their next slots, so a tick looks
+    only at the schedules that are due; the repositories file's are written to the store."""
+
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings

@@ -17,6 +17,9 @@ EVENTS_KEPT = 10_000
 
 
 class EventLog(Observer):
+    """The last committed changes, numbered within an epoch (the master's start), for clients
+    that follow them; wakes the long polls when a batch is committed."""
+
     def __init__(
         self, epoch: float, kept: int = EVENTS_KEPT, on_new: Callable[[], None] | None = None
     ) -> None:

@@ -32,6 +32,9 @@ def targets(run: RunRecord, settings: Settings) -> list[NotifySpec]:
 
 
 class Outbox(Observer):
+    """The open deliveries (notifications, commit statuses): recorded with the batch that causes
+    them, tried with backoff, each try marked in the store before it is made."""
+
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings

@@ -83,6 +83,9 @@ class Facts:
 
 
 class _Parser:
+    """A recursive-descent parser of the `if:` language, bounded in depth and length: a hostile
+    expression is refused, never a stack overflow."""
+
     def __init__(self, text: str, matrix_keys: frozenset[str] | None) -> None:
         self.text = text
         self.matrix_keys = matrix_keys

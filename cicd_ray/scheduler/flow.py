@@ -50,6 +50,9 @@ def waiting_reason(group: str, ahead: int) -> str:
 
 
 class Flow:
+    """Flow control: the gates a step passes once its needs have ended (its condition, its
+    approval, its concurrency group), and runs admitted by their group."""
+
     def __init__(self, book: RunBook, out: Decisions, replace: Replace) -> None:
         self.book = book
         self.out = out

@@ -22,6 +22,8 @@ class _Group:
 
 
 class Groups:
+    """Concurrency groups: who holds a place in each, who waits, and who is let in next."""
+
     def __init__(self) -> None:
         self._groups: dict[Hashable, _Group] = {}
 

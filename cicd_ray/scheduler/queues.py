@@ -35,6 +35,9 @@ Lookup = Callable[[str, str], "StepRecord | None"]
 
 
 class ReadyQueues:
+    """Steps whose needs are met, waiting for a slot: per pool, a heap per project, the next
+    step chosen by fair share between projects and by priority and age within one."""
+
     def __init__(
         self, pools: dict[str, PoolConfig], lookup: Lookup, share: Share | None = None
     ) -> None:

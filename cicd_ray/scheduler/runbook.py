@@ -24,6 +24,9 @@ def settled_by_needs(step: StepRecord) -> bool:
 
 
 class RunBook:
+    """The active runs as DAGs: each step's unmet needs, the steps an ended step releases, and
+    a run's end once every step has ended."""
+
     def __init__(
         self, out: Decisions, ended: Callable[[RunRecord | StepRecord], None] = lambda record: None
     ) -> None:

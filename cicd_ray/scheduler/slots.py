@@ -63,6 +63,9 @@ NETWORK = ("net_sent_bytes", "net_recv_bytes", "net_sent_bytes_per_s", "net_recv
 
 
 class Slots:
+    """The workers of every pool and their slots: what each has reserved, which are silent, how
+    many each pool should have (the sizer), and where a step fits best."""
+
     def __init__(
         self, pools: dict[str, PoolConfig], heartbeat_timeout_s: float, out: Decisions
     ) -> None:

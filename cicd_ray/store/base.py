@@ -27,6 +27,10 @@ KEY_TTL_S = 24 * 3600  # an Idempotency-Key answers repeats for a day, then it i
 
 
 class Store(Protocol):
+    """What every backend (memory, SQLite, Redis) offers: batches written atomically, reads by
+    run, retention's deletes. One contract suite (tests/unit/test_store_contract.py) runs
+    against each."""
+
     def save(self, changes: Changes) -> None:
         """Write a batch of records atomically: all of them or none."""
 

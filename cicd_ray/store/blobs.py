@@ -50,6 +50,9 @@ def digest_of(src: BinaryIO) -> str:
 
 
 class ArtifactStore:
+    """Files by their SHA-256 and cache entries by scope and key, under one fsspec URL (a folder
+    or an S3 bucket), streamed, never held whole in memory."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         # No listings cache: another process's new entries must be seen at once.

@@ -26,6 +26,9 @@ from cicd_ray.states import RunState
 
 
 class MemoryStore:
+    """The store in this process's memory: the same contract as SQLite and Redis, for tests and
+    the inline driver (records kept as JSON, so nothing is shared by reference)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: dict[str, str] = {}

@@ -15,6 +15,7 @@ Keys, with the default prefix `cicd:`:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TypeVar
 
 import redis
@@ -42,6 +43,9 @@ PAGE = 200
 
 
 class RedisStore:
+    """The highly available store: a batch is one MULTI transaction; runs are indexed by sequence
+    and by whether they are active."""
+
     def __init__(self, url: str, prefix: str = "cicd:") -> None:
         self.url = url
         self.prefix = prefix
@@ -63,50 +67,10 @@ class RedisStore:
     def save(self, changes: Changes) -> None:
         def write():
             pipe = self._r.pipeline(transaction=True)
-            for run in changes.runs.values():
-                pipe.set(self._k("run", run.id), run.model_dump_json())
-                pipe.zadd(self._k("runs"), {run.id: run.seq})
-                if run.state.terminal:
-                    pipe.zrem(self._k("runs", "active"), run.id)
-                else:
-                    pipe.zadd(self._k("runs", "active"), {run.id: run.seq})
-            for (run_id, name), step in changes.steps.items():
-                pipe.hset(self._k("steps", run_id), name, step.model_dump_json())
-            for attempt in changes.attempts.values():
-                pipe.hset(
-                    self._k("attempts", attempt.run_id), attempt.id, attempt.model_dump_json()
-                )
-            for worker in changes.workers.values():
-                pipe.hset(self._k("workers"), worker.id, worker.model_dump_json())
-            for attempt_id, seq, data in changes.logs:
-                pipe.hsetnx(self._k("log", attempt_id), str(seq), bytes(data))
-            for key, record in changes.idempotency.items():
-                pipe.set(self._k("idem", key), record.model_dump_json(), nx=True, ex=KEY_TTL_S)
-            for key, result in changes.results.items():
-                pipe.hset(self._k("results"), key, result.model_dump_json())
-                pipe.sadd(self._k("results", result.origin.run_id), key)
-            self._outbox_and_secrets(pipe, changes)
+            queue_batch(pipe, self._k, changes)
             pipe.execute()
 
         self._do(write)
-
-    def _outbox_and_secrets(self, pipe, changes: Changes) -> None:
-        """Deliveries (with the index of runs that have open ones), runs' own secrets, audit
-        records (a list, newest first)."""
-        for record in changes.audit:
-            pipe.lpush(self._k("audit"), record.model_dump_json())
-        for schedule_id, schedule in changes.schedules.items():
-            pipe.hset(self._k("schedules"), schedule_id, schedule.model_dump_json())
-        for schedule_id in changes.drop_schedules:
-            pipe.hdel(self._k("schedules"), schedule_id)
-        for run_id, secrets in changes.run_secrets.items():
-            pipe.set(self._k("run_secrets", run_id), json.dumps(secrets.values))
-        for run_id in changes.drop_run_secrets:
-            pipe.delete(self._k("run_secrets", run_id))
-        for d in changes.deliveries.values():
-            pipe.hset(self._k("deliveries", d.run_id), d.id, d.model_dump_json())
-            if d.state in OPEN_DELIVERY:
-                pipe.sadd(self._k("deliveries", "open"), d.run_id)
 
     def _runs(self, ids: list[bytes]) -> list[RunRecord]:
         if not ids:
@@ -329,3 +293,48 @@ def _safe(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def queue_batch(pipe, k: Callable[..., str], changes: Changes) -> None:
+    """The commands that write a batch, queued on a MULTI pipeline (one transaction); `k`
+    makes a key under the store's prefix."""
+    for run in changes.runs.values():
+        pipe.set(k("run", run.id), run.model_dump_json())
+        pipe.zadd(k("runs"), {run.id: run.seq})
+        if run.state.terminal:
+            pipe.zrem(k("runs", "active"), run.id)
+        else:
+            pipe.zadd(k("runs", "active"), {run.id: run.seq})
+    for (run_id, name), step in changes.steps.items():
+        pipe.hset(k("steps", run_id), name, step.model_dump_json())
+    for attempt in changes.attempts.values():
+        pipe.hset(k("attempts", attempt.run_id), attempt.id, attempt.model_dump_json())
+    for worker in changes.workers.values():
+        pipe.hset(k("workers"), worker.id, worker.model_dump_json())
+    for attempt_id, seq, data in changes.logs:
+        pipe.hsetnx(k("log", attempt_id), str(seq), bytes(data))
+    for key, record in changes.idempotency.items():
+        pipe.set(k("idem", key), record.model_dump_json(), nx=True, ex=KEY_TTL_S)
+    for key, result in changes.results.items():
+        pipe.hset(k("results"), key, result.model_dump_json())
+        pipe.sadd(k("results", result.origin.run_id), key)
+    _queue_outbox_and_secrets(pipe, k, changes)
+
+
+def _queue_outbox_and_secrets(pipe, k: Callable[..., str], changes: Changes) -> None:
+    """Deliveries (with the index of runs that have open ones), runs' own secrets, audit
+    records (a list, newest first)."""
+    for record in changes.audit:
+        pipe.lpush(k("audit"), record.model_dump_json())
+    for schedule_id, schedule in changes.schedules.items():
+        pipe.hset(k("schedules"), schedule_id, schedule.model_dump_json())
+    for schedule_id in changes.drop_schedules:
+        pipe.hdel(k("schedules"), schedule_id)
+    for run_id, secrets in changes.run_secrets.items():
+        pipe.set(k("run_secrets", run_id), json.dumps(secrets.values))
+    for run_id in changes.drop_run_secrets:
+        pipe.delete(k("run_secrets", run_id))
+    for d in changes.deliveries.values():
+        pipe.hset(k("deliveries", d.run_id), d.id, d.model_dump_json())
+        if d.state in OPEN_DELIVERY:
+            pipe.sadd(k("deliveries", "open"), d.run_id)

@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 
 
 class SqliteStore:
+    """The embedded store: one SQLite file in WAL mode; a batch is one transaction."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
@@ -104,68 +106,7 @@ class SqliteStore:
                 raise StoreError(f"read from {self.path} failed: {e}") from None
 
     def save(self, changes: Changes) -> None:
-        self._write(
-            [
-                (
-                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (r.id, r.seq, r.pipeline, r.state.value, r.model_dump_json())
-                        for r in changes.runs.values()
-                    ],
-                ),
-                (
-                    "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?)",
-                    [
-                        (s.run_id, s.name, s.spec.index, s.model_dump_json())
-                        for s in changes.steps.values()
-                    ],
-                ),
-                (
-                    "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (a.id, a.run_id, a.step, a.number, a.model_dump_json())
-                        for a in changes.attempts.values()
-                    ],
-                ),
-                (
-                    "INSERT OR REPLACE INTO workers VALUES (?, ?)",
-                    [(w.id, w.model_dump_json()) for w in changes.workers.values()],
-                ),
-                ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
-                (
-                    "INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
-                    [(k, r.at, r.model_dump_json()) for k, r in changes.idempotency.items()],
-                ),
-                (
-                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
-                    [(k, r.origin.run_id, r.model_dump_json()) for k, r in changes.results.items()],
-                ),
-                (
-                    "INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
-                    [
-                        (d.id, d.run_id, int(d.state in OPEN_DELIVERY), d.model_dump_json())
-                        for d in changes.deliveries.values()
-                    ],
-                ),
-                (
-                    "INSERT OR REPLACE INTO run_secrets VALUES (?, ?)",
-                    [(run_id, json.dumps(s.values)) for run_id, s in changes.run_secrets.items()],
-                ),
-                (
-                    "DELETE FROM run_secrets WHERE run_id = ?",
-                    [(run_id,) for run_id in changes.drop_run_secrets],
-                ),
-                (
-                    "INSERT INTO audit (data) VALUES (?)",
-                    [(a.model_dump_json(),) for a in changes.audit],
-                ),
-                (
-                    "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
-                    [(i, s.model_dump_json()) for i, s in changes.schedules.items()],
-                ),
-                ("DELETE FROM schedules WHERE id = ?", [(i,) for i in changes.drop_schedules]),
-            ]
-        )
+        self._write(batch_statements(changes))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._read("SELECT data FROM runs WHERE id = ?", (run_id,))
@@ -354,3 +295,64 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def batch_statements(changes: Changes) -> list[tuple[str, list[tuple]]]:
+    """The statements (with their rows) that write a batch, in one transaction."""
+    return [
+        (
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
+            [
+                (r.id, r.seq, r.pipeline, r.state.value, r.model_dump_json())
+                for r in changes.runs.values()
+            ],
+        ),
+        (
+            "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?)",
+            [(s.run_id, s.name, s.spec.index, s.model_dump_json()) for s in changes.steps.values()],
+        ),
+        (
+            "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?)",
+            [
+                (a.id, a.run_id, a.step, a.number, a.model_dump_json())
+                for a in changes.attempts.values()
+            ],
+        ),
+        (
+            "INSERT OR REPLACE INTO workers VALUES (?, ?)",
+            [(w.id, w.model_dump_json()) for w in changes.workers.values()],
+        ),
+        ("INSERT OR IGNORE INTO logs VALUES (?, ?, ?)", changes.logs),
+        (
+            "INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
+            [(k, r.at, r.model_dump_json()) for k, r in changes.idempotency.items()],
+        ),
+        (
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
+            [(k, r.origin.run_id, r.model_dump_json()) for k, r in changes.results.items()],
+        ),
+        (
+            "INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
+            [
+                (d.id, d.run_id, int(d.state in OPEN_DELIVERY), d.model_dump_json())
+                for d in changes.deliveries.values()
+            ],
+        ),
+        (
+            "INSERT OR REPLACE INTO run_secrets VALUES (?, ?)",
+            [(run_id, json.dumps(s.values)) for run_id, s in changes.run_secrets.items()],
+        ),
+        (
+            "DELETE FROM run_secrets WHERE run_id = ?",
+            [(run_id,) for run_id in changes.drop_run_secrets],
+        ),
+        (
+            "INSERT INTO audit (data) VALUES (?)",
+            [(a.model_dump_json(),) for a in changes.audit],
+        ),
+        (
+            "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
+            [(i, s.model_dump_json()) for i, s in changes.schedules.items()],
+        ),
+        ("DELETE FROM schedules WHERE id = ?", [(i,) for i in changes.drop_schedules]),
+    ]

@@ -17,6 +17,9 @@ from cicd_ray.worker.execution import ExecConfig, Execution
 
 
 class InlineDriver:
+    """Runs the master's core with its steps executed in this process, one at a time, until
+    nothing is left to do: the deterministic driver unit tests use."""
+
     def __init__(self, core: MasterCore, work_dir: Path, step_uids: range | None = None) -> None:
         self.core = core
         self.config = ExecConfig.of(core.settings, work_dir, step_uids)

@@ -37,6 +37,9 @@ REPORT_FOR_S = 600.0  # how long a worker keeps offering an outcome to a master 
 
 
 class Worker:
+    """A worker actor: registers with the master, heartbeats its resource use, runs the steps it
+    is given (several at once, up to its slots), and reports each outcome."""
+
     def __init__(self, record: WorkerRecord, settings: Settings) -> None:
         self.record = record
         self.settings = settings

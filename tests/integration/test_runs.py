@@ -10,7 +10,7 @@ import ray
 import yaml
 
 from cicd_ray.errors import SpecError
-from cicd_ray.protocol import Rejected
+from cicd_ray.protocol import Rejected, SubmitCommand
 from cicd_ray.states import StepState
 from tests.waiting import all_gone, pids_in, wait_until
 
@@ -198,11 +198,16 @@ def test_bad_submissions_are_rejected_and_change_nothing(harness):
         "steps (huge).resources.cpu: 64 is more than a worker of pool 'default' has (2); "
         "ask for at most 2",
     ]
-    answer = ray.get(harness.master.submit.remote({"name": "x", "steps": []}))
+    answer = ray.get(
+        harness.master.submit.remote(SubmitCommand(pipeline={"name": "x", "steps": []}))
+    )
     assert answer == Rejected(problems=["steps: must list at least one step"])
     answer = ray.get(
         harness.master.submit.remote(
-            {"name": "x", "steps": [{"name": "a", "run": "true"}]}, {"CICD_RUN_ID": "x"}
+            SubmitCommand(
+                pipeline={"name": "x", "steps": [{"name": "a", "run": "true"}]},
+                env={"CICD_RUN_ID": "x"},
+            )
         )
     )
     assert answer == Rejected(problems=["env.CICD_RUN_ID: names starting with CICD_ are reserved"])

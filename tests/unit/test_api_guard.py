@@ -93,17 +93,20 @@ def test_an_oversized_body_with_a_token_is_413():
 
 def test_health_asks_the_master_at_most_once_a_second(monkeypatch):
     from cicd_ray.api import application as api
+    from cicd_ray.api.link import MasterLink
 
     class Master:
+        """A transport to the master that answers every ping and counts them."""
+
         calls = 0
 
-        async def call(self, method):
+        async def __call__(self, method, args, timeout_s):
             Master.calls += 1
             return {"pools": ["default"]}
 
     clock = [100.0]
     monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
-    health = api._Health(Master())
+    health = api._Health(MasterLink(Master()))
 
     async def probes(n):
         return [await health.check() for _ in range(n)]

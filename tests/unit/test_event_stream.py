@@ -9,16 +9,18 @@ import pytest
 from fastapi import HTTPException
 
 from cicd_ray.api import runs
+from cicd_ray.api.link import MasterLink
 
 
 class Scripted:
-    """Answers `events` calls from a list, and records what was asked."""
+    """A transport to the master that answers `events` calls from a list, and records what
+    was asked."""
 
     def __init__(self, *answers) -> None:
         self.answers = list(answers)
         self.asked: list[tuple] = []
 
-    async def call(self, method: str, *args):
+    async def __call__(self, method: str, args: tuple, timeout_s: float):
         assert method == "events"
         self.asked.append(args)
         answer = self.answers.pop(0)
@@ -40,7 +42,7 @@ def read(
 ) -> list[bytes]:
     async def take():
         out = []
-        stream = runs._event_stream(master, run_id, project, epoch, after)
+        stream = runs._event_stream(MasterLink(master), run_id, project, epoch, after)
         async for chunk in stream:
             out.append(chunk)
             if len(out) == count:
