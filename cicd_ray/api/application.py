@@ -11,27 +11,21 @@ from __future__ import annotations
 import asyncio
 import time
 from importlib import resources
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 
 from cicd_ray import tokens
-from cicd_ray.api.builds import build_routes
-from cicd_ray.api.cluster import cluster_routes
+from cicd_ray.api import builds, cluster, flow, hooks, logs, runs, schedules
 from cicd_ray.api.dependencies import (
-    RETRY_AFTER_S,
     ApiConfig,
     run_scope,
 )
-from cicd_ray.api.flow import flow_routes
-from cicd_ray.api.hooks import hook_routes
-from cicd_ray.api.link import MasterLink
-from cicd_ray.api.logs import log_routes
+from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.api.middleware import BodyLimit, Guard
 from cicd_ray.api.reads import Reads
-from cicd_ray.api.runs import run_routes, submit_routes
-from cicd_ray.api.schedules import schedule_routes
 from cicd_ray.config import Settings
 
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -66,45 +60,48 @@ def create_app(
     # The OpenAPI document names the scheme; the check itself is Guard's, before any body.
     # A route naming a run sees it only if it is of the caller's project
     # (cicd_ray.api.dependencies).
-    guarded = [Depends(HTTPBearer(auto_error=False)), run_scope(reads)]
-    app.include_router(page_routes(_Health(master)))
-    app.include_router(submit_routes(master, config), dependencies=guarded)
-    app.include_router(run_routes(master, reads), dependencies=guarded)
-    app.include_router(log_routes(reads), dependencies=guarded)
-    app.include_router(cluster_routes(master, reads), dependencies=guarded)
-    app.include_router(build_routes(master, reads), dependencies=guarded)
-    app.include_router(flow_routes(master), dependencies=guarded)
-    app.include_router(schedule_routes(master), dependencies=guarded)
-    app.include_router(hook_routes(master, config))
+    guarded = [Depends(HTTPBearer(auto_error=False)), Depends(run_scope)]
+    # What the routes get by `Depends` (cicd_ray.api.dependencies).
+    app.state.master, app.state.reads, app.state.config = master, reads, config
+    app.state.health = _Health(master)
+    app.include_router(router)  # the page and /healthz: open
+    for part in (runs, logs, cluster, builds, flow, schedules):
+        app.include_router(part.router, dependencies=guarded)
+    app.include_router(hooks.router)  # git hosts sign their deliveries instead
     return app
 
 
-def page_routes(health: _Health) -> APIRouter:
-    router = APIRouter()
+def health_of(request: Request) -> _Health:
+    return request.app.state.health
 
-    @router.get("/", include_in_schema=False)
-    async def page() -> Response:
-        """The web page (no token needed to load it; it asks for one)."""
-        return Response(_web_file("index.html"), media_type="text/html; charset=utf-8")
 
-    @router.get("/ui/{name}", include_in_schema=False)
-    async def page_file(name: str) -> Response:
-        if name not in WEB_TYPES:
-            raise HTTPException(404, detail=f"no file {name!r}")
-        return Response(
-            _web_file(name), media_type=WEB_TYPES[name], headers={"Cache-Control": "no-cache"}
-        )
+HealthDep = Annotated["_Health", Depends(health_of)]
+router = APIRouter()
 
-    @router.get("/healthz", tags=["health"])
-    async def healthz() -> JSONResponse:
-        """No authentication: says whether the master answers (asked at most once a second,
-        however many probes come)."""
-        ok, body = await health.check()
-        if not ok:
-            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
-        return JSONResponse(body)
 
-    return router
+@router.get("/", include_in_schema=False)
+async def page() -> Response:
+    """The web page (no token needed to load it; it asks for one)."""
+    return Response(_web_file("index.html"), media_type="text/html; charset=utf-8")
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def page_file(name: str) -> Response:
+    if name not in WEB_TYPES:
+        raise HTTPException(404, detail=f"no file {name!r}")
+    return Response(
+        _web_file(name), media_type=WEB_TYPES[name], headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz(health: HealthDep) -> JSONResponse:
+    """No authentication: says whether the master answers (asked at most once a second,
+    however many probes come)."""
+    ok, body = await health.check()
+    if not ok:
+        return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+    return JSONResponse(body)
 
 
 class _Health:

@@ -8,37 +8,40 @@ from fastapi import APIRouter, Query
 
 from cicd_ray.api.dependencies import (
     Granted,
+    MasterDep,
+    ReadsDep,
     needs,
     scope,
 )
-from cicd_ray.api.link import MasterLink
-from cicd_ray.api.reads import Reads
 from cicd_ray.names import API
 from cicd_ray.tokens import Role
 
+router = APIRouter(tags=["cluster"])
 
-def cluster_routes(master: MasterLink, reads: Reads) -> APIRouter:
-    router = APIRouter(tags=["cluster"])
 
-    @router.get(f"{API}/workers")
-    async def workers(grant: Granted, since: Annotated[float | None, Query(ge=0)] = None) -> dict:
-        """The live workers and those stopped since `since` (a Unix time; default: the last
-        10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory,
-        and the attempts each runs (of the token's project's runs; an admin's: all)."""
-        return {"workers": await master.workers(since, scope(grant))}
+@router.get(f"{API}/workers")
+async def workers(
+    master: MasterDep, grant: Granted, since: Annotated[float | None, Query(ge=0)] = None
+) -> dict:
+    """The live workers and those stopped since `since` (a Unix time; default: the last
+    10 minutes): pool, node, state, times, CPUs in use, last heartbeat, CPU and memory,
+    and the attempts each runs (of the token's project's runs; an admin's: all)."""
+    return {"workers": await master.workers(since, scope(grant))}
 
-    @router.get(f"{API}/audit", dependencies=[needs(Role.ADMIN)])
-    async def audit(
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0
-    ) -> dict:
-        """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
-        token's id (the start of its digest) and project, the action, the run and its project,
-        the step. Admin tokens only."""
-        return {"audit": await reads.audit(limit, offset), "limit": limit, "offset": offset}
 
-    @router.get(f"{API}/queue")
-    async def queue() -> dict:
-        """Steps ready and waiting for a slot, per pool, and the oldest one's wait."""
-        return {"pools": await master.queue()}
+@router.get(f"{API}/audit", dependencies=[needs(Role.ADMIN)])
+async def audit(
+    reads: ReadsDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict:
+    """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
+    token's id (the start of its digest) and project, the action, the run and its project,
+    the step. Admin tokens only."""
+    return {"audit": await reads.audit(limit, offset), "limit": limit, "offset": offset}
 
-    return router
+
+@router.get(f"{API}/queue")
+async def queue(master: MasterDep) -> dict:
+    """Steps ready and waiting for a slot, per pool, and the oldest one's wait."""
+    return {"pools": await master.queue()}

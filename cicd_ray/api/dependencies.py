@@ -1,6 +1,7 @@
-"""Who may do what through the API. The front door (cicd_ray.api.middleware) puts the caller's
-grant in
-the request; a route asks for the role it needs (403 without it); and every route that names
+"""What the API's routes depend on, by `Depends`: the master's link, the reads and the API's
+settings the app holds, and who may do what. The front door (cicd_ray.api.middleware) puts the
+caller's grant in the request; a route asks for the role it needs (403 without it); and every
+route that names
 a run (a `{run_id}` in its path) has the run's project checked in one place, a dependency of
 every guarded router (`run_scope`), so a route added later is covered too: another project's
 run answers 404, as an unknown one does, so a caller does not learn that it exists.
@@ -15,6 +16,8 @@ from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 
 from cicd_ray import tokens
+from cicd_ray.api.link import MasterLink
+from cicd_ray.api.reads import Reads
 from cicd_ray.config import Settings
 from cicd_ray.names import RUN_ID
 from cicd_ray.records import Caller
@@ -66,19 +69,31 @@ def not_found(run_id: str) -> HTTPException:
     return HTTPException(404, detail=f"run {run_id!r} not found")
 
 
-def run_scope(reads):
+def master_of(request: Request) -> MasterLink:
+    return request.app.state.master
+
+
+def reads_of(request: Request) -> Reads:
+    return request.app.state.reads
+
+
+def config_of(request: Request) -> ApiConfig:
+    return request.app.state.config
+
+
+MasterDep = Annotated[MasterLink, Depends(master_of)]
+ReadsDep = Annotated[Reads, Depends(reads_of)]
+
+
+async def run_scope(request: Request, reads: ReadsDep) -> None:
     """A dependency of every guarded router: a route whose path names a run answers 404
     unless the caller may see the run (an id that is not one is left to the route's 422)."""
-
-    async def check(request: Request) -> None:
-        run_id = request.path_params.get("run_id")
-        if run_id is None or not RUN_ID_TEXT.match(run_id):
-            return
-        project = await reads.project_of(run_id)
-        if project is None or not request.state.grant.sees(project):
-            raise not_found(run_id)
-
-    return Depends(check)
+    run_id = request.path_params.get("run_id")
+    if run_id is None or not RUN_ID_TEXT.match(run_id):
+        return
+    project = await reads.project_of(run_id)
+    if project is None or not request.state.grant.sees(project):
+        raise not_found(run_id)
 
 
 def submit_project(grant: Grant, asked: str | None) -> str:
@@ -92,12 +107,6 @@ def submit_project(grant: Grant, asked: str | None) -> str:
             f"submit runs of project {asked}",
         )
     return asked
-
-
-MASTER_TIMEOUT_S = 10.0
-
-
-RETRY_AFTER_S = "2"
 
 
 # A full step name: a base name, then a matrix suffix such as [py=3.11,os=linux].
@@ -127,3 +136,6 @@ class ApiConfig:
         if self._limit is None:
             self._limit = self.settings.max_body_bytes
         return self._limit
+
+
+ConfigDep = Annotated[ApiConfig, Depends(config_of)]

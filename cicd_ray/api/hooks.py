@@ -15,6 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from cicd_ray.api.dependencies import ConfigDep, MasterDep
 from cicd_ray.errors import SourceError
 from cicd_ray.names import API
 from cicd_ray.protocol import Rejected, Submitted
@@ -88,49 +89,54 @@ async def _body(request: Request) -> bytes:
     return bytes(body)
 
 
-def hook_routes(master, config) -> APIRouter:
-    router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"])
 
-    @router.post(f"{API}/hooks/{{provider}}", status_code=410, include_in_schema=False)
-    async def old_hook(provider: str):
-        """The route before the repository was in the URL: it had to parse unsigned bodies
-        to find the repository. Gone; the answer says where to point the webhook."""
-        raise HTTPException(
-            410,
-            detail=f"point the webhook at {API}/hooks/{provider}/"
-            "OWNER/REPO (the repository's name as in CICD_RAY_REPOS)",
-        )
 
-    @router.post(f"{API}/hooks/{{provider}}/{{name:path}}", status_code=201)
-    async def hook(provider: Literal["github", "gitlab"], name: str, request: Request):
-        """A git host's delivery for the repository `name` (`owner/repo`): 401 without the
-        repository's signature, and for a repository CICD_RAY_REPOS does not list (nothing
-        is done, nothing is told); 413 over 25 MB; 400 for a signed body that is no JSON
-        object, or names another repository; 202 for an event that starts nothing (the
-        reason in `ignored`), 201 with the run started (200 for a redelivery: the run the
-        first delivery started), 422 when the pipeline file cannot be used."""
-        settings = config.settings
-        repo = find(settings.repos, provider, [name])
-        body = await _body(request)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        payload = await _signed_payload(settings, provider, repo, body, headers)
-        trigger = githosts.trigger(provider, headers, payload)
-        ignored = trigger if isinstance(trigger, str) else await _ignored(repo, trigger)
-        if ignored:
-            return JSONResponse({"ignored": ignored}, status_code=202)
-        answer = await master.trigger(repo.name, trigger)
-        if isinstance(answer, Rejected):
-            return JSONResponse(
-                {"detail": "; ".join(answer.problems), "problems": answer.problems}, status_code=422
-            )
-        assert isinstance(answer, Submitted)
+@router.post(f"{API}/hooks/{{provider}}", status_code=410, include_in_schema=False)
+async def old_hook(provider: str):
+    """The route before the repository was in the URL: it had to parse unsigned bodies
+    to find the repository. Gone; the answer says where to point the webhook."""
+    raise HTTPException(
+        410,
+        detail=f"point the webhook at {API}/hooks/{provider}/"
+        "OWNER/REPO (the repository's name as in CICD_RAY_REPOS)",
+    )
+
+
+@router.post(f"{API}/hooks/{{provider}}/{{name:path}}", status_code=201)
+async def hook(
+    master: MasterDep,
+    config: ConfigDep,
+    provider: Literal["github", "gitlab"],
+    name: str,
+    request: Request,
+):
+    """A git host's delivery for the repository `name` (`owner/repo`): 401 without the
+    repository's signature, and for a repository CICD_RAY_REPOS does not list (nothing
+    is done, nothing is told); 413 over 25 MB; 400 for a signed body that is no JSON
+    object, or names another repository; 202 for an event that starts nothing (the
+    reason in `ignored`), 201 with the run started (200 for a redelivery: the run the
+    first delivery started), 422 when the pipeline file cannot be used."""
+    settings = config.settings
+    repo = find(settings.repos, provider, [name])
+    body = await _body(request)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    payload = await _signed_payload(settings, provider, repo, body, headers)
+    trigger = githosts.trigger(provider, headers, payload)
+    ignored = trigger if isinstance(trigger, str) else await _ignored(repo, trigger)
+    if ignored:
+        return JSONResponse({"ignored": ignored}, status_code=202)
+    answer = await master.trigger(repo.name, trigger)
+    if isinstance(answer, Rejected):
         return JSONResponse(
-            {
-                "run_id": answer.run_id,
-                "url": f"{API}/runs/{answer.run_id}",
-                "existing": answer.existing,
-            },
-            status_code=200 if answer.existing else 201,
+            {"detail": "; ".join(answer.problems), "problems": answer.problems}, status_code=422
         )
-
-    return router
+    assert isinstance(answer, Submitted)
+    return JSONResponse(
+        {
+            "run_id": answer.run_id,
+            "url": f"{API}/runs/{answer.run_id}",
+            "existing": answer.existing,
+        },
+        status_code=200 if answer.existing else 201,
+    )

@@ -11,13 +11,14 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from cicd_ray.api.dependencies import MASTER_TIMEOUT_S, RETRY_AFTER_S
 from cicd_ray.protocol import LogSlice, Missing, Rejected, Reply, RunChange, RunView, SubmitCommand
 from cicd_ray.reads.explain import Explanation
 from cicd_ray.records import Caller
 from cicd_ray.triggers.cron import ScheduleSpec
 from cicd_ray.triggers.githosts import Trigger
 
+MASTER_TIMEOUT_S = 10.0  # a call the master does not answer in this long is a 503
+RETRY_AFTER_S = "2"  # what a 503 tells the client to wait, in seconds
 # A transport: (the actor's method, its arguments, how long to wait) -> its answer; it raises
 # HTTPException(503) when the master does not answer.
 Transport = Callable[[str, tuple, float], Awaitable[Any]]

@@ -10,10 +10,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from cicd_ray.api.dependencies import (
-    RETRY_AFTER_S,
-)
-from cicd_ray.api.link import MasterLink
+from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.errors import StoreError
 from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.reads.explain import Explanation, explain_answer

@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cicd_ray import tokens
 from cicd_ray.api.dependencies import (
-    RETRY_AFTER_S,
-    ApiConfig,
+    ConfigDep,
     Granted,
+    MasterDep,
+    ReadsDep,
     RunId,
     caller,
     needs,
@@ -27,8 +28,7 @@ from cicd_ray.api.dependencies import (
     scope,
     submit_project,
 )
-from cicd_ray.api.link import MasterLink
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.master.events import parse_position
 from cicd_ray.names import API, RUN_ID
@@ -55,135 +55,135 @@ EVENT_WAIT_S = 15.0  # the longest an event stream is silent (then a keep-alive 
 POSITION = r"^[0-9.]{1,30}:[0-9]{1,18}$"  # EPOCH:SEQ, as a wait answered it
 
 
-def submit_routes(master: MasterLink, config: ApiConfig) -> APIRouter:
-    router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"])
 
-    @router.post(
-        f"{API}/runs",
-        status_code=201,
-        response_model=RunCreated,
-        responses={200: {"model": RunCreated}},
-        dependencies=[needs(Role.SUBMIT)],
+
+@router.post(
+    f"{API}/runs",
+    status_code=201,
+    response_model=RunCreated,
+    responses={200: {"model": RunCreated}},
+    dependencies=[needs(Role.SUBMIT)],
+)
+async def submit(
+    master: MasterDep,
+    config: ConfigDep,
+    req: SubmitRequest,
+    response: Response,
+    grant: Granted,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+):
+    """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
+    `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
+    body; 413 past the body limit; 422 for an invalid pipeline; 429 when the project has
+    its quota of queued runs."""
+    project = submit_project(grant, req.project)
+    limit = config.settings.max_pipeline_bytes
+    pipeline, source = await _unpacked(req, limit)
+    # Parsing and planning take time on a large document: off this replica's loop.
+    problems = await asyncio.to_thread(_check, pipeline, req.env, limit)
+    if problems:
+        return _rejected(problems)
+    key = _scoped_key(idempotency_key, authorization)
+    answer = await master.submit(
+        SubmitCommand(
+            pipeline=pipeline,
+            env=req.env,
+            source=source,
+            idempotency_key=key,
+            secrets=req.secrets,
+            caller=caller(grant),
+            project=project,
+        )
     )
-    async def submit(
-        req: SubmitRequest,
-        response: Response,
-        grant: Granted,
-        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    ):
-        """Submit a run. 201 once the run is durable; 200 with the same run for a repeated
-        `Idempotency-Key` (keys are the token's own); 409 for a key already used with another
-        body; 413 past the body limit; 422 for an invalid pipeline; 429 when the project has
-        its quota of queued runs."""
-        project = submit_project(grant, req.project)
-        limit = config.settings.max_pipeline_bytes
-        pipeline, source = await _unpacked(req, limit)
-        # Parsing and planning take time on a large document: off this replica's loop.
-        problems = await asyncio.to_thread(_check, pipeline, req.env, limit)
-        if problems:
-            return _rejected(problems)
-        key = _scoped_key(idempotency_key, authorization)
-        answer = await master.submit(
-            SubmitCommand(
-                pipeline=pipeline,
-                env=req.env,
-                source=source,
-                idempotency_key=key,
-                secrets=req.secrets,
-                caller=caller(grant),
-                project=project,
-            )
+    if isinstance(answer, Rejected):
+        return _rejected(answer.problems)
+    if isinstance(answer, OverQuota):
+        raise HTTPException(429, detail=answer.detail, headers={"Retry-After": "10"})
+    if isinstance(answer, Conflict):
+        raise HTTPException(
+            409,
+            detail=f"Idempotency-Key already used for run "
+            f"{answer.run_id} with a different request; use a new key",
         )
-        if isinstance(answer, Rejected):
-            return _rejected(answer.problems)
-        if isinstance(answer, OverQuota):
-            raise HTTPException(429, detail=answer.detail, headers={"Retry-After": "10"})
-        if isinstance(answer, Conflict):
-            raise HTTPException(
-                409,
-                detail=f"Idempotency-Key already used for run "
-                f"{answer.run_id} with a different request; use a new key",
-            )
-        if answer.existing:
-            response.status_code = 200
-        return RunCreated(run_id=answer.run_id, url=f"{API}/runs/{answer.run_id}")
-
-    return router
+    if answer.existing:
+        response.status_code = 200
+    return RunCreated(run_id=answer.run_id, url=f"{API}/runs/{answer.run_id}")
 
 
-def run_routes(master: MasterLink, reads: Reads) -> APIRouter:
-    router = APIRouter(tags=["runs"])
+@router.get(f"{API}/runs")
+async def list_runs(
+    reads: ReadsDep,
+    grant: Granted,
+    state: RunState | None = None,
+    pipeline: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict:
+    """Runs of the token's project (an admin's: of all), newest first, filtered by state
+    and pipeline name, a page at a time."""
+    runs = await reads.runs(state.value if state else None, pipeline, limit, offset, scope(grant))
+    return {"runs": runs, "limit": limit, "offset": offset}
 
-    @router.get(f"{API}/runs")
-    async def list_runs(
-        grant: Granted,
-        state: RunState | None = None,
-        pipeline: Annotated[str | None, Query(max_length=63)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict:
-        """Runs of the token's project (an admin's: of all), newest first, filtered by state
-        and pipeline name, a page at a time."""
-        runs = await reads.runs(
-            state.value if state else None, pipeline, limit, offset, scope(grant)
-        )
-        return {"runs": runs, "limit": limit, "offset": offset}
 
-    @router.get(f"{API}/runs/{{run_id}}")
-    async def get_run(run_id: RunId) -> dict:
-        """The run with every step (state, attempts, times, worker, exit code) and attempt."""
-        view = await reads.run(run_id)
-        if view is None:
-            raise not_found(run_id)
-        return view.model_dump(mode="json")
+@router.get(f"{API}/runs/{{run_id}}")
+async def get_run(reads: ReadsDep, run_id: RunId) -> dict:
+    """The run with every step (state, attempts, times, worker, exit code) and attempt."""
+    view = await reads.run(run_id)
+    if view is None:
+        raise not_found(run_id)
+    return view.model_dump(mode="json")
 
-    @router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
-    async def wait(
-        run_id: RunId,
-        after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
-        timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
-        until_end: bool = False,
-    ):
-        """A long poll: answers once the run has changed since `after` (the `position` of an
-        earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
-        `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
-        from the position, read again."""
-        change = await master.wait(run_id, after, timeout_s, until_end)
-        if change is None:
-            raise HTTPException(404, detail=f"run {run_id!r} not found")
-        return change
 
-    @router.post(f"{API}/runs/{{run_id}}/cancel", dependencies=[needs(Role.SUBMIT)])
-    async def cancel(run_id: RunId, grant: Granted) -> dict:
-        """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
-        state = await master.cancel(run_id, caller(grant))
-        if state is None:
-            raise HTTPException(404, detail=f"run {run_id!r} not found")
-        return {"run_id": run_id, "state": state}
+@router.get(f"{API}/runs/{{run_id}}/wait", response_model=RunChange)
+async def wait(
+    master: MasterDep,
+    run_id: RunId,
+    after: Annotated[str | None, Query(pattern=POSITION, max_length=64)] = None,
+    timeout_s: Annotated[float, Query(ge=0, le=RUN_WAIT_S)] = RUN_WAIT_S,
+    until_end: bool = False,
+):
+    """A long poll: answers once the run has changed since `after` (the `position` of an
+    earlier answer) or has ended (with `until_end=true`: only once it has ended), or after
+    `timeout_s`; without `after`, at once. Follow a run with it: wait, read the run, wait
+    from the position, read again."""
+    change = await master.wait(run_id, after, timeout_s, until_end)
+    if change is None:
+        raise HTTPException(404, detail=f"run {run_id!r} not found")
+    return change
 
-    @router.get(
-        f"{API}/events",
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+
+@router.post(f"{API}/runs/{{run_id}}/cancel", dependencies=[needs(Role.SUBMIT)])
+async def cancel(master: MasterDep, run_id: RunId, grant: Granted) -> dict:
+    """Cancel: queued steps at once, running steps' process groups killed. Idempotent."""
+    state = await master.cancel(run_id, caller(grant))
+    if state is None:
+        raise HTTPException(404, detail=f"run {run_id!r} not found")
+    return {"run_id": run_id, "state": state}
+
+
+@router.get(
+    f"{API}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def events(
+    master: MasterDep,
+    grant: Granted,
+    run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+):
+    """Run and step state changes of the token's project's runs (an admin's: of all) as
+    Server-Sent Events (`event: run` or `step`, `data:` JSON), from now on, or after
+    `Last-Event-ID` when a client reconnects. `run_id` keeps one run's. An `event: reset`
+    says changes were missed (reload what you show)."""
+    epoch, after = parse_position(last_event_id)
+    return StreamingResponse(
+        _event_stream(master, run_id, scope(grant), epoch, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
-    async def events(
-        grant: Granted,
-        run_id: Annotated[str | None, Query(pattern=RUN_ID, max_length=64)] = None,
-        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-    ):
-        """Run and step state changes of the token's project's runs (an admin's: of all) as
-        Server-Sent Events (`event: run` or `step`, `data:` JSON), from now on, or after
-        `Last-Event-ID` when a client reconnects. `run_id` keeps one run's. An `event: reset`
-        says changes were missed (reload what you show)."""
-        epoch, after = parse_position(last_event_id)
-        return StreamingResponse(
-            _event_stream(master, run_id, scope(grant), epoch, after),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
-
-    return router
 
 
 async def _unpacked(

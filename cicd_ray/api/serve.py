@@ -15,10 +15,7 @@ from ray import serve
 
 from cicd_ray import tokens
 from cicd_ray.api.application import check_config, create_app
-from cicd_ray.api.dependencies import (
-    RETRY_AFTER_S,
-)
-from cicd_ray.api.link import MasterLink
+from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.config import Settings
 from cicd_ray.names import MASTER_NAME, NAMESPACE
 

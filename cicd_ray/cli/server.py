@@ -74,35 +74,7 @@ def up(
         )
     except CicdError as e:
         raise fail(str(e)) from None
-    how = (
-        " (a new head replaced the one that died)"
-        if started.replaced_head
-        else " (the head an earlier `cicd-ray up` started)"
-        if started.reused_head
-        else " (a local head started for it)"
-        if started.started_head
-        else ""
-    )
-    out.print(
-        f"cicd-ray is up on Ray at {started.address}{how}"
-        f"{'; GCS fault tolerance on ' + options.redis_address if options else ''}"
-    )
-    out.print(
-        f"  API:        {started.api_url}   "
-        f"(OpenAPI: {started.api_url}/openapi.json, with the token)"
-    )
-    if started.dashboard_url:
-        out.print(f"  dashboard:  {started.dashboard_url}   (Ray's token: `ray get-auth-token`)")
-    if started.token:
-        out.print("  a new API token was created; it is shown only now:")
-        out.print(f"    export CICD_RAY_URL={started.api_url}")
-        out.print(f"    export CICD_RAY_TOKEN={started.token}")
-    else:
-        out.print(
-            f"  authenticate with a configured token: export CICD_RAY_URL="
-            f"{started.api_url} CICD_RAY_TOKEN=<your token>"
-        )
-    out.print("  stop it with: cicd-ray down")
+    _print_started(started, options)
 
 
 @app.command()
@@ -144,3 +116,36 @@ def kuberay(
     except CicdError as e:
         raise fail(str(e)) from None
     sys.stdout.write(text)
+
+
+def _print_started(started, options) -> None:
+    """Where the cluster, the API and the dashboard are, and the token when one was made."""
+    how = (
+        " (a new head replaced the one that died)"
+        if started.replaced_head
+        else " (the head an earlier `cicd-ray up` started)"
+        if started.reused_head
+        else " (a local head started for it)"
+        if started.started_head
+        else ""
+    )
+    out.print(
+        f"cicd-ray is up on Ray at {started.address}{how}"
+        f"{'; GCS fault tolerance on ' + options.redis_address if options else ''}"
+    )
+    out.print(
+        f"  API:        {started.api_url}   "
+        f"(OpenAPI: {started.api_url}/openapi.json, with the token)"
+    )
+    if started.dashboard_url:
+        out.print(f"  dashboard:  {started.dashboard_url}   (Ray's token: `ray get-auth-token`)")
+    if started.token:
+        out.print("  a new API token was created; it is shown only now:")
+        out.print(f"    export CICD_RAY_URL={started.api_url}")
+        out.print(f"    export CICD_RAY_TOKEN={started.token}")
+    else:
+        out.print(
+            f"  authenticate with a configured token: export CICD_RAY_URL="
+            f"{started.api_url} CICD_RAY_TOKEN=<your token>"
+        )
+    out.print("  stop it with: cicd-ray down")

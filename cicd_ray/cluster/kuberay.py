@@ -219,6 +219,24 @@ def pool_group(
     )
 
 
+HEAD_PORTS = [
+    {"containerPort": 6379, "name": "gcs-server"},
+    {"containerPort": 8265, "name": "dashboard"},
+    {"containerPort": 10001, "name": "client"},
+    {"containerPort": API_PORT, "name": "serve"},
+    {"containerPort": METRICS_PORT, "name": "metrics"},
+]
+
+# The GCS keeps its tables in the chart's Redis, so a replaced head finds the cluster.
+GCS_FAULT_TOLERANCE = {
+    "redisAddress": "redis://cicd-redis:6379",
+    "redisPassword": {
+        "valueFrom": {"secretKeyRef": {"name": "cicd-ray-secrets", "key": "redis-password"}}
+    },
+    "externalStorageNamespace": "cicd-ray",
+}
+
+
 def manifests(
     pools: dict[str, PoolConfig],
     pools_text: str,
@@ -230,13 +248,6 @@ def manifests(
 ) -> list[dict]:
     """`projects`: those the pools file lists (`projects:`), whose secrets every pod mounts."""
     projects = projects or {}
-    head_ports = [
-        {"containerPort": 6379, "name": "gcs-server"},
-        {"containerPort": 8265, "name": "dashboard"},
-        {"containerPort": 10001, "name": "client"},
-        {"containerPort": API_PORT, "name": "serve"},
-        {"containerPort": METRICS_PORT, "name": "metrics"},
-    ]
     serve_config = {
         "applications": [
             {
@@ -262,19 +273,11 @@ def manifests(
                     "idleTimeoutSeconds": idle_timeout_s,
                     "upscalingMode": "Default",
                 },
-                "gcsFaultToleranceOptions": {
-                    "redisAddress": "redis://cicd-redis:6379",
-                    "redisPassword": {
-                        "valueFrom": {
-                            "secretKeyRef": {"name": "cicd-ray-secrets", "key": "redis-password"}
-                        }
-                    },
-                    "externalStorageNamespace": "cicd-ray",
-                },
+                "gcsFaultToleranceOptions": GCS_FAULT_TOLERANCE,
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                     "template": _pod(
-                        _container("ray-head", image, 2, 4096, projects, head_ports), projects
+                        _container("ray-head", image, 2, 4096, projects, HEAD_PORTS), projects
                     ),
                 },
                 "workerGroupSpecs": [

@@ -177,19 +177,7 @@ def up(
     gcs = ray.get_runtime_context().gcs_address
     dashboard = context.dashboard_url or ""
     ensure_master(settings)
-    grants, tokens_file, token = _tokens(settings)
-    from cicd_ray.api.serve import build
-
-    _check_serve_port(host, port)
-    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
-    serve.run(
-        build(grants, tokens_file, settings=settings),
-        name=SERVE_APP,
-        route_prefix="/",
-        blocking=False,
-    )
-    api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    _wait_healthy(api_url)
+    api_url, token = _deploy_api(settings, host, port, proxy_location)
     state = {"address": gcs, "started_head": started_head, "api_url": api_url}
     _state_file(settings).write_text(json.dumps(state))
     ray.shutdown()
@@ -202,6 +190,24 @@ def up(
         replaced_head=replaced,
         reused_head=reused,
     )
+
+
+def _deploy_api(settings: Settings, host: str, port: int, proxy_location: str) -> tuple[str, str]:
+    """The API on Serve, answering /healthz: its URL, and the token made for it (if one was)."""
+    from cicd_ray.api.serve import build
+
+    grants, tokens_file, token = _tokens(settings)
+    _check_serve_port(host, port)
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
+    serve.run(
+        build(grants, tokens_file, settings=settings),
+        name=SERVE_APP,
+        route_prefix="/",
+        blocking=False,
+    )
+    api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    _wait_healthy(api_url)
+    return api_url, token
 
 
 def _own_head(

@@ -88,24 +88,7 @@ def plan_submission(
         for i, why in refused_targets([n.webhook for n in spec.notify], settings.webhook_allow)
     ]
     problems += run_secret_problems(secrets)
-    listed = {
-        (s.base, name)
-        for s in steps
-        for name in s.secrets  # variants list the same
-        if name not in secrets
-    }  # the submission's own
-    control = control_secrets(settings, project)
-    problems += [
-        f"steps[{base}].secrets: {name} is {control[name]}: the control plane's, never a step's"
-        for base, name in sorted(listed)
-        if name in control
-    ]
-    listed = {(base, name) for base, name in listed if name not in control}
-    problems += [
-        f"steps[{base}].secrets: {why}"
-        for base, name in sorted(listed)
-        for why in missing(settings.secrets_dir, project, [name])
-    ]
+    problems += _secret_problems(steps, secrets, settings, project)
     if source is not None and len(source[1]) > settings.source_limit_bytes:
         problems.append(
             f"source: {len(source[1])} bytes is more than the "
@@ -120,6 +103,32 @@ def plan_submission(
         except SourceError as e:
             problems.append(f"source.ref: {e}")
     return Planned(spec, steps, problems, request, commit, branch, group, project)
+
+
+def _secret_problems(
+    steps: list[PlannedStep], secrets: dict[str, str], settings: Settings, project: str
+) -> list[str]:
+    """The project secrets the steps list that a step may not have (the control plane's) or
+    that are not there; the submission's own are given as they are."""
+    listed = {
+        (s.base, name)
+        for s in steps
+        for name in s.secrets  # variants list the same
+        if name not in secrets
+    }  # the submission's own
+    control = control_secrets(settings, project)
+    problems = [
+        f"steps[{base}].secrets: {name} is {control[name]}: the control plane's, never a step's"
+        for base, name in sorted(listed)
+        if name in control
+    ]
+    listed = {(base, name) for base, name in listed if name not in control}
+    problems += [
+        f"steps[{base}].secrets: {why}"
+        for base, name in sorted(listed)
+        for why in missing(settings.secrets_dir, project, [name])
+    ]
+    return problems
 
 
 def git_source_problems(url: str, allow: list[str]) -> list[str]:

@@ -1,12 +1,18 @@
-"""The shipped Serve config names an application that imports and deployments that exist."""
+"""What needs Ray's own modules without a cluster: the shipped Serve config names an application
+that imports and deployments that exist, and `up` refuses a bad proxy location before it starts
+anything."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
+
+from cicd_ray.config import Settings
+from cicd_ray.errors import CicdError
 
 
 def test_serve_config_is_valid_and_points_at_the_app():
@@ -23,3 +29,14 @@ def test_serve_config_is_valid_and_points_at_the_app():
     from cicd_ray.api.serve import ApiServer
 
     assert [d.name for d in app.deployments] == [ApiServer.name]
+
+
+def test_a_bad_proxy_location_is_refused_before_anything_starts(tmp_path):
+    from cicd_ray.cluster import up
+
+    with pytest.raises(
+        CicdError,
+        match="--proxy-location 'Everywhere': expected one of EveryNode, HeadOnly, Disabled",
+    ):
+        up.up(Settings(home=tmp_path), proxy_location="Everywhere")
+    assert not (tmp_path / "up.json").exists()

@@ -249,7 +249,7 @@ def test_the_api_while_the_master_cannot_answer(harness, api):
     gets 503 with a retry hint within the API's timeout instead of hanging."""
     import httpx
 
-    from cicd_ray.api.dependencies import MASTER_TIMEOUT_S
+    from cicd_ray.api.link import MASTER_TIMEOUT_S
     from cicd_ray.client import Client
     from cicd_ray.errors import MasterUnavailable
     from cicd_ray.store import open_store

@@ -51,6 +51,9 @@ def modules() -> dict[str, ast.Module]:
     return found
 
 
+MODULES = set(modules())
+
+
 def part_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] == "__main__":
@@ -77,9 +80,11 @@ def imports(tree: ast.Module, typing_too: bool = False) -> list[tuple[int, str]]
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            if node.module == "cicd_ray":
-                found += [(node.lineno, f"cicd_ray.{a.name}") for a in node.names]
-            else:
+            # `from cicd_ray.api import runs` imports the module cicd_ray.api.runs.
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            submodules = [n for n in names if n in MODULES]
+            found += [(node.lineno, n) for n in submodules]
+            if len(submodules) < len(names):
                 found.append((node.lineno, node.module))
     return found
 

@@ -48,17 +48,6 @@ def test_bad_ha_urls_say_what_is_accepted(url):
         Ha.from_url(url)
 
 
-def test_a_bad_proxy_location_is_refused_before_anything_starts(tmp_path):
-    from cicd_ray.cluster import up
-
-    with pytest.raises(
-        CicdError,
-        match="--proxy-location 'Everywhere': expected one of EveryNode, HeadOnly, Disabled",
-    ):
-        up.up(Settings(home=tmp_path), proxy_location="Everywhere")
-    assert not (tmp_path / "up.json").exists()
-
-
 # Every setting read from the environment as a number: (variable, a good value and the field it
 # sets with what it becomes, values refused).
 NUMBERS = [
