@@ -34,6 +34,7 @@ from cicd_ray.errors import (
 from cicd_ray.follow import follow
 from cicd_ray.names import API
 from cicd_ray.pipeline.load import load_pipeline
+from cicd_ray.pipeline.model import PipelineSpec
 from cicd_ray.protocol import LogSlice, RunChange
 from cicd_ray.source import SOURCE_LIMIT_BYTES, snapshot, source_folder
 
@@ -87,12 +88,14 @@ class Client:
         idempotency_key: str | None = None,
         secrets: dict[str, str] | None = None,
         project: str | None = None,
+        loaded: PipelineSpec | None = None,
     ) -> Run:
         """Submit a pipeline: a file path, YAML text or a mapping. A file's `source:` folder
         (or `source`, given here) is packed and uploaded. Retries of this call with the same
         `idempotency_key` return the same run. `secrets`: the run's own, given to the steps
         that list them, masked in logs, deleted when the run ends. `project`: whose run it is
-        (the token's project by default; only an admin's token may name another)."""
+        (the token's project by default; only an admin's token may name another). `loaded`:
+        the file's pipeline, when the caller has loaded it already (it is not parsed again)."""
         body: dict[str, Any] = {"env": env or {}}
         if secrets:
             body["secrets"] = secrets
@@ -101,7 +104,7 @@ class Client:
         folder = None
         if isinstance(pipeline, Path) or (isinstance(pipeline, str) and _names_a_file(pipeline)):
             path = Path(pipeline)
-            spec = load_pipeline(path)
+            spec = loaded or load_pipeline(path)
             body["pipeline"] = path.read_text(encoding="utf-8")
             folder = source_folder(spec.source, path.resolve().parent, source)
         else:

@@ -122,17 +122,26 @@ class RunCreated(BaseModel):
     url: str
 
 
+class SourceRef(BaseModel):
+    """A source snapshot (a gzip'd tar) in the artifact store, by its SHA-256: the edge that
+    took it in stored it there, the workers fetch it from there; the master holds only this."""
+
+    model_config = ConfigDict(extra="forbid")
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
 class SubmitCommand(BaseModel):
     """A submission as the master takes it, from the HTTP API, the CLI or a Ray job: the
-    pipeline (YAML text or an object), env overrides, the source snapshot (its digest and
-    bytes), an Idempotency-Key (already the caller's own), the run's own secrets (never
+    pipeline (YAML text or an object), env overrides, the source snapshot (stored already, by
+    its digest), an Idempotency-Key (already the caller's own), the run's own secrets (never
     printed: not in the repr), who submits and whose run it is."""
 
     model_config = ConfigDict(extra="forbid")
 
     pipeline: str | dict[str, Any]
     env: dict[str, str] = Field(default_factory=dict)
-    source: tuple[str, bytes] | None = None
+    source: SourceRef | None = None
     idempotency_key: str | None = None
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
     caller: Caller = Field(default_factory=Caller)

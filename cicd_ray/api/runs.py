@@ -8,6 +8,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import io
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from cicd_ray.api.dependencies import (
     submit_project,
 )
 from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
+from cicd_ray.api.reads import Reads
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.master.events import parse_position
 from cicd_ray.names import API, RUN_ID
@@ -42,6 +44,7 @@ from cicd_ray.protocol import (
     Rejected,
     RunChange,
     RunCreated,
+    SourceRef,
     SubmitCommand,
     SubmitRequest,
 )
@@ -67,6 +70,7 @@ router = APIRouter(tags=["runs"])
 )
 async def submit(
     master: MasterDep,
+    reads: ReadsDep,
     config: ConfigDep,
     req: SubmitRequest,
     response: Response,
@@ -80,11 +84,12 @@ async def submit(
     its quota of queued runs."""
     project = submit_project(grant, req.project)
     limit = config.settings.max_pipeline_bytes
-    pipeline, source = await _unpacked(req, limit)
+    pipeline, archive = await _unpacked(req, limit)
     # Parsing and planning take time on a large document: off this replica's loop.
     problems = await asyncio.to_thread(_check, pipeline, req.env, limit)
     if problems:
         return _rejected(problems)
+    source = await _stored(reads, archive) if archive is not None else None
     key = _scoped_key(idempotency_key, authorization)
     answer = await master.submit(
         SubmitCommand(
@@ -186,10 +191,8 @@ async def events(
     )
 
 
-async def _unpacked(
-    req: SubmitRequest, limit: int
-) -> tuple[str | dict[str, Any], tuple[str, bytes] | None]:
-    """The request's pipeline (with a git source put in it) and its archive (digest, bytes)."""
+async def _unpacked(req: SubmitRequest, limit: int) -> tuple[str | dict[str, Any], bytes | None]:
+    """The request's pipeline (with a git source put in it) and its archive, checked."""
     if isinstance(req.source, GitSource):
         return await asyncio.to_thread(_with_git_source, req.pipeline, req.source, limit), None
     if req.source is None:
@@ -202,7 +205,15 @@ async def _unpacked(
         await asyncio.to_thread(check_archive, data)
     except SourceError as e:
         raise HTTPException(422, detail=str(e)) from None
-    return req.pipeline, (hashlib.sha256(data).hexdigest(), data)
+    return req.pipeline, data
+
+
+async def _stored(reads: Reads, archive: bytes) -> SourceRef:
+    """The checked archive put in the artifact store the master names (the master handles its
+    digest only; the workers fetch it from there)."""
+    blobs = await reads.artifacts()
+    digest = await asyncio.to_thread(blobs.put, io.BytesIO(archive))
+    return SourceRef(digest=digest, size=len(archive))
 
 
 def _rejected(problems: list[str]) -> JSONResponse:

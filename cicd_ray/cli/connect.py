@@ -239,7 +239,7 @@ class HttpRunner:
         env: dict[str, str],
         secrets: dict[str, str] | None = None,
     ) -> str:
-        return self.client.submit(path, source=source, env=env, secrets=secrets).id
+        return self.client.submit(path, source=source, env=env, secrets=secrets, loaded=spec).id
 
     def view(self, run_id: str) -> RunView:
         return RunView.model_validate(self.client.run(run_id).view)

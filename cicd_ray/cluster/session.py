@@ -6,6 +6,7 @@ Used by the CLI (through cicd_ray.cli.connect.RayRunner), the benchmarks and the
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -18,8 +19,9 @@ from cicd_ray.errors import MasterUnavailable, SpecError
 from cicd_ray.master.actor import master_actor
 from cicd_ray.names import MASTER_NAME, NAMESPACE
 from cicd_ray.pipeline.model import PipelineSpec
-from cicd_ray.protocol import Rejected, SubmitCommand
+from cicd_ray.protocol import Rejected, SourceRef, SubmitCommand
 from cicd_ray.source import snapshot, source_folder
+from cicd_ray.store.blobs import ArtifactStore
 
 MASTER_START_TIMEOUT_S = 120.0
 
@@ -77,7 +79,12 @@ def submit(
     the run)."""
     settings = settings or Settings.from_env()
     folder = source_folder(spec.source, pipeline_dir, source_dir)
-    source = snapshot(folder, settings.source_limit_bytes) if folder is not None else None
+    source = None
+    if folder is not None:  # into the artifact store the master names: it handles the digest
+        digest, data = snapshot(folder, settings.source_limit_bytes)
+        blobs = ArtifactStore(call(master.ping.remote())["artifacts"])
+        source = SourceRef(digest=blobs.put(io.BytesIO(data)), size=len(data))
+        assert source.digest == digest
     answer = call(
         master.submit.remote(
             SubmitCommand(

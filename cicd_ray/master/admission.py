@@ -20,13 +20,14 @@ from cicd_ray.notify.webhooks import TargetRefused, checked_host, refused_target
 from cicd_ray.pipeline.graph import check_env_overrides, expanded, plan, planned_bytes
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pipeline.model import ConcurrencySpec, GitSource, PipelineSpec, PlannedStep
+from cicd_ray.protocol import SourceRef
 from cicd_ray.scheduler import check_fits
 from cicd_ray.secrets import missing, run_secret_problems
 from cicd_ray.source import resolve_ref
 from cicd_ray.triggers.githosts import Trigger
 from cicd_ray.triggers.repositories import RepoConfig
 
-Source = tuple[str, bytes]  # (sha256 digest, .tar.gz bytes)
+Source = SourceRef  # a snapshot the edge stored in the artifact store
 
 
 @dataclass
@@ -58,6 +59,7 @@ def plan_submission(
     secrets: dict[str, str] | None = None,
     project: str = "default",
     git_allow: list[str] | None = None,
+    source_stored: Callable[[str], bool] = lambda digest: True,
 ) -> Planned:
     """(spec, planned steps, problems) of a submission, its request digest, and the commit its
     git source is pinned to, with the branch its ref named (`resolve` asks the repository: the
@@ -89,11 +91,12 @@ def plan_submission(
     ]
     problems += run_secret_problems(secrets)
     problems += _secret_problems(steps, secrets, settings, project)
-    if source is not None and len(source[1]) > settings.source_limit_bytes:
+    if source is not None and source.size > settings.source_limit_bytes:
         problems.append(
-            f"source: {len(source[1])} bytes is more than the "
-            f"{settings.source_limit_bytes} byte limit"
+            f"source: {source.size} bytes is more than the {settings.source_limit_bytes} byte limit"
         )
+    elif source is not None and not source_stored(source.digest):
+        problems.append(f"source: snapshot sha256:{source.digest} is not in the artifact store")
     if git_allow is not None and source is None and isinstance(spec.source, GitSource):
         problems += git_source_problems(spec.source.git, git_allow)
     commit, branch = None, ""
@@ -195,7 +198,7 @@ def request_digest(
     """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names
     of the submission's own secrets (never their values: a digest of a short value could be
     guessed back from the store)."""
-    parts = [pipeline, env or {}, source[0] if source else None]
+    parts = [pipeline, env or {}, source.digest if source else None]
     if secret_names:  # (without any, the digest is what it was before secrets came)
         parts.append(sorted(secret_names))
     text = json.dumps(parts, sort_keys=True, default=str)

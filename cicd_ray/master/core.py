@@ -31,6 +31,7 @@ from cicd_ray.records import Caller, Changes, StepOutcome, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.share import Share
 from cicd_ray.store import Store
+from cicd_ray.store.blobs import ArtifactStore
 
 RECENT_S = 600.0  # stopped workers shown for this long
 Clock = Callable[[], float]
@@ -69,8 +70,9 @@ class MasterCore:
         self.committer = Committer(store, self.sched, clock, [*parts, *(observers or [])])
         self.commit = self.committer.commit
         self.take_effects = self.committer.take_effects
+        blobs = ArtifactStore(settings.artifacts_url)  # source snapshots, by digest
         self.submissions = Submissions(
-            settings, store, self.sched, clock, self.committer, self.outbox, self.timetable
+            settings, store, self.sched, clock, self.committer, self.outbox, self.timetable, blobs
         )
         self.starts = Starts(settings, clock, self.timetable, self.submissions, self.committer)
         self.recovered = self._recover()

@@ -19,6 +19,7 @@ from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.runbook import failed_part
 from cicd_ray.states import RunState
 from cicd_ray.store import Store
+from cicd_ray.store.blobs import ArtifactStore
 from cicd_ray.triggers.cron import ScheduleRecord
 
 
@@ -34,6 +35,7 @@ class Submissions:
         committer: Committer,
         outbox: Outbox,
         timetable: Timetable,
+        blobs: ArtifactStore,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -42,6 +44,7 @@ class Submissions:
         self.committer = committer
         self.outbox = outbox
         self.timetable = timetable
+        self.blobs = blobs  # where the edges put source snapshots
 
     def plan(
         self,
@@ -67,6 +70,7 @@ class Submissions:
             secrets=secrets or {},
             project=project,
             git_allow=git_allow,
+            source_stored=self.blobs.has,
         )
 
     def known_key(self, key: str | None, request: str) -> Reply | None:
@@ -97,8 +101,6 @@ class Submissions:
             return answer
         now = self.clock()
         run = self._new_run(planned, source, now)
-        if source is not None:
-            self.store.put_source(*source, at=now)
         self.sched.submit(run, planned.steps, now)
         extra = Changes(audit=[audit(caller, "submit", run, now)])
         if key:
@@ -121,7 +123,7 @@ class Submissions:
             seq=self.store.next_run_seq(),
             pipeline=spec.name,
             created_at=now,
-            source_digest=source[0] if source else None,
+            source_digest=source.digest if source else None,
             source_git=None if source else git,
             commit=None if source else planned.commit,
             branch="" if source else planned.branch,
@@ -149,6 +151,11 @@ class Submissions:
         planned = self.plan(pipeline, env, source, secrets=secrets, project=project)
         known = self.known_key(key, planned.request)
         return known or self.accept(planned, source, key, secrets, caller)
+
+    def _source_kept(self, digest: str) -> bool:
+        """Whether a run's snapshot is still there: in the artifact store (or, for a run
+        submitted before snapshots went there, in the store)."""
+        return self.blobs.has(digest) or self.store.get_source(digest) is not None
 
     def over_quota(self, project: str) -> OverQuota | None:
         """The refusal of a project's run past its quota of queued runs, if it is there."""
@@ -178,7 +185,7 @@ class Submissions:
                 "(or cancel it)"
             )
             return Rejected(problems=[problem])
-        if old.source_digest and self.store.get_source(old.source_digest) is None:
+        if old.source_digest and not self._source_kept(old.source_digest):
             problem = (
                 f"run {run_id}'s source snapshot is no longer stored (retention): submit the "
                 "pipeline again"

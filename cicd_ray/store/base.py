@@ -91,8 +91,8 @@ class Store(Protocol):
         by id."""
 
     def artifact_digests(self) -> set[str]:
-        """The digest of every artifact a stored step or result points at (what the artifact
-        store must keep)."""
+        """The digest of every artifact a stored step or result points at, and of every stored
+        run's source snapshot (what the artifact store must keep)."""
 
     # --- retention (see cicd_ray.store.retention) ---
 

@@ -72,6 +72,14 @@ class ArtifactStore:
     def has(self, digest: str) -> bool:
         return self.fs.exists(self._blob(digest))
 
+    def read(self, digest: str) -> bytes | None:
+        """A blob's content (a source snapshot), or None when it is not stored."""
+        try:
+            with self.fs.open(self._blob(digest), "rb") as src:
+                return src.read()
+        except FileNotFoundError:
+            return None
+
     def put(self, src: BinaryIO) -> str:
         """Keep a file's content under its digest, once (a digest already stored is not
         written again); returns the digest."""

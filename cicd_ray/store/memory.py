@@ -182,9 +182,12 @@ class MemoryStore:
         with self._lock:
             steps = [t for run in self._steps.values() for t in run.values()]
             results = list(self._results.values())
-        return {f.digest for t in steps for f in StepRecord.model_validate_json(t).artifacts} | {
-            f.digest for t in results for f in ResultRecord.model_validate_json(t).artifacts
-        }
+            runs = [RunRecord.model_validate_json(t) for t in self._runs.values()]
+        return (
+            {f.digest for t in steps for f in StepRecord.model_validate_json(t).artifacts}
+            | {f.digest for t in results for f in ResultRecord.model_validate_json(t).artifacts}
+            | {r.source_digest for r in runs if r.source_digest}
+        )
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         return [

@@ -202,10 +202,15 @@ class RedisStore:
             out = list(self._r.hvals(self._k("results")))
             for key in self._r.scan_iter(match=self._k("steps", "*"), count=500):
                 out += self._r.hvals(key)
+            ids = self._r.zrange(self._k("runs"), 0, -1)
+            for start in range(0, len(ids), 500):
+                keys = [self._k("run", i.decode()) for i in ids[start : start + 500]]
+                out += [data for data in self._r.mget(keys) if data]
             return out
 
-        return {
-            f["digest"] for data in self._do(read) for f in json.loads(data).get("artifacts", [])
+        records = [json.loads(data) for data in self._do(read)]
+        return {f["digest"] for r in records for f in r.get("artifacts", [])} | {
+            r["source_digest"] for r in records if r.get("source_digest")
         }
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:

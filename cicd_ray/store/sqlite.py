@@ -229,7 +229,9 @@ class SqliteStore:
             "SELECT data FROM steps WHERE data LIKE '%\"digest\"%' "
             "UNION ALL SELECT data FROM results"
         )
-        return {f["digest"] for (data,) in rows for f in json.loads(data).get("artifacts", [])}
+        kept = {f["digest"] for (data,) in rows for f in json.loads(data).get("artifacts", [])}
+        runs = self._read('SELECT data FROM runs WHERE data LIKE \'%"source_digest":"%\'')
+        return kept | {json.loads(data)["source_digest"] for (data,) in runs}
 
     def expired_runs(self, before: float, limit: int = 500) -> list[RunRecord]:
         done = ",".join("?" * len(RUN_TERMINAL))

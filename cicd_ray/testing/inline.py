@@ -7,11 +7,13 @@ and duplicate reports with it deterministically.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from cicd_ray.master.core import MasterCore
+from cicd_ray.protocol import SourceRef
 from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
-from cicd_ray.source import unpack
+from cicd_ray.source import snapshot, unpack
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.worker.execution import ExecConfig, Execution
 
@@ -99,10 +101,19 @@ class InlineDriver:
                 return
         raise RuntimeError(f"still busy after {max_rounds} rounds")
 
+    def source(self, folder: Path) -> SourceRef:
+        """A folder packed and put in the artifact store, as an edge does before it submits."""
+        digest, data = snapshot(folder, self.core.settings.source_limit_bytes)
+        self.config.artifacts.put(io.BytesIO(data))
+        return SourceRef(digest=digest, size=len(data))
+
     def _source(self, digest: str) -> Path:
         dest = self.config.work_dir / "sources" / digest
         if not dest.is_dir():
-            data = self.core.store.get_source(digest)
+            store = self.config.artifacts
+            data = store.read(digest) if store is not None else None
+            if data is None:  # a run submitted before snapshots went to the artifact store
+                data = self.core.store.get_source(digest)
             if data is None:
                 raise FileNotFoundError(f"source snapshot {digest[:12]} is not in the store")
             unpack(data, dest, digest)

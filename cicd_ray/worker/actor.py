@@ -160,9 +160,14 @@ class Worker:
         dest = cache / digest
         with self._source_lock:
             if not dest.is_dir():
-                data = ray.get(self._master_handle().get_source.remote(digest), timeout=300)
+                store = self.exec_config.artifacts
+                data = store.read(digest) if store is not None else None
+                if data is None:  # a run submitted before snapshots went to the artifact store
+                    data = ray.get(self._master_handle().get_source.remote(digest), timeout=300)
                 if data is None:
-                    raise FileNotFoundError(f"source snapshot {digest[:12]} is not in the store")
+                    raise FileNotFoundError(
+                        f"source snapshot {digest[:12]} is not in the artifact store"
+                    )
                 cache.mkdir(parents=True, exist_ok=True, mode=0o700)
                 unpack(
                     data,

@@ -129,12 +129,10 @@ def test_a_cache_misses_then_hits_then_restores_a_partial_match(settings, tmp_pa
     src.mkdir()
     (src / "lock").write_text("v1\n")
     core, driver = make(settings)
-    from cicd_ray.source import snapshot
 
     def run_with_lock(text):
         (src / "lock").write_text(text)
-        source = snapshot(src, 10**7)
-        run_id = submitted(core.submit(CACHED, source=source))
+        run_id = submitted(core.submit(CACHED, source=driver.source(src)))
         driver.run_until_idle()
         view = run_view(core.store, run_id)
         assert view.run.state == "succeeded"

@@ -385,6 +385,20 @@ def test_results_are_found_by_key_and_deleted_with_the_run_that_made_them(store)
     assert store.artifact_digests() == {"b" * 64}
 
 
+def test_a_run_s_source_snapshot_is_referenced_while_the_run_is_stored(store):
+    """Snapshots live in the artifact store by digest: retention keeps those a stored run
+    names, and lets go of a run's once the run is deleted."""
+    _finished_run(store, "old", at=10.0)
+    run = store.get_run("old")
+    run.source_digest = "c" * 64
+    changes = Changes()
+    changes.add(run)
+    store.save(changes)
+    assert store.artifact_digests() == {"c" * 64}
+    store.delete_runs(["old"])
+    assert store.artifact_digests() == set()
+
+
 def test_deliveries_are_listed_per_run_open_ones_found_and_deleted_with_their_run(store):
     from cicd_ray.records import DeliveryRecord
 
