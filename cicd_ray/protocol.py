@@ -5,13 +5,24 @@ docstring. They serialise to the JSON the HTTP API answers with.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from cicd_ray import tokens
-from cicd_ray.pipeline.model import GitSource
-from cicd_ray.records import AttemptRecord, Caller, DeliveryRecord, RunRecord, StepRecord
+from cicd_ray.pipeline.model import GitSource, PlannedStep
+from cicd_ray.records import (
+    ArtifactFile,
+    ArtifactInput,
+    AttemptRecord,
+    CacheUse,
+    Caller,
+    DeliveryRecord,
+    RunRecord,
+    StepRecord,
+)
+from cicd_ray.states import StepState
+from cicd_ray.triggers.cron import ScheduleSpec
 
 # How often a follower of a step's log asks for more (logs have no long poll).
 LOG_POLL_S = 0.25
@@ -146,3 +157,74 @@ class SubmitCommand(BaseModel):
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
     caller: Caller = Field(default_factory=Caller)
     project: str = "default"
+
+
+# --- between the master and its workers ----------------------------------------------------
+
+
+class StepTask(BaseModel):
+    """What a worker is given to run one attempt of a step."""
+
+    run_id: str
+    attempt_id: str
+    attempt: int
+    step: PlannedStep
+    source_digest: str | None = None
+    source_git: GitSource | None = None
+    commit: str | None = None  # the run's pinned commit, checked out instead of the ref
+    pipeline: str = ""  # caches are kept per pipeline
+    project: str = "default"  # the secrets its step lists are this project's
+    branch: str = ""  # the run's, for the step's environment (CICD_BRANCH, CICD_EVENT, CICD_PR)
+    event: str = "manual"
+    pr: int | None = None
+    fork: bool = False  # a pull request from another repository: no secrets, no cache saves
+    inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
+    artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
+    # The values of the run's own secrets this step lists (added by the core as it hands the
+    # task out; never stored with the task, which is not stored).
+    secret_values: dict[str, str] = Field(default_factory=dict, repr=False)
+    # Which master dispatched it: a worker whose master has changed since reports the outcome
+    # itself, as the call that would have carried it back has no one waiting on it.
+    master_epoch: float = 0.0
+
+
+class StepOutcome(BaseModel):
+    """What a worker reports back: a failing step is data, not an exception."""
+
+    attempt_id: str
+    run_id: str
+    step: str
+    state: StepState
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    peak_memory_mb: float | None = None
+    cpu_time_s: float | None = None
+    reason: str = ""
+    runs_as: str = ""
+    artifacts: list[ArtifactFile] = Field(default_factory=list)
+    caches: list[CacheUse] = Field(default_factory=list)
+    # The end of the log not yet streamed, stored with the outcome in the same transaction.
+    log_seq: int = 0
+    log_tail: bytes = b""
+
+
+# --- the HTTP API's requests (those of runs are above) ---------------------------------------
+
+
+class RerunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    only_failed: bool = False
+
+
+Who = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,100}$")]
+
+
+class ApproveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reject: bool = False
+    comment: Annotated[str, StringConstraints(max_length=1000)] = ""
+    by: Who | None = None  # a name the caller gives: kept with the comment, not as who answered
+
+
+class NewSchedule(ScheduleSpec):
+    project: str | None = None  # an admin's token may name one (else the token's)

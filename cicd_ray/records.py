@@ -155,16 +155,6 @@ class AttemptRecord(BaseModel):
     caches: list[CacheUse] = Field(default_factory=list)
     reused_from: Origin | None = None
 
-    def measured(self, outcome: StepOutcome) -> None:
-        """Take what the worker measured of it."""
-        self.exit_code = outcome.exit_code
-        self.duration_s = outcome.duration_s
-        self.peak_memory_mb = outcome.peak_memory_mb
-        self.cpu_time_s = outcome.cpu_time_s
-        self.runs_as = outcome.runs_as
-        self.artifacts = outcome.artifacts
-        self.caches = outcome.caches
-
 
 class WorkerRecord(BaseModel):
     kind: ClassVar[Kind] = "worker"
@@ -309,49 +299,3 @@ class Changes(BaseModel):
             or self.schedules
             or self.drop_schedules
         )
-
-
-class StepTask(BaseModel):
-    """What a worker is given to run one attempt of a step."""
-
-    run_id: str
-    attempt_id: str
-    attempt: int
-    step: PlannedStep
-    source_digest: str | None = None
-    source_git: GitSource | None = None
-    commit: str | None = None  # the run's pinned commit, checked out instead of the ref
-    pipeline: str = ""  # caches are kept per pipeline
-    project: str = "default"  # the secrets its step lists are this project's
-    branch: str = ""  # the run's, for the step's environment (CICD_BRANCH, CICD_EVENT, CICD_PR)
-    event: str = "manual"
-    pr: int | None = None
-    fork: bool = False  # a pull request from another repository: no secrets, no cache saves
-    inputs: list[ArtifactInput] = Field(default_factory=list)  # the needs' artifacts
-    artifact_room_bytes: int = 0  # what the run may still keep (CICD_RAY_ARTIFACT_RUN_MAX_BYTES)
-    # The values of the run's own secrets this step lists (added by the core as it hands the
-    # task out; never stored with the task, which is not stored).
-    secret_values: dict[str, str] = Field(default_factory=dict, repr=False)
-    # Which master dispatched it: a worker whose master has changed since reports the outcome
-    # itself, as the call that would have carried it back has no one waiting on it.
-    master_epoch: float = 0.0
-
-
-class StepOutcome(BaseModel):
-    """What a worker reports back: a failing step is data, not an exception."""
-
-    attempt_id: str
-    run_id: str
-    step: str
-    state: StepState
-    exit_code: int | None = None
-    duration_s: float = 0.0
-    peak_memory_mb: float | None = None
-    cpu_time_s: float | None = None
-    reason: str = ""
-    runs_as: str = ""
-    artifacts: list[ArtifactFile] = Field(default_factory=list)
-    caches: list[CacheUse] = Field(default_factory=list)
-    # The end of the log not yet streamed, stored with the outcome in the same transaction.
-    log_seq: int = 0
-    log_tail: bytes = b""

@@ -10,22 +10,16 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from cicd_ray.api.dependencies import Granted, MasterDep, ReadsDep, caller, needs, not_found
 from cicd_ray.api.reads import Reads
 from cicd_ray.names import API, RUN_ID
-from cicd_ray.protocol import Missing, OverQuota, Rejected, RunView
+from cicd_ray.protocol import Missing, OverQuota, Rejected, RerunRequest, RunView
 from cicd_ray.reads.artifacts import artifact_list
 from cicd_ray.store.blobs import CHUNK, ArtifactStore
 from cicd_ray.tokens import Role
 
 RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
-
-
-class RerunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    only_failed: bool = False
 
 
 router = APIRouter(tags=["builds"])

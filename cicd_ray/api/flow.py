@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from cicd_ray.api.builds import RunId
 from cicd_ray.api.dependencies import Granted, MasterDep, caller, needs
 from cicd_ray.names import API
-from cicd_ray.protocol import Missing, Rejected
+from cicd_ray.protocol import ApproveRequest, Missing, Rejected
 from cicd_ray.tokens import Role
-
-Who = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,100}$")]
-
-
-class ApproveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    reject: bool = False
-    comment: Annotated[str, StringConstraints(max_length=1000)] = ""
-    by: Who | None = None  # a name the caller gives: kept with the comment, not as who answered
-
 
 router = APIRouter(tags=["flow control"])
 

@@ -10,15 +10,11 @@ from fastapi import Path as PathParam
 
 from cicd_ray.api.dependencies import Granted, MasterDep, needs, submit_project
 from cicd_ray.names import API
-from cicd_ray.protocol import Rejected
+from cicd_ray.protocol import NewSchedule, Rejected
 from cicd_ray.tokens import PROJECT_NAME, Role
 from cicd_ray.triggers.cron import SCHEDULE_NAME, ScheduleSpec
 
 ProjectQuery = Annotated[str | None, Query(pattern=PROJECT_NAME.pattern)]
-
-
-class NewSchedule(ScheduleSpec):
-    project: str | None = None  # an admin's token may name one (else the token's)
 
 
 router = APIRouter(tags=["schedules"])

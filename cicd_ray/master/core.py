@@ -26,8 +26,8 @@ from cicd_ray.master.outbox import Outbox
 from cicd_ray.master.ownsecrets import OwnSecrets
 from cicd_ray.master.starts import Starts
 from cicd_ray.master.submissions import Submissions, audit
-from cicd_ray.protocol import Missing, Rejected, Reply
-from cicd_ray.records import Caller, Changes, StepOutcome, WorkerRecord
+from cicd_ray.protocol import Missing, Rejected, Reply, StepOutcome
+from cicd_ray.records import Caller, Changes, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.share import Share
 from cicd_ray.store import Store

@@ -5,15 +5,8 @@ loss or by a kill, and then retried where the retry rule says so or finished.
 from __future__ import annotations
 
 from cicd_ray.pools import PoolConfig
-from cicd_ray.records import (
-    AttemptRecord,
-    Origin,
-    ResultRecord,
-    StepOutcome,
-    StepRecord,
-    StepTask,
-    WorkerRecord,
-)
+from cicd_ray.protocol import StepOutcome, StepTask
+from cicd_ray.records import AttemptRecord, Origin, ResultRecord, StepRecord, WorkerRecord
 from cicd_ray.scheduler.advance import Advance
 from cicd_ray.scheduler.builds import inputs_of
 from cicd_ray.scheduler.decisions import Decisions, Kill
@@ -91,7 +84,7 @@ class Attempts:
         attempt = self.running.get(outcome.attempt_id)
         if attempt is None or attempt.state is not StepState.RUNNING:
             return False
-        attempt.measured(outcome)
+        measure(attempt, outcome)
         if outcome.log_tail:
             self.out.changes.logs.append((attempt.id, outcome.log_seq, outcome.log_tail))
         self.end(attempt, outcome.state, now, reason=outcome.reason)
@@ -164,6 +157,17 @@ class Attempts:
         step.reason = f"attempt {attempt.number} {again.why}: {reason}".rstrip(": ")
         self.out.record(step)
         self.queues.push(self.book.runs[step.run_id], step, now)
+
+
+def measure(attempt: AttemptRecord, outcome: StepOutcome) -> None:
+    """The attempt takes what its worker measured of it."""
+    attempt.exit_code = outcome.exit_code
+    attempt.duration_s = outcome.duration_s
+    attempt.peak_memory_mb = outcome.peak_memory_mb
+    attempt.cpu_time_s = outcome.cpu_time_s
+    attempt.runs_as = outcome.runs_as
+    attempt.artifacts = outcome.artifacts
+    attempt.caches = outcome.caches
 
 
 def new_attempt(step: StepRecord, worker: WorkerRecord, now: float) -> AttemptRecord:

@@ -7,14 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cicd_ray.records import (
-    AttemptRecord,
-    Changes,
-    RunRecord,
-    StepRecord,
-    StepTask,
-    WorkerRecord,
-)
+from cicd_ray.protocol import StepTask
+from cicd_ray.records import AttemptRecord, Changes, RunRecord, StepRecord, WorkerRecord
 
 
 @dataclass

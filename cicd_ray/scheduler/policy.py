@@ -15,14 +15,8 @@ from collections.abc import Callable
 
 from cicd_ray.pipeline.model import PlannedStep
 from cicd_ray.pools import PoolConfig
-from cicd_ray.records import (
-    AttemptRecord,
-    ResultRecord,
-    RunRecord,
-    StepOutcome,
-    StepRecord,
-    WorkerRecord,
-)
+from cicd_ray.protocol import StepOutcome
+from cicd_ray.records import AttemptRecord, ResultRecord, RunRecord, StepRecord, WorkerRecord
 from cicd_ray.scheduler.advance import Advance
 from cicd_ray.scheduler.attempts import Attempts
 from cicd_ray.scheduler.builds import carry

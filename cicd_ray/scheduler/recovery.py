@@ -4,7 +4,8 @@ restart, and reconciling what a worker says when it registers again.
 
 from __future__ import annotations
 
-from cicd_ray.records import AttemptRecord, RunRecord, StepOutcome, StepRecord, WorkerRecord
+from cicd_ray.protocol import StepOutcome
+from cicd_ray.records import AttemptRecord, RunRecord, StepRecord, WorkerRecord
 from cicd_ray.scheduler.advance import Advance
 from cicd_ray.scheduler.attempts import Attempts
 from cicd_ray.scheduler.flow import Flow

@@ -11,8 +11,8 @@ import io
 from pathlib import Path
 
 from cicd_ray.master.core import MasterCore
-from cicd_ray.protocol import SourceRef
-from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
+from cicd_ray.protocol import SourceRef, StepOutcome, StepTask
+from cicd_ray.records import WorkerRecord
 from cicd_ray.source import snapshot, unpack
 from cicd_ray.states import StepState, WorkerState
 from cicd_ray.worker.execution import ExecConfig, Execution

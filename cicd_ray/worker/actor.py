@@ -21,7 +21,8 @@ from cicd_ray.config import Settings, parse_uids
 from cicd_ray.names import MASTER_NAME, NAMESPACE, worker_actor_name
 from cicd_ray.ownership import private_folder
 from cicd_ray.pools import PoolConfig
-from cicd_ray.records import StepOutcome, StepTask, WorkerRecord
+from cicd_ray.protocol import StepOutcome, StepTask
+from cicd_ray.records import WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution

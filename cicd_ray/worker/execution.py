@@ -20,7 +20,7 @@ from pathlib import Path
 from cicd_ray.config import Settings
 from cicd_ray.errors import IsolationError, SourceError
 from cicd_ray.ownership import popen_user
-from cicd_ray.records import StepOutcome, StepTask
+from cicd_ray.protocol import StepOutcome, StepTask
 from cicd_ray.secrets import SecretError, read_all
 from cicd_ray.states import StepState
 from cicd_ray.store.blobs import ArtifactError, ArtifactStore

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cicd_ray.records import ArtifactFile, CacheUse, StepTask
+from cicd_ray.protocol import StepTask
+from cicd_ray.records import ArtifactFile, CacheUse
 from cicd_ray.source import clone
 from cicd_ray.store.blobs import ArtifactError
 from cicd_ray.worker.artifacts import keep, place_inputs

@@ -6,7 +6,7 @@ import time
 
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
-from cicd_ray.records import StepTask
+from cicd_ray.protocol import StepTask
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution
 from tests.waiting import all_gone, pids_in

@@ -12,8 +12,8 @@ from cicd_ray.master.core import MasterCore
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pools import PoolConfig, ProjectConfig, load_projects
-from cicd_ray.protocol import OverQuota, Submitted
-from cicd_ray.records import Caller, RunRecord, StepOutcome, WorkerRecord
+from cicd_ray.protocol import OverQuota, StepOutcome, Submitted
+from cicd_ray.records import Caller, RunRecord, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.share import Share
 from cicd_ray.states import StepState

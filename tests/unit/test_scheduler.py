@@ -10,7 +10,8 @@ from cicd_ray.errors import InvalidTransition, SpecError
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pools import PoolConfig
-from cicd_ray.records import RunRecord, StepOutcome, WorkerRecord
+from cicd_ray.protocol import StepOutcome
+from cicd_ray.records import RunRecord, WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.states import RunState, StepState, WorkerState
 

@@ -36,10 +36,11 @@ from cicd_ray.protocol import (
     Reply,
     RunChange,
     RunView,
+    StepOutcome,
     SubmitCommand,
 )
 from cicd_ray.reads.explain import Explanation, explain_answer
-from cicd_ray.records import Caller, StepOutcome, WorkerRecord
+from cicd_ray.records import Caller, WorkerRecord
 from cicd_ray.states import WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
 

@@ -14,7 +14,7 @@ from ray.exceptions import RayActorError, RayError
 from cicd_ray.config import Settings
 from cicd_ray.master.core import MasterCore
 from cicd_ray.names import NAMESPACE, worker_actor_name
-from cicd_ray.records import StepOutcome, StepTask
+from cicd_ray.protocol import StepOutcome, StepTask
 from cicd_ray.scheduler import Effects
 from cicd_ray.states import StepState
 from cicd_ray.worker.actor import start_worker
