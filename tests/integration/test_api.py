@@ -321,7 +321,7 @@ def test_client_errors_are_project_exceptions(api):
 
 
 def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
-    from tests.unit.test_source import make_repo
+    from tests.builders import make_repo
 
     url = make_repo(tmp_path)
     read = {"name": "read", "run": "cat README; git log --oneline | wc -l"}
@@ -362,7 +362,7 @@ def test_git_source_from_a_local_bare_repository(client, api, tmp_path):
 
 
 def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client, api):
-    from tests.unit.test_yaml_and_limits import HOSTILE
+    from tests.builders import HOSTILE
 
     run = client.submit({"name": "beside", "steps": [{"name": "a", "run": "sleep 2; echo on"}]})
     before = runs_count(api)
@@ -393,7 +393,7 @@ def test_hostile_documents_get_a_4xx_within_a_second_while_a_run_goes_on(client,
 
 def test_a_3000_step_chain_written_backwards_is_accepted_and_fails_cleanly(client):
     """Each step needs the one after it, and the last one fails: once a 500."""
-    from tests.unit.test_yaml_and_limits import chain
+    from tests.builders import chain
 
     started = time.perf_counter()
     run = client.submit(chain(3000, reverse=True))

@@ -31,7 +31,7 @@ def git(*args: str, cwd) -> str:
 def test_the_commit_stays_pinned_when_the_branch_moves_between_two_steps(
     harness, tmp_path, shared_dir
 ):
-    from tests.unit.test_source import make_repo
+    from tests.builders import make_repo
 
     url = make_repo(tmp_path)
     pinned = git("rev-parse", "main", cwd=tmp_path / "repo.git")

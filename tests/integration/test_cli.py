@@ -115,7 +115,7 @@ steps:
 
 
 def test_a_git_ref_that_names_no_commit_exits_2_at_submission(cli, tmp_path):
-    from tests.unit.test_source import make_repo
+    from tests.builders import make_repo
 
     url = make_repo(tmp_path)
     pipeline = write(

@@ -51,8 +51,8 @@ def test_a_failing_run_runs_its_always_cleanup_and_skips_by_condition(harness, s
 
 
 def test_a_branch_condition_runs_on_main_and_skips_on_another_branch(harness, tmp_path):
+    from tests.builders import make_repo
     from tests.integration.test_builds import git
-    from tests.unit.test_source import make_repo
 
     url = make_repo(tmp_path)
     git("push", "-q", url, "main:feature", cwd=tmp_path / "work")

@@ -13,8 +13,8 @@ import ray
 
 from cicd_ray.states import StepState
 from cicd_ray.worker.isolation import STEP_ROOT
+from tests.builders import chain
 from tests.integration.conftest import WORKER_SECRET
-from tests.unit.test_yaml_and_limits import chain
 
 
 def _processes_holding(text: str) -> int:

@@ -332,7 +332,7 @@ def test_the_api_guide_s_commands_run_as_written(server, tmp_path):
         )
 
     assert sh("curl -s $CICD_RAY_URL/healthz")[0]["status"] == "ok"
-    from tests.unit.test_source import make_repo
+    from tests.builders import make_repo
 
     git_dir = tmp_path / "git"
     git_dir.mkdir()

@@ -11,7 +11,7 @@ from cicd_ray.config import Settings
 from cicd_ray.pools import PoolConfig
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
-from tests.unit.test_core import make, submitted
+from tests.builders import make, submitted
 
 BUILD = {
     "name": "build",
@@ -421,7 +421,7 @@ def test_caches_are_a_projects_own_and_a_pull_request_never_saves_to_its_base(tm
     from cicd_ray.pipeline.model import CacheSpec
     from cicd_ray.store.blobs import ArtifactStore
     from cicd_ray.worker.caches import NodeCaches
-    from tests.unit.test_executor import execute, task
+    from tests.builders import execute, task
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     caches = NodeCaches(store, tmp_path / "node", 10**9)

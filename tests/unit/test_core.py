@@ -7,14 +7,13 @@ import pytest
 
 from cicd_ray.config import Settings
 from cicd_ray.errors import StoreError
-from cicd_ray.master.core import MasterCore
 from cicd_ray.pools import PoolConfig
 from cicd_ray.protocol import Conflict, Rejected, Submitted
 from cicd_ray.states import RunState, StepState
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from cicd_ray.testing.clock import ManualClock
-from cicd_ray.testing.inline import InlineDriver
+from tests.builders import make, submitted
 
 CHAIN = {
     "name": "chain",
@@ -39,18 +38,6 @@ class FailingStore(MemoryStore):
 @pytest.fixture
 def settings(tmp_path):
     return Settings(home=tmp_path, pools={"default": PoolConfig(name="default", workers=1, cpus=2)})
-
-
-def make(settings, store=None, clock=None):
-    core = MasterCore(
-        settings, store if store is not None else MemoryStore(), clock or ManualClock()
-    )
-    return core, InlineDriver(core, settings.work_dir)
-
-
-def submitted(reply) -> str:
-    assert isinstance(reply, Submitted), reply
-    return reply.run_id
 
 
 def test_submit_dispatch_outcome_commit(settings):

@@ -20,7 +20,7 @@ from cicd_ray.errors import IsolationError
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution
 from cicd_ray.worker.isolation import STEP_ROOT, address_space_kib
-from tests.unit.test_executor import task
+from tests.builders import task
 
 if os.geteuid() != 0 and os.environ.get("CI"):
     raise RuntimeError("CI runs the tests as root: the isolation tests need it")
@@ -145,7 +145,7 @@ def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
         from pathlib import Path
         from cicd_ray.worker.execution import ExecConfig, Execution
         from cicd_ray.config import parse_uids
-        from tests.unit.test_executor import task
+        from tests.builders import task
         cfg = ExecConfig(work_dir=Path({str(tmp_path / "work")!r}),
                          step_uids=parse_uids({UIDS!r}),
                          step_dir=Path({str(steps_of(tmp_path))!r}))

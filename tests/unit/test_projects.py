@@ -221,7 +221,7 @@ def test_a_run_s_logs_stop_at_its_budget_with_a_line_saying_so(tmp_path):
     from cicd_ray.master.logbudget import LogBudget
     from cicd_ray.pools import PoolConfig
     from cicd_ray.store import run_view
-    from tests.unit.test_core import make
+    from tests.builders import make
 
     budget = LogBudget(100)
     assert budget.admit("r/a/1", b"x" * 60) == b"x" * 60

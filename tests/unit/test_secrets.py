@@ -17,7 +17,7 @@ from cicd_ray.pools import PoolConfig
 from cicd_ray.secrets import Masker, SecretError, forms, missing, read
 from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
-from tests.unit.test_core import make, submitted
+from tests.builders import make, submitted
 
 TOKEN = "pypi-AgEIcHlwaS5vcmc-s3cr3t"
 KEY = "-----BEGIN KEY-----\nMIIEowIBAAKCAQEAvK3y\nq9fZ8sT2wLm0pQ\n-----END KEY-----"
@@ -286,7 +286,7 @@ def test_a_step_s_reason_and_kept_file_names_are_masked(tmp_path):
     """Issue 24, item 16: the reason a step ended and the paths of the files it kept were
     stored as they were, secret or not."""
     from cicd_ray.store.blobs import ArtifactStore
-    from tests.unit.test_executor import execute, task
+    from tests.builders import execute, task
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     t = task('touch "$TOKEN.txt"; head -c 100 /dev/zero > "big-$TOKEN.bin"')

@@ -8,6 +8,7 @@ import pytest
 
 from cicd_ray.errors import SpecError
 from cicd_ray.source import snapshot, unpack
+from tests.builders import make_repo
 
 
 def test_snapshot_is_deterministic_excludes_caches_and_unpacks(tmp_path):
@@ -61,25 +62,6 @@ def test_concurrent_unpacks_into_one_cache_folder_all_succeed(tmp_path):
         t.join()
     assert errors == [] and (dest / "f").read_text() == "x"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["digest"]
-
-
-def make_repo(tmp_path):
-    """A bare repository with one commit on `main` and a tag, as a CI server would serve."""
-    import subprocess
-
-    work = tmp_path / "work"
-    work.mkdir()
-    run = lambda *a: subprocess.run(a, cwd=work, check=True, capture_output=True)  # noqa: E731
-    run("git", "init", "-q", "-b", "main")
-    (work / "README").write_text("version one\n")
-    run("git", "add", "README")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
-    run("git", "tag", "v1")
-    (work / "README").write_text("version two\n")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")
-    bare = tmp_path / "repo.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
-    return f"file://{bare}"
 
 
 def test_clone_checks_out_a_branch_or_a_tag(tmp_path):

@@ -9,48 +9,7 @@ import json
 
 import pytest
 
-from cicd_ray import tokens
-from cicd_ray.api.application import create_app
-
-TOKEN = "cicd_test-token"
-
-
-def call(
-    path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
-) -> tuple[int, dict[str, str], bytes, int]:
-    """(status, headers, body, body messages the app asked for)."""
-    app = create_app(grants=[tokens.Grant(digest=tokens.digest(TOKEN))], max_body_bytes=1024)
-    asked = 0
-    sent: list[dict] = []
-
-    async def receive():
-        nonlocal asked
-        asked += 1
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    raw.append((b"content-length", str(len(body)).encode()))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": raw,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, out, asked)
+from tests.builders import TOKEN, call
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from cicd_ray.errors import SpecError
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
-from cicd_ray.pipeline.model import MAX_NEED_EDGES, MAX_PLANNED_STEPS
-from cicd_ray.pipeline.yamldoc import MAX_DEPTH, load
+from cicd_ray.pipeline.yamldoc import load
+from tests.builders import HOSTILE, chain
 
 
 def problems_of(doc) -> list[str]:
@@ -101,67 +101,6 @@ def test_matrix_values_outside_the_safe_set_are_rejected(value):
 
 
 # --- hostile documents: a named limit, within a second --------------------------------------
-
-
-def _matrix_bomb() -> str:
-    keys = ", ".join(f"k{i}: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" for i in range(10))
-    return f"name: m\nsteps:\n  - name: t\n    run: x\n    matrix: {{{keys}}}\n"
-
-
-def _quadratic_needs(n: int = 19) -> str:
-    values = "[" + ", ".join(str(j) for j in range(16)) + "]"
-    steps = "".join(
-        f"  - name: s{i}\n    run: x\n    matrix: {{a: {values}, b: {values}}}\n"
-        f"    needs: [{', '.join(f's{k}' for k in range(i))}]\n"
-        for i in range(n)
-    )
-    return "name: q\nsteps:\n" + steps
-
-
-def _laughs() -> str:
-    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for i in range(1, 9):
-        prev, cur = chr(96 + i), chr(97 + i)
-        lines.append(f"{cur}: &{cur} [{','.join(['*' + prev] * 9)}]")
-    return "\n".join(lines) + "\n"
-
-
-def chain(n: int, reverse: bool = False) -> str:
-    """n steps, each needing the one before (or after), the first to run failing."""
-    if not reverse:
-        steps = ["  - {name: s0, run: 'false'}"] + [
-            f"  - {{name: s{i}, run: 'true', needs: [s{i - 1}]}}" for i in range(1, n)
-        ]
-    else:
-        steps = [f"  - {{name: s{i}, run: 'true', needs: [s{i + 1}]}}" for i in range(n - 1)]
-        steps.append(f"  - {{name: s{n - 1}, run: 'false'}}")
-    return "name: chain\nsteps:\n" + "\n".join(steps) + "\n"
-
-
-HOSTILE = {
-    "matrix of 10 keys x 10 values": (_matrix_bomb(), "more than the 256 allowed"),
-    "quadratic needs": (_quadratic_needs(), f"more than the {MAX_NEED_EDGES} allowed"),
-    "too many steps": (
-        "name: w\nsteps:\n"
-        + "".join(
-            f"  - {{name: s{i}, run: x, matrix: {{k: [a, b]}}}}\n"
-            for i in range(MAX_PLANNED_STEPS // 2 + 1)
-        ),
-        f"more than the {MAX_PLANNED_STEPS} allowed",
-    ),
-    "billion laughs": (_laughs(), "anchors and aliases"),
-    "recursive alias": ("name: &x [*x]\n", "anchors and aliases"),
-    "deep flow nesting": ("name: x\nsteps: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
-    "deep block nesting": (
-        "name: x\nsteps:\n" + "".join(" " * (2 * i) + f"- k{i}:\n" for i in range(1, 60)),
-        f"more than {MAX_DEPTH} levels",
-    ),
-    "cyclic chain": (
-        chain(3000).replace("run: 'false'}", "run: x, needs: [s2999]}", 1),
-        "the needs form a cycle",
-    ),
-    "64 MiB": ("name: x\nsteps: []\n#" + "x" * (64 * 2**20), "byte limit for a pipeline"),
-}
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))

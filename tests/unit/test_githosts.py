@@ -274,7 +274,7 @@ def test_the_webhook_route_refuses_bad_and_hostile_bodies_at_once():
     import json
     import time
 
-    from tests.unit.test_api_guard import call
+    from tests.builders import call
 
     hook = "/api/v1/hooks/github/acme/web-app"
     t0 = time.monotonic()
@@ -415,7 +415,7 @@ def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_pat
     from cicd_ray.pools import PoolConfig
     from cicd_ray.records import Caller
     from cicd_ray.store import run_view
-    from tests.unit.test_core import make
+    from tests.builders import make
 
     def git(*args, cwd):
         return subprocess.run(

@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import time
 
-from cicd_ray.pipeline.graph import plan
-from cicd_ray.pipeline.load import parse_pipeline
-from cicd_ray.protocol import StepTask
 from cicd_ray.states import StepState
 from cicd_ray.worker.execution import ExecConfig, Execution
+from tests.builders import execute, task
 from tests.waiting import all_gone, pids_in
-
-
-def task(run: str, timeout: float = 30, env=None, matrix=None, attempt=1) -> StepTask:
-    step = {"name": "s", "run": run, "timeout": timeout, "env": env or {}}
-    if matrix:
-        step["matrix"] = matrix
-    (planned, *_) = plan(parse_pipeline({"name": "p", "steps": [step]}))
-    return StepTask(
-        run_id="r1", attempt_id=f"r1/{planned.name}/{attempt}", attempt=attempt, step=planned
-    )
-
-
-def execute(tmp_path, t, source=None, **config):
-    chunks: list[tuple[int, bytes]] = []
-    cfg = ExecConfig(work_dir=tmp_path / "work", **config)
-    outcome = Execution(t, cfg, source, lambda seq, data: chunks.append((seq, data))).run()
-    log = b"".join(d for _, d in chunks) + outcome.log_tail
-    return outcome, log.decode(), chunks
 
 
 def test_success_environment_and_clean_workspace(tmp_path, monkeypatch):
