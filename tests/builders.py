@@ -1,5 +1,6 @@
 """What tests share, in one place: a step task and its execution, the API app called as ASGI
-(no Serve, no master), pipelines of a shape (a long chain) and hostile documents."""
+(no Serve, no master), a master core with its inline driver, a scheduler with workers, a git
+repository, pipelines of a shape (a long chain) and hostile documents."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from cicd_ray.api.application import create_app
 from cicd_ray.master.core import MasterCore
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
-from cicd_ray.pipeline.model import MAX_NEED_EDGES, MAX_PLANNED_STEPS
+from cicd_ray.pipeline.model import MAX_NEED_EDGES, MAX_PLANNED_STEPS, ConcurrencySpec
 from cicd_ray.pipeline.yamldoc import MAX_DEPTH
-from cicd_ray.protocol import StepTask, Submitted
+from cicd_ray.pools import PoolConfig
+from cicd_ray.protocol import StepOutcome, StepTask, Submitted
+from cicd_ray.records import RunRecord, WorkerRecord
+from cicd_ray.scheduler.policy import Scheduler
+from cicd_ray.states import StepState
 from cicd_ray.store.memory import MemoryStore
 from cicd_ray.testing.clock import ManualClock
 from cicd_ray.testing.inline import InlineDriver
@@ -142,6 +147,60 @@ def make_repo(tmp_path):
     bare = tmp_path / "repo.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     return f"file://{bare}"
+
+
+def make_scheduler(pools=None, workers=(("w1", 2.0), ("w2", 2.0)), timeout_s=10.0):
+    pools = pools or {"default": PoolConfig(name="default", workers=len(workers), cpus=2)}
+    s = Scheduler(pools, heartbeat_timeout_s=timeout_s)
+    s.tick(0.0)
+    started = s.take().start_workers
+    # Register the workers the scheduler asked for, under the test's own names.
+    for rec, (name, cpus) in zip(started, workers, strict=True):
+        del s.workers[rec.id]
+        s.register_worker(
+            WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096, started_at=0.0), 0.0
+        )
+    s.take()
+    return s
+
+
+def submit_to(
+    s,
+    steps,
+    run_id="r1",
+    now=0.0,
+    seq=0,
+    branch="main",
+    concurrency=None,
+    project="default",
+    **extra,
+):
+    """Submit a run of these steps (a pipeline named p) to a bare scheduler; the run."""
+    spec = parse_pipeline({"name": "p", "steps": steps, **extra})
+    run = RunRecord(
+        id=run_id,
+        pipeline="p",
+        created_at=now,
+        seq=seq,
+        branch=branch,
+        concurrency=ConcurrencySpec(**concurrency) if concurrency else None,
+        project=project,
+    )
+    s.submit(run, plan(spec), now)
+    return run
+
+
+def dispatched(s, now):
+    s.tick(now)
+    d = s.take()
+    return [(w, t.step.name) for w, t in d.dispatch], d
+
+
+def finish(s, step, state=StepState.SUCCEEDED, run_id="r1", now=1.0, code=0):
+    attempt = s.steps[run_id][step].current_attempt
+    return s.on_outcome(
+        StepOutcome(attempt_id=attempt, run_id=run_id, step=step, state=state, exit_code=code), now
+    )
 
 
 HOSTILE = {

@@ -11,12 +11,11 @@ from cicd_ray.errors import SpecError
 from cicd_ray.pipeline.conditions import ConditionError, Facts, holds, parse
 from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
-from cicd_ray.pipeline.model import ConcurrencySpec
-from cicd_ray.records import RunRecord, WorkerRecord
+from cicd_ray.records import WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.groups import Groups
 from cicd_ray.states import RunState, StepState
-from tests.unit.test_scheduler import dispatched, finish, make
+from tests.builders import dispatched, finish, make_scheduler, submit_to
 
 # --- the condition language ------------------------------------------------------------------
 
@@ -126,34 +125,9 @@ def test_the_loader_names_the_step_and_column_of_a_bad_condition(step, problem):
 # --- conditions in the scheduler --------------------------------------------------------------
 
 
-def submit(
-    s,
-    steps,
-    run_id="r1",
-    now=0.0,
-    seq=0,
-    branch="main",
-    concurrency=None,
-    project="default",
-    **extra,
-):
-    spec = parse_pipeline({"name": "p", "steps": steps, **extra})
-    run = RunRecord(
-        id=run_id,
-        pipeline="p",
-        created_at=now,
-        seq=seq,
-        branch=branch,
-        concurrency=ConcurrencySpec(**concurrency) if concurrency else None,
-        project=project,
-    )
-    s.submit(run, plan(spec), now)
-    return run
-
-
 def restored(runs, steps, now):
     """A new scheduler taking up `runs` from the store, its workers registered again."""
-    again = Scheduler(make().pools, heartbeat_timeout_s=10.0)
+    again = Scheduler(make_scheduler().pools, heartbeat_timeout_s=10.0)
     again.restore(runs, steps, [], now)
     for name in ("w1", "w2"):
         again.register_worker(
@@ -173,8 +147,8 @@ def ended(s, run_id="r1"):
 
 
 def test_an_always_step_runs_after_a_failure_and_the_run_still_fails():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "build", "run": "x"},
@@ -194,8 +168,8 @@ def test_an_always_step_runs_after_a_failure_and_the_run_still_fails():
 
 
 def test_a_false_condition_skips_with_its_reason_and_the_run_succeeds():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "build", "run": "x"},
@@ -217,8 +191,8 @@ def test_a_false_condition_skips_with_its_reason_and_the_run_succeeds():
 
 
 def test_a_cancelled_run_runs_its_always_steps_and_ends_cancelled():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "deploy", "run": "x"},
@@ -241,8 +215,8 @@ def test_a_cancelled_run_runs_its_always_steps_and_ends_cancelled():
 
 
 def test_a_matrix_variant_condition_reads_its_own_values():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {
@@ -261,8 +235,8 @@ def test_a_matrix_variant_condition_reads_its_own_values():
 
 
 def test_an_approval_waits_using_no_worker_then_runs_what_follows():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "build", "run": "x"},
@@ -289,15 +263,15 @@ def test_an_approval_waits_using_no_worker_then_runs_what_follows():
 
 
 def test_a_rejected_or_unanswered_approval_fails_the_step():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "gate", "approval": {}, "timeout": 60},
             {"name": "after", "run": "x", "needs": ["gate"]},
         ],
     )
-    submit(s, [{"name": "gate", "approval": {}, "timeout": 60}], run_id="r2")
+    submit_to(s, [{"name": "gate", "approval": {}, "timeout": 60}], run_id="r2")
     s.approve("r1", "gate", False, "carol", "not today", 5.0)
     d = s.take()
     assert d.changes.steps[("r1", "gate")].reason == "rejected by carol: not today"
@@ -312,8 +286,8 @@ def test_a_rejected_or_unanswered_approval_fails_the_step():
 
 
 def test_a_waiting_approval_survives_a_restart():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "gate", "approval": {}, "timeout": 60},
@@ -346,10 +320,10 @@ def test_groups_admit_in_order_up_to_the_limit():
 
 
 def test_runs_of_a_group_run_one_at_a_time_in_submission_order():
-    s = make()
+    s = make_scheduler()
     group = {"group": "deploy-main"}
     for i in (1, 2, 3):
-        submit(s, [{"name": "d", "run": "x"}], run_id=f"r{i}", seq=i, concurrency=group)
+        submit_to(s, [{"name": "d", "run": "x"}], run_id=f"r{i}", seq=i, concurrency=group)
     placed, d = dispatched(s, 0)
     assert placed == [("w1", "d")] and s.steps["r1"]["d"].state is StepState.RUNNING
     assert d.changes.runs["r3"].reason == "waiting for concurrency group deploy-main (2 ahead)"
@@ -362,9 +336,9 @@ def test_runs_of_a_group_run_one_at_a_time_in_submission_order():
 
 
 def test_cancel_in_progress_replaces_the_older_runs_but_lets_marked_steps_finish():
-    s = make()
+    s = make_scheduler()
     group = {"group": "deploy", "cancel_in_progress": True}
-    submit(
+    submit_to(
         s,
         [
             {"name": "migrate", "run": "x", "interruptible": False},
@@ -373,9 +347,9 @@ def test_cancel_in_progress_replaces_the_older_runs_but_lets_marked_steps_finish
         concurrency=group,
     )
     assert dispatched(s, 0)[0] == [("w1", "migrate")]
-    submit(s, [{"name": "slow", "run": "x"}], run_id="r2", seq=2, concurrency=group)
+    submit_to(s, [{"name": "slow", "run": "x"}], run_id="r2", seq=2, concurrency=group)
     assert s.runs["r2"].state is RunState.QUEUED
-    submit(s, [{"name": "d", "run": "x"}], run_id="r3", seq=3, concurrency=group)
+    submit_to(s, [{"name": "d", "run": "x"}], run_id="r3", seq=3, concurrency=group)
     d = s.take()
     assert d.changes.runs["r2"].state is RunState.CANCELLED
     assert (
@@ -390,10 +364,10 @@ def test_cancel_in_progress_replaces_the_older_runs_but_lets_marked_steps_finish
 
 
 def test_a_step_group_holds_steps_across_runs_and_its_order_survives_a_restart():
-    s = make()
+    s = make_scheduler()
     step = {"name": "deploy", "run": "x", "concurrency": {"group": "prod-${TARGET}"}}
     for i in (1, 2, 3):
-        submit(s, [step], run_id=f"r{i}", seq=i, env={"TARGET": "eu"})
+        submit_to(s, [step], run_id=f"r{i}", seq=i, env={"TARGET": "eu"})
     placed, d = dispatched(s, 0)
     assert placed == [("w1", "deploy")]
     assert (
@@ -430,18 +404,18 @@ def test_a_group_variable_the_run_does_not_set_is_refused():
 
 
 def test_scheduler_keeps_no_waiting_members_after_runs_end():
-    s: Scheduler = make()
-    submit(s, [{"name": "d", "run": "x"}], concurrency={"group": "g"})
+    s: Scheduler = make_scheduler()
+    submit_to(s, [{"name": "d", "run": "x"}], concurrency={"group": "g"})
     dispatched(s, 0)
     finish(s, "d", now=1)
     assert s.flow.groups.members(("default", "g")) == []
 
 
 def test_a_cancelled_run_still_waiting_for_its_group_runs_nothing():
-    s = make()
+    s = make_scheduler()
     group = {"group": "g"}
-    submit(s, [{"name": "d", "run": "x"}], concurrency=group)
-    submit(
+    submit_to(s, [{"name": "d", "run": "x"}], concurrency=group)
+    submit_to(
         s,
         [{"name": "d", "run": "x"}, {"name": "cleanup", "if": "always()", "run": "x"}],
         run_id="r2",
@@ -474,8 +448,8 @@ def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch)
     monkeypatch.setattr(
         RunBook, "_ancestors", lambda self, step: walks.append(step.name) or real(self, step)
     )
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x"},
@@ -491,15 +465,15 @@ def test_ancestors_are_walked_only_for_conditions_that_name_failure(monkeypatch)
 
 
 def test_a_running_step_a_newer_run_s_step_replaces_ends_cancelled_saying_why():
-    s = make()
+    s = make_scheduler()
     step = {
         "name": "deploy",
         "run": "x",
         "concurrency": {"group": "prod", "cancel_in_progress": True},
     }
-    submit(s, [step])
+    submit_to(s, [step])
     assert dispatched(s, 0)[0] == [("w1", "deploy")]
-    submit(s, [step], run_id="r2", seq=2)
+    submit_to(s, [step], run_id="r2", seq=2)
     assert [k.attempt_id for k in s.take().kill] == ["r1/deploy/1"]
     finish(s, "deploy", StepState.FAILED, now=1, code=-15)  # the kill
     d = s.take()
@@ -514,11 +488,13 @@ def test_a_running_step_a_newer_run_s_step_replaces_ends_cancelled_saying_why():
 def test_concurrency_groups_are_a_projects_own():
     """Issue 24, item 7: project ops' `deploy` group (cancel_in_progress) neither cancels nor
     holds up project web's step of a group of the same name; within a project it holds."""
-    s = make()
+    s = make_scheduler()
     group = {"group": "deploy", "cancel_in_progress": True}
-    submit(s, [{"name": "d", "run": "x", "concurrency": group}], project="web")
-    submit(s, [{"name": "d", "run": "x", "concurrency": group}], run_id="r2", seq=2, project="ops")
-    submit(
+    submit_to(s, [{"name": "d", "run": "x", "concurrency": group}], project="web")
+    submit_to(
+        s, [{"name": "d", "run": "x", "concurrency": group}], run_id="r2", seq=2, project="ops"
+    )
+    submit_to(
         s,
         [{"name": "d", "run": "x"}],
         run_id="r4",

@@ -11,47 +11,15 @@ from cicd_ray.pipeline.graph import plan
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pools import PoolConfig
 from cicd_ray.protocol import StepOutcome
-from cicd_ray.records import RunRecord, WorkerRecord
+from cicd_ray.records import WorkerRecord
 from cicd_ray.scheduler import Scheduler, check_fits
 from cicd_ray.states import RunState, StepState, WorkerState
-
-
-def make(pools=None, workers=(("w1", 2.0), ("w2", 2.0)), timeout_s=10.0):
-    pools = pools or {"default": PoolConfig(name="default", workers=len(workers), cpus=2)}
-    s = Scheduler(pools, heartbeat_timeout_s=timeout_s)
-    s.tick(0.0)
-    started = s.take().start_workers
-    # Register the workers the scheduler asked for, under the test's own names.
-    for rec, (name, cpus) in zip(started, workers, strict=True):
-        del s.workers[rec.id]
-        s.register_worker(
-            WorkerRecord(id=name, pool=rec.pool, cpus=cpus, memory_mb=4096, started_at=0.0), 0.0
-        )
-    s.take()
-    return s
-
-
-def submit(s, steps, run_id="r1", now=0.0, **extra):
-    spec = parse_pipeline({"name": "p", "steps": steps, **extra})
-    s.submit(RunRecord(id=run_id, pipeline="p", created_at=now), plan(spec), now)
-
-
-def dispatched(s, now):
-    s.tick(now)
-    d = s.take()
-    return [(w, t.step.name) for w, t in d.dispatch], d
-
-
-def finish(s, step, state=StepState.SUCCEEDED, run_id="r1", now=1.0, code=0):
-    attempt = s.steps[run_id][step].current_attempt
-    return s.on_outcome(
-        StepOutcome(attempt_id=attempt, run_id=run_id, step=step, state=state, exit_code=code), now
-    )
+from tests.builders import dispatched, finish, make_scheduler, submit_to
 
 
 def test_dag_order_fan_out_fan_in():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x"},
@@ -74,8 +42,8 @@ def test_dag_order_fan_out_fan_in():
 
 
 def test_placement_spreads_over_least_loaded_worker_and_respects_capacity():
-    s = make()
-    submit(s, [{"name": f"s{i}", "run": "x"} for i in range(6)])
+    s = make_scheduler()
+    submit_to(s, [{"name": f"s{i}", "run": "x"} for i in range(6)])
     placed, _ = dispatched(s, 0)
     assert [w for w, _ in placed] == ["w1", "w2", "w1", "w2"]  # 2 workers x 2 cpus
     finish(s, "s0")
@@ -83,11 +51,11 @@ def test_placement_spreads_over_least_loaded_worker_and_respects_capacity():
 
 
 def test_priority_then_submission_order():
-    s = make(
+    s = make_scheduler(
         workers=(("w1", 1.0),), pools={"default": PoolConfig(name="default", workers=1, cpus=1)}
     )
-    submit(s, [{"name": "low", "run": "x"}], run_id="r1")
-    submit(
+    submit_to(s, [{"name": "low", "run": "x"}], run_id="r1")
+    submit_to(
         s, [{"name": "high", "run": "x", "priority": 5}, {"name": "mid", "run": "x"}], run_id="r2"
     )
     assert dispatched(s, 0)[0] == [("w1", "high")]
@@ -96,10 +64,10 @@ def test_priority_then_submission_order():
 
 
 def test_backfill_smaller_step_when_the_first_does_not_fit():
-    s = make(
+    s = make_scheduler(
         workers=(("w1", 2.0),), pools={"default": PoolConfig(name="default", workers=1, cpus=2)}
     )
-    submit(
+    submit_to(
         s,
         [
             {"name": "one", "run": "x"},
@@ -114,8 +82,8 @@ def test_backfill_smaller_step_when_the_first_does_not_fit():
 
 
 def test_failure_skips_dependents_transitively_and_fails_run():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x"},
@@ -137,8 +105,8 @@ def test_failure_skips_dependents_transitively_and_fails_run():
 
 
 def test_retry_on_failure_until_max_then_fail():
-    s = make()
-    submit(s, [{"name": "f", "run": "x", "retry": {"max": 2, "on": ["failure"]}}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "f", "run": "x", "retry": {"max": 2, "on": ["failure"]}}])
     for attempt in (1, 2, 3):
         placed, d = dispatched(s, attempt)
         assert placed and d.dispatch[0][1].attempt == attempt
@@ -150,8 +118,8 @@ def test_retry_on_failure_until_max_then_fail():
 
 
 def test_timeout_is_retried_only_when_asked():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "t", "run": "x", "retry": {"max": 1}},
@@ -167,8 +135,8 @@ def test_timeout_is_retried_only_when_asked():
 
 
 def test_duplicate_or_stale_outcome_is_ignored():
-    s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
     dispatched(s, 0)
     attempt = s.steps["r1"]["a"].current_attempt
     ok = StepOutcome(attempt_id=attempt, run_id="r1", step="a", state=StepState.SUCCEEDED)
@@ -178,8 +146,8 @@ def test_duplicate_or_stale_outcome_is_ignored():
 
 
 def test_worker_lost_retries_infra_elsewhere_or_fails():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x", "retry": {"max": 1, "on": ["infra"], "infra": 0}},
@@ -200,8 +168,8 @@ def test_worker_lost_retries_infra_elsewhere_or_fails():
 
 
 def test_silent_worker_is_marked_lost_after_heartbeat_timeout():
-    s = make(timeout_s=10)
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 1}}])
+    s = make_scheduler(timeout_s=10)
+    submit_to(s, [{"name": "a", "run": "x", "retry": {"max": 1}}])
     dispatched(s, 0)
     assert s.heartbeat("w1", {"cpu_percent": 5.0}, 8) is True
     s.heartbeat("w2", {}, 8)
@@ -217,8 +185,8 @@ def test_silent_worker_is_marked_lost_after_heartbeat_timeout():
 
 
 def test_cancel_cancels_queued_and_kills_running():
-    s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x", "needs": ["a"]}])
     dispatched(s, 0)
     s.cancel("r1", 1)
     d = s.take()
@@ -229,8 +197,8 @@ def test_cancel_cancels_queued_and_kills_running():
 
 
 def test_cancel_wins_over_a_step_that_fails_as_it_is_killed():
-    s = make()
-    submit(s, [{"name": "a", "run": "x", "retry": {"max": 3}}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "a", "run": "x", "retry": {"max": 3}}])
     dispatched(s, 0)
     s.cancel("r1", 1)
     finish(s, "a", StepState.FAILED, code=143)
@@ -249,8 +217,8 @@ def restored(s: Scheduler, now: float = 100) -> Scheduler:
 
 
 def test_restore_keeps_running_attempts_until_their_worker_reconciles():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x", "retry": {"max": 1}},
@@ -275,8 +243,8 @@ def test_restore_keeps_running_attempts_until_their_worker_reconciles():
 
 
 def test_restore_ends_attempts_a_worker_no_longer_knows_or_whose_worker_is_gone():
-    s = make()
-    submit(
+    s = make_scheduler()
+    submit_to(
         s,
         [
             {"name": "a", "run": "x", "retry": {"max": 1, "infra": 0}},
@@ -320,8 +288,8 @@ def test_check_fits_names_unknown_pool_and_oversized_steps():
 
 
 def test_terminal_step_cannot_be_moved():
-    s = make()
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}])
     dispatched(s, 0)
     finish(s, "a")
     with pytest.raises(InvalidTransition):
@@ -329,12 +297,12 @@ def test_terminal_step_cannot_be_moved():
 
 
 def test_thousand_steps_through_the_policy_in_well_under_a_second():
-    s = make(
+    s = make_scheduler(
         workers=tuple((f"w{i}", 4.0) for i in range(8)),
         timeout_s=1e9,
         pools={"default": PoolConfig(name="default", workers=8, cpus=4)},
     )
-    submit(
+    submit_to(
         s,
         [{"name": "root", "run": "x"}]
         + [{"name": f"s{i}", "run": "x", "needs": ["root"]} for i in range(1000)],
@@ -353,11 +321,11 @@ def test_thousand_steps_through_the_policy_in_well_under_a_second():
 
 
 def test_lookahead_asks_for_the_workers_of_steps_whose_needs_are_running():
-    s = make(
+    s = make_scheduler(
         pools={"default": PoolConfig(name="default", cpus=2, min_workers=1, max_workers=4)},
         workers=(("w1", 2.0),),
     )
-    submit(
+    submit_to(
         s,
         [
             {"name": "build", "run": "x", "resources": {"cpu": 2}},
@@ -382,7 +350,7 @@ def test_lookahead_asks_for_the_workers_of_steps_whose_needs_are_running():
 
 def test_attempts_record_the_wait_for_capacity_and_for_a_slot():
     s = Scheduler({"default": PoolConfig(name="default", cpus=1, max_workers=1)})
-    submit(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}], now=10.0)
+    submit_to(s, [{"name": "a", "run": "x"}, {"name": "b", "run": "x"}], now=10.0)
     s.tick(10.0)
     [started] = s.take().start_workers
     s.register_worker(started.model_copy(), 13.0)  # its node took 3 s to come up
@@ -405,7 +373,7 @@ def test_interruptible_steps_go_to_the_spot_pool_and_come_back_after_an_eviction
     s.tick(0)
     for rec in s.take().start_workers:
         s.register_worker(rec.model_copy(update={"id": rec.pool}), 0)
-    submit(
+    submit_to(
         s,
         [
             {"name": "cheap", "run": "x", "interruptible": True, "retry": {"max": 1}},
@@ -437,8 +405,8 @@ def test_spot_for_must_name_pools_and_be_on_a_spot_pool(tmp_path):
 
 def test_a_lost_worker_is_retried_automatically_without_retry_settings():
     """The infra budget (2 by default) is apart from retry.max, and shown in the reason."""
-    s = make()
-    submit(s, [{"name": "a", "run": "x"}])
+    s = make_scheduler()
+    submit_to(s, [{"name": "a", "run": "x"}])
     for n, now in ((1, 1.0), (2, 2.0)):
         (placed,), _ = dispatched(s, now)
         s.worker_lost(placed[0], "node died", now)
@@ -493,8 +461,8 @@ def test_retry_verdict_table(cause, attempts, infra_used, rmax, on, budget, retr
 
 def test_slots_limit_the_steps_a_worker_runs_at_once():
     pools = {"default": PoolConfig(name="default", workers=1, cpus=8, slots=1)}
-    s = make(pools=pools, workers=(("w1", 8.0),))
-    submit(s, [{"name": f"s{i}", "run": "x", "resources": {"cpu": 0.5}} for i in range(4)])
+    s = make_scheduler(pools=pools, workers=(("w1", 8.0),))
+    submit_to(s, [{"name": f"s{i}", "run": "x", "resources": {"cpu": 0.5}} for i in range(4)])
     placed, _ = dispatched(s, 0)
     assert placed == [("w1", "s0")]
     finish(s, "s0")
@@ -515,8 +483,8 @@ def _chain(n):
 
 
 def test_a_failure_at_the_head_of_a_3000_step_chain_skips_all_of_it():
-    s = make()
-    submit(s, _chain(3000))
+    s = make_scheduler()
+    submit_to(s, _chain(3000))
     dispatched(s, 0)
     finish(s, "s0", StepState.FAILED, code=1)
     d = s.take()
@@ -526,13 +494,13 @@ def test_a_failure_at_the_head_of_a_3000_step_chain_skips_all_of_it():
 
 
 def test_restore_of_a_3000_step_chain_and_a_run_it_cannot_follow():
-    s = make()
-    submit(s, _chain(3000))
-    submit(s, [{"name": "a", "run": "x"}], run_id="r2")
+    s = make_scheduler()
+    submit_to(s, _chain(3000))
+    submit_to(s, [{"name": "a", "run": "x"}], run_id="r2")
     dispatched(s, 0)
     runs = [r.model_copy(deep=True) for r in s.runs.values()]
     steps = [st.model_copy(deep=True) for run in s.steps.values() for st in run.values()]
-    fresh = make()
+    fresh = make_scheduler()
     restore_run = fresh.recovery._restore_run
 
     def fails_for_r2(run, *args):  # as the recursion did on a long chain before it was fixed
