@@ -43,6 +43,8 @@ from cicd_ray.reads.explain import Explanation, explain_answer
 from cicd_ray.records import Caller, WorkerRecord
 from cicd_ray.states import WorkerState
 from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
+from cicd_ray.triggers.cron import ScheduleSpec
+from cicd_ray.triggers.githosts import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +233,22 @@ class Master:
         if not self.core.events.has_news(after, epoch):
             await self._news.wait(timeout_s)
         return self.core.events.page(after, epoch)
+
+    # Runs started without a person (cicd_ray.master.actor.starts).
+
+    async def trigger(self, repo_name: str, trigger: Trigger) -> Reply:
+        return await self.starts.trigger(repo_name, trigger)
+
+    async def schedules(self, project: str | None = None) -> list[dict]:
+        return await self.starts.schedules(project)
+
+    async def add_schedule(self, spec: ScheduleSpec, project: str) -> dict | Rejected:
+        return await self.starts.add_schedule(spec, project)
+
+    async def delete_schedule(self, project: str, name: str) -> bool:
+        return await self.starts.delete_schedule(project, name)
+
+    # What workers call.
 
     async def register(
         self,
