@@ -25,7 +25,7 @@ from cicd_ray.api.dependencies import (
 )
 from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.api.middleware import BodyLimit, Guard
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.reads import ApiReads
 from cicd_ray.config import Settings
 
 WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -52,7 +52,7 @@ def create_app(
         "endpoint but /healthz and the page needs 'Authorization: Bearer <token>'.",
     )
     master = master or MasterLink()  # none linked: what needs the master answers 503
-    reads = Reads(master)
+    reads = ApiReads(master)
     config = ApiConfig(grants, max_body_bytes)
     # The outermost layer is added last: the token is checked before the body is counted.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)

@@ -12,7 +12,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from cicd_ray.api.dependencies import Granted, MasterDep, ReadsDep, caller, needs, not_found
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.reads import ApiReads
 from cicd_ray.names import API, RUN_ID
 from cicd_ray.protocol import Missing, OverQuota, Rejected, RerunRequest, RunView
 from cicd_ray.reads.artifacts import artifact_list
@@ -25,7 +25,7 @@ RunId = Annotated[str, PathParam(pattern=RUN_ID, max_length=64)]
 router = APIRouter(tags=["builds"])
 
 
-async def view_of(reads: Reads, run_id: str) -> RunView:
+async def view_of(reads: ApiReads, run_id: str) -> RunView:
     view = await reads.run(run_id)
     if view is None:
         raise not_found(run_id)

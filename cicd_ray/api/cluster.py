@@ -38,7 +38,8 @@ async def audit(
     """Who submitted, cancelled, re-ran, approved or rejected what, newest first: the
     token's id (the start of its digest) and project, the action, the run and its project,
     the step. Admin tokens only."""
-    return {"audit": await reads.audit(limit, offset), "limit": limit, "offset": offset}
+    records = await reads.audit(limit, offset)
+    return {"audit": [a.model_dump(mode="json") for a in records], "limit": limit, "offset": offset}
 
 
 @router.get(f"{API}/queue")

@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 
 from cicd_ray import tokens
 from cicd_ray.api.link import MasterLink
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.reads import ApiReads
 from cicd_ray.config import Settings
 from cicd_ray.names import RUN_ID
 from cicd_ray.records import Caller
@@ -73,7 +73,7 @@ def master_of(request: Request) -> MasterLink:
     return request.app.state.master
 
 
-def reads_of(request: Request) -> Reads:
+def reads_of(request: Request) -> ApiReads:
     return request.app.state.reads
 
 
@@ -82,7 +82,7 @@ def config_of(request: Request) -> ApiConfig:
 
 
 MasterDep = Annotated[MasterLink, Depends(master_of)]
-ReadsDep = Annotated[Reads, Depends(reads_of)]
+ReadsDep = Annotated[ApiReads, Depends(reads_of)]
 
 
 async def run_scope(request: Request, reads: ReadsDep) -> None:

@@ -13,7 +13,7 @@ from fastapi import HTTPException
 
 from cicd_ray.protocol import LogSlice, Missing, Rejected, Reply, RunChange, RunView, SubmitCommand
 from cicd_ray.reads.explain import Explanation
-from cicd_ray.records import Caller
+from cicd_ray.records import AuditRecord, Caller, RunRecord
 from cicd_ray.triggers.cron import ScheduleSpec
 from cicd_ray.triggers.githosts import Trigger
 
@@ -85,12 +85,12 @@ class MasterLink:
     async def delete_schedule(self, project: str, name: str) -> bool:
         return await self._call("delete_schedule", project, name)
 
-    # Reads, when the store cannot be read from the API's own process (cicd_ray.api.reads).
+    # ApiReads, when the store cannot be read from the API's own process (cicd_ray.api.reads).
 
     async def get_run(self, run_id: str) -> RunView | None:
         return await self._call("get_run", run_id)
 
-    async def list_runs(self, *query: Any) -> list[dict]:
+    async def list_runs(self, *query: Any) -> list[RunRecord]:
         return await self._call("list_runs", *query)
 
     async def step_log(
@@ -104,5 +104,5 @@ class MasterLink:
     async def project_of(self, run_id: str) -> str | None:
         return await self._call("project_of", run_id)
 
-    async def audit(self, limit: int, offset: int) -> list[dict]:
+    async def audit(self, limit: int, offset: int) -> list[AuditRecord]:
         return await self._call("audit", limit, offset)

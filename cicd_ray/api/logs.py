@@ -14,7 +14,7 @@ from cicd_ray.api.dependencies import (
     ReadsDep,
     RunId,
 )
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.reads import ApiReads
 from cicd_ray.names import API
 from cicd_ray.protocol import (
     LOG_POLL_S,
@@ -66,7 +66,7 @@ async def step_log(
 
 
 async def _follow(
-    reads: Reads, run_id: str, step: str, attempt: int | None, offset: int, answer: LogSlice
+    reads: ApiReads, run_id: str, step: str, attempt: int | None, offset: int, answer: LogSlice
 ) -> AsyncIterator[bytes]:
     # Follow one attempt: the one that was current when the request came, or the first one.
     pinned = attempt or answer.attempt

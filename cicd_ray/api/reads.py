@@ -14,21 +14,16 @@ from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
 from cicd_ray.errors import StoreError
 from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.reads.explain import Explanation, explain_answer
-from cicd_ray.store import (
-    Store,
-    audit_page,
-    log_answer,
-    open_reader,
-    run_project,
-    run_view,
-    runs_page,
-)
+from cicd_ray.reads.runs import audit_page, log_answer, run_project, run_view, runs_page
+from cicd_ray.records import AuditRecord, RunRecord
+from cicd_ray.store import Store, open_reader
 from cicd_ray.store.blobs import ArtifactStore
 
 
-class Reads:
-    """Reads answered from the store the master writes, opened on first use; through the master
-    while the store is unknown or not reachable from here (a SQLite file on another node)."""
+class ApiReads:
+    """The read side (cicd_ray.reads.runs) as the API needs it, off its loop: answered from the
+    store the master writes, opened on first use; through the master while the store is unknown
+    or not reachable from here (a SQLite file on another node)."""
 
     def __init__(self, master: MasterLink) -> None:
         self.master = master
@@ -47,7 +42,7 @@ class Reads:
         limit: int,
         offset: int,
         project: str | None,
-    ) -> list[dict]:
+    ) -> list[RunRecord]:
         """A page of runs, newest first (of `project`; None: of all)."""
         query = (state, pipeline, limit, offset, project)
         return await self._read(runs_page, self.master.list_runs, *query)
@@ -66,7 +61,7 @@ class Reads:
         """The run's project, None for an unknown run."""
         return await self._read(run_project, self.master.project_of, run_id)
 
-    async def audit(self, limit: int, offset: int) -> list[dict]:
+    async def audit(self, limit: int, offset: int) -> list[AuditRecord]:
         """A page of the audit trail, newest first."""
         return await self._read(audit_page, self.master.audit, limit, offset)
 

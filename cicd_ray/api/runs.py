@@ -30,7 +30,7 @@ from cicd_ray.api.dependencies import (
     submit_project,
 )
 from cicd_ray.api.link import RETRY_AFTER_S, MasterLink
-from cicd_ray.api.reads import Reads
+from cicd_ray.api.reads import ApiReads
 from cicd_ray.errors import SourceError, SpecError
 from cicd_ray.master.events import parse_position
 from cicd_ray.names import API, RUN_ID
@@ -129,7 +129,7 @@ async def list_runs(
     """Runs of the token's project (an admin's: of all), newest first, filtered by state
     and pipeline name, a page at a time."""
     runs = await reads.runs(state.value if state else None, pipeline, limit, offset, scope(grant))
-    return {"runs": runs, "limit": limit, "offset": offset}
+    return {"runs": [r.model_dump(mode="json") for r in runs], "limit": limit, "offset": offset}
 
 
 @router.get(f"{API}/runs/{{run_id}}")
@@ -208,7 +208,7 @@ async def _unpacked(req: SubmitRequest, limit: int) -> tuple[str | dict[str, Any
     return req.pipeline, data
 
 
-async def _stored(reads: Reads, archive: bytes) -> SourceRef:
+async def _stored(reads: ApiReads, archive: bytes) -> SourceRef:
     """The checked archive put in the artifact store the master names (the master handles its
     digest only; the workers fetch it from there)."""
     blobs = await reads.artifacts()

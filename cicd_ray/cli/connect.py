@@ -18,7 +18,9 @@ from cicd_ray.follow import follow
 from cicd_ray.pipeline.model import PipelineSpec
 from cicd_ray.protocol import LogSlice, Missing, Rejected, RunChange, RunView
 from cicd_ray.reads.explain import Explanation, explain
-from cicd_ray.store import open_store, run_view, step_log
+from cicd_ray.reads.runs import Reads, run_view, step_log
+from cicd_ray.records import RunRecord
+from cicd_ray.store import open_store
 
 
 def warn_python(settings: Settings) -> None:
@@ -69,7 +71,7 @@ def control(url: str | None, address: str | None, command: str):
 class Reader(Protocol):
     def view(self, run_id: str) -> RunView: ...
 
-    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]: ...
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[RunRecord]: ...
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> LogSlice:
         """NotFound if the run, step or attempt is unknown."""
@@ -135,8 +137,8 @@ class StoreReader:
             raise NotFound(f"run {run_id!r} not found; `cicd-ray runs` lists the runs")
         return view
 
-    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
-        return [r.model_dump(mode="json") for r in self.store.list_runs(state, pipeline, limit)]
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[RunRecord]:
+        return Reads(self.store).runs(state, pipeline, limit)
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> LogSlice:
         return step_log(self.store, run_id, step, attempt, offset)
@@ -213,7 +215,7 @@ class RayRunner:
     def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
         _fetch(self.settings, artifact, dest)
 
-    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[RunRecord]:
         return self._call(self.master.list_runs.remote(state, pipeline, limit, 0))
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> LogSlice:
@@ -264,8 +266,9 @@ class HttpRunner:
     def fetch(self, run_id: str, artifact: dict, dest: Path) -> None:
         self.client.download(run_id, artifact["step"], artifact["path"], dest)
 
-    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[dict]:
-        return self.client.list_runs(state, pipeline, limit)
+    def list_runs(self, state: str | None, pipeline: str | None, limit: int) -> list[RunRecord]:
+        runs = self.client.list_runs(state, pipeline, limit)
+        return [RunRecord.model_validate(r) for r in runs]
 
     def log(self, run_id: str, step: str, attempt: int | None, offset: int) -> LogSlice:
         return self.client.log_slice(run_id, step, attempt, offset)

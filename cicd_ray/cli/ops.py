@@ -58,8 +58,8 @@ def workers(url: str | None = URL, as_json: bool = AS_JSON):
 def _history(reader: Reader, pipeline: str | None, since: float, limit: int) -> list[dict]:
     """Views of the runs (of a pipeline) created since `since`, newest first, as JSON (what
     cicd_ray.reads.usage reads)."""
-    runs = [r for r in reader.list_runs(None, pipeline, limit) if r["created_at"] >= since]
-    return [reader.view(r["id"]).model_dump(mode="json") for r in runs]
+    runs = [r for r in reader.list_runs(None, pipeline, limit) if r.created_at >= since]
+    return [reader.view(r.id).model_dump(mode="json") for r in runs]
 
 
 @app.command()

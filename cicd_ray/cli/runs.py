@@ -140,16 +140,16 @@ def runs(
     with reported():
         records = reader_for(url).list_runs(state.value if state else None, pipeline, limit)
     if as_json:
-        out.print_json(data=records)
+        out.print_json(data=[r.model_dump(mode="json") for r in records])
         return
     table = Table("run", "pipeline", "state", "created", "duration")
     for r in records:
         table.add_row(
-            r["id"],
-            r["pipeline"],
-            styled(r["state"]),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
-            human_seconds(duration(r["started_at"], r["finished_at"])),
+            r.id,
+            r.pipeline,
+            styled(r.state.value),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+            human_seconds(duration(r.started_at, r.finished_at)),
         )
     out.print(table)
 

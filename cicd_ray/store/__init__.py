@@ -5,29 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cicd_ray.errors import StoreError
-from cicd_ray.store.base import (
-    Store,
-    audit_page,
-    log_answer,
-    run_project,
-    run_view,
-    runs_page,
-    step_log,
-)
+from cicd_ray.store.base import Store
 from cicd_ray.store.sqlite import SqliteStore
 
-__all__ = [
-    "SqliteStore",
-    "Store",
-    "audit_page",
-    "log_answer",
-    "open_reader",
-    "open_store",
-    "run_project",
-    "run_view",
-    "runs_page",
-    "step_log",
-]
+__all__ = ["SqliteStore", "Store", "open_reader", "open_store"]
 
 
 def open_store(url: str | Path) -> Store:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cicd_ray.errors import NotFound
-from cicd_ray.protocol import LogSlice, Missing, RunView
 from cicd_ray.records import (
     AttemptRecord,
     AuditRecord,
@@ -21,7 +19,7 @@ from cicd_ray.records import (
     StepRecord,
     WorkerRecord,
 )
-from cicd_ray.states import RunState, StepState
+from cicd_ray.states import RunState
 
 KEY_TTL_S = 24 * 3600  # an Idempotency-Key answers repeats for a day, then it is deleted
 
@@ -116,79 +114,3 @@ class Store(Protocol):
     def delete_workers(self, worker_ids: list[str]) -> None: ...
 
     def close(self) -> None: ...
-
-
-def run_view(store: Store, run_id: str) -> RunView | None:
-    """A run with all its steps and attempts: what `status` and the API show."""
-    run = store.get_run(run_id)
-    if run is None:
-        return None
-    return RunView(
-        run=run,
-        steps=store.get_steps(run_id),
-        attempts=store.get_attempts(run_id),
-        deliveries=store.get_deliveries(run_id),
-    )
-
-
-def runs_page(
-    store: Store,
-    state: str | None = None,
-    pipeline: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
-    project: str | None = None,
-) -> list[dict]:
-    """A page of runs, newest first, JSON-ready; `project`: only that project's."""
-    runs = store.list_runs(RunState(state) if state else None, pipeline, limit, offset, project)
-    return [r.model_dump(mode="json") for r in runs]
-
-
-def run_project(store: Store, run_id: str) -> str | None:
-    """The project a run belongs to; None for an unknown run."""
-    run = store.get_run(run_id)
-    return run.project if run else None
-
-
-def audit_page(store: Store, limit: int = 100, offset: int = 0) -> list[dict]:
-    return [a.model_dump(mode="json") for a in store.list_audit(limit, offset)]
-
-
-def log_answer(
-    store: Store, run_id: str, step: str, attempt: int | None = None, offset: int = 0
-) -> LogSlice | Missing:
-    """`step_log` for a caller across a process boundary: Missing instead of NotFound."""
-    try:
-        return step_log(store, run_id, step, attempt, offset)
-    except NotFound as e:
-        return Missing(detail=str(e))
-
-
-def step_log(
-    store: Store, run_id: str, step: str, attempt: int | None = None, offset: int = 0
-) -> LogSlice:
-    """A step's log from byte `offset`, as every reader of a store answers it (attempt None:
-    not started yet). Raises NotFound naming what is unknown."""
-    run = store.get_run(run_id)
-    if run is None:
-        raise NotFound(f"run {run_id!r} not found")
-    attempts = store.get_attempts(run_id, step)
-    if not attempts:
-        names = [s.name for s in store.get_steps(run_id)]
-        if step not in names:
-            raise NotFound(f"run {run_id} has no step {step!r}; its steps are: {', '.join(names)}")
-        # Not started yet: a follower waits for its first attempt.
-        return LogSlice(attempt=None, state="queued", data=b"", more=not run.state.terminal)
-    chosen = (
-        attempts[-1]
-        if attempt is None
-        else next((a for a in attempts if a.number == attempt), None)
-    )
-    if chosen is None:
-        raise NotFound(f"step {step!r} has attempts 1 to {len(attempts)}, not {attempt}")
-    return LogSlice(
-        attempt=chosen.number,
-        state=chosen.state.value,
-        data=store.read_log(chosen.id, offset),
-        more=chosen.state is StepState.RUNNING,
-    )

@@ -273,8 +273,9 @@ def test_the_master_exits_when_a_store_write_fails_and_the_run_still_completes(c
 
     import redis
 
+    from cicd_ray.reads.runs import run_view
     from cicd_ray.states import RunState, StepState
-    from cicd_ray.store import open_store, run_view
+    from cicd_ray.store import open_store
     from tests.integration.clusters import start_redis
     from tests.waiting import wait_until
 

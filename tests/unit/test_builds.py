@@ -9,7 +9,7 @@ import pytest
 
 from cicd_ray.config import Settings
 from cicd_ray.pools import PoolConfig
-from cicd_ray.store import run_view
+from cicd_ray.reads.runs import run_view
 from cicd_ray.store.memory import MemoryStore
 from tests.builders import make, submitted
 

@@ -9,8 +9,8 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import StoreError
 from cicd_ray.pools import PoolConfig
 from cicd_ray.protocol import Conflict, Rejected, Submitted
+from cicd_ray.reads.runs import run_view
 from cicd_ray.states import RunState, StepState
-from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from cicd_ray.testing.clock import ManualClock
 from tests.builders import make, submitted

@@ -413,8 +413,8 @@ def test_a_fork_s_pull_request_follows_the_base_pipeline_with_no_secrets(tmp_pat
     from cicd_ray.config import Settings
     from cicd_ray.master.starts import pipeline_file
     from cicd_ray.pools import PoolConfig
+    from cicd_ray.reads.runs import run_view
     from cicd_ray.records import Caller
-    from cicd_ray.store import run_view
     from tests.builders import make
 
     def git(*args, cwd):

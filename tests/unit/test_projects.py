@@ -220,7 +220,7 @@ def test_a_run_s_logs_stop_at_its_budget_with_a_line_saying_so(tmp_path):
     5,000 steps)."""
     from cicd_ray.master.logbudget import LogBudget
     from cicd_ray.pools import PoolConfig
-    from cicd_ray.store import run_view
+    from cicd_ray.reads.runs import run_view
     from tests.builders import make
 
     budget = LogBudget(100)

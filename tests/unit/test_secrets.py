@@ -14,8 +14,8 @@ from cicd_ray.config import Settings
 from cicd_ray.errors import SpecError
 from cicd_ray.pipeline.load import parse_pipeline
 from cicd_ray.pools import PoolConfig
+from cicd_ray.reads.runs import run_view
 from cicd_ray.secrets import Masker, SecretError, forms, missing, read
-from cicd_ray.store import run_view
 from cicd_ray.store.memory import MemoryStore
 from tests.builders import make, submitted
 

@@ -39,10 +39,11 @@ from cicd_ray.protocol import (
     StepOutcome,
     SubmitCommand,
 )
-from cicd_ray.reads.explain import Explanation, explain_answer
-from cicd_ray.records import Caller, WorkerRecord
+from cicd_ray.reads.explain import Explanation
+from cicd_ray.reads.runs import Reads
+from cicd_ray.records import AuditRecord, Caller, RunRecord, WorkerRecord
 from cicd_ray.states import WorkerState
-from cicd_ray.store import audit_page, log_answer, open_store, run_project, run_view, runs_page
+from cicd_ray.store import open_store
 from cicd_ray.triggers.cron import ScheduleSpec
 from cicd_ray.triggers.githosts import Trigger
 
@@ -74,6 +75,7 @@ class Master:
         self._news = _Signal()
         self.core = MasterCore(settings, open_store(settings.store_url), observers=[self.metrics])
         self.core.events.on_new = self._news.fire
+        self.reads = Reads(self.core.store)  # what clients read through the master
         self.actors = WorkerActors(settings, self.core, self._guarded, self._wake)
         self.started_at = self.core.started_at
         self.chores = Chores(settings, self.core, self.metrics, self._guarded)
@@ -148,11 +150,11 @@ class Master:
         return answer
 
     async def get_run(self, run_id: str) -> RunView | None:
-        return run_view(self.core.store, run_id)
+        return self.reads.run(run_id)
 
     async def explain(self, run_id: str, step: str) -> Explanation | Missing:
         """Why a step ran instead of being reused (see cicd_ray.reads.explain)."""
-        return explain_answer(self.core.store, run_id, step)
+        return self.reads.explain(run_id, step)
 
     async def wait(
         self,
@@ -190,20 +192,20 @@ class Master:
         limit: int = 50,
         offset: int = 0,
         project: str | None = None,
-    ) -> list[dict]:
-        return runs_page(self.core.store, state, pipeline, limit, offset, project)
+    ) -> list[RunRecord]:
+        return self.reads.runs(state, pipeline, limit, offset, project)
 
     async def project_of(self, run_id: str) -> str | None:
-        return run_project(self.core.store, run_id)
+        return self.reads.project_of(run_id)
 
-    async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
-        return audit_page(self.core.store, limit, offset)
+    async def audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        return self.reads.audit(limit, offset)
 
     async def step_log(
         self, run_id: str, step: str, attempt: int | None = None, offset: int = 0
     ) -> LogSlice | Missing:
         """A step's log from `offset`, with whether more can come."""
-        return log_answer(self.core.store, run_id, step, attempt, offset)
+        return self.reads.step_log(run_id, step, attempt, offset)
 
     async def queue(self) -> dict[str, dict]:
         return self.core.queue_view()
