@@ -26,7 +26,7 @@ from cicd_ray.master.outbox import Outbox
 from cicd_ray.master.ownsecrets import OwnSecrets
 from cicd_ray.master.starts import Starts
 from cicd_ray.master.submissions import Submissions, audit
-from cicd_ray.protocol import Missing, Rejected, Reply, StepOutcome
+from cicd_ray.protocol import Missing, Rejected, Reply, SourceRef, StepOutcome
 from cicd_ray.records import Caller, Changes, WorkerRecord
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.share import Share
@@ -79,9 +79,18 @@ class MasterCore:
 
     # --- runs ----------------------------------------------------------------------------------
 
-    def submit(self, pipeline: dict | str, *args, **kwargs) -> Reply:
+    def submit(
+        self,
+        pipeline: dict | str,
+        env: dict[str, str] | None = None,
+        source: SourceRef | None = None,
+        key: str | None = None,
+        secrets: dict[str, str] | None = None,
+        caller: Caller | None = None,
+        project: str = "default",
+    ) -> Reply:
         """Plan and accept a submission in one call (`Submissions.submit`)."""
-        return self.submissions.submit(pipeline, *args, **kwargs)
+        return self.submissions.submit(pipeline, env, source, key, secrets, caller, project)
 
     def append_log(self, attempt_id: str, seq: int, data: bytes) -> None:
         """A chunk of a running attempt's log, stored as far as its run's budget allows."""

@@ -8,7 +8,6 @@ import asyncio
 import logging
 
 import ray
-import ray.util.metrics
 from ray.exceptions import RayActorError, RayError
 
 from cicd_ray.config import Settings
