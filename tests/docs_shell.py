@@ -128,6 +128,11 @@ EXAMPLES = {
         ".venv/bin/python bench/autoscale.py --rounds 2",
     ): "a benchmark: minutes of full load, run by hand for the figures it prints",
     (
+        "docs/benchmarks.md",
+        ".venv/bin/python bench/source.py --mib 100 --runs 5",
+    ): "a benchmark on a cluster of its own (half a minute of full load), run by hand for the "
+    "figures it prints; a source's way to its steps is tested in test_api and test_runs",
+    (
         "docs/operations.md",
         "cicd-ray up --local-autoscaling pools.yaml --node-idle-timeout 30",
     ): "pools.yaml stands for a user's; test_autoscaling runs `up --local-autoscaling`",
