@@ -21,7 +21,8 @@ from cicd_ray.states import StepState
 from cicd_ray.store.memory import MemoryStore
 from cicd_ray.testing.clock import ManualClock
 from cicd_ray.testing.inline import InlineDriver
-from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.config import ExecConfig
+from cicd_ray.worker.execution import Execution
 
 
 def task(run: str, timeout: float = 30, env=None, matrix=None, attempt=1) -> StepTask:

@@ -15,7 +15,8 @@ from cicd_ray.protocol import SourceRef, StepOutcome, StepTask
 from cicd_ray.records import WorkerRecord
 from cicd_ray.source import snapshot, unpack
 from cicd_ray.states import StepState, WorkerState
-from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.config import ExecConfig
+from cicd_ray.worker.execution import Execution
 
 
 class InlineDriver:

@@ -25,7 +25,8 @@ from cicd_ray.protocol import StepOutcome, StepTask
 from cicd_ray.records import WorkerRecord
 from cicd_ray.source import unpack
 from cicd_ray.states import StepState
-from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.config import ExecConfig
+from cicd_ray.worker.execution import Execution
 from cicd_ray.worker.isolation import STEP_ROOT, describe, isolating, sweep, sweep_due
 from cicd_ray.worker.process import tree_rss
 

@@ -14,13 +14,13 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cicd_ray.protocol import StepTask
 from cicd_ray.records import ArtifactFile, CacheUse
 from cicd_ray.source import clone
 from cicd_ray.store.blobs import ArtifactError
 from cicd_ray.worker.artifacts import keep, place_inputs
+from cicd_ray.worker.config import ExecConfig
 from cicd_ray.worker.isolation import (
     Identity,
     clean_user,
@@ -33,9 +33,6 @@ from cicd_ray.worker.isolation import (
     usable_by_others,
 )
 from cicd_ray.worker.steplog import StepLog
-
-if TYPE_CHECKING:
-    from cicd_ray.worker.execution import ExecConfig
 
 STEP_USER = "cicd-step"  # USER and LOGNAME of a step with a user of its own
 SHARED_USER_NOTE = (

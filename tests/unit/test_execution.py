@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from cicd_ray.states import StepState
-from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.config import ExecConfig
+from cicd_ray.worker.execution import Execution
 from tests.builders import execute, task
 from tests.waiting import all_gone, pids_in
 

@@ -18,7 +18,8 @@ import pytest
 from cicd_ray.config import parse_uids
 from cicd_ray.errors import IsolationError
 from cicd_ray.states import StepState
-from cicd_ray.worker.execution import ExecConfig, Execution
+from cicd_ray.worker.config import ExecConfig
+from cicd_ray.worker.execution import Execution
 from cicd_ray.worker.isolation import STEP_ROOT, address_space_kib
 from tests.builders import task
 
@@ -143,7 +144,8 @@ def test_what_a_killed_worker_left_is_swept_by_another(tmp_path):
 
     worker = textwrap.dedent(f"""
         from pathlib import Path
-        from cicd_ray.worker.execution import ExecConfig, Execution
+        from cicd_ray.worker.config import ExecConfig
+        from cicd_ray.worker.execution import Execution
         from cicd_ray.config import parse_uids
         from tests.builders import task
         cfg = ExecConfig(work_dir=Path({str(tmp_path / "work")!r}),
