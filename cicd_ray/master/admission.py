@@ -27,8 +27,6 @@ from cicd_ray.source import resolve_ref
 from cicd_ray.triggers.githosts import Trigger
 from cicd_ray.triggers.repositories import RepoConfig
 
-Source = SourceRef  # a snapshot the edge stored in the artifact store
-
 
 @dataclass
 class Planned:
@@ -52,7 +50,7 @@ class Planned:
 def plan_submission(
     pipeline: dict | str,
     env: dict[str, str],
-    source: Source | None,
+    source: SourceRef | None,
     settings: Settings,
     request: str | None = None,
     resolve: Callable[[str, str], tuple[str, str]] = resolve_ref,
@@ -192,7 +190,7 @@ def pool_problems(steps: list[PlannedStep], settings: Settings, project: str) ->
 def request_digest(
     pipeline: dict | str,
     env: dict[str, str] | None,
-    source: Source | None,
+    source: SourceRef | None,
     secret_names: list[str] | None = None,
 ) -> str:
     """What a repeated Idempotency-Key is compared by: the pipeline, env, source and the names

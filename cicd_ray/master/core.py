@@ -70,9 +70,16 @@ class MasterCore:
         self.committer = Committer(store, self.sched, clock, [*parts, *(observers or [])])
         self.commit = self.committer.commit
         self.take_effects = self.committer.take_effects
-        blobs = ArtifactStore(settings.artifacts_url)  # source snapshots, by digest
+        self.blobs = ArtifactStore(settings.artifacts_url)  # snapshots, artifacts, caches
         self.submissions = Submissions(
-            settings, store, self.sched, clock, self.committer, self.outbox, self.timetable, blobs
+            settings,
+            store,
+            self.sched,
+            clock,
+            self.committer,
+            self.outbox,
+            self.timetable,
+            self.blobs,
         )
         self.starts = Starts(settings, clock, self.timetable, self.submissions, self.committer)
         self.recovered = self._recover()

@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cicd_ray.config import Settings
-from cicd_ray.master.admission import Planned, Source, new_run_id, plan_submission
+from cicd_ray.master.admission import Planned, new_run_id, plan_submission
 from cicd_ray.master.commit import Committer
 from cicd_ray.master.crontable import Timetable
 from cicd_ray.master.outbox import Outbox
 from cicd_ray.pipeline.model import GitSource
-from cicd_ray.protocol import Conflict, OverQuota, Rejected, Reply, Submitted
+from cicd_ray.protocol import Conflict, OverQuota, Rejected, Reply, SourceRef, Submitted
 from cicd_ray.records import AuditRecord, Caller, Changes, KeyRecord, RunRecord, RunSecrets
 from cicd_ray.scheduler import Scheduler
 from cicd_ray.scheduler.runbook import failed_part
@@ -50,7 +50,7 @@ class Submissions:
         self,
         pipeline: dict | str,
         env: dict[str, str] | None = None,
-        source: Source | None = None,
+        source: SourceRef | None = None,
         request: str | None = None,
         secrets: dict[str, str] | None = None,
         project: str = "default",
@@ -85,7 +85,7 @@ class Submissions:
     def accept(
         self,
         planned: Planned,
-        source: Source | None = None,
+        source: SourceRef | None = None,
         key: str | None = None,
         secrets: dict[str, str] | None = None,
         caller: Caller | None = None,
@@ -115,7 +115,7 @@ class Submissions:
         self.committer.commit(extra)
         return Submitted(run_id=run.id)
 
-    def _new_run(self, planned: Planned, source: Source | None, now: float) -> RunRecord:
+    def _new_run(self, planned: Planned, source: SourceRef | None, now: float) -> RunRecord:
         spec = planned.spec
         git = spec.source if isinstance(spec.source, GitSource) else None
         return RunRecord(
@@ -141,7 +141,7 @@ class Submissions:
         self,
         pipeline: dict | str,
         env: dict[str, str] | None = None,
-        source: Source | None = None,
+        source: SourceRef | None = None,
         key: str | None = None,
         secrets: dict[str, str] | None = None,
         caller: Caller | None = None,

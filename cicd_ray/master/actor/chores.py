@@ -15,7 +15,6 @@ from cicd_ray.master.metrics import Metrics
 from cicd_ray.notify.webhooks import TargetRefused, project_key, send
 from cicd_ray.records import DeliveryRecord
 from cicd_ray.secrets import SecretError
-from cicd_ray.store.blobs import ArtifactStore
 from cicd_ray.store.retention import collect
 from cicd_ray.worker.actor import worker_bundle
 
@@ -83,7 +82,7 @@ class Chores:
                 now,
                 self.settings.retention_days * 86400,
                 max_runs=RETENTION_MAX_RUNS,
-                artifacts=ArtifactStore(self.settings.artifacts_url),
+                artifacts=self.core.blobs,
             )
             if any(done.as_dict().values()):
                 log.warning("retention: deleted %s", done.as_dict())
